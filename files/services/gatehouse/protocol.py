@@ -1,0 +1,684 @@
+"""The PCoIP-style broker and agent protocol codec: XML messages in a versioned envelope.
+
+One envelope element (``pcoip-client``, ``pcoip-broker`` or ``pcoip-agent``) with a ``version``
+attribute and exactly one child, the message; a response to ``<x>`` is ``<x-resp>``. Parsing goes
+through defusedxml (no DTDs, no entities, no external references) after a size cap, and the tree
+is refused past a depth and element-count cap. Anything wrong becomes a :class:`ProtocolError`
+whose ``result_id`` goes into an ``<error-resp>``.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import defusedxml.ElementTree as SafeET
+from defusedxml import DefusedXmlException
+
+CONTENT_TYPE = "application/xml; charset=UTF-8"
+PATH_BROKER = "/pcoip-broker/xml"
+PATH_AGENT = "/pcoip-agent/xml"
+ENVELOPES = {"pcoip-client": "2.1", "pcoip-broker": "2.1", "pcoip-agent": "1.0"}
+MAX_BODY = 64 * 1024
+MAX_DEPTH = 16
+MAX_ELEMENTS = 4096
+QUERY_PRODUCT = "QueryBrokerClient"
+AUTH_PASSWORD = "AUTHENTICATE_VIA_PASSWORD"  # noqa: S105 - a method name, not a password
+
+# result-id values of <error-resp>
+E_MALFORMED = "FAILED_MALFORMED_REQUEST"
+E_TOO_LARGE = "FAILED_REQUEST_TOO_LARGE"
+E_VERSION = "FAILED_UNSUPPORTED_VERSION"
+E_ENVELOPE = "FAILED_BAD_ENVELOPE"
+E_UNKNOWN = "FAILED_UNKNOWN_MESSAGE"
+E_OUT_OF_STATE = "FAILED_OUT_OF_STATE"
+E_USER_AUTH = "FAILED_USER_AUTH"
+E_ANOTHER_SESSION = "FAILED_ANOTHER_SESSION_STARTED"
+E_BUSY = "FAILED_SERVER_BUSY"
+E_INTERNAL = "FAILED_INTERNAL_ERROR"
+
+# result-id values of the message responses
+AUTH_OK = "AUTH_SUCCESSFUL_AND_COMPLETE"
+AUTH_FAILED = "AUTH_FAILED_UNKNOWN_USERNAME_OR_PASSWORD"
+LIST_OK = "LIST_SUCCESSFUL"
+ALLOC_OK = "ALLOC_SUCCESSFUL"
+ALLOC_NOT_ENTITLED = "ALLOC_FAILED_UNAUTHORIZED"
+ALLOC_UNAVAILABLE = "ALLOC_FAILED_NO_RESOURCE_AVAILABLE"
+ALLOC_FAILED = "ALLOC_FAILED_OTHER"
+LAUNCH_OK = "SUCCESSFUL"
+LAUNCH_FAILED = "FAILED"
+
+
+class ProtocolError(Exception):
+    """A request the codec or the state machine refuses; rendered as ``<error-resp>``."""
+
+    def __init__(self, result_id: str, message: str) -> None:
+        super().__init__(message)
+        self.result_id = result_id
+        self.message = message
+
+
+# ---------------------------------------------------------------- element helpers
+
+
+def sub(parent: ET.Element, tag: str, text: str | int | None = None, **attrib: str) -> ET.Element:
+    child = ET.SubElement(parent, tag, {k.replace("_", "-"): v for k, v in attrib.items()})
+    if text is not None:
+        child.text = str(text)
+    return child
+
+
+def text(parent: ET.Element, path: str, default: str = "") -> str:
+    node = parent.find(path)
+    if node is None or node.text is None:
+        return default
+    return node.text.strip()
+
+
+def required(parent: ET.Element, path: str) -> str:
+    value = text(parent, path)
+    if not value:
+        raise ProtocolError(E_MALFORMED, f"<{parent.tag}> needs <{path}>")
+    return value
+
+
+def _int(value: str, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ProtocolError(E_MALFORMED, f"<{what}> must be a number") from None
+
+
+def _result(parent: ET.Element, result_id: str, result_str: str) -> None:
+    result = sub(parent, "result")
+    sub(result, "result-id", result_id)
+    sub(result, "result-str", result_str)
+
+
+def _read_result(el: ET.Element) -> tuple[str, str]:
+    return required(el, "result/result-id"), text(el, "result/result-str")
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass
+class ClientInfo:
+    product_name: str = "Gatehouse Client"
+    product_version: str = "0.1.0"
+    platform: str = "linux"
+    locale: str = "en_US"
+    hostname: str = ""
+
+    def to_xml(self, parent: ET.Element, tag: str = "client-info") -> ET.Element:
+        el = sub(parent, tag)
+        sub(el, "product-name", self.product_name)
+        sub(el, "product-version", self.product_version)
+        sub(el, "platform", self.platform)
+        sub(el, "locale", self.locale)
+        sub(el, "hostname", self.hostname)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element | None) -> ClientInfo:
+        if el is None:
+            return cls(product_name="", product_version="", platform="", locale="")
+        return cls(
+            text(el, "product-name"),
+            text(el, "product-version"),
+            text(el, "platform"),
+            text(el, "locale"),
+            text(el, "hostname"),
+        )
+
+
+@dataclass
+class PcmInfo:
+    """What a CM tells the broker about itself and the client session it is speaking for."""
+
+    session_id: str
+    client_ip: str = ""
+    product_name: str = "Gatehouse Connection Manager"
+    product_version: str = "0.1.0"
+
+    def to_xml(self, parent: ET.Element) -> None:
+        el = sub(parent, "pcm-info")
+        sub(el, "product-name", self.product_name)
+        sub(el, "product-version", self.product_version)
+        sub(el, "session-id", self.session_id)
+        sub(el, "client-ip", self.client_ip)
+
+    @classmethod
+    def from_xml(cls, el: ET.Element | None) -> PcmInfo | None:
+        if el is None:
+            return None
+        return cls(
+            text(el, "session-id"),
+            text(el, "client-ip"),
+            text(el, "product-name"),
+            text(el, "product-version"),
+        )
+
+
+class Message:
+    tag: ClassVar[str]
+
+    def to_xml(self) -> ET.Element:
+        raise NotImplementedError
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Message:
+        raise NotImplementedError
+
+
+@dataclass
+class Hello(Message):
+    tag: ClassVar[str] = "hello"
+    client_info: ClientInfo = field(default_factory=ClientInfo)
+    caps: list[str] = field(default_factory=list)
+    pcm_info: PcmInfo | None = None
+
+    @property
+    def is_query(self) -> bool:
+        return self.client_info.product_name == QUERY_PRODUCT
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        self.client_info.to_xml(el)
+        caps = sub(el, "caps")
+        for cap in self.caps:
+            sub(caps, "cap", cap)
+        if self.pcm_info:
+            self.pcm_info.to_xml(el)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Hello:
+        caps = [c.text.strip() for c in el.findall("caps/cap") if c.text]
+        return cls(ClientInfo.from_xml(el.find("client-info")), caps, PcmInfo.from_xml(el.find("pcm-info")))
+
+
+@dataclass
+class HelloResp(Message):
+    tag: ClassVar[str] = "hello-resp"
+    product_name: str = "Gatehouse Connection Manager"
+    product_version: str = "0.1.0"
+    hostname: str = ""
+    methods: list[str] = field(default_factory=lambda: [AUTH_PASSWORD])
+    domains: list[str] = field(default_factory=list)
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        info = sub(sub(el, "brokers-info"), "broker-info")
+        sub(info, "product-name", self.product_name)
+        sub(info, "product-version", self.product_version)
+        sub(info, "platform", "linux")
+        sub(info, "locale", "en_US")
+        sub(info, "hostname", self.hostname)
+        nxt = sub(el, "next-authentication")
+        methods = sub(nxt, "authentication-methods")
+        for method in self.methods:
+            sub(methods, "method", method)
+        domains = sub(nxt, "domains")
+        for domain in self.domains:
+            sub(domains, "domain", domain)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> HelloResp:
+        return cls(
+            product_name=text(el, "brokers-info/broker-info/product-name"),
+            product_version=text(el, "brokers-info/broker-info/product-version"),
+            hostname=text(el, "brokers-info/broker-info/hostname"),
+            methods=[
+                m.text.strip()
+                for m in el.findall("next-authentication/authentication-methods/method")
+                if m.text
+            ],
+            domains=[d.text.strip() for d in el.findall("next-authentication/domains/domain") if d.text],
+        )
+
+
+@dataclass
+class Authenticate(Message):
+    tag: ClassVar[str] = "authenticate"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    domain: str = ""
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag, {"method": "password"})
+        sub(el, "username", self.username)
+        sub(el, "password", self.password)
+        sub(el, "domain", self.domain)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Authenticate:
+        if el.get("method", "password") != "password":
+            raise ProtocolError(E_MALFORMED, "only the password authentication method is supported")
+        node = el.find("password")
+        password = node.text if node is not None and node.text else ""
+        return cls(required(el, "username"), password, text(el, "domain"))
+
+
+@dataclass
+class AuthenticateResp(Message):
+    tag: ClassVar[str] = "authenticate-resp"
+    result_id: str = AUTH_OK
+    result_str: str = ""
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag, {"method": "password"})
+        _result(el, self.result_id, self.result_str)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> AuthenticateResp:
+        return cls(*_read_result(el))
+
+
+@dataclass
+class GetResourceList(Message):
+    tag: ClassVar[str] = "get-resource-list"
+    resource_type: str = "DESKTOP"
+    protocol: str = "PCOIP"
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        sub(el, "resource-type", self.resource_type)
+        sub(el, "protocol", self.protocol)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> GetResourceList:
+        return cls(text(el, "resource-type", "DESKTOP"), text(el, "protocol", "PCOIP"))
+
+
+@dataclass
+class Resource:
+    resource_id: str
+    name: str
+    resource_type: str = "DESKTOP"
+    session_type: str = "VDI"
+    state: str = "UNKNOWN"
+    protocols: list[str] = field(default_factory=lambda: ["PCOIP"])
+
+    def to_xml(self, parent: ET.Element) -> None:
+        el = sub(parent, "resource")
+        sub(el, "resource-name", self.name)
+        sub(el, "resource-id", self.resource_id)
+        sub(el, "resource-type", self.resource_type, session_type=self.session_type)
+        sub(el, "resource-state", self.state)
+        protocols = sub(el, "protocols")
+        for i, proto in enumerate(self.protocols):
+            if i == 0:
+                sub(protocols, "protocol", proto, is_default="true")
+            else:
+                sub(protocols, "protocol", proto)
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Resource:
+        rtype = el.find("resource-type")
+        return cls(
+            resource_id=required(el, "resource-id"),
+            name=text(el, "resource-name"),
+            resource_type=text(el, "resource-type", "DESKTOP"),
+            session_type=rtype.get("session-type", "VDI") if rtype is not None else "VDI",
+            state=text(el, "resource-state", "UNKNOWN"),
+            protocols=[p.text.strip() for p in el.findall("protocols/protocol") if p.text],
+        )
+
+
+@dataclass
+class GetResourceListResp(Message):
+    tag: ClassVar[str] = "get-resource-list-resp"
+    result_id: str = LIST_OK
+    result_str: str = ""
+    resources: list[Resource] = field(default_factory=list)
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        _result(el, self.result_id, self.result_str)
+        for resource in self.resources:
+            resource.to_xml(el)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> GetResourceListResp:
+        result_id, result_str = _read_result(el)
+        return cls(result_id, result_str, [Resource.from_xml(r) for r in el.findall("resource")])
+
+
+@dataclass
+class AllocateResource(Message):
+    tag: ClassVar[str] = "allocate-resource"
+    resource_id: str = ""
+    resource_type: str = "DESKTOP"
+    protocol: str = "PCOIP"
+    client_info: ClientInfo | None = None
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        sub(el, "resource-type", self.resource_type)
+        sub(el, "resource-id", self.resource_id)
+        sub(el, "protocol", self.protocol)
+        if self.client_info:
+            self.client_info.to_xml(el)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> AllocateResource:
+        info = el.find("client-info")
+        return cls(
+            required(el, "resource-id"),
+            text(el, "resource-type", "DESKTOP"),
+            text(el, "protocol", "PCOIP"),
+            ClientInfo.from_xml(info) if info is not None else None,
+        )
+
+
+@dataclass
+class AgentInfo:
+    """Where the broker placed a session (pcoip-broker envelope only)."""
+
+    ip_address: str
+    hostname: str = ""
+    agent_port: int = 60443
+    session_port: int = 4172
+
+    def to_xml(self, parent: ET.Element) -> None:
+        el = sub(parent, "agent-info")
+        sub(el, "ip-address", self.ip_address)
+        sub(el, "hostname", self.hostname)
+        sub(el, "agent-port", self.agent_port)
+        sub(el, "session-port", self.session_port)
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> AgentInfo:
+        return cls(
+            required(el, "ip-address"),
+            text(el, "hostname"),
+            _int(text(el, "agent-port", "60443"), "agent-port"),
+            _int(text(el, "session-port", "4172"), "session-port"),
+        )
+
+
+@dataclass
+class Target:
+    ip_address: str
+    port: int
+    session_id: str
+    connect_tag: str = field(repr=False)
+    hostname: str = ""
+    sni: str = ""
+    ipv6_address: str = ""
+
+    def to_xml(self, parent: ET.Element) -> None:
+        el = sub(parent, "target")
+        sub(el, "ip-address", self.ip_address)
+        if self.ipv6_address:
+            sub(el, "ipv6-address", self.ipv6_address)
+        sub(el, "hostname", self.hostname)
+        sub(el, "sni", self.sni)
+        sub(el, "port", self.port)
+        sub(el, "session-id", self.session_id)
+        sub(el, "connect-tag", self.connect_tag)
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Target:
+        return cls(
+            ip_address=required(el, "ip-address"),
+            port=_int(required(el, "port"), "port"),
+            session_id=required(el, "session-id"),
+            connect_tag=required(el, "connect-tag"),
+            hostname=text(el, "hostname"),
+            sni=text(el, "sni"),
+            ipv6_address=text(el, "ipv6-address"),
+        )
+
+
+@dataclass
+class AllocateResourceResp(Message):
+    tag: ClassVar[str] = "allocate-resource-resp"
+    result_id: str = ALLOC_OK
+    result_str: str = ""
+    resource_id: str = ""
+    protocol: str = "PCOIP"
+    target: Target | None = None
+    agent: AgentInfo | None = None
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        _result(el, self.result_id, self.result_str)
+        if self.target:
+            self.target.to_xml(el)
+        if self.agent:
+            self.agent.to_xml(el)
+        sub(el, "resource-id", self.resource_id)
+        sub(el, "protocol", self.protocol)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> AllocateResourceResp:
+        result_id, result_str = _read_result(el)
+        target = el.find("target")
+        agent = el.find("agent-info")
+        return cls(
+            result_id,
+            result_str,
+            text(el, "resource-id"),
+            text(el, "protocol", "PCOIP"),
+            Target.from_xml(target) if target is not None else None,
+            AgentInfo.from_xml(agent) if agent is not None else None,
+        )
+
+
+@dataclass
+class Bye(Message):
+    tag: ClassVar[str] = "bye"
+
+    def to_xml(self) -> ET.Element:
+        return ET.Element(self.tag)
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Bye:
+        return cls()
+
+
+@dataclass
+class ByeResp(Message):
+    tag: ClassVar[str] = "bye-resp"
+
+    def to_xml(self) -> ET.Element:
+        return ET.Element(self.tag)
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> ByeResp:
+        return cls()
+
+
+@dataclass
+class ErrorResp(Message):
+    tag: ClassVar[str] = "error-resp"
+    result_id: str = E_MALFORMED
+    result_str: str = ""
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        sub(el, "result-id", self.result_id)
+        sub(el, "result-str", self.result_str)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> ErrorResp:
+        return cls(text(el, "result-id", E_INTERNAL), text(el, "result-str"))
+
+
+@dataclass
+class LaunchSession(Message):
+    """CM → agent (pcoip-agent envelope). Credentials are not forwarded."""
+
+    tag: ClassVar[str] = "launch-session"
+    session_id: str = ""
+    client_ip: str = ""
+    username: str = ""
+    domain: str = ""
+    session_type: str = "UNSPECIFIED"
+    license_server_url: str = ""
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        sub(el, "session-type", self.session_type)
+        sub(el, "session-id", self.session_id)
+        sub(el, "ip-address", self.client_ip)
+        logon = sub(el, "logon", bypass="false")
+        sub(logon, "username", self.username)
+        sub(logon, "domain", self.domain)
+        if self.license_server_url:
+            sub(el, "license-server-url", self.license_server_url)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> LaunchSession:
+        return cls(
+            required(el, "session-id"),
+            text(el, "ip-address"),
+            text(el, "logon/username"),
+            text(el, "logon/domain"),
+            text(el, "session-type", "UNSPECIFIED"),
+            text(el, "license-server-url"),
+        )
+
+
+@dataclass
+class SessionInfo:
+    ip_address: str
+    port: int
+    session_id: str
+    session_tag: str = field(repr=False)
+    sni: str = ""
+
+    def to_xml(self, parent: ET.Element) -> None:
+        el = sub(parent, "session-info")
+        sub(el, "ip-address", self.ip_address)
+        sub(el, "sni", self.sni)
+        sub(el, "port", self.port)
+        sub(el, "session-id", self.session_id)
+        sub(el, "session-tag", self.session_tag)
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> SessionInfo:
+        return cls(
+            required(el, "ip-address"),
+            _int(required(el, "port"), "port"),
+            required(el, "session-id"),
+            required(el, "session-tag"),
+            text(el, "sni"),
+        )
+
+
+@dataclass
+class LaunchSessionResp(Message):
+    tag: ClassVar[str] = "launch-session-resp"
+    result_id: str = LAUNCH_OK
+    result_str: str = ""
+    session_info: SessionInfo | None = None
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        sub(el, "result-id", self.result_id)
+        sub(el, "result-str", self.result_str)
+        if self.session_info:
+            self.session_info.to_xml(el)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> LaunchSessionResp:
+        info = el.find("session-info")
+        return cls(
+            required(el, "result-id"),
+            text(el, "result-str"),
+            SessionInfo.from_xml(info) if info is not None else None,
+        )
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.tag: cls
+    for cls in (
+        Hello,
+        HelloResp,
+        Authenticate,
+        AuthenticateResp,
+        GetResourceList,
+        GetResourceListResp,
+        AllocateResource,
+        AllocateResourceResp,
+        Bye,
+        ByeResp,
+        ErrorResp,
+        LaunchSession,
+        LaunchSessionResp,
+    )
+}
+
+
+# ---------------------------------------------------------------- envelope
+
+
+def _check_shape(root: ET.Element) -> None:
+    count = 0
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise ProtocolError(E_MALFORMED, f"XML nested deeper than {MAX_DEPTH} levels")
+        if count > MAX_ELEMENTS:
+            raise ProtocolError(E_MALFORMED, f"more than {MAX_ELEMENTS} XML elements")
+        stack.extend((child, depth + 1) for child in node)
+
+
+def parse(body: bytes, envelope: str) -> Message:
+    """Decode one request or response body in ``envelope``; raises ProtocolError."""
+    if len(body) > MAX_BODY:
+        raise ProtocolError(E_TOO_LARGE, f"request body over {MAX_BODY} bytes")
+    if not body.strip():
+        raise ProtocolError(E_MALFORMED, "empty request body")
+    try:
+        root = SafeET.fromstring(body, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except DefusedXmlException:
+        raise ProtocolError(E_MALFORMED, "DTDs, entities and external references are not allowed") from None
+    except ET.ParseError as exc:
+        raise ProtocolError(
+            E_MALFORMED, f"malformed XML ({exc.msg if hasattr(exc, 'msg') else exc})"
+        ) from None
+    _check_shape(root)
+    if root.tag != envelope:
+        raise ProtocolError(E_ENVELOPE, f"expected a <{envelope}> envelope, got <{root.tag}>")
+    version = root.get("version")
+    if version is None:
+        raise ProtocolError(E_VERSION, f"<{envelope}> needs a version attribute")
+    if version.split(".")[0] != ENVELOPES[envelope].split(".")[0]:
+        raise ProtocolError(
+            E_VERSION, f"unsupported {envelope} version {version!r}; this server speaks {ENVELOPES[envelope]}"
+        )
+    children = list(root)
+    if len(children) != 1:
+        raise ProtocolError(E_ENVELOPE, f"<{envelope}> must hold exactly one message, found {len(children)}")
+    child = children[0]
+    cls = MESSAGES.get(child.tag)
+    if cls is None:
+        raise ProtocolError(E_UNKNOWN, f"unknown message <{child.tag}>")
+    return cls.from_xml(child)
+
+
+def render(envelope: str, message: Message) -> bytes:
+    root = ET.Element(envelope, {"version": ENVELOPES[envelope]})
+    root.append(message.to_xml())
+    return ET.tostring(root, encoding="UTF-8", xml_declaration=True)
+
+
+def error_resp(envelope: str, result_id: str, result_str: str) -> bytes:
+    return render(envelope, ErrorResp(result_id, result_str))

@@ -1,0 +1,132 @@
+"""TLS contexts with the seed's protocol versions and cipher suites.
+
+TLS 1.2 and 1.3 only. TLS 1.3 suites are OpenSSL's defaults, which are exactly the seed's order
+(AES-256-GCM, CHACHA20-POLY1305, AES-128-GCM); Python cannot reorder them. The TLS 1.2 lists are
+the seed's tables, in its order of preference, enforced with server preference.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import dsa, rsa
+
+MIN_RSA_BITS = 2048
+
+# Seed: PCoIP Connection Manager TLS cipher suites (TLS 1.2 part), decreasing preference.
+CM_CIPHERS = ":".join(
+    [
+        "ECDHE-RSA-AES256-GCM-SHA384",  # TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+        "ECDHE-RSA-AES128-GCM-SHA256",  # TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        "AES256-GCM-SHA384",  # TLS_RSA_WITH_AES_256_GCM_SHA384
+        "AES128-GCM-SHA256",  # TLS_RSA_WITH_AES_128_GCM_SHA256
+    ]
+)
+
+# Seed: PCoIP Security Gateway supported TLS cipher suites, decreasing preference.
+SG_CIPHERS = ":".join(
+    [
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES256-SHA384",  # TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA384
+        "ECDHE-RSA-AES128-SHA256",  # TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256
+        "AES256-GCM-SHA384",
+        "AES128-GCM-SHA256",
+        "AES256-SHA256",  # TLS_RSA_WITH_AES_256_CBC_SHA256
+        "AES128-SHA256",  # TLS_RSA_WITH_AES_128_CBC_SHA256
+        "AES256-SHA",  # TLS_RSA_WITH_AES_256_CBC_SHA
+        "AES128-SHA",  # TLS_RSA_WITH_AES_128_CBC_SHA
+    ]
+)
+
+CIPHERS = {"cm": CM_CIPHERS, "sg": SG_CIPHERS, "broker": CM_CIPHERS, "agent": CM_CIPHERS}
+
+
+class CertificateError(ValueError):
+    """The certificate or key cannot be used; the message says why and what is required."""
+
+
+def check_certificate_file(cert_path: str | Path) -> x509.Certificate:
+    """Load the leaf certificate and refuse keys the seed does not support."""
+    path = Path(cert_path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CertificateError(f"cannot read certificate {path}: {exc.strerror}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise CertificateError(f"{path} is not a PEM certificate") from None
+    check_public_key(cert, str(path))
+    return cert
+
+
+def check_public_key(cert: x509.Certificate, what: str) -> None:
+    key = cert.public_key()
+    if isinstance(key, dsa.DSAPublicKey):
+        raise CertificateError(
+            f"{what}: DSA keys are not supported; use an RSA key of at least {MIN_RSA_BITS} bits"
+        )
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        raise CertificateError(
+            f"{what}: RSA key of {key.key_size} bits is too weak; at least {MIN_RSA_BITS} bits are required"
+        )
+
+
+def peer_key_bits(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> int | None:
+    """RSA key size of the peer certificate (None when not RSA or no certificate)."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return None
+    key = x509.load_der_x509_certificate(der).public_key()
+    return key.key_size if isinstance(key, rsa.RSAPublicKey) else None
+
+
+def check_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket, what: str) -> None:
+    """Refuse a peer (broker, agent) whose certificate key is under 2048 bits, as the seed's CM does."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        raise CertificateError(f"{what} presented no certificate")
+    check_public_key(x509.load_der_x509_certificate(der), what)
+
+
+def _base(ctx: ssl.SSLContext, role: str) -> ssl.SSLContext:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ciphers(CIPHERS[role])
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return ctx
+
+
+def server_context(cert_path: str | Path, key_path: str | Path, role: str = "cm") -> ssl.SSLContext:
+    check_certificate_file(cert_path)
+    ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), role)
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        ctx.load_cert_chain(str(cert_path), str(key_path))
+    except ssl.SSLError as exc:
+        raise CertificateError(
+            f"{key_path} does not match {cert_path} or is not a PEM key ({exc.reason})"
+        ) from None
+    except OSError as exc:
+        raise CertificateError(f"cannot read {key_path}: {exc.strerror}") from None
+    return ctx
+
+
+def client_context(
+    ca_file: str | Path | None = None, verify: bool = True, role: str = "cm"
+) -> ssl.SSLContext:
+    ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), role)
+    if verify:
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if ca_file:
+            ctx.load_verify_locations(cafile=str(ca_file))
+        else:
+            ctx.load_default_certs()
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
