@@ -1,7 +1,8 @@
 """The one-line handshake in front of a relayed session channel (SG and agent session endpoint).
 
 After TLS the client sends ``CONNECT <tag>\\r\\n``; the server answers ``200 OK\\r\\n`` and relays,
-or ``403 Forbidden\\r\\n`` (``503 Service Unavailable\\r\\n`` when full) and closes. Plain text on
+or ``403 Forbidden\\r\\n`` (``503 Service Unavailable\\r\\n`` when full, ``502 Bad Gateway\\r\\n``
+when the SG cannot reach the agent) and closes. Plain text on
 purpose: the seed's troubleshooting reads it with ``openssl s_client``.
 """
 
@@ -12,6 +13,7 @@ OK = b"200 OK\r\n"
 FORBIDDEN = b"403 Forbidden\r\n"
 BUSY = b"503 Service Unavailable\r\n"
 BAD_REQUEST = b"400 Bad Request\r\n"
+BAD_GATEWAY = b"502 Bad Gateway\r\n"  # the grant was good but the agent could not be reached
 
 
 class LineError(ValueError):

@@ -1,0 +1,76 @@
+"""The agent's control API on 60443: ``POST /pcoip-agent/xml`` launch-session."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from aiohttp import web
+
+from gatehouse import protocol
+from gatehouse.agent.endpoint import Endpoint
+from gatehouse.agent.settings import AgentSettings
+from gatehouse.logs import SessionLogger
+
+log = logging.getLogger("gatehouse.agent")
+ENVELOPE = "pcoip-agent"
+SETTINGS_KEY = web.AppKey("settings", AgentSettings)
+ENDPOINT_KEY = web.AppKey("endpoint", Endpoint)
+
+
+def _xml(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, headers={"Content-Type": protocol.CONTENT_TYPE})
+
+
+def _error(result_id: str, message: str, status: int = 200) -> web.Response:
+    return _xml(protocol.error_resp(ENVELOPE, result_id, message), status)
+
+
+async def launch(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS_KEY]
+    endpoint = request.app[ENDPOINT_KEY]
+    body = await request.content.read(protocol.MAX_BODY + 1)
+    try:
+        message = protocol.parse(body, ENVELOPE)
+    except protocol.ProtocolError as exc:
+        log.info("bad request: %s", exc.message)
+        return _error(exc.result_id, str(exc))
+    if not isinstance(message, protocol.LaunchSession):
+        return _error(protocol.E_UNKNOWN, f"the agent does not handle <{message.tag}>")
+    try:
+        session_id = str(uuid.UUID(message.session_id))
+    except ValueError:
+        return _error(protocol.E_MALFORMED, "session-id must be a UUID")
+    slog = SessionLogger(log, session_id)
+    endpoint.tags.prune()  # expired, unused tags no longer hold capacity
+    if endpoint.active + len(endpoint.tags) >= settings.capacity:
+        slog.warning("launch refused: at capacity", extra={"capacity": settings.capacity})
+        return _xml(
+            protocol.render(
+                ENVELOPE,
+                protocol.LaunchSessionResp(protocol.LAUNCH_FAILED, "the agent is at capacity"),
+            )
+        )
+    tag = endpoint.tags.issue(session_id, message.client_ip)
+    info = protocol.SessionInfo(
+        ip_address=settings.advertise_address,
+        port=settings.session_port,
+        session_id=session_id,
+        session_tag=tag,
+        sni=settings.hostname,
+    )
+    slog.info("session launched", extra={"client": message.client_ip, "user": message.username})
+    return _xml(protocol.render(ENVELOPE, protocol.LaunchSessionResp(protocol.LAUNCH_OK, "", info)))
+
+
+async def not_allowed(_request: web.Request) -> web.Response:
+    return _error(protocol.E_MALFORMED, "use POST", status=405)
+
+
+def make_app(settings: AgentSettings, endpoint: Endpoint) -> web.Application:
+    app = web.Application(client_max_size=protocol.MAX_BODY + 1)
+    app[SETTINGS_KEY] = settings
+    app[ENDPOINT_KEY] = endpoint
+    app.router.add_post(protocol.PATH_AGENT, launch)
+    app.router.add_get(protocol.PATH_AGENT, not_allowed)
+    return app

@@ -1,0 +1,1 @@
+"""The Gatehouse connection broker: users, desktops, pools, entitlements, placement and the admin API."""

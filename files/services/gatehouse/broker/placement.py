@@ -1,0 +1,84 @@
+"""Where a session goes: pure functions over a snapshot of desktops and their load reports.
+
+Rules (also in docs/broker-api.md):
+
+- A member is *healthy* when it is enabled and its latest agent report is at most ``stale_after``
+  seconds old. Exception: when no member of the candidate set has ever reported, reports are not
+  used at all and every enabled member counts as healthy (a deployment without load reports).
+- Load = (active_sessions + sessions placed since that report) / capacity. A reporting member at
+  or over capacity (load ≥ 1, or capacity 0) is not chosen for a new placement.
+- A named desktop is placed when it is enabled and, if it has ever reported, healthy and under
+  capacity.
+- A pool: a persistent pool's existing assignment wins while that desktop is still a healthy
+  member (capacity does not matter: the user's own session counts in it). Otherwise the
+  least-loaded healthy member; without reports, the member with the fewest placements so far.
+  Ties go to the lower name, then the lower id, so the choice is deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Member:
+    desktop_id: int
+    name: str
+    enabled: bool = True
+    active_sessions: int | None = None  # None: never reported
+    capacity: int | None = None
+    reported_at: float | None = None
+    placed_since_report: int = 0
+    placed_total: int = 0
+
+    @property
+    def has_reported(self) -> bool:
+        return self.reported_at is not None
+
+    def fresh(self, now: float, stale_after: float) -> bool:
+        return self.reported_at is not None and now - self.reported_at <= stale_after
+
+    def load(self) -> float:
+        """Fraction of capacity in use, counting placements the agent has not reported yet."""
+        if not self.capacity or self.capacity <= 0:
+            return float("inf")
+        return ((self.active_sessions or 0) + self.placed_since_report) / self.capacity
+
+
+def healthy(member: Member, now: float, stale_after: float, *, reports_used: bool) -> bool:
+    if not member.enabled:
+        return False
+    return member.fresh(now, stale_after) if reports_used else True
+
+
+def choose_desktop(member: Member | None, now: float, stale_after: float) -> Member | None:
+    """A named desktop: placed when enabled and (if it ever reported) fresh and under capacity."""
+    if member is None or not member.enabled:
+        return None
+    if member.has_reported and (not member.fresh(now, stale_after) or member.load() >= 1):
+        return None
+    return member
+
+
+def choose_from_pool(
+    members: list[Member],
+    now: float,
+    stale_after: float,
+    *,
+    assigned_id: int | None = None,
+) -> Member | None:
+    """The member to place a pool session on, or None (nothing available)."""
+    reports_used = any(m.has_reported for m in members)
+    usable = [m for m in members if healthy(m, now, stale_after, reports_used=reports_used)]
+    if assigned_id is not None:
+        for member in usable:
+            if member.desktop_id == assigned_id:
+                return member
+    if reports_used:
+        candidates = [m for m in usable if m.load() < 1]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda m: (m.load(), m.name.lower(), m.desktop_id))
+    if not usable:
+        return None
+    return min(usable, key=lambda m: (m.placed_total, m.name.lower(), m.desktop_id))

@@ -1,0 +1,555 @@
+"""The broker's objects on top of :class:`~gatehouse.broker.db.Database`.
+
+Readers return plain dicts in the admin API's shape (what ``GET`` answers), so the API can tell
+"changed" by comparing the shape before and after a write. Writers expect validated input and
+must run inside ``db.transaction()``. Names compare case-insensitively (``COLLATE NOCASE``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gatehouse.broker.db import Database
+from gatehouse.broker.placement import Member
+
+Obj = dict[str, Any]
+
+
+@dataclass
+class UserRecord:
+    id: int
+    domain: str
+    name: str
+    enabled: bool
+    password_hash: str | None
+
+
+@dataclass
+class DesktopRecord:
+    id: int
+    name: str
+    address: str
+    hostname: str
+    agent_port: int
+    session_port: int
+    enabled: bool
+    pool_id: int | None
+
+
+class Store:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # ------------------------------------------------------------ domains
+
+    def sync_domains(self, names: list[str]) -> None:
+        with self.db.transaction() as conn:
+            for name in names:
+                conn.execute("INSERT OR IGNORE INTO domains (name) VALUES (?)", (name,))
+
+    def domain_id(self, name: str) -> int | None:
+        row = self.db.one("SELECT id FROM domains WHERE name = ?", (name,))
+        return int(row["id"]) if row else None
+
+    def list_domains(self) -> list[str]:
+        return [r["name"] for r in self.db.query("SELECT name FROM domains ORDER BY name")]
+
+    # ------------------------------------------------------------ users
+
+    def user_record(self, domain: str, name: str) -> UserRecord | None:
+        row = self.db.one(
+            "SELECT u.id, d.name AS domain, u.name, u.enabled, u.password_hash FROM users u "
+            "JOIN domains d ON d.id = u.domain_id WHERE d.name = ? AND u.name = ?",
+            (domain, name),
+        )
+        if not row:
+            return None
+        return UserRecord(row["id"], row["domain"], row["name"], bool(row["enabled"]), row["password_hash"])
+
+    def _user_obj(self, row: Any) -> Obj:
+        groups = [
+            r["name"]
+            for r in self.db.query(
+                "SELECT g.name FROM group_members m JOIN groups g ON g.id = m.group_id "
+                "WHERE m.user_id = ? ORDER BY g.name COLLATE NOCASE",
+                (row["id"],),
+            )
+        ]
+        return {
+            "domain": row["domain"],
+            "name": row["name"],
+            "display_name": row["display_name"],
+            "enabled": bool(row["enabled"]),
+            "groups": groups,
+            "password_set": row["password_hash"] is not None,
+        }
+
+    _USER_SELECT = (
+        "SELECT u.id, d.name AS domain, u.name, u.display_name, u.enabled, u.password_hash "
+        "FROM users u JOIN domains d ON d.id = u.domain_id "
+    )
+
+    def get_user(self, domain: str, name: str) -> Obj | None:
+        row = self.db.one(self._USER_SELECT + "WHERE d.name = ? AND u.name = ?", (domain, name))
+        return self._user_obj(row) if row else None
+
+    def list_users(self, domain: str | None = None) -> list[Obj]:
+        if domain:
+            rows = self.db.query(
+                self._USER_SELECT + "WHERE d.name = ? ORDER BY u.name COLLATE NOCASE", (domain,)
+            )
+        else:
+            rows = self.db.query(self._USER_SELECT + "ORDER BY d.name COLLATE NOCASE, u.name COLLATE NOCASE")
+        return [self._user_obj(r) for r in rows]
+
+    def put_user(self, domain: str, name: str, fields: Obj, password_hash: str | None) -> None:
+        """Create or update; ``fields`` holds only the keys to set, ``groups`` replaces membership."""
+        domain_id = self.domain_id(domain)
+        existing = self.user_record(domain, name)
+        conn = self.db.conn
+        if existing is None:
+            cur = conn.execute(
+                "INSERT INTO users (domain_id, name, display_name, enabled, password_hash) VALUES (?, ?, ?, ?, ?)",
+                (
+                    domain_id,
+                    name,
+                    fields.get("display_name", ""),
+                    int(fields.get("enabled", True)),
+                    password_hash,
+                ),
+            )
+            user_id = int(cur.lastrowid or 0)
+        else:
+            user_id = existing.id
+            for column in ("display_name", "enabled"):
+                if column in fields:
+                    value = int(fields[column]) if column == "enabled" else fields[column]
+                    conn.execute(f"UPDATE users SET {column} = ? WHERE id = ?", (value, user_id))  # noqa: S608
+            if password_hash is not None:
+                conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
+        if "groups" in fields:
+            conn.execute("DELETE FROM group_members WHERE user_id = ?", (user_id,))
+            for group in fields["groups"]:
+                conn.execute(
+                    "INSERT OR IGNORE INTO group_members (group_id, user_id) "
+                    "SELECT id, ? FROM groups WHERE domain_id = ? AND name = ?",
+                    (user_id, domain_id, group),
+                )
+
+    def delete_user(self, domain: str, name: str) -> None:
+        record = self.user_record(domain, name)
+        if record:
+            self.db.conn.execute("DELETE FROM users WHERE id = ?", (record.id,))
+
+    def user_group_ids(self, user_id: int) -> list[int]:
+        return [
+            r[0] for r in self.db.query("SELECT group_id FROM group_members WHERE user_id = ?", (user_id,))
+        ]
+
+    # ------------------------------------------------------------ groups
+
+    _GROUP_SELECT = (
+        "SELECT g.id, d.name AS domain, g.name, g.description FROM groups g "
+        "JOIN domains d ON d.id = g.domain_id "
+    )
+
+    def _group_obj(self, row: Any) -> Obj:
+        members = [
+            r["name"]
+            for r in self.db.query(
+                "SELECT u.name FROM group_members m JOIN users u ON u.id = m.user_id "
+                "WHERE m.group_id = ? ORDER BY u.name COLLATE NOCASE",
+                (row["id"],),
+            )
+        ]
+        return {
+            "domain": row["domain"],
+            "name": row["name"],
+            "description": row["description"],
+            "members": members,
+        }
+
+    def group_id(self, domain: str, name: str) -> int | None:
+        row = self.db.one(self._GROUP_SELECT + "WHERE d.name = ? AND g.name = ?", (domain, name))
+        return int(row["id"]) if row else None
+
+    def get_group(self, domain: str, name: str) -> Obj | None:
+        row = self.db.one(self._GROUP_SELECT + "WHERE d.name = ? AND g.name = ?", (domain, name))
+        return self._group_obj(row) if row else None
+
+    def list_groups(self, domain: str | None = None) -> list[Obj]:
+        if domain:
+            rows = self.db.query(
+                self._GROUP_SELECT + "WHERE d.name = ? ORDER BY g.name COLLATE NOCASE", (domain,)
+            )
+        else:
+            rows = self.db.query(self._GROUP_SELECT + "ORDER BY d.name COLLATE NOCASE, g.name COLLATE NOCASE")
+        return [self._group_obj(r) for r in rows]
+
+    def put_group(self, domain: str, name: str, fields: Obj) -> None:
+        group_id = self.group_id(domain, name)
+        if group_id is None:
+            self.db.conn.execute(
+                "INSERT INTO groups (domain_id, name, description) VALUES (?, ?, ?)",
+                (self.domain_id(domain), name, fields.get("description", "")),
+            )
+        elif "description" in fields:
+            self.db.conn.execute(
+                "UPDATE groups SET description = ? WHERE id = ?", (fields["description"], group_id)
+            )
+
+    def delete_group(self, domain: str, name: str) -> None:
+        group_id = self.group_id(domain, name)
+        if group_id is not None:
+            self.db.conn.execute("DELETE FROM groups WHERE id = ?", (group_id,))
+
+    # ------------------------------------------------------------ pools
+
+    def pool_id(self, name: str) -> int | None:
+        row = self.db.one("SELECT id FROM pools WHERE name = ?", (name,))
+        return int(row["id"]) if row else None
+
+    def _pool_obj(self, row: Any) -> Obj:
+        members = [
+            r["name"]
+            for r in self.db.query(
+                "SELECT name FROM desktops WHERE pool_id = ? ORDER BY name COLLATE NOCASE", (row["id"],)
+            )
+        ]
+        return {
+            "name": row["name"],
+            "persistent": bool(row["persistent"]),
+            "description": row["description"],
+            "members": members,
+        }
+
+    def get_pool(self, name: str) -> Obj | None:
+        row = self.db.one("SELECT * FROM pools WHERE name = ?", (name,))
+        return self._pool_obj(row) if row else None
+
+    def pool_by_id(self, pool_id: int) -> Obj | None:
+        row = self.db.one("SELECT * FROM pools WHERE id = ?", (pool_id,))
+        return dict(row) if row else None
+
+    def list_pools(self) -> list[Obj]:
+        return [self._pool_obj(r) for r in self.db.query("SELECT * FROM pools ORDER BY name COLLATE NOCASE")]
+
+    def put_pool(self, name: str, fields: Obj) -> None:
+        conn = self.db.conn
+        pool_id = self.pool_id(name)
+        if pool_id is None:
+            cur = conn.execute(
+                "INSERT INTO pools (name, persistent, description) VALUES (?, ?, ?)",
+                (name, int(fields.get("persistent", False)), fields.get("description", "")),
+            )
+            pool_id = int(cur.lastrowid or 0)
+        else:
+            if "persistent" in fields:
+                conn.execute(
+                    "UPDATE pools SET persistent = ? WHERE id = ?", (int(fields["persistent"]), pool_id)
+                )
+            if "description" in fields:
+                conn.execute(
+                    "UPDATE pools SET description = ? WHERE id = ?", (fields["description"], pool_id)
+                )
+        if "members" in fields:
+            conn.execute("UPDATE desktops SET pool_id = NULL WHERE pool_id = ?", (pool_id,))
+            for desktop in fields["members"]:
+                conn.execute("UPDATE desktops SET pool_id = ? WHERE name = ?", (pool_id, desktop))
+        if not fields.get("persistent", True):
+            conn.execute("DELETE FROM assignments WHERE pool_id = ?", (pool_id,))
+
+    def delete_pool(self, name: str) -> None:
+        pool_id = self.pool_id(name)
+        if pool_id is not None:
+            self.db.conn.execute("DELETE FROM pools WHERE id = ?", (pool_id,))
+
+    # ------------------------------------------------------------ desktops
+
+    def _desktop_record(self, row: Any) -> DesktopRecord:
+        return DesktopRecord(
+            row["id"],
+            row["name"],
+            row["address"],
+            row["hostname"],
+            row["agent_port"],
+            row["session_port"],
+            bool(row["enabled"]),
+            row["pool_id"],
+        )
+
+    def desktop_record(self, name: str) -> DesktopRecord | None:
+        row = self.db.one("SELECT * FROM desktops WHERE name = ?", (name,))
+        return self._desktop_record(row) if row else None
+
+    def desktop_by_id(self, desktop_id: int) -> DesktopRecord | None:
+        row = self.db.one("SELECT * FROM desktops WHERE id = ?", (desktop_id,))
+        return self._desktop_record(row) if row else None
+
+    _DESKTOP_SELECT = "SELECT d.*, p.name AS pool FROM desktops d LEFT JOIN pools p ON p.id = d.pool_id "
+
+    @staticmethod
+    def _desktop_obj(row: Any) -> Obj:
+        return {
+            "name": row["name"],
+            "address": row["address"],
+            "hostname": row["hostname"],
+            "agent_port": row["agent_port"],
+            "session_port": row["session_port"],
+            "enabled": bool(row["enabled"]),
+            "pool": row["pool"],
+        }
+
+    def get_desktop(self, name: str) -> Obj | None:
+        row = self.db.one(self._DESKTOP_SELECT + "WHERE d.name = ?", (name,))
+        return self._desktop_obj(row) if row else None
+
+    def list_desktops(self) -> list[Obj]:
+        return [
+            self._desktop_obj(r)
+            for r in self.db.query(self._DESKTOP_SELECT + "ORDER BY d.name COLLATE NOCASE")
+        ]
+
+    def put_desktop(self, name: str, fields: Obj) -> None:
+        conn = self.db.conn
+        values = dict(fields)
+        if "pool" in values:
+            pool = values.pop("pool")
+            values["pool_id"] = self.pool_id(pool) if pool else None
+        existing = self.desktop_record(name)
+        if existing is None:
+            columns = ["name", *values]
+            conn.execute(
+                f"INSERT INTO desktops ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",  # noqa: S608
+                (name, *(int(v) if isinstance(v, bool) else v for v in values.values())),
+            )
+        else:
+            for column, value in values.items():
+                conn.execute(
+                    f"UPDATE desktops SET {column} = ? WHERE id = ?",  # noqa: S608 - column names are fixed
+                    (int(value) if isinstance(value, bool) else value, existing.id),
+                )
+
+    def delete_desktop(self, name: str) -> None:
+        self.db.conn.execute("DELETE FROM desktops WHERE name = ?", (name,))
+
+    # ------------------------------------------------------------ entitlements
+
+    def _principal_id(self, principal_type: str, domain: str, name: str) -> int | None:
+        if principal_type == "user":
+            record = self.user_record(domain, name)
+            return record.id if record else None
+        return self.group_id(domain, name)
+
+    def _resource_id(self, resource_type: str, name: str) -> int | None:
+        if resource_type == "desktop":
+            record = self.desktop_record(name)
+            return record.id if record else None
+        return self.pool_id(name)
+
+    _ENT_SELECT = """
+        SELECT e.id,
+               CASE WHEN e.user_id IS NOT NULL THEN 'user' ELSE 'group' END AS principal_type,
+               COALESCE(ud.name, gd.name) AS domain,
+               COALESCE(u.name, g.name) AS principal,
+               CASE WHEN e.desktop_id IS NOT NULL THEN 'desktop' ELSE 'pool' END AS resource_type,
+               COALESCE(dk.name, p.name) AS resource
+        FROM entitlements e
+        LEFT JOIN users u ON u.id = e.user_id LEFT JOIN domains ud ON ud.id = u.domain_id
+        LEFT JOIN groups g ON g.id = e.group_id LEFT JOIN domains gd ON gd.id = g.domain_id
+        LEFT JOIN desktops dk ON dk.id = e.desktop_id LEFT JOIN pools p ON p.id = e.pool_id
+    """
+
+    @staticmethod
+    def _ent_obj(row: Any) -> Obj:
+        return {
+            "principal_type": row["principal_type"],
+            "domain": row["domain"],
+            "principal": row["principal"],
+            "resource_type": row["resource_type"],
+            "resource": row["resource"],
+        }
+
+    def _ent_where(self, key: tuple[str, str, str, str, str]) -> tuple[str, tuple[object, ...]] | None:
+        principal_type, domain, name, resource_type, resource = key
+        pid = self._principal_id(principal_type, domain, name)
+        rid = self._resource_id(resource_type, resource)
+        if pid is None or rid is None:
+            return None
+        pcol = "user_id" if principal_type == "user" else "group_id"
+        rcol = "desktop_id" if resource_type == "desktop" else "pool_id"
+        return f"e.{pcol} = ? AND e.{rcol} = ?", (pid, rid)
+
+    def get_entitlement(self, key: tuple[str, str, str, str, str]) -> Obj | None:
+        where = self._ent_where(key)
+        if where is None:
+            return None
+        row = self.db.one(self._ENT_SELECT + "WHERE " + where[0], where[1])
+        return self._ent_obj(row) if row else None
+
+    def list_entitlements(self, filters: dict[str, str]) -> list[Obj]:
+        rows = [self._ent_obj(r) for r in self.db.query(self._ENT_SELECT)]
+        for field_name, wanted in filters.items():
+            rows = [r for r in rows if str(r[field_name]).lower() == wanted.lower()]
+        return sorted(rows, key=lambda r: tuple(str(v).lower() for v in r.values()))
+
+    def put_entitlement(self, key: tuple[str, str, str, str, str]) -> None:
+        principal_type, domain, name, resource_type, resource = key
+        pid = self._principal_id(principal_type, domain, name)
+        rid = self._resource_id(resource_type, resource)
+        pcol = "user_id" if principal_type == "user" else "group_id"
+        rcol = "desktop_id" if resource_type == "desktop" else "pool_id"
+        self.db.conn.execute(
+            f"INSERT OR IGNORE INTO entitlements ({pcol}, {rcol}) VALUES (?, ?)",  # noqa: S608
+            (pid, rid),
+        )
+
+    def delete_entitlement(self, key: tuple[str, str, str, str, str]) -> None:
+        where = self._ent_where(key)
+        if where is not None:
+            clause = where[0].replace("e.", "")
+            self.db.conn.execute("DELETE FROM entitlements WHERE " + clause, where[1])  # noqa: S608
+
+    # ------------------------------------------------------------ what a user may use
+
+    def entitled(self, user_id: int) -> tuple[list[DesktopRecord], list[Obj]]:
+        """Desktops and pools the user is entitled to, directly or through a group."""
+        groups = self.user_group_ids(user_id)
+        marks = ",".join("?" * len(groups)) or "NULL"
+        params = (user_id, *groups)
+        cond = f"(e.user_id = ? OR e.group_id IN ({marks}))"
+        desktops = [
+            self._desktop_record(r)
+            for r in self.db.query(
+                f"SELECT DISTINCT d.* FROM entitlements e JOIN desktops d ON d.id = e.desktop_id "  # noqa: S608
+                f"WHERE {cond} ORDER BY d.name COLLATE NOCASE",
+                params,
+            )
+        ]
+        pools = [
+            dict(r)
+            for r in self.db.query(
+                f"SELECT DISTINCT p.* FROM entitlements e JOIN pools p ON p.id = e.pool_id "  # noqa: S608
+                f"WHERE {cond} ORDER BY p.name COLLATE NOCASE",
+                params,
+            )
+        ]
+        return desktops, pools
+
+    # ------------------------------------------------------------ load, placement state
+
+    def members(self, *, pool_id: int | None = None, desktop_id: int | None = None) -> list[Member]:
+        """Placement view of a pool's desktops (or of one desktop) with their latest load report."""
+        where, param = ("d.pool_id = ?", pool_id) if desktop_id is None else ("d.id = ?", desktop_id)
+        sql = (
+            "SELECT d.id, d.name, d.enabled, r.active_sessions, r.capacity, r.reported_at, "
+            "COALESCE(l.placed_since_report, 0) AS placed_since_report, "
+            "COALESCE(l.placed_total, 0) AS placed_total "
+            "FROM desktops d LEFT JOIN desktop_load l ON l.desktop_id = d.id "
+            "LEFT JOIN agent_reports r ON r.agent_port = d.agent_port "
+            "AND (r.address = d.address OR (r.hostname <> '' AND r.hostname = d.address COLLATE NOCASE)) "
+            "WHERE " + where + " ORDER BY d.id"
+        )
+        rows = self.db.query(sql, (param,))
+        best: dict[int, Member] = {}
+        for r in rows:
+            member = Member(
+                desktop_id=r["id"],
+                name=r["name"],
+                enabled=bool(r["enabled"]),
+                active_sessions=r["active_sessions"],
+                capacity=r["capacity"],
+                reported_at=r["reported_at"],
+                placed_since_report=r["placed_since_report"],
+                placed_total=r["placed_total"],
+            )
+            # Two reports can match one desktop (by address and by hostname): keep the newest.
+            current = best.get(member.desktop_id)
+            if current is None or (member.reported_at or 0) > (current.reported_at or 0):
+                best[member.desktop_id] = member
+        return list(best.values())
+
+    def record_placement(self, desktop_id: int) -> None:
+        self.db.conn.execute(
+            "INSERT INTO desktop_load (desktop_id, placed_since_report, placed_total) VALUES (?, 1, 1) "
+            "ON CONFLICT (desktop_id) DO UPDATE SET placed_since_report = placed_since_report + 1, "
+            "placed_total = placed_total + 1",
+            (desktop_id,),
+        )
+
+    def assignment(self, user_id: int, pool_id: int) -> int | None:
+        row = self.db.one(
+            "SELECT desktop_id FROM assignments WHERE user_id = ? AND pool_id = ?", (user_id, pool_id)
+        )
+        return int(row[0]) if row else None
+
+    def set_assignment(self, user_id: int, pool_id: int, desktop_id: int) -> None:
+        self.db.conn.execute(
+            "INSERT INTO assignments (user_id, pool_id, desktop_id, assigned_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (user_id, pool_id) DO UPDATE SET desktop_id = excluded.desktop_id, "
+            "assigned_at = excluded.assigned_at",
+            (user_id, pool_id, desktop_id, time.time()),
+        )
+
+    _ASSIGN_SELECT = (
+        "SELECT p.name AS pool, dm.name AS domain, u.name AS user, d.name AS desktop, a.assigned_at "
+        "FROM assignments a JOIN pools p ON p.id = a.pool_id JOIN users u ON u.id = a.user_id "
+        "JOIN domains dm ON dm.id = u.domain_id JOIN desktops d ON d.id = a.desktop_id "
+    )
+
+    def list_assignments(self, pool: str | None = None) -> list[Obj]:
+        if pool:
+            rows = self.db.query(self._ASSIGN_SELECT + "WHERE p.name = ? ORDER BY u.name", (pool,))
+        else:
+            rows = self.db.query(self._ASSIGN_SELECT + "ORDER BY p.name, dm.name, u.name")
+        return [dict(r) for r in rows]
+
+    def get_assignment(self, pool: str, domain: str, user: str) -> Obj | None:
+        row = self.db.one(
+            self._ASSIGN_SELECT + "WHERE p.name = ? AND dm.name = ? AND u.name = ?", (pool, domain, user)
+        )
+        return dict(row) if row else None
+
+    def delete_assignment(self, pool: str, domain: str, user: str) -> None:
+        record = self.user_record(domain, user)
+        pool_id = self.pool_id(pool)
+        if record and pool_id is not None:
+            self.db.conn.execute(
+                "DELETE FROM assignments WHERE user_id = ? AND pool_id = ?", (record.id, pool_id)
+            )
+
+    def record_report(self, report: Obj, now: float) -> None:
+        """Store an agent's load report and restart the 'placed since report' counters it covers."""
+        conn = self.db.conn
+        conn.execute(
+            "INSERT INTO agent_reports (address, agent_port, hostname, session_port, active_sessions, "
+            "capacity, reported_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (address, agent_port) DO UPDATE "
+            "SET hostname = excluded.hostname, session_port = excluded.session_port, "
+            "active_sessions = excluded.active_sessions, capacity = excluded.capacity, "
+            "reported_at = excluded.reported_at",
+            (
+                report["address"],
+                report["agent_port"],
+                report["hostname"],
+                report["session_port"],
+                report["active_sessions"],
+                report["capacity"],
+                now,
+            ),
+        )
+        conn.execute(
+            "UPDATE desktop_load SET placed_since_report = 0 WHERE desktop_id IN ("
+            "SELECT id FROM desktops WHERE agent_port = ? AND (address = ? OR "
+            "(? <> '' AND address = ? COLLATE NOCASE)))",
+            (report["agent_port"], report["address"], report["hostname"], report["hostname"]),
+        )
+
+    def list_reports(self) -> list[Obj]:
+        rows = self.db.query(
+            "SELECT r.*, (SELECT d.name FROM desktops d WHERE d.agent_port = r.agent_port AND "
+            "(d.address = r.address OR (r.hostname <> '' AND d.address = r.hostname COLLATE NOCASE)) "
+            "ORDER BY d.id LIMIT 1) AS desktop FROM agent_reports r ORDER BY r.address, r.agent_port"
+        )
+        return [dict(r) for r in rows]

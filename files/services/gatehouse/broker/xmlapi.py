@@ -1,0 +1,298 @@
+"""The broker protocol endpoint: ``POST /pcoip-broker/xml`` in the ``pcoip-broker`` 2.1 envelope.
+
+Each CM client session holds one broker session, keyed by a random ``JSESSIONID`` cookie the
+broker sets on ``hello`` (never the session id itself). States: after ``hello`` the session can
+``authenticate`` (retries allowed); once authenticated it can ``get-resource-list`` and
+``allocate-resource``; ``bye`` forgets the session from any state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gatehouse import protocol as p
+from gatehouse.broker import passwords, placement
+from gatehouse.broker.metrics import BrokerMetrics
+from gatehouse.broker.settings import BrokerSettings
+from gatehouse.broker.store import DesktopRecord, Store, UserRecord
+from gatehouse.logs import SessionLogger
+
+ENVELOPE = "pcoip-broker"
+COOKIE = "JSESSIONID"
+PRODUCT = "Gatehouse Connection Broker"
+log = logging.getLogger("gatehouse.broker.protocol")
+REQUESTS = (p.Hello, p.Authenticate, p.GetResourceList, p.AllocateResource, p.Bye)
+
+
+@dataclass
+class BrokerSession:
+    cookie: str = field(repr=False)
+    session_id: str
+    client_ip: str
+    last_seen: float
+    user: UserRecord | None = None
+    log: SessionLogger = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.log = SessionLogger(log, self.session_id)
+
+
+class BodyTooLarge(p.ProtocolError):
+    def __init__(self) -> None:
+        super().__init__(p.E_TOO_LARGE, f"request body over {p.MAX_BODY} bytes")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, refused past 64 KiB before it is read in full."""
+    if request.content_length is not None and request.content_length > p.MAX_BODY:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(16384)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > p.MAX_BODY:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_resource_id(resource_id: str) -> tuple[str, int] | None:
+    kind, _, number = resource_id.partition("-")
+    if kind not in ("d", "p") or not (number.isascii() and number.isdigit()) or len(number) > 18:
+        return None
+    return kind, int(number)
+
+
+class BrokerEndpoint:
+    def __init__(self, store: Store, settings: BrokerSettings, metrics: BrokerMetrics) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.sessions: dict[str, BrokerSession] = {}
+        self._dummy_hash = passwords.dummy_hash()
+        self._last_prune = 0.0
+        self.hostname = settings.hostname or socket.gethostname()
+
+    # ------------------------------------------------------------ HTTP
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        cookie_set: str | None = None
+        cookie_clear = False
+        close = False
+        try:
+            body = await read_body(request)
+            message = p.parse(body, ENVELOPE)
+            reply, cookie_set, cookie_clear = await self.dispatch(request, message)
+        except BodyTooLarge as exc:
+            # The rest of the body is never read: close the connection after answering.
+            close = True
+            reply = p.ErrorResp(exc.result_id, exc.message)
+        except p.ProtocolError as exc:
+            reply = p.ErrorResp(exc.result_id, exc.message)
+        except Exception:
+            log.exception("broker request failed")
+            reply = p.ErrorResp(p.E_INTERNAL, "internal error")
+        if isinstance(reply, p.ErrorResp):
+            self.metrics.protocol_errors.labels(reply.result_id).inc()
+            session = self.sessions.get(request.cookies.get(COOKIE, ""))
+            (session.log if session else log).info(
+                "request refused", extra={"result": reply.result_id, "peer": request.remote}
+            )
+        response = web.StreamResponse(
+            status=200, headers={"Content-Type": p.CONTENT_TYPE, "Cache-Control": "no-store"}
+        )
+        response.enable_chunked_encoding()
+        if cookie_set:
+            response.set_cookie(COOKIE, cookie_set, secure=True, httponly=True, path="/", samesite="Strict")
+        elif cookie_clear:
+            response.del_cookie(COOKIE, path="/")
+        if close:
+            response.force_close()
+        await response.prepare(request)
+        await response.write(p.render(ENVELOPE, reply))
+        await response.write_eof()
+        return response
+
+    # ------------------------------------------------------------ state machine
+
+    def _prune(self, now: float) -> None:
+        if now - self._last_prune < 5:
+            return
+        self._last_prune = now
+        idle = self.settings.session_idle_timeout
+        for cookie in [c for c, s in self.sessions.items() if now - s.last_seen > idle]:
+            del self.sessions[cookie]
+        self.metrics.sessions.set(len(self.sessions))
+
+    async def dispatch(self, request: web.Request, message: p.Message) -> tuple[p.Message, str | None, bool]:
+        now = time.monotonic()
+        self._prune(now)
+        if not isinstance(message, REQUESTS):
+            raise p.ProtocolError(p.E_UNKNOWN, f"<{message.tag}> is not a broker request")
+        cookie = request.cookies.get(COOKIE, "")
+        if isinstance(message, p.Hello):
+            return self._hello(request, message, cookie, now)
+        session = self.sessions.get(cookie) if cookie else None
+        if isinstance(message, p.Bye):
+            if session is not None:
+                session.log.info("bye: broker session closed")
+                del self.sessions[cookie]
+                self.metrics.sessions.set(len(self.sessions))
+            return p.ByeResp(), None, True
+        if session is None:
+            raise p.ProtocolError(p.E_OUT_OF_STATE, f"<{message.tag}> needs a session: send <hello> first")
+        session.last_seen = now
+        if isinstance(message, p.Authenticate):
+            return await self._authenticate(session, message), None, False
+        if isinstance(message, p.GetResourceList):
+            return self._list(session), None, False
+        assert isinstance(message, p.AllocateResource)
+        return self._allocate(session, message), None, False
+
+    def _hello(
+        self, request: web.Request, hello: p.Hello, old_cookie: str, now: float
+    ) -> tuple[p.Message, str | None, bool]:
+        reply = p.HelloResp(
+            product_name=PRODUCT,
+            hostname=self.hostname,
+            domains=list(self.settings.domains),
+        )
+        if hello.is_query:
+            return reply, None, False  # a probe creates no session
+        if old_cookie in self.sessions:
+            del self.sessions[old_cookie]  # a new hello starts over
+        if len(self.sessions) >= self.settings.max_sessions:
+            raise p.ProtocolError(p.E_BUSY, "too many broker sessions; try again later")
+        pcm = hello.pcm_info
+        session_id = pcm.session_id if pcm and pcm.session_id else str(uuid.uuid4())
+        client_ip = pcm.client_ip if pcm and pcm.client_ip else (request.remote or "")
+        cookie = secrets.token_urlsafe(32)
+        session = BrokerSession(cookie, session_id[:64], client_ip[:64], now)
+        self.sessions[cookie] = session
+        self.metrics.sessions.set(len(self.sessions))
+        session.log.info("hello: broker session started", extra={"client_ip": session.client_ip})
+        return reply, cookie, False
+
+    def _domain(self, requested: str) -> str | None:
+        if not requested:
+            return self.settings.domains[0]
+        for domain in self.settings.domains:
+            if domain.lower() == requested.lower():
+                return domain
+        return None
+
+    async def _authenticate(self, session: BrokerSession, auth: p.Authenticate) -> p.Message:
+        if session.user is not None:
+            raise p.ProtocolError(p.E_OUT_OF_STATE, "already authenticated; send <bye> to start over")
+        username, domain_name = auth.username, auth.domain
+        if "\\" in username and not domain_name:
+            domain_name, _, username = username.partition("\\")
+        domain = self._domain(domain_name)
+        record = self.store.user_record(domain, username) if domain else None
+        stored = record.password_hash if record and record.password_hash else self._dummy_hash
+        # Unknown, disabled and password-less users cost one scrypt like everyone else.
+        match = await asyncio.to_thread(passwords.verify_password, auth.password, stored)
+        extra = {"user": username[:128], "domain": domain_name[:64]}
+        if record is None or not record.enabled or not record.password_hash or not match:
+            self.metrics.auth.labels("failure").inc()
+            session.log.info("authentication failed", extra=extra)
+            return p.AuthenticateResp(p.AUTH_FAILED, "unknown username or password")
+        session.user = record
+        self.metrics.auth.labels("success").inc()
+        session.log.info("authentication succeeded", extra=extra)
+        return p.AuthenticateResp(p.AUTH_OK, "authenticated")
+
+    def _current_user(self, session: BrokerSession) -> UserRecord:
+        if session.user is None:
+            raise p.ProtocolError(p.E_OUT_OF_STATE, "authenticate first")
+        # The account may have been disabled or removed since authentication.
+        record = self.store.user_record(session.user.domain, session.user.name)
+        if record is None or not record.enabled or record.id != session.user.id:
+            session.user = None
+            session.log.info("user no longer allowed; authentication required again")
+            raise p.ProtocolError(p.E_USER_AUTH, "the account is no longer allowed; authenticate again")
+        return record
+
+    def _desktop_available(self, desktop: DesktopRecord) -> bool:
+        members = self.store.members(desktop_id=desktop.id)
+        member = members[0] if members else None
+        return placement.choose_desktop(member, time.time(), self.settings.agent_stale_after) is not None
+
+    def _pool_available(self, pool_id: int) -> bool:
+        members = self.store.members(pool_id=pool_id)
+        return placement.choose_from_pool(members, time.time(), self.settings.agent_stale_after) is not None
+
+    def _list(self, session: BrokerSession) -> p.Message:
+        user = self._current_user(session)
+        desktops, pools = self.store.entitled(user.id)
+        resources = [
+            p.Resource(f"d-{d.id}", d.name, state="ONLINE" if self._desktop_available(d) else "OFFLINE")
+            for d in desktops
+        ]
+        resources += [
+            p.Resource(
+                f"p-{pool['id']}",
+                pool["name"],
+                state="ONLINE" if self._pool_available(pool["id"]) else "OFFLINE",
+            )
+            for pool in pools
+        ]
+        session.log.info("resource list sent", extra={"resources": len(resources)})
+        return p.GetResourceListResp(p.LIST_OK, "resources listed", resources)
+
+    def _allocate(self, session: BrokerSession, alloc: p.AllocateResource) -> p.Message:
+        user = self._current_user(session)
+        parsed = parse_resource_id(alloc.resource_id)
+        desktops, pools = self.store.entitled(user.id)
+        entitled = {("d", d.id) for d in desktops} | {("p", pool["id"]) for pool in pools}
+        if parsed is None or parsed not in entitled:
+            return self._alloc_result(session, alloc, p.ALLOC_NOT_ENTITLED, "not entitled to this resource")
+        kind, number = parsed
+        now = time.time()
+        stale = self.settings.agent_stale_after
+        # Choose and record in one transaction with no await in between: placements cannot interleave.
+        with self.store.db.transaction():
+            if kind == "d":
+                found = self.store.members(desktop_id=number)
+                chosen = placement.choose_desktop(found[0] if found else None, now, stale)
+            else:
+                pool = self.store.pool_by_id(number)
+                persistent = bool(pool and pool["persistent"])
+                assigned = self.store.assignment(user.id, number) if persistent else None
+                chosen = placement.choose_from_pool(
+                    self.store.members(pool_id=number), now, stale, assigned_id=assigned
+                )
+                if chosen is not None and persistent and chosen.desktop_id != assigned:
+                    self.store.set_assignment(user.id, number, chosen.desktop_id)
+            if chosen is not None:
+                self.store.record_placement(chosen.desktop_id)
+        desktop = self.store.desktop_by_id(chosen.desktop_id) if chosen else None
+        if desktop is None:
+            return self._alloc_result(session, alloc, p.ALLOC_UNAVAILABLE, "no desktop is available")
+        agent = p.AgentInfo(desktop.address, desktop.hostname, desktop.agent_port, desktop.session_port)
+        session.log.info(
+            "resource allocated",
+            extra={"resource_id": alloc.resource_id, "desktop": desktop.name, "agent": desktop.address},
+        )
+        self.metrics.allocations.labels(p.ALLOC_OK).inc()
+        return p.AllocateResourceResp(p.ALLOC_OK, "allocated", alloc.resource_id, agent=agent)
+
+    def _alloc_result(
+        self, session: BrokerSession, alloc: p.AllocateResource, result: str, text: str
+    ) -> p.Message:
+        self.metrics.allocations.labels(result).inc()
+        session.log.info(
+            "allocation refused", extra={"resource_id": alloc.resource_id[:64], "result": result}
+        )
+        return p.AllocateResourceResp(result, text, alloc.resource_id[:64])

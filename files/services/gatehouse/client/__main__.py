@@ -1,0 +1,122 @@
+"""``python -m gatehouse.client --url https://CM[:PORT] --user U --password-env VAR ...``.
+
+The password is read from an environment variable, a file or the terminal, never from the
+command line (which every user of the host can read in ``ps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import ssl
+import sys
+from pathlib import Path
+
+from gatehouse import tls
+from gatehouse.client.flow import SessionReport, endpoint, run_session
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="gatehouse-client", description="Run one Gatehouse session end to end and report each step."
+    )
+    parser.add_argument("--url", required=True, help="the CM, https://HOST[:PORT]")
+    parser.add_argument("--user", default="", help="user name")
+    parser.add_argument("--domain", default="", help="domain (default: the broker's)")
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--password-env", metavar="VAR", help="read the password from this environment variable"
+    )
+    secret.add_argument(
+        "--password-file", metavar="FILE", help="read the password from this file (first line)"
+    )
+    parser.add_argument("--resource", help="resource name or id (default: the first one listed)")
+    trust = parser.add_mutually_exclusive_group()
+    trust.add_argument("--ca-cert", metavar="FILE", help="CA bundle for the CM and the gateway/agent")
+    trust.add_argument("--insecure", action="store_true", help="do not verify certificates")
+    parser.add_argument("--bytes", type=int, default=65536, help="bytes to echo over TCP (default 65536)")
+    parser.add_argument("--udp", type=int, default=3, help="datagrams to echo over UDP (default 3, 0 skips)")
+    parser.add_argument(
+        "--no-connect", action="store_true", help="stop after allocate-resource (no session channel)"
+    )
+    parser.add_argument("--ipv6", action="store_true", help="use the target's IPv6 address when it has one")
+    parser.add_argument("--source-address", metavar="IP", help="local address to connect from")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per step (default 30)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    args = parser.parse_args(argv)
+    if args.bytes < 0 or args.udp < 0:
+        parser.error("--bytes and --udp must not be negative")
+    return args
+
+
+def read_password(args: argparse.Namespace) -> str:
+    if args.password_env:
+        value = os.environ.get(args.password_env)
+        if value is None:
+            raise SystemExit(f"gatehouse-client: environment variable {args.password_env} is not set")
+        return value
+    if args.password_file:
+        try:
+            return Path(args.password_file).read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, IndexError) as exc:
+            raise SystemExit(f"gatehouse-client: cannot read the password file: {exc}") from None
+    if sys.stdin.isatty():
+        return getpass.getpass("Password: ")
+    raise SystemExit("gatehouse-client: give --password-env VAR or --password-file FILE")
+
+
+def ssl_context(args: argparse.Namespace) -> ssl.SSLContext:
+    if args.insecure:
+        return tls.client_context(verify=False, role="sg")
+    try:
+        return tls.client_context(args.ca_cert, verify=True, role="sg")
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"gatehouse-client: cannot load --ca-cert: {exc}") from None
+
+
+def print_human(report: SessionReport) -> None:
+    print(f"session to {report.url}")
+    for step in report.steps:
+        mark = "ok  " if step.ok else "FAIL"
+        detail = f"  {step.detail}" if step.detail else ""
+        print(f"  {mark} {step.name:<18} {step.result:<40} {step.ms:>9.1f} ms{detail}")
+    if report.session_id:
+        print(f"  session id {report.session_id}, target {report.target}")
+    print("result: " + ("success" if report.ok else "FAILED"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        endpoint(args.url)
+    except ValueError as exc:
+        raise SystemExit(f"gatehouse-client: --url: {exc}") from None
+    password = read_password(args)
+    report = asyncio.run(
+        run_session(
+            args.url,
+            args.user,
+            password,
+            domain=args.domain,
+            resource=args.resource,
+            ssl_context=ssl_context(args),
+            tcp_bytes=args.bytes,
+            udp_datagrams=args.udp,
+            source_address=args.source_address,
+            prefer_ipv6=args.ipv6,
+            step_timeout=args.timeout,
+            connect=not args.no_connect,
+        )
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_human(report)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""One client session, step by step: the broker protocol with a CM, then the session channel.
+
+hello → authenticate → get-resource-list → allocate-resource → TLS to the target and
+``CONNECT <connect-tag>`` → TCP echo → UDP echo → bye. Each step is timed and reported; the report
+never holds the password, the session cookie or the connect-tag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from gatehouse import linechan
+from gatehouse import protocol as p
+
+ENVELOPE = "pcoip-client"
+UDP_ATTEMPTS = 3
+UDP_WAIT = 1.0
+T = TypeVar("T")
+
+
+@dataclass
+class Step:
+    name: str
+    ok: bool
+    result: str
+    ms: float
+    detail: str = ""
+
+
+@dataclass
+class SessionReport:
+    url: str
+    ok: bool = False
+    session_id: str = ""
+    resource: str = ""
+    target: str = ""
+    mode: str = ""
+    steps: list[Step] = field(default_factory=list)
+
+    def step(self, name: str) -> Step | None:
+        return next((s for s in self.steps if s.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StepFailed(Exception):
+    def __init__(self, result: str, detail: str = "") -> None:
+        super().__init__(detail or result)
+        self.result = result
+        self.detail = detail
+
+
+def endpoint(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"expected an https://host[:port] URL, got {url!r}")
+    path = parts.path if parts.path not in ("", "/") else p.PATH_BROKER
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+class CmConnection:
+    """The broker-protocol conversation with one CM, with the session cookie (or only Client-Log-Id)."""
+
+    def __init__(
+        self,
+        url: str,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        use_cookie: bool = True,
+        log_id: str | None = None,
+        source_address: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.url = endpoint(url)
+        jar: aiohttp.abc.AbstractCookieJar = (
+            aiohttp.CookieJar(unsafe=True) if use_cookie else aiohttp.DummyCookieJar()
+        )
+        connector = aiohttp.TCPConnector(
+            ssl=ssl_context if ssl_context is not None else True,
+            local_addr=(source_address, 0) if source_address else None,
+        )
+        self.http = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=jar,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            headers={"Client-Log-Id": log_id or str(uuid.uuid4()), "User-Agent": "Gatehouse-Client/0.1"},
+        )
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    async def post_raw(self, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        send = {"Content-Type": p.CONTENT_TYPE, **(headers or {})}
+        async with self.http.post(self.url, data=body, headers=send) as resp:
+            return resp.status, await resp.read()
+
+    async def send(self, message: p.Message) -> p.Message:
+        """One request; an ``<error-resp>`` is returned like any other answer."""
+        try:
+            _status, body = await self.post_raw(p.render(ENVELOPE, message))
+        except TimeoutError:
+            raise StepFailed("TIMEOUT", "no answer from the connection manager") from None
+        except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+            raise StepFailed("CONNECTION_FAILED", f"{type(exc).__name__}: {exc}") from None
+        try:
+            return p.parse(body, ENVELOPE)
+        except p.ProtocolError as exc:
+            raise StepFailed("BAD_ANSWER", exc.message) from None
+
+
+def _expect(reply: p.Message, cls: type[p.Message], ok_result: str | None) -> Any:
+    if isinstance(reply, p.ErrorResp):
+        raise StepFailed(reply.result_id, reply.result_str)
+    if not isinstance(reply, cls):
+        raise StepFailed("BAD_ANSWER", f"unexpected <{reply.tag}>")
+    result = getattr(reply, "result_id", None)
+    if ok_result is not None and result != ok_result:
+        raise StepFailed(result or "FAILED", getattr(reply, "result_str", ""))
+    return reply
+
+
+def choose_resource(resources: list[p.Resource], wanted: str | None) -> p.Resource:
+    if not resources:
+        raise StepFailed("NO_RESOURCES", "the user is entitled to no resource")
+    if not wanted:
+        return resources[0]
+    for resource in resources:
+        if wanted in (resource.name, resource.resource_id):
+            return resource
+    raise StepFailed("NO_SUCH_RESOURCE", f"no resource named {wanted!r}")
+
+
+async def _tcp_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, size: int) -> None:
+    payload = os.urandom(size)
+
+    async def send() -> None:
+        for offset in range(0, size, 16384):
+            writer.write(payload[offset : offset + 16384])
+            await writer.drain()
+
+    async def receive() -> bytes:
+        return await reader.readexactly(size)
+
+    _sent, echoed = await asyncio.gather(send(), receive())
+    if echoed != payload:
+        raise StepFailed("MISMATCH", "the echoed bytes differ from the sent bytes")
+
+
+class _UdpEcho(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.error: Exception | None = None
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.queue.put_nowait(data)
+
+    def error_received(self, exc: Exception) -> None:
+        self.error = exc
+
+
+async def _udp_echo(host: str, port: int, local_ip: str, count: int) -> int:
+    """Send ``count`` datagrams from our TCP source IP; each must come back unchanged."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    transport, proto = await loop.create_datagram_endpoint(
+        _UdpEcho, local_addr=(local_ip, 0), remote_addr=(host, port), family=family
+    )
+    try:
+        for seq in range(count):
+            payload = seq.to_bytes(4, "big") + os.urandom(60)
+            for _attempt in range(UDP_ATTEMPTS):
+                transport.sendto(payload)
+                try:
+                    async with asyncio.timeout(UDP_WAIT):
+                        while True:
+                            data = await proto.queue.get()
+                            if data == payload:
+                                break
+                    break
+                except TimeoutError:
+                    continue
+            else:
+                raise StepFailed("NO_ECHO", f"datagram {seq + 1} of {count} got no echo")
+        return count
+    finally:
+        transport.close()
+
+
+async def _step(
+    report: SessionReport, name: str, action: Callable[[], Awaitable[tuple[T, str, str]]]
+) -> tuple[bool, T | None]:
+    """Run and record one step: its result and time; a StepFailed is a failed step, not an error."""
+    started = time.monotonic()
+    try:
+        value, result, detail = await action()
+    except StepFailed as exc:
+        report.steps.append(Step(name, False, exc.result, _ms(started), exc.detail))
+        return False, None
+    report.steps.append(Step(name, True, result, _ms(started), detail))
+    return True, value
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
+
+
+async def run_session(
+    url: str,
+    username: str,
+    password: str,
+    *,
+    domain: str = "",
+    resource: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    tcp_bytes: int = 65536,
+    udp_datagrams: int = 3,
+    source_address: str | None = None,
+    use_cookie: bool = True,
+    log_id: str | None = None,
+    prefer_ipv6: bool = False,
+    step_timeout: float = 30.0,
+    connect_to: tuple[str, int] | None = None,
+    connect: bool = True,
+) -> SessionReport:
+    """Run the whole session; never raises for a failed step (it is in the report).
+
+    ``connect=False`` stops after allocate-resource (and says bye): the broker-protocol part only.
+
+    ``connect_to`` replaces the target address (e.g. to reach an SG that advertises an external
+    address through a local port); the TLS name still comes from the target.
+    """
+    report = SessionReport(url=url)
+    cm = CmConnection(
+        url,
+        ssl_context,
+        use_cookie=use_cookie,
+        log_id=log_id,
+        source_address=source_address,
+        timeout=step_timeout,
+    )
+
+    async def hello() -> tuple[None, str, str]:
+        info = p.ClientInfo(hostname=socket.gethostname())
+        _expect(await cm.send(p.Hello(client_info=info)), p.HelloResp, None)
+        return None, "OK", ""
+
+    async def authenticate() -> tuple[None, str, str]:
+        reply = await cm.send(p.Authenticate(username, password, domain))
+        _expect(reply, p.AuthenticateResp, p.AUTH_OK)
+        return None, p.AUTH_OK, ""
+
+    async def resource_list() -> tuple[p.Resource, str, str]:
+        reply = _expect(await cm.send(p.GetResourceList()), p.GetResourceListResp, p.LIST_OK)
+        chosen = choose_resource(reply.resources, resource)
+        report.resource = chosen.name or chosen.resource_id
+        return chosen, p.LIST_OK, f"{len(reply.resources)} resource(s)"
+
+    async def allocate() -> tuple[p.Target, str, str]:
+        request = p.AllocateResource(chosen.resource_id, chosen.resource_type)
+        reply = _expect(await cm.send(request), p.AllocateResourceResp, p.ALLOC_OK)
+        if reply.target is None:
+            raise StepFailed("NO_TARGET", "allocate-resource-resp holds no target")
+        report.session_id = reply.target.session_id
+        report.target = f"{_host(reply.target, prefer_ipv6)}:{reply.target.port}"
+        return reply.target, p.ALLOC_OK, report.target
+
+    async def bye() -> tuple[None, str, str]:
+        _expect(await cm.send(p.Bye()), p.ByeResp, None)
+        return None, "OK", ""
+
+    said_hello = False
+    try:
+        said_hello, _ = await _step(report, "hello", hello)
+        if not said_hello or not (await _step(report, "authenticate", authenticate))[0]:
+            return report
+        ok, found = await _step(report, "get-resource-list", resource_list)
+        if not ok or found is None:
+            return report
+        chosen = found
+        ok, target = await _step(report, "allocate-resource", allocate)
+        if not ok or target is None or not connect:
+            return report
+        await session_channel(
+            report,
+            target,
+            _host(target, prefer_ipv6),
+            ssl_context,
+            tcp_bytes,
+            udp_datagrams,
+            source_address,
+            step_timeout,
+            connect_to,
+        )
+    finally:
+        if said_hello:
+            await _step(report, "bye", bye)
+        await cm.close()
+        done = report.step("tcp-echo" if connect else "allocate-resource") is not None
+        report.ok = done and all(s.ok for s in report.steps)
+    return report
+
+
+def _host(target: p.Target, prefer_ipv6: bool) -> str:
+    return target.ipv6_address if prefer_ipv6 and target.ipv6_address else target.ip_address
+
+
+async def session_channel(
+    report: SessionReport,
+    target: p.Target,
+    host: str,
+    ssl_context: ssl.SSLContext | None,
+    tcp_bytes: int,
+    udp_datagrams: int,
+    source_address: str | None,
+    step_timeout: float,
+    connect_to: tuple[str, int] | None = None,
+) -> None:
+    """connect (TLS + ``CONNECT <connect-tag>``), tcp-echo and udp-echo steps on the target."""
+    address = connect_to or (host, target.port)
+    where = f"{address[0]}:{address[1]}"
+    ctx = ssl_context or ssl.create_default_context()
+
+    async def connect() -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], str, str]:
+        try:
+            async with asyncio.timeout(step_timeout):
+                reader, writer = await asyncio.open_connection(
+                    address[0],
+                    address[1],
+                    ssl=ctx,
+                    server_hostname=target.sni or target.hostname or host,
+                    local_addr=(source_address, 0) if source_address else None,
+                )
+                writer.write(linechan.connect_line(target.connect_tag))
+                await writer.drain()
+                line = await reader.readline()
+        except TimeoutError:
+            raise StepFailed("TIMEOUT", f"no answer from {where}") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise StepFailed("CONNECTION_FAILED", f"{type(exc).__name__}: {exc}") from None
+        if line != linechan.OK:
+            writer.close()
+            answer = line.decode("ascii", "replace").strip() or "CLOSED"
+            raise StepFailed(answer, "the session channel was refused")
+        return (reader, writer), "200 OK", where
+
+    ok, streams = await _step(report, "connect", connect)
+    if not ok or streams is None:
+        return
+    reader, writer = streams
+
+    async def tcp_echo() -> tuple[None, str, str]:
+        try:
+            async with asyncio.timeout(step_timeout):
+                await _tcp_echo(reader, writer, tcp_bytes)
+        except TimeoutError:
+            raise StepFailed("TIMEOUT", "the echo did not come back") from None
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise StepFailed("CONNECTION_LOST", type(exc).__name__) from None
+        return None, "OK", f"{tcp_bytes} bytes"
+
+    async def udp_echo() -> tuple[None, str, str]:
+        # From the TCP channel's source address: the SG relays datagrams only for that address.
+        local_ip = writer.get_extra_info("sockname")[0]
+        try:
+            count = await _udp_echo(address[0], address[1], local_ip, udp_datagrams)
+        except OSError as exc:
+            raise StepFailed("UDP_ERROR", f"{type(exc).__name__}: {exc}") from None
+        return None, "OK", f"{count} datagrams"
+
+    try:
+        # The TCP channel stays up while datagrams flow.
+        if (await _step(report, "tcp-echo", tcp_echo))[0] and udp_datagrams > 0:
+            await _step(report, "udp-echo", udp_echo)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()

@@ -1,0 +1,86 @@
+"""``python -m gatehouse.cm --config config.properties [--env-file cmsg.env]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import ssl
+import sys
+
+from gatehouse import logs, tls, web
+from gatehouse.cm.server import ConnectionManager
+from gatehouse.cm.settings import CmSettings
+from gatehouse.config import Config, ConfigError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gatehouse-cm", description="Gatehouse connection manager")
+    parser.add_argument("--config", required=True, help="config.properties")
+    parser.add_argument("--env-file", help="cmsg.env (grant secret, log level)")
+    return parser.parse_args(argv)
+
+
+def check_ca(key: str, path: str) -> None:
+    if not path:
+        return
+    try:
+        tls.client_context(path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{key}: cannot load CA bundle {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+
+
+async def serve(settings: CmSettings) -> None:
+    ssl_context = tls.server_context(settings.ssl_cert, settings.ssl_key, "cm")
+    cm = ConnectionManager(settings)
+    hosts = [settings.listen_address]
+    if settings.enable_ipv6 and settings.listen_address == "0.0.0.0":
+        hosts.append("::")  # asyncio binds IPv6 sockets v6-only, so both families need a site
+    sites: list[tuple[str, int, ssl.SSLContext | None]] = [
+        (host, settings.listen_port, ssl_context) for host in hosts
+    ]
+    if settings.redirect_port:
+        sites += [(host, settings.redirect_port, None) for host in hosts]
+    log = logging.getLogger("gatehouse.cm")
+    await web.run_sites(
+        cm.make_app(),
+        sites,
+        started=lambda: log.info(
+            "connection manager listening",
+            extra={
+                "port": settings.listen_port,
+                "redirect_port": settings.redirect_port,
+                "broker": settings.broker_url,
+                "gateway": settings.gateway_enabled,
+            },
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = Config.load(args.config, args.env_file)
+        logs.register_secret(cfg.str("GrantSecret"))
+        settings = CmSettings.from_config(cfg)
+        logs.setup("cm", settings.log_level)
+        # Fail at start, with one clear line, on a bad certificate or key (RSA < 2048 bits and such).
+        tls.server_context(settings.ssl_cert, settings.ssl_key, "cm")
+        for key, path in (("BrokerCaCert", settings.broker_ca_cert), ("AgentCaCert", settings.agent_ca_cert)):
+            check_ca(key, path)
+    except (ConfigError, tls.CertificateError) as exc:
+        print(f"gatehouse-cm: {exc}", file=sys.stderr)
+        return 2
+    web.install_uvloop()
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:
+        print(f"gatehouse-cm: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""The CM's client-facing HTTP server: the pcoip-client protocol, sessions, limits and upstream calls.
+
+Failures of the broker or an agent reach the client with the seed's texts ("Error occurred while
+communicating with broker", "Timeout occurred while communicating with agent", ...): in an
+``<allocate-resource-resp>`` with ALLOC_FAILED_OTHER for allocate-resource, otherwise in an
+``<error-resp>`` with FAILED_INTERNAL_ERROR. The session keeps its state, so the client can retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.web_urldispatcher import _default_expect_handler
+
+from gatehouse import protocol as p
+from gatehouse.cm.metrics import CmMetrics
+from gatehouse.cm.sessions import (
+    EstablishmentLimiter,
+    Session,
+    SessionsFull,
+    SessionTable,
+    State,
+    check_transition,
+)
+from gatehouse.cm.settings import CmSettings
+from gatehouse.cm.target import build_target, gateway_name
+from gatehouse.cm.upstream import Upstream, UpstreamError
+from gatehouse.grant import GrantSealer
+from gatehouse.logs import SessionLogger
+from gatehouse.web import add_health_and_metrics, client_ip
+
+log = logging.getLogger("gatehouse.cm")
+ENVELOPE = "pcoip-client"
+COOKIE = "JSESSIONID"
+LOG_ID_HEADER = "Client-Log-Id"
+AUTH_FAILED_TEXT = "Unknown username or password"
+CM_KEY = web.AppKey("cm", "ConnectionManager")
+
+
+class Busy(Exception):
+    """A limit (MaxClients, MaxConcurrentEstablishments) is reached; answered with FAILED_SERVER_BUSY."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+@dataclass
+class Outcome:
+    """What one request produced: the message, the HTTP status and the cookie to set or clear."""
+
+    message: p.Message
+    status: int = 200
+    session: Session | None = None
+    set_cookie: str | None = None
+    clear_cookie: bool = False
+    quiet: bool = False  # probes are logged at debug only
+    details: dict[str, object] | None = None  # added to the request's one log line
+
+    @property
+    def result(self) -> str:
+        return getattr(self.message, "result_id", "") or "OK"
+
+
+class ConnectionManager:
+    def __init__(self, settings: CmSettings) -> None:
+        self.settings = settings
+        self.table = SessionTable(settings.max_clients, settings.idle_timeout)
+        self.limiter = EstablishmentLimiter(settings.max_establishments)
+        self.sealer = GrantSealer(settings.grant_secret) if settings.grant_secret else None
+        self.gateway_sni = gateway_name(settings.host_address, settings.ssl_cert)
+        self.hostname = next(iter(settings.host_address), "") or socket.gethostname()
+        self.metrics = CmMetrics(lambda: len(self.table), lambda: self.limiter.in_flight)
+        self.upstream: Upstream | None = None
+        self.domains: list[str] = []  # last domains the broker offered, for probes
+        self.ready = False
+        self._background: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ application
+
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._https_only], client_max_size=p.MAX_BODY)
+        app[CM_KEY] = self
+        app.router.add_route("*", p.PATH_BROKER, self.handle_xml, expect_handler=expect_continue)
+        add_health_and_metrics(app, self.metrics.registry, lambda: self.ready)
+        app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, _app: web.Application) -> None:
+        self.upstream = Upstream(self.settings)
+        self._sweeper = asyncio.create_task(self._sweep())
+        self.ready = True
+
+    async def _on_shutdown(self, _app: web.Application) -> None:
+        self.ready = False
+
+    async def _on_cleanup(self, _app: web.Application) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        # End the broker sessions of the clients still here, so the broker does not wait for
+        # its idle timeout (best effort, bounded in time).
+        for session in self.table.sessions():
+            self.table.remove(session)
+            self._broker_bye(session)
+        if self._background:
+            await asyncio.wait(self._background, timeout=min(self.settings.broker_timeout, 5.0))
+        if self.upstream:
+            await self.upstream.close()
+
+    @web.middleware
+    async def _https_only(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Requests on the plain RedirectPort are sent to the TLS port."""
+        if request.secure:
+            return await handler(request)
+        host = request.url.host or self.hostname
+        if ":" in host:
+            host = f"[{host}]"
+        port = request.url.port
+        # Behind the seed's port forwards (80→8080, 443→8443) the client used the default ports.
+        netloc = host if port in (None, 80) else f"{host}:{self.settings.listen_port}"
+        location = f"https://{netloc}{request.rel_url}"
+        status = 301 if request.method in ("GET", "HEAD") else 308
+        return web.Response(status=status, headers={"Location": location})
+
+    async def _sweep(self) -> None:
+        interval = max(1.0, min(30.0, self.settings.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            for session in self.table.expire():
+                SessionLogger(log, session.session_id).info("session idle too long, forgotten")
+                self._broker_bye(session)
+
+    def _broker_bye(self, session: Session) -> None:
+        """Close the client's broker session in the background (best effort)."""
+        if self.upstream is None or not session.broker_cookies:
+            return
+        upstream = self.upstream
+
+        async def bye() -> None:
+            try:
+                await upstream.broker(session, p.Bye())
+            except UpstreamError as exc:
+                SessionLogger(log, session.session_id).debug(
+                    "broker bye failed", extra={"reason": exc.detail}
+                )
+
+        task = asyncio.create_task(bye())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------ HTTP
+
+    async def handle_xml(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        ip = client_ip(request, self.settings.trusted_proxies)
+        if request.method != "POST":
+            return await self._send(
+                request,
+                Outcome(p.ErrorResp(p.E_MALFORMED, f"use POST on {p.PATH_BROKER}"), 405),
+                ip,
+                "invalid",
+                started,
+            )
+        try:
+            body = await read_body(request)
+            message = p.parse(body, ENVELOPE)
+        except p.ProtocolError as exc:
+            status = 413 if exc.result_id == p.E_TOO_LARGE else 400
+            outcome = Outcome(p.ErrorResp(exc.result_id, exc.message), status)
+            return await self._send(request, outcome, ip, "invalid", started, close=status == 413)
+        try:
+            outcome = await self.dispatch(request, message, ip)
+        except p.ProtocolError as exc:
+            outcome = Outcome(p.ErrorResp(exc.result_id, exc.message), 200)
+        except Busy as exc:
+            self.metrics.busy.labels(exc.limit).inc()
+            outcome = Outcome(p.ErrorResp(p.E_BUSY, str(exc)), 503)
+        except UpstreamError as exc:
+            outcome = Outcome(p.ErrorResp(p.E_INTERNAL, exc.text), 200)
+        except Exception:
+            log.exception("request failed", extra={"client_ip": ip, "request": message.tag})
+            outcome = Outcome(p.ErrorResp(p.E_INTERNAL, "internal error"), 500)
+        return await self._send(request, outcome, ip, message.tag, started)
+
+    async def _send(
+        self,
+        request: web.Request,
+        outcome: Outcome,
+        ip: str,
+        tag: str,
+        started: float,
+        close: bool = False,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            status=outcome.status, headers={"Content-Type": p.CONTENT_TYPE, "Cache-Control": "no-store"}
+        )
+        resp.enable_chunked_encoding()
+        if outcome.set_cookie:
+            resp.set_cookie(
+                COOKIE, outcome.set_cookie, secure=True, httponly=True, path="/", samesite="Strict"
+            )
+        elif outcome.clear_cookie:
+            resp.del_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
+        if close:
+            resp.force_close()
+        result = outcome.result
+        self.metrics.requests.labels(tag, result).inc()
+        extra = {
+            "client_ip": ip,
+            "request": tag,
+            "result": result,
+            "ms": round((time.monotonic() - started) * 1000, 1),
+        }
+        if outcome.session is not None:
+            extra["session_id"] = outcome.session.session_id
+        if isinstance(outcome.message, p.ErrorResp):
+            extra["reason"] = outcome.message.result_str
+        if outcome.details:
+            extra.update(outcome.details)
+        log.log(logging.DEBUG if outcome.quiet else logging.INFO, "%s answered", tag, extra=extra)
+        await resp.prepare(request)
+        await resp.write(p.render(ENVELOPE, outcome.message))
+        await resp.write_eof()
+        return resp
+
+    # ------------------------------------------------------------ protocol
+
+    async def dispatch(self, request: web.Request, message: p.Message, ip: str) -> Outcome:
+        log_id = request.headers.get(LOG_ID_HEADER, "")[:128]
+        session = self.table.find(request.cookies.get(COOKIE), log_id, ip)
+        if session is not None:
+            session.touch()
+        if isinstance(message, p.Hello):
+            return await self.hello(message, session, ip, log_id)
+        if isinstance(message, p.Bye):
+            return self.bye(session)
+        try:
+            check_transition(session.state if session else None, message.tag)
+        except p.ProtocolError as exc:
+            return Outcome(p.ErrorResp(exc.result_id, exc.message), session=session)
+        assert session is not None  # check_transition refuses everything else without a session
+        try:
+            async with session.lock:
+                # Checked again: another request of this session may have moved it on meanwhile.
+                check_transition(session.state, message.tag)
+                if isinstance(message, p.Authenticate):
+                    return await self.authenticate(message, session)
+                if isinstance(message, p.GetResourceList):
+                    return await self.resource_list(message, session)
+                if isinstance(message, p.AllocateResource):
+                    return await self.allocate(message, session)
+        except UpstreamError as exc:
+            self._upstream_failed(session, exc)
+            return Outcome(p.ErrorResp(p.E_INTERNAL, exc.text), session=session)
+        except p.ProtocolError as exc:
+            return Outcome(p.ErrorResp(exc.result_id, exc.message), session=session)
+        except Busy as exc:
+            self.metrics.busy.labels(exc.limit).inc()
+            return Outcome(p.ErrorResp(p.E_BUSY, str(exc)), 503, session=session)
+        raise p.ProtocolError(p.E_UNKNOWN, f"<{message.tag}> is not a request a client can send")
+
+    def _upstream_failed(self, session: Session, exc: UpstreamError) -> None:
+        self.metrics.upstream_failures.labels(exc.upstream, exc.kind).inc()
+        SessionLogger(log, session.session_id).warning(
+            exc.text, extra={"upstream": exc.upstream, "reason": exc.detail, "client_ip": session.client_ip}
+        )
+
+    def _upstream(self) -> Upstream:
+        if self.upstream is None:
+            raise p.ProtocolError(p.E_INTERNAL, "the connection manager is starting")
+        return self.upstream
+
+    async def hello(self, message: p.Hello, old: Session | None, ip: str, log_id: str) -> Outcome:
+        if message.is_query:
+            # A probe (QueryBrokerClient): answered from what the CM knows; no session, no cookie.
+            return Outcome(p.HelloResp(hostname=self.hostname, domains=list(self.domains)), quiet=True)
+        if old is not None:
+            # A new hello restarts the client's flow: the old session and its broker session end.
+            self.table.remove(old)
+            SessionLogger(log, old.session_id).info("session restarted by a new hello")
+            self._broker_bye(old)
+        try:
+            session = self.table.create(ip, log_id)
+        except SessionsFull as exc:
+            raise Busy("max_clients", f"too many client sessions ({exc}); try again later") from None
+        upstream_hello = p.Hello(
+            client_info=message.client_info,
+            caps=message.caps,
+            pcm_info=p.PcmInfo(session.session_id, ip),
+        )
+        try:
+            reply = await self._upstream().broker(session, upstream_hello)
+        except UpstreamError as exc:
+            self.table.remove(session)
+            self._upstream_failed(session, exc)
+            return Outcome(p.ErrorResp(p.E_INTERNAL, exc.text), session=session)
+        if not isinstance(reply, p.HelloResp):
+            self.table.remove(session)
+            return Outcome(self._unexpected(session, reply, "hello"), session=session)
+        self.domains = reply.domains
+        resp = p.HelloResp(
+            hostname=self.hostname, methods=reply.methods or [p.AUTH_PASSWORD], domains=reply.domains
+        )
+        details = {"product": message.client_info.product_name[:64]}
+        return Outcome(resp, session=session, set_cookie=session.cookie, details=details)
+
+    def bye(self, session: Session | None) -> Outcome:
+        if session is None:
+            return Outcome(p.ByeResp(), clear_cookie=True)
+        self.table.remove(session)
+        self._broker_bye(session)
+        return Outcome(p.ByeResp(), session=session, clear_cookie=True)
+
+    def _unexpected(self, session: Session, reply: p.Message, step: str) -> p.ErrorResp:
+        """A broker error-resp is passed on; any other odd answer is a broker communication error."""
+        if isinstance(reply, p.ErrorResp):
+            return p.ErrorResp(reply.result_id, reply.result_str)
+        exc = UpstreamError("broker", "error", f"broker answered <{reply.tag}> to {step}")
+        self._upstream_failed(session, exc)
+        return p.ErrorResp(p.E_INTERNAL, exc.text)
+
+    async def authenticate(self, message: p.Authenticate, session: Session) -> Outcome:
+        request = p.Authenticate(message.username, message.password, message.domain)
+        reply = await self._upstream().broker(session, request)
+        if not isinstance(reply, p.AuthenticateResp):
+            return Outcome(self._unexpected(session, reply, "authenticate"), session=session)
+        who: dict[str, object] = {"username": message.username[:128], "domain": message.domain[:64]}
+        if reply.result_id == p.AUTH_OK:
+            session.state = State.AUTHENTICATED
+            session.username = message.username
+            session.domain = message.domain
+            return Outcome(p.AuthenticateResp(p.AUTH_OK, reply.result_str), session=session, details=who)
+        # Unknown user and wrong password get one answer, whatever the broker said.
+        return Outcome(p.AuthenticateResp(p.AUTH_FAILED, AUTH_FAILED_TEXT), session=session, details=who)
+
+    async def resource_list(self, message: p.GetResourceList, session: Session) -> Outcome:
+        reply = await self._upstream().broker(session, message)
+        if not isinstance(reply, p.GetResourceListResp):
+            return Outcome(self._unexpected(session, reply, "get-resource-list"), session=session)
+        if reply.result_id == p.LIST_OK:
+            session.state = State.LISTED
+        return Outcome(reply, session=session)
+
+    async def allocate(self, message: p.AllocateResource, session: Session) -> Outcome:
+        if not self.limiter.try_acquire():
+            raise Busy(
+                "max_establishments",
+                f"{self.limiter.limit} session establishments are in progress; try again later",
+            )
+        previous = session.state
+        session.state = State.ALLOCATING
+        details: dict[str, object] = {"resource_id": message.resource_id[:64]}
+        try:
+            request = p.AllocateResource(message.resource_id, message.resource_type, message.protocol)
+            reply = await self._upstream().broker(session, request)
+            if not isinstance(reply, p.AllocateResourceResp):
+                return Outcome(self._unexpected(session, reply, "allocate-resource"), session=session)
+            if reply.result_id != p.ALLOC_OK:
+                return Outcome(
+                    p.AllocateResourceResp(reply.result_id, reply.result_str, message.resource_id),
+                    session=session,
+                    details=details,
+                )
+            if reply.agent is None:
+                raise UpstreamError("broker", "error", "broker allocated no agent")
+            info = await self._upstream().launch(session, reply.agent)
+            target = build_target(
+                self.settings,
+                self.sealer,
+                session.session_id,
+                session.client_ip,
+                reply.agent,
+                info,
+                self.gateway_sni,
+            )
+            session.state = State.ALLOCATED
+            details.update(
+                agent=reply.agent.ip_address,
+                agent_hostname=reply.agent.hostname,
+                target=f"{target.ip_address}:{target.port}",
+                gateway=self.settings.gateway_enabled,
+            )
+            return Outcome(
+                p.AllocateResourceResp(p.ALLOC_OK, "", message.resource_id, message.protocol, target=target),
+                session=session,
+                details=details,
+            )
+        except UpstreamError as exc:
+            self._upstream_failed(session, exc)
+            return Outcome(
+                p.AllocateResourceResp(p.ALLOC_FAILED, exc.text, message.resource_id),
+                session=session,
+                details=details,
+            )
+        finally:
+            self.limiter.release()
+            if session.state is State.ALLOCATING:
+                session.state = previous
+
+
+async def expect_continue(request: web.Request) -> None:
+    """``Expect: 100-continue``: no "100 Continue" for a body over the cap, which is refused unread."""
+    if request.content_length is not None and request.content_length > p.MAX_BODY:
+        return None
+    return await _default_expect_handler(request)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, refused past the cap: on Content-Length before reading, else while reading."""
+    if request.content_length is not None and request.content_length > p.MAX_BODY:
+        raise p.ProtocolError(p.E_TOO_LARGE, f"request body over {p.MAX_BODY} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > p.MAX_BODY:
+            raise p.ProtocolError(p.E_TOO_LARGE, f"request body over {p.MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

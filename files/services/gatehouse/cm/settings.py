@@ -1,0 +1,120 @@
+"""The CM's configuration (config.properties + cmsg.env), validated once at start."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+from gatehouse import grant
+from gatehouse.config import Config, ConfigError
+from gatehouse.protocol import PATH_BROKER
+from gatehouse.web import Network
+
+
+@dataclass(frozen=True)
+class CmSettings:
+    broker_url: str
+    listen_address: str = "0.0.0.0"
+    listen_port: int = 8443
+    redirect_port: int = 8080
+    ssl_cert: str = "/certs/cert.pem"
+    ssl_key: str = "/certs/key.pem"
+    broker_ca_cert: str = ""
+    broker_tls_verify: bool = True
+    agent_ca_cert: str = ""
+    agent_tls_verify: bool = False
+    gateway_enabled: bool = True
+    external_ipv4: str = ""
+    external_ipv6: str = ""
+    gateway_port: int = 4172
+    max_establishments: int = 40
+    max_clients: int = 400
+    broker_timeout: float = 10.0
+    agent_timeout: float = 10.0
+    idle_timeout: float = 900.0
+    trusted_proxies: tuple[Network, ...] = ()
+    enable_ipv6: bool = False
+    host_address: tuple[str, ...] = ()
+    license_server_url: str = ""
+    log_level: str = "info"
+    grant_secret: bytes = field(default=b"", repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> CmSettings:
+        external_v4, external_v6 = split_external_ips(cfg.list("ExternalPcoipIp"))
+        gateway = cfg.bool("SecurityGatewayEnabled", True)
+        secret = b""
+        secret_text = cfg.str("GrantSecret")
+        if gateway:
+            if not external_v4 and not external_v6:
+                raise ConfigError("ExternalPcoipIp is required when SecurityGatewayEnabled is true")
+            if not secret_text:
+                raise ConfigError(
+                    "GrantSecret is required when SecurityGatewayEnabled is true "
+                    "(set GATEHOUSE_GRANTSECRET in cmsg.env)"
+                )
+        if secret_text:
+            try:
+                secret = grant.decode_secret(secret_text)
+            except ValueError as exc:
+                raise ConfigError(f"GrantSecret: {exc}") from None
+        return cls(
+            broker_url=broker_endpoint(cfg.str("BrokerUrl", required=True)),
+            listen_address=cfg.str("ListenAddress", "0.0.0.0"),
+            listen_port=cfg.int("ListenPort", 8443, minimum=1, maximum=65535),
+            redirect_port=cfg.int("RedirectPort", 8080, minimum=0, maximum=65535),
+            ssl_cert=cfg.str("SslCert", "/certs/cert.pem"),
+            ssl_key=cfg.str("SslKey", "/certs/key.pem"),
+            broker_ca_cert=cfg.str("BrokerCaCert"),
+            broker_tls_verify=cfg.bool("BrokerTlsVerify", True),
+            agent_ca_cert=cfg.str("AgentCaCert"),
+            agent_tls_verify=cfg.bool("AgentTlsVerify", False),
+            gateway_enabled=gateway,
+            external_ipv4=external_v4,
+            external_ipv6=external_v6,
+            gateway_port=cfg.int("SecurityGatewayPort", 4172, minimum=1, maximum=65535),
+            max_establishments=cfg.int("MaxConcurrentEstablishments", 40, minimum=1),
+            max_clients=cfg.int("MaxClients", 400, minimum=1),
+            broker_timeout=cfg.float("BrokerTimeout", 10.0, minimum=0.1),
+            agent_timeout=cfg.float("AgentTimeout", 10.0, minimum=0.1),
+            idle_timeout=cfg.float("SessionIdleTimeout", 900.0, minimum=1.0),
+            trusted_proxies=tuple(cfg.networks("TrustedProxies")),
+            enable_ipv6=cfg.bool("EnableIpv6", False),
+            host_address=tuple(cfg.list("HostAddress")),
+            license_server_url=cfg.str("LicenseServerUrl"),
+            log_level=cfg.log_level(),
+            grant_secret=secret,
+        )
+
+
+def broker_endpoint(url: str) -> str:
+    """``https://host:port[/path]`` → the full URL of the broker protocol endpoint."""
+    parts = urlsplit(url.strip())
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(f"BrokerUrl must be an https://host[:port][/path] URL, got {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"BrokerUrl has an invalid port: {url!r}") from None
+    path = parts.path if parts.path not in ("", "/") else PATH_BROKER
+    return urlunsplit(("https", parts.netloc, path, "", ""))
+
+
+def split_external_ips(items: list[str]) -> tuple[str, str]:
+    """At most one IPv4 and one IPv6 address, as the seed's external_pcoip_ip allows."""
+    v4 = v6 = ""
+    for item in items:
+        try:
+            addr = ipaddress.ip_address(item)
+        except ValueError:
+            raise ConfigError(f"ExternalPcoipIp: {item!r} is not an IP address") from None
+        if addr.version == 4:
+            if v4:
+                raise ConfigError("ExternalPcoipIp holds more than one IPv4 address")
+            v4 = str(addr)
+        else:
+            if v6:
+                raise ConfigError("ExternalPcoipIp holds more than one IPv6 address")
+            v6 = str(addr)
+    return v4, v6

@@ -1,0 +1,80 @@
+"""Where a client goes after allocate-resource: the SG with a grant, or the agent itself."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from gatehouse import protocol as p
+from gatehouse.cm.settings import CmSettings
+from gatehouse.grant import GrantSealer
+
+GRANT_TTL = 30.0
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def gateway_name(host_address: tuple[str, ...], cert_path: str | Path | None) -> str:
+    """The SG's TLS name for clients: the first FQDN of HostAddress, else the shared certificate's."""
+    for item in host_address:
+        if not _is_ip(item):
+            return item
+    if not cert_path:
+        return ""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    except (OSError, ValueError):
+        return ""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = sans.get_values_for_type(x509.DNSName)
+        if names:
+            return names[0]
+    except x509.ExtensionNotFound:
+        pass
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else ""
+
+
+def build_target(
+    settings: CmSettings,
+    sealer: GrantSealer | None,
+    session_id: str,
+    client_ip: str,
+    agent: p.AgentInfo,
+    info: p.SessionInfo,
+    gateway_sni: str = "",
+) -> p.Target:
+    """Gateway mode: the SG's external address and a grant; direct mode: the agent and its session-tag."""
+    if settings.gateway_enabled:
+        if sealer is None:
+            raise ValueError("the security gateway is enabled but no grant secret is configured")
+        connect_tag = sealer.mint(
+            session_id, info.ip_address, info.port, info.session_tag, client_ip, ttl=GRANT_TTL
+        )
+        return p.Target(
+            ip_address=settings.external_ipv4 or settings.external_ipv6,
+            port=settings.gateway_port,
+            session_id=session_id,
+            connect_tag=connect_tag,
+            hostname=gateway_sni,
+            sni=gateway_sni,
+            ipv6_address=settings.external_ipv6,
+        )
+    return p.Target(
+        ip_address=info.ip_address,
+        port=info.port,
+        session_id=session_id,
+        connect_tag=info.session_tag,
+        hostname=agent.hostname,
+        sni=info.sni,
+    )

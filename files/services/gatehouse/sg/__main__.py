@@ -1,0 +1,50 @@
+"""``python -m gatehouse.sg --config SecurityGateway.conf --env-file cmsg.env``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import sys
+
+from gatehouse import logs, tls
+from gatehouse.config import Config, ConfigError
+from gatehouse.sg.server import serve
+from gatehouse.sg.settings import SgSettings
+from gatehouse.web import install_uvloop
+
+
+def raise_fd_limit() -> None:
+    """Each relayed session holds two sockets; take the hard limit of open files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gatehouse-sg", description="Gatehouse security gateway")
+    parser.add_argument("--config", required=True, help="SecurityGateway.conf")
+    parser.add_argument("--env-file", help="cmsg.env (GATEHOUSE_GRANTSECRET)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = Config.load(args.config, args.env_file)
+        settings = SgSettings.from_config(cfg)
+        logs.register_secret(cfg.str("GrantSecret"))
+        log = logs.setup("sg", settings.log_level)
+        server_ctx = tls.server_context(settings.ssl_cert, settings.ssl_key, role="sg")
+    except (ConfigError, tls.CertificateError) as exc:
+        print(f"gatehouse-sg: {exc}", file=sys.stderr)
+        return 2
+    raise_fd_limit()
+    install_uvloop()
+    try:
+        asyncio.run(serve(settings, server_ctx))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        print(f"gatehouse-sg: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,659 @@
+"""The broker as a real process on loopback with real TLS: admin API, broker protocol, placement, restart."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import ssl
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pki import TestPKI as CertAuthority
+from services import ServiceProcess, free_port
+
+from gatehouse import protocol as p
+
+ADMIN_TOKEN = "adm-" + uuid.uuid4().hex
+AGENT_TOKEN = "agt-" + uuid.uuid4().hex
+ALICE_PW = "Alice-pw-" + uuid.uuid4().hex[:8]
+BOB_PW = "Bob-pw-" + uuid.uuid4().hex[:8]
+WRONG_PW = "Wrong-pw-" + uuid.uuid4().hex[:8]
+ENVELOPE = "pcoip-broker"
+
+
+class Http:
+    def __init__(self, port: int, ctx: ssl.SSLContext) -> None:
+        self.port = port
+        self.ctx = ctx
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        conn = http.client.HTTPSConnection("localhost", self.port, context=self.ctx, timeout=20)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.headers, resp.read()
+        finally:
+            conn.close()
+
+
+class Admin:
+    def __init__(self, http_: Http, token: str = ADMIN_TOKEN) -> None:
+        self.http = http_
+        self.token = token
+
+    def call(self, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+        headers = {"Content-Type": "application/json"}
+        if (token or self.token) != "-":
+            headers["Authorization"] = f"Bearer {token or self.token}"
+        data = json.dumps(body).encode() if body is not None else None
+        status, _, raw = self.http.request(method, "/api/v1" + path, data, headers)
+        return status, (json.loads(raw) if raw else None)
+
+    def put(self, path: str, body: Any = None) -> Any:
+        status, answer = self.call("PUT", path, body if body is not None else {})
+        assert status == 200, answer
+        return answer
+
+
+class BrokerClient:
+    """What the CM does: one cookie jar per client session."""
+
+    def __init__(self, http_: Http) -> None:
+        self.http = http_
+        self.cookie: str | None = None
+        self.last_set_cookie = ""
+
+    def raw(
+        self, body: bytes, headers: dict[str, str] | None = None
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        headers = dict(headers or {})
+        headers.setdefault("Content-Type", p.CONTENT_TYPE)
+        if self.cookie:
+            headers["Cookie"] = f"JSESSIONID={self.cookie}"
+        status, resp_headers, data = self.http.request("POST", p.PATH_BROKER, body, headers)
+        set_cookie = resp_headers.get("Set-Cookie")
+        if set_cookie:
+            self.last_set_cookie = set_cookie
+            morsel = SimpleCookie(set_cookie)["JSESSIONID"]
+            self.cookie = morsel.value or None
+        return status, resp_headers, data
+
+    def send(self, message: p.Message) -> p.Message:
+        status, headers, data = self.raw(p.render(ENVELOPE, message))
+        assert status == 200
+        assert headers["Content-Type"] == "application/xml; charset=UTF-8"
+        assert headers["Transfer-Encoding"] == "chunked"
+        return p.parse(data, ENVELOPE)
+
+    def hello(self, session_id: str | None = None) -> p.HelloResp:
+        sid = session_id or str(uuid.uuid4())
+        reply = self.send(p.Hello(pcm_info=p.PcmInfo(sid, "192.0.2.10")))
+        assert isinstance(reply, p.HelloResp)
+        return reply
+
+    def login(self, user: str, password: str, domain: str = "CORP") -> str:
+        self.hello()
+        reply = self.send(p.Authenticate(user, password, domain))
+        assert isinstance(reply, p.AuthenticateResp)
+        return reply.result_id
+
+    def resources(self) -> dict[str, str]:
+        reply = self.send(p.GetResourceList())
+        assert isinstance(reply, p.GetResourceListResp) and reply.result_id == p.LIST_OK
+        return {r.name: r.resource_id for r in reply.resources}
+
+    def allocate(self, resource_id: str) -> p.AllocateResourceResp:
+        reply = self.send(p.AllocateResource(resource_id))
+        assert isinstance(reply, p.AllocateResourceResp), reply
+        return reply
+
+
+class Broker:
+    def __init__(
+        self, pki: CertAuthority, workdir: Path, processes: list[ServiceProcess], **extra: object
+    ) -> None:
+        self.pki = pki
+        self.workdir = workdir
+        self.processes = processes
+        self.port = free_port()
+        certs = pki.issue("broker")
+        self.config: dict[str, object] = {
+            "ListenAddress": "127.0.0.1",
+            "ListenPort": self.port,
+            "SslCert": certs.cert,
+            "SslKey": certs.key,
+            "Database": workdir / "broker.db",
+            "Domains": "CORP,LAB",
+            "LogLevel": "debug",
+            **extra,
+        }
+        self.ctx = ssl.create_default_context(cafile=str(pki.ca))
+        self.http = Http(self.port, self.ctx)
+        self.admin = Admin(self.http)
+        self.proc: ServiceProcess | None = None
+        self.all_logs = ""
+
+    def start(self) -> Broker:
+        self.proc = ServiceProcess(
+            "broker",
+            self.workdir,
+            self.config,
+            env_file={"GATEHOUSE_ADMINTOKEN": ADMIN_TOKEN, "GATEHOUSE_AGENTTOKEN": AGENT_TOKEN},
+            health_url=f"https://localhost:{self.port}/health",
+            health_ssl=self.ctx,
+        )
+        self.processes.append(self.proc)
+        self.proc.start()
+        return self
+
+    def stop(self) -> int | None:
+        assert self.proc is not None
+        return self.proc.stop()
+
+    def client(self) -> BrokerClient:
+        return BrokerClient(self.http)
+
+    def report(self, address: str, active: int, capacity: int, token: str = AGENT_TOKEN, **extra: Any) -> int:
+        body = {
+            "hostname": extra.pop("hostname", ""),
+            "address": address,
+            "agent_port": 60443,
+            "session_port": 4172,
+            "active_sessions": active,
+            "capacity": capacity,
+            **extra,
+        }
+        status, _ = self.admin.call("POST", "/agents/report", body, token=token)
+        return status
+
+    def logs(self) -> str:
+        return self.proc.logs() if self.proc else ""
+
+
+@pytest.fixture
+def broker(pki: CertAuthority, tmp_path: Path, processes: list[ServiceProcess]) -> Iterator[Broker]:
+    b = Broker(pki, tmp_path, processes).start()
+    yield b
+    b.stop()
+    logs = b.logs()
+    assert "broker listening" in logs
+    # No password, token or cookie the test used may reach the log.
+    for secret in (ADMIN_TOKEN, AGENT_TOKEN, ALICE_PW, BOB_PW, WRONG_PW):
+        assert secret not in logs
+    assert "Traceback" not in logs
+
+
+def seed(admin: Admin) -> None:
+    admin.put("/groups/CORP/staff", {"description": "all staff"})
+    admin.put("/users/CORP/alice", {"password": ALICE_PW, "display_name": "Alice", "groups": ["staff"]})
+    admin.put("/users/CORP/bob", {"password": BOB_PW})
+    for i, addr in enumerate(["127.0.0.11", "127.0.0.12", "127.0.0.13"], 1):
+        admin.put(f"/desktops/pd{i}", {"address": addr, "hostname": f"pd{i}.example"})
+    admin.put("/desktops/solo", {"address": "127.0.0.20", "agent_port": 60444, "session_port": 4173})
+    admin.put("/pools/shared", {"persistent": False, "members": ["pd1", "pd2", "pd3"]})
+    admin.put("/entitlements/group/CORP/staff/pool/shared")
+    admin.put("/entitlements/user/CORP/alice/desktop/solo")
+
+
+# ---------------------------------------------------------------- admin API
+
+
+def test_admin_api_requires_the_admin_token(broker: Broker) -> None:
+    for token in ("-", "wrong-token-value-123", AGENT_TOKEN):
+        status, body = broker.admin.call("GET", "/users", token=token)
+        assert status == 401 and "bearer token" in body["error"]
+        status, body = broker.admin.call("PUT", "/users/CORP/mallory", {"password": "x" * 8}, token=token)
+        assert status == 401
+    assert broker.admin.call("GET", "/users/CORP/mallory")[0] == 404
+    assert broker.report("127.0.0.1", 0, 1, token=ADMIN_TOKEN) == 401
+    assert broker.report("127.0.0.1", 0, 1, token="-") == 401
+
+
+def test_admin_crud_idempotence_and_check_mode(broker: Broker) -> None:
+    admin = broker.admin
+    first = admin.put("/groups/CORP/staff", {"description": "all staff"})
+    assert first["changed"] is True and first["diff"]["before"] is None
+    assert admin.put("/groups/CORP/staff", {"description": "all staff"})["changed"] is False
+
+    body = {"password": ALICE_PW, "display_name": "Alice", "groups": ["staff"], "enabled": True}
+    created = admin.put("/users/corp/alice", body)
+    assert created["changed"] is True and created["password_changed"] is True
+    assert created["user"] == {
+        "domain": "CORP",
+        "name": "alice",
+        "display_name": "Alice",
+        "enabled": True,
+        "groups": ["staff"],
+        "password_set": True,
+    }
+    again = admin.put("/users/CORP/alice", body)
+    assert again["changed"] is False and again["password_changed"] is False
+    assert ALICE_PW not in json.dumps(again)
+
+    status, got = admin.call("GET", "/users/CORP/alice")
+    assert status == 200 and got == created["user"]
+    assert "password" not in got and "password_hash" not in got
+    assert admin.call("POST", "/users/CORP/alice/check-password", {"password": ALICE_PW}) == (
+        200,
+        {"match": True, "password_set": True},
+    )
+    assert admin.call("POST", "/users/CORP/alice/check-password", {"password": WRONG_PW})[1]["match"] is False
+
+    # check mode: reports the change, writes nothing
+    status, checked = admin.call("PUT", "/users/CORP/alice?check_mode=true", {"display_name": "Alice L."})
+    assert status == 200 and checked["changed"] is True and checked["check_mode"] is True
+    assert checked["diff"]["after"]["display_name"] == "Alice L."
+    assert admin.call("GET", "/users/CORP/alice")[1]["display_name"] == "Alice"
+    status, checked = admin.call("PUT", "/users/CORP/carol?check_mode=true", {"password": BOB_PW})
+    assert checked["changed"] is True
+    assert admin.call("GET", "/users/CORP/carol")[0] == 404
+
+    # a password change is a change, and the new one is the one that matches
+    changed = admin.put("/users/CORP/alice", {"password": BOB_PW})
+    assert changed["changed"] is True and changed["password_changed"] is True
+    assert admin.call("POST", "/users/CORP/alice/check-password", {"password": BOB_PW})[1]["match"] is True
+
+    admin.put("/pools/p1", {"persistent": True})
+    admin.put("/desktops/d1", {"address": "127.0.0.5", "pool": "p1"})
+    assert admin.put("/desktops/d1", {"address": "127.0.0.5", "pool": "p1"})["changed"] is False
+    admin.put("/desktops/d2", {"address": "desk2.example.com"})
+    moved = admin.put("/pools/p1", {"members": ["d2"]})
+    assert moved["changed"] is True
+    assert moved["diff"]["before"]["members"] == ["d1"] and moved["pool"]["members"] == ["d2"]
+    assert admin.call("GET", "/desktops/d1")[1]["pool"] is None
+
+    ent = "/entitlements/group/CORP/staff/pool/p1"
+    assert admin.put(ent)["changed"] is True
+    assert admin.put(ent)["changed"] is False
+    status, listing = admin.call("GET", "/entitlements?principal=staff")
+    assert listing["entitlements"] == [
+        {
+            "principal_type": "group",
+            "domain": "CORP",
+            "principal": "staff",
+            "resource_type": "pool",
+            "resource": "p1",
+        }
+    ]
+
+    # listings
+    assert [u["name"] for u in admin.call("GET", "/users")[1]["users"]] == ["alice"]
+    assert [d["name"] for d in admin.call("GET", "/desktops")[1]["desktops"]] == ["d1", "d2"]
+    assert admin.call("GET", "/groups/CORP/staff")[1]["members"] == ["alice"]
+    assert admin.call("GET", "/domains")[1] == {"domains": ["CORP", "LAB"], "default": "CORP"}
+
+    # deletes are idempotent and cascade
+    status, deleted = admin.call("DELETE", "/pools/p1")
+    assert status == 200 and deleted["changed"] is True and deleted["pool"] is None
+    assert admin.call("DELETE", "/pools/p1")[1]["changed"] is False
+    assert admin.call("GET", "/entitlements")[1]["entitlements"] == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "field"),
+    [
+        ("PUT", "/desktops/dx", {"address": "127.0.0.1", "agent_port": 70000}, 400, "agent_port"),
+        ("PUT", "/desktops/dx", {"address": "127.0.0.1", "agent_port": "60443"}, 400, "agent_port"),
+        ("PUT", "/desktops/dx", {"hostname": "x"}, 400, "address"),
+        ("PUT", "/desktops/dx", {"address": "not a host!"}, 400, "address"),
+        ("PUT", "/desktops/dx", {"address": "127.0.0.1", "pool": "nope"}, 400, "pool"),
+        ("PUT", "/desktops/dx", {"address": "127.0.0.1", "colour": "red"}, 400, "colour"),
+        ("PUT", "/users/CORP/u1", {"enabled": "yes"}, 400, "enabled"),
+        ("PUT", "/users/CORP/u1", {"groups": ["ghosts"]}, 400, "groups"),
+        ("PUT", "/users/CORP/u1", {"password": ""}, 400, "password"),
+        ("PUT", "/users/NOWHERE/u1", {}, 400, "domain"),
+        ("PUT", "/pools/p9", {"members": ["ghost"]}, 400, "members"),
+        ("PUT", "/pools/p9", {"persistent": 1}, 400, "persistent"),
+        ("PUT", "/pools/p9", [1, 2], 400, "body"),
+        ("GET", "/users/CORP/nobody", None, 404, None),
+        ("GET", "/desktops/nothing", None, 404, None),
+        ("PUT", "/entitlements/user/CORP/nobody/desktop/none", None, 404, None),
+        ("PUT", "/entitlements/robot/CORP/x/desktop/none", None, 400, "principal_type"),
+        ("GET", "/no/such/endpoint", None, 404, None),
+    ],
+)
+def test_admin_validation(
+    broker: Broker, method: str, path: str, body: Any, status: int, field: str | None
+) -> None:
+    got_status, answer = broker.admin.call(method, path, body)
+    assert got_status == status, answer
+    assert answer["error"]
+    if field:
+        assert answer["field"] == field and field in answer["error"]
+
+
+def test_admin_invalid_json_and_large_body(broker: Broker) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+    status, _, raw = broker.http.request("PUT", "/api/v1/pools/p", b"{not json", headers)
+    assert status == 400 and json.loads(raw)["field"] == "body"
+    big = json.dumps({"description": "x" * (70 * 1024)}).encode()
+    status, _, raw = broker.http.request("PUT", "/api/v1/pools/p", big, headers)
+    assert status == 413
+    assert broker.admin.call("GET", "/pools/p")[0] == 404
+
+
+# ---------------------------------------------------------------- broker protocol
+
+
+def test_full_flow_hello_authenticate_list_allocate(broker: Broker) -> None:
+    seed(broker.admin)
+    client = broker.client()
+    sid = str(uuid.uuid4())
+    hello = client.hello(sid)
+    assert hello.domains == ["CORP", "LAB"] and hello.methods == [p.AUTH_PASSWORD]
+    assert client.cookie and client.cookie != sid
+    assert "Secure" in client.last_set_cookie and "HttpOnly" in client.last_set_cookie
+    reply = client.send(p.Authenticate("alice", ALICE_PW, "corp"))
+    assert isinstance(reply, p.AuthenticateResp) and reply.result_id == p.AUTH_OK
+    resources = client.resources()
+    assert set(resources) == {"shared", "solo"}
+    assert resources["solo"].startswith("d-") and resources["shared"].startswith("p-")
+    alloc = client.allocate(resources["solo"])
+    assert alloc.result_id == p.ALLOC_OK
+    assert alloc.agent == p.AgentInfo("127.0.0.20", "", 60444, 4173)
+    alloc = client.allocate(resources["shared"])
+    assert alloc.result_id == p.ALLOC_OK and alloc.agent is not None
+    assert alloc.agent.ip_address in {"127.0.0.11", "127.0.0.12", "127.0.0.13"}
+    assert isinstance(client.send(p.Bye()), p.ByeResp)
+    # after bye the session is gone
+    reply = client.send(p.GetResourceList())
+    assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_OUT_OF_STATE
+
+    session_lines = [json.loads(line) for line in broker.logs().splitlines() if sid in line]
+    assert {line["msg"] for line in session_lines} >= {
+        "hello: broker session started",
+        "authentication succeeded",
+        "resource list sent",
+        "resource allocated",
+    }
+    assert all(line["session_id"] == sid for line in session_lines)
+    assert client.cookie is None or client.cookie not in broker.logs()
+
+    status, _, metrics = broker.http.request("GET", "/metrics")
+    assert status == 200
+    text = metrics.decode()
+    assert 'gatehouse_broker_authentications_total{result="success"} 1.0' in text
+    assert 'gatehouse_broker_allocations_total{result="ALLOC_SUCCESSFUL"} 2.0' in text
+
+
+def test_wrong_password_unknown_and_disabled_users_get_the_same_answer(broker: Broker) -> None:
+    seed(broker.admin)
+    broker.admin.put("/users/CORP/dave", {"password": BOB_PW, "enabled": False})
+    broker.admin.put("/users/CORP/nopass", {})
+    answers = []
+    for user, password, domain in [
+        ("alice", WRONG_PW, "CORP"),
+        ("nosuchuser", WRONG_PW, "CORP"),
+        ("dave", BOB_PW, "CORP"),
+        ("nopass", "", "CORP"),
+        ("alice", ALICE_PW, "NOSUCHDOMAIN"),
+    ]:
+        client = broker.client()
+        client.hello()
+        _, _, body = client.raw(p.render(ENVELOPE, p.Authenticate(user, password, domain)))
+        answers.append(body)
+    assert len(set(answers)) == 1
+    assert p.parse(answers[0], ENVELOPE) == p.AuthenticateResp(p.AUTH_FAILED, "unknown username or password")
+
+    # retry on the same session is allowed, and DOMAIN\user works
+    client = broker.client()
+    client.hello()
+    assert client.send(p.Authenticate("alice", WRONG_PW, "CORP")).result_id == p.AUTH_FAILED  # type: ignore[attr-defined]
+    assert client.send(p.Authenticate("CORP\\alice", ALICE_PW, "")).result_id == p.AUTH_OK  # type: ignore[attr-defined]
+    status, _, metrics = broker.http.request("GET", "/metrics")
+    assert status == 200
+    assert 'gatehouse_broker_authentications_total{result="failure"} 6.0' in metrics.decode()
+
+
+def test_not_entitled_and_out_of_state(broker: Broker) -> None:
+    seed(broker.admin)
+    bob = broker.client()
+    # nothing before hello
+    reply = bob.send(p.Authenticate("bob", BOB_PW))
+    assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_OUT_OF_STATE
+    bob.hello()
+    for early in (p.GetResourceList(), p.AllocateResource("d-1")):
+        reply = bob.send(early)
+        assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_OUT_OF_STATE
+    assert bob.send(p.Authenticate("bob", BOB_PW)).result_id == p.AUTH_OK  # type: ignore[attr-defined]
+    assert bob.resources() == {}
+    alice = broker.client()
+    assert alice.login("alice", ALICE_PW) == p.AUTH_OK
+    solo = alice.resources()["solo"]
+    for resource_id in (solo, "p-1", "d-99999", "garbage", "d-"):
+        assert bob.allocate(resource_id).result_id == p.ALLOC_NOT_ENTITLED
+    # authenticated twice is out of state; a forged cookie is no session
+    reply = bob.send(p.Authenticate("bob", BOB_PW))
+    assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_OUT_OF_STATE
+    forged = broker.client()
+    forged.cookie = "forged-cookie-value"
+    reply = forged.send(p.GetResourceList())
+    assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_OUT_OF_STATE
+    # disabling the account ends what the session may do
+    broker.admin.put("/users/CORP/alice", {"enabled": False})
+    reply = alice.send(p.AllocateResource(solo))
+    assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_USER_AUTH
+    # a pool with no usable member is unavailable, not an error
+    broker.admin.put("/users/CORP/alice", {"enabled": True})
+    for i in (1, 2, 3):
+        broker.admin.put(f"/desktops/pd{i}", {"enabled": False})
+    assert alice.login("alice", ALICE_PW) == p.AUTH_OK
+    assert alice.allocate(alice.resources()["shared"]).result_id == p.ALLOC_UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("body", "result_id"),
+    [
+        (b'<?xml version="1.0" encoding="UTF-8"?>', p.E_MALFORMED),
+        (b"", p.E_MALFORMED),
+        (b"<pcoip-broker version='2.1'><hello>", p.E_MALFORMED),
+        (
+            b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+            b'<pcoip-broker version="2.1"><bye>&b;</bye></pcoip-broker>',
+            p.E_MALFORMED,
+        ),
+        (b'<pcoip-client version="2.1"><hello/></pcoip-client>', p.E_ENVELOPE),
+        (b"<pcoip-broker><hello/></pcoip-broker>", p.E_VERSION),
+        (b'<pcoip-broker version="9.0"><hello/></pcoip-broker>', p.E_VERSION),
+        (b'<pcoip-broker version="2.1"><hello/><bye/></pcoip-broker>', p.E_ENVELOPE),
+        (
+            b'<pcoip-broker version="2.1"><launch-session><session-id>x</session-id></launch-session></pcoip-broker>',
+            p.E_UNKNOWN,
+        ),
+        (b'<pcoip-broker version="2.1"><allocate-resource/></pcoip-broker>', p.E_MALFORMED),
+    ],
+)
+def test_malformed_input_gets_error_resp_and_the_next_request_works(
+    broker: Broker, body: bytes, result_id: str
+) -> None:
+    client = broker.client()
+    status, headers, data = client.raw(body)
+    assert status == 200 and headers["Content-Type"] == "application/xml; charset=UTF-8"
+    reply = p.parse(data, ENVELOPE)
+    assert isinstance(reply, p.ErrorResp) and reply.result_id == result_id
+    assert b"Traceback" not in data
+    client.hello()
+
+
+def test_oversized_bodies_are_refused(broker: Broker) -> None:
+    big = b'<pcoip-broker version="2.1"><bye/></pcoip-broker>' + b" " * (p.MAX_BODY + 10)
+    client = broker.client()
+    _, _, data = client.raw(big)
+    assert p.parse(data, ENVELOPE) == p.ErrorResp(p.E_TOO_LARGE, f"request body over {p.MAX_BODY} bytes")
+
+    # chunked upload without Content-Length is cut off at the cap too
+    conn = http.client.HTTPSConnection("localhost", broker.port, context=broker.ctx, timeout=20)
+    try:
+        chunks = (big[i : i + 8192] for i in range(0, len(big), 8192))
+        conn.request("POST", p.PATH_BROKER, body=chunks, encode_chunked=True)
+        reply = p.parse(conn.getresponse().read(), ENVELOPE)
+    finally:
+        conn.close()
+    assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_TOO_LARGE
+    client.hello()
+
+
+def test_query_hello_creates_no_session(broker: Broker) -> None:
+    client = broker.client()
+    reply = client.send(p.Hello(p.ClientInfo(product_name=p.QUERY_PRODUCT)))
+    assert isinstance(reply, p.HelloResp) and client.cookie is None
+
+
+# ---------------------------------------------------------------- placement
+
+
+def test_agent_reports_steer_least_loaded_placement(broker: Broker) -> None:
+    seed(broker.admin)
+    assert broker.report("127.0.0.11", 3, 4) == 204
+    assert broker.report("127.0.0.12", 1, 4) == 204
+    assert broker.report("127.0.0.13", 2, 4, hostname="pd3.example") == 204
+    assert broker.report("127.0.0.13", 2, 4, token="wrong-agent-token-xyz") == 401
+    status, body = broker.admin.call("POST", "/agents/report", {"address": "127.0.0.13"}, token=AGENT_TOKEN)
+    assert status == 400 and body["field"] == "agent_port"
+    status, body = broker.admin.call(
+        "POST",
+        "/agents/report",
+        {
+            "address": "127.0.0.13",
+            "agent_port": 60443,
+            "session_port": 4172,
+            "active_sessions": -1,
+            "capacity": 4,
+        },
+        token=AGENT_TOKEN,
+    )
+    assert status == 400 and body["field"] == "active_sessions"
+
+    client = broker.client()
+    assert client.login("alice", ALICE_PW) == p.AUTH_OK
+    pool = client.resources()["shared"]
+    placed = [client.allocate(pool).agent.ip_address for _ in range(3)]  # type: ignore[union-attr]
+    # pd2 1/4 → pd2 (2/4 ties pd3 2/4, lower name) → pd2 3/4 vs pd3 2/4 → pd3
+    assert placed == ["127.0.0.12", "127.0.0.12", "127.0.0.13"]
+    # a fresh report restarts the count of placements since the report
+    assert broker.report("127.0.0.11", 0, 4) == 204
+    assert client.allocate(pool).agent.ip_address == "127.0.0.11"  # type: ignore[union-attr]
+    # full everywhere → unavailable
+    for addr in ("127.0.0.11", "127.0.0.12", "127.0.0.13"):
+        assert broker.report(addr, 4, 4) == 204
+    assert client.allocate(pool).result_id == p.ALLOC_UNAVAILABLE
+
+    agents = broker.admin.call("GET", "/agents")[1]["agents"]
+    assert {a["address"]: a["desktop"] for a in agents} == {
+        "127.0.0.11": "pd1",
+        "127.0.0.12": "pd2",
+        "127.0.0.13": "pd3",
+    }
+    assert all(a["stale"] is False for a in agents)
+
+
+def test_persistent_assignment_and_state_survive_restart(
+    pki: CertAuthority, tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    broker = Broker(pki, tmp_path, processes).start()
+    admin = broker.admin
+    seed(admin)
+    admin.put("/pools/desk", {"persistent": True, "members": ["pd1", "pd2"]})
+    admin.put("/entitlements/user/CORP/alice/pool/desk")
+    admin.put("/entitlements/user/CORP/bob/pool/desk")
+
+    alice, bob = broker.client(), broker.client()
+    assert alice.login("alice", ALICE_PW) == p.AUTH_OK
+    assert bob.login("bob", BOB_PW) == p.AUTH_OK
+    alice_desk = alice.allocate(alice.resources()["desk"]).agent.ip_address  # type: ignore[union-attr]
+    bob_desk = bob.allocate(bob.resources()["desk"]).agent.ip_address  # type: ignore[union-attr]
+    assert alice_desk != bob_desk  # fewest placements spreads the two users
+    # alice keeps hers even though it now has more placements than the other
+    for _ in range(2):
+        assert alice.allocate(alice.resources()["desk"]).agent.ip_address == alice_desk  # type: ignore[union-attr]
+    assignments = admin.call("GET", "/assignments?pool=desk")[1]["assignments"]
+    assert {(a["user"], a["domain"]) for a in assignments} == {("alice", "CORP"), ("bob", "CORP")}
+    assert broker.stop() == 0
+    first_logs = broker.logs()
+
+    broker.start()
+    assert admin.call("GET", "/users/CORP/alice")[1]["groups"] == ["staff"]
+    assert len(admin.call("GET", "/entitlements")[1]["entitlements"]) == 4
+    assert admin.call("GET", "/assignments?pool=desk")[1]["assignments"] == assignments
+    again = broker.client()
+    assert again.login("alice", ALICE_PW) == p.AUTH_OK
+    assert again.allocate(again.resources()["desk"]).agent.ip_address == alice_desk  # type: ignore[union-attr]
+    # unassigning lets placement choose again
+    status, removed = admin.call("DELETE", "/assignments/desk/CORP/alice")
+    assert status == 200 and removed["changed"] is True
+    broker.stop()
+    logs = first_logs + broker.logs()
+    for secret in (ADMIN_TOKEN, AGENT_TOKEN, ALICE_PW, BOB_PW):
+        assert secret not in logs
+
+
+# ---------------------------------------------------------------- start-up errors
+
+
+def _run_broker(
+    tmp_path: Path, config: dict[str, object], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    cfg = tmp_path / "bad.properties"
+    cfg.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
+    return subprocess.run(
+        [sys.executable, "-m", "gatehouse.broker", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("GATEHOUSE_")},
+            **(env or {}),
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"AgentToken": AGENT_TOKEN}, "AdminToken is required"),
+        ({"AdminToken": "short", "AgentToken": AGENT_TOKEN}, "AdminToken must be at least 16 characters"),
+        ({"AdminToken": AGENT_TOKEN, "AgentToken": AGENT_TOKEN}, "must differ"),
+        (
+            {"AdminToken": ADMIN_TOKEN, "AgentToken": AGENT_TOKEN, "Database": "postgresql://u:pw@db/broker"},
+            "not supported in this version",
+        ),
+        (
+            {"AdminToken": ADMIN_TOKEN, "AgentToken": AGENT_TOKEN, "AgentStaleAfter": "soon"},
+            "AgentStaleAfter",
+        ),
+    ],
+)
+def test_bad_configuration_fails_with_one_line(
+    tmp_path: Path, pki: CertAuthority, config: dict[str, object], message: str
+) -> None:
+    certs = pki.issue("bad-broker")
+    full = {"SslCert": certs.cert, "SslKey": certs.key, "Database": tmp_path / "b.db", **config}
+    result = _run_broker(tmp_path, full)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert ADMIN_TOKEN not in result.stderr + result.stdout and "pw@db" not in result.stderr
+
+
+def test_weak_certificate_is_refused(tmp_path: Path, pki: CertAuthority) -> None:
+    certs = pki.issue("weak-broker", key_size=1024)
+    result = _run_broker(
+        tmp_path,
+        {
+            "SslCert": certs.cert,
+            "SslKey": certs.key,
+            "Database": tmp_path / "b.db",
+            "AdminToken": ADMIN_TOKEN,
+            "AgentToken": AGENT_TOKEN,
+        },
+    )
+    assert result.returncode != 0 and "at least 2048 bits" in result.stderr

@@ -1,0 +1,73 @@
+"""CM configuration: required keys, the broker URL, external addresses and the grant secret."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from gatehouse.cm.settings import CmSettings, broker_endpoint, split_external_ips
+from gatehouse.config import Config, ConfigError
+from gatehouse.grant import generate_secret
+
+
+def load(values: dict[str, str], environ: dict[str, str] | None = None) -> CmSettings:
+    return CmSettings.from_config(Config(values, environ or {}))
+
+
+def test_defaults_follow_the_seed_sizing() -> None:
+    s = load({"BrokerUrl": "https://broker:8443", "SecurityGatewayEnabled": "false"})
+    assert (s.max_establishments, s.max_clients) == (40, 400)
+    assert (s.listen_port, s.redirect_port, s.gateway_port) == (8443, 8080, 4172)
+    assert s.broker_url == "https://broker:8443/pcoip-broker/xml"
+    assert s.broker_tls_verify and not s.agent_tls_verify
+
+
+def test_gateway_needs_an_external_address_and_a_secret() -> None:
+    with pytest.raises(ConfigError, match="ExternalPcoipIp"):
+        load({"BrokerUrl": "https://b"})
+    with pytest.raises(ConfigError, match="GATEHOUSE_GRANTSECRET"):
+        load({"BrokerUrl": "https://b", "ExternalPcoipIp": "203.0.113.1"})
+    with pytest.raises(ConfigError, match="base64"):
+        load({"BrokerUrl": "https://b", "ExternalPcoipIp": "203.0.113.1"}, {"GATEHOUSE_GRANTSECRET": "%%%"})
+    secret = generate_secret()
+    s = load({"BrokerUrl": "https://b", "ExternalPcoipIp": "203.0.113.1"}, {"GATEHOUSE_GRANTSECRET": secret})
+    assert len(s.grant_secret) == 32
+    assert secret not in repr(s)
+
+
+def test_limits_and_trusted_proxies_are_configurable() -> None:
+    s = load(
+        {
+            "BrokerUrl": "https://b",
+            "SecurityGatewayEnabled": "false",
+            "MaxConcurrentEstablishments": "2",
+            "MaxClients": "1",
+            "TrustedProxies": "10.0.0.0/24, fd00::/64",
+        },
+        {"GATEHOUSE_MAXCLIENTS": "3"},
+    )
+    assert (s.max_establishments, s.max_clients) == (2, 3)
+    assert s.trusted_proxies == (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd00::/64"))
+    with pytest.raises(ConfigError, match="MaxClients"):
+        load({"BrokerUrl": "https://b", "SecurityGatewayEnabled": "false", "MaxClients": "0"})
+
+
+@pytest.mark.parametrize("url", ["http://broker", "broker:443", "https://", "https://b:99999"])
+def test_broker_url_must_be_https(url: str) -> None:
+    with pytest.raises(ConfigError, match="BrokerUrl"):
+        broker_endpoint(url)
+
+
+def test_broker_url_keeps_an_explicit_path() -> None:
+    assert broker_endpoint("https://b:1/custom/xml") == "https://b:1/custom/xml"
+    assert broker_endpoint("https://[::1]:8443/") == "https://[::1]:8443/pcoip-broker/xml"
+
+
+def test_external_ips_hold_at_most_one_per_family() -> None:
+    assert split_external_ips(["203.0.113.1", "2001:db8::1"]) == ("203.0.113.1", "2001:db8::1")
+    assert split_external_ips(["2001:db8::1"]) == ("", "2001:db8::1")
+    with pytest.raises(ConfigError, match="more than one IPv4"):
+        split_external_ips(["203.0.113.1", "203.0.113.2"])
+    with pytest.raises(ConfigError, match="not an IP"):
+        split_external_ips(["gw.example.com"])
