@@ -75,7 +75,8 @@ async def run_sites(
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout, handle_signals=False)
     await runner.setup()
     for host, port, ctx in sites:
-        site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=1024, reuse_address=True)
+        # Thousands of clients can arrive at once (a HALB failover): a short accept queue resets them.
+        site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=4096, reuse_address=True)
         await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,268 @@
+"""What every benchmark shares: results, limits, test PKI, service processes, the HAProxy reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration")]
+
+from pki import CertFiles, TestPKI  # noqa: E402
+from services import ServiceProcess, free_port  # noqa: E402
+
+from gatehouse import tls  # noqa: E402
+from gatehouse.grant import generate_secret  # noqa: E402
+
+__all__ = ["CertFiles", "ServiceProcess", "TestPKI", "free_port"]
+
+HALB_IMAGE = os.environ.get("GATEHOUSE_HALB_IMAGE", "gatehouse/halb:0.1.0")
+PREFIX = "gh-bench-"  # every Docker object a benchmark creates starts with this
+
+
+@dataclass
+class Figure:
+    """One line of the table: ``value`` compared with ``reference`` and a goal on one of them."""
+
+    name: str
+    unit: str
+    value: float | None
+    reference: float | None = None
+    reference_name: str = ""
+    goal: str = ""  # e.g. "ratio >= 0.8", "value <= 100", "" (reported only)
+    met: bool | None = None
+    note: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.value is None or not self.reference:
+            return None
+        return self.value / self.reference
+
+    def judge(self) -> Figure:
+        """Set ``met`` from ``goal`` ("ratio|value <op> number")."""
+        if not self.goal or self.value is None:
+            return self
+        what, op, number = self.goal.split()
+        got = self.ratio if what == "ratio" else self.value
+        if got is None:
+            return self
+        limit = float(number)
+        self.met = {">=": got >= limit, "<=": got <= limit, "==": got == limit}[op]
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ratio"] = self.ratio
+        return data
+
+
+def not_measured(name: str, reason: str) -> Figure:
+    return Figure(name, "", None, note=f"not measured: {reason}")
+
+
+def raise_nofile() -> int:
+    """Soft RLIMIT_NOFILE = hard, inherited by every process started from here."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (and its waited-for children) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class Bench:
+    """A scratch directory, a PKI and the processes and containers of one benchmark."""
+
+    def __init__(self, work: Path, quick: bool) -> None:
+        self.work = work
+        self.quick = quick
+        self.pki = TestPKI(work / "pki")
+        self.cert = self.pki.issue("srv", ["localhost", "127.0.0.1"])
+        self.secret = generate_secret()
+        self.procs: list[ServiceProcess] = []
+        self.containers: list[str] = []
+
+    def client_ctx(self, role: str = "sg"):
+        return tls.client_context(self.pki.ca, verify=False, role=role)
+
+    def start_agent(self, name: str = "agent", **overrides: object) -> tuple[ServiceProcess, int, int]:
+        ctl, session = free_port(), free_port()
+        config: dict[str, object] = {
+            "ListenAddress": "127.0.0.1",
+            "ControlPort": ctl,
+            "SessionPort": session,
+            "SslCert": self.cert.cert,
+            "SslKey": self.cert.key,
+            "AdvertiseAddress": "127.0.0.1",
+            "Hostname": name,
+            "Capacity": 10000,
+            "SessionTagTtl": 600,
+            "LogLevel": "warn",
+        }
+        config.update(overrides)
+        proc = ServiceProcess(
+            "agent", self.work / name, config, health_url=f"https://127.0.0.1:{ctl}/health"
+        ).start()
+        self.procs.append(proc)
+        return proc, ctl, session
+
+    def start_sg(self, **overrides: object) -> tuple[ServiceProcess, int]:
+        port, admin = free_port(), free_port()
+        config: dict[str, object] = {
+            "ListenAddress": "127.0.0.1",
+            "Port": port,
+            "AgentUdpSourcePort": free_port(),
+            "SslCert": self.cert.cert,
+            "SslKey": self.cert.key,
+            "AdminAddress": "127.0.0.1",
+            "AdminPort": admin,
+            "MaxConnections": 20000,
+            "LogLevel": "warn",
+        }
+        config.update(overrides)
+        proc = ServiceProcess(
+            "sg",
+            self.work / "sg",
+            config,
+            config_name="SecurityGateway.conf",
+            env_file={"GATEHOUSE_GRANTSECRET": self.secret},
+            health_url=f"http://127.0.0.1:{admin}/health",
+        ).start()
+        self.procs.append(proc)
+        return proc, port
+
+    @contextmanager
+    def haproxy(self, config: str, files: dict[str, bytes] | None = None) -> Iterator[str]:
+        """HAProxy of the halb image on the host network with ``config`` (container name yielded)."""
+        cfg = self.work / f"haproxy-{uuid.uuid4().hex[:6]}"
+        cfg.mkdir()
+        (cfg / "haproxy.cfg").write_text(config)
+        for name, data in (files or {}).items():
+            (cfg / name).write_bytes(data)
+        name = f"{PREFIX}haproxy-{uuid.uuid4().hex[:8]}"
+        started = subprocess.run(
+            [
+                "docker",
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--network",
+                "host",
+                "--ulimit",
+                "nofile=16384:16384",
+                "--label",
+                "gatehouse.bench=haproxy",
+                "-v",
+                f"{cfg}:/cfg:ro",
+                "--entrypoint",
+                "haproxy",
+                HALB_IMAGE,
+                "-db",
+                "-f",
+                "/cfg/haproxy.cfg",
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if started.returncode != 0:
+            raise RuntimeError(f"HAProxy ({HALB_IMAGE}) did not start: {started.stderr.strip()[-500:]}")
+        self.containers.append(name)
+        try:
+            yield name
+        finally:
+            remove_container(name)
+            self.containers.remove(name)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            try:
+                proc.stop(timeout=10)
+            except Exception as exc:  # one stuck process must not leave the others running
+                print(f"  stopping {proc.service}: {exc}", file=sys.stderr)
+                proc.kill()
+        for name in list(self.containers):
+            remove_container(name)
+
+
+def remove_container(name: str) -> None:
+    subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60, check=False)
+
+
+def container_pid(name: str) -> int:
+    out = subprocess.run(
+        ["docker", "inspect", "-f", "{{.State.Pid}}", name], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.strip())
+
+
+def wait_port(port: int, container: str | None = None, timeout: float = 20.0) -> None:
+    """Wait until something listens on 127.0.0.1:port (failing early, with its log, if ``container`` exits)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if container:
+            state = subprocess.run(
+                ["docker", "inspect", "-f", "{{.State.Running}}", container], capture_output=True, text=True
+            )
+            if state.stdout.strip() != "true":
+                logs = subprocess.run(["docker", "logs", container], capture_output=True, text=True)
+                raise RuntimeError(f"{container} exited: {(logs.stdout + logs.stderr)[-800:]}")
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def run_json(cmd: list[str], stdin: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run a load generator (``python -m bench.x``) that reads JSON on stdin and prints JSON."""
+    proc = subprocess.run(
+        cmd, input=json.dumps(stdin), capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def haproxy_pem(cert: CertFiles) -> bytes:
+    return cert.cert.read_bytes() + cert.key.read_bytes()
+
+
+HAPROXY_GLOBAL = f"""global
+    maxconn 8000
+    ssl-default-bind-ciphers {tls.SG_CIPHERS}
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+    ssl-default-server-options ssl-min-ver TLSv1.2
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+"""

@@ -1,0 +1,82 @@
+"""Deployment: playbooks/site.yml on the demo topology, first run against the second (idempotent) run.
+
+Reuses the demo's entry point, ``hack/demo.sh up`` (host containers on the gh-demo network,
+then ``ansible-playbook -i inventories/demo playbooks/site.yml``, then one client session through
+the VIP), twice, and ``hack/demo.sh down`` at the end. The playbook's own time comes from
+ansible.posix's timer callback in the demo's site.log; the wall time of the whole ``up`` is kept
+too. Figures: the second run's time against the first (the reference), and the tasks the second
+run changed (goal 0). Refuses to run when a demo is already up (it would be taken down).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+
+from bench.common import ROOT, Bench, Figure, not_measured
+
+DEMO = ROOT / "hack" / "demo.sh"
+LOG = ROOT / ".gatehouse-demo" / "site.log"
+RUN_TIMEOUT = 900
+
+
+def _up(bench: Bench, n: int) -> dict:
+    env = dict(os.environ, ANSIBLE_CALLBACKS_ENABLED="ansible.posix.timer")
+    started = time.monotonic()
+    proc = subprocess.run(
+        ["bash", str(DEMO), "up"], env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
+    )
+    wall = time.monotonic() - started
+    log = ""
+    if LOG.exists():
+        log = LOG.read_text(errors="replace")
+        shutil.copy(LOG, bench.work / f"site-{n}.log")
+    if proc.returncode != 0:
+        raise RuntimeError(f"hack/demo.sh up failed ({proc.returncode}): {proc.stderr[-800:]}")
+    took = re.search(r"Playbook run took (\d+) days, (\d+) hours, (\d+) minutes, (\d+) seconds", log)
+    playbook = None
+    if took:
+        d, h, m, s = (int(x) for x in took.groups())
+        playbook = float(((d * 24 + h) * 60 + m) * 60 + s)
+    changed = sum(int(x) for x in re.findall(r"changed=(\d+)", log.split("PLAY RECAP", 1)[-1]))
+    failed = sum(int(x) for x in re.findall(r"failed=(\d+)", log.split("PLAY RECAP", 1)[-1]))
+    return {"wall_s": round(wall, 1), "playbook_s": playbook, "changed": changed, "failed": failed}
+
+
+def run(bench: Bench) -> list[Figure]:
+    if not DEMO.exists():
+        return [not_measured("site.yml first vs second run", "hack/demo.sh is missing")]
+    net = subprocess.run(["docker", "network", "inspect", "gh-demo"], capture_output=True, check=False)
+    if net.returncode == 0:
+        return [
+            not_measured("site.yml first vs second run", "a demo is up (gh-demo); `make demo-down` first")
+        ]
+    try:
+        first = _up(bench, 1)
+        second = _up(bench, 2)
+    finally:
+        subprocess.run(["bash", str(DEMO), "down"], capture_output=True, timeout=300, check=False)
+    key = "playbook_s" if first["playbook_s"] and second["playbook_s"] else "wall_s"
+    details = {"first": first, "second": second, "measured": key}
+    return [
+        Figure(
+            "site.yml on the demo topology (7 hosts): second run time",
+            "s",
+            second[key],
+            first[key],
+            "first run (from nothing)",
+            details=details,
+        ),
+        Figure(
+            "site.yml second run: tasks changed",
+            "tasks",
+            float(second["changed"]),
+            float(first["changed"]),
+            "changed in the first run",
+            "value <= 0",
+            details=details,
+        ).judge(),
+    ]

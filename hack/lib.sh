@@ -1,0 +1,28 @@
+# Shared helpers of the hack/ scripts (sourced, not executed).
+# shellcheck shell=bash
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export REPO_ROOT
+
+# The virtualenv of the tool chain: $VENV (relative to the checkout) or .venv.
+VENV_DIR=${VENV:-.venv}
+[[ $VENV_DIR == /* ]] || VENV_DIR=$REPO_ROOT/$VENV_DIR
+export VENV_DIR
+
+# The one version of Gatehouse lives in galaxy.yml.
+gatehouse_version() {
+    sed -n 's/^version:[[:space:]]*["'\'']\{0,1\}\([^"'\''[:space:]]*\).*/\1/p' "$REPO_ROOT/galaxy.yml" | head -n1
+}
+
+# Service images built by `make images` and shipped in the dark-site bundle.
+# shellcheck disable=SC2034  # used by the scripts that source this file
+GATEHOUSE_IMAGES=(broker cm sg agent halb)
+# Images only the Molecule scenarios and the demo use (not shipped in the bundle).
+# shellcheck disable=SC2034
+GATEHOUSE_TEST_IMAGES=(node)
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# seconds since the epoch, for the timings the scripts report
+now() { date +%s; }

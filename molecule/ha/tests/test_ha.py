@@ -1,0 +1,75 @@
+"""ha: two CM/SG hosts behind a HALB pair, a broker, three desktops; failover of the primary HALB."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gatehouse_verify as gv
+
+SCENARIO = "ha"
+NETWORK = "gh-mol-ha"
+VIP = gv.address(2, 100)
+CMS = {gv.address(2, 21), gv.address(2, 22)}
+HALB = ["gh-ha-halb1", "gh-ha-halb2"]
+
+
+def test_services_run_with_labels(host: Any, groups: list[str]) -> None:
+    name = host.backend.get_hostname()
+    found = gv.services(name)
+    assert set(found) == gv.expected_roles(groups)
+    for containers in found.values():
+        for container in containers:
+            assert container.status == "running", container.name
+            assert container.labels["gatehouse.host"] == name
+
+
+def test_secrets_are_private(host: Any, groups: list[str], hostvars: dict[str, Any]) -> None:
+    name = host.backend.get_hostname()
+    agents = [a["name"] for a in hostvars.get("agent_instances", [])] if "desktops" in groups else []
+    root = str(gv.STATE_ROOT / SCENARIO / name)
+    files = gv.secret_files(root, groups, agents)
+    if "halb" in groups:
+        files += [f"{root}/halb-tls/vip.key", f"{root}/halb/haproxy/certs/cm.pem"]
+    for path in files:
+        assert host.file(path).mode == 0o600, path
+
+
+def test_vip_listens_tls_1_2_only(host: Any, groups: list[str]) -> None:
+    if "halb" not in groups:
+        return
+    assert host.socket(f"tcp://{VIP}:443").is_listening or host.socket("tcp://0.0.0.0:443").is_listening
+    if gv.holds_vip(host.backend.get_hostname(), VIP):
+        old, new = gv.tls_version_results(host, VIP, 443)
+        assert new == 0 and old != 0
+
+
+def test_exactly_one_halb_holds_the_vip() -> None:
+    assert [gv.holds_vip(node, VIP) for node in HALB].count(True) == 1
+
+
+def test_sessions_through_the_vip_are_balanced_over_both_cms() -> None:
+    targets = set()
+    for attempt in range(6):
+        report = gv.run_client(NETWORK, f"https://{VIP}", gv.password(SCENARIO))
+        assert report["ok"], f"session {attempt + 1}: {gv.client_failure(report)}"
+        gv.assert_session(report)
+        targets.add(report["target"].split(":")[0])
+    # Each session's gateway is the SG of the CM that handled it; new clients are spread
+    # round-robin over both CMs, so both gateways appear.
+    assert targets == CMS
+
+
+def test_failover_of_the_primary_halb() -> None:
+    primary = next(node for node in HALB if gv.holds_vip(node, VIP))
+    backup = next(node for node in HALB if node != primary)
+    halb = gv.services(primary)["halb"][0]
+    halb.kill()  # no goodbye advertisement: the backup must notice the silence
+    try:
+        assert gv.wait_for(lambda: gv.holds_vip(backup, VIP)), f"{backup} did not take the VIP"
+        report = gv.run_client(NETWORK, f"https://{VIP}", gv.password(SCENARIO))
+        gv.assert_session(report)
+        assert report["target"].split(":")[0] in CMS
+    finally:
+        halb.reload()
+        if halb.status != "running":
+            halb.start()

@@ -1,0 +1,54 @@
+"""upgrade: playbooks/upgrade.yml replaces the CM/SG containers node by node under client load."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import gatehouse_verify as gv
+
+SCENARIO = "upgrade"
+NETWORK = "gh-mol-upgrade"
+VIP = gv.address(4, 100)
+CMSG = ["gh-upgrade-cmsg1", "gh-upgrade-cmsg2"]
+NEW = "0.1.1"
+
+
+def cmsg_containers() -> dict[str, Any]:
+    return {c.name: c for host in CMSG for role in ("cm", "sg") for c in gv.services(host).get(role, [])}
+
+
+def test_rolling_upgrade_under_load_loses_no_session() -> None:
+    secret = gv.password(SCENARIO)
+    before = {name: c.id for name, c in cmsg_containers().items()}
+    assert len(before) == 4
+    reports: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            reports.append(gv.run_client(NETWORK, f"https://{VIP}", secret))
+
+    workers = [threading.Thread(target=load, name=f"load-{n}") for n in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        run = gv.run_playbook("upgrade.yml", "-e", f"gatehouse_cmsg_image_tag={NEW}")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+    after = cmsg_containers()
+    for name, container in after.items():
+        assert container.id != before[name], f"{name} was not replaced"
+        assert container.status == "running"
+        assert container.image.tags and f":{NEW}" in container.image.tags[0], container.image.tags
+    failed = [gv.client_failure(r) for r in reports if not r["ok"]]
+    assert reports, "no session ran during the upgrade"
+    assert not failed, f"{len(failed)} of {len(reports)} sessions failed: {failed[:5]}"
+
+
+def test_sessions_after_the_upgrade() -> None:
+    gv.assert_session(gv.run_client(NETWORK, f"https://{VIP}", gv.password(SCENARIO)))

@@ -1,0 +1,93 @@
+# Copyright (c) Gatehouse contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+    # Options shared by the deployment modules (cmsg, broker).
+    DOCUMENTATION = r"""
+options:
+  state:
+    description:
+      - V(present) writes the data directory and runs the containers.
+      - V(absent) removes the containers, the Docker network and the files the module wrote.
+    type: str
+    choices: [present, absent]
+    default: present
+  ssl_cert:
+    description:
+      - Certificate (PEM, leaf first, optionally followed by its chain) on the target, copied to
+        C(certs/cert.pem).
+      - It is checked with the rules of M(gatehouse.access.certificate) (RSA of at least 2048 bits, no MD5 or
+        SHA-1 signatures, valid now, chain order) and must match O(ssl_key).
+      - Mutually exclusive with O(self_signed).
+    type: path
+  ssl_key:
+    description:
+      - Unencrypted private key (PEM) of O(ssl_cert) on the target, copied to C(certs/key.pem) with mode V(0600).
+    type: path
+  ca_cert:
+    description:
+      - The certificate authority chain of O(ssl_cert) on the target, copied to C(certs/ca.pem).
+    type: path
+  self_signed:
+    description:
+      - Create a self-signed 3072-bit RSA certificate and key in C(certs/) for tests and demonstrations.
+      - Created once and kept on later runs as long as key and certificate in C(certs/) belong together.
+    type: bool
+    default: false
+  log_level:
+    description: Log level of the services.
+    type: str
+    choices: [debug, info, warn, error]
+    default: info
+  image_tag:
+    description: Tag of the C(gatehouse/*) images. The default is the version of this collection.
+    type: str
+    default: 0.1.0
+  image_source:
+    description:
+      - V(local) uses images already on the Docker host (built with C(make images) or loaded from
+        O(bundle_path)); nothing is pulled.
+      - V(registry) pulls missing images from O(registry).
+    type: str
+    choices: [local, registry]
+    default: local
+  registry:
+    description: Registry prefix for O(image_source=registry), for example V(registry.example.com:5000).
+    type: str
+  bundle_path:
+    description:
+      - A dark-site bundle on the target (a directory of C(docker save) archives, or one archive). It is
+        loaded only when an image the module needs is missing.
+    type: path
+  network_mode:
+    description:
+      - V(bridge) runs the containers on a Docker bridge network and publishes their ports on the host.
+      - V(host) runs them in the host's network namespace; the host's firewall forwards 443 to 8443 and
+        80 to 8080 (role P(gatehouse.access.firewall#role)).
+      - V(container:<name>) shares the network namespace of another container. Molecule and the demo use it
+        so that every inventory host (a container) has its own address. The Docker engine resolves bind-mount
+        sources on the real host, so O(data_dir) must be a path that is the same on the Docker host and on the
+        target (mount a host directory at the same path into each host container).
+    type: str
+    default: bridge
+  host_label:
+    description: Value of the C(gatehouse.host) label of the containers. Defaults to the target's host name.
+    type: str
+  name_prefix:
+    description: Prefix of the container and network names (C(<prefix>-<role>)).
+    type: str
+    default: gatehouse
+  docker_host:
+    description: Docker engine to talk to; defaults to E(DOCKER_HOST) or the local socket.
+    type: str
+  wait_timeout:
+    description:
+      - Seconds to wait for a (re)started container to be up; a container that exits right after its start
+        fails the task with its last log lines. V(0) does not wait.
+    type: int
+    default: 60
+"""

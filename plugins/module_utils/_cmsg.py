@@ -1,0 +1,539 @@
+# Copyright (c) Gatehouse contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Logic of the cmsg module: install, configure and uninstall a connection manager + security gateway.
+
+Order of work: validate every option (nothing is touched when anything is wrong), build the
+wanted files and container specs, compare with the host, then (outside check mode) write the
+files atomically and converge the network and the containers.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+import secrets
+
+from ansible_collections.gatehouse.access.plugins.module_utils import _containers as ctr
+from ansible_collections.gatehouse.access.plugins.module_utils import _deploy as dep
+from ansible_collections.gatehouse.access.plugins.module_utils._files import (
+    PlannedDir,
+    PlannedFile,
+    mask_env_values,
+    read_bytes,
+    remove_paths,
+    sha256,
+)
+
+DEFAULT_CIDR = "10.101.0.0/24"
+MAX_SG_CONNECTIONS = 5000
+SECRET_KEY = "GATEHOUSE_GRANTSECRET"  # noqa: S105 - the name of the key, not a secret
+BROKER_PATHS = ("", "/pcoip-broker/xml")
+
+ARGUMENT_SPEC: dict = dict(
+    dep.COMMON_ARGUMENT_SPEC,
+    accept_policies={"type": "bool", "default": False},
+    broker_url={"type": "str"},
+    broker_ca_cert={"type": "path"},
+    broker_tls_verify={"type": "bool", "default": True},
+    external_pcoip_ip={"type": "list", "elements": "str", "default": []},
+    enable_security_gateway={"type": "bool", "default": True},
+    enable_collaboration={"type": "bool", "default": True},
+    enable_ipv6={"type": "bool", "default": False},
+    host_address={"type": "list", "elements": "str", "default": []},
+    license_server_url={"type": "str"},
+    docker_network_cidr={"type": "str", "default": DEFAULT_CIDR},
+    max_connections={"type": "int", "default": MAX_SG_CONNECTIONS},
+    max_concurrent_establishments={"type": "int", "default": 40},
+    max_clients={"type": "int", "default": 400},
+    trusted_proxies={"type": "list", "elements": "str", "default": []},
+    data_dir={"type": "path", "default": "/opt/gatehouse/cmsg"},
+    https_port={"type": "int", "default": 443},
+    http_port={"type": "int", "default": 80},
+    pcoip_port={"type": "int", "default": 4172},
+)
+REQUIRED_IF = [*dep.COMMON_REQUIRED_IF, ("state", "present", ["broker_url"])]
+
+
+class Names:
+    def __init__(self, prefix: str) -> None:
+        self.cm = "%s-cm" % prefix
+        self.sg = "%s-sg" % prefix
+        self.network = "%s-cmsg" % prefix
+
+
+# ------------------------------------------------------------------ validation
+
+
+def split_external_ips(values: list[str], errors: list[str]) -> tuple[str | None, str | None]:
+    v4: list[str] = []
+    v6: list[str] = []
+    for value in values:
+        address = dep.parse_ip(value.strip())
+        if address is None:
+            errors.append("external_pcoip_ip %r is not an IP address" % value)
+        elif address.version == 4:
+            v4.append(str(address))
+        else:
+            v6.append(str(address))
+    if len(v4) > 1:
+        errors.append(
+            "external_pcoip_ip holds %d IPv4 addresses (%s); give at most one" % (len(v4), ", ".join(v4))
+        )
+    if len(v6) > 1:
+        errors.append(
+            "external_pcoip_ip holds %d IPv6 addresses (%s); give at most one" % (len(v6), ", ".join(v6))
+        )
+    return (v4[0] if v4 else None), (v6[0] if v6 else None)
+
+
+def split_host_address(values: list[str], errors: list[str]) -> tuple[str | None, str | None]:
+    ips: list[str] = []
+    names: list[str] = []
+    for value in values:
+        value = value.strip()
+        address = dep.parse_ip(value)
+        if address is not None:
+            ips.append(str(address))
+        elif dep.is_fqdn(value):
+            names.append(value.rstrip(".").lower())
+        else:
+            errors.append(
+                "host_address %r is neither an IP address nor a fully qualified domain name" % value
+            )
+    if len(ips) > 1 or len(names) > 1:
+        errors.append("host_address takes at most one IP address and one FQDN, got %s" % ", ".join(values))
+    return (ips[0] if ips else None), (names[0] if names else None)
+
+
+def validate(params: dict, used_networks) -> dict:
+    """Check every option; returns normalised values or raises dep.ValidationError listing all problems.
+
+    ``used_networks`` is called (only in bridge mode) for the (owner, CIDR) pairs in use on the host.
+    """
+    errors: list[str] = []
+    dep.check_common(params, errors)
+    values: dict = {}
+    if params["state"] == "absent":
+        if errors:
+            raise dep.ValidationError(errors)
+        return values
+    if not params["accept_policies"]:
+        errors.append(
+            "accept_policies must be true: installing the connection manager and security gateway requires "
+            "accepting the EULA and privacy policy (the installer's --accept-policies)"
+        )
+    dep.validate_https_url(params["broker_url"], "broker_url", errors, require_port=True, paths=BROKER_PATHS)
+    if params["license_server_url"]:
+        url = params["license_server_url"]
+        if not url.startswith(("http://", "https://")) or not dep.urlsplit(url).hostname:
+            errors.append(
+                "license_server_url %r must look like https://<license-server-address>:<port>/..." % url
+            )
+    v4, v6 = split_external_ips(params["external_pcoip_ip"], errors)
+    if v6 and not params["enable_ipv6"]:
+        errors.append("external_pcoip_ip %s is an IPv6 address; set enable_ipv6=true to use IPv6" % v6)
+    if params["enable_security_gateway"] and not v4:
+        errors.append(
+            "external_pcoip_ip needs the public IPv4 address of this security gateway (clients connect to it on "
+            "4172) when enable_security_gateway is true; or set enable_security_gateway=false for LAN-only use"
+        )
+    values["external_ips"] = [ip for ip in (v4, v6) if ip]
+    host_ip, host_fqdn = split_host_address(params["host_address"], errors)
+    values["host_address"] = [a for a in (host_fqdn, host_ip) if a]
+    proxies = []
+    for cidr in params["trusted_proxies"]:
+        try:
+            proxies.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
+        except ValueError:
+            errors.append("trusted_proxies entry %r is not an address or CIDR (like 10.0.0.0/24)" % cidr)
+    values["trusted_proxies"] = proxies
+    if not 1 <= params["max_connections"] <= MAX_SG_CONNECTIONS:
+        errors.append(
+            "max_connections must be between 1 and %d (a security gateway supports at most %d sessions; deploy "
+            "more CM/SG nodes behind a load balancer for more)" % (MAX_SG_CONNECTIONS, MAX_SG_CONNECTIONS)
+        )
+    for name in ("max_concurrent_establishments", "max_clients"):
+        if not 1 <= params[name] <= 1000000:
+            errors.append("%s must be between 1 and 1000000, got %d" % (name, params[name]))
+    for name in ("https_port", "pcoip_port"):
+        dep.port_option(params[name], name, errors)
+    dep.port_option(params["http_port"], "http_port", errors, allow_zero=True)
+    network = dep.check_private_cidr(params["docker_network_cidr"], "docker_network_cidr", errors)
+    if network is not None and params["network_mode"] == "bridge" and not errors:
+        clashes = dep.overlaps(network, used_networks())
+        if clashes:
+            errors.append(
+                "docker_network_cidr %s overlaps networks of this host: %s; choose another private range with "
+                "docker_network_cidr" % (network, ", ".join(clashes))
+            )
+    if errors:
+        raise dep.ValidationError(errors)
+    return values
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def config_properties(params: dict, values: dict) -> bytes:
+    broker_ca = "/certs/broker-ca.pem" if params["broker_ca_cert"] else ""
+    return dep.render_properties(
+        "Connection manager (CM) configuration",
+        [
+            ("ListenAddress", "0.0.0.0"),
+            ("ListenPort", 8443),
+            ("RedirectPort", 8080 if params["http_port"] else 0),
+            ("SslCert", "/certs/cert.pem"),
+            ("SslKey", "/certs/key.pem"),
+            ("BrokerUrl", params["broker_url"]),
+            ("BrokerCaCert", broker_ca),
+            ("BrokerTlsVerify", params["broker_tls_verify"]),
+            ("AgentCaCert", ""),
+            ("AgentTlsVerify", False),
+            ("SecurityGatewayEnabled", params["enable_security_gateway"]),
+            ("ExternalPcoipIp", values["external_ips"]),
+            ("SecurityGatewayPort", params["pcoip_port"]),
+            ("MaxConcurrentEstablishments", params["max_concurrent_establishments"]),
+            ("MaxClients", params["max_clients"]),
+            ("BrokerTimeout", 10),
+            ("AgentTimeout", 10),
+            ("SessionIdleTimeout", 900),
+            ("TrustedProxies", values["trusted_proxies"]),
+            ("EnableIpv6", params["enable_ipv6"]),
+            ("EnableCollaboration", params["enable_collaboration"]),
+            ("HostAddress", values["host_address"]),
+            ("LicenseServerUrl", params["license_server_url"] or ""),
+            ("LogLevel", params["log_level"]),
+        ],
+    )
+
+
+def security_gateway_conf(params: dict) -> bytes:
+    return dep.render_properties(
+        "Security gateway (SG) configuration; GrantSecret comes from cmsg.env",
+        [
+            ("ListenAddress", "0.0.0.0"),
+            ("Port", 4172),
+            ("AgentUdpSourcePort", 55000),
+            ("MaxConnections", params["max_connections"]),
+            ("SslCert", "/certs/cert.pem"),
+            ("SslKey", "/certs/key.pem"),
+            ("AdminAddress", "0.0.0.0"),
+            ("AdminPort", 9172),
+            ("LogLevel", params["log_level"]),
+        ],
+    )
+
+
+def existing_secret(path: str) -> str | None:
+    """The grant secret of an existing cmsg.env when it is a valid 32-byte key; kept across runs."""
+    data = read_bytes(path)
+    if data is None:
+        return None
+    for line in data.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == SECRET_KEY:
+            value = value.strip()
+            try:
+                if len(base64.b64decode(value, validate=True)) == 32:
+                    return value
+            except ValueError:
+                return None
+    return None
+
+
+def cmsg_env(secret: str, log_level: str) -> bytes:
+    return ("%s=%s\nGATEHOUSE_LOGLEVEL=%s\n" % (SECRET_KEY, secret, log_level)).encode("ascii")
+
+
+# ------------------------------------------------------------------ containers
+
+
+def container_specs(params: dict, names: Names, image_refs: dict, host_label: str) -> list[dict]:
+    data_dir = params["data_dir"]
+    mounts = [
+        {"source": os.path.join(data_dir, "data"), "target": "/data", "read_only": True},
+        {"source": os.path.join(data_dir, "certs"), "target": "/certs", "read_only": True},
+    ]
+    mode = params["network_mode"]
+    bridge = mode == "bridge"
+    specs = []
+    cm_ports = [{"host": params["https_port"], "container": 8443, "protocol": "tcp"}]
+    if params["http_port"]:
+        cm_ports.append({"host": params["http_port"], "container": 8080, "protocol": "tcp"})
+    roles = [("cm", names.cm, cm_ports, "config.properties")]
+    if params["enable_security_gateway"]:
+        sg_ports = [
+            {"host": params["pcoip_port"], "container": 4172, "protocol": "tcp"},
+            {"host": params["pcoip_port"], "container": 4172, "protocol": "udp"},
+        ]
+        roles.append(("sg", names.sg, sg_ports, "SecurityGateway.conf"))
+    for role, name, ports, config in roles:
+        specs.append(
+            {
+                "service": role,
+                "name": name,
+                "image": image_refs[role],
+                # The service reads the env file itself: the grant secret stays out of `docker inspect`.
+                "command": ["--config", "/data/%s" % config, "--env-file", "/data/cmsg.env"],
+                "labels": {
+                    ctr.LABEL_ROLE: role,
+                    ctr.LABEL_HOST: host_label,
+                    ctr.LABEL_MANAGED: "gatehouse.access.cmsg",
+                },
+                "mounts": mounts,
+                "network_mode": mode,
+                "network": names.network if bridge else None,
+                "ports": ports if bridge else [],
+                "restart_policy": "unless-stopped",
+            }
+        )
+    return specs
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _used_networks(cli, names: Names):
+    def probe() -> list[tuple[str, str]]:
+        ours = ctr.find_network(cli, names.network)
+        our_subnets = set(ctr.network_subnets(ours)) if ours is not None else set()
+        used = [("docker network %s" % n, s) for n, s in ctr.docker_subnets(cli, exclude=names.network)]
+        for ifname, net in dep.host_networks():
+            # The bridge of our own network carries its subnet; it is no clash.
+            if net not in our_subnets:
+                used.append(("interface %s" % ifname, net))
+        return used
+
+    return probe
+
+
+def run(module) -> dict:
+    params = module.params
+    check_mode = module.check_mode
+    names = Names(params["name_prefix"])
+    cli = ctr.client(params["docker_host"])
+    try:
+        values = validate(params, _used_networks(cli, names))
+    except dep.ValidationError as exc:
+        module.fail_json(msg="invalid options: " + "; ".join(exc.errors), errors=exc.errors)
+    if params["state"] == "absent":
+        return uninstall(cli, params, names, check_mode)
+    return install(module, cli, params, values, names, check_mode)
+
+
+def uninstall(cli, params: dict, names: Names, check_mode: bool) -> dict:
+    removed_containers = [n for n in (names.sg, names.cm) if ctr.remove_container(cli, n, check_mode)]
+    network_removed = ctr.remove_network(cli, names.network, check_mode)
+    data_dir = params["data_dir"]
+    files = [os.path.join(data_dir, "docker-compose.yaml")]
+    files += [
+        os.path.join(data_dir, "data", n) for n in ("config.properties", "SecurityGateway.conf", "cmsg.env")
+    ]
+    files += [os.path.join(data_dir, "certs", n) for n in ("cert.pem", "key.pem", "ca.pem", "broker-ca.pem")]
+    dirs = [os.path.join(data_dir, "data"), os.path.join(data_dir, "certs"), data_dir]
+    removed, left = remove_paths(files, dirs, check_mode)
+    result = {
+        "changed": bool(removed_containers or network_removed or removed),
+        "containers": [{"name": n, "action": "removed"} for n in removed_containers],
+        "network": {"name": names.network, "action": "removed" if network_removed else "none"},
+        "changed_files": removed,
+        "left_behind": left,
+    }
+    if left:
+        result["warnings_list"] = [
+            "kept %s: files not written by gatehouse.access.cmsg are never deleted" % ", ".join(left)
+        ]
+    return result
+
+
+def _resolve_images(module, cli, params: dict, roles: list[str], check_mode: bool) -> tuple[dict, dict, list]:
+    registry = params["registry"] if params["image_source"] == "registry" else None
+    refs = {role: ctr.image_ref(role, params["image_tag"], registry) for role in roles}
+    loaded: list[str] = []
+    if params["bundle_path"] and any(ctr.image_id(cli, ref) is None for ref in refs.values()):
+        loaded = dep.load_bundle(cli, params["bundle_path"], check_mode)
+    ids = {}
+    pulled = []
+    for role, ref in refs.items():
+        found = ctr.image_id(cli, ref)
+        if found is None and params["bundle_path"] and check_mode:
+            ids[role] = None  # would come from the bundle
+            continue
+        ids[role], was_pulled = ctr.ensure_image(cli, ref, params["image_source"] == "registry", check_mode)
+        if was_pulled:
+            pulled.append(ref)
+    return refs, ids, loaded + pulled
+
+
+def install(module, cli, params: dict, values: dict, names: Names, check_mode: bool) -> dict:
+    data_dir = params["data_dir"]
+    data, certs_dir = os.path.join(data_dir, "data"), os.path.join(data_dir, "certs")
+    host_label = params["host_label"] or dep.default_host_label()
+    errors: list[str] = []
+    warnings: list[str] = []
+
+    # The self-signed certificate names the host as clients reach it: host_address first.
+    common_name = dep.certificate_name(values["host_address"][0] if values["host_address"] else host_label)
+    sans = [*values["host_address"], *values["external_ips"]]
+    tls, tls_info = dep.tls_files(params, certs_dir, common_name, sans, errors, warnings)
+    broker_ca = dep.extra_file(
+        params["broker_ca_cert"], os.path.join(certs_dir, "broker-ca.pem"), "broker_ca_cert", errors
+    )
+    if params["network_mode"].startswith("container:"):
+        target = params["network_mode"].split(":", 1)[1]
+        if not ctr.container_exists(cli, target):
+            errors.append(
+                "network_mode %s: there is no container %s on the Docker host"
+                % (params["network_mode"], target)
+            )
+    roles = ["cm", "sg"] if params["enable_security_gateway"] else ["cm"]
+    try:
+        refs, ids, images_changed = _resolve_images(module, cli, params, roles, check_mode)
+    except ctr.ContainerError as exc:
+        errors.append(str(exc))
+    if errors:
+        module.fail_json(msg="invalid options: " + "; ".join(errors), errors=errors)
+
+    env_path = os.path.join(data, "cmsg.env")
+    secret = existing_secret(env_path) or base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+    module.no_log_values.add(secret)
+    uid, gid = ctr.SERVICE_UID, ctr.SERVICE_GID
+    if os.geteuid() != 0:
+        uid = gid = None
+        warnings.append("not running as root: files keep the current owner; the services run as uid 10001")
+
+    specs = container_specs(params, names, refs, host_label)
+    network = None
+    if params["network_mode"] == "bridge":
+        network = {
+            "key": "cmdeployment",
+            "name": names.network,
+            "subnet": params["docker_network_cidr"],
+            "labels": {ctr.LABEL_MANAGED: "gatehouse.access.cmsg", ctr.LABEL_HOST: host_label},
+        }
+    files = [
+        PlannedFile(os.path.join(data_dir, "docker-compose.yaml"), dep.render_compose(specs, network), 0o644),
+        PlannedFile(
+            os.path.join(data, "config.properties"), config_properties(params, values), 0o644, uid, gid
+        ),
+        PlannedFile(
+            os.path.join(data, "SecurityGateway.conf"), security_gateway_conf(params), 0o644, uid, gid
+        ),
+        PlannedFile(
+            env_path,
+            cmsg_env(secret, params["log_level"]),
+            0o600,
+            uid,
+            gid,
+            mask=mask_env_values({SECRET_KEY}),
+        ),
+        *tls,
+    ]
+    if broker_ca is not None:
+        files.append(broker_ca)
+    dirs = [
+        PlannedDir(data_dir, 0o755),
+        PlannedDir(data, 0o750, uid, gid),
+        PlannedDir(certs_dir, 0o750, uid, gid),
+    ]
+
+    # Hash inputs: what each container reads; the compose file is documentation only.
+    by_name = {os.path.basename(f.path): f for f in files}
+    shared = {n: sha256(by_name[n].data) for n in ("cmsg.env", "cert.pem", "key.pem") if n in by_name}
+    for extra in ("ca.pem", "broker-ca.pem"):
+        if extra in by_name:
+            shared[extra] = sha256(by_name[extra].data)
+    hashes = {}
+    plans = {}
+    for spec in specs:
+        config = "config.properties" if spec["service"] == "cm" else "SecurityGateway.conf"
+        inputs = dict(shared, image=ids.get(spec["service"]), config=sha256(by_name[config].data))
+        inputs["network"] = params["docker_network_cidr"] if network else None
+        hashes[spec["name"]] = ctr.spec_hash(spec, inputs)
+        plans[spec["name"]] = (
+            "create"
+            if ids.get(spec["service"]) is None
+            else ctr.container_plan(cli, spec, hashes[spec["name"]])
+        )
+    net_action = "none"
+    if network is not None:
+        net_action = ctr.network_plan(cli, network["name"], network["subnet"], network["labels"])
+    stale = []
+    if not params["enable_security_gateway"] and ctr.find_container(cli, names.sg) is not None:
+        stale.append(names.sg)
+    if network is None and ctr.find_network(cli, names.network) is not None:
+        stale.append(names.network)
+
+    changed_files = [f.path for f in files if f.changed] + [d.path for d in dirs if d.changed]
+    container_changes = [{"name": n, "action": a} for n, a in plans.items() if a != "none"]
+    container_changes += [{"name": n, "action": "removed"} for n in stale if n == names.sg]
+    changed = bool(changed_files or container_changes or net_action != "none" or stale or images_changed)
+
+    if not check_mode and changed:
+        for d in dirs:
+            if d.changed:
+                d.apply()
+        for f in files:
+            if f.changed:
+                f.apply()
+        try:
+            for name in stale:
+                if name == names.sg:
+                    ctr.remove_container(cli, name, False)
+                else:
+                    ctr.remove_network(cli, name, False)
+            if net_action != "none":
+                ctr.converge_network(cli, network["name"], network["subnet"], network["labels"], net_action)
+                # Containers attached to a replaced network are gone; create them again.
+                for spec in specs:
+                    if plans[spec["name"]] in ("none", "start"):
+                        plans[spec["name"]] = "create"
+            # Fresh ids: images loaded from a bundle or pulled just now.
+            for spec in specs:
+                ctr.converge_container(
+                    cli, spec, hashes[spec["name"]], plans[spec["name"]], params["wait_timeout"]
+                )
+        except ctr.ContainerError as exc:
+            module.fail_json(msg=str(exc), changed=True, changed_files=changed_files)
+    if tls_info.get("stale_ca"):
+        warnings.append(
+            "%s belongs to earlier certificates and is not used with self_signed" % tls_info["stale_ca"]
+        )
+
+    effective = {
+        "config_properties": _effective(by_name["config.properties"].data),
+        "security_gateway_conf": _effective(by_name["SecurityGateway.conf"].data),
+        "data_dir": data_dir,
+        "network_mode": params["network_mode"],
+        "network": dict(name=network["name"], subnet=network["subnet"]) if network else None,
+        "images": refs,
+        "host_label": host_label,
+        "tls": {k: v for k, v in tls_info.items() if k != "stale_ca"},
+    }
+    result = {
+        "changed": changed,
+        "changed_files": changed_files,
+        "containers": container_changes,
+        "network": {
+            "name": names.network,
+            "action": net_action if network else ("removed" if stale else "none"),
+        },
+        "images_loaded": images_changed,
+        "config": effective,
+        "diff": [f.diff() for f in files if f.changed],
+        "warnings_list": warnings,
+    }
+    return result
+
+
+def _effective(data: bytes) -> dict:
+    result = {}
+    for line in data.decode("utf-8").splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        result[key] = value
+    return result

@@ -1,0 +1,495 @@
+# Copyright (c) Gatehouse contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Pieces shared by the deployment modules cmsg and broker (private to the collection).
+
+Validation of URLs, addresses and networks, TLS material for the data directory, image
+selection (local, registry or dark-site bundle), the compose file and the option specs that
+every deployment module has.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import socket
+import subprocess
+import tarfile
+from urllib.parse import urlsplit
+
+from ansible_collections.gatehouse.access.plugins.module_utils import _certificate as certs
+from ansible_collections.gatehouse.access.plugins.module_utils._containers import (
+    COLLECTION_VERSION,
+    SERVICE_GID,
+    SERVICE_UID,
+)
+from ansible_collections.gatehouse.access.plugins.module_utils._files import PlannedFile, read_bytes
+
+PRIVATE_RANGES = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+LOG_LEVELS = ["debug", "info", "warn", "error"]
+SELF_SIGNED_BITS = 3072
+SELF_SIGNED_DAYS = 3650
+_FQDN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]+$")
+
+
+class ValidationError(Exception):
+    """Bad input; ``errors`` lists every problem found, each with what to do."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+# ------------------------------------------------------------------ options shared by the modules
+
+COMMON_ARGUMENT_SPEC: dict = {
+    "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
+    "ssl_cert": {"type": "path"},
+    "ssl_key": {"type": "path"},
+    "ca_cert": {"type": "path"},
+    "self_signed": {"type": "bool", "default": False},
+    "log_level": {"type": "str", "choices": LOG_LEVELS, "default": "info"},
+    "image_tag": {"type": "str", "default": COLLECTION_VERSION},
+    "image_source": {"type": "str", "choices": ["local", "registry"], "default": "local"},
+    "registry": {"type": "str"},
+    "bundle_path": {"type": "path"},
+    "network_mode": {"type": "str", "default": "bridge"},
+    "host_label": {"type": "str"},
+    "name_prefix": {"type": "str", "default": "gatehouse"},
+    "docker_host": {"type": "str"},
+    "wait_timeout": {"type": "int", "default": 60},
+}
+# self_signed excludes ssl_cert/ssl_key only when true; check_common() says so (mutually_exclusive
+# would also refuse an explicit self_signed=false, which roles pass).
+COMMON_MUTUALLY_EXCLUSIVE: list = []
+COMMON_REQUIRED_TOGETHER = [("ssl_cert", "ssl_key")]
+COMMON_REQUIRED_IF = [("image_source", "registry", ["registry"])]
+
+
+def check_common(params: dict, errors: list[str]) -> None:
+    """Checks of the shared options that the argument spec cannot express."""
+    if params["state"] == "present" and not params["self_signed"] and not params["ssl_cert"]:
+        errors.append(
+            "TLS material is required: set ssl_cert and ssl_key (PEM files on the target) or self_signed=true"
+        )
+    if params["self_signed"] and (params["ssl_cert"] or params["ssl_key"]):
+        errors.append("self_signed=true and ssl_cert/ssl_key exclude each other; choose one")
+    if params["ca_cert"] and not params["ssl_cert"]:
+        errors.append("ca_cert is the CA chain of ssl_cert; it cannot be used without ssl_cert")
+    mode = params["network_mode"]
+    if mode not in ("bridge", "host") and not (
+        mode.startswith("container:") and len(mode) > len("container:")
+    ):
+        errors.append("network_mode must be bridge, host or container:<name>, got %r" % mode)
+    if not re.match(r"^[a-z0-9][a-z0-9_.-]{0,40}$", params["name_prefix"]):
+        errors.append(
+            "name_prefix must be lower-case letters, digits, '.', '_' or '-' (at most 41 characters)"
+        )
+    if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", params["image_tag"]):
+        errors.append("image_tag %r is not a valid Docker tag" % params["image_tag"])
+    if params["registry"] and params["image_source"] != "registry":
+        errors.append("registry is only used with image_source=registry")
+    if params["bundle_path"] and params["image_source"] == "registry":
+        errors.append("bundle_path (dark-site bundle) and image_source=registry exclude each other")
+    if params["bundle_path"] and params["state"] == "present" and not os.path.exists(params["bundle_path"]):
+        errors.append("bundle_path %s does not exist on the target" % params["bundle_path"])
+    if params["wait_timeout"] < 0:
+        errors.append("wait_timeout must be 0 (do not wait) or a number of seconds")
+    data_dir = os.path.normpath(params["data_dir"])
+    if not os.path.isabs(data_dir) or data_dir.count("/") < 2:
+        errors.append(
+            "data_dir must be an absolute path at least two levels deep (like /opt/gatehouse/cmsg), got %s"
+            % params["data_dir"]
+        )
+
+
+def port_option(value: int, name: str, errors: list[str], allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        errors.append("%s must be between %d and 65535, got %d" % (name, low, value))
+
+
+# ------------------------------------------------------------------ values
+
+
+def validate_https_url(
+    value: str, name: str, errors: list[str], require_port: bool, paths: tuple = ("",)
+) -> None:
+    """An https URL with a host (and port when required); ``paths`` lists the allowed paths."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        errors.append("%s %r is not a valid URL: %s" % (name, value, exc))
+        return
+    if parts.scheme != "https":
+        errors.append("%s must be an https URL (https://host:port), got %r" % (name, value))
+        return
+    if not parts.hostname:
+        errors.append("%s %r has no host; use https://host:port or https://[IPv6]:port" % (name, value))
+        return
+    if require_port and port is None:
+        errors.append("%s %r has no port; write it as https://%s:<port>" % (name, value, parts.netloc))
+    if port == 0:
+        errors.append("%s %r has port 0" % (name, value))
+    if parts.username or parts.password or parts.query or parts.fragment:
+        errors.append("%s %r must not carry credentials, a query or a fragment" % (name, value))
+    if parts.path.rstrip("/") not in paths:
+        errors.append(
+            "%s %r has an unexpected path %r (allowed: %s)"
+            % (name, value, parts.path, ", ".join(repr(p or "/") for p in paths))
+        )
+
+
+def is_fqdn(value: str) -> bool:
+    name = value.rstrip(".")
+    if not name or len(name) > 253 or "." not in name:
+        return False
+    labels = name.split(".")
+    return all(_FQDN_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
+
+
+def parse_ip(value: str):
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def check_token(value: str | None, name: str, errors: list[str]) -> None:
+    if not value:
+        errors.append("%s is required" % name)
+    elif len(value) < 16:
+        errors.append("%s must be at least 16 characters long" % name)
+    elif not _TOKEN_RE.match(value):
+        errors.append(
+            "%s may only hold letters, digits and . _ ~ + / = - (it is sent as a bearer token)" % name
+        )
+
+
+def check_private_cidr(value: str, name: str, errors: list[str]):
+    """The network of ``value`` when it is an IPv4 CIDR inside the private ranges, else None (error added)."""
+    try:
+        network = ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        errors.append("%s %r is not a network in CIDR notation (like 10.101.0.0/24): %s" % (name, value, exc))
+        return None
+    if network.version != 4 or not any(network.subnet_of(r) for r in PRIVATE_RANGES):
+        errors.append(
+            "%s %s is not inside a private range; use a network within 10.0.0.0/8, 172.16.0.0/12 or "
+            "192.168.0.0/16" % (name, value)
+        )
+        return None
+    if network.prefixlen > 29:
+        errors.append(
+            "%s %s is too small for the containers; use /29 or larger (the default is /24)" % (name, value)
+        )
+        return None
+    return network
+
+
+def host_networks() -> list[tuple[str, str]]:
+    """(interface, network) of every IPv4 address of this host, from ``ip -j addr`` or /proc/net/route."""
+    try:
+        out = subprocess.run(
+            ["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=True
+        ).stdout
+        result = []
+        for link in json.loads(out or "[]"):
+            for info in link.get("addr_info", []):
+                if info.get("family") == "inet":
+                    net = ipaddress.ip_interface("%s/%s" % (info["local"], info["prefixlen"])).network
+                    result.append((link.get("ifname", "?"), str(net)))
+        return result
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        pass
+    result = []
+    try:
+        with open("/proc/net/route", encoding="ascii") as handle:
+            next(handle, None)
+            for line in handle:
+                fields = line.split()
+                if len(fields) < 8 or fields[1] == "00000000":
+                    continue
+                dest = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
+                mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, "little"))
+                result.append((fields[0], str(ipaddress.ip_network("%s/%s" % (dest, mask), strict=False))))
+    except OSError:
+        pass
+    return result
+
+
+def overlaps(network, used: list[tuple[str, str]]) -> list[str]:
+    """Descriptions of the entries in ``used`` (owner, CIDR) that overlap ``network``."""
+    found = []
+    for owner, cidr in used:
+        try:
+            other = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            continue
+        if other.version == network.version and other.overlaps(network):
+            found.append("%s (%s)" % (cidr, owner))
+    return found
+
+
+def default_host_label() -> str:
+    return socket.gethostname()
+
+
+def certificate_name(candidate: str) -> str:
+    """``candidate`` when it can be a certificate common name (DNS name or IP), else localhost."""
+    try:
+        certs.build_name({"common_name": candidate})
+    except certs.CertificateError:
+        return "localhost"
+    return candidate
+
+
+# ------------------------------------------------------------------ TLS material
+
+
+def tls_files(
+    params: dict, certs_dir: str, common_name: str, sans: list[str], errors: list[str], warnings: list[str]
+):
+    """PlannedFile objects for certs/cert.pem, key.pem and (optionally) ca.pem.
+
+    Operator material is checked with the rules of the certificate module and copied. A
+    self-signed pair is generated once (3072-bit RSA) and kept on later runs as long as the key
+    and certificate in certs/ still belong together.
+    """
+    cert_path = os.path.join(certs_dir, "cert.pem")
+    key_path = os.path.join(certs_dir, "key.pem")
+    ca_path = os.path.join(certs_dir, "ca.pem")
+    planned: list[PlannedFile] = []
+    info: dict = {"source": "self_signed" if params["self_signed"] else "provided"}
+    if params["self_signed"]:
+        cert_data, key_data = read_bytes(cert_path), read_bytes(key_path)
+        if not _pair_matches(cert_data, key_data):
+            try:
+                key = certs.generate_key(SELF_SIGNED_BITS)
+                name = certs.build_name({"common_name": common_name})
+                alt = certs.parse_subject_alt_names(sans, common_name)
+                cert = certs.build_selfsigned(key, name, alt, "sha256", SELF_SIGNED_DAYS)
+            except certs.CertificateError as exc:
+                errors.append("cannot create the self-signed certificate: %s" % exc)
+                return [], info
+            key_data = certs.private_key_pem(key)
+            cert_data = cert.public_bytes(certs.serialization.Encoding.PEM)
+            info["generated"] = True
+        assert cert_data is not None and key_data is not None
+        planned.append(PlannedFile(cert_path, cert_data, 0o644, SERVICE_UID, SERVICE_GID))
+        planned.append(PlannedFile(key_path, key_data, 0o600, SERVICE_UID, SERVICE_GID, hidden=True))
+        if os.path.exists(ca_path):
+            # A CA chain of earlier operator material does not belong to the self-signed pair.
+            info["stale_ca"] = ca_path
+        return planned, info
+
+    for option in ("ssl_cert", "ssl_key", "ca_cert"):
+        path = params[option]
+        if path and not os.path.isfile(path):
+            errors.append("%s %s does not exist on the target (or is not a file)" % (option, path))
+    if errors:
+        return [], info
+    try:
+        material = certs.inspect_material(params["ssl_cert"], params["ssl_key"], params["ca_cert"])
+    except certs.CertificateError as exc:
+        errors.append(str(exc))
+        return [], info
+    errors.extend(material.findings.errors)
+    warnings.extend(w for w in material.findings.warnings if "should be readable by its owner only" not in w)
+    if material.findings.errors:
+        return [], info
+    planned.append(
+        PlannedFile(cert_path, read_bytes(params["ssl_cert"]) or b"", 0o644, SERVICE_UID, SERVICE_GID)
+    )
+    planned.append(
+        PlannedFile(
+            key_path, read_bytes(params["ssl_key"]) or b"", 0o600, SERVICE_UID, SERVICE_GID, hidden=True
+        )
+    )
+    if params["ca_cert"]:
+        planned.append(
+            PlannedFile(ca_path, read_bytes(params["ca_cert"]) or b"", 0o644, SERVICE_UID, SERVICE_GID)
+        )
+    info["certificate"] = certs.certificate_facts(material.leaf)
+    return planned, info
+
+
+def _pair_matches(cert_data: bytes | None, key_data: bytes | None) -> bool:
+    if not cert_data or not key_data:
+        return False
+    try:
+        cert, _fmt = certs.load_certificates(cert_data, "certificate")
+        key, _kfmt = certs.load_private_key(key_data, "key")
+    except certs.CertificateError:
+        return False
+    kind, bits = certs.key_kind(key.public_key())
+    return (
+        kind == "RSA"
+        and bits >= certs.MIN_RSA_BITS
+        and certs.same_public_key(key.public_key(), cert[0].public_key())
+    )
+
+
+def extra_file(source: str | None, target: str, option: str, errors: list[str]) -> PlannedFile | None:
+    """A public file copied into certs/ (for example the CA bundle used to verify the broker)."""
+    if not source:
+        return None
+    data = read_bytes(source)
+    if data is None:
+        errors.append("%s %s does not exist on the target" % (option, source))
+        return None
+    try:
+        certs.load_certificates(data, "%s %s" % (option, source))
+    except certs.CertificateError as exc:
+        errors.append(str(exc))
+        return None
+    return PlannedFile(target, data, 0o644, SERVICE_UID, SERVICE_GID)
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def render_properties(title: str, values: list[tuple[str, object]]) -> bytes:
+    """A key=value file in the services' syntax; booleans lower-case, lists comma-separated."""
+    lines = [
+        "# %s" % title,
+        "# Written by the gatehouse.access collection; changes here are overwritten.",
+        "",
+    ]
+    for key, value in values:
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = "" if value is None else str(value)
+        if "\n" in text or "\r" in text:
+            raise ValueError("value of %s contains a line break" % key)
+        lines.append("%s=%s" % (key, text))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _yaml_scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    # A JSON string is a valid YAML double-quoted scalar.
+    return json.dumps(str(value))
+
+
+def to_yaml(value, indent: int = 0) -> str:
+    """Block-style YAML of dicts, lists and scalars; deterministic and free of PyYAML on the target."""
+    pad = "  " * indent
+    lines: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                lines.append("%s%s:" % (pad, key))
+                lines.append(to_yaml(item, indent + 1))
+            elif isinstance(item, dict):
+                lines.append("%s%s: {}" % (pad, key))
+            elif isinstance(item, list):
+                lines.append("%s%s: []" % (pad, key))
+            else:
+                lines.append("%s%s: %s" % (pad, key, _yaml_scalar(item)))
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict) and item:
+                nested = to_yaml(item, indent + 1).splitlines()
+                lines.append("%s- %s" % (pad, nested[0].lstrip()))
+                lines.extend(nested[1:])
+            else:
+                lines.append("%s- %s" % (pad, _yaml_scalar(item)))
+    return "\n".join(lines)
+
+
+def render_compose(specs: list[dict], network: dict | None) -> bytes:
+    """docker-compose.yaml (Compose specification) equivalent to the containers the module runs."""
+    services: dict = {}
+    for spec in specs:
+        service: dict = {"image": spec["image"], "container_name": spec["name"]}
+        if spec.get("command"):
+            service["command"] = list(spec["command"])
+        service["restart"] = spec.get("restart_policy", "unless-stopped")
+        service["labels"] = dict(spec["labels"])
+        service["volumes"] = [
+            "%s:%s%s" % (m["source"], m["target"], ":ro" if m["read_only"] else "") for m in spec["mounts"]
+        ]
+        if spec["network_mode"] == "bridge":
+            if spec.get("ports"):
+                service["ports"] = [
+                    "%d:%d/%s" % (p["host"], p["container"], p["protocol"]) for p in spec["ports"]
+                ]
+            if network:
+                service["networks"] = [network["key"]]
+        else:
+            service["network_mode"] = spec["network_mode"]
+        services[spec["service"]] = service
+    document: dict = {
+        "name": specs[0]["labels"].get("gatehouse.project", "gatehouse") if specs else "gatehouse"
+    }
+    document["services"] = services
+    if network:
+        document["networks"] = {
+            network["key"]: {
+                "name": network["name"],
+                "driver": "bridge",
+                "labels": dict(network["labels"]),
+                "ipam": {"config": [{"subnet": network["subnet"]}]},
+            }
+        }
+    header = (
+        "# What the gatehouse.access collection runs on this host, for reference and for docker compose\n"
+        "# users. The collection converges the containers itself; changes here are overwritten.\n"
+    )
+    return (header + to_yaml(document) + "\n").encode("utf-8")
+
+
+# ------------------------------------------------------------------ images
+
+
+def _image_archives_in_dir(path: str) -> list[str]:
+    found = []
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            # Image archives are `docker save` tars; the collection tarball (*.tar.gz) is not one.
+            if name.endswith(".tar"):
+                found.append(os.path.join(root, name))
+    return sorted(found)
+
+
+def load_bundle(cli, bundle_path: str, check_mode: bool) -> list[str]:
+    """Load the images of a dark-site bundle; returns the tags loaded.
+
+    ``bundle_path`` is a directory (image archives ``*.tar`` anywhere below it), a ``docker save``
+    archive, or a bundle tarball (``*.tar.gz``) holding image archives.
+    """
+    if check_mode:
+        return []
+    loaded: list[str] = []
+
+    def load(stream) -> None:
+        for image in cli.images.load(stream):
+            loaded.extend(image.tags)
+
+    if os.path.isdir(bundle_path):
+        for archive in _image_archives_in_dir(bundle_path):
+            with open(archive, "rb") as handle:
+                load(handle)
+    elif bundle_path.endswith((".tar.gz", ".tgz")):
+        with tarfile.open(bundle_path, "r:gz") as bundle:
+            for member in bundle.getmembers():
+                if member.isfile() and member.name.endswith(".tar"):
+                    stream = bundle.extractfile(member)
+                    if stream is not None:
+                        load(stream)
+    else:
+        with open(bundle_path, "rb") as handle:
+            load(handle)
+    return loaded

@@ -1,0 +1,267 @@
+#!/usr/bin/python
+# Copyright (c) Gatehouse contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: cmsg
+short_description: Install, configure and uninstall a connection manager and security gateway
+version_added: 0.1.0
+description:
+  - The equivalent of C(pcoip-cmsg-setup install), C(configure) and C(uninstall) for Gatehouse. It writes the
+    data directory O(data_dir) (C(docker-compose.yaml), C(data/config.properties), C(data/SecurityGateway.conf),
+    C(data/cmsg.env), C(certs/)) and converges the containers C(<prefix>-cm) and C(<prefix>-sg).
+  - Every option is validated before anything is changed; a bad option fails the task with a message that says
+    what to do and leaves the host as it was.
+  - Files are written atomically. C(cmsg.env) (the grant secret shared by CM and SG) and C(certs/key.pem) have mode
+    V(0600) and belong to the services' user (uid 10001). The grant secret is generated once and kept.
+  - A container is recreated only when its spec, its image or one of the files it reads changed (hash label
+    C(gatehouse.spec-hash)); the same options twice report no change.
+  - See the C(docs/cmsg-flags.md) page of the collection for the installer flag behind every option.
+author:
+  - Gatehouse contributors (@gatehouse)
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - gatehouse.access.deploy
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+    details:
+      - The diff shows every configuration file before and after; the grant secret is masked and private keys
+        are shown as a hash only.
+  platform:
+    platforms: posix
+requirements:
+  - docker (Python SDK) >= 5.0 on the target
+  - cryptography >= 42.0 on the target
+  - Docker engine >= 20.10
+options:
+  accept_policies:
+    description:
+      - Accept the EULA and privacy policy (the installer's C(--accept-policies)). Must be V(true) with
+        O(state=present).
+    type: bool
+    default: false
+  broker_url:
+    description:
+      - URL of the broker, C(https://host:port), C(https://ip:port) or C(https://[ipv6]:port), optionally
+        followed by C(/pcoip-broker/xml). Required with O(state=present).
+    type: str
+  broker_ca_cert:
+    description: CA bundle on the target to verify the broker, copied to C(certs/broker-ca.pem). Default is the
+      system store of the image.
+    type: path
+  broker_tls_verify:
+    description: Verify the broker's certificate.
+    type: bool
+    default: true
+  external_pcoip_ip:
+    description:
+      - Public address(es) of the security gateway that clients connect to on 4172; at most one IPv4 and one
+        IPv6 address (IPv6 needs O(enable_ipv6)).
+      - Required (with an IPv4 address) when O(enable_security_gateway=true).
+    type: list
+    elements: str
+    default: []
+  enable_security_gateway:
+    description:
+      - Run the security gateway. With V(false) (LAN, direct mode) clients connect straight to the agents and the
+        C(<prefix>-sg) container is removed.
+    type: bool
+    default: true
+  enable_collaboration:
+    description: Allow several clients to collaborate on one agent.
+    type: bool
+    default: true
+  enable_ipv6:
+    description: Enable IPv6 connections.
+    type: bool
+    default: false
+  host_address:
+    description: Address(es) of this host as clients know it, at most one IP address and one FQDN. Also the names of
+      a self-signed certificate.
+    type: list
+    elements: str
+    default: []
+  license_server_url:
+    description: Address of the license server passed to agents, like C(https://<license-server-address>:<port>).
+    type: str
+  docker_network_cidr:
+    description:
+      - Subnet of the Docker network C(<prefix>-cmsg) (only with O(network_mode=bridge)).
+      - Must be inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16 and must not overlap the networks of the host's
+        interfaces or of other Docker networks.
+    type: str
+    default: 10.101.0.0/24
+  max_connections:
+    description:
+      - Concurrent sessions of the security gateway (C(MaxConnections) in C(SecurityGateway.conf)); the next one is
+        refused with C(503 Service Unavailable). At most 5000 (the seed's maximum per gateway; deploy more nodes
+        behind a HALB pair for more).
+    type: int
+    default: 5000
+  max_concurrent_establishments:
+    description: Session establishments (allocate-resource calls) the connection manager runs at the same time.
+    type: int
+    default: 40
+  max_clients:
+    description: Concurrent client sessions of the connection manager.
+    type: int
+    default: 400
+  trusted_proxies:
+    description: Networks (CIDRs) of load balancers whose C(X-Forwarded-For) header gives the client address.
+    type: list
+    elements: str
+    default: []
+  data_dir:
+    description: The data directory (the seed's C(/opt/teradici/pcoipcm_data)).
+    type: path
+    default: /opt/gatehouse/cmsg
+  https_port:
+    description: Host port published for the connection manager's 8443 with O(network_mode=bridge).
+    type: int
+    default: 443
+  http_port:
+    description: Host port published for the redirect to https (container port 8080) with O(network_mode=bridge);
+      V(0) disables the redirect.
+    type: int
+    default: 80
+  pcoip_port:
+    description: Host port (tcp and udp) published for the security gateway's 4172 with O(network_mode=bridge).
+    type: int
+    default: 4172
+seealso:
+  - module: gatehouse.access.certificate
+  - module: gatehouse.access.broker
+"""
+
+EXAMPLES = r"""
+- name: WAN node with a CA-issued certificate (install and configure are the same task)
+  gatehouse.access.cmsg:
+    accept_policies: true
+    broker_url: https://broker.example.com:443
+    external_pcoip_ip:
+      - 203.0.113.10
+    host_address:
+      - cmsg1.example.com
+    ssl_cert: /root/certs/cmsg1.pem
+    ssl_key: /root/certs/cmsg1.key
+    ca_cert: /root/certs/CAcertificate.pem
+
+- name: LAN-only node (no security gateway) with a self-signed certificate
+  gatehouse.access.cmsg:
+    accept_policies: true
+    broker_url: https://10.0.0.5:443
+    enable_security_gateway: false
+    self_signed: true
+    docker_network_cidr: 172.20.0.0/24
+
+- name: Dark site, images from the bundle
+  gatehouse.access.cmsg:
+    accept_policies: true
+    broker_url: https://broker.corp.internal:443
+    external_pcoip_ip: [198.51.100.7, "2001:db8::7"]
+    enable_ipv6: true
+    self_signed: true
+    bundle_path: /root/gatehouse-bundle
+
+- name: Uninstall
+  gatehouse.access.cmsg:
+    state: absent
+"""
+
+RETURN = r"""
+changed_files:
+  description: Files and directories written (or, with O(state=absent), removed); in check mode, those that would be.
+  returned: always
+  type: list
+  elements: str
+  sample: [/opt/gatehouse/cmsg/data/config.properties]
+containers:
+  description: Containers that were (or would be) created, recreated, started or removed.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{name: gatehouse-cm, action: recreate}]
+network:
+  description: The Docker network C(<prefix>-cmsg) and what happened to it (none, create, recreate, removed).
+  returned: always
+  type: dict
+  sample: {name: gatehouse-cmsg, action: none}
+images_loaded:
+  description: Images loaded from O(bundle_path) or pulled from O(registry).
+  returned: O(state=present)
+  type: list
+  elements: str
+config:
+  description: The effective configuration (no secrets).
+  returned: O(state=present)
+  type: dict
+  contains:
+    config_properties:
+      description: Keys and values of C(data/config.properties).
+      type: dict
+    security_gateway_conf:
+      description: Keys and values of C(data/SecurityGateway.conf).
+      type: dict
+    images:
+      description: Image references per role.
+      type: dict
+    network:
+      description: Name and subnet of the Docker network, or null outside bridge mode.
+      type: dict
+left_behind:
+  description: With O(state=absent), files in the data directory that the module did not write and kept.
+  returned: O(state=absent)
+  type: list
+  elements: str
+errors:
+  description: Every problem found in the options, when the module fails.
+  returned: failure
+  type: list
+  elements: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
+
+from ansible_collections.gatehouse.access.plugins.module_utils import (  # noqa: E402
+    _certificate as certificate_utils,
+)
+from ansible_collections.gatehouse.access.plugins.module_utils import _cmsg  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils import _containers as containers  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils import _deploy as deploy  # noqa: E402
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=_cmsg.ARGUMENT_SPEC,
+        required_if=_cmsg.REQUIRED_IF,
+        mutually_exclusive=deploy.COMMON_MUTUALLY_EXCLUSIVE,
+        required_together=deploy.COMMON_REQUIRED_TOGETHER,
+        supports_check_mode=True,
+    )
+    if not containers.HAS_DOCKER:
+        module.fail_json(msg=missing_required_lib("docker"), exception=containers.DOCKER_IMPORT_ERROR)
+    if not certificate_utils.HAS_CRYPTOGRAPHY:
+        module.fail_json(
+            msg=missing_required_lib("cryptography >= 42.0"),
+            exception=certificate_utils.CRYPTOGRAPHY_IMPORT_ERROR,
+        )
+    try:
+        result = _cmsg.run(module)
+    except containers.ContainerError as exc:
+        module.fail_json(msg=str(exc))
+    for warning in result.pop("warnings_list", []):
+        module.warn(warning)
+    diff = result.pop("diff", None)
+    if module._diff and diff:
+        result["diff"] = diff
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Run the collection's plugins through real Ansible from a plain checkout.
+
+Ansible finds collections only below ``ansible_collections/<namespace>/<name>``; a checkout is not
+laid out that way, so a temporary tree with a symlink ``ansible_collections/gatehouse/access`` ->
+repository root is created once per test process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+_tree: Path | None = None
+
+
+def collection_tree() -> Path:
+    """Directory to put in ANSIBLE_COLLECTIONS_PATH (or sys.path) for ``gatehouse.access``."""
+    global _tree
+    if _tree is None:
+        base = Path(tempfile.mkdtemp(prefix="gatehouse-collections-"))
+        namespace = base / "ansible_collections" / "gatehouse"
+        namespace.mkdir(parents=True)
+        (namespace / "access").symlink_to(REPO_ROOT, target_is_directory=True)
+        atexit.register(shutil.rmtree, base, True)
+        _tree = base
+    return _tree
+
+
+def ensure_importable() -> None:
+    """Make ``ansible_collections.gatehouse.access`` importable in this interpreter (unit tests)."""
+    try:
+        import ansible_collections.gatehouse.access.plugins.module_utils  # noqa: F401
+    except ImportError:
+        # ansible_collections is a namespace package: its search path follows sys.path changes.
+        sys.path.insert(0, str(collection_tree()))
+        importlib.invalidate_caches()
+
+
+def tool(name: str) -> str:
+    candidate = VENV_BIN / name
+    return str(candidate) if candidate.exists() else name
+
+
+def ansible_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "ANSIBLE_COLLECTIONS_PATH": str(collection_tree()),
+            "ANSIBLE_STDOUT_CALLBACK": "json",
+            "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
+            "ANSIBLE_LOCALHOST_WARNING": "false",
+            "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_RETRY_FILES_ENABLED": "false",
+            "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class AnsibleRun:
+    """Result of one task: the module result, plus the raw output to check for leaked secrets."""
+
+    result: dict[str, Any]
+    stdout: str
+    stderr: str
+    returncode: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.result.get("failed"))
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.result.get("changed"))
+
+
+def run_adhoc(
+    module: str,
+    args: dict[str, Any],
+    *,
+    check: bool = False,
+    diff: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> AnsibleRun:
+    """``ansible localhost -m <module> -a <json>`` with the json callback; returns the task result."""
+    command = [tool("ansible"), "localhost", "-m", module, "-a", json.dumps(args)]
+    if check:
+        command.append("--check")
+    if diff:
+        command.append("--diff")
+    proc = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=ansible_env(env),
+        timeout=timeout,
+        cwd=str(collection_tree()),
+        check=False,
+    )
+    try:
+        report = json.loads(proc.stdout)
+        result = report["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    except (ValueError, KeyError, IndexError) as exc:
+        raise AssertionError(
+            f"ansible output is not the json callback's report ({exc})\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        ) from None
+    return AnsibleRun(result, proc.stdout, proc.stderr, proc.returncode, list(result.get("warnings", [])))
+
+
+def run_module(name: str, args: dict[str, Any], **kwargs: Any) -> AnsibleRun:
+    """Run ``gatehouse.access.<name>`` on localhost."""
+    return run_adhoc(f"gatehouse.access.{name}", args, **kwargs)

@@ -1,0 +1,399 @@
+"""Validation and rendering of the cmsg module (module_utils._cmsg, _deploy, _files) without Docker."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gatehouse.config import parse_kv
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+importlib.import_module("collection_helpers").ensure_importable()
+cmsg = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._cmsg")
+dep = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._deploy")
+files = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._files")
+ctr = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._containers")
+tls = importlib.import_module("tls_material")
+
+
+def params(**overrides) -> dict:
+    """Module parameters as AnsibleModule would give them: the spec defaults plus ``overrides``."""
+    result = {name: spec.get("default") for name, spec in cmsg.ARGUMENT_SPEC.items()}
+    result.update(
+        accept_policies=True,
+        broker_url="https://broker.example.test:8443",
+        external_pcoip_ip=["203.0.113.10"],
+        self_signed=True,
+    )
+    result.update(overrides)
+    return result
+
+
+def no_networks() -> list[tuple[str, str]]:
+    return []
+
+
+def errors_of(p: dict, used=no_networks) -> list[str]:
+    with pytest.raises(dep.ValidationError) as info:
+        cmsg.validate(p, used)
+    return info.value.errors
+
+
+def test_valid_options_pass() -> None:
+    values = cmsg.validate(params(host_address=["cmsg1.example.test", "10.0.0.5"]), no_networks)
+    assert values["external_ips"] == ["203.0.113.10"]
+    assert values["host_address"] == ["cmsg1.example.test", "10.0.0.5"]
+
+
+def test_accept_policies_required() -> None:
+    errors = errors_of(params(accept_policies=False))
+    assert len(errors) == 1 and "accept_policies must be true" in errors[0]
+
+
+def test_external_ip_required_with_gateway() -> None:
+    errors = errors_of(params(external_pcoip_ip=[]))
+    assert any("external_pcoip_ip needs the public IPv4 address" in e for e in errors)
+    # LAN only: no gateway, no external address needed.
+    cmsg.validate(params(external_pcoip_ip=[], enable_security_gateway=False), no_networks)
+
+
+def test_two_ipv4_external_addresses_refused() -> None:
+    errors = errors_of(params(external_pcoip_ip=["203.0.113.10", "203.0.113.11"]))
+    assert any("holds 2 IPv4 addresses" in e for e in errors)
+
+
+def test_ipv6_external_address_needs_enable_ipv6() -> None:
+    errors = errors_of(params(external_pcoip_ip=["203.0.113.10", "2001:db8::10"]))
+    assert any("set enable_ipv6=true" in e for e in errors)
+    values = cmsg.validate(
+        params(external_pcoip_ip=["203.0.113.10", "2001:db8::10"], enable_ipv6=True), no_networks
+    )
+    assert values["external_ips"] == ["203.0.113.10", "2001:db8::10"]
+
+
+def test_external_ip_must_be_an_address() -> None:
+    assert any("is not an IP address" in e for e in errors_of(params(external_pcoip_ip=["gw.example.test"])))
+
+
+@pytest.mark.parametrize("cidr", ["8.8.8.0/24", "100.64.0.0/24", "172.32.0.0/24", "fd00::/64"])
+def test_public_or_non_ipv4_cidr_refused(cidr: str) -> None:
+    errors = errors_of(params(docker_network_cidr=cidr))
+    assert any("not inside a private range" in e for e in errors)
+
+
+def test_malformed_cidr_refused() -> None:
+    errors = errors_of(params(docker_network_cidr="10.101.0.1/24"))
+    assert any("is not a network in CIDR notation" in e for e in errors)
+
+
+def test_overlapping_cidr_refused_with_owner_named() -> None:
+    def used() -> list[tuple[str, str]]:
+        return [("interface eth0", "10.101.0.0/16"), ("docker network bridge", "172.17.0.0/16")]
+
+    errors = errors_of(params(), used)
+    assert len(errors) == 1
+    assert "overlaps" in errors[0] and "10.101.0.0/16 (interface eth0)" in errors[0]
+    assert "172.17.0.0/16" not in errors[0]
+    # Another range is fine; outside bridge mode no network is created, so no overlap check.
+    cmsg.validate(params(docker_network_cidr="10.102.0.0/24"), used)
+    cmsg.validate(params(network_mode="host"), used)
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("http://broker.example.test:8443", "must be an https URL"),
+        ("https://broker.example.test", "has no port"),
+        ("https://:8443", "has no host"),
+        ("https://broker.example.test:8443/other", "unexpected path"),
+        ("https://user:pw@broker.example.test:8443", "must not carry credentials"),
+        ("https://broker.example.test:99999", "is not a valid URL"),
+        ("broker.example.test:8443", "must be an https URL"),
+    ],
+)
+def test_bad_broker_url(url: str, fragment: str) -> None:
+    errors = errors_of(params(broker_url=url))
+    assert any(fragment in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "url", ["https://broker:8443", "https://10.0.0.5:443/pcoip-broker/xml", "https://[2001:db8::5]:443"]
+)
+def test_good_broker_urls(url: str) -> None:
+    cmsg.validate(params(broker_url=url), no_networks)
+
+
+def test_limits() -> None:
+    assert any(
+        "max_connections must be between 1 and 5000" in e for e in errors_of(params(max_connections=5001))
+    )
+    assert any("max_clients" in e for e in errors_of(params(max_clients=0)))
+    cmsg.validate(
+        params(max_connections=1, max_clients=10000, max_concurrent_establishments=200), no_networks
+    )
+
+
+def test_host_address_at_most_one_ip_and_one_fqdn() -> None:
+    errors = errors_of(params(host_address=["a.example.test", "b.example.test"]))
+    assert any("at most one IP address and one FQDN" in e for e in errors)
+    errors = errors_of(params(host_address=["not a name"]))
+    assert any("neither an IP address nor a fully qualified domain name" in e for e in errors)
+
+
+def test_tls_material_required_and_exclusive_rules() -> None:
+    errors = errors_of(params(self_signed=False))
+    assert any("TLS material is required" in e for e in errors)
+
+
+def test_every_problem_reported_at_once() -> None:
+    errors = errors_of(
+        params(
+            accept_policies=False,
+            broker_url="http://x",
+            external_pcoip_ip=[],
+            docker_network_cidr="8.8.8.0/24",
+        )
+    )
+    assert len(errors) == 4
+
+
+def test_network_mode_and_prefix_checked() -> None:
+    assert any("network_mode must be" in e for e in errors_of(params(network_mode="container:")))
+    assert any("name_prefix" in e for e in errors_of(params(name_prefix="Bad Prefix")))
+    cmsg.validate(params(network_mode="container:host1"), no_networks)
+
+
+# ------------------------------------------------------------------ TLS material
+
+
+def test_key_certificate_mismatch_refused(tmp_path: Path) -> None:
+    cert = tls.certificate(tls.rsa_key(3072, slot=0), "cmsg.example.test")
+    cert_path = tls.write(tmp_path / "cert.pem", tls.pem(cert))
+    key_path = tls.write(tmp_path / "key.pem", tls.key_pem(tls.rsa_key(3072, slot=1)), 0o600)
+    errors: list[str] = []
+    planned, _info = dep.tls_files(
+        params(self_signed=False, ssl_cert=str(cert_path), ssl_key=str(key_path)),
+        str(tmp_path / "certs"),
+        "cmsg.example.test",
+        [],
+        errors,
+        [],
+    )
+    assert planned == []
+    assert any("does not match certificate" in e for e in errors)
+
+
+def test_small_rsa_key_refused(tmp_path: Path) -> None:
+    key = tls.rsa_key(1024, slot=0)
+    cert_path = tls.write(tmp_path / "cert.pem", tls.pem(tls.certificate(key)))
+    key_path = tls.write(tmp_path / "key.pem", tls.key_pem(key), 0o600)
+    errors: list[str] = []
+    dep.tls_files(
+        params(self_signed=False, ssl_cert=str(cert_path), ssl_key=str(key_path)),
+        str(tmp_path / "certs"),
+        "x.example.test",
+        [],
+        errors,
+        [],
+    )
+    assert any("1024-bit RSA key" in e for e in errors)
+
+
+def test_missing_certificate_file_refused(tmp_path: Path) -> None:
+    errors: list[str] = []
+    dep.tls_files(
+        params(self_signed=False, ssl_cert=str(tmp_path / "nope.pem"), ssl_key=str(tmp_path / "nope.key")),
+        str(tmp_path / "certs"),
+        "x.example.test",
+        [],
+        errors,
+        [],
+    )
+    assert any("does not exist on the target" in e for e in errors) and len(errors) == 2
+
+
+def test_provided_material_copied_with_modes(tmp_path: Path) -> None:
+    chain = tls.Chain()
+    cert_path = tls.write(tmp_path / "cert.pem", tls.pem(chain.leaf))
+    ca_path = tls.write(tmp_path / "ca.pem", tls.pem(chain.intermediate, chain.root))
+    key_path = tls.write(tmp_path / "key.pem", tls.key_pem(chain.leaf_key), 0o600)
+    errors: list[str] = []
+    planned, info = dep.tls_files(
+        params(self_signed=False, ssl_cert=str(cert_path), ssl_key=str(key_path), ca_cert=str(ca_path)),
+        str(tmp_path / "certs"),
+        "x.example.test",
+        [],
+        errors,
+        [],
+    )
+    assert errors == []
+    modes = {Path(p.path).name: p.mode for p in planned}
+    assert modes == {"cert.pem": 0o644, "key.pem": 0o600, "ca.pem": 0o644}
+    key_file = next(p for p in planned if p.path.endswith("key.pem"))
+    assert key_file.hidden and b"PRIVATE KEY" not in repr(key_file.diff()).encode()
+    assert info["source"] == "provided"
+
+
+def test_self_signed_generated_once_then_kept(tmp_path: Path) -> None:
+    certs_dir = tmp_path / "certs"
+    certs_dir.mkdir()
+    first, info = dep.tls_files(params(), str(certs_dir), "cmsg1.example.test", ["203.0.113.10"], [], [])
+    assert info.get("generated") is True
+    for planned in first:
+        planned.apply()
+    assert stat.S_IMODE((certs_dir / "key.pem").stat().st_mode) == 0o600
+    second, info2 = dep.tls_files(params(), str(certs_dir), "other.example.test", [], [], [])
+    assert "generated" not in info2
+    assert [p.changed for p in second] == [False, False]
+    cert = tls.x509.load_pem_x509_certificate((certs_dir / "cert.pem").read_bytes())
+    assert cert.public_key().key_size == 3072
+    assert "203.0.113.10" in [
+        str(v)
+        for v in cert.extensions.get_extension_for_class(
+            tls.x509.SubjectAlternativeName
+        ).value.get_values_for_type(tls.x509.IPAddress)
+    ]
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def architecture_keys(section: str) -> list[str]:
+    """Keys of one configuration table of docs/architecture.md (``A / B`` rows name two keys)."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    body = text.split(f"### {section}", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    keys: list[str] = []
+    for line in body.splitlines():
+        match = re.match(r"^\| ([A-Za-z][A-Za-z0-9 /]*?) \|", line)
+        if match and match.group(1) != "key":
+            keys.extend(k.strip() for k in match.group(1).split("/"))
+    return keys
+
+
+def test_config_properties_has_exactly_the_documented_keys() -> None:
+    p = params(
+        external_pcoip_ip=["203.0.113.10", "2001:db8::10"],
+        enable_ipv6=True,
+        host_address=["cmsg1.example.test", "10.0.0.5"],
+        trusted_proxies=["10.0.9.0/24"],
+        license_server_url="https://lic.example.test:7070/request",
+        max_clients=800,
+    )
+    values = cmsg.validate(p, no_networks)
+    parsed = parse_kv(cmsg.config_properties(p, values).decode())
+    assert list(parsed) == architecture_keys("config.properties (CM)")
+    assert parsed["ExternalPcoipIp"] == "203.0.113.10,2001:db8::10"
+    assert parsed["HostAddress"] == "cmsg1.example.test,10.0.0.5"
+    assert parsed["TrustedProxies"] == "10.0.9.0/24"
+    assert parsed["MaxClients"] == "800"
+    assert parsed["SecurityGatewayEnabled"] == "true"
+    assert parsed["BrokerUrl"] == "https://broker.example.test:8443"
+    assert parsed["EnableIpv6"] == "true"
+
+
+def test_security_gateway_conf_keys_and_max_connections() -> None:
+    parsed = parse_kv(cmsg.security_gateway_conf(params(max_connections=1200, log_level="debug")).decode())
+    assert list(parsed) == architecture_keys("SecurityGateway.conf (SG)")
+    assert parsed["MaxConnections"] == "1200"
+    assert parsed["LogLevel"] == "debug"
+
+
+def test_redirect_disabled_with_http_port_zero() -> None:
+    p = params(http_port=0)
+    parsed = parse_kv(cmsg.config_properties(p, cmsg.validate(p, no_networks)).decode())
+    assert parsed["RedirectPort"] == "0"
+
+
+def test_compose_file_is_valid_and_matches_the_containers() -> None:
+    p = params(data_dir="/opt/gatehouse/cmsg")
+    names = cmsg.Names("gatehouse")
+    specs = cmsg.container_specs(p, names, {"cm": "gatehouse/cm:0.1.0", "sg": "gatehouse/sg:0.1.0"}, "node1")
+    network = {"key": "cmdeployment", "name": names.network, "subnet": "10.101.0.0/24", "labels": {"a": "b"}}
+    doc = yaml.safe_load(dep.render_compose(specs, network))
+    assert set(doc["services"]) == {"cm", "sg"}
+    cm = doc["services"]["cm"]
+    assert cm["container_name"] == "gatehouse-cm"
+    assert cm["ports"] == ["443:8443/tcp", "80:8080/tcp"]
+    assert cm["volumes"] == ["/opt/gatehouse/cmsg/data:/data:ro", "/opt/gatehouse/cmsg/certs:/certs:ro"]
+    assert cm["labels"]["gatehouse.role"] == "cm" and cm["labels"]["gatehouse.host"] == "node1"
+    assert doc["services"]["sg"]["ports"] == ["4172:4172/tcp", "4172:4172/udp"]
+    assert doc["networks"]["cmdeployment"]["ipam"]["config"] == [{"subnet": "10.101.0.0/24"}]
+
+
+def test_compose_without_gateway_and_in_container_mode() -> None:
+    p = params(enable_security_gateway=False, external_pcoip_ip=[], network_mode="container:host1")
+    specs = cmsg.container_specs(p, cmsg.Names("gh"), {"cm": "gatehouse/cm:0.1.0"}, "host1")
+    doc = yaml.safe_load(dep.render_compose(specs, None))
+    assert list(doc["services"]) == ["cm"]
+    assert doc["services"]["cm"]["network_mode"] == "container:host1"
+    assert "ports" not in doc["services"]["cm"] and "networks" not in doc
+
+
+def test_grant_secret_kept_and_masked(tmp_path: Path) -> None:
+    env = tmp_path / "cmsg.env"
+    assert cmsg.existing_secret(str(env)) is None
+    secret = "A" * 43 + "="
+    env.write_bytes(cmsg.cmsg_env(secret, "info"))
+    assert cmsg.existing_secret(str(env)) == secret
+    env.write_bytes(b"GATEHOUSE_GRANTSECRET=short\n")
+    assert cmsg.existing_secret(str(env)) is None
+    planned = files.PlannedFile(
+        str(tmp_path / "new.env"),
+        cmsg.cmsg_env(secret, "warn"),
+        0o600,
+        mask=files.mask_env_values({cmsg.SECRET_KEY}),
+    )
+    diff = planned.diff()
+    assert secret not in repr(diff)
+    assert "GATEHOUSE_GRANTSECRET=********" in diff["after"] and "GATEHOUSE_LOGLEVEL=warn" in diff["after"]
+
+
+def test_collection_version_matches_galaxy() -> None:
+    galaxy = yaml.safe_load((REPO / "galaxy.yml").read_text())
+    assert ctr.COLLECTION_VERSION == galaxy["version"]
+    assert cmsg.ARGUMENT_SPEC["image_tag"]["default"] == galaxy["version"]
+
+
+def test_spec_hash_changes_with_inputs() -> None:
+    spec = {"name": "x", "image": "gatehouse/cm:0.1.0"}
+    base = ctr.spec_hash(spec, {"config": "a"})
+    assert base == ctr.spec_hash(dict(spec), {"config": "a"})
+    assert base != ctr.spec_hash(spec, {"config": "b"})
+    assert base != ctr.spec_hash(dict(spec, image="gatehouse/cm:0.2.0"), {"config": "a"})
+
+
+# ------------------------------------------------------------------ files
+
+
+def test_planned_file_detects_content_and_mode(tmp_path: Path) -> None:
+    path = tmp_path / "f.conf"
+    planned = files.PlannedFile(str(path), b"a=1\n", 0o640)
+    assert planned.changed and planned.diff()["before"] == ""
+    planned.apply()
+    assert path.read_bytes() == b"a=1\n" and stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert not files.PlannedFile(str(path), b"a=1\n", 0o640).changed
+    path.chmod(0o644)
+    again = files.PlannedFile(str(path), b"a=1\n", 0o640)
+    assert again.changed and not again.content_changed
+    again.apply()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert list(tmp_path.iterdir()) == [path], "temporary files left behind"
+
+
+def test_remove_paths_keeps_foreign_files(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "config.properties").write_text("x")
+    (tmp_path / "data" / "notes.txt").write_text("mine")
+    removed, left = files.remove_paths(
+        [str(tmp_path / "data" / "config.properties")], [str(tmp_path / "data"), str(tmp_path)], False
+    )
+    assert removed == [str(tmp_path / "data" / "config.properties")]
+    assert str(tmp_path / "data" / "notes.txt") in left
+    assert (tmp_path / "data" / "notes.txt").exists()

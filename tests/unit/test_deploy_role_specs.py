@@ -1,0 +1,28 @@
+"""meta/argument_specs.yml of the deployment roles documents exactly defaults/main.yml (names and defaults)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROLES = Path(__file__).resolve().parents[2] / "roles"
+
+
+@pytest.mark.parametrize("role", ["docker", "firewall", "cmsg", "broker", "agent"])
+def test_argument_specs_match_defaults(role: str) -> None:
+    defaults = yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()) or {}
+    specs = yaml.safe_load((ROLES / role / "meta" / "argument_specs.yml").read_text())
+    options = specs["argument_specs"]["main"]["options"]
+    assert set(options) == set(defaults)
+    for name, spec in options.items():
+        assert name.startswith(role + "_"), name
+        assert spec.get("default") == defaults[name], name
+        assert spec.get("description"), name
+
+
+@pytest.mark.parametrize("role", ["agent"])
+def test_templates_start_with_ansible_managed(role: str) -> None:
+    for template in (ROLES / role / "templates").glob("*.j2"):
+        assert template.read_text().startswith("{{ ansible_managed | comment }}"), template
