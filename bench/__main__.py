@@ -49,6 +49,25 @@ def table(figures: list[Figure]) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict) -> str:
+    """The figures of a results.json as a Markdown table (for docs/benchmarks.md)."""
+    lines = [
+        "| figure | value | reference | ratio | goal | |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in results["figures"]:
+        ratio = f["value"] / f["reference"] if f["value"] is not None and f["reference"] else None
+        value = f"{_fmt(f['value'])} {f['unit']}" if f["value"] is not None else f["note"]
+        ref = (
+            f"{_fmt(f['reference'])} {f['unit']} ({f['reference_name']})"
+            if f["reference"] is not None
+            else "-"
+        )
+        verdict = {True: "met", False: "**missed**", None: ""}[f["met"]]
+        lines.append(f"| {f['name']} | {value} | {ref} | {_fmt(ratio)} | {f['goal'] or '-'} | {verdict} |")
+    return "\n".join(lines)
+
+
 def run_one(name: str, target: str, quick: bool) -> list[Figure]:
     module, _, func = target.partition(":")
     runner = getattr(importlib.import_module(module), func or "run")
@@ -68,7 +87,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs and smaller counts")
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="repeatable")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the figures of --output as Markdown and exit (no run)"
+    )
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.output.read_text())))
+        return 0
     raise_nofile()
     selected = args.only or list(BENCHMARKS)
     figures: list[Figure] = []

@@ -126,7 +126,7 @@ async def _measure(bench: Bench, n: int, payload: int) -> Figure:
         "KiB",
         sg_m["per_session_kib"],
         hp_m["per_session_kib"],
-        "HAProxy relaying the same sessions",
+        "HAProxy relaying sessions the same way",
         "value <= 100",
         details={"sg": sg_m, "haproxy": hp_m, "sessions": n, "haproxy_sessions": ref_n},
     ).judge()

@@ -231,7 +231,7 @@ def install(module, cli, params: dict, check_mode: bool) -> dict:
     props = {}
     for line in files[1].data.decode("utf-8").splitlines():
         if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
+            key, _sep, value = line.partition("=")
             props[key] = value
     return {
         "changed": changed,

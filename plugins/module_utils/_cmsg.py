@@ -534,6 +534,6 @@ def _effective(data: bytes) -> dict:
     for line in data.decode("utf-8").splitlines():
         if not line or line.startswith("#"):
             continue
-        key, _, value = line.partition("=")
+        key, _sep, value = line.partition("=")
         result[key] = value
     return result

@@ -85,7 +85,7 @@ def ensure_image(cli, ref: str, pull: bool, check_mode: bool) -> tuple[str | Non
     if check_mode:
         return None, True
     try:
-        repository, _, tag = ref.rpartition(":")
+        repository, _sep, tag = ref.rpartition(":")
         return cli.images.pull(repository, tag=tag).id, True
     except DockerException as exc:
         raise ContainerError("cannot pull %s: %s" % (ref, exc)) from None

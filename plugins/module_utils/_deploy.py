@@ -280,7 +280,8 @@ def tls_files(
             key_data = certs.private_key_pem(key)
             cert_data = cert.public_bytes(certs.serialization.Encoding.PEM)
             info["generated"] = True
-        assert cert_data is not None and key_data is not None
+        if cert_data is None or key_data is None:
+            raise RuntimeError("internal error: no self-signed certificate or key for %s" % certs_dir)
         planned.append(PlannedFile(cert_path, cert_data, 0o644, SERVICE_UID, SERVICE_GID))
         planned.append(PlannedFile(key_path, key_data, 0o600, SERVICE_UID, SERVICE_GID, hidden=True))
         if os.path.exists(ca_path):

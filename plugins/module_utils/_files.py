@@ -106,7 +106,8 @@ class PlannedFile:
             return True
         if self.before_mode != self.mode:
             return True
-        assert self.before_owner is not None
+        if self.before_owner is None:
+            raise RuntimeError("internal error: owner of existing %s was not read" % self.path)
         if self.uid is not None and self.before_owner[0] != self.uid:
             return True
         return self.gid is not None and self.before_owner[1] != self.gid
@@ -160,7 +161,8 @@ class PlannedDir:
     def changed(self) -> bool:
         if not self.exists or self.before_mode != self.mode:
             return True
-        assert self.before_owner is not None
+        if self.before_owner is None:
+            raise RuntimeError("internal error: owner of existing %s was not read" % self.path)
         if self.uid is not None and self.before_owner[0] != self.uid:
             return True
         return self.gid is not None and self.before_owner[1] != self.gid

@@ -55,7 +55,7 @@ class Admin:
         if (token or self.token) != "-":
             headers["Authorization"] = f"Bearer {token or self.token}"
         data = json.dumps(body).encode() if body is not None else None
-        status, _, raw = self.http.request(method, "/api/v1" + path, data, headers)
+        status, _headers, raw = self.http.request(method, "/api/v1" + path, data, headers)
         return status, (json.loads(raw) if raw else None)
 
     def put(self, path: str, body: Any = None) -> Any:
@@ -172,7 +172,7 @@ class Broker:
             "capacity": capacity,
             **extra,
         }
-        status, _ = self.admin.call("POST", "/agents/report", body, token=token)
+        status, _body = self.admin.call("POST", "/agents/report", body, token=token)
         return status
 
     def logs(self) -> str:
@@ -333,10 +333,10 @@ def test_admin_validation(
 
 def test_admin_invalid_json_and_large_body(broker: Broker) -> None:
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
-    status, _, raw = broker.http.request("PUT", "/api/v1/pools/p", b"{not json", headers)
+    status, _headers, raw = broker.http.request("PUT", "/api/v1/pools/p", b"{not json", headers)
     assert status == 400 and json.loads(raw)["field"] == "body"
     big = json.dumps({"description": "x" * (70 * 1024)}).encode()
-    status, _, raw = broker.http.request("PUT", "/api/v1/pools/p", big, headers)
+    status, _headers, raw = broker.http.request("PUT", "/api/v1/pools/p", big, headers)
     assert status == 413
     assert broker.admin.call("GET", "/pools/p")[0] == 404
 
@@ -378,7 +378,7 @@ def test_full_flow_hello_authenticate_list_allocate(broker: Broker) -> None:
     assert all(line["session_id"] == sid for line in session_lines)
     assert client.cookie is None or client.cookie not in broker.logs()
 
-    status, _, metrics = broker.http.request("GET", "/metrics")
+    status, _headers, metrics = broker.http.request("GET", "/metrics")
     assert status == 200
     text = metrics.decode()
     assert 'gatehouse_broker_authentications_total{result="success"} 1.0' in text
@@ -399,7 +399,7 @@ def test_wrong_password_unknown_and_disabled_users_get_the_same_answer(broker: B
     ]:
         client = broker.client()
         client.hello()
-        _, _, body = client.raw(p.render(ENVELOPE, p.Authenticate(user, password, domain)))
+        _status, _headers, body = client.raw(p.render(ENVELOPE, p.Authenticate(user, password, domain)))
         answers.append(body)
     assert len(set(answers)) == 1
     assert p.parse(answers[0], ENVELOPE) == p.AuthenticateResp(p.AUTH_FAILED, "unknown username or password")
@@ -409,7 +409,7 @@ def test_wrong_password_unknown_and_disabled_users_get_the_same_answer(broker: B
     client.hello()
     assert client.send(p.Authenticate("alice", WRONG_PW, "CORP")).result_id == p.AUTH_FAILED  # type: ignore[attr-defined]
     assert client.send(p.Authenticate("CORP\\alice", ALICE_PW, "")).result_id == p.AUTH_OK  # type: ignore[attr-defined]
-    status, _, metrics = broker.http.request("GET", "/metrics")
+    status, _headers, metrics = broker.http.request("GET", "/metrics")
     assert status == 200
     assert 'gatehouse_broker_authentications_total{result="failure"} 6.0' in metrics.decode()
 
@@ -487,7 +487,7 @@ def test_malformed_input_gets_error_resp_and_the_next_request_works(
 def test_oversized_bodies_are_refused(broker: Broker) -> None:
     big = b'<pcoip-broker version="2.1"><bye/></pcoip-broker>' + b" " * (p.MAX_BODY + 10)
     client = broker.client()
-    _, _, data = client.raw(big)
+    _status, _headers, data = client.raw(big)
     assert p.parse(data, ENVELOPE) == p.ErrorResp(p.E_TOO_LARGE, f"request body over {p.MAX_BODY} bytes")
 
     # chunked upload without Content-Length is cut off at the cap too
@@ -536,7 +536,7 @@ def test_agent_reports_steer_least_loaded_placement(broker: Broker) -> None:
     client = broker.client()
     assert client.login("alice", ALICE_PW) == p.AUTH_OK
     pool = client.resources()["shared"]
-    placed = [client.allocate(pool).agent.ip_address for _ in range(3)]  # type: ignore[union-attr]
+    placed = [client.allocate(pool).agent.ip_address for _i in range(3)]  # type: ignore[union-attr]
     # pd2 1/4 → pd2 (2/4 ties pd3 2/4, lower name) → pd2 3/4 vs pd3 2/4 → pd3
     assert placed == ["127.0.0.12", "127.0.0.12", "127.0.0.13"]
     # a fresh report restarts the count of placements since the report
@@ -573,7 +573,7 @@ def test_persistent_assignment_and_state_survive_restart(
     bob_desk = bob.allocate(bob.resources()["desk"]).agent.ip_address  # type: ignore[union-attr]
     assert alice_desk != bob_desk  # fewest placements spreads the two users
     # alice keeps hers even though it now has more placements than the other
-    for _ in range(2):
+    for _repeat in range(2):
         assert alice.allocate(alice.resources()["desk"]).agent.ip_address == alice_desk  # type: ignore[union-attr]
     assignments = admin.call("GET", "/assignments?pool=desk")[1]["assignments"]
     assert {(a["user"], a["domain"]) for a in assignments} == {("alice", "CORP"), ("bob", "CORP")}
@@ -609,6 +609,7 @@ def _run_broker(
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("GATEHOUSE_")},
             **(env or {}),

@@ -37,7 +37,7 @@ def read_props(path: Path) -> dict[str, str]:
     result = {}
     for line in path.read_text().splitlines():
         if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
+            key, _sep, value = line.partition("=")
             result[key] = value
     return result
 
@@ -233,7 +233,7 @@ def test_bundle_archives_are_loaded(env, tmp_path: Path) -> None:
     ensure_importable()
     from ansible_collections.gatehouse.access.plugins.module_utils import _deploy
 
-    cli, prefix, _ = env
+    cli, prefix, _tmp = env
     tag = f"{prefix}-tiny:1"
     empty = tmp_path / "empty.tar"
     with tarfile.open(empty, "w"):

@@ -400,7 +400,7 @@ def _get_name(host: str, port: int, ctx: ssl.SSLContext, path: str, timeout: flo
 
 def _wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> float:
     start = time.monotonic()
-    for _ in range(int(timeout / interval) + 1):
+    for _attempt in range(int(timeout / interval) + 1):
         if predicate():
             return time.monotonic() - start
         if time.monotonic() - start > timeout:
@@ -456,7 +456,7 @@ def test_second_run_changes_nothing_and_check_mode_touches_nothing(pair: Pair):
 
 def test_vip_is_on_the_primary_only_and_serves(pair: Pair):
     assert pair.vip_holders() == ["halb1"]
-    names = {pair.via_vip(4444) for _ in range(10)}
+    names = {pair.via_vip(4444) for _i in range(10)}
     assert names == {"be1", "be2"}
 
 
@@ -497,14 +497,14 @@ def test_failover_when_the_primary_dies(pair: Pair, how: str):
     pair.ensure_running("halb1", killed)
     seen = []
     deadline = time.monotonic() + RECOVERY_BOUND
-    for _ in range(400):
+    for _attempt in range(400):
         holders = pair.vip_holders()
         seen.append(tuple(holders))
         assert len(holders) <= 1, f"VIP on both nodes: {holders}"
         if holders == ["halb1"] or time.monotonic() > deadline:
             break
     assert seen[-1] == ("halb1",), seen[-5:]
-    for _ in range(10):
+    for _attempt in range(10):
         assert len(pair.vip_holders()) == 1
         time.sleep(0.1)
     pair.wait_master("halb1")
@@ -516,20 +516,20 @@ def test_source_persistence_holds_for_1000_reconnects_and_across_a_failover(pair
     assert first in ("be1", "be2")
     ctx = pair.tls_context()
     names = set()
-    for _ in range(1000):
+    for _attempt in range(1000):
         names.add(_get_name(pair.vip, 4443, ctx, "/whoami"))
     assert names == {first}
     # Control: without persistence the same client is spread over both backends.
-    assert {_get_name(pair.vip, 4444, ctx, "/whoami") for _ in range(20)} == {"be1", "be2"}
+    assert {_get_name(pair.vip, 4444, ctx, "/whoami") for _i in range(20)} == {"be1", "be2"}
     # The secondary learnt the entry through the peers section; after a failover it is still used.
     killed = pair.kill("halb1", "SIGTERM")
     _wait_for(lambda: pair.vip_holders() == ["halb2"], RECOVERY_BOUND, "the VIP on halb2")
     _wait_for(lambda: pair.via_vip(4443) is not None, RECOVERY_BOUND, "the VIP to serve")
-    after = {_get_name(pair.vip, 4443, ctx, "/whoami") for _ in range(50)}
+    after = {_get_name(pair.vip, 4443, ctx, "/whoami") for _i in range(50)}
     assert after == {first}
     pair.ensure_running("halb1", killed)
     pair.wait_master("halb1")
-    back = {_get_name(pair.vip, 4443, ctx, "/whoami") for _ in range(50)}
+    back = {_get_name(pair.vip, 4443, ctx, "/whoami") for _i in range(50)}
     assert back == {first}
 
 
@@ -542,7 +542,7 @@ def test_drain_stops_new_sessions_while_established_ones_continue(pair: Pair):
     ctx = pair.tls_context()
     # An established TCP connection through the no-persistence virtual server that landed on be1.
     established = None
-    for _ in range(10):
+    for _attempt in range(10):
         conn = http.client.HTTPSConnection(pair.vip, 4444, context=ctx, timeout=5)
         conn.request("GET", "/whoami")
         response = conn.getresponse()
@@ -554,7 +554,7 @@ def test_drain_stops_new_sessions_while_established_ones_continue(pair: Pair):
     # An HTTP session (JSESSIONID) on be1 through the http virtual server.
     web = ssl.create_default_context(cafile=str(pair.pki.ca))
     cookie = None
-    for _ in range(10):
+    for _attempt in range(10):
         conn = http.client.HTTPSConnection(pair.vip, 443, context=web, timeout=5)
         conn.request("GET", "/login")
         response = conn.getresponse()
@@ -572,10 +572,10 @@ def test_drain_stops_new_sessions_while_established_ones_continue(pair: Pair):
             assert result["changed"] is True
             assert "set server be_spread/be1 state drain" in " ".join(result["actions"])
             assert not any(a.startswith("reloaded") for a in result["actions"])
-        new_sessions = {_get_name(pair.vip, 4444, ctx, "/whoami") for _ in range(30)}
+        new_sessions = {_get_name(pair.vip, 4444, ctx, "/whoami") for _i in range(30)}
         assert new_sessions == {"be2"}
         fresh_web = set()
-        for _ in range(20):
+        for _attempt in range(20):
             conn = http.client.HTTPSConnection(pair.vip, 443, context=web, timeout=5)
             conn.request("GET", "/login")
             response = conn.getresponse()
@@ -597,7 +597,7 @@ def test_drain_stops_new_sessions_while_established_ones_continue(pair: Pair):
         code, out = primary.exec_run(["gatehouse-halb-reload", "haproxy"])
         assert code == 0, out
         time.sleep(1)
-        assert {_get_name(pair.vip, 4444, ctx, "/whoami") for _ in range(20)} == {"be2"}
+        assert {_get_name(pair.vip, 4444, ctx, "/whoami") for _i in range(20)} == {"be2"}
         # The connection opened before the reload is served by the old worker until it ends.
         established.request("GET", "/whoami")
         assert established.getresponse().read().decode().strip() == "be1"
@@ -607,7 +607,7 @@ def test_drain_stops_new_sessions_while_established_ones_continue(pair: Pair):
         pair.states["be1"] = "enabled"
         results = _deploy_both(pair)
     assert all("set server be_spread/be1 state ready" in " ".join(r["actions"]) for r in results)
-    assert "be1" in {_get_name(pair.vip, 4444, ctx, "/whoami") for _ in range(20)}
+    assert "be1" in {_get_name(pair.vip, 4444, ctx, "/whoami") for _i in range(20)}
 
 
 @pytest.mark.parametrize("breakage", ["haproxy_option", "backend_port_0"])

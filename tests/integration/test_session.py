@@ -396,7 +396,7 @@ async def test_concurrent_sessions_keep_their_own_broker_sessions(stack: Stack) 
         assert report.ok, (user, report.steps)
         # bob is entitled to desk-b only; alice's first resource is desk-a.
         assert report.resource == ("desk-a" if user == "alice" else "desk-b")
-    assert len({report.session_id for _, report in results}) == 16
+    assert len({report.session_id for _user, report in results}) == 16
 
 
 async def test_hello_sets_a_secure_cookie_but_a_probe_does_not(stack: Stack) -> None:
@@ -763,6 +763,7 @@ def test_cm_refuses_a_bad_configuration_with_one_clear_line(
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
@@ -775,7 +776,7 @@ def test_cm_refuses_a_bad_configuration_with_one_clear_line(
 async def wait_in_flight(url: str, ctx: ssl.SSLContext, count: int) -> None:
     """Until the CM reports ``count`` establishments in flight (its own metric, not a sleep)."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:
-        for _ in range(200):
+        for _attempt in range(200):
             async with http.get(f"{url}/metrics") as resp:
                 text = await resp.text()
             if f"gatehouse_cm_establishments_in_flight {float(count)}" in text:
@@ -946,7 +947,7 @@ async def test_client_command_line(stack: Stack, tmp_path: Path) -> None:
         "2",
     ]
     done = await asyncio.to_thread(
-        subprocess.run, [*cmd, "--json"], env=env, capture_output=True, text=True, timeout=60
+        subprocess.run, [*cmd, "--json"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
@@ -965,6 +966,7 @@ async def test_client_command_line(stack: Stack, tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert failed.returncode == 1
     assert "FAIL authenticate" in failed.stdout and p.AUTH_FAILED in failed.stdout

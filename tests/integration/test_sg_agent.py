@@ -108,7 +108,7 @@ class Gateway:
         values = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
+                name, _sep, value = line.rpartition(" ")
                 values[name] = float(value)
         return values
 
@@ -404,7 +404,7 @@ def test_idle_client_is_dropped_without_pinning_a_slot(
 def test_max_connections(pki: PKI, tmp_path: Path, processes: list[ServiceProcess], agent: Agent) -> None:
     sg = start_sg(pki, tmp_path, processes, MaxConnections=2)
     held = []
-    for _ in range(2):
+    for _held in range(2):
         sid, tag = agent.launch()
         sock, answer = sg.connect(sg.mint(agent, sid, tag))
         assert answer == OK
@@ -462,7 +462,7 @@ def test_sg_refuses_an_agent_with_a_weak_key_before_sending_the_tag(sg: Gateway,
         port = listener.getsockname()[1]
 
         def serve() -> None:
-            conn, _ = listener.accept()
+            conn, _peer = listener.accept()
             try:
                 with ctx.wrap_socket(conn, server_side=True) as tls:
                     tls.settimeout(10)

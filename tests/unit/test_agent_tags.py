@@ -15,7 +15,7 @@ def test_tag_is_accepted_once() -> None:
 
 def test_tags_are_fresh_and_long() -> None:
     store = TagStore(ttl=60)
-    tags = {store.issue("sid", "ip", now=0) for _ in range(100)}
+    tags = {store.issue("sid", "ip", now=0) for _i in range(100)}
     assert len(tags) == 100
     assert all(len(tag) >= 40 for tag in tags)
 
@@ -29,7 +29,7 @@ def test_unknown_and_expired_tags_are_refused() -> None:
 
 def test_expired_tags_are_pruned() -> None:
     store = TagStore(ttl=10)
-    for _ in range(5):
+    for _tag in range(5):
         store.issue("sid", "ip", now=0)
     assert len(store) == 5
     store.issue("sid", "ip", now=100)

@@ -139,7 +139,7 @@ def test_replay_cache_accepts_once(sealer: GrantSealer) -> None:
 def test_replay_cache_prunes_expired_entries(sealer: GrantSealer) -> None:
     cache = ReplayCache()
     t0 = 1_000_000.0
-    for _ in range(20):
+    for _grant in range(20):
         assert cache.accept(sealer.open(mint(sealer, ttl=10, now=t0), "203.0.113.7", now=t0), now=t0)
     assert len(cache) == 20
     later = t0 + 60

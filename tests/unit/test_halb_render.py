@@ -86,7 +86,7 @@ def test_both_files_start_with_the_managed_by_comment():
 
 
 def test_http_virtual_server_terminates_tls_forwards_client_address_and_sticks_on_jsessionid():
-    haproxy_cfg, _ = render(base_params())
+    haproxy_cfg, _keepalived_conf = render(base_params())
     fe = section(haproxy_cfg, "frontend fe_cm")
     assert "bind 10.199.7.100:443 transparent ssl crt /etc/haproxy/certs/cm.pem alpn http/1.1" in fe
     assert "mode http" in fe
@@ -104,7 +104,7 @@ def test_http_virtual_server_terminates_tls_forwards_client_address_and_sticks_o
 
 
 def test_tcp_virtual_server_passes_tls_through_with_synced_source_persistence():
-    haproxy_cfg, _ = render(base_params())
+    haproxy_cfg, _keepalived_conf = render(base_params())
     fe = section(haproxy_cfg, "frontend fe_sg")
     assert "bind 10.199.7.100:4172 transparent" in fe
     assert not any("forwardfor" in line or "ssl" in line for line in fe)
@@ -118,7 +118,7 @@ def test_tcp_virtual_server_passes_tls_through_with_synced_source_persistence():
 
 
 def test_peers_section_lists_both_nodes_and_the_local_peer_is_named():
-    haproxy_cfg, _ = render(base_params())
+    haproxy_cfg, _keepalived_conf = render(base_params())
     assert section(haproxy_cfg, "peers gatehouse") == [
         "peer halb1 10.199.7.11:10000",
         "peer halb2 10.199.7.12:10000",
@@ -132,7 +132,7 @@ def test_peers_section_lists_both_nodes_and_the_local_peer_is_named():
 def test_without_stick_table_peers_a_local_peer_keeps_tables_across_reloads():
     params = base_params()
     params["stick_table_peers"] = []
-    haproxy_cfg, _ = render(params)
+    haproxy_cfg, _keepalived_conf = render(params)
     assert section(haproxy_cfg, "peers gatehouse") == ["peer halb1 127.0.0.1:10000"]
 
 
@@ -141,7 +141,7 @@ def test_drain_and_disabled_states_render_and_read_back():
     backends = params["virtual_servers"][0]["backends"]
     backends[0]["state"] = "drain"
     backends[1]["state"] = "disabled"
-    haproxy_cfg, _ = render(params)
+    haproxy_cfg, _keepalived_conf = render(params)
     servers = [line for line in section(haproxy_cfg, "backend be_cm") if line.startswith("server ")]
     assert servers[0].endswith("cookie cm1 weight 0  # state: drain")
     assert servers[1].endswith("cookie cm2 weight 100 disabled  # state: disabled")
@@ -155,13 +155,13 @@ def test_drain_and_disabled_states_render_and_read_back():
 
 def test_layout_hash_ignores_backend_states_only():
     params = base_params()
-    enabled, _ = render(params)
+    enabled, _keepalived_conf = render(params)
     params["virtual_servers"][0]["backends"][0]["state"] = "drain"
-    drained, _ = render(params)
+    drained, _keepalived_conf = render(params)
     assert enabled != drained
     assert halb.layout_of(enabled) == halb.layout_of(drained)
     params["virtual_servers"][0]["backends"][0]["weight"] = 50
-    reweighted, _ = render(params)
+    reweighted, _keepalived_conf = render(params)
     assert halb.layout_of(reweighted) != halb.layout_of(drained)
     assert halb.layout_of("global\n") is None
 
@@ -177,7 +177,7 @@ def test_runtime_commands_for_each_state():
 
 
 def test_keepalived_vrrp3_unicast_track_script_and_backup_start():
-    _, conf = render(base_params())
+    _haproxy_cfg, conf = render(base_params())
     assert re.search(
         r"^vrrp_script gatehouse_haproxy \{\n    script \"/usr/bin/pgrep -x haproxy\"", conf, re.M
     )
@@ -201,7 +201,7 @@ def test_keepalived_vrrp3_unicast_track_script_and_backup_start():
 def test_keepalived_options_nopreempt_source_and_no_tracking():
     params = base_params()
     params["vrrp"].update(nopreempt=True, unicast_src_ip="10.199.7.11", track_haproxy=False, advert_int=1)
-    _, conf = render(params)
+    _haproxy_cfg, conf = render(params)
     assert "    nopreempt\n" in conf
     assert "    unicast_src_ip 10.199.7.11\n" in conf
     assert "    advert_int 1\n" in conf
@@ -220,7 +220,7 @@ def test_failover_estimate_follows_rfc5798():
 def test_ipv6_backend_uses_the_ipv6_prefix():
     params = base_params()
     params["virtual_servers"][1]["backends"][1]["address"] = "2001:db8::21"
-    haproxy_cfg, _ = render(params)
+    haproxy_cfg, _keepalived_conf = render(params)
     assert any(
         line.startswith("server sg2 ipv6@2001:db8::21:4172 ")
         for line in section(haproxy_cfg, "backend be_sg")
@@ -300,14 +300,14 @@ def test_host_route_vip_may_be_outside_the_peers_network():
     params["vrrp"]["vips"] = ["192.0.2.50/32"]
     for vs in params["virtual_servers"]:
         vs["vip"] = "192.0.2.50"
-    _, conf = render(params)
+    _haproxy_cfg, conf = render(params)
     assert "192.0.2.50/32 dev eth0" in conf
 
 
 def test_bare_vip_gets_a_host_prefix():
     params = base_params()
     params["vrrp"]["vips"] = ["10.199.7.100"]
-    _, conf = render(params)
+    _haproxy_cfg, conf = render(params)
     assert "10.199.7.100/32 dev eth0" in conf
 
 
@@ -325,7 +325,7 @@ def test_tcp_mode_checks_over_tls_without_reencrypting_the_traffic():
     params["virtual_servers"][1]["health_check"] = {}
     params["virtual_servers"][1]["backend_tls_verify"] = "required"
     params["virtual_servers"][1]["backend_ca_file"] = "/etc/tls/ca.pem"
-    haproxy_cfg, _ = render(params)
+    haproxy_cfg, _keepalived_conf = render(params)
     server = next(line for line in section(haproxy_cfg, "backend be_sg") if line.startswith("server sg1 "))
     assert server == (
         "server sg1 10.199.7.21:4172 check inter 2s rise 2 fall 2 check-ssl verify required "
@@ -336,7 +336,7 @@ def test_tcp_mode_checks_over_tls_without_reencrypting_the_traffic():
 def test_http_mode_plain_check_on_another_port_while_traffic_is_reencrypted():
     params = base_params()
     params["virtual_servers"][0]["health_check"] = {"tls": False, "port": 8080}
-    haproxy_cfg, _ = render(params)
+    haproxy_cfg, _keepalived_conf = render(params)
     server = next(line for line in section(haproxy_cfg, "backend be_cm") if line.startswith("server cm1 "))
     assert server.startswith(
         "server cm1 10.199.7.21:8443 ssl verify none check inter 2s rise 2 fall 2 no-check-ssl port 8080 "

@@ -63,7 +63,7 @@ def test_round_trip(envelope: str, message: p.Message) -> None:
 
 
 def test_every_message_class_is_covered() -> None:
-    assert {type(m).tag for _, m in MESSAGES} == set(p.MESSAGES)
+    assert {type(m).tag for _envelope, m in MESSAGES} == set(p.MESSAGES)
 
 
 def test_query_hello_is_recognised() -> None:

@@ -32,7 +32,7 @@ def parse_connect_line(line: bytes) -> str:
         text = line.decode("ascii").rstrip("\r\n")
     except UnicodeDecodeError:
         raise LineError("not ASCII") from None
-    verb, _, tag = text.partition(" ")
+    verb, _sep, tag = text.partition(" ")
     tag = tag.strip()
     if verb != "CONNECT" or not tag or " " in tag:
         raise LineError("expected CONNECT <tag>")

@@ -44,7 +44,9 @@ class Endpoint:
 
     async def start_udp(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self.udp, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(self), local_addr=(host, port))
+        self.udp, _protocol = await loop.create_datagram_endpoint(
+            lambda: _Datagrams(self), local_addr=(host, port)
+        )
 
 
 class _Channel(asyncio.Protocol):

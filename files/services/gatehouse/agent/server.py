@@ -97,7 +97,7 @@ async def serve(settings: AgentSettings, server_ctx: ssl.SSLContext) -> None:
         ready = False
         session_server.close()
         endpoint.close_all()
-        for _ in range(50):  # let the channels send their TLS close_notify
+        for _tick in range(50):  # let the channels send their TLS close_notify
             if not endpoint.channels:
                 break
             await asyncio.sleep(0.1)

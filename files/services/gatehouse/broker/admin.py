@@ -140,7 +140,7 @@ def check_mode(request: web.Request) -> bool:
 
 def bearer_ok(request: web.Request, token: str) -> bool:
     header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
+    scheme, _sep, presented = header.partition(" ")
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(presented.strip().encode("utf-8"), token.encode("utf-8"))
@@ -258,7 +258,9 @@ class AdminApi:
         changed = before != after or extra_change
         if changed and not check:
             log.info(
-                f"{kind} {'deleted' if after is None else 'created' if before is None else 'updated'}",
+                "%s %s",
+                kind,
+                "deleted" if after is None else "created" if before is None else "updated",
                 extra={"object": _label(after or before)},
             )
         return web.json_response(

@@ -68,7 +68,7 @@ async def read_body(request: web.Request) -> bytes:
 
 
 def parse_resource_id(resource_id: str) -> tuple[str, int] | None:
-    kind, _, number = resource_id.partition("-")
+    kind, _sep, number = resource_id.partition("-")
     if kind not in ("d", "p") or not (number.isascii() and number.isdigit()) or len(number) > 18:
         return None
     return kind, int(number)
@@ -197,7 +197,7 @@ class BrokerEndpoint:
             raise p.ProtocolError(p.E_OUT_OF_STATE, "already authenticated; send <bye> to start over")
         username, domain_name = auth.username, auth.domain
         if "\\" in username and not domain_name:
-            domain_name, _, username = username.partition("\\")
+            domain_name, _sep, username = username.partition("\\")
         domain = self._domain(domain_name)
         record = self.store.user_record(domain, username) if domain else None
         stored = record.password_hash if record and record.password_hash else self._dummy_hash

@@ -283,7 +283,7 @@ async def run_session(
 
     said_hello = False
     try:
-        said_hello, _ = await _step(report, "hello", hello)
+        said_hello, _hello_resp = await _step(report, "hello", hello)
         if not said_hello or not (await _step(report, "authenticate", authenticate))[0]:
             return report
         ok, found = await _step(report, "get-resource-list", resource_list)

@@ -211,7 +211,7 @@ class TlsConn:
 
     def _read(self) -> None:
         sock = self.sock
-        for _ in range(_READS_PER_WAKE):
+        for _chunk in range(_READS_PER_WAKE):
             if not self._reading or self.state != _OPEN:
                 return
             try:
@@ -344,7 +344,7 @@ class TlsListener:
             self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        for _ in range(64):
+        for _attempt in range(64):
             try:
                 raw, _addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):

@@ -25,12 +25,12 @@ class UdpRelay:
 
     async def start(self, listen: str, port: int, agent_source_port: int) -> None:
         loop = asyncio.get_running_loop()
-        self.client_side, _ = await loop.create_datagram_endpoint(
+        self.client_side, _protocol = await loop.create_datagram_endpoint(
             lambda: _ClientDatagrams(self), local_addr=(listen, port)
         )
         # Agents are reached over IPv4: with an IPv6 listen address the agent side binds all IPv4.
         agent_bind = "0.0.0.0" if ":" in listen else listen
-        self.agent_side, _ = await loop.create_datagram_endpoint(
+        self.agent_side, _protocol = await loop.create_datagram_endpoint(
             lambda: _AgentDatagrams(self), local_addr=(agent_bind, agent_source_port)
         )
         for transport in (self.client_side, self.agent_side):
