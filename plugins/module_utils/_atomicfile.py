@@ -17,13 +17,15 @@ import stat
 import tempfile
 
 
-def write_atomic(path: str, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` atomically with permission bits ``mode``."""
+def write_atomic(path: str, data: bytes, mode: int, uid: int | None = None, gid: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically with permission bits ``mode`` (and owner, when given)."""
     directory = os.path.dirname(os.path.abspath(path)) or "."
     fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), suffix=".tmp", dir=directory)
     try:
         # mkstemp creates 0600; set the final mode before any data is visible under the real name.
         os.fchmod(fd, mode)
+        if uid is not None or gid is not None:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
         with os.fdopen(fd, "wb") as handle:
             fd = -1
             handle.write(data)

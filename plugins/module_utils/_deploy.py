@@ -20,11 +20,16 @@ import subprocess
 import tarfile
 from urllib.parse import urlsplit
 
+from ansible.module_utils.basic import missing_required_lib
+
 from ansible_collections.gatehouse.access.plugins.module_utils import _certificate as certs
 from ansible_collections.gatehouse.access.plugins.module_utils._containers import (
     COLLECTION_VERSION,
+    DOCKER_IMPORT_ERROR,
+    HAS_DOCKER,
     SERVICE_GID,
     SERVICE_UID,
+    ContainerError,
 )
 from ansible_collections.gatehouse.access.plugins.module_utils._files import PlannedFile, read_bytes
 
@@ -494,3 +499,27 @@ def load_bundle(cli, bundle_path: str, check_mode: bool) -> list[str]:
         with open(bundle_path, "rb") as handle:
             load(handle)
     return loaded
+
+
+def run_and_exit(module, run) -> None:
+    """The shared tail of the deployment modules (cmsg, broker): check the libraries, run, report.
+
+    ``run(module)`` returns the result dict; ``warnings_list`` becomes module warnings and
+    ``diff`` is returned only in diff mode.
+    """
+    if not HAS_DOCKER:
+        module.fail_json(msg=missing_required_lib("docker"), exception=DOCKER_IMPORT_ERROR)
+    if not certs.HAS_CRYPTOGRAPHY:
+        module.fail_json(
+            msg=missing_required_lib("cryptography >= 42.0"), exception=certs.CRYPTOGRAPHY_IMPORT_ERROR
+        )
+    try:
+        result = run(module)
+    except ContainerError as exc:
+        module.fail_json(msg=str(exc))
+    for warning in result.pop("warnings_list", []):
+        module.warn(warning)
+    diff = result.pop("diff", None)
+    if module._diff and diff:
+        result["diff"] = diff
+    module.exit_json(**result)

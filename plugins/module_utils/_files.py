@@ -16,41 +16,15 @@ import hashlib
 import os
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable
 
+# One implementation of atomic writes for the whole collection.
+from ansible_collections.gatehouse.access.plugins.module_utils._atomicfile import (
+    read_bytes,
+    write_atomic,
+)
+
 MASK = "********"
-
-
-def write_atomic(path: str, data: bytes, mode: int, uid: int | None = None, gid: int | None = None) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old or the complete new file, never a part."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), suffix=".tmp", dir=directory)
-    try:
-        # Mode and owner first: a secret is never readable by others under any name.
-        os.fchmod(fd, mode)
-        if uid is not None or gid is not None:
-            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-        with os.fdopen(fd, "wb") as handle:
-            fd = -1
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def read_bytes(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
 
 
 def sha256(data: bytes) -> str:

@@ -129,13 +129,9 @@ errors:
   elements: str
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 from ansible_collections.gatehouse.access.plugins.module_utils import _broker  # noqa: E402
-from ansible_collections.gatehouse.access.plugins.module_utils import (  # noqa: E402
-    _certificate as certificate_utils,
-)
-from ansible_collections.gatehouse.access.plugins.module_utils import _containers as containers  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils import _deploy as deploy  # noqa: E402
 
 
@@ -147,23 +143,7 @@ def main() -> None:
         required_together=deploy.COMMON_REQUIRED_TOGETHER,
         supports_check_mode=True,
     )
-    if not containers.HAS_DOCKER:
-        module.fail_json(msg=missing_required_lib("docker"), exception=containers.DOCKER_IMPORT_ERROR)
-    if not certificate_utils.HAS_CRYPTOGRAPHY:
-        module.fail_json(
-            msg=missing_required_lib("cryptography >= 42.0"),
-            exception=certificate_utils.CRYPTOGRAPHY_IMPORT_ERROR,
-        )
-    try:
-        result = _broker.run(module)
-    except containers.ContainerError as exc:
-        module.fail_json(msg=str(exc))
-    for warning in result.pop("warnings_list", []):
-        module.warn(warning)
-    diff = result.pop("diff", None)
-    if module._diff and diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+    deploy.run_and_exit(module, _broker.run)
 
 
 if __name__ == "__main__":
