@@ -7,6 +7,7 @@ keeps the log lines (for the no-secrets-in-logs checks) and stops with SIGTERM.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import ssl
@@ -18,17 +19,25 @@ from pathlib import Path
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both TCP and UDP on 127.0.0.1 (the SG and agent use the same number for both)."""
+    """A port free for both TCP and UDP on 127.0.0.1 (the SG and agent use the same number for both).
+
+    Picked below the kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768 and up by
+    default): a port the kernel handed out with bind(0) can be handed out again to another
+    process's outgoing connection before the service under test binds it.
+    """
+    rng = random.SystemRandom()
     while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                    udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+        port = rng.randrange(20000, 32000)
+        try:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+            ):
+                tcp.bind(("127.0.0.1", port))
+                udp.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
 
 
 def write_kv(path: Path, values: dict[str, object]) -> Path:
