@@ -8,7 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 venv=$VENV_DIR
 cd "$REPO_ROOT" || exit
 paths=()
-for dir in tests/unit tests/integration; do
+for dir in tests/unit tests/integration tests/security; do
     [[ -d $dir ]] && paths+=("$dir")
 done
 ((${#paths[@]})) || { log "no tests/unit or tests/integration"; exit 0; }

@@ -46,7 +46,10 @@ class TestPKI:
         self.ca = self.dir / "ca.pem"
         self.ca.write_bytes(self._ca_cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str, hosts: list[str] | None = None, key_size: int = 2048) -> CertFiles:
+    def issue(
+        self, name: str, hosts: list[str] | None = None, key_size: int = 2048, role: str | None = None
+    ) -> CertFiles:
+        """A leaf for ``hosts``; ``role`` adds the ``urn:gatehouse:role:<role>`` URI SAN."""
         hosts = hosts or ["localhost", "127.0.0.1", "::1"]
         key = rsa.generate_private_key(public_exponent=65537, key_size=key_size)
         sans: list[x509.GeneralName] = []
@@ -55,6 +58,8 @@ class TestPKI:
                 sans.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 sans.append(x509.DNSName(host))
+        if role:
+            sans.append(x509.UniformResourceIdentifier(f"urn:gatehouse:role:{role}"))
         now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()

@@ -3,6 +3,12 @@
 TLS 1.2 and 1.3 only. TLS 1.3 suites are OpenSSL's defaults, which are exactly the seed's order
 (AES-256-GCM, CHACHA20-POLY1305, AES-128-GCM); Python cannot reorder them. The TLS 1.2 lists are
 the seed's tables, in its order of preference, enforced with server preference.
+
+Internal identities: every Gatehouse service certificate issued by the deployment CA carries a
+role in a URI subject alternative name (``urn:gatehouse:role:cm`` and so on). A server that asks
+for client certificates (``client_ca``) verifies them against that CA during the handshake and the
+application then decides per route which roles it accepts (:func:`peer_roles`); a peer that sent
+no certificate, or one the CA did not sign, has no role.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 
 MIN_RSA_BITS = 2048
+ROLE_URI_PREFIX = "urn:gatehouse:role:"
+ROLES = frozenset({"broker", "cm", "sg", "agent", "halb"})
 
 # Seed: PCoIP Connection Manager TLS cipher suites (TLS 1.2 part), decreasing preference.
 CM_CIPHERS = ":".join(
@@ -100,10 +108,8 @@ def _base(ctx: ssl.SSLContext, role: str) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(cert_path: str | Path, key_path: str | Path, role: str = "cm") -> ssl.SSLContext:
+def _load_identity(ctx: ssl.SSLContext, cert_path: str | Path, key_path: str | Path) -> None:
     check_certificate_file(cert_path)
-    ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), role)
-    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     try:
         ctx.load_cert_chain(str(cert_path), str(key_path))
     except ssl.SSLError as exc:
@@ -112,21 +118,89 @@ def server_context(cert_path: str | Path, key_path: str | Path, role: str = "cm"
         ) from None
     except OSError as exc:
         raise CertificateError(f"cannot read {key_path}: {exc.strerror}") from None
+
+
+def _load_ca(ctx: ssl.SSLContext, ca_file: str | Path) -> None:
+    try:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise CertificateError(f"cannot load CA certificates from {ca_file}: {reason}") from None
+
+
+def server_context(
+    cert_path: str | Path,
+    key_path: str | Path,
+    role: str = "cm",
+    client_ca: str | Path | None = None,
+    require_client_cert: bool = False,
+) -> ssl.SSLContext:
+    """A server context; with ``client_ca`` it asks for client certificates signed by that CA.
+
+    Without ``require_client_cert`` a client may still connect without a certificate (the CM's
+    users, the admin API's modules): the application checks :func:`peer_roles` where it matters.
+    A certificate that is sent but not signed by ``client_ca`` fails the handshake either way.
+    """
+    ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), role)
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    _load_identity(ctx, cert_path, key_path)
+    if client_ca:
+        _load_ca(ctx, client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return ctx
 
 
 def client_context(
-    ca_file: str | Path | None = None, verify: bool = True, role: str = "cm"
+    ca_file: str | Path | None = None,
+    verify: bool = True,
+    role: str = "cm",
+    cert: str | Path | None = None,
+    key: str | Path | None = None,
 ) -> ssl.SSLContext:
+    """A client context; ``cert``/``key`` is the identity presented to servers that ask for one."""
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), role)
     if verify:
         ctx.check_hostname = True
         ctx.verify_mode = ssl.CERT_REQUIRED
         if ca_file:
-            ctx.load_verify_locations(cafile=str(ca_file))
+            _load_ca(ctx, ca_file)
         else:
             ctx.load_default_certs()
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    if cert:
+        _load_identity(ctx, cert, key or cert)
     return ctx
+
+
+def peer_roles(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> frozenset[str]:
+    """The Gatehouse roles of a verified peer certificate (empty when none was sent or verified).
+
+    ``getpeercert()`` returns the parsed certificate only after the chain was verified against the
+    context's CA, so a self-made certificate naming a role yields nothing here.
+    """
+    if ssl_object is None:
+        return frozenset()
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return frozenset()
+    roles = set()
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "URI" and value.startswith(ROLE_URI_PREFIX):
+            role = value[len(ROLE_URI_PREFIX) :]
+            if role in ROLES:
+                roles.add(role)
+    return frozenset(roles)
+
+
+def peer_addresses(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> frozenset[str]:
+    """DNS names and IP addresses of a verified peer certificate (empty when none)."""
+    if ssl_object is None:
+        return frozenset()
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return frozenset()
+    return frozenset(
+        value.lower() for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "IP Address")
+    )
