@@ -122,6 +122,13 @@ def _stack(bench: Bench) -> tuple[ServiceProcess, str, str, subprocess.Popen[str
             "ExternalPcoipIp": "127.0.0.1",
             "MaxClients": 10000,
             "MaxConcurrentEstablishments": 1000,
+            # Every benchmark client comes from 127.0.0.1: the per-source and pre-authentication
+            # caps would measure the throttles, not the CM.
+            "MaxConnections": 20000,
+            "MaxConnectionsPerSource": 20000,
+            "MaxPreAuthSessions": 10000,
+            "MaxPreAuthSessionsPerSource": 10000,
+            "AdminPort": 0,
             "BrokerTimeout": 30,
             "AgentTimeout": 30,
             "HostAddress": "localhost",

@@ -101,6 +101,8 @@ class Bench:
         self.quick = quick
         self.pki = TestPKI(work / "pki")
         self.cert = self.pki.issue("srv", ["localhost", "127.0.0.1"])
+        # What a CM presents to agents (launch-session accepts only the cm role).
+        self.cm_identity = self.pki.issue("cm-identity", ["localhost"], role="cm")
         self.secret = generate_secret()
         self.procs: list[ServiceProcess] = []
         self.containers: list[str] = []
@@ -118,8 +120,10 @@ class Bench:
             "SslKey": self.cert.key,
             "AdvertiseAddress": "127.0.0.1",
             "Hostname": name,
+            "ClientCaCert": self.pki.ca,
             "Capacity": 10000,
             "SessionTagTtl": 600,
+            "AdminPort": 0,
             "LogLevel": "warn",
         }
         config.update(overrides)
@@ -140,6 +144,8 @@ class Bench:
             "AdminAddress": "127.0.0.1",
             "AdminPort": admin,
             "MaxConnections": 20000,
+            "MaxConnectionsPerSource": 20000,  # every benchmark client comes from 127.0.0.1
+            "AgentCaCert": self.pki.ca,
             "LogLevel": "warn",
         }
         config.update(overrides)

@@ -78,11 +78,19 @@ async def open_sessions(
 
 
 async def _per_session(
-    pid: int, n: int, ctl: int, port: int, agent_port: int, sealer: GrantSealer | None, payload: int
+    bench: Bench,
+    pid: int,
+    n: int,
+    ctl: int,
+    port: int,
+    agent_port: int,
+    sealer: GrantSealer | None,
+    payload: int,
 ) -> dict[str, float]:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(bench.cm_identity.cert, bench.cm_identity.key)
     warm = await open_sessions(100, ctl, port, agent_port, sealer, payload, ctx)
     await asyncio.sleep(1)
     before = rss_kib(pid)
@@ -109,7 +117,7 @@ async def _measure(bench: Bench, n: int, payload: int) -> Figure:
     sg, sg_port = bench.start_sg()
     assert sg.proc is not None
     sealer = GrantSealer(decode_secret(bench.secret))
-    sg_m = await _per_session(sg.proc.pid, n, ctl, sg_port, agent_port, sealer, payload)
+    sg_m = await _per_session(bench, sg.proc.pid, n, ctl, sg_port, agent_port, sealer, payload)
     sg.stop()
     hp_port = free_port()
     config = HAPROXY_GLOBAL.replace("maxconn 8000", f"maxconn {2 * ref_n + 1000}") + (
@@ -120,7 +128,9 @@ async def _measure(bench: Bench, n: int, payload: int) -> Figure:
     with bench.haproxy(config, {"srv.pem": haproxy_pem(bench.cert)}) as container:
         wait_port(hp_port, container)
         # Linear in the sessions: a fifth of them gives the reference's per-session figure.
-        hp_m = await _per_session(container_pid(container), ref_n, ctl, hp_port, agent_port, None, payload)
+        hp_m = await _per_session(
+            bench, container_pid(container), ref_n, ctl, hp_port, agent_port, None, payload
+        )
     return Figure(
         f"SG RSS per relaying session ({n:,} sessions, {payload} B echoed each)",
         "KiB",

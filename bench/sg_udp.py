@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.common import Bench, Figure, free_port
 from bench.sg_throughput import start_backend, stop_backend
+from gatehouse import linechan
 from gatehouse.grant import GrantSealer, decode_secret
 
 SIZE = 1200
@@ -92,6 +93,17 @@ def _search(exe: Path, port: int, src: int, counter: Counter, seconds: float) ->
     return {"best": best, "steps": steps, "stopped_by": stop}
 
 
+def udp_bind(sg_port: int, grant: str, src: int) -> None:
+    """Bind 127.0.0.1:src to the session at the SG (the sender then sends from that port)."""
+    key, key_id = linechan.udp_bind_key(grant)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", src))
+        sock.settimeout(5)
+        sock.sendto(linechan.bind_datagram(key, key_id, 1), ("127.0.0.1", sg_port))
+        if sock.recv(64) != linechan.bind_ack(key, key_id, 1):
+            raise RuntimeError("the SG did not acknowledge the UDP bind")
+
+
 def run(bench: Bench) -> list[Figure]:
     seconds = 0.5 if bench.quick else 1.5
     exe = build(bench.work)
@@ -112,6 +124,7 @@ def run(bench: Bench) -> list[Figure]:
             if channel.recv(64) != b"200 OK\r\n":
                 raise RuntimeError("the SG refused the session")
             src = free_port()
+            udp_bind(sg_port, grant, src)
             reference = _search(exe, backend_port, src, counter, seconds)
             relayed = _search(exe, sg_port, src, counter, seconds)
         return [

@@ -7,6 +7,7 @@ and runs the real client in a throwaway container on the scenario's network.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -58,10 +59,13 @@ def secret_files(data_root: str, groups: list[str], agents: list[str]) -> list[s
     files: list[str] = []
     if "brokers" in groups:
         files += [f"{data_root}/broker/data/broker.env", f"{data_root}/broker/certs/key.pem"]
+        files += [f"{data_root}/pki/broker.key"]
     if "cmsg" in groups:
         files += [f"{data_root}/cmsg/data/cmsg.env", f"{data_root}/cmsg/certs/key.pem"]
+        files += [f"{data_root}/cmsg/certs/identity-key.pem", f"{data_root}/pki/cm.key"]
     for name in agents:
-        files += [f"{data_root}/agent/{name}/data/agent.env", f"{data_root}/agent/{name}/certs/key.pem"]
+        # Agents have no token file: they authenticate with their certificate from the deployment CA.
+        files += [f"{data_root}/agent/{name}/certs/key.pem"]
     return files
 
 
@@ -176,3 +180,111 @@ def run_playbook(playbook: str, *extra: str, timeout: int = 1200) -> subprocess.
         timeout=timeout,
         check=False,
     )
+
+
+# --- hostile-internet hardening ----------------------------------------------------------------
+
+# What every service container runs with (plugins/module_utils/_containers.py SERVICE_HARDENING).
+HARDENING_CAP_ADD = {
+    "cm": [],
+    "sg": [],
+    "broker": [],
+    "agent": [],
+    "halb": ["KILL", "NET_ADMIN", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_RAW", "SETGID", "SETUID"],
+}
+NOFILE = 65536
+
+
+@functools.cache
+def engine_nofile() -> int:
+    """The open files limit the engine gives containers by default; container limits are capped by it."""
+    out = engine().containers.run(
+        CLIENT_IMAGE, entrypoint=["sh", "-c", "ulimit -Hn"], command=[], network_mode="none", remove=True
+    )
+    text = out.decode().strip()
+    return int(text) if text.isdigit() else 1 << 30
+
+
+def assert_locked_down(container: Any, nofile: int) -> None:
+    """CapDrop ALL plus the role's capabilities, no-new-privileges, read-only root, memory/pids/nofile limits."""
+    role = container.labels["gatehouse.role"]
+    host_config = container.attrs["HostConfig"]
+    what = f"{container.name} ({role})"
+    assert host_config.get("CapDrop") == ["ALL"], what
+    assert sorted(host_config.get("CapAdd") or []) == HARDENING_CAP_ADD[role], what
+    assert any(opt.startswith("no-new-privileges") for opt in host_config.get("SecurityOpt") or []), what
+    assert host_config.get("ReadonlyRootfs") is True, what
+    assert "/tmp" in (host_config.get("Tmpfs") or {}), what  # noqa: S108 - inside the container
+    assert (host_config.get("Memory") or 0) > 0, what
+    assert (host_config.get("PidsLimit") or 0) > 0, what
+    expected = min(NOFILE, nofile)
+    assert {"Name": "nofile", "Soft": expected, "Hard": expected} in (host_config.get("Ulimits") or []), what
+
+
+# One process per client container that starts a session every `period` seconds (or as soon as the
+# previous one ended) for a bounded time and prints one JSON line per session (start and end on
+# the engine host's clock, outcome, target). The pace keeps the placements within the desktops'
+# capacity between two load reports (agent ReportInterval 10 s, Capacity 10): the broker counts
+# every placement until the desktop's next report.
+SESSION_LOOP = r"""
+import json, os, subprocess, sys, time
+url, seconds, period = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+end = time.time() + seconds
+for attempt in range(500):
+    if attempt:
+        time.sleep(max(0.0, start + period - time.time()))
+    if time.time() >= end:
+        break
+    start = time.time()
+    argv = ["gatehouse-client", "--url", url, "--user", "demo", "--password-env", "GH_PASSWORD",
+            "--insecure", "--json", "--timeout", "10"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        report = json.loads(proc.stdout)
+    except (subprocess.TimeoutExpired, ValueError) as exc:
+        report = {"ok": False, "steps": [{"name": "run", "ok": False, "result": "error", "detail": str(exc)}]}
+    failed = [s["name"] + ": " + str(s.get("detail", "")) for s in report.get("steps", []) if not s.get("ok")]
+    print(json.dumps({"start": start, "end": time.time(), "ok": bool(report.get("ok")),
+                      "target": report.get("target") or "", "failure": "; ".join(failed)[:300]}), flush=True)
+"""
+
+
+def start_session_loop(
+    network: str, url: str, secret: str, seconds: float, name: str, period: float = 1.0
+) -> Any:
+    """A client container running sessions through ``url`` for ``seconds``; read it with session_loop_results."""
+    return engine().containers.run(
+        CLIENT_IMAGE,
+        entrypoint=["python3", "-c", SESSION_LOOP, url, str(seconds), str(period)],
+        command=[],
+        environment={"GH_PASSWORD": secret},
+        network=network,
+        name=name,
+        labels={"gatehouse.role": "client"},
+        detach=True,
+    )
+
+
+def remove_quietly(container: Any) -> None:
+    try:
+        container.remove(force=True)
+    except docker.errors.NotFound:
+        pass
+
+
+def session_loop_results(container: Any, timeout: float) -> list[dict[str, Any]]:
+    """The sessions a start_session_loop() container ran (waits for it to finish, then removes it)."""
+    try:
+        container.wait(timeout=timeout)
+        output = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
+        errors = container.logs(stdout=False, stderr=True).decode("utf-8", "replace")
+    finally:
+        container.remove(force=True)
+    sessions = []
+    for line in output.splitlines():
+        try:
+            sessions.append(json.loads(line))
+        except ValueError:
+            continue
+    assert sessions, "the session loop ran no session: " + errors[-1000:]
+    return sessions

@@ -90,4 +90,29 @@ options:
         fails the task with its last log lines. V(0) does not wait.
     type: int
     default: 60
+  container_limits:
+    description:
+      - Limits and hardening of the service containers (the same option as in M(gatehouse.access.halb)). Unset
+        suboptions keep the defaults.
+      - The containers always drop every capability (the services run as uid 10001 and listen on ports of 1024
+        and above inside their containers), run with C(no-new-privileges) and have a tmpfs on C(/tmp).
+    type: dict
+    suboptions:
+      memory:
+        description: Memory limit per container (Docker size). Default V(1g) for the CM and the SG, V(512m) for the broker.
+        type: str
+      pids:
+        description: Limit of processes and threads per container. Default V(512).
+        type: int
+      nofile:
+        description:
+          - Open files limit (soft and hard). Default V(65536), capped at the limit the Docker engine itself has.
+        type: int
+      read_only:
+        description: Read-only root file system. Default V(true).
+        type: bool
+      cap_add:
+        description: Capabilities added to the ones the service needs (names without C(CAP_)). Default none.
+        type: list
+        elements: str
 """

@@ -5,8 +5,10 @@
 """Logic of the broker module: deploy, configure and remove a connection broker.
 
 The broker keeps its SQLite database in ``data/broker.db``; it survives upgrades and
-``state=absent`` unless ``purge`` is set. The bearer tokens come in as (no_log) options and are
-written to ``data/broker.env`` (0600), which the broker reads with ``--env-file``.
+``state=absent`` unless ``purge`` is set. The admin token comes in as a (no_log) option and is
+written to ``data/broker.env`` (0600), which the broker reads with ``--env-file``. Connection
+managers and agents authenticate with their certificates from the deployment CA
+(``client_ca_cert``, copied to ``certs/client-ca.pem``), not with a token.
 """
 
 from __future__ import annotations
@@ -24,31 +26,41 @@ from ansible_collections.gatehouse.access.plugins.module_utils._files import (
     sha256,
 )
 
-TOKEN_KEYS = {"GATEHOUSE_ADMINTOKEN", "GATEHOUSE_AGENTTOKEN"}
+TOKEN_KEYS = {"GATEHOUSE_ADMINTOKEN"}
+CLIENT_CA = "client-ca.pem"
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 ARGUMENT_SPEC: dict = dict(
     dep.COMMON_ARGUMENT_SPEC,
     admin_token={"type": "str", "no_log": True},
-    agent_token={"type": "str", "no_log": True},
+    client_ca_cert={"type": "path"},
+    client_tls_verify={"type": "bool", "default": True},
     domains={"type": "list", "elements": "str", "default": ["CORP"]},
     data_dir={"type": "path", "default": "/opt/gatehouse/broker"},
     https_port={"type": "int", "default": 443},
     purge={"type": "bool", "default": False},
 )
-REQUIRED_IF = [*dep.COMMON_REQUIRED_IF, ("state", "present", ["admin_token", "agent_token"])]
+REQUIRED_IF = [*dep.COMMON_REQUIRED_IF, ("state", "present", ["admin_token"])]
 DB_FILES = ("broker.db", "broker.db-wal", "broker.db-shm", "broker.db-journal")
 
 
-def validate(params: dict) -> None:
+def validate(params: dict) -> list[str]:
+    """Check every option; returns the warnings or raises dep.ValidationError listing all problems."""
     errors: list[str] = []
+    warnings: list[str] = []
     dep.check_common(params, errors)
     if params["state"] == "present":
         dep.check_token(params["admin_token"], "admin_token", errors)
-        dep.check_token(params["agent_token"], "agent_token", errors)
-        if params["admin_token"] and params["admin_token"] == params["agent_token"]:
+        if params["client_tls_verify"] and not params["client_ca_cert"]:
             errors.append(
-                "admin_token and agent_token must differ: agents must not be able to use the admin API"
+                "client_ca_cert is required with client_tls_verify=true: give the CA that issued the connection "
+                "managers' and agents' certificates (the deployment CA), or set client_tls_verify=false "
+                "(tests only)"
+            )
+        if not params["client_tls_verify"]:
+            warnings.append(
+                "client_tls_verify=false: the broker does not check the certificates of connection managers "
+                "and agents; anyone who reaches its port can send load reports and use the broker protocol"
             )
         if not params["domains"]:
             errors.append("domains needs at least one domain (the first one is the default)")
@@ -62,16 +74,19 @@ def validate(params: dict) -> None:
         errors.append("purge is only used with state=absent (it deletes the broker database)")
     if errors:
         raise dep.ValidationError(errors)
+    return warnings
 
 
 def broker_properties(params: dict) -> bytes:
     return dep.render_properties(
-        "Connection broker configuration; AdminToken and AgentToken come from broker.env",
+        "Connection broker configuration; AdminToken comes from broker.env",
         [
             ("ListenAddress", "0.0.0.0"),
             ("ListenPort", 8443),
             ("SslCert", "/certs/cert.pem"),
             ("SslKey", "/certs/key.pem"),
+            ("ClientCaCert", "/certs/" + CLIENT_CA if params["client_ca_cert"] else ""),
+            ("ClientTlsVerify", params["client_tls_verify"]),
             ("Database", "/data/broker.db"),
             ("Domains", params["domains"]),
             ("LogLevel", params["log_level"]),
@@ -81,8 +96,7 @@ def broker_properties(params: dict) -> bytes:
 
 def broker_env(params: dict) -> bytes:
     return (
-        "GATEHOUSE_ADMINTOKEN=%s\nGATEHOUSE_AGENTTOKEN=%s\nGATEHOUSE_LOGLEVEL=%s\n"
-        % (params["admin_token"], params["agent_token"], params["log_level"])
+        "GATEHOUSE_ADMINTOKEN=%s\nGATEHOUSE_LOGLEVEL=%s\n" % (params["admin_token"], params["log_level"])
     ).encode("utf-8")
 
 
@@ -110,19 +124,22 @@ def container_spec(params: dict, image: str, host_label: str) -> dict:
         if mode == "bridge"
         else [],
         "restart_policy": "unless-stopped",
+        "container_limits": params.get("container_limits"),
     }
 
 
 def run(module) -> dict:
     params = module.params
     try:
-        validate(params)
+        warnings = validate(params)
     except dep.ValidationError as exc:
         module.fail_json(msg="invalid options: " + "; ".join(exc.errors), errors=exc.errors)
     cli = ctr.client(params["docker_host"])
     if params["state"] == "absent":
         return uninstall(cli, params, module.check_mode)
-    return install(module, cli, params, module.check_mode)
+    result = install(module, cli, params, module.check_mode)
+    result["warnings_list"] = warnings + result["warnings_list"]
+    return result
 
 
 def uninstall(cli, params: dict, check_mode: bool) -> dict:
@@ -132,7 +149,7 @@ def uninstall(cli, params: dict, check_mode: bool) -> dict:
     data, certs_dir = os.path.join(data_dir, "data"), os.path.join(data_dir, "certs")
     files = [os.path.join(data_dir, "docker-compose.yaml")]
     files += [os.path.join(data, n) for n in ("broker.properties", "broker.env")]
-    files += [os.path.join(certs_dir, n) for n in ("cert.pem", "key.pem", "ca.pem")]
+    files += [os.path.join(certs_dir, n) for n in ("cert.pem", "key.pem", "ca.pem", CLIENT_CA)]
     if params["purge"]:
         files += [os.path.join(data, n) for n in DB_FILES]
     removed, left = remove_paths(files, [data, certs_dir, data_dir], check_mode)
@@ -164,6 +181,9 @@ def install(module, cli, params: dict, check_mode: bool) -> dict:
     warnings: list[str] = []
     common_name = dep.certificate_name(host_label)
     tls, tls_info = dep.tls_files(params, certs_dir, common_name, [], errors, warnings)
+    client_ca = dep.extra_file(
+        params["client_ca_cert"], os.path.join(certs_dir, CLIENT_CA), "client_ca_cert", errors
+    )
     if params["network_mode"].startswith("container:"):
         target = params["network_mode"].split(":", 1)[1]
         if not ctr.container_exists(cli, target):
@@ -204,6 +224,8 @@ def install(module, cli, params: dict, check_mode: bool) -> dict:
         ),
         *tls,
     ]
+    if client_ca is not None:
+        files.append(client_ca)
     dirs = [
         PlannedDir(data_dir, 0o755),
         PlannedDir(data, 0o750, uid, gid),

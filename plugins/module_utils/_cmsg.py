@@ -16,6 +16,7 @@ import ipaddress
 import os
 import secrets
 
+from ansible_collections.gatehouse.access.plugins.module_utils import _certificate as certs
 from ansible_collections.gatehouse.access.plugins.module_utils import _containers as ctr
 from ansible_collections.gatehouse.access.plugins.module_utils import _deploy as dep
 from ansible_collections.gatehouse.access.plugins.module_utils._files import (
@@ -31,6 +32,11 @@ DEFAULT_CIDR = "10.101.0.0/24"
 MAX_SG_CONNECTIONS = 5000
 SECRET_KEY = "GATEHOUSE_GRANTSECRET"  # noqa: S105 - the name of the key, not a secret
 BROKER_PATHS = ("", "/pcoip-broker/xml")
+CM_ADMIN_PORT = 9180
+SG_ADMIN_PORT = 9172
+# Names in certs/ of the internal identity and the CA bundles (container paths /certs/<name>).
+IDENTITY_CERT, IDENTITY_KEY = "identity.pem", "identity-key.pem"
+AGENT_CA, BROKER_CA = "agent-ca.pem", "broker-ca.pem"
 
 ARGUMENT_SPEC: dict = dict(
     dep.COMMON_ARGUMENT_SPEC,
@@ -38,6 +44,11 @@ ARGUMENT_SPEC: dict = dict(
     broker_url={"type": "str"},
     broker_ca_cert={"type": "path"},
     broker_tls_verify={"type": "bool", "default": True},
+    identity_cert={"type": "path"},
+    identity_key={"type": "path", "no_log": True},
+    agent_ca_cert={"type": "path"},
+    agent_tls_verify={"type": "bool", "default": True},
+    admin_address={"type": "str", "default": "0.0.0.0"},
     external_pcoip_ip={"type": "list", "elements": "str", "default": []},
     enable_security_gateway={"type": "bool", "default": True},
     enable_collaboration={"type": "bool", "default": True},
@@ -55,6 +66,7 @@ ARGUMENT_SPEC: dict = dict(
     pcoip_port={"type": "int", "default": 4172},
 )
 REQUIRED_IF = [*dep.COMMON_REQUIRED_IF, ("state", "present", ["broker_url"])]
+REQUIRED_TOGETHER = [*dep.COMMON_REQUIRED_TOGETHER, ("identity_cert", "identity_key")]
 
 
 class Names:
@@ -150,6 +162,14 @@ def validate(params: dict, used_networks) -> dict:
         except ValueError:
             errors.append("trusted_proxies entry %r is not an address or CIDR (like 10.0.0.0/24)" % cidr)
     values["trusted_proxies"] = proxies
+    values["warnings"] = tls_verify_checks(params, errors)
+    admin = dep.parse_ip(params["admin_address"].strip())
+    if admin is None:
+        errors.append(
+            "admin_address %r must be an IP address (0.0.0.0 = every address of the container or host)"
+            % params["admin_address"]
+        )
+    values["sg_health_url"] = security_gateway_health_url(params, admin)
     if not 1 <= params["max_connections"] <= MAX_SG_CONNECTIONS:
         errors.append(
             "max_connections must be between 1 and %d (a security gateway supports at most %d sessions; deploy "
@@ -174,11 +194,50 @@ def validate(params: dict, used_networks) -> dict:
     return values
 
 
+def tls_verify_checks(params: dict, errors: list[str]) -> list[str]:
+    """Verification of the internal hops is on by default; turning it off is allowed but warned about."""
+    warnings = []
+    if params["agent_tls_verify"] and not params["agent_ca_cert"]:
+        errors.append(
+            "agent_ca_cert is required with agent_tls_verify=true: give the CA that issued the agents' "
+            "certificates (the deployment CA), or set agent_tls_verify=false (tests only)"
+        )
+    if not params["agent_tls_verify"]:
+        warnings.append(
+            "agent_tls_verify=false: the CM and SG do not verify the agents' certificates; anyone on the "
+            "path to a desktop can impersonate it"
+        )
+    if not params["broker_tls_verify"]:
+        warnings.append(
+            "broker_tls_verify=false: the CM does not verify the broker's certificate; anyone on the path "
+            "to the broker can impersonate it and read the users' credentials"
+        )
+    return warnings
+
+
+def security_gateway_health_url(params: dict, admin) -> str:
+    """The SG's /health as the CM reaches it: over the Docker network by container name in bridge
+    mode, over the shared network namespace (host or container:<name>) otherwise."""
+    if not params["enable_security_gateway"]:
+        return ""
+    if params["network_mode"] == "bridge":
+        host = Names(params["name_prefix"]).sg
+    elif admin is None or admin.is_unspecified:
+        host = "127.0.0.1"
+    else:
+        host = "[%s]" % admin if admin.version == 6 else str(admin)
+    return "http://%s:%d/health" % (host, SG_ADMIN_PORT)
+
+
 # ------------------------------------------------------------------ rendering
 
 
+def _in_certs(option_value, name: str) -> str:
+    return "/certs/" + name if option_value else ""
+
+
 def config_properties(params: dict, values: dict) -> bytes:
-    broker_ca = "/certs/broker-ca.pem" if params["broker_ca_cert"] else ""
+    broker_ca = _in_certs(params["broker_ca_cert"], BROKER_CA)
     return dep.render_properties(
         "Connection manager (CM) configuration",
         [
@@ -190,11 +249,14 @@ def config_properties(params: dict, values: dict) -> bytes:
             ("BrokerUrl", params["broker_url"]),
             ("BrokerCaCert", broker_ca),
             ("BrokerTlsVerify", params["broker_tls_verify"]),
-            ("AgentCaCert", ""),
-            ("AgentTlsVerify", False),
+            ("IdentityCert", _in_certs(params["identity_cert"], IDENTITY_CERT)),
+            ("IdentityKey", _in_certs(params["identity_key"], IDENTITY_KEY)),
+            ("AgentCaCert", _in_certs(params["agent_ca_cert"], AGENT_CA)),
+            ("AgentTlsVerify", params["agent_tls_verify"]),
             ("SecurityGatewayEnabled", params["enable_security_gateway"]),
             ("ExternalPcoipIp", values["external_ips"]),
             ("SecurityGatewayPort", params["pcoip_port"]),
+            ("SecurityGatewayHealthUrl", values["sg_health_url"]),
             ("MaxConcurrentEstablishments", params["max_concurrent_establishments"]),
             ("MaxClients", params["max_clients"]),
             ("BrokerTimeout", 10),
@@ -205,6 +267,8 @@ def config_properties(params: dict, values: dict) -> bytes:
             ("EnableCollaboration", params["enable_collaboration"]),
             ("HostAddress", values["host_address"]),
             ("LicenseServerUrl", params["license_server_url"] or ""),
+            ("AdminAddress", params["admin_address"].strip()),
+            ("AdminPort", CM_ADMIN_PORT),
             ("LogLevel", params["log_level"]),
         ],
     )
@@ -220,11 +284,61 @@ def security_gateway_conf(params: dict) -> bytes:
             ("MaxConnections", params["max_connections"]),
             ("SslCert", "/certs/cert.pem"),
             ("SslKey", "/certs/key.pem"),
-            ("AdminAddress", "0.0.0.0"),
-            ("AdminPort", 9172),
+            ("AgentCaCert", _in_certs(params["agent_ca_cert"], AGENT_CA)),
+            ("AgentTlsVerify", params["agent_tls_verify"]),
+            ("AdminAddress", params["admin_address"].strip()),
+            ("AdminPort", SG_ADMIN_PORT),
             ("LogLevel", params["log_level"]),
         ],
     )
+
+
+def identity_files(params: dict, certs_dir: str, errors: list[str], warnings: list[str]) -> list[PlannedFile]:
+    """The CM's internal identity (its ``cm`` certificate and key) copied into certs/.
+
+    The pair is checked with the rules of the certificate module (the key must match the certificate).
+    """
+    if not params["identity_cert"]:
+        return []
+    missing = [
+        "%s %s does not exist on the target (or is not a file)" % (option, params[option])
+        for option in ("identity_cert", "identity_key")
+        if not os.path.isfile(params[option])
+    ]
+    if missing:
+        errors.extend(missing)
+        return []
+    try:
+        material = certs.inspect_material(params["identity_cert"], params["identity_key"])
+    except certs.CertificateError as exc:
+        errors.append("identity_cert: %s" % exc)
+        return []
+    errors.extend("identity_cert: %s" % e for e in material.findings.errors)
+    warnings.extend(
+        "identity_cert: %s" % w
+        for w in material.findings.warnings
+        if "should be readable by its owner only" not in w
+    )
+    if material.findings.errors:
+        return []
+    uid, gid = ctr.SERVICE_UID, ctr.SERVICE_GID
+    return [
+        PlannedFile(
+            os.path.join(certs_dir, IDENTITY_CERT),
+            read_bytes(params["identity_cert"]) or b"",
+            0o644,
+            uid,
+            gid,
+        ),
+        PlannedFile(
+            os.path.join(certs_dir, IDENTITY_KEY),
+            read_bytes(params["identity_key"]) or b"",
+            0o600,
+            uid,
+            gid,
+            hidden=True,
+        ),
+    ]
 
 
 def existing_secret(path: str) -> str | None:
@@ -288,6 +402,7 @@ def container_specs(params: dict, names: Names, image_refs: dict, host_label: st
                 "network": names.network if bridge else None,
                 "ports": ports if bridge else [],
                 "restart_policy": "unless-stopped",
+                "container_limits": params.get("container_limits"),
             }
         )
     return specs
@@ -332,7 +447,10 @@ def uninstall(cli, params: dict, names: Names, check_mode: bool) -> dict:
     files += [
         os.path.join(data_dir, "data", n) for n in ("config.properties", "SecurityGateway.conf", "cmsg.env")
     ]
-    files += [os.path.join(data_dir, "certs", n) for n in ("cert.pem", "key.pem", "ca.pem", "broker-ca.pem")]
+    files += [
+        os.path.join(data_dir, "certs", n)
+        for n in ("cert.pem", "key.pem", "ca.pem", BROKER_CA, AGENT_CA, IDENTITY_CERT, IDENTITY_KEY)
+    ]
     dirs = [os.path.join(data_dir, "data"), os.path.join(data_dir, "certs"), data_dir]
     removed, left = remove_paths(files, dirs, check_mode)
     result = {
@@ -379,9 +497,14 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
     common_name = dep.certificate_name(values["host_address"][0] if values["host_address"] else host_label)
     sans = [*values["host_address"], *values["external_ips"]]
     tls, tls_info = dep.tls_files(params, certs_dir, common_name, sans, errors, warnings)
-    broker_ca = dep.extra_file(
-        params["broker_ca_cert"], os.path.join(certs_dir, "broker-ca.pem"), "broker_ca_cert", errors
-    )
+    warnings.extend(values["warnings"])
+    extra = [
+        dep.extra_file(
+            params["broker_ca_cert"], os.path.join(certs_dir, BROKER_CA), "broker_ca_cert", errors
+        ),
+        dep.extra_file(params["agent_ca_cert"], os.path.join(certs_dir, AGENT_CA), "agent_ca_cert", errors),
+        *identity_files(params, certs_dir, errors, warnings),
+    ]
     if params["network_mode"].startswith("container:"):
         target = params["network_mode"].split(":", 1)[1]
         if not ctr.container_exists(cli, target):
@@ -432,8 +555,7 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
         ),
         *tls,
     ]
-    if broker_ca is not None:
-        files.append(broker_ca)
+    files.extend(f for f in extra if f is not None)
     dirs = [
         PlannedDir(data_dir, 0o755),
         PlannedDir(data, 0o750, uid, gid),
@@ -442,15 +564,16 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
 
     # Hash inputs: what each container reads; the compose file is documentation only.
     by_name = {os.path.basename(f.path): f for f in files}
-    shared = {n: sha256(by_name[n].data) for n in ("cmsg.env", "cert.pem", "key.pem") if n in by_name}
-    for extra in ("ca.pem", "broker-ca.pem"):
-        if extra in by_name:
-            shared[extra] = sha256(by_name[extra].data)
+    reads = {
+        "cm": ("cmsg.env", "cert.pem", "key.pem", "ca.pem", BROKER_CA, AGENT_CA, IDENTITY_CERT, IDENTITY_KEY),
+        "sg": ("cmsg.env", "cert.pem", "key.pem", "ca.pem", AGENT_CA),
+    }
     hashes = {}
     plans = {}
     for spec in specs:
         config = "config.properties" if spec["service"] == "cm" else "SecurityGateway.conf"
-        inputs = dict(shared, image=ids.get(spec["service"]), config=sha256(by_name[config].data))
+        inputs = {n: sha256(by_name[n].data) for n in reads[spec["service"]] if n in by_name}
+        inputs.update(image=ids.get(spec["service"]), config=sha256(by_name[config].data))
         inputs["network"] = params["docker_network_cidr"] if network else None
         hashes[spec["name"]] = ctr.spec_hash(spec, inputs)
         plans[spec["name"]] = (

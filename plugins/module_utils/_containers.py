@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import traceback
 
@@ -42,6 +43,141 @@ SERVICE_GID = 10001
 
 class ContainerError(Exception):
     """A container or network cannot be converged; the message says what to do."""
+
+
+# ------------------------------------------------------------------ hardening
+#
+# Every container a Gatehouse module starts drops all capabilities and adds back only what its
+# service needs, cannot gain privileges (no-new-privileges), has a read-only root file system
+# with tmpfs where the service writes, and memory, process and open-file limits. The option
+# ``container_limits`` (the same in the cmsg, broker and halb modules) overrides the limits.
+
+NO_NEW_PRIVILEGES = "no-new-privileges:true"
+NOFILE = 65536
+# tmpfs options: nothing executable, no set-uid, small.
+TMPFS_OPTIONS = "rw,noexec,nosuid,nodev,size=64m"
+# Paths inside the containers (not on the managed host), mounted as tmpfs.
+TMP = "/tmp"  # noqa: S108
+RUN = "/run"
+# Per service: capabilities added back after dropping ALL, default limits, tmpfs mount points.
+# The Python services listen on ports >= 1024 inside their containers and run as uid 10001,
+# so they need no capability. The HALB: keepalived manages the VIPs and sends VRRP (NET_ADMIN,
+# NET_RAW, NET_BROADCAST); the HAProxy master binds 443 and the VIPs (NET_BIND_SERVICE,
+# NET_ADMIN for "transparent") as root, then starts its workers as the haproxy user (SETUID,
+# SETGID) and signals them across that user boundary on reloads (KILL).
+SERVICE_HARDENING = {
+    "cm": {"cap_add": [], "memory": "1g", "pids": 512, "tmpfs": [TMP]},
+    "sg": {"cap_add": [], "memory": "1g", "pids": 512, "tmpfs": [TMP]},
+    "broker": {"cap_add": [], "memory": "512m", "pids": 512, "tmpfs": [TMP]},
+    "agent": {"cap_add": [], "memory": "256m", "pids": 256, "tmpfs": [TMP]},
+    "halb": {
+        "cap_add": ["KILL", "NET_ADMIN", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_RAW", "SETGID", "SETUID"],
+        "memory": "1g",
+        # HAProxy runs a thread per CPU, and old workers stay for hard_stop_after after a reload.
+        "pids": 1024,
+        "tmpfs": [TMP, RUN],
+    },
+}
+# Argument spec of the ``container_limits`` option (cmsg, broker, halb). Unset suboptions take the
+# service's defaults from SERVICE_HARDENING.
+CONTAINER_LIMITS_SPEC = dict(
+    memory=dict(type="str"),
+    pids=dict(type="int"),
+    nofile=dict(type="int"),
+    read_only=dict(type="bool"),
+    cap_add=dict(type="list", elements="str"),
+)
+CONTAINER_LIMITS_OPTION = dict(type="dict", options=CONTAINER_LIMITS_SPEC)
+_MEMORY_RE = re.compile(r"^[1-9][0-9]*[bkmg]?$")
+_CAP_RE = re.compile(r"^[A-Z_]{2,32}$")
+
+
+def hardening(service: str, limits: dict | None = None) -> dict:
+    """The effective hardening of a ``service`` container: its defaults with ``limits`` applied.
+
+    ``limits`` is the module's ``container_limits`` option (None or a dict whose unset keys are
+    None). Raises ContainerError for a value Docker would refuse.
+    """
+    base = SERVICE_HARDENING[service]
+    given = {k: v for k, v in (limits or {}).items() if v is not None}
+    memory = str(given.get("memory", base["memory"])).lower()
+    if not _MEMORY_RE.match(memory):
+        raise ContainerError(
+            "container_limits.memory: %r is not a size (a number with an optional unit b, k, m or g, "
+            "for example 512m)" % given.get("memory")
+        )
+    pids = given.get("pids", base["pids"])
+    if not isinstance(pids, int) or pids < 32:
+        raise ContainerError("container_limits.pids: %r must be a number of processes >= 32" % (pids,))
+    nofile = given.get("nofile", NOFILE)
+    if not isinstance(nofile, int) or nofile < 1024:
+        raise ContainerError("container_limits.nofile: %r must be a number of open files >= 1024" % (nofile,))
+    extra = [re.sub(r"^CAP_", "", str(c).upper()) for c in given.get("cap_add", [])]
+    for cap in extra:
+        if not _CAP_RE.match(cap) or cap == "ALL":
+            raise ContainerError("container_limits.cap_add: %r is not a single capability name" % cap)
+    return {
+        "cap_drop": ["ALL"],
+        "cap_add": sorted(set(base["cap_add"]) | set(extra)),
+        "security_opt": [NO_NEW_PRIVILEGES],
+        "read_only": bool(given.get("read_only", True)),
+        "tmpfs": {path: TMPFS_OPTIONS for path in base["tmpfs"]},
+        "mem_limit": memory,
+        "pids_limit": pids,
+        "nofile": nofile,
+    }
+
+
+def hardening_kwargs(effective: dict, engine_nofile: int | None = None) -> dict:
+    """Docker SDK keyword arguments (containers.create / create_host_config) of hardening().
+
+    ``engine_nofile`` (from engine_nofile_limit()) caps the open files limit: a container cannot
+    get more than the engine itself may grant, and asking for more makes its start fail.
+    """
+    kwargs = {k: v for k, v in effective.items() if k != "nofile"}
+    nofile = effective["nofile"]
+    if engine_nofile:
+        nofile = min(nofile, engine_nofile)
+    kwargs["ulimits"] = [docker.types.Ulimit(name="nofile", soft=nofile, hard=nofile)]
+    return kwargs
+
+
+_ENGINE_NOFILE: dict = {}
+
+
+def engine_nofile_limit(cli, image: str) -> int | None:
+    """The hard open files limit that containers of this engine get by default (None: unlimited).
+
+    Docker's engine normally runs with a limit of a million or more; some hosts (and nested or
+    rootless engines) have less, and a container cannot be given more than that. Asked once per
+    engine and run, in a throwaway container of ``image`` without network.
+    """
+    key = cli.api.base_url
+    if key not in _ENGINE_NOFILE:
+        limit = None
+        try:
+            raw = cli.containers.run(
+                image,
+                entrypoint=["/bin/sh", "-c", "ulimit -Hn"],
+                command=[],
+                network_mode="none",
+                cap_drop=["ALL"],
+                security_opt=[NO_NEW_PRIVILEGES],
+                read_only=True,
+                labels={LABEL_ROLE: "probe"},
+                remove=True,
+            )
+            text = raw.decode("ascii", "replace").strip()
+            limit = int(text) if text.isdigit() else None
+        except DockerException as exc:
+            raise ContainerError("cannot start a probe container of %s: %s" % (image, exc)) from None
+        _ENGINE_NOFILE[key] = limit
+    return _ENGINE_NOFILE[key]
+
+
+def spec_hardening(spec: dict) -> dict:
+    """hardening() of a container spec: its ``service`` and optional ``container_limits``."""
+    return hardening(spec["service"], spec.get("container_limits"))
 
 
 def client(docker_host: str | None, timeout: int = 60):
@@ -93,7 +229,13 @@ def ensure_image(cli, ref: str, pull: bool, check_mode: bool) -> tuple[str | Non
 
 def spec_hash(spec: dict, inputs: dict) -> str:
     """Hash of the desired spec plus ``inputs`` (image id, hashes of the files the container reads)."""
-    canonical = json.dumps({"spec": spec, "inputs": inputs}, sort_keys=True, separators=(",", ":"))
+    document = {"spec": spec, "inputs": inputs}
+    if spec.get("service") in SERVICE_HARDENING:
+        # The effective hardening rather than the option as given: a change of the defaults
+        # recreates the containers, an option that restates them does not.
+        document["spec"] = {k: v for k, v in spec.items() if k != "container_limits"}
+        document["hardening"] = spec_hardening(spec)
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -126,7 +268,7 @@ def container_plan(cli, spec: dict, desired_hash: str) -> str:
     return "none"
 
 
-def _create_kwargs(spec: dict, desired_hash: str) -> dict:
+def _create_kwargs(spec: dict, desired_hash: str, engine_nofile: int | None = None) -> dict:
     labels = dict(spec["labels"])
     labels[LABEL_HASH] = desired_hash
     kwargs: dict = {
@@ -141,6 +283,7 @@ def _create_kwargs(spec: dict, desired_hash: str) -> dict:
         },
         "log_config": {"type": "json-file", "config": {"max-size": "10m", "max-file": "5"}},
     }
+    kwargs.update(hardening_kwargs(spec_hardening(spec), engine_nofile))
     if spec.get("command"):
         kwargs["command"] = spec["command"]
     if spec.get("environment"):
@@ -200,7 +343,8 @@ def converge_container(cli, spec: dict, desired_hash: str, action: str, wait_tim
         else:
             if current is not None:
                 current.remove(force=True)
-            container = cli.containers.create(**_create_kwargs(spec, desired_hash))
+            limit = engine_nofile_limit(cli, spec["image"])
+            container = cli.containers.create(**_create_kwargs(spec, desired_hash, limit))
             container.start()
     except APIError as exc:
         raise ContainerError(

@@ -25,11 +25,15 @@ from ansible.module_utils.basic import missing_required_lib
 from ansible_collections.gatehouse.access.plugins.module_utils import _certificate as certs
 from ansible_collections.gatehouse.access.plugins.module_utils._containers import (
     COLLECTION_VERSION,
+    CONTAINER_LIMITS_OPTION,
     DOCKER_IMPORT_ERROR,
     HAS_DOCKER,
     SERVICE_GID,
+    SERVICE_HARDENING,
     SERVICE_UID,
     ContainerError,
+    hardening,
+    spec_hardening,
 )
 from ansible_collections.gatehouse.access.plugins.module_utils._files import PlannedFile, read_bytes
 
@@ -67,6 +71,7 @@ COMMON_ARGUMENT_SPEC: dict = {
     "name_prefix": {"type": "str", "default": "gatehouse"},
     "docker_host": {"type": "str"},
     "wait_timeout": {"type": "int", "default": 60},
+    "container_limits": CONTAINER_LIMITS_OPTION,
 }
 # self_signed excludes ssl_cert/ssl_key only when true; check_common() says so (mutually_exclusive
 # would also refuse an explicit self_signed=false, which roles pass).
@@ -90,6 +95,11 @@ def check_common(params: dict, errors: list[str]) -> None:
         mode.startswith("container:") and len(mode) > len("container:")
     ):
         errors.append("network_mode must be bridge, host or container:<name>, got %r" % mode)
+    if params.get("container_limits"):
+        try:
+            hardening("broker", params["container_limits"])
+        except ContainerError as exc:
+            errors.append(str(exc))
     if not re.match(r"^[a-z0-9][a-z0-9_.-]{0,40}$", params["name_prefix"]):
         errors.append(
             "name_prefix must be lower-case letters, digits, '.', '_' or '-' (at most 41 characters)"
@@ -423,6 +433,18 @@ def render_compose(specs: list[dict], network: dict | None) -> bytes:
         if spec.get("command"):
             service["command"] = list(spec["command"])
         service["restart"] = spec.get("restart_policy", "unless-stopped")
+        if spec.get("service") in SERVICE_HARDENING:
+            hardening = spec_hardening(spec)
+            service.update(
+                cap_drop=hardening["cap_drop"],
+                cap_add=hardening["cap_add"],
+                security_opt=hardening["security_opt"],
+                read_only=hardening["read_only"],
+                tmpfs=["%s:%s" % item for item in sorted(hardening["tmpfs"].items())],
+                mem_limit=hardening["mem_limit"],
+                pids_limit=hardening["pids_limit"],
+                ulimits={"nofile": {"soft": hardening["nofile"], "hard": hardening["nofile"]}},
+            )
         service["labels"] = dict(spec["labels"])
         service["volumes"] = [
             "%s:%s%s" % (m["source"], m["target"], ":ro" if m["read_only"] else "") for m in spec["mounts"]

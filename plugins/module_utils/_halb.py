@@ -46,6 +46,17 @@ BACKEND_STATES = ("enabled", "drain", "disabled")
 # HAProxy runtime API state names for each backend state.
 RUNTIME_STATE = {"enabled": "ready", "drain": "drain", "disabled": "maint"}
 
+# The seed's connection manager TLS table: the one list every TLS bind of the HALB offers (TLS 1.2
+# part, decreasing preference, with server preference). A copy of gatehouse.tls.CM_CIPHERS, which
+# the modules cannot import on the managed host; tests/unit/test_halb_render.py keeps them equal.
+CM_CIPHERS = "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-GCM-SHA256"
+# TLS 1.3: OpenSSL's defaults, which are the seed's order.
+TLS13_CIPHERSUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
+# HAProxy drops to this account (packaged in the image) after binding; the master stays root
+# to re-read certificates and rebind on a reload.
+HAPROXY_USER = "haproxy"
+HAPROXY_GROUP = "haproxy"
+
 DEFAULT_TIMEOUTS = {
     "connect": "5s",
     "client": "60s",
@@ -197,6 +208,7 @@ def normalize(params: dict) -> dict:
         "stick_table_peers_port": peers_port,
         "maxconn": _positive(params["maxconn"], "maxconn") if params.get("maxconn") is not None else None,
         "hard_stop_after": _time(params.get("hard_stop_after", "1h"), "hard_stop_after"),
+        "warnings": [w for vs in virtual_servers for w in vs["warnings"]],
     }
 
 
@@ -349,12 +361,10 @@ def _normalize_vs(vs: dict, index: int, vip_addresses: set[str]) -> dict:
             "%s: tls_cert/tls_key are only used in mode http (tcp passes TLS through)" % what
         )
     backend_tls = bool(vs.get("backend_tls", True))
-    verify = vs.get("backend_tls_verify") or "none"
+    verify = vs.get("backend_tls_verify") or "required"
     if verify not in ("none", "required"):
         raise HalbConfigError("%s.backend_tls_verify: %r must be none or required" % (what, verify))
     ca_file = vs.get("backend_ca_file")
-    if verify == "required" and not ca_file:
-        raise HalbConfigError("%s.backend_ca_file is required with backend_tls_verify=required" % what)
 
     check = dict(vs.get("health_check") or {})
     check_path = str(check.get("path") or "/health")
@@ -374,6 +384,28 @@ def _normalize_vs(vs: dict, index: int, vip_addresses: set[str]) -> dict:
     }
     if not HOSTNAME_RE.match(health["host"]) and not NAME_RE.match(health["host"]):
         raise HalbConfigError("%s.health_check.host: %r is not a host name" % (what, health["host"]))
+
+    # Verification matters wherever the HALB itself speaks TLS to a backend: re-encrypted traffic
+    # (mode http, which carries the users' passwords) and TLS health checks.
+    speaks_tls = (mode == "http" and backend_tls) or (health["enabled"] and health["tls"])
+    warnings = []
+    if speaks_tls and verify == "required" and not ca_file:
+        raise HalbConfigError(
+            "%s.backend_ca_file: backend_tls_verify=required (the default) needs the CA bundle that signs the "
+            "backends' certificates (the deployment CA, gatehouse__ca_cert in the playbooks); "
+            "backend_tls_verify=none turns verification off" % what
+        )
+    if speaks_tls and verify == "none":
+        warnings.append(
+            "%s: backend_tls_verify=none - the HALB does not verify the backends' certificates, so anyone on the "
+            "path to them can impersonate a backend%s"
+            % (what, " and read the users' passwords" if mode == "http" and backend_tls else "")
+        )
+    if mode == "http" and not backend_tls:
+        warnings.append(
+            "%s: backend_tls=false - the HALB forwards the decrypted requests, passwords included, to the "
+            "backends in clear text" % what
+        )
 
     timeouts = dict(DEFAULT_TIMEOUTS)
     for key, value in (vs.get("timeouts") or {}).items():
@@ -436,12 +468,13 @@ def _normalize_vs(vs: dict, index: int, vip_addresses: set[str]) -> dict:
         "tls": bool(tls_cert),
         "backend_tls": backend_tls,
         "backend_tls_verify": verify,
-        "backend_ca": bool(ca_file) and backend_tls,
+        "backend_ca": bool(ca_file) and speaks_tls,
         "health_check": health,
         "timeouts": timeouts,
         "maxconn": _positive(maxconn, what + ".maxconn") if maxconn is not None else None,
         "haproxy_options": extra,
         "backends": backends,
+        "warnings": warnings,
     }
 
 
@@ -578,9 +611,17 @@ def _haproxy_body(config: dict, neutral: bool) -> str:
     add("    stats timeout 30s")
     add("    localpeer %s" % config["node_name"])
     add("    hard-stop-after %s" % config["hard_stop_after"])
+    # The master binds (VIPs, 443) as root; the workers that handle the traffic run unprivileged.
+    add("    user %s" % HAPROXY_USER)
+    add("    group %s" % HAPROXY_GROUP)
+    # Every TLS bind offers the seed's CM table, TLS 1.2 and 1.3 only. HAProxy picks by its own
+    # order (server preference) because prefer-client-ciphers is not set.
+    add("    ssl-default-bind-ciphers %s" % CM_CIPHERS)
+    add("    ssl-default-bind-ciphersuites %s" % TLS13_CIPHERSUITES)
     add("    ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets")
+    add("    ssl-default-server-ciphers %s" % CM_CIPHERS)
+    add("    ssl-default-server-ciphersuites %s" % TLS13_CIPHERSUITES)
     add("    ssl-default-server-options ssl-min-ver TLSv1.2")
-    add("    tune.ssl.default-dh-param 2048")
     add("")
     add("defaults")
     add("    log global")

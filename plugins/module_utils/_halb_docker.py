@@ -28,6 +28,15 @@ except ImportError as exc:  # pragma: no cover - reported by the module
     DOCKER_IMPORT_ERROR = exc
     DockerException = ImageNotFound = NotFound = Exception
 
+from ansible_collections.gatehouse.access.plugins.module_utils._containers import (
+    NO_NEW_PRIVILEGES,
+    RUN,
+    TMP,
+    TMPFS_OPTIONS,
+    engine_nofile_limit,
+    hardening,
+    hardening_kwargs,
+)
 from ansible_collections.gatehouse.access.plugins.module_utils._halb import (
     HAPROXY_CFG,
     HAPROXY_DIR,
@@ -37,7 +46,6 @@ from ansible_collections.gatehouse.access.plugins.module_utils._halb import (
 )
 
 SPEC_LABEL = "gatehouse.halb.spec"
-CAPABILITIES = ["NET_ADMIN", "NET_RAW", "NET_BROADCAST"]
 # The throwaway validation container needs the configured interface to exist, or keepalived -t
 # fails with "Non-existent interface"; a veth pair in its own (networkless) namespace stands in.
 VALIDATE_SCRIPT = r"""
@@ -85,7 +93,14 @@ def validate(client, image: str, haproxy_dir: str, keepalived_dir: str, interfac
             entrypoint=["/bin/sh", "-c", VALIDATE_SCRIPT, HAPROXY_CFG, KEEPALIVED_CONF, interface],
             command=[],
             network_mode="none",
+            # As locked down as the node itself; NET_ADMIN only for the stand-in interface.
+            cap_drop=["ALL"],
             cap_add=["NET_ADMIN"],
+            security_opt=[NO_NEW_PRIVILEGES],
+            read_only=True,
+            tmpfs={TMP: TMPFS_OPTIONS, RUN: TMPFS_OPTIONS},
+            mem_limit="256m",
+            pids_limit=64,
             volumes={
                 haproxy_dir: {"bind": HAPROXY_DIR, "mode": "ro"},
                 keepalived_dir: {"bind": KEEPALIVED_DIR, "mode": "ro"},
@@ -127,12 +142,14 @@ def container_spec(
     config_dir: str,
     network_mode: str,
     ipv4_address: str | None,
+    container_limits: dict | None = None,
 ) -> dict:
+    """The HALB container; ``container_limits`` is the module option (see _containers.hardening)."""
     return {
         "name": name,
         "image": image,
         "labels": {"gatehouse.role": "halb", "gatehouse.host": host_label},
-        "cap_add": list(CAPABILITIES),
+        "hardening": hardening("halb", container_limits),
         "network_mode": network_mode,
         "ipv4_address": ipv4_address,
         "volumes": {
@@ -180,9 +197,9 @@ def create_container(client, spec: dict):
     network_mode = spec["network_mode"]
     host_config = client.api.create_host_config(
         binds={src: {"bind": v["bind"], "mode": v["mode"]} for src, v in spec["volumes"].items()},
-        cap_add=spec["cap_add"],
         network_mode=network_mode,
         restart_policy=spec["restart_policy"],
+        **hardening_kwargs(spec["hardening"], engine_nofile_limit(client, spec["image"])),
     )
     networking_config = None
     if spec["ipv4_address"]:

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 
 from ansible_collections.gatehouse.access.plugins.module_utils import _halb_docker as hd
+from ansible_collections.gatehouse.access.plugins.module_utils._containers import ContainerError
 from ansible_collections.gatehouse.access.plugins.module_utils._files import (
     PlannedDir,
     PlannedFile,
@@ -118,6 +119,8 @@ def run_present(module) -> dict:
         config = normalize(p)
     except HalbConfigError as exc:
         module.fail_json(msg=str(exc))
+    for warning in config["warnings"]:
+        module.warn(warning)
     config_dir = os.path.abspath(p["config_dir"])
     try:
         dirs, files, stale = plan(module, config, config_dir)
@@ -125,7 +128,7 @@ def run_present(module) -> dict:
         module.fail_json(msg=str(exc))
     try:
         return _converge(module, config, config_dir, dirs, files, stale)
-    except hd.HalbDockerError as exc:
+    except (hd.HalbDockerError, ContainerError) as exc:
         module.fail_json(msg=str(exc))
     raise AssertionError("unreachable")
 
@@ -180,6 +183,7 @@ def _converge(module, config, config_dir, dirs, files, stale) -> dict:
         config_dir=config_dir,
         network_mode=p["network_mode"],
         ipv4_address=p["ipv4_address"],
+        container_limits=p.get("container_limits"),
     )
     container = hd.get_container(client, p["container_name"])
     if container is not None and (container.labels or {}).get("gatehouse.role") != "halb":

@@ -14,8 +14,11 @@ description:
     C(certs/)) and converges the container C(<prefix>-broker).
   - The broker keeps users, desktops, pools and entitlements in the SQLite database C(data/broker.db). It is kept
     across upgrades and by O(state=absent) unless O(purge=true).
-  - The admin and agent bearer tokens are options (never logged) written to C(data/broker.env) with mode V(0600);
-    the object modules (M(gatehouse.access.broker_user) and friends) need the same admin token, so keep it in a vault.
+  - The admin bearer token is an option (never logged) written to C(data/broker.env) with mode V(0600); the object
+    modules (M(gatehouse.access.broker_user) and friends) need the same admin token, so keep it in a vault.
+  - Connection managers and agents authenticate with certificates from the deployment CA (O(client_ca_cert)); the
+    broker answers the broker protocol only to role C(cm) and takes load reports only from role C(agent) for the
+    addresses the certificate names. There is no agent token.
   - Every option is validated before anything is changed. Files are written atomically. The container is recreated
     only when its spec, its image or a file it reads changed; the same options twice report no change.
 author:
@@ -29,7 +32,7 @@ attributes:
   diff_mode:
     support: full
     details:
-      - The diff shows the configuration files before and after; the tokens are masked and private keys are shown
+      - The diff shows the configuration files before and after; the token is masked and private keys are shown
         as a hash only.
   platform:
     platforms: posix
@@ -45,11 +48,17 @@ options:
         C(lookup('ansible.builtin.password', '/dev/null', length=40, chars=['ascii_letters', 'digits'])), and keep
         it in a vault.
     type: str
-  agent_token:
+  client_ca_cert:
     description:
-      - Bearer token the agents use for their load reports. Required with O(state=present); must differ from
-        O(admin_token).
-    type: str
+      - CA bundle on the target that issued the connection managers' and agents' certificates (the deployment CA),
+        copied to C(certs/client-ca.pem) (C(ClientCaCert)). Required with O(client_tls_verify=true).
+    type: path
+  client_tls_verify:
+    description:
+      - Require and verify client certificates (C(ClientTlsVerify)) - role C(cm) for the broker protocol, role
+        C(agent) for load reports. V(false) makes the module return a warning (test setups only).
+    type: bool
+    default: true
   domains:
     description: Domains offered to clients; the first one is the default.
     type: list
@@ -72,12 +81,19 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Broker with a self-signed certificate
+- name: Broker with a certificate from the deployment CA, verifying its clients
   gatehouse.access.broker:
     admin_token: "{{ vault_broker_admin_token }}"
-    agent_token: "{{ vault_broker_agent_token }}"
     domains: [CORP, LAB]
+    ssl_cert: /opt/gatehouse/pki/broker.pem
+    ssl_key: /opt/gatehouse/pki/broker.key
+    client_ca_cert: /opt/gatehouse/pki/ca.pem
+
+- name: Test broker with a self-signed certificate and no client verification
+  gatehouse.access.broker:
+    admin_token: "{{ vault_broker_admin_token }}"
     self_signed: true
+    client_tls_verify: false
 
 - name: Remove the broker, keep the database
   gatehouse.access.broker:
@@ -107,7 +123,7 @@ images_loaded:
   type: list
   elements: str
 config:
-  description: The effective configuration (no tokens).
+  description: The effective configuration (no token).
   returned: O(state=present)
   type: dict
   contains:

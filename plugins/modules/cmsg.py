@@ -15,8 +15,12 @@ description:
     C(data/cmsg.env), C(certs/)) and converges the containers C(<prefix>-cm) and C(<prefix>-sg).
   - Every option is validated before anything is changed; a bad option fails the task with a message that says
     what to do and leaves the host as it was.
-  - Files are written atomically. C(cmsg.env) (the grant secret shared by CM and SG) and C(certs/key.pem) have mode
-    V(0600) and belong to the services' user (uid 10001). The grant secret is generated once and kept.
+  - Files are written atomically. C(cmsg.env) (the grant secret shared by CM and SG), C(certs/key.pem) and
+    C(certs/identity-key.pem) have mode V(0600) and belong to the services' user (uid 10001). The grant secret is
+    generated once and kept.
+  - Internal TLS is verified by default - the agents with O(agent_ca_cert), the broker with O(broker_ca_cert) - and
+    the connection manager presents its own C(cm) identity (O(identity_cert)). Turning a verification off is an
+    explicit option and returns a warning.
   - A container is recreated only when its spec, its image or one of the files it reads changed (hash label
     C(gatehouse.spec-hash)); the same options twice report no change.
   - See the C(docs/cmsg-flags.md) page of the collection for the installer flag behind every option.
@@ -56,9 +60,44 @@ options:
       system store of the image.
     type: path
   broker_tls_verify:
-    description: Verify the broker's certificate.
+    description:
+      - Verify the broker's certificate. V(false) makes the module return a warning (test setups only).
     type: bool
     default: true
+  identity_cert:
+    description:
+      - Certificate (PEM) on the target of the connection manager's internal identity, issued by the deployment CA
+        with the URI subject alternative name C(urn:gatehouse:role:cm); copied to C(certs/identity.pem) and
+        presented to the broker and the agents (C(IdentityCert)). A broker or agent that verifies its clients
+        accepts the connection manager only with it.
+      - Needs O(identity_key). The collection's C(playbooks/site.yml) issues it (role C(gatehouse.access.pki)).
+    type: path
+  identity_key:
+    description: Private key (PEM) on the target of O(identity_cert), copied to C(certs/identity-key.pem) (mode V(0600)).
+    type: path
+  agent_ca_cert:
+    description:
+      - CA bundle on the target that issued the agents' certificates (the deployment CA), copied to
+        C(certs/agent-ca.pem); the connection manager and the security gateway verify the agents with it
+        (C(AgentCaCert)). Required with O(agent_tls_verify=true).
+    type: path
+  agent_tls_verify:
+    description:
+      - Verify the agents' certificates (and that they name the desktop's address) in the connection manager and
+        the security gateway (C(AgentTlsVerify)). V(false) makes the module return a warning (test setups only).
+    type: bool
+    default: true
+  admin_address:
+    description:
+      - Address the plain-HTTP management listeners (C(/health), C(/metrics)) of the connection manager (port 9180)
+        and the security gateway (port 9172) bind to (C(AdminAddress)), inside the container's network namespace.
+      - With O(network_mode=bridge) these ports are never published; the connection manager reaches the gateway's
+        C(/health) over the Docker network (C(SecurityGatewayHealthUrl) = C(http://<prefix>-sg:9172/health)).
+        With V(host) or V(container:<name>) they are on the host's addresses; the connection manager uses
+        C(http://127.0.0.1:9172/health) (or this address when it is a specific one), and the
+        C(gatehouse.access.firewall) role opens them only to the HALB hosts and the management sources.
+    type: str
+    default: 0.0.0.0
   external_pcoip_ip:
     description:
       - Public address(es) of the security gateway that clients connect to on 4172; at most one IPv4 and one
@@ -151,13 +190,27 @@ EXAMPLES = r"""
     ssl_cert: /root/certs/cmsg1.pem
     ssl_key: /root/certs/cmsg1.key
     ca_cert: /root/certs/CAcertificate.pem
+    agent_ca_cert: /root/certs/deployment-ca.pem
 
-- name: LAN-only node (no security gateway) with a self-signed certificate
+- name: Internal identity and agent verification from the deployment CA
+  gatehouse.access.cmsg:
+    accept_policies: true
+    broker_url: https://broker.example.com:443
+    broker_ca_cert: /opt/gatehouse/pki/ca.pem
+    external_pcoip_ip: [203.0.113.10]
+    ssl_cert: /root/certs/cmsg1.pem
+    ssl_key: /root/certs/cmsg1.key
+    identity_cert: /opt/gatehouse/pki/cm.pem
+    identity_key: /opt/gatehouse/pki/cm.key
+    agent_ca_cert: /opt/gatehouse/pki/ca.pem
+
+- name: LAN-only node (no security gateway) with a self-signed certificate (agents not verified, tests only)
   gatehouse.access.cmsg:
     accept_policies: true
     broker_url: https://10.0.0.5:443
     enable_security_gateway: false
     self_signed: true
+    agent_tls_verify: false
     docker_network_cidr: 172.20.0.0/24
 
 - name: Dark site, images from the bundle
@@ -167,6 +220,7 @@ EXAMPLES = r"""
     external_pcoip_ip: [198.51.100.7, "2001:db8::7"]
     enable_ipv6: true
     self_signed: true
+    agent_ca_cert: /opt/gatehouse/pki/ca.pem
     bundle_path: /root/gatehouse-bundle
 
 - name: Uninstall
@@ -237,7 +291,7 @@ def main() -> None:
         argument_spec=_cmsg.ARGUMENT_SPEC,
         required_if=_cmsg.REQUIRED_IF,
         mutually_exclusive=deploy.COMMON_MUTUALLY_EXCLUSIVE,
-        required_together=deploy.COMMON_REQUIRED_TOGETHER,
+        required_together=_cmsg.REQUIRED_TOGETHER,
         supports_check_mode=True,
     )
     deploy.run_and_exit(module, _cmsg.run)

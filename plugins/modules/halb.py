@@ -147,13 +147,19 @@ options:
         default: true
       backend_tls_verify:
         description:
-          - Verify the backends' certificates (V(required) needs O(virtual_servers[].backend_ca_file)). Connection
-            managers usually have certificates of the public name, not of their own address, hence V(none).
+          - Verify the backends' certificates against O(virtual_servers[].backend_ca_file) wherever the HALB speaks
+            TLS to them (re-encrypted traffic in mode V(http), TLS health checks). The chain is verified, not the
+            name - connection managers usually carry a certificate of the deployment CA, not of their own address.
+          - V(required) needs O(virtual_servers[].backend_ca_file); the task fails without it.
+          - V(none) turns verification off and the module warns - in mode V(http) the re-encrypted requests carry
+            the users' passwords.
         type: str
         choices: [none, required]
-        default: none
+        default: required
       backend_ca_file:
-        description: CA bundle (PEM) on the managed host that signs the backends' certificates.
+        description:
+          - CA bundle (PEM) on the managed host that signs the backends' certificates (the deployment CA).
+          - Copied into C(config_dir/haproxy/certs/<name>-ca.pem).
         type: path
       balance:
         description: Load-balancing algorithm.
@@ -376,9 +382,38 @@ options:
     description: TCP port of the stick table synchronisation.
     type: int
     default: 10000
+  container_limits:
+    description:
+      - Limits and hardening of the HALB container; the same option as in M(gatehouse.access.cmsg) and
+        M(gatehouse.access.broker). Unset suboptions keep the defaults.
+      - The container always drops every capability except C(NET_ADMIN), C(NET_RAW), C(NET_BROADCAST) (keepalived,
+        VIPs, C(transparent) binds), C(NET_BIND_SERVICE) (port 443), C(SETUID), C(SETGID) and C(KILL) (HAProxy starts
+        its workers as the C(haproxy) user and signals them), runs with C(no-new-privileges) and has tmpfs on
+        C(/tmp) and C(/run).
+    type: dict
+    suboptions:
+      memory:
+        description: Memory limit (Docker size, for example V(1g) or V(512m)). Default V(1g).
+        type: str
+      pids:
+        description: Limit of processes and threads in the container. Default V(1024).
+        type: int
+      nofile:
+        description: Open files limit (soft and hard). Default V(65536).
+        type: int
+      read_only:
+        description: Read-only root file system. Default V(true).
+        type: bool
+      cap_add:
+        description: Capabilities added to the ones the service needs (names without C(CAP_)). Default none.
+        type: list
+        elements: str
 notes:
   - HAProxy binds the VIPs with the C(transparent) option, so both nodes listen at all times and a failover needs no
-    reload; the container has the capabilities NET_ADMIN, NET_RAW and NET_BROADCAST.
+    reload. The HAProxy master binds as root; the workers that carry the traffic run as the C(haproxy) user.
+  - Every TLS bind offers the connection manager's cipher table of the seed (TLS 1.2 ECDHE-RSA-AES256-GCM-SHA384,
+    ECDHE-RSA-AES128-GCM-SHA256, AES256-GCM-SHA384, AES128-GCM-SHA256 in this order of server preference; TLS 1.3
+    with OpenSSL's default suites); TLS 1.0 and 1.1 are refused.
   - The validation container creates a veth pair named after O(vrrp.interface) in its own network namespace so that
     C(keepalived -t) accepts the interface; it never has a network.
 seealso:
@@ -411,6 +446,8 @@ EXAMPLES = r"""
         tls_cert: /etc/gatehouse/tls/halb.pem
         tls_key: /etc/gatehouse/tls/halb.key
         persistence: cookie
+        backend_ca_file: /etc/gatehouse/tls/deployment-ca.pem
+        health_check: {interval: 500ms, rise: 2, fall: 2}
         backends:
           - {name: cmsg1, address: 192.0.2.21, port: 443}
           - {name: cmsg2, address: 192.0.2.22, port: 443}
@@ -428,6 +465,7 @@ EXAMPLES = r"""
         port: 443
         mode: tcp
         persistence: source
+        backend_ca_file: /etc/gatehouse/tls/deployment-ca.pem
         backends:
           - {name: cmsg1, address: 192.0.2.21, port: 443}
           - {name: cmsg2, address: 192.0.2.22, port: 443, state: drain}
@@ -483,6 +521,7 @@ failover_estimate:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
+from ansible_collections.gatehouse.access.plugins.module_utils._containers import CONTAINER_LIMITS_OPTION  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._halb_node import run_absent, run_present  # noqa: E402
 
 TIMEOUTS = dict(
@@ -519,7 +558,7 @@ ARGUMENT_SPEC = dict(
             tls_cert=dict(type="path"),
             tls_key=dict(type="path", no_log=False),
             backend_tls=dict(type="bool", default=True),
-            backend_tls_verify=dict(type="str", choices=["none", "required"], default="none"),
+            backend_tls_verify=dict(type="str", choices=["none", "required"], default="required"),
             backend_ca_file=dict(type="path"),
             balance=dict(type="str", choices=["roundrobin", "leastconn", "source"], default="roundrobin"),
             persistence=dict(type="str", choices=["none", "source", "cookie"]),
@@ -581,6 +620,7 @@ ARGUMENT_SPEC = dict(
         options=dict(name=dict(type="str", required=True), address=dict(type="str", required=True)),
     ),
     stick_table_peers_port=dict(type="int", default=10000),
+    container_limits=CONTAINER_LIMITS_OPTION,
 )
 
 

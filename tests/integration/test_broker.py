@@ -21,7 +21,8 @@ from services import ServiceProcess, free_port
 from gatehouse import protocol as p
 
 ADMIN_TOKEN = "adm-" + uuid.uuid4().hex
-AGENT_TOKEN = "agt-" + uuid.uuid4().hex
+# A well-formed bearer token the broker does not know (the admin API must refuse it).
+OTHER_TOKEN = "oth-" + uuid.uuid4().hex
 ALICE_PW = "Alice-pw-" + uuid.uuid4().hex[:8]
 BOB_PW = "Bob-pw-" + uuid.uuid4().hex[:8]
 WRONG_PW = "Wrong-pw-" + uuid.uuid4().hex[:8]
@@ -32,6 +33,10 @@ class Http:
     def __init__(self, port: int, ctx: ssl.SSLContext) -> None:
         self.port = port
         self.ctx = ctx
+
+    def as_peer(self, ctx: ssl.SSLContext) -> Http:
+        """The same broker, reached with another TLS identity (a CM or agent certificate)."""
+        return Http(self.port, ctx)
 
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
@@ -125,20 +130,26 @@ class Broker:
         self.workdir = workdir
         self.processes = processes
         self.port = free_port()
-        certs = pki.issue("broker")
+        self.admin_port = free_port()
+        certs = pki.issue("broker", role="broker")
         self.config: dict[str, object] = {
             "ListenAddress": "127.0.0.1",
             "ListenPort": self.port,
+            "AdminPort": self.admin_port,
             "SslCert": certs.cert,
             "SslKey": certs.key,
+            "ClientCaCert": pki.ca,
             "Database": workdir / "broker.db",
             "Domains": "CORP,LAB",
             "LogLevel": "debug",
             **extra,
         }
+        # The admin API is called without a client certificate (as the modules do); the broker
+        # protocol with a CM's certificate.
         self.ctx = ssl.create_default_context(cafile=str(pki.ca))
         self.http = Http(self.port, self.ctx)
         self.admin = Admin(self.http)
+        self.cm_http = self.http.as_peer(self.peer_ctx("cm", ["localhost"], role="cm"))
         self.proc: ServiceProcess | None = None
         self.all_logs = ""
 
@@ -147,7 +158,7 @@ class Broker:
             "broker",
             self.workdir,
             self.config,
-            env_file={"GATEHOUSE_ADMINTOKEN": ADMIN_TOKEN, "GATEHOUSE_AGENTTOKEN": AGENT_TOKEN},
+            env_file={"GATEHOUSE_ADMINTOKEN": ADMIN_TOKEN},
             health_url=f"https://localhost:{self.port}/health",
             health_ssl=self.ctx,
         )
@@ -159,10 +170,39 @@ class Broker:
         assert self.proc is not None
         return self.proc.stop()
 
-    def client(self) -> BrokerClient:
-        return BrokerClient(self.http)
+    def peer_ctx(self, name: str, hosts: list[str], role: str | None) -> ssl.SSLContext:
+        certs = self.pki.issue(f"peer-{name}", hosts, role=role)
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca))
+        ctx.load_cert_chain(certs.cert, certs.key)
+        return ctx
 
-    def report(self, address: str, active: int, capacity: int, token: str = AGENT_TOKEN, **extra: Any) -> int:
+    def metrics(self) -> str:
+        """/metrics from the management listener (AdminAddress:AdminPort, plain HTTP)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            return resp.read().decode()
+        finally:
+            conn.close()
+
+    def client(self, http_: Http | None = None) -> BrokerClient:
+        return BrokerClient(http_ or self.cm_http)
+
+    def agent_http(self, address: str, role: str | None = "agent") -> Http:
+        """The broker as the agent at ``address`` reaches it (its certificate names the address)."""
+        return self.http.as_peer(self.peer_ctx(f"agent-{address}-{role}", [address], role=role))
+
+    def report(
+        self, address: str, active: int, capacity: int, http_: Http | None = None, **extra: Any
+    ) -> int:
+        status, _body = self.report_call(address, active, capacity, http_, **extra)
+        return status
+
+    def report_call(
+        self, address: str, active: int, capacity: int, http_: Http | None = None, **extra: Any
+    ) -> tuple[int, Any]:
         body = {
             "hostname": extra.pop("hostname", ""),
             "address": address,
@@ -172,8 +212,11 @@ class Broker:
             "capacity": capacity,
             **extra,
         }
-        status, _body = self.admin.call("POST", "/agents/report", body, token=token)
-        return status
+        peer = http_ or self.agent_http(address)
+        status, _headers, raw = peer.request(
+            "POST", "/api/v1/agents/report", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        return status, (json.loads(raw) if raw else None)
 
     def logs(self) -> str:
         return self.proc.logs() if self.proc else ""
@@ -187,7 +230,7 @@ def broker(pki: CertAuthority, tmp_path: Path, processes: list[ServiceProcess]) 
     logs = b.logs()
     assert "broker listening" in logs
     # No password, token or cookie the test used may reach the log.
-    for secret in (ADMIN_TOKEN, AGENT_TOKEN, ALICE_PW, BOB_PW, WRONG_PW):
+    for secret in (ADMIN_TOKEN, OTHER_TOKEN, ALICE_PW, BOB_PW, WRONG_PW):
         assert secret not in logs
     assert "Traceback" not in logs
 
@@ -208,14 +251,29 @@ def seed(admin: Admin) -> None:
 
 
 def test_admin_api_requires_the_admin_token(broker: Broker) -> None:
-    for token in ("-", "wrong-token-value-123", AGENT_TOKEN):
+    for token in ("-", "wrong-token-value-123", OTHER_TOKEN):
         status, body = broker.admin.call("GET", "/users", token=token)
         assert status == 401 and "bearer token" in body["error"]
         status, body = broker.admin.call("PUT", "/users/CORP/mallory", {"password": "x" * 8}, token=token)
         assert status == 401
     assert broker.admin.call("GET", "/users/CORP/mallory")[0] == 404
-    assert broker.report("127.0.0.1", 0, 1, token=ADMIN_TOKEN) == 401
-    assert broker.report("127.0.0.1", 0, 1, token="-") == 401
+    # Load reports take no token at all: the admin token does not make a report, nor a CM certificate.
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+    for peer in (broker.http, broker.cm_http):
+        status, _headers, _raw = peer.request("POST", "/api/v1/agents/report", b"{}", headers)
+        assert status == 403
+
+
+def test_broker_protocol_only_for_connection_managers(broker: Broker) -> None:
+    seed(broker.admin)
+    hello = p.render(ENVELOPE, p.Hello(pcm_info=p.PcmInfo(str(uuid.uuid4()), "192.0.2.10")))
+    for peer in (broker.http, broker.agent_http("127.0.0.11"), broker.agent_http("127.0.0.11", role=None)):
+        status, headers, data = BrokerClient(peer).raw(hello)
+        assert status == 403 and "Set-Cookie" not in headers
+        reply = p.parse(data, ENVELOPE)
+        assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_USER_AUTH
+    assert broker.client().login("alice", ALICE_PW) == p.AUTH_OK
+    assert 'gatehouse_broker_peers_refused_total{endpoint="broker"} 3.0' in broker.metrics()
 
 
 def test_admin_crud_idempotence_and_check_mode(broker: Broker) -> None:
@@ -378,9 +436,10 @@ def test_full_flow_hello_authenticate_list_allocate(broker: Broker) -> None:
     assert all(line["session_id"] == sid for line in session_lines)
     assert client.cookie is None or client.cookie not in broker.logs()
 
-    status, _headers, metrics = broker.http.request("GET", "/metrics")
-    assert status == 200
-    text = metrics.decode()
+    # /metrics is on the management listener only, /health on both.
+    assert broker.http.request("GET", "/metrics")[0] == 404
+    assert broker.http.request("GET", "/health")[0] == 200
+    text = broker.metrics()
     assert 'gatehouse_broker_authentications_total{result="success"} 1.0' in text
     assert 'gatehouse_broker_allocations_total{result="ALLOC_SUCCESSFUL"} 2.0' in text
 
@@ -409,9 +468,7 @@ def test_wrong_password_unknown_and_disabled_users_get_the_same_answer(broker: B
     client.hello()
     assert client.send(p.Authenticate("alice", WRONG_PW, "CORP")).result_id == p.AUTH_FAILED  # type: ignore[attr-defined]
     assert client.send(p.Authenticate("CORP\\alice", ALICE_PW, "")).result_id == p.AUTH_OK  # type: ignore[attr-defined]
-    status, _headers, metrics = broker.http.request("GET", "/metrics")
-    assert status == 200
-    assert 'gatehouse_broker_authentications_total{result="failure"} 6.0' in metrics.decode()
+    assert 'gatehouse_broker_authentications_total{result="failure"} 6.0' in broker.metrics()
 
 
 def test_not_entitled_and_out_of_state(broker: Broker) -> None:
@@ -491,7 +548,7 @@ def test_oversized_bodies_are_refused(broker: Broker) -> None:
     assert p.parse(data, ENVELOPE) == p.ErrorResp(p.E_TOO_LARGE, f"request body over {p.MAX_BODY} bytes")
 
     # chunked upload without Content-Length is cut off at the cap too
-    conn = http.client.HTTPSConnection("localhost", broker.port, context=broker.ctx, timeout=20)
+    conn = http.client.HTTPSConnection("localhost", broker.port, context=broker.cm_http.ctx, timeout=20)
     try:
         chunks = (big[i : i + 8192] for i in range(0, len(big), 8192))
         conn.request("POST", p.PATH_BROKER, body=chunks, encode_chunked=True)
@@ -516,21 +573,20 @@ def test_agent_reports_steer_least_loaded_placement(broker: Broker) -> None:
     assert broker.report("127.0.0.11", 3, 4) == 204
     assert broker.report("127.0.0.12", 1, 4) == 204
     assert broker.report("127.0.0.13", 2, 4, hostname="pd3.example") == 204
-    assert broker.report("127.0.0.13", 2, 4, token="wrong-agent-token-xyz") == 401
-    status, body = broker.admin.call("POST", "/agents/report", {"address": "127.0.0.13"}, token=AGENT_TOKEN)
-    assert status == 400 and body["field"] == "agent_port"
-    status, body = broker.admin.call(
-        "POST",
-        "/agents/report",
-        {
-            "address": "127.0.0.13",
-            "agent_port": 60443,
-            "session_port": 4172,
-            "active_sessions": -1,
-            "capacity": 4,
-        },
-        token=AGENT_TOKEN,
+    # Another desktop's certificate, a certificate without the agent role, no certificate: refused.
+    assert broker.report("127.0.0.13", 0, 4, http_=broker.agent_http("127.0.0.11")) == 403
+    assert broker.report("127.0.0.13", 0, 4, http_=broker.agent_http("127.0.0.13", role=None)) == 403
+    assert broker.report("127.0.0.13", 0, 4, http_=broker.http) == 403
+    # A report for an address that is no registered desktop (or not on that agent port) stores nothing.
+    status, body = broker.report_call("127.0.0.99", 0, 4)
+    assert status == 403 and "registered desktop" in body["error"]
+    assert broker.report("127.0.0.13", 0, 4, agent_port=60999) == 403
+    pd3 = broker.agent_http("127.0.0.13")
+    status, _headers, raw = pd3.request(
+        "POST", "/api/v1/agents/report", json.dumps({"address": "127.0.0.13"}).encode(), {}
     )
+    assert status == 400 and json.loads(raw)["field"] == "agent_port"
+    status, body = broker.report_call("127.0.0.13", -1, 4, http_=pd3)
     assert status == 400 and body["field"] == "active_sessions"
 
     client = broker.client()
@@ -548,12 +604,29 @@ def test_agent_reports_steer_least_loaded_placement(broker: Broker) -> None:
     assert client.allocate(pool).result_id == p.ALLOC_UNAVAILABLE
 
     agents = broker.admin.call("GET", "/agents")[1]["agents"]
+    assert len(agents) == 3  # one row per registered desktop, none for the refused reports
     assert {a["address"]: a["desktop"] for a in agents} == {
         "127.0.0.11": "pd1",
         "127.0.0.12": "pd2",
         "127.0.0.13": "pd3",
     }
     assert all(a["stale"] is False for a in agents)
+
+
+def test_client_verification_off_is_explicit_and_warned(
+    pki: CertAuthority, tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    broker = Broker(pki, tmp_path, processes, ClientTlsVerify=False)
+    del broker.config["ClientCaCert"]
+    broker.start()
+    seed(broker.admin)
+    # Any caller is taken for a CM, and may report for a registered desktop (not for others).
+    assert broker.client(broker.http).login("alice", ALICE_PW) == p.AUTH_OK
+    assert broker.report("127.0.0.11", 1, 4, http_=broker.http) == 204
+    assert broker.report("127.0.0.99", 1, 4, http_=broker.http) == 403
+    broker.stop()
+    warnings = [json.loads(line) for line in broker.logs().splitlines() if '"warn' in line]
+    assert any("ClientTlsVerify is false" in w["msg"] for w in warnings)
 
 
 def test_persistent_assignment_and_state_survive_restart(
@@ -592,7 +665,7 @@ def test_persistent_assignment_and_state_survive_restart(
     assert status == 200 and removed["changed"] is True
     broker.stop()
     logs = first_logs + broker.logs()
-    for secret in (ADMIN_TOKEN, AGENT_TOKEN, ALICE_PW, BOB_PW):
+    for secret in (ADMIN_TOKEN, ALICE_PW, BOB_PW):
         assert secret not in logs
 
 
@@ -620,15 +693,23 @@ def _run_broker(
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"AgentToken": AGENT_TOKEN}, "AdminToken is required"),
-        ({"AdminToken": "short", "AgentToken": AGENT_TOKEN}, "AdminToken must be at least 16 characters"),
-        ({"AdminToken": AGENT_TOKEN, "AgentToken": AGENT_TOKEN}, "must differ"),
+        ({"ClientTlsVerify": "false"}, "AdminToken is required"),
+        ({"AdminToken": "short", "ClientTlsVerify": "false"}, "AdminToken must be at least 16 characters"),
+        ({"AdminToken": ADMIN_TOKEN}, "ClientCaCert is required while ClientTlsVerify is true"),
         (
-            {"AdminToken": ADMIN_TOKEN, "AgentToken": AGENT_TOKEN, "Database": "postgresql://u:pw@db/broker"},
+            {"AdminToken": ADMIN_TOKEN, "ClientCaCert": "/nonexistent/ca.pem"},
+            "cannot load CA certificates from /nonexistent/ca.pem",
+        ),
+        (
+            {
+                "AdminToken": ADMIN_TOKEN,
+                "ClientTlsVerify": "false",
+                "Database": "postgresql://u:pw@db/broker",
+            },
             "not supported in this version",
         ),
         (
-            {"AdminToken": ADMIN_TOKEN, "AgentToken": AGENT_TOKEN, "AgentStaleAfter": "soon"},
+            {"AdminToken": ADMIN_TOKEN, "ClientTlsVerify": "false", "AgentStaleAfter": "soon"},
             "AgentStaleAfter",
         ),
     ],
@@ -654,7 +735,7 @@ def test_weak_certificate_is_refused(tmp_path: Path, pki: CertAuthority) -> None
             "SslKey": certs.key,
             "Database": tmp_path / "b.db",
             "AdminToken": ADMIN_TOKEN,
-            "AgentToken": AGENT_TOKEN,
+            "ClientCaCert": pki.ca,
         },
     )
     assert result.returncode != 0 and "at least 2048 bits" in result.stderr

@@ -1,7 +1,8 @@
 """gatehouse.access.broker through ansible against the local Docker engine.
 
 check -> real -> idempotent check -> idempotent real; the admin API answers with the token given;
-the database survives state=absent and goes with purge=true.
+the client CA is rendered (verification on by default; off only explicitly, with a warning); the
+database survives state=absent and goes with purge=true.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from deploy_helpers import (
     require_service_images,
     unique_prefix,
 )
+from tls_material import Chain, pem, write
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]
 
 ADMIN = "admin-" + "x" * 30
-AGENT = "agent-" + "y" * 30
+OTHER = "other-" + "y" * 30
 
 
 @pytest.fixture
@@ -58,16 +60,31 @@ def admin_get(port: int, path: str, token: str) -> tuple[int, object]:
         return exc.code, None
 
 
-def test_bad_tokens_change_nothing(env) -> None:
+def test_bad_options_change_nothing(env) -> None:
     _cli, prefix, tmp_path = env
-    args = {"admin_token": "short", "agent_token": "short", "self_signed": True}
+    args = {"admin_token": "short", "self_signed": True}
     args.update(data_dir=str(tmp_path / "broker"), name_prefix=prefix)
     run = run_module("broker", args)
     assert run.failed
     assert any("admin_token must be at least 16" in e for e in run.result["errors"])
-    assert any("must differ" in e for e in run.result["errors"])
+    # Client verification is on by default and needs the deployment CA.
+    assert any("client_ca_cert is required with client_tls_verify=true" in e for e in run.result["errors"])
     assert "short" not in json.dumps(run.result.get("invocation", {}))
     assert not (tmp_path / "broker").exists()
+    run = run_module("broker", dict(args, admin_token=ADMIN, client_ca_cert=str(tmp_path / "none.pem")))
+    assert run.failed and any("client_ca_cert" in e and "does not exist" in e for e in run.result["errors"])
+    assert not (tmp_path / "broker").exists()
+
+
+def test_verification_off_is_explicit_and_warned(env) -> None:
+    _cli, prefix, tmp_path = env
+    args = {"admin_token": ADMIN, "self_signed": True, "client_tls_verify": False}
+    args.update(data_dir=str(tmp_path / "broker"), name_prefix=prefix)
+    run = run_module("broker", args, check=True)
+    assert not run.failed, run.result
+    assert any("client_tls_verify=false" in w for w in run.warnings)
+    assert run.result["config"]["broker_properties"]["ClientTlsVerify"] == "false"
+    assert run.result["config"]["broker_properties"]["ClientCaCert"] == ""
 
 
 def test_cycle(env) -> None:
@@ -75,9 +92,10 @@ def test_cycle(env) -> None:
     require_service_images(cli, "broker")
     data_dir = tmp_path / "broker"
     port = free_port()
+    ca = write(tmp_path / "deployment-ca.pem", pem(Chain().root))
     args = {
         "admin_token": ADMIN,
-        "agent_token": AGENT,
+        "client_ca_cert": str(ca),
         "domains": ["CORP", "LAB"],
         "self_signed": True,
         "data_dir": str(data_dir),
@@ -95,9 +113,14 @@ def test_cycle(env) -> None:
     again = run_module("broker", args, diff=True)
     assert not again.changed, again.result
     for run in (check, real, again):
-        assert ADMIN not in run.stdout and AGENT not in run.stdout
+        assert ADMIN not in run.stdout
+        assert not any("client_tls_verify" in w for w in run.warnings)
 
     assert stat.S_IMODE((data_dir / "data" / "broker.env").stat().st_mode) == 0o600
+    assert "AGENTTOKEN" not in (data_dir / "data" / "broker.env").read_text()
+    props = real.result["config"]["broker_properties"]
+    assert props["ClientCaCert"] == "/certs/client-ca.pem" and props["ClientTlsVerify"] == "true"
+    assert (data_dir / "certs" / "client-ca.pem").read_bytes() == ca.read_bytes()
     container = cli.containers.get(f"{prefix}-broker")
     assert container.labels["gatehouse.role"] == "broker" and container.labels["gatehouse.host"] == "broker1"
     assert not any(ADMIN in e for e in container.attrs["Config"]["Env"] or [])
@@ -111,7 +134,7 @@ def test_cycle(env) -> None:
             time.sleep(0.5)
     assert status == 200, body
     assert "LAB" in json.dumps(body)
-    assert admin_get(port, "/api/v1/domains", AGENT)[0] == 401
+    assert admin_get(port, "/api/v1/domains", OTHER)[0] == 401
     assert (data_dir / "data" / "broker.db").exists()
 
     absent = {"state": "absent", "data_dir": str(data_dir), "name_prefix": prefix}

@@ -24,14 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collection_helpers import AnsibleRun, ansible_env, collection_tree, run_module, tool
 from pki import TestPKI as CertAuthority
 from services import ServiceProcess, free_port
-from test_broker import ADMIN_TOKEN, AGENT_TOKEN, Broker
+from test_broker import ADMIN_TOKEN, OTHER_TOKEN, Broker
 
 from gatehouse import protocol as p
 
 ALICE_PW = "alice-" + uuid.uuid4().hex
 ALICE_PW2 = "alice2-" + uuid.uuid4().hex
 BOB_PW = "bob-" + uuid.uuid4().hex
-SECRETS = (ADMIN_TOKEN, AGENT_TOKEN, ALICE_PW, ALICE_PW2, BOB_PW)
+SECRETS = (ADMIN_TOKEN, OTHER_TOKEN, ALICE_PW, ALICE_PW2, BOB_PW)
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +376,7 @@ def test_connection_errors_are_clear(broker: Broker) -> None:
     assert result.failed and "the broker refused the admin token" in result.result["msg"]
     assert get(broker, "/groups/CORP/x-group") is None
 
-    result = run("broker_group", conn(broker, name="x-group", admin_token=AGENT_TOKEN))
+    result = run("broker_group", conn(broker, name="x-group", admin_token=OTHER_TOKEN))
     assert result.failed and "refused the admin token" in result.result["msg"]
 
     port = free_port()

@@ -24,7 +24,7 @@ from deploy_helpers import (
     require_service_images,
     unique_prefix,
 )
-from tls_material import certificate, key_pem, pem, rsa_key, write
+from tls_material import Chain, certificate, key_pem, pem, rsa_key, write
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]
 
@@ -53,7 +53,11 @@ def env(tmp_path: Path):
 
 
 def base_args(cli, prefix: str, tmp_path: Path) -> dict:
+    ca = tmp_path / "deployment-ca.pem"
+    if not ca.exists():
+        write(ca, pem(Chain().root))
     return {
+        "agent_ca_cert": str(ca),
         "accept_policies": True,
         "broker_url": "https://broker.gatehouse.test:8443",
         "external_pcoip_ip": ["192.0.2.10"],
@@ -119,6 +123,7 @@ def test_cycle(env) -> None:
     real = run_module("cmsg", args, diff=True)
     assert not real.failed, real.result
     assert real.changed
+    assert not any("tls_verify" in w for w in real.warnings), real.warnings
     secret = (data_dir / "data" / "cmsg.env").read_text().split("GATEHOUSE_GRANTSECRET=")[1].split("\n")[0]
     assert len(secret) >= 40
 
@@ -139,6 +144,11 @@ def test_cycle(env) -> None:
     props = read_props(data_dir / "data" / "config.properties")
     assert props["ExternalPcoipIp"] == "192.0.2.10"
     assert props["BrokerUrl"] == args["broker_url"]
+    assert props["AgentCaCert"] == "/certs/agent-ca.pem" and props["AgentTlsVerify"] == "true"
+    assert props["SecurityGatewayHealthUrl"] == f"http://{prefix}-sg:9172/health"
+    assert (data_dir / "certs" / "agent-ca.pem").read_bytes() == Path(args["agent_ca_cert"]).read_bytes()
+    sg_conf = read_props(data_dir / "data" / "SecurityGateway.conf")
+    assert sg_conf["AgentCaCert"] == "/certs/agent-ca.pem" and sg_conf["AgentTlsVerify"] == "true"
     assert read_props(data_dir / "data" / "SecurityGateway.conf")["MaxConnections"] == "2500"
     assert real.result["config"]["security_gateway_conf"]["MaxConnections"] == "2500"
 
@@ -170,6 +180,37 @@ def test_cycle(env) -> None:
     assert secret in (data_dir / "data" / "cmsg.env").read_text()
     diff_text = repr(reconf.result["diff"])
     assert "MaxConnections=2500" in diff_text and "MaxConnections=100" in diff_text
+
+    # The CM's internal identity: only the CM is recreated; the key is 0600 and never shown.
+    key = rsa_key(3072, slot=3)
+    ident = dict(
+        args,
+        identity_cert=str(write(tmp_path / "cm.pem", pem(certificate(key, "cmsg1.gatehouse.test")))),
+        identity_key=str(write(tmp_path / "cm.key", key_pem(key), 0o600)),
+    )
+    cm = cli.containers.get(f"{prefix}-cm")
+    sg = cli.containers.get(f"{prefix}-sg")
+    with_identity = run_module("cmsg", ident, diff=True)
+    assert with_identity.changed and not with_identity.failed, with_identity.result
+    assert [c["name"] for c in with_identity.result["containers"]] == [f"{prefix}-cm"]
+    assert cli.containers.get(f"{prefix}-sg").id == sg.id
+    assert mode(data_dir / "certs" / "identity-key.pem") == 0o600
+    assert "PRIVATE KEY" not in with_identity.stdout
+    props = read_props(data_dir / "data" / "config.properties")
+    assert (
+        props["IdentityCert"] == "/certs/identity.pem" and props["IdentityKey"] == "/certs/identity-key.pem"
+    )
+    assert not run_module("cmsg", ident).changed
+    args = ident
+
+    # Turning agent verification off is explicit and warned about.
+    unverified = dict(args, agent_tls_verify=False)
+    unverified.pop("agent_ca_cert")
+    off = run_module("cmsg", unverified, check=True)
+    assert off.changed and not off.failed, off.result
+    assert any("agent_tls_verify=false" in w for w in off.warnings)
+    missing = run_module("cmsg", dict(unverified, agent_tls_verify=True), check=True)
+    assert missing.failed and "agent_ca_cert is required" in missing.result["msg"]
 
     # LAN mode: the gateway container goes away.
     lan = dict(args, enable_security_gateway=False, external_pcoip_ip=[])

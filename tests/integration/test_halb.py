@@ -17,11 +17,14 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -239,6 +242,9 @@ class Pair:
                     "tls_key": self.vip_key,
                     "persistence": "cookie",
                     "health_check": {"interval": "500ms", "rise": 1, "fall": 2},
+                    # backend_tls_verify is required by default: the backends' certificates come
+                    # from the test CA.
+                    "backend_ca_file": str(self.pki.ca),
                     "backends": backends,
                 },
                 {
@@ -248,6 +254,7 @@ class Pair:
                     "mode": "tcp",
                     "persistence": "source",
                     "health_check": {"interval": "500ms", "rise": 1, "fall": 2},
+                    "backend_ca_file": str(self.pki.ca),
                     "haproxy_options": list(self.extra_options),
                     "backends": backends,
                 },
@@ -258,6 +265,7 @@ class Pair:
                     "mode": "tcp",
                     "persistence": "none",
                     "health_check": {"interval": "500ms", "rise": 1, "fall": 2},
+                    "backend_ca_file": str(self.pki.ca),
                     "backends": backends,
                 },
             ],
@@ -458,6 +466,200 @@ def test_vip_is_on_the_primary_only_and_serves(pair: Pair):
     assert pair.vip_holders() == ["halb1"]
     names = {pair.via_vip(4444) for _i in range(10)}
     assert names == {"be1", "be2"}
+
+
+def _handshake(host: str, port: int, ctx: ssl.SSLContext) -> tuple[str, str] | None:
+    """(protocol, cipher) of a completed handshake, None when either side refused it."""
+    try:
+        with socket.create_connection((host, port), timeout=3) as raw:
+            with ctx.wrap_socket(raw) as tls:
+                cipher = tls.cipher()
+                return tls.version() or "", cipher[0] if cipher else ""
+    except (OSError, ssl.SSLError):
+        return None
+
+
+def _probe_context(cipher: str | None, version: ssl.TLSVersion) -> ssl.SSLContext:
+    with warnings.catch_warnings():
+        # TLS 1.0/1.1 are deprecated in Python: offering them is the point here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = version
+        ctx.maximum_version = version
+    if cipher:
+        # SECLEVEL 0: the client offers everything, the server's table alone decides.
+        ctx.set_ciphers(cipher + ":@SECLEVEL=0")
+    return ctx
+
+
+def _tls12_cipher_names() -> list[str]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.set_ciphers("ALL:COMPLEMENTOFALL:@SECLEVEL=0")
+    return sorted({c["name"] for c in ctx.get_ciphers() if c["protocol"] != "TLSv1.3"})
+
+
+def test_vip_tls_offers_exactly_the_seeds_cm_cipher_table(pair: Pair, pki):
+    """sslscan, in Python: every TLS 1.2 suite OpenSSL knows, one handshake each, against the VIP."""
+    from gatehouse.tls import CM_CIPHERS
+
+    pair.wait_master("halb1")
+    # The probe itself can offer old protocols and weak suites: shown against a local server that
+    # accepts everything, so a refusal by the HALB below is the HALB's.
+    tls = pki.issue("probe-self-check")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.minimum_version = ssl.TLSVersion.TLSv1
+    server_ctx.set_ciphers("ALL:@SECLEVEL=0")
+    server_ctx.load_cert_chain(tls.cert, tls.key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            for _attempt in range(2):
+                conn, _addr = listener.accept()
+                try:
+                    with server_ctx.wrap_socket(conn, server_side=True):
+                        pass
+                except (OSError, ssl.SSLError):
+                    pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+            assert _handshake("127.0.0.1", port, _probe_context("AES128-SHA", version)) is not None, version
+        thread.join(5)
+
+    accepted = set()
+    names = _tls12_cipher_names()
+    assert len(names) > 50
+    for name in names:
+        result = _handshake(pair.vip, 443, _probe_context(name, ssl.TLSVersion.TLSv1_2))
+        if result is not None:
+            assert result == ("TLSv1.2", name)
+            accepted.add(name)
+    print(f"\nVIP TLS 1.2: {len(names)} suites tried, accepted {sorted(accepted)}")
+    assert accepted == set(CM_CIPHERS.split(":"))
+    for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+        assert _handshake(pair.vip, 443, _probe_context("ALL", version)) is None, version
+    # Server preference: a client that prefers the weakest suite still gets the seed's first one.
+    reverse = ":".join(reversed(CM_CIPHERS.split(":")))
+    assert _handshake(pair.vip, 443, _probe_context(reverse, ssl.TLSVersion.TLSv1_2)) == (
+        "TLSv1.2",
+        CM_CIPHERS.split(":")[0],
+    )
+    # TLS 1.3 with OpenSSL's default suites, the first of them preferred.
+    assert _handshake(pair.vip, 443, _probe_context(None, ssl.TLSVersion.TLSv1_3)) == (
+        "TLSv1.3",
+        "TLS_AES_256_GCM_SHA384",
+    )
+
+
+def _process_owners(container) -> list[tuple[str, int]]:
+    """(command name, real uid) of every process in the container."""
+    script = "for d in /proc/[0-9]*; do echo \"$(cat $d/comm 2>/dev/null) $(awk '/^Uid:/{print $2}' $d/status 2>/dev/null)\"; done"
+    code, out = container.exec_run(["sh", "-c", script])
+    assert code == 0, out
+    owners = []
+    for line in out.decode().splitlines():
+        words = line.split()
+        if len(words) == 2 and words[1].isdigit():
+            owners.append((words[0], int(words[1])))
+    return owners
+
+
+def test_haproxy_workers_run_as_the_haproxy_user(pair: Pair):
+    container = pair.client.containers.get(pair.container_name("halb1"))
+    code, out = container.exec_run(["id", "-u", "haproxy"])
+    assert code == 0, out
+    haproxy_uid = int(out.decode().strip())
+    master = int(container.exec_run(["cat", "/run/haproxy.pid"])[1].decode().strip())
+    code, out = container.exec_run(["sh", "-c", f"awk '/^Uid:/{{print $2}}' /proc/{master}/status"])
+    assert int(out.decode().strip()) == 0  # the master re-reads certificates and rebinds on reloads
+    uids = {uid for name, uid in _process_owners(container) if name == "haproxy"}
+    # The master (root) and at least one worker (haproxy), nothing else.
+    assert uids == {0, haproxy_uid}, _process_owners(container)
+
+
+def _engine_nofile(pair: Pair) -> int:
+    """The open files limit the engine gives a container by default (the cap of container_limits.nofile)."""
+    out = pair.client.containers.run(
+        pair.halb_image, entrypoint=["sh", "-c", "ulimit -Hn"], command=[], network_mode="none", remove=True
+    )
+    text = out.decode().strip()
+    return int(text) if text.isdigit() else 1 << 30
+
+
+def test_halb_container_is_locked_down(pair: Pair):
+    for node in ("halb1", "halb2"):
+        host_config = pair.client.containers.get(pair.container_name(node)).attrs["HostConfig"]
+        assert host_config["CapDrop"] == ["ALL"]
+        assert sorted(host_config["CapAdd"]) == [
+            "KILL",
+            "NET_ADMIN",
+            "NET_BIND_SERVICE",
+            "NET_BROADCAST",
+            "NET_RAW",
+            "SETGID",
+            "SETUID",
+        ]
+        assert host_config["SecurityOpt"] == ["no-new-privileges:true"]
+        assert host_config["ReadonlyRootfs"] is True
+        assert set(host_config["Tmpfs"]) == {"/tmp", "/run"}
+        assert host_config["Memory"] == 1 << 30
+        assert host_config["PidsLimit"] == 1024
+        nofile = min(65536, _engine_nofile(pair))
+        assert host_config["Ulimits"] == [{"Name": "nofile", "Soft": nofile, "Hard": nofile}]
+
+
+def test_backends_whose_certificate_another_ca_signed_get_no_traffic(pair: Pair, tmp_path: Path):
+    """backend_tls_verify=required (the default) checks the chain: a stranger's CA marks every CM down."""
+    from pki import TestPKI
+
+    pair.wait_master("halb1")
+    stranger = TestPKI(tmp_path / "stranger")
+    ctx = ssl.create_default_context(cafile=str(pair.pki.ca))
+    params = pair.params("halb1")
+    params["virtual_servers"][0]["backend_ca_file"] = str(stranger.ca)
+    try:
+        result = pair.deploy("halb1", params)
+        assert "reloaded haproxy" in result["actions"], result["actions"]
+        assert not any("backend_tls_verify" in w for w in result.get("warnings", [])), result.get("warnings")
+        # Checks fail verification (fall 2 x 500 ms): the HALB answers 503 itself, no CM is asked.
+        _wait_for(lambda: _status(pair.vip, 443, ctx) == 503, 15, "both backends to be marked down")
+        assert _get_name(pair.vip, 443, ctx, "/whoami") is None
+    finally:
+        pair.deploy("halb1")
+    _wait_for(
+        lambda: _get_name(pair.vip, 443, ctx, "/whoami") in ("be1", "be2"), 15, "the backends to return"
+    )
+
+
+def test_verification_off_is_explicit_and_warned(pair: Pair):
+    params = pair.params("halb2")
+    params["virtual_servers"][0]["backend_tls_verify"] = "none"
+    del params["virtual_servers"][0]["backend_ca_file"]
+    try:
+        checked = pair.deploy("halb2", params, check=True)
+        assert any("backend_tls_verify=none" in w and "passwords" in w for w in checked.get("warnings", []))
+        del params["virtual_servers"][0]["backend_tls_verify"]
+        refused = pair.deploy("halb2", params, check=True, expect_failure=True)
+        assert "backend_ca_file" in refused["msg"] and "gatehouse__ca_cert" in refused["msg"]
+    finally:
+        assert pair.deploy("halb2")["changed"] is False
+
+
+def _status(host: str, port: int, ctx: ssl.SSLContext) -> int | None:
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=1)
+    try:
+        conn.request("GET", "/whoami")
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
 
 
 def test_http_mode_passes_the_client_address_in_x_forwarded_for(pair: Pair):

@@ -33,7 +33,6 @@ from gatehouse.client.flow import CmConnection, SessionReport, run_session, sess
 from gatehouse.grant import generate_secret
 
 ADMIN_TOKEN = "admin-token-" + "a1b2c3d4e5f6a7b8c9d0"
-AGENT_TOKEN = "agent-token-" + "0f9e8d7c6b5a49382716"
 ALICE_PW = "Alice-S3cret-pw!"
 BOB_PW = "Bob-S3cret-pw#2"
 CAROL_PW = "Carol-S3cret-pw$3"
@@ -78,21 +77,38 @@ class Stack:
         return {name: proc.logs() for name, proc in self.procs.items()}
 
 
+_CM_IDENTITIES: dict[int, pkimod.CertFiles] = {}
+
+
+def cm_identity(pki: pkimod.TestPKI) -> pkimod.CertFiles:
+    """The CMs' `cm` role certificate (the broker and the agents accept only it), one per test CA."""
+    if id(pki) not in _CM_IDENTITIES:
+        _CM_IDENTITIES[id(pki)] = pki.issue("session-cm-identity", ["localhost"], role="cm")
+    return _CM_IDENTITIES[id(pki)]
+
+
 def cm_config(
     pki: pkimod.TestPKI, certs: pkimod.CertFiles, broker_url: str, **overrides: object
 ) -> dict[str, object]:
+    identity = cm_identity(pki)
     config: dict[str, object] = {
         "ListenAddress": "127.0.0.1",
         "ListenPort": free_port(),
         "RedirectPort": free_port(),
+        "AdminAddress": "127.0.0.1",
+        "AdminPort": free_port(),
         "SslCert": certs.cert,
         "SslKey": certs.key,
+        "IdentityCert": identity.cert,
+        "IdentityKey": identity.key,
         "BrokerUrl": broker_url,
         "BrokerCaCert": pki.ca,
         "AgentCaCert": pki.ca,
         "AgentTlsVerify": True,
         "SecurityGatewayEnabled": False,
-        "BrokerTimeout": 5,
+        # Each login costs the broker one scrypt (about 0.25 s of a core, docs/security.md): 16
+        # logins at once on 2 shared cores take several seconds.
+        "BrokerTimeout": 15,
         "AgentTimeout": 5,
         "HostAddress": "localhost",
         "LogLevel": "debug",
@@ -117,11 +133,16 @@ def cm_url(proc: ServiceProcess) -> str:
     return f"https://127.0.0.1:{_port(proc)}"
 
 
-def _port(proc: ServiceProcess) -> int:
+def _port(proc: ServiceProcess, key: str = "ListenPort") -> int:
     for line in proc.config_path.read_text().splitlines():
-        if line.startswith("ListenPort="):
+        if line.startswith(f"{key}="):
             return int(line.split("=", 1)[1])
-    raise AssertionError("no ListenPort")
+    raise AssertionError(f"no {key}")
+
+
+def cm_admin_url(proc: ServiceProcess) -> str:
+    """The CM's management listener (/health and /metrics; /metrics is not on the public port)."""
+    return f"http://127.0.0.1:{_port(proc, 'AdminPort')}"
 
 
 @pytest.fixture(scope="module")
@@ -130,18 +151,19 @@ def stack(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iter
     procs: dict[str, ServiceProcess] = {}
     try:
         broker_port = free_port()
-        broker_certs = pki.issue("session-broker", ["localhost", "127.0.0.1"])
+        broker_certs = pki.issue("session-broker", ["localhost", "127.0.0.1"], role="broker")
         procs["broker"] = ServiceProcess(
             "broker",
             root / "broker",
             {
                 "ListenAddress": "127.0.0.1",
                 "ListenPort": broker_port,
+                "AdminPort": free_port(),
                 "SslCert": broker_certs.cert,
                 "SslKey": broker_certs.key,
+                "ClientCaCert": pki.ca,
                 "Database": root / "broker.db",
                 "AdminToken": ADMIN_TOKEN,
-                "AgentToken": AGENT_TOKEN,
                 "Domains": "CORP,LAB",
                 "LogLevel": "debug",
             },
@@ -151,7 +173,7 @@ def stack(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iter
         agents: dict[str, tuple[str, int, int]] = {}
         for name, address in (("desk-a", "127.0.0.2"), ("desk-b", "127.0.0.3")):
             control, session_port = free_port(), free_port()
-            certs = pki.issue(f"session-{name}", [f"{name}.test", address])
+            certs = pki.issue(f"session-{name}", [f"{name}.test", address], role="agent")
             procs[name] = ServiceProcess(
                 "agent",
                 root / name,
@@ -159,13 +181,15 @@ def stack(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iter
                     "ListenAddress": address,
                     "ControlPort": control,
                     "SessionPort": session_port,
+                    "AdminAddress": address,
+                    "AdminPort": free_port(),
                     "SslCert": certs.cert,
                     "SslKey": certs.key,
+                    "ClientCaCert": pki.ca,
                     "Hostname": f"{name}.test",
                     "AdvertiseAddress": address,
                     "BrokerUrl": broker_url,
                     "BrokerCaCert": pki.ca,
-                    "AgentToken": AGENT_TOKEN,
                     "ReportInterval": 2,
                     "Capacity": 50,
                     "LogLevel": "debug",
@@ -186,6 +210,7 @@ def stack(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 "AgentUdpSourcePort": free_port(),
                 "SslCert": sg_certs.cert,
                 "SslKey": sg_certs.key,
+                "AgentCaCert": pki.ca,
                 "AdminAddress": "127.0.0.1",
                 "AdminPort": sg_admin,
                 "LogLevel": "debug",
@@ -774,7 +799,7 @@ def test_cm_refuses_a_bad_configuration_with_one_clear_line(
 
 
 async def wait_in_flight(url: str, ctx: ssl.SSLContext, count: int) -> None:
-    """Until the CM reports ``count`` establishments in flight (its own metric, not a sleep)."""
+    """Until the CM (``url``: its management listener) reports ``count`` establishments in flight."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:
         for _attempt in range(200):
             async with http.get(f"{url}/metrics") as resp:
@@ -813,7 +838,7 @@ async def test_limits_answer_server_busy(
             slow_b = (await b.resources())["desk-slow2"]
             # MaxConcurrentEstablishments=1: while a's allocation hangs on the agent, b is refused.
             first = asyncio.create_task(a.send(p.AllocateResource(slow_a)))
-            await wait_in_flight(url, ctx, 1)
+            await wait_in_flight(cm_admin_url(cm), ctx, 1)
             status, reply = await b.raw(p.render(ENV, p.AllocateResource(slow_b)))
             assert status == 503 and error_of(reply)[0] == p.E_BUSY
             reply = await first
@@ -904,7 +929,7 @@ async def test_sigterm_finishes_requests_in_flight(
             pending = asyncio.create_task(
                 client.send(p.AllocateResource((await client.resources())["desk-slow3"]))
             )
-            await wait_in_flight(url, ctx, 1)
+            await wait_in_flight(cm_admin_url(cm), ctx, 1)
             assert cm.proc is not None
             cm.proc.send_signal(signal.SIGTERM)
             reply = await pending

@@ -23,9 +23,9 @@ import pytest
 from pki import TestPKI as PKI
 from services import ServiceProcess, free_port
 
-from gatehouse import protocol
+from gatehouse import linechan, protocol
 from gatehouse.grant import PREFIX, GrantSealer, decode_secret, generate_secret
-from gatehouse.linechan import BAD_GATEWAY, BUSY, FORBIDDEN, OK, connect_line
+from gatehouse.linechan import BAD_GATEWAY, FORBIDDEN, OK, connect_line
 
 CLIENT = "127.0.0.1"
 OTHER_CLIENT = "127.0.0.2"  # on Linux all of 127/8 is loopback
@@ -54,6 +54,8 @@ class Agent:
     proc: ServiceProcess
     control_port: int
     session_port: int
+    cm_ctx: ssl.SSLContext  # launch-session is accepted from a CM's certificate only
+    admin_port: int = 0  # management listener: /health and /metrics (plain HTTP, loopback)
 
     def launch(self, client_ip: str = CLIENT) -> tuple[str, str]:
         sid = str(uuid.uuid4())
@@ -76,7 +78,7 @@ class Agent:
             method="POST",
             headers={"Content-Type": protocol.CONTENT_TYPE},
         )
-        with urllib.request.urlopen(req, context=client_ctx(), timeout=10) as resp:
+        with urllib.request.urlopen(req, context=self.cm_ctx, timeout=10) as resp:
             return resp.read()
 
 
@@ -142,15 +144,17 @@ def closed_by_peer(sock: ssl.SSLSocket) -> bool:
 
 def start_agent(pki: PKI, tmp: Path, processes: list[ServiceProcess], **extra: object) -> Agent:
     cert = pki.issue("agent")
-    control, session = free_port(), free_port()
+    control, session, admin = free_port(), free_port(), free_port()
     config: dict[str, object] = {
         "ListenAddress": "127.0.0.1",
         "ControlPort": control,
         "SessionPort": session,
+        "AdminPort": admin,
         "SslCert": cert.cert,
         "SslKey": cert.key,
         "Hostname": "desk-01",
         "AdvertiseAddress": "127.0.0.1",
+        "ClientCaCert": pki.ca,
         "LogLevel": "debug",
     }
     config.update(extra)
@@ -159,7 +163,10 @@ def start_agent(pki: PKI, tmp: Path, processes: list[ServiceProcess], **extra: o
     )
     processes.append(proc)
     proc.start()
-    return Agent(proc, control, session)
+    cm = pki.issue("sg-test-cm", role="cm")
+    cm_ctx = client_ctx()
+    cm_ctx.load_cert_chain(cm.cert, cm.key)
+    return Agent(proc, control, session, cm_ctx, admin)
 
 
 def start_sg(pki: PKI, tmp: Path, processes: list[ServiceProcess], **extra: object) -> Gateway:
@@ -172,6 +179,7 @@ def start_sg(pki: PKI, tmp: Path, processes: list[ServiceProcess], **extra: obje
         "AgentUdpSourcePort": udp_source,
         "SslCert": cert.cert,
         "SslKey": cert.key,
+        "AgentCaCert": pki.ca,
         "AdminAddress": "127.0.0.1",
         "AdminPort": admin,
         "LogLevel": "debug",
@@ -213,6 +221,17 @@ def no_secrets_in_logs(processes: list[ServiceProcess]) -> Iterator[None]:
             assert secret not in logs, f"a secret leaked into the {proc.service} log"
 
 
+def udp_bind(udp: socket.socket, grant: str, port: int, counter: int = 1) -> bytes:
+    """Bind ``udp``'s address to the grant's session at the SG; returns the bind datagram."""
+    key, key_id = linechan.udp_bind_key(grant)
+    datagram = linechan.bind_datagram(key, key_id, counter)
+    udp.sendto(datagram, ("127.0.0.1", port))
+    ack, source = udp.recvfrom(2048)
+    assert source == ("127.0.0.1", port)
+    assert ack == linechan.bind_ack(key, key_id, counter)
+    return datagram
+
+
 def good_session(sg: Gateway, agent: Agent, payload: bytes = b"ping") -> None:
     sid, tag = agent.launch()
     sock, answer = sg.connect(sg.mint(agent, sid, tag))
@@ -227,7 +246,8 @@ def good_session(sg: Gateway, agent: Agent, payload: bytes = b"ping") -> None:
 
 def test_tcp_and_udp_echo_end_to_end_through_the_sg(sg: Gateway, agent: Agent) -> None:
     sid, tag = agent.launch()
-    sock, answer = sg.connect(sg.mint(agent, sid, tag))
+    grant = sg.mint(agent, sid, tag)
+    sock, answer = sg.connect(grant)
     with sock:
         assert answer == OK
         payload = bytes(range(256)) * 1024  # 256 KiB: exercises flow control both ways
@@ -240,19 +260,20 @@ def test_tcp_and_udp_echo_end_to_end_through_the_sg(sg: Gateway, agent: Agent) -
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind((CLIENT, 0))
             udp.settimeout(5)
+            udp_bind(udp, grant, sg.port)
             for i in range(3):
                 udp.sendto(b"datagram %d" % i, ("127.0.0.1", sg.port))
                 data, source = udp.recvfrom(2048)
                 assert data == b"datagram %d" % i
                 assert source == ("127.0.0.1", sg.port)
 
-        # Another address without a TCP channel gets nothing relayed.
+        # Another address that has not bound itself gets nothing relayed.
         before = sg.metrics()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
             stranger.bind((OTHER_CLIENT, 0))
             stranger.sendto(b"let me in", ("127.0.0.1", sg.port))
         wait_for(
-            lambda: sg.metrics().get('gatehouse_sg_udp_datagrams_dropped_total{reason="no-session"}', 0) >= 1,
+            lambda: sg.metrics().get('gatehouse_sg_udp_datagrams_dropped_total{reason="unbound"}', 0) >= 1,
             "the stranger's datagram to be dropped",
         )
         after = sg.metrics()
@@ -261,17 +282,26 @@ def test_tcp_and_udp_echo_end_to_end_through_the_sg(sg: Gateway, agent: Agent) -
 
         m = sg.metrics()
         assert m["gatehouse_sg_sessions_active"] == 1
+        assert m["gatehouse_sg_udp_agent_ports_in_use"] == 1
+        assert m["gatehouse_sg_udp_binds_total"] == 1
         assert m["gatehouse_sg_sessions_accepted_total"] == 1
         assert m['gatehouse_sg_bytes_relayed_total{direction="to_agent"}'] == len(payload)
 
     wait_for(lambda: sg.metrics()["gatehouse_sg_sessions_active"] == 0, "the session to close")
     assert "relaying" in sg.proc.logs() and sid in sg.proc.logs()
-    # Once the TCP channel is gone the client's datagrams are dropped too.
-    dropped = 'gatehouse_sg_udp_datagrams_dropped_total{reason="no-session"}'
+    # Once the TCP channel is gone the client's datagrams and binds are dropped too.
+    assert sg.metrics()["gatehouse_sg_udp_agent_ports_in_use"] == 0
+    dropped = 'gatehouse_sg_udp_datagrams_dropped_total{reason="unbound"}'
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind((CLIENT, 0))
         udp.sendto(b"late", ("127.0.0.1", sg.port))
+        key, key_id = linechan.udp_bind_key(grant)
+        udp.sendto(linechan.bind_datagram(key, key_id, 2), ("127.0.0.1", sg.port))
     wait_for(lambda: sg.metrics().get(dropped, 0) >= 2, "the late datagram to be dropped")
+    wait_for(
+        lambda: sg.metrics().get('gatehouse_sg_udp_datagrams_dropped_total{reason="bind-unknown"}', 0) == 1,
+        "the late bind to be dropped",
+    )
     assert sg.metrics()[relayed] == 3
 
 
@@ -401,6 +431,27 @@ def test_idle_client_is_dropped_without_pinning_a_slot(
     good_session(sg, agent)
 
 
+def test_sockets_in_the_tls_handshake_count_against_max_connections(
+    pki: PKI, tmp_path: Path, processes: list[ServiceProcess], agent: Agent
+) -> None:
+    sg = start_sg(pki, tmp_path, processes, MaxConnections=2, RequestTimeout=1)
+    idle = [socket.create_connection(("127.0.0.1", sg.port), timeout=10) for _ in range(2)]  # never say hello
+    try:
+        wait_for(lambda: sg.metrics()["gatehouse_sg_connections_handshaking"] == 2, "both to be accepted")
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            sg.open().close()  # full: closed at accept
+        assert sg.metrics()['gatehouse_sg_sessions_refused_total{reason="busy"}'] == 1
+        for sock in idle:  # the deadline from accept closes them
+            sock.settimeout(5)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_for(lambda: sg.metrics()["gatehouse_sg_connections_open"] == 0, "the slots to be free")
+    assert sg.metrics()['gatehouse_sg_sessions_refused_total{reason="timeout"}'] == 2
+    good_session(sg, agent)
+
+
 def test_max_connections(pki: PKI, tmp_path: Path, processes: list[ServiceProcess], agent: Agent) -> None:
     sg = start_sg(pki, tmp_path, processes, MaxConnections=2)
     held = []
@@ -411,11 +462,11 @@ def test_max_connections(pki: PKI, tmp_path: Path, processes: list[ServiceProces
         held.append(sock)
     sid, tag = agent.launch()
     third = sg.mint(agent, sid, tag)
-    sock = sg.open()
-    with sock:
-        assert read_line(sock) == BUSY
-        assert closed_by_peer(sock)
+    # Full: the connection is closed at accept, before any TLS work.
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        sg.open().close()
     assert sg.metrics()['gatehouse_sg_sessions_refused_total{reason="busy"}'] == 1
+    assert sg.metrics()["gatehouse_sg_connections_open"] == 2
     # The sessions in place still relay.
     held[0].sendall(b"still here")
     assert read_exactly(held[0], 10) == b"still here"
@@ -452,7 +503,12 @@ def test_old_tls_versions_are_refused(sg: Gateway, agent: Agent) -> None:
     good_session(sg, agent)
 
 
-def test_sg_refuses_an_agent_with_a_weak_key_before_sending_the_tag(sg: Gateway, pki: PKI) -> None:
+@pytest.mark.parametrize("verify", [True, False])
+def test_sg_refuses_an_agent_with_a_weak_key_before_sending_the_tag(
+    pki: PKI, tmp_path: Path, processes: list[ServiceProcess], verify: bool
+) -> None:
+    # Verified (the default): the chain check refuses the key; unverified: the key-size check does.
+    sg = start_sg(pki, tmp_path, processes, AgentTlsVerify=verify)
     weak = pki.issue("weak-agent", key_size=1024)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.set_ciphers("ALL:@SECLEVEL=0")
@@ -482,8 +538,10 @@ def test_sg_refuses_an_agent_with_a_weak_key_before_sending_the_tag(sg: Gateway,
         thread.join(15)
     assert received == []
     logs = sg.proc.logs()
-    assert "1024 bits is too weak" in logs and sid in logs
+    assert ("certificate refused" if verify else "1024 bits is too weak") in logs and sid in logs
     assert "tag-for-a-weak-agent" not in logs
+    assert sg.metrics()['gatehouse_sg_sessions_refused_total{reason="agent-certificate"}'] == 1
+    assert ("AgentTlsVerify=false" in logs) is not verify
 
 
 # ---------------------------------------------------------------- start-up and shutdown
@@ -494,7 +552,13 @@ def test_weak_sg_certificate_refused_at_start(pki: PKI, tmp_path: Path) -> None:
     proc = ServiceProcess(
         "sg",
         tmp_path / "weak",
-        {"SslCert": weak.cert, "SslKey": weak.key, "Port": free_port(), "AdminPort": free_port()},
+        {
+            "SslCert": weak.cert,
+            "SslKey": weak.key,
+            "AgentCaCert": pki.ca,
+            "Port": free_port(),
+            "AdminPort": free_port(),
+        },
         config_name="SecurityGateway.conf",
         env_file={"GATEHOUSE_GRANTSECRET": generate_secret()},
     ).start()
@@ -519,7 +583,13 @@ def test_sg_needs_a_valid_grant_secret(
     proc = ServiceProcess(
         "sg",
         tmp_path / "nosecret",
-        {"SslCert": cert.cert, "SslKey": cert.key, "Port": free_port(), "AdminPort": free_port()},
+        {
+            "SslCert": cert.cert,
+            "SslKey": cert.key,
+            "AgentCaCert": pki.ca,
+            "Port": free_port(),
+            "AdminPort": free_port(),
+        },
         config_name="SecurityGateway.conf",
         env_file=env,
     ).start()
@@ -604,8 +674,8 @@ def test_agent_udp_echo_only_for_live_channels(agent: Agent) -> None:
             stranger.sendto(b"nobody", ("127.0.0.1", agent.session_port))
 
     def dropped() -> bool:
-        url = f"https://127.0.0.1:{agent.control_port}/metrics"
-        with urllib.request.urlopen(url, context=client_ctx(), timeout=5) as resp:
+        url = f"http://127.0.0.1:{agent.admin_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
             return 'gatehouse_agent_udp_datagrams_total{outcome="dropped"} 1.0' in resp.read().decode()
 
     wait_for(dropped, "the stranger's datagram to be dropped")
@@ -638,7 +708,11 @@ class _Sink(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
         body = json.loads(self.rfile.read(length))
-        type(self).reports.append((self.path, {"auth": self.headers.get("Authorization"), **body}))
+        # The agent authenticates with its certificate (role agent), never a header.
+        peer = self.connection.getpeercert()  # type: ignore[attr-defined]
+        roles = sorted(v for k, v in (peer or {}).get("subjectAltName", ()) if k == "URI")
+        entry = {"auth": self.headers.get("Authorization"), "cert_uris": roles, **body}
+        type(self).reports.append((self.path, entry))
         self.send_response(type(self).status)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -655,6 +729,8 @@ def report_sink(pki: PKI) -> Iterator[tuple[int, type[_Sink]]]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert.cert, cert.key)
+    ctx.load_verify_locations(cafile=str(pki.ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -667,15 +743,15 @@ def test_agent_sends_load_reports(
     pki: PKI, tmp_path: Path, processes: list[ServiceProcess], report_sink: tuple[int, type[_Sink]]
 ) -> None:
     port, sink = report_sink
-    token = "agent-token-" + uuid.uuid4().hex
-    SEEN_SECRETS.append(token)
+    identity = pki.issue("report-agent", ["desk-01", "127.0.0.1"], role="agent")
     agent = start_agent(
         pki,
         tmp_path,
         processes,
         BrokerUrl=f"https://127.0.0.1:{port}",
         BrokerCaCert=pki.ca,
-        AgentToken=token,
+        IdentityCert=identity.cert,
+        IdentityKey=identity.key,
         ReportInterval=0.3,
         Capacity=7,
     )
@@ -683,7 +759,8 @@ def test_agent_sends_load_reports(
     path, first = sink.reports[0]
     assert path == "/api/v1/agents/report"
     assert first == {
-        "auth": f"Bearer {token}",
+        "auth": None,
+        "cert_uris": ["urn:gatehouse:role:agent"],
         "hostname": "desk-01",
         "address": "127.0.0.1",
         "agent_port": agent.control_port,
@@ -698,10 +775,11 @@ def test_agent_sends_load_reports(
         assert read_line(sock) == OK
         wait_for(lambda: sink.reports[-1][1]["active_sessions"] == 1, "a report with the session")
 
-    # A refused token is logged at warn, without the token, and retried.
-    sink.status = 401
+    # A refusal is logged at warn, saying what the broker checks, and retried.
+    sink.status = 403
     count = len(sink.reports)
     wait_for(lambda: len(sink.reports) >= count + 2, "retries after a refusal")
-    wait_for(lambda: "load report" in agent.proc.logs() and "401" in agent.proc.logs(), "the warning")
-    assert token not in agent.proc.logs()
+    wait_for(
+        lambda: "load report" in agent.proc.logs() and "IdentityCert" in agent.proc.logs(), "the warning"
+    )
     sink.status = 204

@@ -4,7 +4,6 @@ session still completes during and after it."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest

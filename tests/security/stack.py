@@ -23,14 +23,13 @@ from gatehouse.client.flow import SessionReport, run_session
 from gatehouse.grant import generate_secret
 
 ADMIN_TOKEN = "admin-token-" + "5ec0b1a2c3d4e5f60718"
-AGENT_TOKEN = "agent-token-" + "7a6b5c4d3e2f10918273"
 USER = "alice"
 USER_PW = "Alice-Hardened-pw!1"
 OTHER = "bob"
 OTHER_PW = "Bob-Hardened-pw!2"
 SECRET = generate_secret()
 # Values that must never appear in any service log.
-SECRETS = (ADMIN_TOKEN, AGENT_TOKEN, USER_PW, OTHER_PW, SECRET)
+SECRETS = (ADMIN_TOKEN, USER_PW, OTHER_PW, SECRET)
 
 
 @dataclass
@@ -119,7 +118,6 @@ def build(
                 "ClientCaCert": pki.ca,
                 "Database": root / "broker.db",
                 "AdminToken": ADMIN_TOKEN,
-                "AgentToken": AGENT_TOKEN,
                 "Domains": "CORP",
                 "LogLevel": "debug",
                 **(broker or {}),
@@ -147,7 +145,6 @@ def build(
                     "AdvertiseAddress": address,
                     "BrokerUrl": broker_url,
                     "BrokerCaCert": pki.ca,
-                    "AgentToken": AGENT_TOKEN,
                     "ReportInterval": 2,
                     "Capacity": 50,
                     "LogLevel": "debug",
@@ -211,7 +208,9 @@ def build(
             env_file={"GATEHOUSE_GRANTSECRET": SECRET},
             health_url=f"https://127.0.0.1:{cm_port}/health",
         ).start()
-        st = Stack(pki, root, broker_url, f"https://127.0.0.1:{cm_port}", sg_port, sg_admin, agents, procs, ids)
+        st = Stack(
+            pki, root, broker_url, f"https://127.0.0.1:{cm_port}", sg_port, sg_admin, agents, procs, ids
+        )
         seed(st)
         return st
     except BaseException:
@@ -225,7 +224,12 @@ def seed(st: Stack) -> None:
         st.admin(
             "PUT",
             f"/desktops/{name}",
-            {"address": address, "hostname": f"{name}.test", "agent_port": control, "session_port": session_port},
+            {
+                "address": address,
+                "hostname": f"{name}.test",
+                "agent_port": control,
+                "session_port": session_port,
+            },
         )
     st.admin("PUT", f"/users/CORP/{USER}", {"password": USER_PW})
     st.admin("PUT", f"/users/CORP/{OTHER}", {"password": OTHER_PW})

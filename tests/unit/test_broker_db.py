@@ -136,7 +136,7 @@ def test_password_is_never_stored_in_clear(tmp_path: Path) -> None:
     _seed(Store(db))
     stored = db.one("SELECT password_hash FROM users")[0]
     db.close()
-    assert stored.startswith("scrypt$16384$8$1$")
+    assert stored.startswith("scrypt$32768$8$3$")
     assert PASSWORD not in stored
     for file in tmp_path.iterdir():
         assert PASSWORD.encode() not in file.read_bytes()
@@ -206,10 +206,34 @@ def test_agent_report_resets_placements_since_report(tmp_path: Path) -> None:
             "active_sessions": 1,
             "capacity": 5,
         }
+        (found,) = store.report_desktops("10.0.0.1", "", 60443)
+        assert found.id == desktop_id
+        assert store.report_desktops("10.0.0.9", "", 60443) == []
         with db.transaction():
-            store.record_report(report, 1234.0)
+            store.record_report([desktop_id], report, 1234.0)
+            store.record_report([desktop_id], report, 1235.0)  # one row per desktop, replaced
         (member,) = store.members(desktop_id=desktop_id)
         assert (member.placed_since_report, member.placed_total) == (0, 2)
-        assert (member.active_sessions, member.capacity, member.reported_at) == (1, 5, 1234.0)
+        assert (member.active_sessions, member.capacity, member.reported_at) == (1, 5, 1235.0)
+        assert [r["desktop"] for r in store.list_reports()] == ["d1"]
+        # The report goes with its desktop.
+        with db.transaction():
+            store.delete_desktop("d1")
+        assert store.list_reports() == []
+    finally:
+        db.close()
+
+
+def test_password_hash_is_replaced_only_if_unchanged(tmp_path: Path) -> None:
+    db = Database.open(tmp_path / "b.db")
+    try:
+        store = Store(db)
+        _seed(store)
+        record = store.user_record("CORP", "alice")
+        assert record is not None and record.password_hash
+        with db.transaction():
+            assert not store.replace_password_hash(record.id, "scrypt$other", "scrypt$new")
+            assert store.replace_password_hash(record.id, record.password_hash, "scrypt$new")
+        assert store.user_record("CORP", "alice").password_hash == "scrypt$new"  # type: ignore[union-attr]
     finally:
         db.close()

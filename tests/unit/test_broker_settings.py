@@ -9,7 +9,7 @@ from gatehouse.broker.xmlapi import parse_resource_id
 from gatehouse.config import Config, ConfigError
 
 ADMIN = "admin-token-0123456789"
-AGENT = "agent-token-0123456789"
+CA = "/certs/ca.pem"
 
 
 def settings(values: dict[str, str], environ: dict[str, str] | None = None) -> BrokerSettings:
@@ -17,35 +17,80 @@ def settings(values: dict[str, str], environ: dict[str, str] | None = None) -> B
 
 
 def test_defaults_and_env_override() -> None:
-    s = settings({"AdminToken": ADMIN}, {"GATEHOUSE_AGENTTOKEN": AGENT, "GATEHOUSE_DOMAINS": "LAB, CORP"})
+    s = settings({"AdminToken": ADMIN}, {"GATEHOUSE_CLIENTCACERT": CA, "GATEHOUSE_DOMAINS": "LAB, CORP"})
     assert s.listen_port == 8443 and s.database == "/data/broker.db"
     assert s.domains == ("LAB", "CORP") and s.agent_stale_after == 30.0
-    assert ADMIN not in repr(s) and AGENT not in repr(s)
+    assert (s.client_ca_cert, s.client_tls_verify) == (CA, True)
+    assert ADMIN not in repr(s)
+    assert not hasattr(s, "agent_token")
+
+
+def test_login_throttle_and_hashing_defaults() -> None:
+    s = settings({"AdminToken": ADMIN, "ClientCaCert": CA})
+    login = s.login
+    assert (login.delay_after_failures, login.max_delay, login.lockout_after_failures) == (3, 8.0, 10)
+    assert (login.source_lockout_after_failures, login.account_lockout_after_failures) == (50, 100)
+    assert (login.lockout_seconds, login.failure_window) == (900.0, 900.0)
+    assert 1 <= s.password_hash_workers <= 4 and s.password_hash_queue == 32
+    tuned = settings(
+        {
+            "AdminToken": ADMIN,
+            "ClientCaCert": CA,
+            "LoginDelayAfterFailures": "2",
+            "LoginMaxDelay": "1.5",
+            "LoginLockoutAfterFailures": "5",
+            "LoginSourceLockoutAfterFailures": "20",
+            "LoginAccountLockoutAfterFailures": "40",
+            "LoginLockoutSeconds": "60",
+            "LoginFailureWindow": "120",
+            "PasswordHashWorkers": "2",
+            "PasswordHashQueue": "0",
+        }
+    )
+    assert (tuned.login.delay_after_failures, tuned.login.max_delay, tuned.login.lockout_after_failures) == (
+        2,
+        1.5,
+        5,
+    )
+    assert (tuned.login.source_lockout_after_failures, tuned.login.account_lockout_after_failures) == (20, 40)
+    assert (tuned.login.lockout_seconds, tuned.login.failure_window) == (60.0, 120.0)
+    assert (tuned.password_hash_workers, tuned.password_hash_queue) == (2, 0)
+
+
+def test_verification_can_be_turned_off_without_a_ca() -> None:
+    s = settings({"AdminToken": ADMIN, "ClientTlsVerify": "false"})
+    assert (s.client_ca_cert, s.client_tls_verify) == ("", False)
 
 
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"AgentToken": AGENT}, "AdminToken is required"),
-        ({"AdminToken": ADMIN}, "AgentToken is required"),
-        ({"AdminToken": "short", "AgentToken": AGENT}, "AdminToken must be at least 16"),
-        ({"AdminToken": ADMIN, "AgentToken": ADMIN}, "must differ"),
-        ({"AdminToken": ADMIN, "AgentToken": AGENT, "Domains": "CORP,corp"}, "Domains lists a domain twice"),
-        ({"AdminToken": ADMIN, "AgentToken": AGENT, "Domains": "a/b"}, "not a valid domain"),
+        ({"ClientCaCert": CA}, "AdminToken is required"),
+        ({"AdminToken": "short", "ClientCaCert": CA}, "AdminToken must be at least 16"),
+        ({"AdminToken": ADMIN}, "ClientCaCert is required while ClientTlsVerify is true"),
+        ({"AdminToken": ADMIN, "ClientCaCert": CA, "ClientTlsVerify": "maybe"}, "ClientTlsVerify"),
         (
-            {"AdminToken": ADMIN, "AgentToken": AGENT, "Database": "postgresql://u:p@h/db"},
+            {"AdminToken": ADMIN, "ClientCaCert": CA, "LoginAccountLockoutAfterFailures": "5"},
+            "LoginAccountLockoutAfterFailures must be at least LoginLockoutAfterFailures",
+        ),
+        ({"AdminToken": ADMIN, "ClientCaCert": CA, "PasswordHashWorkers": "0"}, "PasswordHashWorkers"),
+        ({"AdminToken": ADMIN, "ClientCaCert": CA, "LoginLockoutSeconds": "0"}, "LoginLockoutSeconds"),
+        ({"AdminToken": ADMIN, "ClientCaCert": CA, "Domains": "CORP,corp"}, "Domains lists a domain twice"),
+        ({"AdminToken": ADMIN, "ClientCaCert": CA, "Domains": "a/b"}, "not a valid domain"),
+        (
+            {"AdminToken": ADMIN, "ClientCaCert": CA, "Database": "postgresql://u:p@h/db"},
             "not supported in this version",
         ),
-        ({"AdminToken": ADMIN, "AgentToken": AGENT, "Database": "mysql://h/db"}, "only a SQLite file path"),
+        ({"AdminToken": ADMIN, "ClientCaCert": CA, "Database": "mysql://h/db"}, "only a SQLite file path"),
         (
-            {"AdminToken": ADMIN, "AgentToken": AGENT, "ListenPort": "99999"},
+            {"AdminToken": ADMIN, "ClientCaCert": CA, "ListenPort": "99999"},
             "ListenPort must be at most 65535",
         ),
         (
-            {"AdminToken": ADMIN, "AgentToken": AGENT, "AgentStaleAfter": "0"},
+            {"AdminToken": ADMIN, "ClientCaCert": CA, "AgentStaleAfter": "0"},
             "AgentStaleAfter must be at least 1",
         ),
-        ({"AdminToken": ADMIN, "AgentToken": AGENT, "LogLevel": "loud"}, "LogLevel"),
+        ({"AdminToken": ADMIN, "ClientCaCert": CA, "LogLevel": "loud"}, "LogLevel"),
     ],
 )
 def test_invalid_settings(values: dict[str, str], message: str) -> None:

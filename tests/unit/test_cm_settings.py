@@ -20,7 +20,51 @@ def test_defaults_follow_the_seed_sizing() -> None:
     assert (s.max_establishments, s.max_clients) == (40, 400)
     assert (s.listen_port, s.redirect_port, s.gateway_port) == (8443, 8080, 4172)
     assert s.broker_url == "https://broker:8443/pcoip-broker/xml"
-    assert s.broker_tls_verify and not s.agent_tls_verify
+    assert s.broker_tls_verify and s.agent_tls_verify
+    assert (s.identity_cert, s.identity_key) == ("", "")
+
+
+def test_hardening_defaults() -> None:
+    s = load({"BrokerUrl": "https://broker:8443", "SecurityGatewayEnabled": "false"})
+    assert (s.pre_auth_timeout, s.max_pre_auth_sessions) == (60.0, 400)
+    assert s.max_pre_auth_sessions_per_source == 16
+    assert (s.session_max_lifetime, s.max_auth_attempts) == (36000.0, 5)
+    assert s.security_gateway_health_url == ""
+    h = s.http
+    assert (h.request_timeout, h.keepalive_timeout) == (10.0, 15.0)
+    assert (h.max_connections, h.max_connections_per_source) == (4096, 64)
+    assert (h.admin_address, h.admin_port) == ("127.0.0.1", 9180)
+
+
+def test_hardening_keys_are_read() -> None:
+    s = load(
+        {
+            "BrokerUrl": "https://b",
+            "SecurityGatewayEnabled": "false",
+            "PreAuthTimeout": "5",
+            "MaxPreAuthSessions": "7",
+            "MaxPreAuthSessionsPerSource": "2",
+            "SessionMaxLifetime": "100",
+            "MaxAuthAttempts": "3",
+            "SecurityGatewayHealthUrl": "http://127.0.0.1:9172/health",
+            "IdentityCert": "/c.pem",
+            "IdentityKey": "/c.key",
+            "AgentTlsVerify": "false",
+            "MaxConnections": "10",
+            "AdminPort": "0",
+            "TrustedProxies": "10.0.0.0/24",
+        }
+    )
+    assert (s.pre_auth_timeout, s.max_pre_auth_sessions, s.max_pre_auth_sessions_per_source) == (5.0, 7, 2)
+    assert (s.session_max_lifetime, s.max_auth_attempts) == (100.0, 3)
+    assert s.security_gateway_health_url == "http://127.0.0.1:9172/health"
+    assert (s.identity_cert, s.identity_key, s.agent_tls_verify) == ("/c.pem", "/c.key", False)
+    assert (s.http.max_connections, s.http.admin_port) == (10, 0)
+    assert s.http.trusted_proxies == s.trusted_proxies
+    with pytest.raises(ConfigError, match="IdentityKey"):
+        load({"BrokerUrl": "https://b", "SecurityGatewayEnabled": "false", "IdentityCert": "/c.pem"})
+    with pytest.raises(ConfigError, match="SecurityGatewayHealthUrl"):
+        load({"BrokerUrl": "https://b", "SecurityGatewayEnabled": "false", "SecurityGatewayHealthUrl": "x:1"})
 
 
 def test_gateway_needs_an_external_address_and_a_secret() -> None:

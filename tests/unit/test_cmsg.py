@@ -31,6 +31,7 @@ def params(**overrides) -> dict:
         broker_url="https://broker.example.test:8443",
         external_pcoip_ip=["203.0.113.10"],
         self_signed=True,
+        agent_ca_cert="/opt/gatehouse/pki/ca.pem",
     )
     result.update(overrides)
     return result
@@ -164,6 +165,86 @@ def test_every_problem_reported_at_once() -> None:
     assert len(errors) == 4
 
 
+def test_agent_verification_needs_the_ca_and_off_is_warned() -> None:
+    errors = errors_of(params(agent_ca_cert=None))
+    assert len(errors) == 1 and "agent_ca_cert is required with agent_tls_verify=true" in errors[0]
+    assert cmsg.validate(params(), no_networks)["warnings"] == []
+    warnings = cmsg.validate(params(agent_ca_cert=None, agent_tls_verify=False), no_networks)["warnings"]
+    assert len(warnings) == 1 and "agent_tls_verify=false" in warnings[0]
+    warnings = cmsg.validate(params(broker_tls_verify=False), no_networks)["warnings"]
+    assert len(warnings) == 1 and "broker_tls_verify=false" in warnings[0]
+
+
+def test_admin_address_must_be_an_address() -> None:
+    assert any("admin_address" in e for e in errors_of(params(admin_address="everywhere")))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "url"),
+    [
+        ({}, "http://gh-sg:9172/health"),
+        ({"network_mode": "host"}, "http://127.0.0.1:9172/health"),
+        ({"network_mode": "container:node1"}, "http://127.0.0.1:9172/health"),
+        ({"network_mode": "host", "admin_address": "10.0.0.5"}, "http://10.0.0.5:9172/health"),
+        ({"network_mode": "host", "admin_address": "fd00::5"}, "http://[fd00::5]:9172/health"),
+        ({"enable_security_gateway": False, "external_pcoip_ip": []}, ""),
+    ],
+)
+def test_security_gateway_health_url_per_network_mode(overrides: dict, url: str) -> None:
+    p = params(name_prefix="gh", **overrides)
+    parsed = parse_kv(cmsg.config_properties(p, cmsg.validate(p, no_networks)).decode())
+    assert parsed["SecurityGatewayHealthUrl"] == url
+
+
+def test_internal_tls_keys_rendered() -> None:
+    p = params(identity_cert="/pki/cm.pem", identity_key="/pki/cm.key", broker_ca_cert="/pki/ca.pem")
+    parsed = parse_kv(cmsg.config_properties(p, cmsg.validate(p, no_networks)).decode())
+    assert parsed["IdentityCert"] == "/certs/identity.pem"
+    assert parsed["IdentityKey"] == "/certs/identity-key.pem"
+    assert parsed["AgentCaCert"] == "/certs/agent-ca.pem"
+    assert parsed["BrokerCaCert"] == "/certs/broker-ca.pem"
+    assert parsed["AgentTlsVerify"] == "true" and parsed["BrokerTlsVerify"] == "true"
+    assert parsed["AdminAddress"] == "0.0.0.0" and parsed["AdminPort"] == "9180"
+    sg = parse_kv(cmsg.security_gateway_conf(p).decode())
+    assert sg["AgentCaCert"] == "/certs/agent-ca.pem" and sg["AgentTlsVerify"] == "true"
+    assert sg["AdminAddress"] == "0.0.0.0" and sg["AdminPort"] == "9172"
+    # Without an identity the keys stay empty (the service then presents none).
+    p = params(agent_ca_cert=None, agent_tls_verify=False)
+    parsed = parse_kv(cmsg.config_properties(p, cmsg.validate(p, no_networks)).decode())
+    assert (
+        parsed["IdentityCert"] == "" and parsed["AgentCaCert"] == "" and parsed["AgentTlsVerify"] == "false"
+    )
+
+
+def test_identity_files_checked_and_key_hidden(tmp_path: Path) -> None:
+    key = tls.rsa_key(3072, slot=0)
+    cert_path = tls.write(tmp_path / "cm.pem", tls.pem(tls.certificate(key, "cm.example.test")))
+    key_path = tls.write(tmp_path / "cm.key", tls.key_pem(key), 0o600)
+    errors: list[str] = []
+    planned = cmsg.identity_files(
+        params(identity_cert=str(cert_path), identity_key=str(key_path)), str(tmp_path / "certs"), errors, []
+    )
+    assert errors == []
+    assert {Path(p.path).name: p.mode for p in planned} == {"identity.pem": 0o644, "identity-key.pem": 0o600}
+    assert next(p for p in planned if p.path.endswith("identity-key.pem")).hidden
+    other = tls.write(tmp_path / "other.key", tls.key_pem(tls.rsa_key(3072, slot=1)), 0o600)
+    errors = []
+    assert (
+        cmsg.identity_files(
+            params(identity_cert=str(cert_path), identity_key=str(other)), str(tmp_path / "certs"), errors, []
+        )
+        == []
+    )
+    assert any(e.startswith("identity_cert:") and "does not match" in e for e in errors), errors
+    errors = []
+    cmsg.identity_files(
+        params(identity_cert=str(tmp_path / "no.pem"), identity_key=str(key_path)), str(tmp_path), errors, []
+    )
+    assert any("identity_cert" in e and "does not exist" in e for e in errors)
+    assert "identity_key" in cmsg.ARGUMENT_SPEC and cmsg.ARGUMENT_SPEC["identity_key"]["no_log"] is True
+    assert ("identity_cert", "identity_key") in cmsg.REQUIRED_TOGETHER
+
+
 def test_network_mode_and_prefix_checked() -> None:
     assert any("network_mode must be" in e for e in errors_of(params(network_mode="container:")))
     assert any("name_prefix" in e for e in errors_of(params(name_prefix="Bad Prefix")))
@@ -266,18 +347,18 @@ def test_self_signed_generated_once_then_kept(tmp_path: Path) -> None:
 
 
 def architecture_keys(section: str) -> list[str]:
-    """Keys of one configuration table of docs/architecture.md (``A / B`` rows name two keys)."""
+    """Keys of one configuration table of docs/architecture.md (``A / B`` and ``A, B`` rows name several keys)."""
     text = (REPO / "docs" / "architecture.md").read_text()
     body = text.split(f"### {section}", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
     keys: list[str] = []
     for line in body.splitlines():
-        match = re.match(r"^\| ([A-Za-z][A-Za-z0-9 /]*?) \|", line)
+        match = re.match(r"^\| ([A-Za-z][A-Za-z0-9 /,]*?) \|", line)
         if match and match.group(1) != "key":
-            keys.extend(k.strip() for k in match.group(1).split("/"))
+            keys.extend(k.strip() for k in re.split(r"[/,]", match.group(1)))
     return keys
 
 
-def test_config_properties_has_exactly_the_documented_keys() -> None:
+def test_config_properties_keys_are_documented() -> None:
     p = params(
         external_pcoip_ip=["203.0.113.10", "2001:db8::10"],
         enable_ipv6=True,
@@ -288,7 +369,10 @@ def test_config_properties_has_exactly_the_documented_keys() -> None:
     )
     values = cmsg.validate(p, no_networks)
     parsed = parse_kv(cmsg.config_properties(p, values).decode())
-    assert list(parsed) == architecture_keys("config.properties (CM)")
+    # The services read more keys than the module writes (limits with defaults); each written one is documented.
+    assert set(parsed) <= set(architecture_keys("config.properties (CM)")), set(parsed) - set(
+        architecture_keys("config.properties (CM)")
+    )
     assert parsed["ExternalPcoipIp"] == "203.0.113.10,2001:db8::10"
     assert parsed["HostAddress"] == "cmsg1.example.test,10.0.0.5"
     assert parsed["TrustedProxies"] == "10.0.9.0/24"
@@ -300,7 +384,8 @@ def test_config_properties_has_exactly_the_documented_keys() -> None:
 
 def test_security_gateway_conf_keys_and_max_connections() -> None:
     parsed = parse_kv(cmsg.security_gateway_conf(params(max_connections=1200, log_level="debug")).decode())
-    assert list(parsed) == architecture_keys("SecurityGateway.conf (SG)")
+    documented = set(architecture_keys("SecurityGateway.conf (SG)"))
+    assert set(parsed) <= documented, set(parsed) - documented
     assert parsed["MaxConnections"] == "1200"
     assert parsed["LogLevel"] == "debug"
 
@@ -397,3 +482,38 @@ def test_remove_paths_keeps_foreign_files(tmp_path: Path) -> None:
     assert removed == [str(tmp_path / "data" / "config.properties")]
     assert str(tmp_path / "data" / "notes.txt") in left
     assert (tmp_path / "data" / "notes.txt").exists()
+
+
+# ------------------------------------------------------------------ broker module (shares _deploy)
+
+broker = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._broker")
+
+
+def broker_params(**overrides) -> dict:
+    result = {name: spec.get("default") for name, spec in broker.ARGUMENT_SPEC.items()}
+    result.update(admin_token="a" * 30, self_signed=True, client_ca_cert="/opt/gatehouse/pki/ca.pem")
+    result.update(overrides)
+    return result
+
+
+def test_broker_client_verification_on_by_default_and_needs_the_ca() -> None:
+    assert broker.ARGUMENT_SPEC["client_tls_verify"]["default"] is True
+    assert "agent_token" not in broker.ARGUMENT_SPEC
+    assert broker.validate(broker_params()) == []
+    with pytest.raises(dep.ValidationError) as info:
+        broker.validate(broker_params(client_ca_cert=None))
+    assert any("client_ca_cert is required with client_tls_verify=true" in e for e in info.value.errors)
+    warnings = broker.validate(broker_params(client_ca_cert=None, client_tls_verify=False))
+    assert len(warnings) == 1 and "client_tls_verify=false" in warnings[0]
+
+
+def test_broker_properties_and_env() -> None:
+    parsed = parse_kv(broker.broker_properties(broker_params()).decode())
+    assert parsed["ClientCaCert"] == "/certs/client-ca.pem" and parsed["ClientTlsVerify"] == "true"
+    assert "AgentToken" not in parsed
+    off = parse_kv(
+        broker.broker_properties(broker_params(client_ca_cert=None, client_tls_verify=False)).decode()
+    )
+    assert off["ClientCaCert"] == "" and off["ClientTlsVerify"] == "false"
+    env = broker.broker_env(broker_params()).decode()
+    assert "GATEHOUSE_ADMINTOKEN=" in env and "AGENTTOKEN" not in env

@@ -41,6 +41,7 @@ def base_params() -> dict:
                 "port": 443,
                 "mode": "http",
                 "tls_cert": "/etc/tls/halb.pem",
+                "backend_ca_file": "/etc/tls/deployment-ca.pem",
                 "backends": [
                     {"name": "cm1", "address": "10.199.7.21", "port": 8443},
                     {"name": "cm2", "address": "10.199.7.22", "port": 8443},
@@ -97,8 +98,10 @@ def test_http_virtual_server_terminates_tls_forwards_client_address_and_sticks_o
     assert "http-check send meth GET uri /health ver HTTP/1.1 hdr Host cm" in be
     servers = [line for line in be if line.startswith("server ")]
     assert servers == [
-        "server cm1 10.199.7.21:8443 ssl verify none check inter 2s rise 2 fall 2 check-ssl cookie cm1 weight 100",
-        "server cm2 10.199.7.22:8443 ssl verify none check inter 2s rise 2 fall 2 check-ssl cookie cm2 weight 100",
+        "server cm1 10.199.7.21:8443 ssl verify required ca-file /etc/haproxy/certs/cm-ca.pem check inter 2s "
+        "rise 2 fall 2 check-ssl cookie cm1 weight 100",
+        "server cm2 10.199.7.22:8443 ssl verify required ca-file /etc/haproxy/certs/cm-ca.pem check inter 2s "
+        "rise 2 fall 2 check-ssl cookie cm2 weight 100",
     ]
     assert not any(line.startswith("stick") for line in be)
 
@@ -339,5 +342,120 @@ def test_http_mode_plain_check_on_another_port_while_traffic_is_reencrypted():
     haproxy_cfg, _keepalived_conf = render(params)
     server = next(line for line in section(haproxy_cfg, "backend be_cm") if line.startswith("server cm1 "))
     assert server.startswith(
-        "server cm1 10.199.7.21:8443 ssl verify none check inter 2s rise 2 fall 2 no-check-ssl port 8080 "
+        "server cm1 10.199.7.21:8443 ssl verify required ca-file /etc/haproxy/certs/cm-ca.pem check inter 2s "
+        "rise 2 fall 2 no-check-ssl port 8080 "
     )
+
+
+# --- hostile-internet hardening: TLS table, privileges, backend verification ------------------
+
+
+def _services_tls():
+    """gatehouse.tls of the services package (the one source of the seed's cipher tables)."""
+    return pytest.importorskip("gatehouse.tls")
+
+
+def test_cipher_table_is_the_services_cm_table():
+    # The modules cannot import the services package on the managed host, so _halb.py carries a
+    # copy; this keeps the copy equal to the one source.
+    assert halb.CM_CIPHERS == _services_tls().CM_CIPHERS
+
+
+def test_every_tls_bind_offers_the_cm_table_tls_1_2_and_later_with_server_preference():
+    haproxy_cfg, _keepalived_conf = render(base_params())
+    glob = section(haproxy_cfg, "global")
+    assert (
+        "ssl-default-bind-ciphers ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256:"
+        "AES256-GCM-SHA384:AES128-GCM-SHA256" in glob
+    )
+    assert (
+        "ssl-default-bind-ciphersuites TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:"
+        "TLS_AES_128_GCM_SHA256" in glob
+    )
+    options = next(line for line in glob if line.startswith("ssl-default-bind-options "))
+    assert "ssl-min-ver TLSv1.2" in options.split(" ", 1)[1]
+    # Server preference is HAProxy's default; prefer-client-ciphers would turn it off.
+    assert "prefer-client-ciphers" not in haproxy_cfg
+    assert f"ssl-default-server-ciphers {halb.CM_CIPHERS}" in glob
+    # No bind line overrides the defaults.
+    assert not re.search(r"^\s*bind .*(ciphers|ssl-min-ver|force-tls|no-tlsv12)", haproxy_cfg, re.M)
+    # No DHE suite is offered, so no DH parameters are set either.
+    assert "dh-param" not in haproxy_cfg
+
+
+def test_haproxy_workers_drop_root():
+    haproxy_cfg, _keepalived_conf = render(base_params())
+    glob = section(haproxy_cfg, "global")
+    assert "user haproxy" in glob and "group haproxy" in glob
+
+
+def test_backend_verification_is_required_by_default_and_needs_the_ca():
+    params = base_params()
+    del params["virtual_servers"][0]["backend_ca_file"]
+    with pytest.raises(
+        halb.HalbConfigError, match=r"virtual_servers\[cm\]\.backend_ca_file: .*gatehouse__ca_cert"
+    ):
+        halb.normalize(params)
+    config = halb.normalize(base_params())
+    assert config["warnings"] == []
+    assert config["virtual_servers"][0]["backend_tls_verify"] == "required"
+
+
+def test_verification_off_only_when_asked_for_and_then_with_a_warning():
+    params = base_params()
+    del params["virtual_servers"][0]["backend_ca_file"]
+    params["virtual_servers"][0]["backend_tls_verify"] = "none"
+    config = halb.normalize(params)
+    assert len(config["warnings"]) == 1
+    assert "virtual_servers[cm]: backend_tls_verify=none" in config["warnings"][0]
+    assert "passwords" in config["warnings"][0]
+    server = next(
+        line
+        for line in section(halb.render_haproxy(config), "backend be_cm")
+        if line.startswith("server cm1 ")
+    )
+    assert server.startswith("server cm1 10.199.7.21:8443 ssl verify none check ")
+
+
+def test_plain_http_to_the_backends_is_warned_about():
+    params = base_params()
+    params["virtual_servers"][0]["backend_tls"] = False
+    config = halb.normalize(params)
+    assert any("clear text" in w for w in config["warnings"])
+
+
+def test_tcp_passthrough_with_plain_checks_needs_no_ca():
+    # The sg virtual server passes TLS through and checks plain HTTP: the HALB speaks no TLS to it.
+    config = halb.normalize(base_params())
+    sg = config["virtual_servers"][1]
+    assert sg["backend_ca"] is False and sg["warnings"] == []
+
+
+def test_fast_cm_health_check_renders_as_given():
+    params = base_params()
+    params["virtual_servers"][0]["health_check"] = {"interval": "500ms", "rise": 2, "fall": 2}
+    haproxy_cfg, _keepalived_conf = render(params)
+    be = section(haproxy_cfg, "backend be_cm")
+    assert "http-check send meth GET uri /health ver HTTP/1.1 hdr Host cm" in be
+    server = next(line for line in be if line.startswith("server cm1 "))
+    # The check goes to the traffic port (the CM's /health), over TLS, verified.
+    assert "check inter 500ms rise 2 fall 2 check-ssl" in server
+    assert " port " not in server
+
+
+def test_role_argument_specs_document_exactly_the_defaults():
+    yaml = pytest.importorskip("yaml")
+    role = Path(__file__).resolve().parents[2] / "roles" / "halb"
+    defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text())
+    options = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"][
+        "options"
+    ]
+    assert set(options) == set(defaults)
+    for name, spec in options.items():
+        assert spec.get("default") == defaults[name], name
+    # The CM virtual server's check marks a CM whose SG is down out of service within 2 s.
+    check = defaults["halb_health_check"]
+    interval_ms = int(check["interval"].removesuffix("ms"))
+    assert interval_ms * check["fall"] <= 1000
+    assert defaults["halb_backend_tls_verify"] == "required"
+    assert "gatehouse__ca_cert" in defaults["halb_backend_ca_file"]

@@ -77,7 +77,7 @@ def client_ctx() -> ssl.SSLContext:
 
 def listen(cert: CertFiles, factory: Callable[[], Recorder], timeout: float = 5.0) -> TlsListener:
     ctx = tls.server_context(cert.cert, cert.key, role="sg")
-    return TlsListener(asyncio.get_running_loop(), "127.0.0.1", 0, ctx, factory, timeout)
+    return TlsListener(asyncio.get_running_loop(), "127.0.0.1", 0, ctx, lambda _peer: factory(), timeout)
 
 
 async def test_echo_of_a_large_stream_with_back_pressure(cert: CertFiles) -> None:

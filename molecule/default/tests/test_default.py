@@ -26,6 +26,13 @@ def test_services_run_with_labels(host: Any, groups: list[str]) -> None:
             assert container.attrs["HostConfig"]["NetworkMode"].startswith("container:"), role
 
 
+def test_service_containers_are_locked_down(host: Any) -> None:
+    nofile = gv.engine_nofile()
+    for containers in gv.services(host.backend.get_hostname()).values():
+        for container in containers:
+            gv.assert_locked_down(container, nofile)
+
+
 def test_ports_listening(host: Any, groups: list[str]) -> None:
     expected = []
     if "brokers" in groups:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import gatehouse_verify as gv
@@ -57,6 +58,68 @@ def test_sessions_through_the_vip_are_balanced_over_both_cms() -> None:
     # Each session's gateway is the SG of the CM that handled it; new clients are spread
     # round-robin over both CMs, so both gateways appear.
     assert targets == CMS
+
+
+def test_service_containers_are_locked_down(host: Any) -> None:
+    name = host.backend.get_hostname()
+    nofile = gv.engine_nofile()
+    for containers in gv.services(name).values():
+        for container in containers:
+            gv.assert_locked_down(container, nofile)
+
+
+def test_a_cm_whose_sg_dies_gets_no_new_clients_after_2_s_and_returns() -> None:
+    """Two clients loop sessions through the VIP while one node's SG is killed and started again.
+
+    The CM answers 503 on /health while its SG is down; the HALB (check every 500 ms, fall 2)
+    takes it out of service, so no session that starts 2 s after the kill or later fails.
+    """
+    node, dead = "gh-ha-cmsg1", gv.address(2, 21)
+    sg = gv.services(node)["sg"][0]
+    secret = gv.password(SCENARIO)
+    loops = [
+        gv.start_session_loop(NETWORK, f"https://{VIP}", secret, 40, name=f"gh-ha-sgloop{i}") for i in (1, 2)
+    ]
+    try:
+        time.sleep(6)
+        killed_at = time.time()
+        sg.kill()
+        time.sleep(12)
+        sg.reload()
+        assert sg.status != "running", "the SG came back by itself; the test needs it down"
+        sg.start()
+        restarted_at = time.time()
+        sessions = sorted(
+            (s for loop in loops for s in gv.session_loop_results(loop, 120)), key=lambda s: s["start"]
+        )
+    finally:
+        for loop in loops:
+            gv.remove_quietly(loop)
+        sg.reload()
+        if sg.status != "running":
+            sg.start()
+    before = [s for s in sessions if s["end"] < killed_at]
+    counted = [s for s in sessions if s["start"] >= killed_at + 2]
+    failed = [s for s in counted if not s["ok"]]
+    print(
+        f"\nSG of {node} killed: {len(before)} sessions before, {len(counted)} from 2 s after the kill, "
+        f"{len(failed)} of them failed; first failures {[s['failure'] for s in failed[:3]]}"
+    )
+    assert before and all(s["ok"] for s in before), [s["failure"] for s in before if not s["ok"]]
+    assert len(counted) >= 10, len(counted)
+    assert not failed, [(round(s["start"] - killed_at, 2), s["failure"]) for s in failed]
+    down = [s for s in counted if s["start"] < restarted_at]
+    assert down and all(s["target"].split(":")[0] != dead for s in down)
+
+    # Back in service once its SG runs again: new sessions reach it.
+    def reaches_the_node() -> bool:
+        report = gv.run_client(NETWORK, f"https://{VIP}", secret)
+        return bool(report["ok"]) and report["target"].split(":")[0] == dead
+
+    later = [s for s in sessions if s["start"] >= restarted_at]
+    assert any(s["target"].split(":")[0] == dead for s in later) or gv.wait_for(reaches_the_node, 20, 0.5), (
+        f"{node} did not return to service after its SG was started"
+    )
 
 
 def test_failover_of_the_primary_halb() -> None:

@@ -1,21 +1,35 @@
-"""The agent's control API on 60443: ``POST /pcoip-agent/xml`` launch-session."""
+"""The agent's control API on 60443: ``POST /pcoip-agent/xml`` launch-session.
+
+Only a connection manager may launch a session: with ``ClientTlsVerify`` (the default) the peer
+must present a certificate verified against ``ClientCaCert`` with role ``cm``; anyone else gets
+HTTP 403 with an ``<error-resp>`` and no session-tag is issued.
+"""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from gatehouse import protocol
+from gatehouse import protocol, tls
 from gatehouse.agent.endpoint import Endpoint
 from gatehouse.agent.settings import AgentSettings
 from gatehouse.logs import SessionLogger
 
 log = logging.getLogger("gatehouse.agent")
 ENVELOPE = "pcoip-agent"
+
+
+@dataclass
+class LaunchStats:
+    refused_peers: int = 0  # launch-session from a peer without a cm certificate
+
+
 SETTINGS_KEY = web.AppKey("settings", AgentSettings)
 ENDPOINT_KEY = web.AppKey("endpoint", Endpoint)
+STATS_KEY = web.AppKey("launch_stats", LaunchStats)
 
 
 def _xml(body: bytes, status: int = 200) -> web.Response:
@@ -26,9 +40,21 @@ def _error(result_id: str, message: str, status: int = 200) -> web.Response:
     return _xml(protocol.error_resp(ENVELOPE, result_id, message), status)
 
 
+def _peer_is_cm(request: web.Request) -> bool:
+    transport = request.transport
+    return "cm" in tls.peer_roles(transport.get_extra_info("ssl_object") if transport else None)
+
+
 async def launch(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     endpoint = request.app[ENDPOINT_KEY]
+    if settings.client_tls_verify and not _peer_is_cm(request):
+        request.app[STATS_KEY].refused_peers += 1
+        log.warning(
+            "launch-session refused: the peer presented no connection manager certificate",
+            extra={"peer": request.remote},
+        )
+        return _error(protocol.E_USER_AUTH, "a Gatehouse connection manager certificate is required", 403)
     body = await request.content.read(protocol.MAX_BODY + 1)
     try:
         message = protocol.parse(body, ENVELOPE)
@@ -67,10 +93,13 @@ async def not_allowed(_request: web.Request) -> web.Response:
     return _error(protocol.E_MALFORMED, "use POST", status=405)
 
 
-def make_app(settings: AgentSettings, endpoint: Endpoint) -> web.Application:
+def make_app(
+    settings: AgentSettings, endpoint: Endpoint, stats: LaunchStats | None = None
+) -> web.Application:
     app = web.Application(client_max_size=protocol.MAX_BODY + 1)
     app[SETTINGS_KEY] = settings
     app[ENDPOINT_KEY] = endpoint
+    app[STATS_KEY] = stats or LaunchStats()
     app.router.add_post(protocol.PATH_AGENT, launch)
     app.router.add_get(protocol.PATH_AGENT, not_allowed)
     return app

@@ -133,6 +133,12 @@ class _Channel(asyncio.Protocol):
 
 
 class _Datagrams(asyncio.DatagramProtocol):
+    """Echo to the sender, for senders whose IP has a session channel up.
+
+    Gated by IP only: an SG sends each session's datagrams from its own source port (its
+    AgentUdpSourcePort range), from the address of its TCP connection to this agent.
+    """
+
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
 

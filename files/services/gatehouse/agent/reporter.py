@@ -1,4 +1,8 @@
-"""Load reports to the broker: ``POST {BrokerUrl}/api/v1/agents/report`` every ReportInterval seconds."""
+"""Load reports to the broker: ``POST {BrokerUrl}/api/v1/agents/report`` every ReportInterval seconds.
+
+The agent authenticates with its certificate (``IdentityCert``, role ``agent``): the broker
+accepts a report only when the certificate names the reported address or hostname.
+"""
 
 from __future__ import annotations
 
@@ -36,10 +40,15 @@ class Reporter:
     async def run(self) -> None:
         """Report now, then every interval, until cancelled; a failure waits for the next interval."""
         s = self.settings
-        ctx = tls.client_context(s.broker_ca_cert or None, s.broker_tls_verify, role="agent")
-        headers = {"Authorization": f"Bearer {s.agent_token}"}
+        ctx = tls.client_context(
+            s.broker_ca_cert or None,
+            s.broker_tls_verify,
+            role="agent",
+            cert=s.identity_cert,
+            key=s.identity_key,
+        )
         connector = aiohttp.TCPConnector(ssl=ctx if s.report_url.startswith("https") else False)
-        async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT, headers=headers) as http:
+        async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as http:
             while True:
                 await self.report_once(http)
                 await asyncio.sleep(s.report_interval)
@@ -53,8 +62,11 @@ class Reporter:
                     log.debug("load report sent", extra={"active_sessions": self.active()})
                     return True
                 reason = f"HTTP {resp.status}"
-                if resp.status == 401:
-                    reason += " (the broker refused AgentToken)"
+                if resp.status == 403:
+                    reason += (
+                        " (the broker refused this agent: IdentityCert must carry role agent and name "
+                        "the reported address or hostname, and the desktop must be registered)"
+                    )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         self.failed += 1

@@ -12,21 +12,24 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gatehouse.agent.control import make_app
+from gatehouse.agent.control import LaunchStats, make_app
 from gatehouse.agent.endpoint import Endpoint
 from gatehouse.agent.reporter import Reporter
 from gatehouse.agent.settings import AgentSettings
 from gatehouse.agent.tags import TagStore
-from gatehouse.web import add_health_and_metrics, run_sites
+from gatehouse.web import add_health, management_app, raise_nofile_limit, run_sites
 
 log = logging.getLogger("gatehouse.agent")
 
 
 class _Collector(Collector):
-    def __init__(self, endpoint: Endpoint, reporter: Reporter | None, capacity: int) -> None:
+    def __init__(
+        self, endpoint: Endpoint, reporter: Reporter | None, capacity: int, launches: LaunchStats
+    ) -> None:
         self.endpoint = endpoint
         self.reporter = reporter
         self.capacity = capacity
+        self.launches = launches
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         e = self.endpoint
@@ -37,6 +40,11 @@ class _Collector(Collector):
         )
         yield CounterMetricFamily(
             "gatehouse_agent_channels_refused", "Refused session channels", value=e.refused
+        )
+        yield CounterMetricFamily(
+            "gatehouse_agent_launch_refused_peers",
+            "launch-session requests refused: the peer had no connection manager certificate",
+            value=self.launches.refused_peers,
         )
         udp = CounterMetricFamily("gatehouse_agent_udp_datagrams", "UDP datagrams", labels=["outcome"])
         udp.add_metric(["echoed"], e.udp_echoed)
@@ -49,21 +57,24 @@ class _Collector(Collector):
             yield reports
 
 
-async def serve(settings: AgentSettings, server_ctx: ssl.SSLContext) -> None:
+async def serve(settings: AgentSettings, control_ctx: ssl.SSLContext, session_ctx: ssl.SSLContext) -> None:
     loop = asyncio.get_running_loop()
+    nofile = raise_nofile_limit()
     endpoint = Endpoint(TagStore(settings.session_tag_ttl))
     reporter = Reporter(settings, lambda: endpoint.active) if settings.report_url else None
     registry = CollectorRegistry()
-    registry.register(_Collector(endpoint, reporter, settings.capacity))
-    app = make_app(settings, endpoint)
+    launches = LaunchStats()
+    registry.register(_Collector(endpoint, reporter, settings.capacity, launches))
+    app = make_app(settings, endpoint, launches)
     ready = False
-    add_health_and_metrics(app, registry, lambda: ready)
+    # /health on the control port (deploy checks); /metrics only on AdminAddress:AdminPort.
+    add_health(app, lambda: ready)
 
     session_server = await loop.create_server(
         endpoint.protocol,
         settings.listen_address,
         settings.session_port,
-        ssl=server_ctx,
+        ssl=session_ctx,
         ssl_handshake_timeout=10.0,
         ssl_shutdown_timeout=5.0,
         backlog=1024,
@@ -83,14 +94,19 @@ async def serve(settings: AgentSettings, server_ctx: ssl.SSLContext) -> None:
                 "advertise": settings.advertise_address,
                 "hostname": settings.hostname,
                 "capacity": settings.capacity,
+                "admin": f"{settings.http.admin_address}:{settings.http.admin_port}",
+                "client_tls_verify": settings.client_tls_verify,
+                "nofile": nofile,
             },
         )
 
     try:
         await run_sites(
             app,
-            [(settings.listen_address, settings.control_port, server_ctx)],
+            [(settings.listen_address, settings.control_port, control_ctx)],
             shutdown_timeout=5.0,
+            limits=settings.http,
+            admin=management_app(registry, lambda: ready),
             started=started,
         )
     finally:

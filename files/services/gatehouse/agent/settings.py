@@ -1,4 +1,11 @@
-"""agent.properties, validated once at start."""
+"""agent.properties, validated once at start.
+
+Launch-session on the control port is accepted only from a peer whose certificate, verified
+against ``ClientCaCert``, carries role ``cm`` (``ClientTlsVerify``, default true). Load reports are
+authenticated by the agent's own certificate (``IdentityCert``/``IdentityKey``, by default
+``SslCert``/``SslKey``: the collection issues it from the deployment CA with role ``agent`` and the
+desktop's names), which the broker matches against the reported address.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,12 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from gatehouse.config import Config, ConfigError
+from gatehouse.web import HttpLimits
 
 REPORT_PATH = "/api/v1/agents/report"
+# RequestTimeout, KeepAliveTimeout, MaxConnections, MaxConnectionsPerSource, AdminAddress, AdminPort
+# of the control port: the agent's defaults (its callers are a few CMs).
+HTTP_DEFAULTS = {"max_connections": 256, "max_connections_per_source": 64, "admin_port": 9182}
 
 
 def default_address() -> str:
@@ -39,11 +50,15 @@ class AgentSettings:
     report_url: str
     broker_ca_cert: str
     broker_tls_verify: bool
-    agent_token: str = field(repr=False)
+    identity_cert: str
+    identity_key: str
+    client_ca_cert: str
+    client_tls_verify: bool
     report_interval: float
     session_tag_ttl: float
     capacity: int
     log_level: str
+    http: HttpLimits = field(default_factory=lambda: HttpLimits(**HTTP_DEFAULTS))
 
     @classmethod
     def from_config(cls, cfg: Config) -> AgentSettings:
@@ -54,23 +69,36 @@ class AgentSettings:
             if parts.scheme not in {"https", "http"} or not parts.netloc:
                 raise ConfigError(f"BrokerUrl must be https://host[:port], got {broker_url!r}")
             report_url = f"{parts.scheme}://{parts.netloc}{REPORT_PATH}"
-        token = cfg.str("AgentToken")
-        if report_url and not token:
-            raise ConfigError("AgentToken is required when BrokerUrl is set (load reports are authenticated)")
+        ssl_cert = cfg.str("SslCert", required=True)
+        ssl_key = cfg.str("SslKey", required=True)
+        identity_cert = cfg.str("IdentityCert") or ssl_cert
+        # A separate IdentityCert comes with its own key; the default pairs SslCert with SslKey.
+        identity_key = cfg.str("IdentityKey") or (ssl_key if identity_cert == ssl_cert else identity_cert)
+        client_ca_cert = cfg.str("ClientCaCert")
+        client_tls_verify = cfg.bool("ClientTlsVerify", True)
+        if client_tls_verify and not client_ca_cert:
+            raise ConfigError(
+                "ClientCaCert is required while ClientTlsVerify is true (the deployment CA that signs "
+                "the connection managers' certificates)"
+            )
         return cls(
             listen_address=cfg.str("ListenAddress", "0.0.0.0"),
             control_port=cfg.int("ControlPort", 60443, minimum=1, maximum=65535),
             session_port=cfg.int("SessionPort", 4172, minimum=1, maximum=65535),
-            ssl_cert=cfg.str("SslCert", required=True),
-            ssl_key=cfg.str("SslKey", required=True),
+            ssl_cert=ssl_cert,
+            ssl_key=ssl_key,
             hostname=cfg.str("Hostname") or socket.gethostname(),
             advertise_address=cfg.str("AdvertiseAddress") or default_address(),
             report_url=report_url,
             broker_ca_cert=cfg.str("BrokerCaCert"),
             broker_tls_verify=cfg.bool("BrokerTlsVerify", True),
-            agent_token=token,
+            identity_cert=identity_cert,
+            identity_key=identity_key,
+            client_ca_cert=client_ca_cert,
+            client_tls_verify=client_tls_verify,
             report_interval=cfg.float("ReportInterval", 10.0, minimum=0.1),
             session_tag_ttl=cfg.float("SessionTagTtl", 60.0, minimum=0.1),
             capacity=cfg.int("Capacity", 10, minimum=1),
             log_level=cfg.log_level(),
+            http=HttpLimits.from_config(cfg, **HTTP_DEFAULTS),
         )

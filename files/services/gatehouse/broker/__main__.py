@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 from gatehouse import logs, tls, web
-from gatehouse.broker.app import serve
+from gatehouse.broker.app import serve, server_context
 from gatehouse.broker.db import Database
 from gatehouse.broker.settings import BrokerSettings
 from gatehouse.config import Config, ConfigError
@@ -22,14 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = BrokerSettings.from_config(Config.load(args.config, args.env_file))
         logs.register_secret(settings.admin_token)
-        logs.register_secret(settings.agent_token)
         log = logs.setup("broker", settings.log_level)
-        # Fail on a bad certificate before touching the database.
-        tls.server_context(settings.ssl_cert, settings.ssl_key, role="broker")
+        # Fail on a bad certificate or client CA before touching the database.
+        server_context(settings)
         db = Database.open(settings.database)
     except (ConfigError, tls.CertificateError) as exc:
         print(f"gatehouse-broker: {exc}", file=sys.stderr)
         return 2
+    if not settings.client_tls_verify:
+        log.warning(
+            "ClientTlsVerify is false: any caller is accepted as a connection manager and as an agent "
+            "reporting load, and client addresses in <pcm-info> are not trusted for login throttling"
+        )
     web.install_uvloop()
     try:
         asyncio.run(serve(settings, db))

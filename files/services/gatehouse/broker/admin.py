@@ -1,5 +1,11 @@
 """The admin REST API under ``/api/v1`` (JSON, bearer token) and the agents' load-report endpoint.
 
+The admin API takes ``AdminToken`` as a bearer token (the collection's modules send no client
+certificate). ``POST /api/v1/agents/report`` takes no token: the caller must present a client
+certificate from ``ClientCaCert`` with role ``agent`` that names the reported ``address`` or
+``hostname``, and that name must be a registered desktop's address (each desktop reports for
+itself only, with its own credential); anything else is refused with 403 and stores nothing.
+
 Writes are idempotent: ``PUT`` creates or updates with the fields given (omitted fields keep
 their value, or the default on create) and answers ``changed`` with the object before and after,
 so an Ansible module can report a diff. ``?check_mode=true`` runs the same write in a transaction
@@ -8,7 +14,6 @@ that is rolled back. ``DELETE`` of something absent answers ``changed: false``.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
 import json
@@ -21,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gatehouse import tls
 from gatehouse.broker import passwords
 from gatehouse.broker.metrics import BrokerMetrics
 from gatehouse.broker.settings import BrokerSettings
@@ -149,11 +155,22 @@ def bearer_ok(request: web.Request, token: str) -> bool:
 # ---------------------------------------------------------------- API
 
 
+def _canonical(name: str) -> str:
+    """One spelling per address: IPs in ipaddress's form, DNS names lower-case."""
+    try:
+        return str(ipaddress.ip_address(name.strip()))
+    except ValueError:
+        return name.strip().lower().rstrip(".")
+
+
 class AdminApi:
-    def __init__(self, store: Store, settings: BrokerSettings, metrics: BrokerMetrics) -> None:
+    def __init__(
+        self, store: Store, settings: BrokerSettings, metrics: BrokerMetrics, hasher: passwords.Hasher
+    ) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
+        self.hasher = hasher
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -192,8 +209,10 @@ class AdminApi:
         if not request.path.startswith(PREFIX + "/") and request.path != PREFIX:
             return await handler(request)
         is_report = request.path == f"{PREFIX}/agents/report"
-        token = self.settings.agent_token if is_report else self.settings.admin_token
-        if not bearer_ok(request, token):
+        if is_report:
+            # Authenticated by the agent's certificate in agent_report, never by a token.
+            return await self._api(request, handler)
+        if not bearer_ok(request, self.settings.admin_token):
             log.warning(
                 "API request refused: missing or wrong bearer token",
                 extra={"path": request.path, "peer": request.remote},
@@ -201,6 +220,9 @@ class AdminApi:
             response = error_response(401, "missing or wrong bearer token")
             response.headers["WWW-Authenticate"] = 'Bearer realm="gatehouse-broker"'
             return response
+        return await self._api(request, handler)
+
+    async def _api(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except ApiError as exc:
@@ -211,6 +233,11 @@ class AdminApi:
             return error_response(405, f"method {request.method} not allowed on {request.path}")
         except sqlite3.IntegrityError as exc:
             return error_response(409, f"conflicts with existing data: {exc}")
+        except passwords.HasherBusy:
+            self.metrics.password_hash_busy.inc()
+            response = error_response(503, "password hashing is busy; try again")
+            response.headers["Retry-After"] = "1"
+            return response
         except web.HTTPException:
             raise
         except Exception:
@@ -303,8 +330,8 @@ class AdminApi:
                 raise ApiError(400, f"password: must be 1-{MAX_PASSWORD} characters", "password")
             record = self.store.user_record(domain, name)
             current = record.password_hash if record else None
-            if not await asyncio.to_thread(passwords.verify_password, password, current):
-                new_hash = await asyncio.to_thread(passwords.hash_password, password)
+            if not await self.hasher.verify(password, current):
+                new_hash = await self.hasher.hash(password)
         response = self._write(
             request,
             "user",
@@ -333,7 +360,7 @@ class AdminApi:
         record = self.store.user_record(domain, name)
         if record is None:
             raise ApiError(404, f"user {domain}\\{name} does not exist")
-        match = await asyncio.to_thread(passwords.verify_password, password, record.password_hash)
+        match = await self.hasher.verify(password, record.password_hash)
         return web.json_response({"match": match, "password_set": record.password_hash is not None})
 
     # ------------------------------------------------------------ groups
@@ -534,7 +561,21 @@ class AdminApi:
             )
         return web.json_response({"agents": agents})
 
+    def _refuse_report(
+        self, request: web.Request, reason: str, message: str, **extra: object
+    ) -> web.Response:
+        self.metrics.agent_reports_refused.labels(reason).inc()
+        log.warning("agent load report refused: %s", message, extra={"peer": request.remote, **extra})
+        return error_response(403, message)
+
     async def agent_report(self, request: web.Request) -> web.Response:
+        verify = self.settings.client_tls_verify
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        if verify and "agent" not in tls.peer_roles(ssl_object):
+            return self._refuse_report(
+                request, "no_agent_certificate", "a Gatehouse agent certificate is required"
+            )
         body = await read_json(request)
         for key in ("address", "agent_port", "session_port", "active_sessions", "capacity"):
             if key not in body:
@@ -550,8 +591,32 @@ class AdminApi:
             if value < 0:
                 raise ApiError(400, f"{key}: must be a non-negative integer", key)
             report[key] = value
+        claimed = {_canonical(report["address"])}
+        if report["hostname"]:
+            claimed.add(_canonical(report["hostname"]))
+        # ClientTlsVerify=false (warned at start): any caller may report for a registered desktop.
+        names = claimed & {_canonical(n) for n in tls.peer_addresses(ssl_object)} if verify else claimed
+        where = {k: report[k] for k in ("address", "hostname", "agent_port")}
+        if not names:
+            return self._refuse_report(
+                request,
+                "address_not_in_certificate",
+                "the reported address and hostname are not in the agent's certificate",
+                **where,
+            )
+        # Only desktops whose registered address the certificate names: one agent cannot speak
+        # for another desktop, and reports for unregistered addresses store nothing.
+        desktops = [
+            d
+            for d in self.store.report_desktops(report["address"], report["hostname"], report["agent_port"])
+            if _canonical(d.address) in names
+        ]
+        if not desktops:
+            return self._refuse_report(
+                request, "unknown_desktop", "no registered desktop has this address and agent port", **where
+            )
         with self.store.db.transaction():
-            self.store.record_report(report, time.time())
+            self.store.record_report([d.id for d in desktops], report, time.time())
         self.metrics.agent_reports.inc()
         log.debug(
             "agent load report",

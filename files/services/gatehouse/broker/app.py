@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -12,11 +13,13 @@ from gatehouse import web as gweb
 from gatehouse.broker.admin import PREFIX, AdminApi
 from gatehouse.broker.db import Database
 from gatehouse.broker.metrics import BrokerMetrics
+from gatehouse.broker.passwords import Hasher
 from gatehouse.broker.settings import BrokerSettings
 from gatehouse.broker.store import Store
 from gatehouse.broker.xmlapi import BrokerEndpoint
 
 log = logging.getLogger("gatehouse.broker")
+METRICS_KEY = web.AppKey("broker_metrics", BrokerMetrics)
 # Admin bodies and broker XML share the protocol's 64 KiB cap.
 CLIENT_MAX_SIZE = protocol.MAX_BODY
 
@@ -33,12 +36,23 @@ def _endpoint_label(path: str) -> str:
     return "other"
 
 
-def build_app(settings: BrokerSettings, db: Database) -> web.Application:
+def server_context(settings: BrokerSettings) -> ssl.SSLContext:
+    """The listener's context: asks for (never requires) client certificates from ClientCaCert.
+
+    Optional, because the admin API's callers (the collection's modules) send none; the broker
+    protocol and the load reports check the verified roles themselves.
+    """
+    client_ca = settings.client_ca_cert if settings.client_tls_verify else None
+    return tls.server_context(settings.ssl_cert, settings.ssl_key, role="broker", client_ca=client_ca)
+
+
+def build_app(settings: BrokerSettings, db: Database, hasher: Hasher | None = None) -> web.Application:
     metrics = BrokerMetrics()
     store = Store(db)
     store.sync_domains(list(settings.domains))
-    admin = AdminApi(store, settings, metrics)
-    endpoint = BrokerEndpoint(store, settings, metrics)
+    hasher = hasher or Hasher(settings.password_hash_workers, settings.password_hash_queue)
+    admin = AdminApi(store, settings, metrics, hasher)
+    endpoint = BrokerEndpoint(store, settings, metrics, hasher)
 
     @web.middleware
     async def count(
@@ -58,22 +72,37 @@ def build_app(settings: BrokerSettings, db: Database) -> web.Application:
     app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=[count, admin.middleware])
     app.router.add_post(protocol.PATH_BROKER, endpoint.handle)
     admin.add_routes(app)
-    gweb.add_health_and_metrics(app, metrics.registry, db.ready)
+    # /health stays on the public port (the deploy checks use it); /metrics is on AdminPort only.
+    gweb.add_health(app, db.ready)
+    app[METRICS_KEY] = metrics
     return app
 
 
 async def serve(settings: BrokerSettings, db: Database) -> None:
-    ctx = tls.server_context(settings.ssl_cert, settings.ssl_key, role="broker")
-    app = build_app(settings, db)
+    nofile = gweb.raise_nofile_limit()
+    ctx = server_context(settings)
+    hasher = Hasher(settings.password_hash_workers, settings.password_hash_queue)
+    app = build_app(settings, db, hasher)
+    app.on_cleanup.append(lambda _app: _close(hasher))
     await gweb.run_sites(
         app,
         [(settings.listen_address, settings.listen_port, ctx)],
+        limits=settings.http,
+        admin=gweb.management_app(app[METRICS_KEY].registry, db.ready),
         started=lambda: log.info(
             "broker listening",
             extra={
                 "address": settings.listen_address,
                 "port": settings.listen_port,
+                "admin_port": settings.http.admin_port,
                 "database": str(db.path),
+                "client_tls_verify": settings.client_tls_verify,
+                "password_hash_workers": settings.password_hash_workers,
+                "nofile": nofile,
             },
         ),
     )
+
+
+async def _close(hasher: Hasher) -> None:
+    hasher.close()

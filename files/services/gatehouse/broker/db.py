@@ -98,6 +98,20 @@ MIGRATIONS: list[list[str]] = [
             placed_since_report INTEGER NOT NULL DEFAULT 0,
             placed_total INTEGER NOT NULL DEFAULT 0)""",
     ],
+    # 3: load reports only for registered desktops, one row each, gone with the desktop. Reports are
+    # refreshed every few seconds, so the old rows (keyed by whatever address was reported) go.
+    [
+        "DROP TABLE agent_reports",
+        """CREATE TABLE agent_reports (
+            desktop_id INTEGER PRIMARY KEY REFERENCES desktops(id) ON DELETE CASCADE,
+            address TEXT NOT NULL COLLATE NOCASE,
+            agent_port INTEGER NOT NULL,
+            hostname TEXT NOT NULL DEFAULT '',
+            session_port INTEGER NOT NULL,
+            active_sessions INTEGER NOT NULL,
+            capacity INTEGER NOT NULL,
+            reported_at REAL NOT NULL)""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

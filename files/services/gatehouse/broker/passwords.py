@@ -1,60 +1,152 @@
 """Password hashing with scrypt (stdlib): per-user salt, parameters stored with the hash.
 
 Stored form: ``scrypt$<n>$<r>$<p>$<salt b64>$<key b64>``. Verification reads the parameters from
-the stored value, so raising the cost later does not invalidate existing hashes.
+the stored value, so raising the cost later does not invalidate existing hashes; a hash stored
+with other parameters than the current ones is replaced at the user's next successful login
+(:func:`needs_rehash`).
+
+Parameters: N=2^15, r=8, p=3, one of the equivalent scrypt configurations the OWASP Password
+Storage Cheat Sheet lists next to N=2^17, r=8, p=1 ("N=2^15 (32 MiB), r=8 (1024 bytes), p=3").
+Memory is 128 * r * N = 32 MiB per hash instead of 128 MiB, so a bounded pool of workers stays
+small (4 workers: 128 MiB); the CPU cost is about that of the N=2^17 option (~0.25 s a hash on
+one core of the test machine).
+
+All hashing in the broker goes through :class:`Hasher`: a dedicated thread pool with a fixed
+number of workers and a bounded number of waiting jobs. When both are full it raises
+:class:`HasherBusy` at once instead of queueing without end, so a flood of logins cannot hold
+the event loop's default executor or grow a queue past what the workers finish in time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import secrets
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 SCHEME = "scrypt"
-N = 2**14
+N = 2**15
 R = 8
-P = 1
+P = 3
 KEY_LEN = 32
 SALT_LEN = 16
-# 128 * r * n bytes are needed (16 MiB for the defaults); allow headroom for stronger stored parameters.
-_MAXMEM = 128 * 1024 * 1024
+# Stored parameters above these are refused rather than computed (a hash is only ever written by
+# this broker; anything larger is damage, and would take unbounded memory or time).
+_MAX_N = 2**20
+_MAX_R = 32
+_MAX_P = 16
+T = TypeVar("T")
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _maxmem(n: int, r: int) -> int:
+    # scrypt needs 128 * r * n bytes plus a little; hashlib refuses anything above maxmem.
+    return 128 * r * n + 4 * 1024 * 1024
+
+
 def hash_password(password: str, *, n: int = N, r: int = R, p: int = P) -> str:
     salt = secrets.token_bytes(SALT_LEN)
-    key = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=KEY_LEN)
+    key = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=_maxmem(n, r), dklen=KEY_LEN
+    )
     return f"{SCHEME}${n}${r}${p}${_b64(salt)}${_b64(key)}"
+
+
+def _parameters(stored: str) -> tuple[int, int, int] | None:
+    parts = stored.split("$")
+    if len(parts) != 6 or parts[0] != SCHEME:
+        return None
+    try:
+        n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
+    except ValueError:
+        return None
+    if not (1 < n <= _MAX_N and 0 < r <= _MAX_R and 0 < p <= _MAX_P):
+        return None
+    return n, r, p
 
 
 def verify_password(password: str, stored: str | None) -> bool:
     """True when ``password`` matches ``stored``; a missing or unreadable hash never matches."""
     if not stored:
         return False
+    params = _parameters(stored)
+    if params is None:
+        return False
+    n, r, p = params
     try:
-        scheme, n, r, p, salt_b64, key_b64 = stored.split("$")
-        if scheme != SCHEME:
-            return False
+        _scheme, _n, _r, _p, salt_b64, key_b64 = stored.split("$")
         salt = base64.b64decode(salt_b64, validate=True)
         expected = base64.b64decode(key_b64, validate=True)
         key = hashlib.scrypt(
-            password.encode("utf-8"),
-            salt=salt,
-            n=int(n),
-            r=int(r),
-            p=int(p),
-            maxmem=_MAXMEM,
-            dklen=len(expected),
+            password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=_maxmem(n, r), dklen=len(expected)
         )
     except ValueError:
         return False
     return hmac.compare_digest(key, expected)
 
 
+def needs_rehash(stored: str | None) -> bool:
+    """True when ``stored`` was made with other parameters than the current N, r, p."""
+    return bool(stored) and _parameters(stored or "") != (N, R, P)
+
+
 def dummy_hash() -> str:
     """A hash of a random password, verified for unknown users so they cost the same as known ones."""
     return hash_password(secrets.token_urlsafe(24))
+
+
+class HasherBusy(Exception):
+    """Every worker is busy and the queue is full: answer 'busy' now instead of waiting."""
+
+
+class Hasher:
+    """A bounded pool for scrypt: ``workers`` threads, at most ``queue`` jobs waiting for one.
+
+    Invariant: jobs running plus waiting never exceed ``workers + queue``; a job over that raises
+    :class:`HasherBusy` before anything is computed.
+    """
+
+    def __init__(self, workers: int, queue: int) -> None:
+        self.workers = workers
+        self.limit = workers + queue
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scrypt")
+        self.busy_refusals = 0
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        with self._lock:
+            if self._pending >= self.limit:
+                self.busy_refusals += 1
+                raise HasherBusy(f"password hashing busy ({self.limit} jobs running or waiting)")
+            self._pending += 1
+        # Count down when the job ends, not when the caller stops waiting: a cancelled request
+        # leaves its job running on a worker.
+        future = self._pool.submit(fn, *args)
+        future.add_done_callback(self._done)
+        return await asyncio.wrap_future(future)
+
+    def _done(self, _future: object) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    async def verify(self, password: str, stored: str | None) -> bool:
+        return await self._run(verify_password, password, stored)
+
+    async def hash(self, password: str) -> str:
+        return await self._run(hash_password, password)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

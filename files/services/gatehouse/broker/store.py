@@ -138,6 +138,13 @@ class Store:
                     (user_id, domain_id, group),
                 )
 
+    def replace_password_hash(self, user_id: int, old: str, new: str) -> bool:
+        """Swap the stored hash only if it is still ``old`` (an admin may have set a new password)."""
+        cur = self.db.conn.execute(
+            "UPDATE users SET password_hash = ? WHERE id = ? AND password_hash = ?", (new, user_id, old)
+        )
+        return cur.rowcount == 1
+
     def delete_user(self, domain: str, name: str) -> None:
         record = self.user_record(domain, name)
         if record:
@@ -448,7 +455,7 @@ class Store:
             "COALESCE(l.placed_since_report, 0) AS placed_since_report, "
             "COALESCE(l.placed_total, 0) AS placed_total "
             "FROM desktops d LEFT JOIN desktop_load l ON l.desktop_id = d.id "
-            "LEFT JOIN agent_reports r ON r.agent_port = d.agent_port "
+            "LEFT JOIN agent_reports r ON r.desktop_id = d.id AND r.agent_port = d.agent_port "
             "AND (r.address = d.address OR (r.hostname <> '' AND r.hostname = d.address COLLATE NOCASE)) "
             "WHERE " + where + " ORDER BY d.id"
         )
@@ -465,10 +472,7 @@ class Store:
                 placed_since_report=r["placed_since_report"],
                 placed_total=r["placed_total"],
             )
-            # Two reports can match one desktop (by address and by hostname): keep the newest.
-            current = best.get(member.desktop_id)
-            if current is None or (member.reported_at or 0) > (current.reported_at or 0):
-                best[member.desktop_id] = member
+            best[member.desktop_id] = member
         return list(best.values())
 
     def record_placement(self, desktop_id: int) -> None:
@@ -520,36 +524,46 @@ class Store:
                 "DELETE FROM assignments WHERE user_id = ? AND pool_id = ?", (record.id, pool_id)
             )
 
-    def record_report(self, report: Obj, now: float) -> None:
-        """Store an agent's load report and restart the 'placed since report' counters it covers."""
+    def report_desktops(self, address: str, hostname: str, agent_port: int) -> list[DesktopRecord]:
+        """Registered desktops an agent at ``address`` (or ``hostname``) and ``agent_port`` serves."""
+        rows = self.db.query(
+            "SELECT * FROM desktops WHERE agent_port = ? AND (address = ? COLLATE NOCASE OR "
+            "(? <> '' AND address = ? COLLATE NOCASE)) ORDER BY id",
+            (agent_port, address, hostname, hostname),
+        )
+        return [self._desktop_record(r) for r in rows]
+
+    def record_report(self, desktop_ids: list[int], report: Obj, now: float) -> None:
+        """Store an agent's load report for each of its desktops (one row per desktop) and restart
+        their 'placed since report' counters."""
         conn = self.db.conn
-        conn.execute(
-            "INSERT INTO agent_reports (address, agent_port, hostname, session_port, active_sessions, "
-            "capacity, reported_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (address, agent_port) DO UPDATE "
-            "SET hostname = excluded.hostname, session_port = excluded.session_port, "
-            "active_sessions = excluded.active_sessions, capacity = excluded.capacity, "
-            "reported_at = excluded.reported_at",
-            (
-                report["address"],
-                report["agent_port"],
-                report["hostname"],
-                report["session_port"],
-                report["active_sessions"],
-                report["capacity"],
-                now,
-            ),
-        )
-        conn.execute(
-            "UPDATE desktop_load SET placed_since_report = 0 WHERE desktop_id IN ("
-            "SELECT id FROM desktops WHERE agent_port = ? AND (address = ? OR "
-            "(? <> '' AND address = ? COLLATE NOCASE)))",
-            (report["agent_port"], report["address"], report["hostname"], report["hostname"]),
-        )
+        for desktop_id in desktop_ids:
+            conn.execute(
+                "INSERT INTO agent_reports (desktop_id, address, agent_port, hostname, session_port, "
+                "active_sessions, capacity, reported_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (desktop_id) DO UPDATE SET address = excluded.address, "
+                "agent_port = excluded.agent_port, hostname = excluded.hostname, "
+                "session_port = excluded.session_port, active_sessions = excluded.active_sessions, "
+                "capacity = excluded.capacity, reported_at = excluded.reported_at",
+                (
+                    desktop_id,
+                    report["address"],
+                    report["agent_port"],
+                    report["hostname"],
+                    report["session_port"],
+                    report["active_sessions"],
+                    report["capacity"],
+                    now,
+                ),
+            )
+            conn.execute(
+                "UPDATE desktop_load SET placed_since_report = 0 WHERE desktop_id = ?", (desktop_id,)
+            )
 
     def list_reports(self) -> list[Obj]:
         rows = self.db.query(
-            "SELECT r.*, (SELECT d.name FROM desktops d WHERE d.agent_port = r.agent_port AND "
-            "(d.address = r.address OR (r.hostname <> '' AND d.address = r.hostname COLLATE NOCASE)) "
-            "ORDER BY d.id LIMIT 1) AS desktop FROM agent_reports r ORDER BY r.address, r.agent_port"
+            "SELECT r.address, r.agent_port, r.hostname, r.session_port, r.active_sessions, r.capacity, "
+            "r.reported_at, d.name AS desktop FROM agent_reports r JOIN desktops d ON d.id = r.desktop_id "
+            "ORDER BY r.address, r.agent_port, d.name"
         )
         return [dict(r) for r in rows]

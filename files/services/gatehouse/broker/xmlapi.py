@@ -4,11 +4,14 @@ Each CM client session holds one broker session, keyed by a random ``JSESSIONID`
 broker sets on ``hello`` (never the session id itself). States: after ``hello`` the session can
 ``authenticate`` (retries allowed); once authenticated it can ``get-resource-list`` and
 ``allocate-resource``; ``bye`` forgets the session from any state.
+
+Callers: with ``ClientTlsVerify`` (the default) only a peer whose certificate, verified against
+``ClientCaCert``, carries role ``cm``; anyone else gets HTTP 403. Only then is the client address
+the CM passes in ``<pcm-info>`` trusted as the login source for throttling (:mod:`throttle`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import socket
@@ -19,7 +22,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gatehouse import protocol as p
-from gatehouse.broker import passwords, placement
+from gatehouse import tls
+from gatehouse.broker import passwords, placement, throttle
 from gatehouse.broker.metrics import BrokerMetrics
 from gatehouse.broker.settings import BrokerSettings
 from gatehouse.broker.store import DesktopRecord, Store, UserRecord
@@ -38,6 +42,10 @@ class BrokerSession:
     session_id: str
     client_ip: str
     last_seen: float
+    # The login source for throttling: the client address from <pcm-info> when a verified CM sent
+    # it (source_trusted), else the connecting peer's address.
+    source: str = ""
+    source_trusted: bool = False
     user: UserRecord | None = None
     log: SessionLogger = field(init=False, repr=False)
 
@@ -74,11 +82,27 @@ def parse_resource_id(resource_id: str) -> tuple[str, int] | None:
     return kind, int(number)
 
 
+def peer_roles(request: web.Request) -> frozenset[str]:
+    """The roles of the request's verified client certificate (empty without one)."""
+    transport = request.transport
+    return tls.peer_roles(transport.get_extra_info("ssl_object") if transport else None)
+
+
 class BrokerEndpoint:
-    def __init__(self, store: Store, settings: BrokerSettings, metrics: BrokerMetrics) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: BrokerSettings,
+        metrics: BrokerMetrics,
+        hasher: passwords.Hasher,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
+        self.hasher = hasher
+        self.throttle = throttle.LoginThrottle(settings.login)
+        metrics.login_throttle_entries.set_function(lambda: len(self.throttle))
+        metrics.password_hash_pending.set_function(lambda: hasher.pending)
         self.sessions: dict[str, BrokerSession] = {}
         self._dummy_hash = passwords.dummy_hash()
         self._last_prune = 0.0
@@ -87,6 +111,18 @@ class BrokerEndpoint:
     # ------------------------------------------------------------ HTTP
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.settings.client_tls_verify and "cm" not in peer_roles(request):
+            self.metrics.peers_refused.labels("broker").inc()
+            log.warning(
+                "broker request refused: the peer presented no connection manager certificate",
+                extra={"peer": request.remote},
+            )
+            reply = p.ErrorResp(p.E_USER_AUTH, "a Gatehouse connection manager certificate is required")
+            return web.Response(
+                status=403,
+                body=p.render(ENVELOPE, reply),
+                headers={"Content-Type": p.CONTENT_TYPE, "Cache-Control": "no-store"},
+            )
         cookie_set: str | None = None
         cookie_clear = False
         close = False
@@ -176,9 +212,19 @@ class BrokerEndpoint:
             raise p.ProtocolError(p.E_BUSY, "too many broker sessions; try again later")
         pcm = hello.pcm_info
         session_id = pcm.session_id if pcm and pcm.session_id else str(uuid.uuid4())
-        client_ip = pcm.client_ip if pcm and pcm.client_ip else (request.remote or "")
+        peer = request.remote or ""
+        client_ip = pcm.client_ip if pcm and pcm.client_ip else peer
+        # Only a verified CM vouches for the client address; anyone else is their own source.
+        trusted = bool(self.settings.client_tls_verify and pcm and pcm.client_ip)
         cookie = secrets.token_urlsafe(32)
-        session = BrokerSession(cookie, session_id[:64], client_ip[:64], now)
+        session = BrokerSession(
+            cookie,
+            session_id[:64],
+            client_ip[:64],
+            now,
+            source=throttle.source_key(client_ip if trusted else peer),
+            source_trusted=trusted,
+        )
         self.sessions[cookie] = session
         self.metrics.sessions.set(len(self.sessions))
         session.log.info("hello: broker session started", extra={"client_ip": session.client_ip})
@@ -199,19 +245,62 @@ class BrokerEndpoint:
         if "\\" in username and not domain_name:
             domain_name, _sep, username = username.partition("\\")
         domain = self._domain(domain_name)
+        extra = {"user": username[:128], "domain": domain_name[:64], "client_ip": session.client_ip}
+        failed = p.AuthenticateResp(p.AUTH_FAILED, "unknown username or password")
+        account = throttle.account_key(domain or domain_name, username)
+        source, per_source = session.source, session.source_trusted
+        now = time.monotonic()
+        reason = self.throttle.check(account, source, now, per_source=per_source)
+        if reason is not None:
+            # The same answer as a wrong password, and no scrypt: nothing to learn, little to spend.
+            # One line per attempt, like "authentication failed"; the lockout itself is a warning.
+            self.metrics.auth.labels("throttled").inc()
+            self.metrics.login_throttled.labels(reason).inc()
+            session.log.info("authentication throttled", extra={**extra, "reason": reason})
+            return failed
         record = self.store.user_record(domain, username) if domain else None
         stored = record.password_hash if record and record.password_hash else self._dummy_hash
         # Unknown, disabled and password-less users cost one scrypt like everyone else.
-        match = await asyncio.to_thread(passwords.verify_password, auth.password, stored)
-        extra = {"user": username[:128], "domain": domain_name[:64]}
+        try:
+            match = await self.hasher.verify(auth.password, stored)
+        except passwords.HasherBusy:
+            self.throttle.release(account, source)
+            self.metrics.auth.labels("busy").inc()
+            self.metrics.password_hash_busy.inc()
+            session.log.warning("authentication refused: password hashing busy", extra=extra)
+            raise p.ProtocolError(p.E_BUSY, "the broker is busy; try again later") from None
+        except BaseException:
+            self.throttle.release(account, source)
+            raise
+        now = time.monotonic()
         if record is None or not record.enabled or not record.password_hash or not match:
+            for scope in self.throttle.failure(account, source, now, per_source=per_source):
+                self.metrics.login_lockouts.labels(scope).inc()
+                session.log.warning(
+                    "login lockout started",
+                    extra={**extra, "scope": scope, "seconds": self.settings.login.lockout_seconds},
+                )
             self.metrics.auth.labels("failure").inc()
             session.log.info("authentication failed", extra=extra)
-            return p.AuthenticateResp(p.AUTH_FAILED, "unknown username or password")
+            return failed
+        self.throttle.success(account, source, now)
         session.user = record
         self.metrics.auth.labels("success").inc()
         session.log.info("authentication succeeded", extra=extra)
+        if passwords.needs_rehash(record.password_hash):
+            await self._rehash(session, record, auth.password)
         return p.AuthenticateResp(p.AUTH_OK, "authenticated")
+
+    async def _rehash(self, session: BrokerSession, record: UserRecord, password: str) -> None:
+        """Store the password again with the current parameters (best effort: busy means later)."""
+        try:
+            new_hash = await self.hasher.hash(password)
+        except passwords.HasherBusy:
+            return
+        with self.store.db.transaction():
+            replaced = self.store.replace_password_hash(record.id, record.password_hash or "", new_hash)
+        if replaced:
+            session.log.info("password hash upgraded to the current parameters", extra={"user": record.name})
 
     def _current_user(self, session: BrokerSession) -> UserRecord:
         if session.user is None:

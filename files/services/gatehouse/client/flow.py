@@ -171,14 +171,37 @@ class _UdpEcho(asyncio.DatagramProtocol):
         self.error = exc
 
 
-async def _udp_echo(host: str, port: int, local_ip: str, count: int) -> int:
-    """Send ``count`` datagrams from our TCP source IP; each must come back unchanged."""
+async def _udp_bind(transport: asyncio.DatagramTransport, proto: _UdpEcho, connect_tag: str) -> None:
+    """Bind our UDP address to the session (docs/architecture.md, "UDP"): send the bind datagram
+    until the SG acknowledges it. An agent reached directly echoes it instead: nothing to bind."""
+    key, key_id = linechan.udp_bind_key(connect_tag)
+    counter = 1  # one address per session here; a client that changes address sends a higher one
+    bind = linechan.bind_datagram(key, key_id, counter)
+    for _attempt in range(UDP_ATTEMPTS):
+        transport.sendto(bind)
+        try:
+            async with asyncio.timeout(UDP_WAIT):
+                while True:
+                    data = await proto.queue.get()
+                    if data == bind:
+                        return
+                    ack = linechan.split_signed(data, linechan.ACK_MAGIC)
+                    if ack and ack[:2] == (key_id, counter) and linechan.mac_ok(key, data):
+                        return
+        except TimeoutError:
+            continue
+    raise StepFailed("NO_BIND_ACK", "the UDP bind datagram was not acknowledged")
+
+
+async def _udp_echo(host: str, port: int, local_ip: str, count: int, connect_tag: str) -> int:
+    """Bind, then send ``count`` datagrams from our TCP source IP; each must come back unchanged."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     transport, proto = await loop.create_datagram_endpoint(
         _UdpEcho, local_addr=(local_ip, 0), remote_addr=(host, port), family=family
     )
     try:
+        await _udp_bind(transport, proto, connect_tag)
         for seq in range(count):
             payload = seq.to_bytes(4, "big") + os.urandom(60)
             for _attempt in range(UDP_ATTEMPTS):
@@ -375,7 +398,7 @@ async def session_channel(
         # From the TCP channel's source address: the SG relays datagrams only for that address.
         local_ip = writer.get_extra_info("sockname")[0]
         try:
-            count = await _udp_echo(address[0], address[1], local_ip, udp_datagrams)
+            count = await _udp_echo(address[0], address[1], local_ip, udp_datagrams, target.connect_tag)
         except OSError as exc:
             raise StepFailed("UDP_ERROR", f"{type(exc).__name__}: {exc}") from None
         return None, "OK", f"{count} datagrams"

@@ -26,6 +26,8 @@ def check_ca(key: str, path: str) -> None:
         return
     try:
         tls.client_context(path)
+    except tls.CertificateError as exc:
+        raise ConfigError(f"{key}: cannot load CA bundle {path}: {exc}") from None
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
             f"{key}: cannot load CA bundle {path}: {getattr(exc, 'strerror', None) or exc}"
@@ -33,6 +35,7 @@ def check_ca(key: str, path: str) -> None:
 
 
 async def serve(settings: CmSettings) -> None:
+    nofile = web.raise_nofile_limit()
     ssl_context = tls.server_context(settings.ssl_cert, settings.ssl_key, "cm")
     cm = ConnectionManager(settings)
     hosts = [settings.listen_address]
@@ -44,16 +47,30 @@ async def serve(settings: CmSettings) -> None:
     if settings.redirect_port:
         sites += [(host, settings.redirect_port, None) for host in hosts]
     log = logging.getLogger("gatehouse.cm")
+    for key, verify in (
+        ("BrokerTlsVerify", settings.broker_tls_verify),
+        ("AgentTlsVerify", settings.agent_tls_verify),
+    ):
+        if not verify:
+            log.warning(
+                f"{key} is false: upstream certificates are not verified (anyone on the path can impersonate)"
+            )
+    if not settings.identity_cert:
+        log.warning("no IdentityCert: the CM presents no cm certificate to the broker and the agents")
     await web.run_sites(
         cm.make_app(),
         sites,
+        limits=settings.http,
+        admin=web.management_app(cm.metrics.registry, cm.healthy),
         started=lambda: log.info(
             "connection manager listening",
             extra={
                 "port": settings.listen_port,
                 "redirect_port": settings.redirect_port,
+                "admin_port": settings.http.admin_port,
                 "broker": settings.broker_url,
                 "gateway": settings.gateway_enabled,
+                "nofile": nofile,
             },
         ),
     )
@@ -70,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         tls.server_context(settings.ssl_cert, settings.ssl_key, "cm")
         for key, path in (("BrokerCaCert", settings.broker_ca_cert), ("AgentCaCert", settings.agent_ca_cert)):
             check_ca(key, path)
+        if settings.identity_cert:
+            try:
+                tls.client_context(None, False, cert=settings.identity_cert, key=settings.identity_key)
+            except tls.CertificateError as exc:
+                raise ConfigError(f"IdentityCert: {exc}") from None
     except (ConfigError, tls.CertificateError) as exc:
         print(f"gatehouse-cm: {exc}", file=sys.stderr)
         return 2

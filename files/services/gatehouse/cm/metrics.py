@@ -2,16 +2,56 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+
+class _Evictions(Collector):
+    def __init__(self, count: Callable[[], float]) -> None:
+        self.count = count
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "gatehouse_cm_pre_auth_evictions",
+            "Unauthenticated sessions evicted because MaxPreAuthSessions was reached",
+            value=self.count(),
+        )
 
 
 class CmMetrics:
-    def __init__(self, sessions: Callable[[], float], in_flight: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        sessions: Callable[[], float],
+        in_flight: Callable[[], float],
+        *,
+        pre_auth: Callable[[], float] = lambda: 0.0,
+        evictions: Callable[[], float] = lambda: 0.0,
+        sg_up: Callable[[], float] = lambda: 1.0,
+    ) -> None:
         self.registry = CollectorRegistry()
-        Gauge("gatehouse_cm_sessions_active", "Live client sessions", registry=self.registry).set_function(
-            sessions
+        Gauge(
+            "gatehouse_cm_sessions_active",
+            "Authenticated client sessions (MaxClients)",
+            registry=self.registry,
+        ).set_function(sessions)
+        Gauge(
+            "gatehouse_cm_pre_auth_sessions",
+            "Unauthenticated client sessions (MaxPreAuthSessions)",
+            registry=self.registry,
+        ).set_function(pre_auth)
+        Gauge(
+            "gatehouse_cm_security_gateway_up",
+            "1 while the co-located SG's health check passes (always 1 without SecurityGatewayHealthUrl)",
+            registry=self.registry,
+        ).set_function(sg_up)
+        self.registry.register(_Evictions(evictions))
+        self.auth_attempts_exceeded = Counter(
+            "gatehouse_cm_auth_attempts_exceeded",
+            "Sessions ended after MaxAuthAttempts failed authentications",
+            registry=self.registry,
         )
         Gauge(
             "gatehouse_cm_establishments_in_flight",

@@ -12,14 +12,17 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 from aiohttp.web_urldispatcher import _default_expect_handler
 
 from gatehouse import protocol as p
+from gatehouse import tls
 from gatehouse.cm.metrics import CmMetrics
 from gatehouse.cm.sessions import (
     EstablishmentLimiter,
@@ -34,7 +37,7 @@ from gatehouse.cm.target import build_target, gateway_name
 from gatehouse.cm.upstream import Upstream, UpstreamError
 from gatehouse.grant import GrantSealer
 from gatehouse.logs import SessionLogger
-from gatehouse.web import add_health_and_metrics, client_ip
+from gatehouse.web import add_health, client_ip
 
 log = logging.getLogger("gatehouse.cm")
 ENVELOPE = "pcoip-client"
@@ -42,6 +45,10 @@ COOKIE = "JSESSIONID"
 LOG_ID_HEADER = "Client-Log-Id"
 AUTH_FAILED_TEXT = "Unknown username or password"
 CM_KEY = web.AppKey("cm", "ConnectionManager")
+# The SG health poll: every half second, each answer within half a second, so a dead SG takes the
+# CM out of the HALB's rotation within about a second (the HALB then needs its own fall count).
+SG_POLL_INTERVAL = 0.5
+SG_POLL_TIMEOUT = 0.5
 
 
 class Busy(Exception):
@@ -72,17 +79,38 @@ class Outcome:
 class ConnectionManager:
     def __init__(self, settings: CmSettings) -> None:
         self.settings = settings
-        self.table = SessionTable(settings.max_clients, settings.idle_timeout)
+        self.table = SessionTable(
+            settings.max_clients,
+            settings.idle_timeout,
+            pre_auth_timeout=settings.pre_auth_timeout,
+            max_pre_auth=settings.max_pre_auth_sessions,
+            max_pre_auth_per_source=settings.max_pre_auth_sessions_per_source,
+            max_lifetime=settings.session_max_lifetime,
+            exempt=settings.trusted_proxies,
+        )
         self.limiter = EstablishmentLimiter(settings.max_establishments)
         self.sealer = GrantSealer(settings.grant_secret) if settings.grant_secret else None
         self.gateway_sni = gateway_name(settings.host_address, settings.ssl_cert)
         self.hostname = next(iter(settings.host_address), "") or socket.gethostname()
-        self.metrics = CmMetrics(lambda: len(self.table), lambda: self.limiter.in_flight)
+        # Unknown until the first poll when an SG health URL is set; no URL: nothing to follow.
+        self.sg_up = not settings.security_gateway_health_url
+        self.metrics = CmMetrics(
+            lambda: self.table.authenticated_count,
+            lambda: self.limiter.in_flight,
+            pre_auth=lambda: self.table.pre_auth_count,
+            evictions=lambda: self.table.evictions,
+            sg_up=lambda: 1.0 if self.sg_up else 0.0,
+        )
         self.upstream: Upstream | None = None
         self.domains: list[str] = []  # last domains the broker offered, for probes
         self.ready = False
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._sg_poller: asyncio.Task[None] | None = None
+
+    def healthy(self) -> bool:
+        """/health: serving, and the co-located SG (when followed) answers its own /health."""
+        return self.ready and self.sg_up
 
     # ------------------------------------------------------------ application
 
@@ -90,7 +118,8 @@ class ConnectionManager:
         app = web.Application(middlewares=[self._https_only], client_max_size=p.MAX_BODY)
         app[CM_KEY] = self
         app.router.add_route("*", p.PATH_BROKER, self.handle_xml, expect_handler=expect_continue)
-        add_health_and_metrics(app, self.metrics.registry, lambda: self.ready)
+        # /metrics is on the management listener only (see __main__); /health stays here for the HALB.
+        add_health(app, self.healthy)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
@@ -99,16 +128,19 @@ class ConnectionManager:
     async def _on_startup(self, _app: web.Application) -> None:
         self.upstream = Upstream(self.settings)
         self._sweeper = asyncio.create_task(self._sweep())
+        if self.settings.security_gateway_health_url:
+            self._sg_poller = asyncio.create_task(self._poll_sg())
         self.ready = True
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         self.ready = False
 
     async def _on_cleanup(self, _app: web.Application) -> None:
-        if self._sweeper:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._sg_poller):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         # End the broker sessions of the clients still here, so the broker does not wait for
         # its idle timeout (best effort, bounded in time).
         for session in self.table.sessions():
@@ -126,7 +158,7 @@ class ConnectionManager:
         """Requests on the plain RedirectPort are sent to the TLS port."""
         if request.secure:
             return await handler(request)
-        host = request.url.host or self.hostname
+        host = self._redirect_host(request.url.host)
         if ":" in host:
             host = f"[{host}]"
         port = request.url.port
@@ -136,13 +168,66 @@ class ConnectionManager:
         status = 301 if request.method in ("GET", "HEAD") else 308
         return web.Response(status=status, headers={"Location": location})
 
+    def _redirect_host(self, asked: str | None) -> str:
+        """The host of a redirect: one of the CM's own names, never one a client chose.
+
+        The Host header is the client's to set; echoing it would make the redirect port an open
+        redirect. It is kept only when it names the CM (HostAddress or a specific ListenAddress).
+        """
+        own = [h for h in self.settings.host_address if h]
+        listen = self.settings.listen_address
+        if listen and listen not in ("0.0.0.0", "::"):
+            own.append(listen)
+        if asked:
+            for name in own:
+                if name.lower() == asked.lower():
+                    return name
+        return own[0] if own else self.hostname
+
     async def _sweep(self) -> None:
-        interval = max(1.0, min(30.0, self.settings.idle_timeout / 4))
+        interval = max(1.0, min(30.0, self.settings.idle_timeout / 4, self.settings.pre_auth_timeout / 4))
         while True:
             await asyncio.sleep(interval)
+            self._reap()
             for session in self.table.expire():
-                SessionLogger(log, session.session_id).info("session idle too long, forgotten")
+                SessionLogger(log, session.session_id).info("session expired, forgotten")
                 self._broker_bye(session)
+
+    def _reap(self) -> None:
+        """End the broker sessions of the sessions the table evicted or found expired."""
+        for session in self.table.take_evicted():
+            what = (
+                "authenticated session expired" if session.authenticated else "unauthenticated session ended"
+            )
+            SessionLogger(log, session.session_id).debug(what, extra={"client_ip": session.client_ip})
+            self._broker_bye(session)
+
+    async def _poll_sg(self) -> None:
+        """Follow the SG's /health: while it fails, the CM's own /health answers 503."""
+        url = self.settings.security_gateway_health_url
+        ssl_ctx = None
+        if url.startswith("https:"):
+            ssl_ctx = tls.client_context(
+                self.settings.agent_ca_cert or None,
+                self.settings.agent_tls_verify,
+                cert=self.settings.identity_cert or None,
+                key=self.settings.identity_key or None,
+            )
+        timeout = aiohttp.ClientTimeout(total=SG_POLL_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()) as http:
+            while True:
+                try:
+                    async with http.get(url, ssl=ssl_ctx) as resp:
+                        up = resp.status == 200
+                except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError):
+                    up = False
+                if up != self.sg_up:
+                    self.sg_up = up
+                    change = (
+                        "security gateway is up" if up else "security gateway is down: /health answers 503"
+                    )
+                    (log.info if up else log.warning)(change, extra={"url": url})
+                await asyncio.sleep(SG_POLL_INTERVAL)
 
     def _broker_bye(self, session: Session) -> None:
         """Close the client's broker session in the background (best effort)."""
@@ -194,6 +279,8 @@ class ConnectionManager:
         except Exception:
             log.exception("request failed", extra={"client_ip": ip, "request": message.tag})
             outcome = Outcome(p.ErrorResp(p.E_INTERNAL, "internal error"), 500)
+        finally:
+            self._reap()
         return await self._send(request, outcome, ip, message.tag, started)
 
     async def _send(
@@ -241,7 +328,9 @@ class ConnectionManager:
 
     async def dispatch(self, request: web.Request, message: p.Message, ip: str) -> Outcome:
         log_id = request.headers.get(LOG_ID_HEADER, "")[:128]
-        session = self.table.find(request.cookies.get(COOKIE), log_id, ip)
+        # The connection object identifies the TLS connection (see SessionTable.find).
+        connection = request.transport
+        session = self.table.find(request.cookies.get(COOKIE), log_id, ip, connection=connection)
         if session is not None:
             session.touch()
         if isinstance(message, p.Hello):
@@ -258,7 +347,7 @@ class ConnectionManager:
                 # Checked again: another request of this session may have moved it on meanwhile.
                 check_transition(session.state, message.tag)
                 if isinstance(message, p.Authenticate):
-                    return await self.authenticate(message, session)
+                    return await self.authenticate(message, session, connection)
                 if isinstance(message, p.GetResourceList):
                     return await self.resource_list(message, session)
                 if isinstance(message, p.AllocateResource):
@@ -296,7 +385,7 @@ class ConnectionManager:
         try:
             session = self.table.create(ip, log_id)
         except SessionsFull as exc:
-            raise Busy("max_clients", f"too many client sessions ({exc}); try again later") from None
+            raise Busy(exc.limit, f"too many client sessions ({exc}); try again later") from None
         upstream_hello = p.Hello(
             client_info=message.client_info,
             caps=message.caps,
@@ -333,19 +422,52 @@ class ConnectionManager:
         self._upstream_failed(session, exc)
         return p.ErrorResp(p.E_INTERNAL, exc.text)
 
-    async def authenticate(self, message: p.Authenticate, session: Session) -> Outcome:
+    async def authenticate(
+        self, message: p.Authenticate, session: Session, connection: object | None = None
+    ) -> Outcome:
+        # MaxClients counts authenticated sessions: checked before the password goes anywhere.
+        try:
+            self.table.check_room()
+        except SessionsFull as exc:
+            raise Busy(exc.limit, f"too many client sessions ({exc}); try again later") from None
         request = p.Authenticate(message.username, message.password, message.domain)
         reply = await self._upstream().broker(session, request)
         if not isinstance(reply, p.AuthenticateResp):
             return Outcome(self._unexpected(session, reply, "authenticate"), session=session)
         who: dict[str, object] = {"username": message.username[:128], "domain": message.domain[:64]}
         if reply.result_id == p.AUTH_OK:
+            try:
+                # A new cookie at login: a cookie known before authentication is worth nothing after.
+                cookie = self.table.authenticated(session, connection)
+            except SessionsFull as exc:
+                raise Busy(exc.limit, f"too many client sessions ({exc}); try again later") from None
+            if cookie is None:  # evicted or expired while the broker checked the password
+                self._broker_bye(session)
+                return Outcome(
+                    p.ErrorResp(p.E_OUT_OF_STATE, "the session ended; send <hello> again"),
+                    session=session,
+                    clear_cookie=True,
+                )
             session.state = State.AUTHENTICATED
             session.username = message.username
             session.domain = message.domain
-            return Outcome(p.AuthenticateResp(p.AUTH_OK, reply.result_str), session=session, details=who)
+            return Outcome(
+                p.AuthenticateResp(p.AUTH_OK, reply.result_str),
+                session=session,
+                set_cookie=cookie,
+                details=who,
+            )
         # Unknown user and wrong password get one answer, whatever the broker said.
-        return Outcome(p.AuthenticateResp(p.AUTH_FAILED, AUTH_FAILED_TEXT), session=session, details=who)
+        failed = Outcome(p.AuthenticateResp(p.AUTH_FAILED, AUTH_FAILED_TEXT), session=session, details=who)
+        session.auth_failures += 1
+        if session.auth_failures >= self.settings.max_auth_attempts:
+            # Guessing costs a new hello (and a new pre-authentication slot) every few attempts.
+            if self.table.remove(session):
+                self._broker_bye(session)
+            self.metrics.auth_attempts_exceeded.inc()
+            failed.clear_cookie = True
+            failed.details = {**who, "ended": "MaxAuthAttempts reached"}
+        return failed
 
     async def resource_list(self, message: p.GetResourceList, session: Session) -> Outcome:
         reply = await self._upstream().broker(session, message)

@@ -1,20 +1,24 @@
 """Client sessions of the CM: the per-client state machine and the table that finds a session.
 
-A session is found by its JSESSIONID cookie (a random token, not the session id) or, when a client
-sends no cookie, by its ``Client-Log-Id`` header. Each session has a uuid4 session id that goes into
-every log line about it and into the broker and agent requests.
+A session is found by its JSESSIONID cookie (a random token, not the session id, renewed at
+authentication) or, when a client keeps no cookies, by its ``Client-Log-Id`` header under the
+restrictions of :class:`SessionTable`. Each session has a uuid4 session id that goes into every log
+line about it and into the broker and agent requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gatehouse import protocol as p
+from gatehouse.web import Network
 
 
 class State(enum.Enum):
@@ -61,87 +65,249 @@ class Session:
     domain: str = ""
     # The upstream broker's cookies for this client (the CM speaks for one client per broker session).
     broker_cookies: dict[str, str] = field(default_factory=dict, repr=False)
+    created: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    authenticated: bool = False
+    auth_failures: int = 0
+    # The client has shown its cookie: from then on only the cookie finds the session.
+    cookie_seen: bool = False
+    # A cookie-less client's session, once authenticated, is bound to the connection that carried
+    # the password (an opaque object, compared by identity): see SessionTable.find.
+    bound_connection: object | None = field(default=None, repr=False)
 
     def touch(self, now: float | None = None) -> None:
         self.last_seen = time.monotonic() if now is None else now
 
 
 class SessionsFull(Exception):
-    """MaxClients live sessions exist already."""
+    """A session cap is reached; ``limit`` names it (max_clients, max_pre_auth_sessions_per_source)."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class SessionTable:
-    """Live client sessions, bounded by MaxClients and forgotten after SessionIdleTimeout."""
+    """Live client sessions, in two pools with their own caps and lifetimes.
 
-    def __init__(self, max_clients: int, idle_timeout: float) -> None:
+    Invariants:
+
+    - *Unauthenticated* sessions (hello answered, no successful authenticate yet) live at most
+      ``pre_auth_timeout`` from their creation, at most ``max_pre_auth`` exist, and at most
+      ``max_pre_auth_per_source`` per client address (addresses in ``exempt``, the trusted proxies,
+      are not capped per source: they carry many clients). A hello over the per-source cap is
+      refused; a hello that finds the pool full evicts the oldest unauthenticated session of the
+      source holding the most of them (so a flood from a few addresses evicts itself first, not a
+      user in the middle of logging in). Evicted sessions are handed to the server through
+      :meth:`take_evicted` so it can end their broker sessions.
+    - *Authenticated* sessions are bounded by ``max_clients`` (checked at hello and again at
+      authentication) and forgotten after ``idle_timeout`` without a request or
+      ``max_lifetime`` after creation, whichever comes first. Anonymous traffic never counts
+      against them.
+    - A session is found by its cookie. ``Client-Log-Id`` is a fallback for clients that keep no
+      cookies; it is not a secret, so it finds a session only from the address that opened it,
+      only while the client has never shown the cookie, and, once the session is authenticated,
+      only on the connection that authenticated it.
+    """
+
+    def __init__(
+        self,
+        max_clients: int,
+        idle_timeout: float,
+        *,
+        pre_auth_timeout: float = 60.0,
+        max_pre_auth: int = 400,
+        max_pre_auth_per_source: int = 16,
+        max_lifetime: float = 36000.0,
+        exempt: Sequence[Network] = (),
+    ) -> None:
         self.max_clients = max_clients
         self.idle_timeout = idle_timeout
+        self.pre_auth_timeout = pre_auth_timeout
+        self.max_pre_auth = max_pre_auth
+        self.max_pre_auth_per_source = max_pre_auth_per_source
+        self.max_lifetime = max_lifetime
+        self.exempt = tuple(exempt)
         self._by_cookie: dict[str, Session] = {}
         self._by_log_id: dict[str, Session] = {}
+        self._pre: dict[Session, None] = {}  # insertion order = age
+        self._pre_by_source: dict[str, dict[Session, None]] = {}
+        self._authenticated = 0
+        self._evicted: list[Session] = []
+        self.evictions = 0
         self._next_full_sweep = 0.0
 
     def __len__(self) -> int:
         return len(self._by_cookie)
 
+    @property
+    def authenticated_count(self) -> int:
+        return self._authenticated
+
+    @property
+    def pre_auth_count(self) -> int:
+        return len(self._pre)
+
     def sessions(self) -> list[Session]:
         return list(self._by_cookie.values())
 
-    def create(self, client_ip: str, log_id: str = "", now: float | None = None) -> Session:
-        if len(self._by_cookie) >= self.max_clients:
-            # When full, look for idle sessions at most once a second: a crowd of refused
+    def take_evicted(self) -> list[Session]:
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def _expired(self, session: Session, now: float) -> bool:
+        if not session.authenticated:
+            return now - session.created > self.pre_auth_timeout
+        return now - session.last_seen > self.idle_timeout or now - session.created > self.max_lifetime
+
+    def _room_for_user(self, now: float) -> None:
+        if self._authenticated >= self.max_clients:
+            # When full, look for expired sessions at most once a second: a crowd of refused
             # clients must not each pay for a scan of the whole table.
-            moment = time.monotonic() if now is None else now
-            if moment >= self._next_full_sweep:
-                self._next_full_sweep = moment + 1.0
-                self.expire(moment)
-            if len(self._by_cookie) >= self.max_clients:
-                raise SessionsFull(f"{self.max_clients} client sessions are active")
+            if now >= self._next_full_sweep:
+                self._next_full_sweep = now + 1.0
+                self._evicted.extend(self.expire(now))
+            if self._authenticated >= self.max_clients:
+                raise SessionsFull("max_clients", f"{self.max_clients} client sessions are active")
+
+    def create(self, client_ip: str, log_id: str = "", now: float | None = None) -> Session:
+        """A new unauthenticated session (see the class invariants for the caps)."""
+        now = time.monotonic() if now is None else now
+        self._room_for_user(now)
+        mine = self._pre_by_source.get(client_ip)
+        if mine and not _in(client_ip, self.exempt):
+            for old in [s for s in mine if self._expired(s, now)]:
+                self._evicted.append(old)
+                self.remove(old)
+            if len(mine) >= self.max_pre_auth_per_source:
+                raise SessionsFull(
+                    "max_pre_auth_sessions_per_source",
+                    f"{self.max_pre_auth_per_source} unauthenticated sessions from this address",
+                )
+        while len(self._pre) >= self.max_pre_auth:
+            self._evict_one(now)
         session = Session(
             session_id=str(uuid.uuid4()),
             cookie=secrets.token_urlsafe(32),
             client_ip=client_ip,
             log_id=log_id,
+            created=now,
+            last_seen=now,
         )
-        session.touch(now)
         self._by_cookie[session.cookie] = session
+        self._pre[session] = None
+        self._pre_by_source.setdefault(client_ip, {})[session] = None
         if log_id:
             # A newer session of the same client log id wins; the older one stays reachable by cookie.
             self._by_log_id[log_id] = session
         return session
 
+    def _evict_one(self, now: float) -> None:
+        oldest = next(iter(self._pre))
+        if not self._expired(oldest, now):
+            busiest = max(self._pre_by_source.values(), key=len)
+            # A session whose authenticate is with the broker right now is passed over if possible.
+            oldest = next((s for s in busiest if not s.lock.locked()), next(iter(busiest)))
+        self.evictions += 1
+        self._evicted.append(oldest)
+        self.remove(oldest)
+
+    def check_room(self, now: float | None = None) -> None:
+        """Raise SessionsFull when no authenticated session can be added (before asking the broker)."""
+        self._room_for_user(time.monotonic() if now is None else now)
+
+    def authenticated(self, session: Session, connection: object | None = None) -> str | None:
+        """Move ``session`` to the authenticated pool under a new cookie (the old one dies); returns it.
+
+        ``connection`` identifies the client's connection: a cookie-less client's session stays
+        reachable by Client-Log-Id only on it. None: the session was evicted or expired meanwhile.
+        """
+        if self._by_cookie.get(session.cookie) is not session:
+            return None
+        if session.authenticated:
+            return session.cookie
+        self._room_for_user(time.monotonic())
+        self._drop_pre(session)
+        self._authenticated += 1
+        session.authenticated = True
+        del self._by_cookie[session.cookie]
+        session.cookie = secrets.token_urlsafe(32)
+        self._by_cookie[session.cookie] = session
+        session.bound_connection = connection
+        return session.cookie
+
     def find(
-        self, cookie: str | None, log_id: str | None, client_ip: str, now: float | None = None
+        self,
+        cookie: str | None,
+        log_id: str | None,
+        client_ip: str,
+        now: float | None = None,
+        connection: object | None = None,
     ) -> Session | None:
-        """The live session of a request: by cookie, else by Client-Log-Id from the same address."""
+        """The live session of a request: by cookie, else by Client-Log-Id (see the class invariants)."""
         session = self._by_cookie.get(cookie) if cookie else None
-        if session is None and log_id:
+        if session is not None:
+            session.cookie_seen = True
+        elif log_id:
             candidate = self._by_log_id.get(log_id)
-            # The header is not a secret, so it only counts from the address that opened the session.
-            if candidate is not None and candidate.client_ip == client_ip:
+            if (
+                candidate is not None
+                and candidate.client_ip == client_ip
+                and not candidate.cookie_seen
+                and (
+                    not candidate.authenticated
+                    or (candidate.bound_connection is not None and candidate.bound_connection is connection)
+                )
+            ):
                 session = candidate
         if session is None:
             return None
         now = time.monotonic() if now is None else now
-        if now - session.last_seen > self.idle_timeout:
+        if self._expired(session, now):
             self.remove(session)
+            self._evicted.append(session)
             return None
         return session
+
+    def _drop_pre(self, session: Session) -> None:
+        if session in self._pre:
+            del self._pre[session]
+            mine = self._pre_by_source.get(session.client_ip)
+            if mine is not None:
+                mine.pop(session, None)
+                if not mine:
+                    del self._pre_by_source[session.client_ip]
 
     def remove(self, session: Session) -> bool:
         removed = self._by_cookie.pop(session.cookie, None) is not None
         if session.log_id and self._by_log_id.get(session.log_id) is session:
             del self._by_log_id[session.log_id]
+        if removed:
+            if session.authenticated:
+                self._authenticated -= 1
+            else:
+                self._drop_pre(session)
+        session.bound_connection = None
         return removed
 
     def expire(self, now: float | None = None) -> list[Session]:
-        """Forget sessions idle for longer than SessionIdleTimeout; returns them."""
+        """Forget expired sessions (pre-auth timeout, idle timeout, maximum lifetime); returns them."""
         now = time.monotonic() if now is None else now
-        idle = [s for s in self._by_cookie.values() if now - s.last_seen > self.idle_timeout]
-        for session in idle:
+        gone = [s for s in self._by_cookie.values() if self._expired(s, now)]
+        for session in gone:
             self.remove(session)
-        return idle
+        return gone
+
+
+def _in(address: str, nets: Sequence[Network]) -> bool:
+    if not nets:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in nets)
 
 
 class EstablishmentLimiter:

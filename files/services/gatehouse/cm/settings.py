@@ -9,7 +9,10 @@ from urllib.parse import urlsplit, urlunsplit
 from gatehouse import grant
 from gatehouse.config import Config, ConfigError
 from gatehouse.protocol import PATH_BROKER
-from gatehouse.web import Network
+from gatehouse.web import HttpLimits, Network
+
+# The CM's defaults for the shared HTTP limits (common to CM, broker and agent; see gatehouse.web).
+HTTP_DEFAULTS = {"max_connections": 4096, "max_connections_per_source": 64, "admin_port": 9180}
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,10 @@ class CmSettings:
     broker_ca_cert: str = ""
     broker_tls_verify: bool = True
     agent_ca_cert: str = ""
-    agent_tls_verify: bool = False
+    agent_tls_verify: bool = True
+    # The CM's own `cm` role certificate, presented to the broker and the agents (empty: none).
+    identity_cert: str = ""
+    identity_key: str = ""
     gateway_enabled: bool = True
     external_ipv4: str = ""
     external_ipv6: str = ""
@@ -33,12 +39,22 @@ class CmSettings:
     broker_timeout: float = 10.0
     agent_timeout: float = 10.0
     idle_timeout: float = 900.0
+    # Unauthenticated sessions: absolute lifetime and their own caps (MaxClients counts only
+    # authenticated sessions, so anonymous hellos can never refuse or displace a user).
+    pre_auth_timeout: float = 60.0
+    max_pre_auth_sessions: int = 400
+    max_pre_auth_sessions_per_source: int = 16
+    session_max_lifetime: float = 36000.0
+    max_auth_attempts: int = 5
+    # When set, the CM's /health follows the co-located SG's health (polled every 0.5 s).
+    security_gateway_health_url: str = ""
     trusted_proxies: tuple[Network, ...] = ()
     enable_ipv6: bool = False
     host_address: tuple[str, ...] = ()
     license_server_url: str = ""
     log_level: str = "info"
     grant_secret: bytes = field(default=b"", repr=False)
+    http: HttpLimits = field(default_factory=lambda: HttpLimits(**HTTP_DEFAULTS))
 
     @classmethod
     def from_config(cls, cfg: Config) -> CmSettings:
@@ -59,6 +75,16 @@ class CmSettings:
                 secret = grant.decode_secret(secret_text)
             except ValueError as exc:
                 raise ConfigError(f"GrantSecret: {exc}") from None
+        identity_cert = cfg.str("IdentityCert")
+        identity_key = cfg.str("IdentityKey")
+        if bool(identity_cert) != bool(identity_key):
+            raise ConfigError("IdentityCert and IdentityKey go together: set both or neither")
+        sg_health = cfg.str("SecurityGatewayHealthUrl")
+        if sg_health:
+            parts = urlsplit(sg_health)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"SecurityGatewayHealthUrl must be an http(s):// URL, got {sg_health!r}")
+        trusted = tuple(cfg.networks("TrustedProxies"))
         return cls(
             broker_url=broker_endpoint(cfg.str("BrokerUrl", required=True)),
             listen_address=cfg.str("ListenAddress", "0.0.0.0"),
@@ -69,7 +95,9 @@ class CmSettings:
             broker_ca_cert=cfg.str("BrokerCaCert"),
             broker_tls_verify=cfg.bool("BrokerTlsVerify", True),
             agent_ca_cert=cfg.str("AgentCaCert"),
-            agent_tls_verify=cfg.bool("AgentTlsVerify", False),
+            agent_tls_verify=cfg.bool("AgentTlsVerify", True),
+            identity_cert=identity_cert,
+            identity_key=identity_key,
             gateway_enabled=gateway,
             external_ipv4=external_v4,
             external_ipv6=external_v6,
@@ -79,12 +107,19 @@ class CmSettings:
             broker_timeout=cfg.float("BrokerTimeout", 10.0, minimum=0.1),
             agent_timeout=cfg.float("AgentTimeout", 10.0, minimum=0.1),
             idle_timeout=cfg.float("SessionIdleTimeout", 900.0, minimum=1.0),
-            trusted_proxies=tuple(cfg.networks("TrustedProxies")),
+            pre_auth_timeout=cfg.float("PreAuthTimeout", 60.0, minimum=1.0),
+            max_pre_auth_sessions=cfg.int("MaxPreAuthSessions", 400, minimum=1),
+            max_pre_auth_sessions_per_source=cfg.int("MaxPreAuthSessionsPerSource", 16, minimum=1),
+            session_max_lifetime=cfg.float("SessionMaxLifetime", 36000.0, minimum=1.0),
+            max_auth_attempts=cfg.int("MaxAuthAttempts", 5, minimum=1),
+            security_gateway_health_url=sg_health,
+            trusted_proxies=trusted,
             enable_ipv6=cfg.bool("EnableIpv6", False),
             host_address=tuple(cfg.list("HostAddress")),
             license_server_url=cfg.str("LicenseServerUrl"),
             log_level=cfg.log_level(),
             grant_secret=secret,
+            http=HttpLimits.from_config(cfg, **HTTP_DEFAULTS, trusted_proxies=trusted),
         )
 
 

@@ -3,7 +3,8 @@
 One connection pool serves every client session: the broker's per-client session cookie is kept in
 the CM's :class:`~gatehouse.cm.sessions.Session` and sent as an explicit ``Cookie`` header, so
 4,000 clients do not mean 4,000 connectors. Peers with RSA keys under 2048 bits are refused right
-after the TLS handshake, before a request (and a password) is sent on the connection.
+after the TLS handshake, before a request (and a password) is sent on the connection. The CM
+presents its own ``cm`` role certificate (IdentityCert/IdentityKey) to both.
 """
 
 from __future__ import annotations
@@ -83,8 +84,15 @@ class Upstream:
 
     def __init__(self, settings: CmSettings) -> None:
         self.settings = settings
-        self.broker_ssl = tls.client_context(settings.broker_ca_cert or None, settings.broker_tls_verify)
-        self.agent_ssl = tls.client_context(settings.agent_ca_cert or None, settings.agent_tls_verify)
+        # The CM's `cm` role certificate goes to both: the broker serves its XML API and the agents
+        # their launch-session only to a verified CM.
+        identity = {"cert": settings.identity_cert or None, "key": settings.identity_key or None}
+        self.broker_ssl = tls.client_context(
+            settings.broker_ca_cert or None, settings.broker_tls_verify, **identity
+        )
+        self.agent_ssl = tls.client_context(
+            settings.agent_ca_cert or None, settings.agent_tls_verify, **identity
+        )
         connector = KeyCheckingConnector(limit=1024, limit_per_host=UPSTREAM_CONNECTIONS, ttl_dns_cache=60)
         # No cookie jar: each client's broker cookies travel in its own Session.
         self.http = aiohttp.ClientSession(

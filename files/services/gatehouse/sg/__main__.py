@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import sys
 
 from gatehouse import logs, tls
 from gatehouse.config import Config, ConfigError
-from gatehouse.sg.server import serve
+from gatehouse.sg.server import agent_context, serve
 from gatehouse.sg.settings import SgSettings
-from gatehouse.web import install_uvloop
-
-
-def raise_fd_limit() -> None:
-    """Each relayed session holds two sockets; take the hard limit of open files."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+from gatehouse.web import install_uvloop, raise_nofile_limit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,17 +20,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = Config.load(args.config, args.env_file)
-        settings = SgSettings.from_config(cfg)
         logs.register_secret(cfg.str("GrantSecret"))
+        settings = SgSettings.from_config(cfg)
         log = logs.setup("sg", settings.log_level)
         server_ctx = tls.server_context(settings.ssl_cert, settings.ssl_key, role="sg")
+        agent_ctx = agent_context(settings)
     except (ConfigError, tls.CertificateError) as exc:
         print(f"gatehouse-sg: {exc}", file=sys.stderr)
         return 2
-    raise_fd_limit()
+    # Each relayed session holds two TCP sockets and one UDP socket.
+    raise_nofile_limit()
     install_uvloop()
     try:
-        asyncio.run(serve(settings, server_ctx))
+        asyncio.run(serve(settings, server_ctx, agent_ctx))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         print(f"gatehouse-sg: cannot start: {exc}", file=sys.stderr)

@@ -1,15 +1,21 @@
 """The SG's TCP side: check the client's grant, open TLS to the agent, relay both ways.
 
 Each side is a :class:`~gatehouse.sg.tlsconn.TlsConn` with a Protocol-style handler, so that an
-idle session costs two TLS connections and two small objects. A client slot is taken right after
-the TLS handshake and given back on close or refusal; the CONNECT line must arrive within
-LINE_TIMEOUT so that idle connections cannot pin slots. Nothing reaches an agent before the grant
-is authenticated, unexpired, bound to this client address and seen for the first time.
+idle session costs two TLS connections and two small objects.
+
+Admission: a client connection counts against MaxConnections and MaxConnectionsPerSource from
+accept (before its TLS handshake) until its socket is closed; over either limit it is closed at
+accept, before any TLS work. The TLS handshake and the CONNECT line must both arrive within
+RequestTimeout of accept, so that idle or slow sockets cannot pin slots. Refusals are counted in
+full and logged at a bounded rate. Nothing reaches an agent before the grant is authenticated,
+unexpired, bound to this client address and seen for the first time, and the agent's
+certificate is verified (AgentCaCert, its address) before the agent's session-tag is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
 from typing import Any
@@ -17,7 +23,6 @@ from typing import Any
 from gatehouse.grant import Grant, GrantError, GrantSealer, ReplayCache
 from gatehouse.linechan import (
     BAD_GATEWAY,
-    BUSY,
     FORBIDDEN,
     MAX_LINE,
     OK,
@@ -26,10 +31,11 @@ from gatehouse.linechan import (
     parse_connect_line,
 )
 from gatehouse.logs import SessionLogger
-from gatehouse.sg.settings import AGENT_TIMEOUT, LINE_TIMEOUT, SHUTDOWN_GRACE, SgSettings
-from gatehouse.sg.stats import Stats
+from gatehouse.sg.settings import AGENT_TIMEOUT, SHUTDOWN_GRACE, SgSettings
+from gatehouse.sg.stats import Refusals, Stats
 from gatehouse.sg.tlsconn import TlsConn, open_tls
-from gatehouse.sg.udp_table import UdpSession, UdpTable
+from gatehouse.sg.udp import UdpRelay
+from gatehouse.sg.udp_table import UdpSession
 from gatehouse.tls import CertificateError, check_peer
 
 log = logging.getLogger("gatehouse.sg")
@@ -44,24 +50,63 @@ class AgentRefused(Exception):
     """The agent answered something other than ``200 OK`` to our CONNECT line."""
 
 
-class Gateway:
-    """State shared by every session: settings, grant checks, counters, the UDP table."""
+def source_key(ip: str) -> str:
+    """What MaxConnectionsPerSource counts: the IPv4 address, or the /64 of an IPv6 address (one
+    host usually holds a whole /64)."""
+    if ":" not in ip:
+        return ip
+    try:
+        addr = ipaddress.IPv6Address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if addr.ipv4_mapped:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((addr, 64), strict=False))
 
-    def __init__(
-        self, settings: SgSettings, agent_ctx: ssl.SSLContext, stats: Stats, udp_table: UdpTable
-    ) -> None:
+
+class Gateway:
+    """State shared by every session: settings, grant checks, counters, admission, the UDP relay."""
+
+    def __init__(self, settings: SgSettings, agent_ctx: ssl.SSLContext, stats: Stats, udp: UdpRelay) -> None:
         self.settings = settings
         self.agent_ctx = agent_ctx
         self.stats = stats
-        self.udp_table = udp_table
+        self.udp = udp
+        self.refusals = Refusals(stats, log)
         self.sealer = GrantSealer(settings.grant_secret)
         self.replay = ReplayCache()
-        self.sessions: set[ClientSide] = set()
+        self.sessions: set[ClientSide] = set()  # past the TLS handshake
+        self.per_source: dict[str, int] = {}  # open connections per source_key()
         self.accepting = True
         self.drained = asyncio.Event()
 
-    def handler(self) -> ClientSide:
-        return ClientSide(self)
+    def handler(self, peer: tuple[str, int]) -> ClientSide | None:
+        """Admit a connection at accept (counted from here), or None to close it at once."""
+        stats = self.stats
+        settings = self.settings
+        if not self.accepting or stats.open >= settings.max_connections:
+            self.refusals.refuse(
+                "busy",
+                logging.WARNING,
+                "refused: MaxConnections reached",
+                extra={"client": peer[0], "reason": "busy"},
+            )
+            return None
+        source = source_key(peer[0])
+        count = self.per_source.get(source, 0)
+        if count >= settings.max_connections_per_source:
+            self.refusals.refuse(
+                "per-source",
+                logging.WARNING,
+                "refused: MaxConnectionsPerSource reached",
+                extra={"client": peer[0], "reason": "per-source"},
+            )
+            return None
+        self.per_source[source] = count + 1
+        stats.open += 1
+        stats.handshaking += 1
+        loop = asyncio.get_running_loop()
+        return ClientSide(self, source, loop.time() + settings.request_timeout)
 
     async def close_all(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Close every session (TLS close_notify to both peers), abort what is left after ``grace``."""
@@ -83,9 +128,11 @@ class ClientSide:
         "buf",
         "conn",
         "counted",
+        "deadline",
         "down",
         "gw",
         "slog",
+        "source",
         "state",
         "task",
         "timer",
@@ -93,8 +140,10 @@ class ClientSide:
         "up",
     )
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Gateway, source: str, deadline: float) -> None:
         self.gw = gw
+        self.source: str | None = source  # None once the connection is no longer counted
+        self.deadline = deadline  # loop time by which the CONNECT line must have arrived
         self.conn: TlsConn | None = None
         self.agent: AgentSide | None = None
         self.state = _LINE
@@ -116,17 +165,16 @@ class ClientSide:
     def connection_made(self, conn: TlsConn) -> None:
         self.conn = conn
         gw = self.gw
-        if not gw.accepting or len(gw.sessions) >= gw.settings.max_connections:
-            gw.stats.refused["busy"] += 1
-            log.warning("refused: MaxConnections reached", extra={"client": self.client_ip, "reason": "busy"})
+        gw.stats.handshaking -= 1
+        if not gw.accepting:  # SIGTERM arrived during the handshake
             self.state = _CLOSED
-            conn.write(BUSY)
             conn.close()
             return
         gw.sessions.add(self)
         gw.stats.establishing += 1
         self.counted = "establishing"
-        self.timer = conn.loop.call_later(LINE_TIMEOUT, self._line_timeout)
+        # One deadline from accept for the handshake and the line together.
+        self.timer = conn.loop.call_at(self.deadline, self._line_timeout)
 
     def data_received(self, data: memoryview) -> None:
         if self.state == _RELAY:
@@ -165,6 +213,7 @@ class ClientSide:
         if self.task and not self.task.done():
             self.task.cancel()
         self._release()
+        self._forget()
         if self.agent and self.agent.conn:
             self.agent.conn.close()
         if was == _RELAY and self.slog:
@@ -172,11 +221,41 @@ class ClientSide:
         elif was == _LINE:
             log.debug("client left before its CONNECT line", extra={"client": self.client_ip})
 
-    def handshake_failed(self, conn: TlsConn, exc: BaseException | None) -> None:
-        # Scanners and old clients (TLS < 1.2, other ciphers) end here; no slot was taken.
-        self.gw.stats.refused["tls-handshake"] += 1
-        reason = getattr(exc, "reason", None) or type(exc).__name__
-        log.info("TLS handshake failed: %s", reason, extra={"client": conn.peer[0]})
+    def handshake_failed(self, conn: TlsConn | None, exc: BaseException | None) -> None:
+        # Scanners, old clients (TLS < 1.2, other ciphers) and idle sockets end here.
+        self.gw.stats.handshaking -= 1
+        self._forget()
+        client = conn.peer[0] if conn else ""
+        if isinstance(exc, TimeoutError):
+            self.gw.refusals.refuse(
+                "timeout",
+                logging.INFO,
+                "refused: no TLS handshake within RequestTimeout",
+                extra={"client": client, "reason": "timeout"},
+            )
+            return
+        detail = getattr(exc, "reason", None) or type(exc).__name__
+        self.gw.refusals.refuse(
+            "tls-handshake",
+            logging.INFO,
+            "TLS handshake failed: %s",
+            detail,
+            extra={"client": client, "reason": "tls-handshake"},
+        )
+
+    def _forget(self) -> None:
+        """The socket is closed: it no longer counts against the connection limits (idempotent)."""
+        source = self.source
+        if source is None:
+            return
+        self.source = None
+        gw = self.gw
+        gw.stats.open -= 1
+        left = gw.per_source[source] - 1
+        if left:
+            gw.per_source[source] = left
+        else:
+            del gw.per_source[source]
 
     def _release(self) -> None:
         """Give the slot back (idempotent): on close, and at once on a refusal."""
@@ -190,7 +269,7 @@ class ClientSide:
         if not gw.accepting and not gw.sessions:
             gw.drained.set()
         if self.udp:
-            gw.udp_table.remove(self.udp)
+            gw.udp.remove(self.udp)
             self.udp = None
 
     # ------------------------------------------------------------ the grant
@@ -220,15 +299,14 @@ class ClientSide:
         self.state = _CONNECTING
         assert self.conn is not None
         self.conn.pause_reading()
-        self.task = self.conn.loop.create_task(self._connect(grant))
+        self.task = self.conn.loop.create_task(self._connect(grant, tag))
 
     def _refuse(self, reason: str, session_id: str | None = None) -> None:
         """403 and close; the log names the reason and the client, never the grant."""
-        self.gw.stats.refused[reason] += 1
         extra: dict[str, Any] = {"client": self.client_ip, "reason": reason}
         if session_id:
             extra["session_id"] = session_id
-        log.warning("refused: %s", reason, extra=extra)
+        self.gw.refusals.refuse(reason, logging.WARNING, "refused: %s", reason, extra=extra)
         self.state = _CLOSED
         self._release()
         assert self.conn is not None
@@ -237,9 +315,14 @@ class ClientSide:
 
     def _fail(self, reason: str, message: str) -> None:
         """The grant was good but the relay cannot be set up: 502 and close both sides."""
-        self.gw.stats.refused[reason] += 1
-        if self.slog:
-            self.slog.warning("relay failed: %s", message, extra={"client": self.client_ip, "reason": reason})
+        self.gw.refusals.refuse(
+            reason,
+            logging.WARNING,
+            "relay failed: %s",
+            message,
+            extra={"client": self.client_ip, "reason": reason},
+            logger=self.slog,
+        )
         self.state = _CLOSED
         self._release()
         if self.agent and self.agent.conn:
@@ -250,7 +333,7 @@ class ClientSide:
 
     # ------------------------------------------------------------ the agent
 
-    async def _connect(self, grant: Grant) -> None:
+    async def _connect(self, grant: Grant, tag: str) -> None:
         loop = asyncio.get_running_loop()
         where = f"{grant.agent_host}:{grant.agent_port}"
         agent = AgentSide(self, loop, grant.session_tag, f"agent {where}")
@@ -281,9 +364,9 @@ class ClientSide:
             if agent.conn:
                 agent.conn.close()
             return
-        self._start_relay(grant, agent, early)
+        self._start_relay(grant, tag, agent, early)
 
-    def _start_relay(self, grant: Grant, agent: AgentSide, early: bytes) -> None:
+    def _start_relay(self, grant: Grant, tag: str, agent: AgentSide, early: bytes) -> None:
         gw = self.gw
         assert self.conn is not None and agent.conn is not None
         self.state = _RELAY
@@ -305,8 +388,10 @@ class ClientSide:
         agent.relaying = True
         agent.conn.resume_reading()
         self.conn.resume_reading()
-        self.udp = UdpSession(grant.session_id, self.client_ip, (agent.conn.peer[0], grant.agent_port))
-        gw.udp_table.add(self.udp)
+        # In the loop turn that wrote "200 OK": the client's bind datagram cannot arrive earlier.
+        local_ip = agent.conn.sock.getsockname()[0]
+        agent_addr = (agent.conn.peer[0], grant.agent_port)
+        self.udp = gw.udp.open(grant.session_id, self.client_ip, tag, local_ip, agent_addr)
         if self.slog:
             self.slog.info(
                 "relaying",
@@ -391,7 +476,13 @@ class AgentSide:
         if self.client.conn and self.client.state == _RELAY:
             self.client.conn.resume_reading()
 
-    def handshake_failed(self, conn: TlsConn, exc: BaseException | None) -> None:
+    def handshake_failed(self, conn: TlsConn | None, exc: BaseException | None) -> None:
+        if isinstance(exc, ssl.SSLCertVerificationError) and not self.ready.done():
+            # Not signed by AgentCaCert, not issued for the agent's address, expired, weak key.
+            self.ready.set_exception(
+                CertificateError(f"{self.what}: certificate refused: {exc.verify_message}")
+            )
+            return
         self.connection_lost(exc)
 
     def connection_lost(self, exc: BaseException | None) -> None:

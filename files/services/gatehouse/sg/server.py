@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from gatehouse import tls
 from gatehouse.sg.relay import Gateway
-from gatehouse.sg.settings import HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE, SgSettings
+from gatehouse.sg.settings import SHUTDOWN_GRACE, SgSettings
 from gatehouse.sg.stats import Stats, StatsCollector
 from gatehouse.sg.tlsconn import TlsListener
 from gatehouse.sg.udp import UdpRelay
@@ -22,14 +22,25 @@ from gatehouse.web import add_health_and_metrics
 log = logging.getLogger("gatehouse.sg")
 
 
-async def serve(settings: SgSettings, server_ctx: ssl.SSLContext) -> None:
+def agent_context(settings: SgSettings) -> ssl.SSLContext:
+    """TLS to the agents: their certificate is verified against AgentCaCert and the agent's address
+    (the grant names an IP; it must be among the certificate's IP SANs), unless AgentTlsVerify=false."""
+    if settings.agent_tls_verify:
+        return tls.client_context(settings.agent_ca_cert, verify=True, role="sg")
+    return tls.client_context(verify=False, role="sg")
+
+
+async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl.SSLContext) -> None:
     loop = asyncio.get_running_loop()
     stats = Stats()
-    table = UdpTable()
-    # Agents usually have self-signed certificates: the chain is not verified, the key size is.
-    agent_ctx = tls.client_context(verify=False, role="sg")
-    gateway = Gateway(settings, agent_ctx, stats, table)
+    udp = UdpRelay(UdpTable(), stats, settings.agent_udp_ports)
+    gateway = Gateway(settings, agent_ctx, stats, udp)
     ready = False
+    if not settings.agent_tls_verify:
+        log.warning(
+            "AgentTlsVerify=false: agent certificates are not verified; anyone who can answer on an "
+            "agent's address receives its session-tag and the user's session"
+        )
 
     registry = CollectorRegistry()
     registry.register(StatsCollector(stats, settings.max_connections))
@@ -39,22 +50,24 @@ async def serve(settings: SgSettings, server_ctx: ssl.SSLContext) -> None:
     await runner.setup()
     await web.TCPSite(runner, settings.admin_address, settings.admin_port, reuse_address=True).start()
 
+    await udp.start(settings.listen_address, settings.port)  # before any session can need it
     server = TlsListener(
-        loop, settings.listen_address, settings.port, server_ctx, gateway.handler, HANDSHAKE_TIMEOUT
+        loop, settings.listen_address, settings.port, server_ctx, gateway.handler, settings.request_timeout
     )
-    udp = UdpRelay(table, stats)
-    await udp.start(settings.listen_address, settings.port, settings.agent_udp_source_port)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ready = True
+    ports = settings.agent_udp_ports
     log.info(
         "listening",
         extra={
             "address": f"{settings.listen_address}:{settings.port}",
-            "agent_udp_source_port": settings.agent_udp_source_port,
+            "agent_udp_ports": f"{ports.start}-{ports.stop - 1}",
             "max_connections": settings.max_connections,
+            "max_connections_per_source": settings.max_connections_per_source,
+            "agent_tls_verify": settings.agent_tls_verify,
             "admin": f"{settings.admin_address}:{settings.admin_port}",
         },
     )

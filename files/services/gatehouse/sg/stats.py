@@ -1,24 +1,88 @@
-"""SG counters kept as plain integers on the hot path and exposed to Prometheus at scrape time."""
+"""SG counters kept as plain integers on the hot path and exposed to Prometheus at scrape time.
+
+Refusals are counted in full but logged at most ``REFUSAL_LOG_RATE`` lines per second and reason
+(:class:`Refusals`), so that a flood of bad connections or grants cannot rotate the logs away.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gatehouse.sg.settings import REFUSAL_LOG_RATE
+
 
 class Stats:
     def __init__(self) -> None:
+        self.open = 0  # client connections from accept to close, handshaking ones included
+        self.handshaking = 0
         self.active = 0
         self.establishing = 0
         self.accepted = 0
         self.refused: Counter[str] = Counter()
+        self.log_suppressed: Counter[str] = Counter()
         self.bytes_to_agent = 0
         self.bytes_to_client = 0
         self.udp_relayed: Counter[str] = Counter()
         self.udp_dropped: Counter[str] = Counter()
+        self.udp_binds = 0
+        self.udp_ports_in_use = 0
+        self.udp_ports_exhausted = 0
+
+
+class Refusals:
+    """Count every refusal; log at most ``rate`` lines per second for each reason.
+
+    When lines were held back, the next line of that reason says how many (``suppressed``).
+    """
+
+    def __init__(
+        self,
+        stats: Stats,
+        log: logging.Logger,
+        rate: int = REFUSAL_LOG_RATE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stats = stats
+        self.log = log
+        self.rate = rate
+        self.clock = clock
+        self._window: dict[str, tuple[int, int]] = {}  # reason -> (second, lines logged in it)
+        self._held: Counter[str] = Counter()
+
+    def refuse(
+        self,
+        reason: str,
+        level: int,
+        msg: str,
+        *args: object,
+        extra: dict[str, Any],
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+    ) -> None:
+        self.stats.refused[reason] += 1
+        if self.allow(reason):
+            held = self._held.pop(reason, 0)
+            if held:
+                extra = {**extra, "suppressed": held}
+            (logger or self.log).log(level, msg, *args, extra=extra)
+
+    def allow(self, reason: str) -> bool:
+        second = int(self.clock())
+        window, lines = self._window.get(reason, (second, 0))
+        if window != second:
+            window, lines = second, 0
+        if lines >= self.rate:
+            self._held[reason] += 1
+            self.stats.log_suppressed[reason] += 1
+            return False
+        self._window[reason] = (window, lines + 1)
+        return True
 
 
 class StatsCollector(Collector):
@@ -28,6 +92,16 @@ class StatsCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.stats
+        yield GaugeMetricFamily(
+            "gatehouse_sg_connections_open",
+            "Client connections open (TLS handshake included); counted against MaxConnections",
+            value=s.open,
+        )
+        yield GaugeMetricFamily(
+            "gatehouse_sg_connections_handshaking",
+            "Client connections in the TLS handshake",
+            value=s.handshaking,
+        )
         yield GaugeMetricFamily("gatehouse_sg_sessions_active", "Relayed sessions open now", value=s.active)
         yield GaugeMetricFamily(
             "gatehouse_sg_sessions_establishing", "Clients past TLS, before the relay", value=s.establishing
@@ -44,6 +118,14 @@ class StatsCollector(Collector):
         for reason, count in sorted(s.refused.items()):
             refused.add_metric([reason], count)
         yield refused
+        suppressed = CounterMetricFamily(
+            "gatehouse_sg_log_lines_suppressed",
+            "Refusal log lines held back by the rate limit, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(s.log_suppressed.items()):
+            suppressed.add_metric([reason], count)
+        yield suppressed
         relayed = CounterMetricFamily(
             "gatehouse_sg_bytes_relayed", "TCP payload bytes relayed", labels=["direction"]
         )
@@ -62,3 +144,18 @@ class StatsCollector(Collector):
         for reason, count in sorted(s.udp_dropped.items()):
             dropped.add_metric([reason], count)
         yield dropped
+        yield CounterMetricFamily(
+            "gatehouse_sg_udp_binds",
+            "Client UDP addresses bound to a session (bind datagrams accepted)",
+            value=s.udp_binds,
+        )
+        yield GaugeMetricFamily(
+            "gatehouse_sg_udp_agent_ports_in_use",
+            "Agent-side UDP ports held by sessions",
+            value=s.udp_ports_in_use,
+        )
+        yield CounterMetricFamily(
+            "gatehouse_sg_udp_agent_ports_exhausted",
+            "Sessions relayed without UDP: no agent-side port was free",
+            value=s.udp_ports_exhausted,
+        )

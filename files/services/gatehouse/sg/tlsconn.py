@@ -10,7 +10,9 @@ connections. An idle relayed session (two connections) stays well under 100 KiB.
 The handler gets the calls of an asyncio Protocol: ``connection_made(conn)`` after the
 handshake, ``data_received(view)`` (a view into the shared buffer, valid during the call only),
 ``pause_writing()``/``resume_writing()`` around the write-queue limits, ``connection_lost(exc)``
-once open, or ``handshake_failed(conn, exc)`` instead when the handshake does not complete.
+once open, or ``handshake_failed(conn, exc)`` instead when the handshake does not complete
+(``conn`` is None when the socket could not even be set up). Exactly one of ``connection_lost``
+and ``handshake_failed`` is called for every handler given to a connection.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Handler(Protocol):
     def connection_lost(self, exc: BaseException | None) -> None: ...
     def pause_writing(self) -> None: ...
     def resume_writing(self) -> None: ...
-    def handshake_failed(self, conn: TlsConn, exc: BaseException | None) -> None: ...
+    def handshake_failed(self, conn: TlsConn | None, exc: BaseException | None) -> None: ...
 
 
 class TlsConn:
@@ -307,7 +309,11 @@ def _family(host: str) -> int:
 
 
 class TlsListener:
-    """Accept TCP connections and start a TLS handshake on each (``handler_factory()`` per client)."""
+    """Accept TCP connections and start a TLS handshake on each.
+
+    ``handler_factory(peer)`` is called at accept, before any TLS work: it returns the client's
+    handler, or None to refuse the connection (it is closed at once, no handshake is spent on it).
+    """
 
     def __init__(
         self,
@@ -315,7 +321,7 @@ class TlsListener:
         host: str,
         port: int,
         ctx: ssl.SSLContext,
-        handler_factory: Callable[[], Handler],
+        handler_factory: Callable[[tuple[str, int]], Handler | None],
         handshake_timeout: float,
         backlog: int = 4096,
     ) -> None:
@@ -346,7 +352,7 @@ class TlsListener:
     def _accept(self) -> None:
         for _attempt in range(64):
             try:
-                raw, _addr = self.sock.accept()
+                raw, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -356,14 +362,19 @@ class TlsListener:
                     self.loop.remove_reader(self.sock.fileno())
                     self.loop.call_later(0.5, self._resume)
                 return
+            handler = self.factory((addr[0], addr[1]))
+            if handler is None:
+                raw.close()
+                continue
             try:
                 raw.setblocking(False)
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 tls = self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-            except OSError:
+            except OSError as exc:
                 raw.close()
+                handler.handshake_failed(None, exc)  # gives back what the factory counted
                 continue
-            TlsConn(self.loop, tls, self.factory()).start(self.handshake_timeout)
+            TlsConn(self.loop, tls, handler).start(self.handshake_timeout)
 
 
 async def open_tls(
@@ -386,12 +397,9 @@ async def open_tls(
         except BaseException:
             sock.close()
             raise
-        try:
-            ipaddress.ip_address(host)
-            sni: str | None = None  # no SNI for addresses
-        except ValueError:
-            sni = host
-        tls = ctx.wrap_socket(sock, server_side=False, server_hostname=sni, do_handshake_on_connect=False)
+        # The name checked against the certificate when the context verifies (an address is matched
+        # with the certificate's IP SANs); Python sends no SNI for an address.
+        tls = ctx.wrap_socket(sock, server_side=False, server_hostname=host, do_handshake_on_connect=False)
         conn = TlsConn(loop, tls, handler)
         conn.start(handshake_timeout)
         return conn

@@ -1,85 +1,191 @@
-"""The SG's UDP relay: client ↔ SG:Port/udp, SG:AgentUdpSourcePort/udp ↔ agent session port."""
+"""The SG's UDP relay: client ↔ SG:Port/udp, per-session SG:port ↔ agent session port.
+
+Client side: one socket on Port. A datagram from an address bound to a session (see
+udp_table.py) goes to that session's agent; anything else is a bind attempt or dropped and
+counted by reason. Agent side: each relayed session has its own socket, bound to a port of
+AgentUdpSourcePort .. +AgentUdpPortCount-1 and connected to its agent, so the kernel delivers that
+agent's replies to that socket only and they go back to that session's client address only.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
-from typing import Any
+from collections import deque
 
+from gatehouse import linechan
 from gatehouse.sg.stats import Stats
-from gatehouse.sg.udp_table import UdpTable
+from gatehouse.sg.udp_table import Addr, UdpSession, UdpTable
 
 log = logging.getLogger("gatehouse.sg.udp")
 # The default socket buffer (about 200 KiB, ~90 datagrams) overflows whenever the loop is busy
 # for a millisecond at high rates; the kernel caps the request at net.core.[rw]mem_max.
 SOCKET_BUFFER = 4 * 1024 * 1024
+SESSION_BUFFER = 1024 * 1024  # per-session agent-side socket: one session's burst
+MAX_DATAGRAM = 65535
+_READS_PER_WAKE = 64  # fairness between busy sessions
+_BIND_ATTEMPTS = 64  # ports tried per session before giving up (others may hold some of the range)
+
+
+class PortPool:
+    """Agent-side source ports, handed out oldest-freed first so a port is reused as late as possible
+    (a late reply to a closed session must not reach the next session on that port)."""
+
+    def __init__(self, ports: range) -> None:
+        self.free: deque[int] = deque(ports)
+
+    def open(self, bind_ip: str, agent_addr: tuple[str, int]) -> tuple[socket.socket, int] | None:
+        family = socket.AF_INET6 if ":" in agent_addr[0] else socket.AF_INET
+        for _attempt in range(min(_BIND_ATTEMPTS, len(self.free))):
+            port = self.free.popleft()
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.bind((bind_ip, port))
+                sock.connect(agent_addr)  # the kernel drops datagrams from anyone but this agent
+            except OSError as exc:
+                sock.close()
+                self.free.append(port)
+                if exc.errno == errno.EADDRINUSE:
+                    continue  # another process holds this one; try the next
+                raise
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, option, SESSION_BUFFER)
+                except OSError:  # a smaller buffer still works
+                    pass
+            return sock, port
+        return None
+
+    def release(self, port: int) -> None:
+        self.free.append(port)
 
 
 class UdpRelay:
-    def __init__(self, table: UdpTable, stats: Stats) -> None:
+    def __init__(self, table: UdpTable, stats: Stats, ports: range) -> None:
         self.table = table
         self.stats = stats
+        self.pool = PortPool(ports)
         self.client_side: asyncio.DatagramTransport | None = None
-        self.agent_side: asyncio.DatagramTransport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self, listen: str, port: int, agent_source_port: int) -> None:
-        loop = asyncio.get_running_loop()
-        self.client_side, _protocol = await loop.create_datagram_endpoint(
+    async def start(self, listen: str, port: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.client_side, _protocol = await self.loop.create_datagram_endpoint(
             lambda: _ClientDatagrams(self), local_addr=(listen, port)
         )
-        # Agents are reached over IPv4: with an IPv6 listen address the agent side binds all IPv4.
-        agent_bind = "0.0.0.0" if ":" in listen else listen
-        self.agent_side, _protocol = await loop.create_datagram_endpoint(
-            lambda: _AgentDatagrams(self), local_addr=(agent_bind, agent_source_port)
-        )
-        for transport in (self.client_side, self.agent_side):
-            sock = transport.get_extra_info("socket")
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-                except OSError as exc:  # a smaller buffer still works
-                    log.debug("cannot set the UDP socket buffer: %s", exc)
+        sock = self.client_side.get_extra_info("socket")
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            except OSError as exc:  # a smaller buffer still works
+                log.debug("cannot set the UDP socket buffer: %s", exc)
 
     def close(self) -> None:
-        for transport in (self.client_side, self.agent_side):
-            if transport:
-                transport.close()
+        if self.client_side:
+            self.client_side.close()
 
-    def from_client(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        session = self.table.from_client((addr[0], addr[1]))
-        if session is None or self.agent_side is None:
-            self.stats.udp_dropped["no-session"] += 1
-            return
-        self.agent_side.sendto(data, session.agent_addr)
-        self.stats.udp_relayed["to_agent"] += 1
+    # ------------------------------------------------------------ sessions
 
-    def from_agent(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        session = self.table.from_agent((addr[0], addr[1]))
-        if session is None or session.client_addr is None or self.client_side is None:
-            self.stats.udp_dropped["unknown-agent"] += 1
+    def open(
+        self, session_id: str, client_ip: str, connect_tag: str, local_ip: str, agent_addr: tuple[str, int]
+    ) -> UdpSession | None:
+        """Give a relayed session its UDP path; None when no agent-side port is free (TCP only).
+
+        ``local_ip`` is the SG's address on the session's TCP connection to the agent: the agent
+        echoes datagrams only from the address whose session channel is up.
+        """
+        assert self.loop is not None
+        key, key_id = linechan.udp_bind_key(connect_tag)
+        try:
+            opened = self.pool.open(local_ip, agent_addr)
+        except OSError as exc:
+            log.warning("cannot open the agent-side UDP socket: %s", exc, extra={"session_id": session_id})
+            opened = None
+        if opened is None:
+            self.stats.udp_ports_exhausted += 1
+            log.warning(
+                "no agent-side UDP port free; session relayed without UDP", extra={"session_id": session_id}
+            )
+            return None
+        sock, port = opened
+        session = UdpSession(session_id, client_ip, agent_addr, key, key_id, port=port, sock=sock)
+        self.table.add(session)
+        self.loop.add_reader(sock.fileno(), self._from_agent, session)
+        self.stats.udp_ports_in_use += 1
+        return session
+
+    def remove(self, session: UdpSession) -> None:
+        """Close the session's UDP path (idempotent)."""
+        self.table.remove(session)
+        sock, session.sock = session.sock, None
+        if sock is not None:
+            assert self.loop is not None
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+            self.pool.release(session.port)
+            self.stats.udp_ports_in_use -= 1
+
+    # ------------------------------------------------------------ datagrams
+
+    def from_client(self, data: bytes, addr: Addr) -> None:
+        session = self.table.by_client.get(addr)
+        # The common case: one lookup. A bind datagram from a bound address is a resent bind.
+        if session is not None and (len(data) != linechan.BIND_LEN or data[:4] != linechan.BIND_MAGIC):
+            try:
+                session.sock.send(data)
+            except BlockingIOError:
+                self.stats.udp_dropped["agent-busy"] += 1
+                return
+            except OSError:  # e.g. ECONNREFUSED: an earlier datagram met an ICMP port unreachable
+                self.stats.udp_dropped["agent-unreachable"] += 1
+                return
+            self.stats.udp_relayed["to_agent"] += 1
             return
-        self.client_side.sendto(data, session.client_addr)
-        self.stats.udp_relayed["to_client"] += 1
+        self._bind(data, addr)
+
+    def _bind(self, data: bytes, addr: Addr) -> None:
+        session, reason = self.table.bind(data, addr)
+        if session is None:
+            self.stats.udp_dropped[reason] += 1
+            return
+        self.stats.udp_binds += 1
+        log.debug(
+            "udp address bound",
+            extra={
+                "session_id": session.session_id,
+                "client": f"{addr[0]}:{addr[1]}",
+                "counter": session.counter,
+            },
+        )
+        assert self.client_side is not None
+        self.client_side.sendto(linechan.bind_ack(session.key, session.key_id, session.counter), addr)
+
+    def _from_agent(self, session: UdpSession) -> None:
+        sock = session.sock
+        if sock is None:
+            return
+        client_side = self.client_side
+        for _read in range(_READS_PER_WAKE):
+            try:
+                data = sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ICMP errors of earlier sends surface here; keep reading
+                continue
+            addr = session.client_addr
+            if addr is None or client_side is None:
+                self.stats.udp_dropped["client-not-bound"] += 1
+                continue
+            client_side.sendto(data, addr)
+            self.stats.udp_relayed["to_client"] += 1
 
 
 class _ClientDatagrams(asyncio.DatagramProtocol):
     def __init__(self, relay: UdpRelay) -> None:
-        self.relay = relay
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.relay.from_client(data, addr)
+        self.datagram_received = relay.from_client  # type: ignore[method-assign]  # one call less per datagram
 
     def error_received(self, exc: Exception) -> None:
         log.debug("client-side udp error: %s", exc)
-
-
-class _AgentDatagrams(asyncio.DatagramProtocol):
-    def __init__(self, relay: UdpRelay) -> None:
-        self.relay = relay
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.relay.from_agent(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("agent-side udp error: %s", exc)

@@ -1,17 +1,25 @@
-"""Which client datagrams the SG may relay, and where agent replies go back to (pure bookkeeping).
+"""Which client address each session's datagrams come from (pure bookkeeping, no sockets).
 
-Per docs/architecture.md: a client address is admitted only while it has an established TCP
-channel (matched by IP); the first datagram from a new source port of that IP binds to its newest
-session. Replies are matched by the agent's address; when one agent serves several sessions
-through this SG, the session that last sent to that agent address gets the reply.
+Invariants (docs/architecture.md, "UDP"):
+
+- A client address (IP and port) is bound to at most one session, and a session to at most one
+  client address. Only datagrams from a bound address are relayed, and only to that session.
+- An address is bound only by a bind datagram whose MAC verifies under the session's key (derived
+  from its connect-tag, which only the client and the SG know), sent from the IP address of the
+  session's TLS channel, with a counter higher than the last one accepted for that session. The
+  same datagram resent from the address it bound is answered again (lost ack) and changes nothing.
+- Replies need no lookup here: each session has its own agent-side socket (see udp.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
-Addr = tuple[str, int]
+from gatehouse import linechan
+
+Addr = tuple[Any, ...]  # as the socket reports it: (ip, port) or (ip, port, flowinfo, scope)
 
 
 def norm_ip(ip: str) -> str:
@@ -29,61 +37,62 @@ def norm_ip(ip: str) -> str:
 class UdpSession:
     session_id: str
     client_ip: str
-    agent_addr: Addr
-    client_addr: Addr | None = field(default=None)
+    agent_addr: tuple[str, int]
+    key: bytes = field(repr=False)
+    key_id: bytes = field(repr=False)
+    client_addr: Addr | None = None
+    counter: int = 0  # of the last bind datagram accepted
+    port: int = 0  # agent-side source port (udp.py)
+    sock: Any = field(default=None, repr=False)  # agent-side socket (udp.py)
 
 
 class UdpTable:
     def __init__(self) -> None:
-        self._by_ip: dict[str, list[UdpSession]] = {}
-        self._by_client: dict[Addr, UdpSession] = {}
-        self._by_agent: dict[Addr, UdpSession] = {}
+        self.by_client: dict[Addr, UdpSession] = {}
+        self._by_key: dict[bytes, UdpSession] = {}
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._by_ip.values())
+        return len(self._by_key)
 
     def add(self, session: UdpSession) -> None:
         session.client_ip = norm_ip(session.client_ip)
-        session.agent_addr = (norm_ip(session.agent_addr[0]), session.agent_addr[1])
-        self._by_ip.setdefault(session.client_ip, []).append(session)
-        self._by_agent.setdefault(session.agent_addr, session)
+        self._by_key[session.key_id] = session
 
     def remove(self, session: UdpSession) -> None:
-        sessions = self._by_ip.get(session.client_ip)
-        if sessions and session in sessions:
-            sessions.remove(session)
-            if not sessions:
-                del self._by_ip[session.client_ip]
-        if session.client_addr and self._by_client.get(session.client_addr) is session:
-            del self._by_client[session.client_addr]
-        if self._by_agent.get(session.agent_addr) is session:
-            del self._by_agent[session.agent_addr]
-            # Another session to the same agent address takes over its replies.
-            for others in self._by_ip.values():
-                for other in others:
-                    if other.agent_addr == session.agent_addr:
-                        self._by_agent[session.agent_addr] = other
-                        return
+        """Forget the session and its address (idempotent)."""
+        if self._by_key.get(session.key_id) is session:
+            del self._by_key[session.key_id]
+        if session.client_addr is not None and self.by_client.get(session.client_addr) is session:
+            del self.by_client[session.client_addr]
 
     def from_client(self, addr: Addr) -> UdpSession | None:
-        """The session a client datagram belongs to, or None (drop it)."""
-        session = self._by_client.get(addr)
-        if session is None:
-            ip = norm_ip(addr[0])
-            sessions = self._by_ip.get(ip)
-            if not sessions:
-                return None
-            session = sessions[-1]
-            if session.client_addr and self._by_client.get(session.client_addr) is session:
-                del self._by_client[session.client_addr]  # the client's port changed (NAT rebinding)
-            session.client_addr = addr
-            self._by_client[addr] = session
-        self._by_agent[session.agent_addr] = session
-        return session
+        """The session a (non-bind) datagram from ``addr`` belongs to, or None (drop it)."""
+        return self.by_client.get(addr)
 
-    def from_agent(self, addr: Addr) -> UdpSession | None:
-        """The session an agent datagram answers, if its client has sent anything yet."""
-        session = self._by_agent.get((norm_ip(addr[0]), addr[1]))
-        if session is None or session.client_addr is None:
-            return None
-        return session
+    def bind(self, data: bytes, addr: Addr) -> tuple[UdpSession | None, str]:
+        """Check a bind datagram from ``addr``: ``(session, "")`` when bound (acknowledge it), or
+        ``(None, reason)`` with the drop reason."""
+        parts = linechan.split_signed(data, linechan.BIND_MAGIC)
+        if parts is None:
+            return None, "unbound"  # not a bind datagram, from an address no session has bound
+        key_id, counter, _mac = parts
+        session = self._by_key.get(key_id)
+        if session is None:
+            return None, "bind-unknown"
+        if not linechan.mac_ok(session.key, data):
+            return None, "bind-forged"
+        if norm_ip(addr[0]) != session.client_ip:
+            return None, "bind-wrong-client"
+        if counter < session.counter or (counter == session.counter and addr != session.client_addr):
+            return None, "bind-replayed"
+        if counter == session.counter:
+            return session, ""  # the same bind again from its address: its ack was lost
+        holder = self.by_client.get(addr)
+        if holder is not None and holder is not session:
+            return None, "bind-address-in-use"
+        if session.client_addr is not None and self.by_client.get(session.client_addr) is session:
+            del self.by_client[session.client_addr]  # NAT rebinding: the old address is released
+        session.client_addr = addr
+        session.counter = counter
+        self.by_client[addr] = session
+        return session, ""

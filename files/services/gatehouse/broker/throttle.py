@@ -1,0 +1,231 @@
+"""Login throttling: progressive delay, then lockout, per account and source, per source, per account.
+
+Three failure counters, each over ``LoginFailureWindow`` seconds from its first failure:
+
+* (account, source): from ``LoginDelayAfterFailures`` failures on, the next attempt is not
+  checked before 1 s, 2 s, 4 s … (at most ``LoginMaxDelay``) have passed since the last failure;
+  at ``LoginLockoutAfterFailures`` the pair is locked for ``LoginLockoutSeconds``. This is what
+  stops guessing one password; it never affects the same account from another source, so an
+  attacker cannot lock a user out from where the user logs in.
+* source: ``LoginSourceLockoutAfterFailures`` failures over any accounts (password spraying)
+  lock the source for ``LoginLockoutSeconds``. Only applied when the source is a client address
+  an authenticated CM reported; otherwise the "source" is the CM itself and locking it would
+  lock out everyone behind it.
+* account: ``LoginAccountLockoutAfterFailures`` failures from all sources together (a much
+  larger number: it takes many sources, each stopped at the pair limit, to reach it) lock the
+  account for ``LoginLockoutSeconds`` — except from sources the account has logged in from
+  successfully before (remembered for :data:`KNOWN_SOURCE_TTL`), so even a distributed attack
+  does not lock the user out from a known address.
+
+Checks running at the same time for one (account, source) count against its lockout, so a burst
+of parallel guesses gets no more checks than sequential ones; once the pair is delayed, its checks
+run one at a time. The source and account counters do not hold checks back (several users behind
+one address log in at once); their overshoot is bounded by the hashing pool (workers + queue).
+
+An attempt refused here is answered exactly like a wrong password and costs no scrypt; it does
+not count as a failure (a locked-out attacker cannot push the account-wide counter). Unknown
+account names are counted like real ones, so the answers tell nothing about which exist.
+
+Memory is bounded: each table holds at most :data:`MAX_ENTRIES` keys; the least recently
+touched key is evicted first, and keys whose window and block have passed are swept.
+IPv6 sources are counted per /64, the block one client usually holds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+MAX_ENTRIES = 50_000
+KNOWN_SOURCE_TTL = 30 * 86400.0
+SWEEP_EVERY = 60.0
+K = TypeVar("K")
+
+# Reasons an attempt is refused unchecked (metric label values).
+DELAY = "delay"
+LOCKOUT = "lockout"
+SOURCE_LOCKOUT = "source_lockout"
+ACCOUNT_LOCKOUT = "account_lockout"
+REASONS = (DELAY, LOCKOUT, SOURCE_LOCKOUT, ACCOUNT_LOCKOUT)
+# Scopes of a lockout that starts (metric label values).
+SCOPES = ("account_source", "source", "account")
+
+
+@dataclass(frozen=True)
+class ThrottlePolicy:
+    """The ``Login*`` keys of broker.properties (``settings.login.<field>`` is ``Login<Field>``)."""
+
+    delay_after_failures: int = 3
+    max_delay: float = 8.0
+    lockout_after_failures: int = 10
+    source_lockout_after_failures: int = 50
+    account_lockout_after_failures: int = 100
+    lockout_seconds: float = 900.0
+    failure_window: float = 900.0
+
+
+@dataclass
+class _Count:
+    failures: int
+    first: float
+    blocked_until: float = 0.0
+
+
+class _Table(Generic[K]):
+    """Failure counters by key, least recently touched first, at most MAX_ENTRIES of them."""
+
+    def __init__(self, failure_window: float, cap: int = MAX_ENTRIES) -> None:
+        self.failure_window = failure_window
+        self.cap = cap
+        self.items: OrderedDict[K, _Count] = OrderedDict()
+
+    def get(self, key: K, now: float) -> _Count | None:
+        count = self.items.get(key)
+        if count is not None and self._expired(count, now):
+            del self.items[key]
+            return None
+        return count
+
+    def _expired(self, count: _Count, now: float) -> bool:
+        return now - count.first > self.failure_window and now >= count.blocked_until
+
+    def add_failure(self, key: K, now: float) -> _Count:
+        count = self.get(key, now)
+        if count is None:
+            count = _Count(0, now)
+            self.items[key] = count
+            while len(self.items) > self.cap:
+                self.items.popitem(last=False)
+        count.failures += 1
+        self.items.move_to_end(key)
+        return count
+
+    def sweep(self, now: float) -> None:
+        for key in [k for k, c in self.items.items() if self._expired(c, now)]:
+            del self.items[key]
+
+
+def source_key(address: str) -> str:
+    """The source as counted: the IPv4 address, the IPv6 /64, anything else as given (bounded)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def account_key(domain: str, username: str) -> str:
+    return f"{domain.lower()[:64]}\\{username.lower()[:256]}"
+
+
+class LoginThrottle:
+    def __init__(self, policy: ThrottlePolicy) -> None:
+        self.policy = policy
+        self.pairs: _Table[tuple[str, str]] = _Table(policy.failure_window)
+        self.sources: _Table[str] = _Table(policy.failure_window)
+        self.accounts: _Table[str] = _Table(policy.failure_window)
+        self.known: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # Checks running per pair. They count as failures-to-be against the lockout, so parallel
+        # guesses never get more than LoginLockoutAfterFailures checks; parallel logins of a pair
+        # without failures (one user, several clients) are not held back.
+        self.in_flight: dict[tuple[str, str], int] = {}
+        self._last_sweep = 0.0
+
+    def __len__(self) -> int:
+        return len(self.pairs.items) + len(self.sources.items) + len(self.accounts.items) + len(self.known)
+
+    def _sweep(self, now: float) -> None:
+        if now - self._last_sweep < SWEEP_EVERY:
+            return
+        self._last_sweep = now
+        for table in (self.pairs, self.sources, self.accounts):
+            table.sweep(now)
+        for key in [k for k, seen in self.known.items() if now - seen > KNOWN_SOURCE_TTL]:
+            del self.known[key]
+
+    def _known(self, account: str, source: str, now: float) -> bool:
+        seen = self.known.get((account, source))
+        return seen is not None and now - seen <= KNOWN_SOURCE_TTL
+
+    def check(self, account: str, source: str, now: float, *, per_source: bool = True) -> str | None:
+        """Why this attempt must be refused unchecked, or None when it may be checked.
+
+        None marks the pair in flight until :meth:`failure`, :meth:`success` or :meth:`release`.
+        """
+        self._sweep(now)
+        reason = self._refusal(account, source, now, per_source)
+        if reason is None:
+            key = (account, source)
+            self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        return reason
+
+    def release(self, account: str, source: str) -> None:
+        """The check ended (also: did not run to a result, e.g. a busy hashing pool)."""
+        key = (account, source)
+        left = self.in_flight.get(key, 0) - 1
+        if left > 0:
+            self.in_flight[key] = left
+        else:
+            self.in_flight.pop(key, None)
+
+    def _refusal(self, account: str, source: str, now: float, per_source: bool) -> str | None:
+        p = self.policy
+        pair = self.pairs.get((account, source), now)
+        failures = pair.failures if pair is not None else 0
+        if pair is not None and now < pair.blocked_until:
+            return LOCKOUT if failures >= p.lockout_after_failures else DELAY
+        running = self.in_flight.get((account, source), 0)
+        if running and (failures >= p.delay_after_failures or failures + running >= p.lockout_after_failures):
+            return DELAY  # once delayed, one check at a time; never more checks than the lockout allows
+        if per_source:
+            src = self.sources.get(source, now)
+            if src is not None and now < src.blocked_until:
+                return SOURCE_LOCKOUT
+        acct = self.accounts.get(account, now)
+        if acct is not None and now < acct.blocked_until and not self._known(account, source, now):
+            return ACCOUNT_LOCKOUT
+        return None
+
+    def failure(self, account: str, source: str, now: float, *, per_source: bool = True) -> list[str]:
+        """Count a checked, failed attempt; the scopes of the lockouts it starts."""
+        self.release(account, source)
+        p = self.policy
+        started = []
+        pair = self.pairs.add_failure((account, source), now)
+        if pair.failures >= p.lockout_after_failures:
+            if pair.blocked_until <= now:
+                started.append("account_source")
+            pair.blocked_until = now + p.lockout_seconds
+        elif pair.failures >= p.delay_after_failures:
+            pair.blocked_until = now + min(p.max_delay, 2.0 ** (pair.failures - p.delay_after_failures))
+        if per_source:
+            src = self.sources.add_failure(source, now)
+            if src.failures >= p.source_lockout_after_failures:
+                if src.blocked_until <= now:
+                    started.append("source")
+                src.blocked_until = now + p.lockout_seconds
+        acct = self.accounts.add_failure(account, now)
+        if acct.failures >= p.account_lockout_after_failures:
+            if acct.blocked_until <= now:
+                started.append("account")
+            acct.blocked_until = now + p.lockout_seconds
+        return started
+
+    def success(self, account: str, source: str, now: float) -> None:
+        """A checked, successful login: the pair starts over and the source becomes known.
+
+        The source and account counters stay: a valid login of the attacker's own must not wipe
+        the evidence of spraying from that source.
+        """
+        self.release(account, source)
+        self.pairs.items.pop((account, source), None)
+        self.known[(account, source)] = now
+        self.known.move_to_end((account, source))
+        while len(self.known) > MAX_ENTRIES:
+            self.known.popitem(last=False)

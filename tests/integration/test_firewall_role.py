@@ -1,0 +1,130 @@
+"""gatehouse.access.firewall through playbooks/site.yml in check mode on localhost.
+
+The test containers have no firewalld, so the role skips the firewalld tasks; it still shows the
+rules it would add (task "The firewall rules of this node"), computed from the inventory groups by
+site.yml. The firewalld tasks loop over exactly these lists.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from collection_helpers import REPO_ROOT, ansible_env, collection_tree, tool
+
+
+def rule(source: str, port: int, proto: str = "tcp") -> str:
+    family = "ipv6" if ":" in source else "ipv4"
+    return f'rule family="{family}" source address="{source}" port port="{port}" protocol="{proto}" accept'
+
+
+@pytest.fixture(scope="module")
+def rules(tmp_path_factory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("firewall")
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {
+        "all": {
+            "vars": {
+                "gatehouse_manage_firewall": True,
+                "gatehouse_secrets_dir": str(tmp / "secrets"),
+                "gatehouse_firewall_admin_sources": ["198.51.100.0/24"],
+                **local,
+            },
+            "children": {
+                "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.0.10"}}},
+                "cmsg": {
+                    "hosts": {
+                        "c1": {"gatehouse_address": "10.0.0.21"},
+                        "c2": {"gatehouse_address": "10.0.0.22", "cmsg_enable_security_gateway": False},
+                    }
+                },
+                "desktops": {
+                    "hosts": {
+                        "d1": {
+                            "gatehouse_address": "10.0.0.31",
+                            "agent_instances": [{"name": "d1a"}, {"name": "d1b", "control_port": 60444}],
+                        }
+                    }
+                },
+                "halb": {
+                    "hosts": {"h1": {"gatehouse_address": "10.0.0.41"}, "h2": {"ansible_host": "fd00::42"}}
+                },
+            },
+        }
+    }
+    inventory_path = tmp / "hosts.yml"
+    inventory_path.write_text(yaml.safe_dump(inventory))
+    proc = subprocess.run(
+        [
+            tool("ansible-playbook"),
+            "-i",
+            str(inventory_path),
+            str(REPO_ROOT / "playbooks" / "site.yml"),
+            "--check",
+            "--tags",
+            "firewall",
+        ],
+        capture_output=True,
+        text=True,
+        env=ansible_env(),
+        cwd=str(collection_tree()),
+        timeout=300,
+        check=False,
+    )
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    found: dict[str, dict] = {}
+    for play in report["plays"]:
+        for task in play["tasks"]:
+            if task["task"]["name"].endswith("The firewall rules of this node"):
+                for host, result in task["hosts"].items():
+                    found[host] = result["msg"]
+    assert set(found) == {"b1", "c1", "c2", "d1", "h1", "h2"}, found
+    return found
+
+
+def test_broker_port_only_to_cms_desktops_halb_and_management(rules) -> None:
+    broker = rules["b1"]
+    assert broker["public_ports"] == []
+    sources = ["10.0.0.21", "10.0.0.22", "10.0.0.31", "10.0.0.41", "fd00::42", "198.51.100.0/24"]
+    assert sorted(broker["rich_rules"]) == sorted(rule(s, 443) for s in sources)
+    assert broker["closed_ports"] == ["443/tcp"]
+
+
+def test_agent_control_ports_only_to_the_cms(rules) -> None:
+    desk = rules["d1"]
+    assert sorted(desk["public_ports"]) == ["4172/tcp", "4172/udp"]
+    assert sorted(desk["rich_rules"]) == sorted(
+        rule(s, p) for s in ("10.0.0.21", "10.0.0.22") for p in (60443, 60444)
+    )
+    assert sorted(desk["closed_ports"]) == ["60443/tcp", "60444/tcp"]
+
+
+def test_cm_sg_public_ports_and_admin_ports_to_halb_and_management(rules) -> None:
+    gateway = rules["c1"]
+    assert sorted(gateway["public_ports"]) == ["4172/tcp", "4172/udp", "443/tcp", "80/tcp"]
+    admin = ("10.0.0.41", "fd00::42", "198.51.100.0/24")
+    assert sorted(gateway["rich_rules"]) == sorted(rule(s, p) for s in admin for p in (9180, 9172))
+    # No security gateway: no 4172, no 9172.
+    lan = rules["c2"]
+    assert sorted(lan["public_ports"]) == ["443/tcp", "80/tcp"]
+    assert sorted(lan["rich_rules"]) == sorted(rule(s, 9180) for s in admin)
+
+
+def test_halb_public_443_peers_and_vrrp_only_from_the_pair(rules) -> None:
+    halb = rules["h1"]
+    assert halb["public_ports"] == ["443/tcp"]
+    expected = [rule(s, 10000) for s in ("10.0.0.41", "fd00::42")]
+    expected += [
+        'rule family="ipv4" source address="10.0.0.41" protocol value="vrrp" accept',
+        'rule family="ipv6" source address="fd00::42" protocol value="vrrp" accept',
+    ]
+    assert sorted(halb["rich_rules"]) == sorted(expected)
+    assert not any("vrrp" in r and "source" not in r for r in halb["rich_rules"])

@@ -1,0 +1,391 @@
+"""Attacks on the broker and the agents, against real processes (tests/security/stack.py).
+
+Each test runs the attack, shows it is stopped, shows a legitimate session (TCP and UDP echo)
+completes during and after it, and that nothing secret reached a log:
+
+- password guessing through the CM from attacker addresses: progressive delay, then lockout per
+  (account, source) and for the account from unknown sources; alice still logs in from her address;
+- a login flood against the bounded password-hashing pool: "busy" answers, the broker stays responsive;
+- one desktop's certificate reporting load for another desktop, or for addresses that are no desktop;
+- launch-session at an agent and the broker protocol at the broker without a CM certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pki as pkimod
+import pytest
+import stack as hardened
+
+from gatehouse import protocol as p
+from gatehouse import tls
+from gatehouse.client.flow import CmConnection, SessionReport
+
+ATTACKERS = ("127.0.0.50", "127.0.0.51", "127.0.0.52")
+# Small numbers so the test sees every stage within seconds; the defaults are in docs/security.md.
+THROTTLE = {
+    "LoginDelayAfterFailures": 2,
+    "LoginMaxDelay": 0.5,
+    "LoginLockoutAfterFailures": 3,
+    # Reached exactly when all three attacker sources are locked: 3 x 3.
+    "LoginAccountLockoutAfterFailures": 9,
+    "LoginSourceLockoutAfterFailures": 40,
+    "LoginLockoutSeconds": 300,
+    "LoginFailureWindow": 300,
+}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _config(st: hardened.Stack, name: str) -> dict[str, str]:
+    proc = st.procs[name]
+    values = {}
+    for line in proc.config_path.read_text().splitlines():
+        key, _sep, value = line.partition("=")
+        values[key] = value
+    return values
+
+
+def metrics(st: hardened.Stack, name: str) -> dict[str, float]:
+    """A service's metrics: from its management listener (AdminPort), else its public port."""
+    cfg = _config(st, name)
+    urls = [f"http://{cfg.get('AdminAddress', '127.0.0.1')}:{cfg['AdminPort']}/metrics"]
+    if name == "broker":
+        urls.append(f"{st.broker_url}/metrics")
+    else:
+        urls.append(f"https://{cfg['ListenAddress']}:{cfg['ControlPort']}/metrics")
+    last: Exception | None = None
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, context=tls.client_context(st.pki.ca), timeout=5) as resp:
+                text = resp.read().decode()
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+            continue
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _sep, value = line.rpartition(" ")
+                values[key] = float(value)
+        if any(k.startswith("gatehouse_") for k in values):
+            return values
+    raise AssertionError(f"no metrics for {name}: {last}")
+
+
+def peer_ctx(st: hardened.Stack, identity: pkimod.CertFiles | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(st.pki.ca))
+    ctx.check_hostname = False
+    if identity is not None:
+        ctx.load_cert_chain(identity.cert, identity.key)
+    return ctx
+
+
+def post(url: str, body: bytes, ctx: ssl.SSLContext, content_type: str) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def guess(st: hardened.Stack, source: str, user: str, password: str) -> tuple[str, str]:
+    """One login attempt through the CM from ``source``: (result-id, result-str)."""
+    conn = CmConnection(st.cm_url, st.client_ctx(), source_address=source, timeout=15)
+    try:
+        hello = await conn.send(p.Hello())
+        if isinstance(hello, p.ErrorResp):
+            return hello.result_id, hello.result_str
+        reply = await conn.send(p.Authenticate(user, password, "CORP"))
+        assert isinstance(reply, p.AuthenticateResp | p.ErrorResp), reply
+        await conn.send(p.Bye())
+        return reply.result_id, reply.result_str
+    finally:
+        await conn.close()
+
+
+async def session_retrying_busy(st: hardened.Stack, within: float) -> SessionReport:
+    """A legitimate session that, like a real client, tries again after a 'busy' answer."""
+    deadline = time.monotonic() + within
+    while True:
+        report = await st.session()
+        busy = any(s.result == p.E_BUSY for s in report.steps)
+        if report.ok or not busy or time.monotonic() > deadline:
+            return report
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+def make_stack(pki: pkimod.TestPKI, tmp_path: Path) -> Iterator:
+    stacks: list[hardened.Stack] = []
+
+    def build(**broker: object) -> hardened.Stack:
+        st = hardened.build(pki, tmp_path / f"stack{len(stacks)}", broker=broker)
+        stacks.append(st)
+        return st
+
+    yield build
+    for st in stacks:
+        st.stop()
+
+
+# ---------------------------------------------------------------- 1. password guessing
+
+
+async def test_password_guessing_is_throttled_and_the_user_still_logs_in(make_stack) -> None:
+    st = make_stack(**THROTTLE)
+    # alice has logged in from her address before: it is a known source of her account.
+    hardened.assert_session_ok(await st.session())
+    loop = asyncio.get_running_loop()
+    guesses: list[str] = []
+
+    done = asyncio.Event()
+
+    async def attacker(source: str) -> list[tuple[str, str]]:
+        answers = []
+        until = loop.time() + 15.0
+        n = after_done = 0
+        while loop.time() < until and n < 60 and after_done < 3:
+            password = f"Guess-{source}-{n}!"
+            guesses.append(password)
+            answers.append(await guess(st, source, hardened.USER, password))
+            n += 1
+            after_done += done.is_set()
+            await asyncio.sleep(0.1)
+        return answers
+
+    async def watcher() -> None:
+        # The attack goes on until the account lockout has started (bounded by the attackers' clock).
+        key = 'gatehouse_broker_login_lockouts_total{scope="account"}'
+        for _poll in range(100):
+            if (await asyncio.to_thread(metrics, st, "broker")).get(key, 0) >= 1:
+                break
+            await asyncio.sleep(0.2)
+        done.set()
+
+    async def legit_during() -> SessionReport:
+        await asyncio.sleep(1.5)
+        return await st.session()
+
+    before = metrics(st, "broker")
+    *attacks, _watched, during = await asyncio.gather(
+        *(attacker(a) for a in ATTACKERS), watcher(), legit_during()
+    )
+    hardened.assert_session_ok(during)
+
+    # Every guess got the wrong-password answer: throttled or checked, nothing tells them apart.
+    answers = {a for answers in attacks for a in answers}
+    assert len(answers) == 1 and next(iter(answers))[0] == p.AUTH_FAILED, answers
+    after = metrics(st, "broker")
+
+    def delta(key: str) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+
+    # Each source got exactly LoginLockoutAfterFailures checked guesses, the rest cost no scrypt.
+    assert delta('gatehouse_broker_login_lockouts_total{scope="account_source"}') == 3
+    assert delta('gatehouse_broker_authentications_total{result="failure"}') == 9
+    assert delta('gatehouse_broker_login_throttled_total{reason="delay"}') >= 1
+    assert delta('gatehouse_broker_login_throttled_total{reason="lockout"}') >= 3
+    # 9 failures from all sources reached LoginAccountLockoutAfterFailures: unknown sources are out.
+    assert delta('gatehouse_broker_login_lockouts_total{scope="account"}') == 1
+    assert sum(len(a) for a in attacks) > 9
+
+    # The right password from an attacker's address, or from a new address, is refused now...
+    assert (await guess(st, ATTACKERS[0], hardened.USER, hardened.USER_PW))[0] == p.AUTH_FAILED
+    assert (await guess(st, "127.0.0.60", hardened.USER, hardened.USER_PW))[0] == p.AUTH_FAILED
+    # ...while alice, from her address, logs in and runs her session; bob is untouched.
+    hardened.assert_session_ok(await st.session())
+    hardened.assert_session_ok(await st.session(hardened.OTHER, hardened.OTHER_PW, resource="desk-b"))
+
+    # Unknown users are throttled the same way, with the same answer.
+    unknown = [await guess(st, "127.0.0.53", "no-such-user", f"Nope-{i}!") for i in range(8)]
+    assert set(unknown) == answers
+    final = metrics(st, "broker")
+    assert (
+        final['gatehouse_broker_login_throttled_total{reason="delay"}']
+        > after['gatehouse_broker_login_throttled_total{reason="delay"}']
+        or final['gatehouse_broker_login_throttled_total{reason="lockout"}']
+        > after['gatehouse_broker_login_throttled_total{reason="lockout"}']
+    )
+
+    # Logged with user name and source, never the password.
+    st.stop()
+    broker_log = st.logs()["broker"]
+    lockouts = [json.loads(line) for line in broker_log.splitlines() if "login lockout started" in line]
+    assert {(e["user"], e["client_ip"], e["scope"]) for e in lockouts} >= {
+        (hardened.USER, a, "account_source") for a in ATTACKERS
+    }
+    assert any(e["scope"] == "account" for e in lockouts)
+    assert "authentication throttled" in broker_log
+    st.assert_no_secrets_logged(*guesses)
+
+
+# ---------------------------------------------------------------- 1b. hashing flood
+
+
+async def test_a_login_flood_gets_busy_answers_and_the_broker_stays_responsive(make_stack) -> None:
+    st = make_stack(PasswordHashWorkers=1, PasswordHashQueue=1)
+    hardened.assert_session_ok(await st.session())
+    loop = asyncio.get_running_loop()
+    results: list[str] = []
+
+    async def flooder(source: str, lane: int) -> None:
+        until = loop.time() + 4.0
+        n = 0
+        while loop.time() < until and n < 60:
+            # A new user name each time: no per-pair throttle, every attempt wants a scrypt.
+            results.append((await guess(st, source, f"flood-{source}-{lane}-{n}", "x"))[0])
+            n += 1
+
+    async def health_latency() -> float:
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        await asyncio.to_thread(
+            urllib.request.urlopen, f"{st.broker_url}/health", None, 5, context=tls.client_context(st.pki.ca)
+        )
+        return time.monotonic() - started
+
+    async def legit_during() -> SessionReport:
+        await asyncio.sleep(1.0)
+        return await session_retrying_busy(st, within=15.0)
+
+    sources = [f"127.0.0.{70 + i}" for i in range(4)]
+    *_floods, latency, during = await asyncio.gather(
+        *(flooder(s, lane) for s in sources for lane in range(3)), health_latency(), legit_during()
+    )
+    hardened.assert_session_ok(during)
+    assert p.E_BUSY in results, set(results)
+    assert set(results) <= {p.E_BUSY, p.AUTH_FAILED}
+    assert latency < 1.0  # hashing runs off the event loop and its queue is short
+    m = metrics(st, "broker")
+    assert m["gatehouse_broker_password_hash_busy_total"] >= 1
+    assert m['gatehouse_broker_authentications_total{result="busy"}'] >= 1
+    hardened.assert_session_ok(await st.session())
+    st.stop()
+    st.assert_no_secrets_logged()
+
+
+# ---------------------------------------------------------------- 2 and 5. load reports
+
+
+async def test_a_desktop_cannot_report_for_another_or_fill_the_report_table(make_stack) -> None:
+    st = make_stack()
+    hardened.assert_session_ok(await st.session(resource="desk-b"))
+    report_url = f"{st.broker_url}/api/v1/agents/report"
+    desk_a = peer_ctx(st, st.identities["desk-a"])
+    b_address, b_control, b_session = st.agents["desk-b"]
+    steal = {
+        "hostname": "desk-b.test",
+        "address": b_address,
+        "agent_port": b_control,
+        "session_port": b_session,
+        "active_sessions": 0,
+        "capacity": 0,
+    }
+    as_json = "application/json"
+
+    def attack() -> list[int]:
+        statuses = [post(report_url, json.dumps(steal).encode(), desk_a, as_json)[0]]
+        # desk-a's own address on desk-b's port, and a flood of addresses that are no desktop.
+        wrong_port = {**steal, "address": st.agents["desk-a"][0], "hostname": "desk-a.test"}
+        statuses.append(post(report_url, json.dumps(wrong_port).encode(), desk_a, as_json)[0])
+        for i in range(150):
+            junk = {**steal, "address": f"10.{i // 250}.{i % 250}.1", "hostname": f"ghost{i}.test"}
+            statuses.append(post(report_url, json.dumps(junk).encode(), desk_a, as_json)[0])
+        # Without a certificate, with a CM's, with the admin token: no report either.
+        for ctx in (peer_ctx(st, None), peer_ctx(st, st.identities["cm"])):
+            statuses.append(post(report_url, json.dumps(steal).encode(), ctx, as_json)[0])
+        req = urllib.request.Request(
+            report_url,
+            data=json.dumps(steal).encode(),
+            method="POST",
+            headers={"Authorization": f"Bearer {hardened.ADMIN_TOKEN}", "Content-Type": as_json},
+        )
+        try:
+            urllib.request.urlopen(req, context=peer_ctx(st, None), timeout=10)
+        except urllib.error.HTTPError as exc:
+            statuses.append(exc.code)
+        return statuses
+
+    statuses, during = await asyncio.gather(asyncio.to_thread(attack), st.session(resource="desk-b"))
+    assert set(statuses) == {403} and len(statuses) == 155
+    hardened.assert_session_ok(during)
+
+    agents = st.admin("GET", "/agents")["agents"]
+    assert sorted(a["desktop"] for a in agents) == ["desk-a", "desk-b"]  # one row per desktop, no more
+    assert all(a["capacity"] == 50 for a in agents)
+    m = metrics(st, "broker")
+    assert m['gatehouse_broker_agent_reports_refused_total{reason="address_not_in_certificate"}'] >= 151
+    assert m['gatehouse_broker_agent_reports_refused_total{reason="unknown_desktop"}'] >= 1
+    assert m['gatehouse_broker_agent_reports_refused_total{reason="no_agent_certificate"}'] >= 3
+    assert m["gatehouse_broker_agent_reports_total"] >= 2  # the real agents keep reporting
+    hardened.assert_session_ok(await st.session(resource="desk-b"))
+    st.stop()
+    st.assert_no_secrets_logged()
+
+
+# ---------------------------------------------------------------- 3. who may launch and broker
+
+
+async def test_only_a_cm_certificate_launches_sessions_or_speaks_to_the_broker(
+    make_stack, tmp_path: Path
+) -> None:
+    st = make_stack()
+    hardened.assert_session_ok(await st.session())
+    address, control, _session_port = st.agents["desk-a"]
+    launch_url = f"https://{address}:{control}{p.PATH_AGENT}"
+    launch = p.render(
+        "pcoip-agent", p.LaunchSession("0b3c1d9e-8f1a-4d4e-9a51-2b6a3f0c7d11", "127.0.0.9", "x", "CORP")
+    )
+    hello = p.render("pcoip-broker", p.Hello(pcm_info=p.PcmInfo("s-1", "198.51.100.1")))
+    rogue = pkimod.TestPKI(tmp_path / "rogue").issue("rogue-cm", ["localhost", "127.0.0.1"], role="cm")
+
+    def attack() -> list[tuple[str, int | str, bytes]]:
+        seen = []
+        for who, identity in (
+            ("none", None),
+            ("agent", st.identities["desk-b"]),
+            ("sg", st.identities["sg"]),
+        ):
+            ctx = peer_ctx(st, identity)
+            status, body = post(launch_url, launch, ctx, p.CONTENT_TYPE)
+            seen.append((f"launch/{who}", status, body))
+            status, body = post(f"{st.broker_url}{p.PATH_BROKER}", hello, ctx, p.CONTENT_TYPE)
+            seen.append((f"broker/{who}", status, body))
+        # A certificate naming role cm from another CA does not pass the handshake.
+        for url, body in ((launch_url, launch), (f"{st.broker_url}{p.PATH_BROKER}", hello)):
+            try:
+                status, answer = post(url, body, peer_ctx(st, rogue), p.CONTENT_TYPE)
+                seen.append(("rogue", status, answer))
+            except (urllib.error.URLError, ssl.SSLError, ConnectionError) as exc:
+                seen.append(("rogue", "tls-refused", str(exc).encode()))
+        return seen
+
+    seen, during = await asyncio.gather(asyncio.to_thread(attack), st.session())
+    hardened.assert_session_ok(during)
+    for who, status, body in seen:
+        if who == "rogue":
+            assert status == "tls-refused", (who, status, body)
+            continue
+        assert status == 403, (who, status, body)
+        envelope = "pcoip-agent" if who.startswith("launch") else "pcoip-broker"
+        reply = p.parse(body, envelope)
+        assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_USER_AUTH, (who, reply)
+        assert b"session-tag" not in body and b"Set-Cookie" not in body
+
+    agent_m = metrics(st, "desk-a")
+    assert agent_m["gatehouse_agent_launch_refused_peers_total"] == 3
+    assert metrics(st, "broker")['gatehouse_broker_peers_refused_total{endpoint="broker"}'] == 3
+    hardened.assert_session_ok(await st.session())
+    st.stop()
+    st.assert_no_secrets_logged()
+    assert "launch-session refused" in st.logs()["desk-a"]

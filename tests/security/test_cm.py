@@ -1,0 +1,457 @@
+"""Attacks on the connection manager, each against the real processes of the hardened stack.
+
+Every test runs its attack, shows it is stopped, shows a legitimate session (TCP and UDP echo)
+completes during and after it, and that no secret reached a log. Attack traffic comes from its own
+loopback addresses (127.0.0.x), the legitimate user from 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pki as pkimod
+import pytest
+import stack as hardened
+from services import ServiceProcess, free_port
+
+from gatehouse import protocol as p
+from gatehouse import tls
+from gatehouse.client.flow import CmConnection
+from gatehouse.config import parse_kv
+
+ENV = "pcoip-client"
+REQUEST_TIMEOUT = 3
+# Small enough that the flood below overflows it (8 sources x 16 sessions = 128 > 64).
+MAX_PRE_AUTH = 64
+CM_OVERRIDES: dict[str, object] = {
+    "RequestTimeout": REQUEST_TIMEOUT,
+    "KeepAliveTimeout": 3,
+    "MaxPreAuthSessions": MAX_PRE_AUTH,
+    "MaxPreAuthSessionsPerSource": 16,
+    "MaxConnectionsPerSource": 64,
+    "MaxAuthAttempts": 5,
+}
+
+
+@pytest.fixture(scope="module")
+def st(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[hardened.Stack]:
+    s = hardened.build(pki, Path(tmp_path_factory.mktemp("cm-attacks")), cm=CM_OVERRIDES)
+    yield s
+    s.stop()
+
+
+def cm_config(st: hardened.Stack) -> dict[str, str]:
+    return parse_kv(st.procs["cm"].config_path.read_text())
+
+
+def admin_url(st: hardened.Stack) -> str:
+    return f"http://127.0.0.1:{cm_config(st)['AdminPort']}"
+
+
+def cm_port(st: hardened.Stack) -> int:
+    return int(cm_config(st)["ListenPort"])
+
+
+async def metrics(st: hardened.Stack) -> dict[str, float]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{admin_url(st)}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _sep, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+@contextlib.asynccontextmanager
+async def raw_client(
+    st: hardened.Stack, source: str, *, cookies: bool = False
+) -> AsyncIterator[aiohttp.ClientSession]:
+    jar: aiohttp.abc.AbstractCookieJar = (
+        aiohttp.CookieJar(unsafe=True) if cookies else aiohttp.DummyCookieJar()
+    )
+    connector = aiohttp.TCPConnector(ssl=st.client_ctx(), local_addr=(source, 0), limit=32)
+    async with aiohttp.ClientSession(
+        connector=connector, cookie_jar=jar, timeout=aiohttp.ClientTimeout(total=15)
+    ) as http:
+        yield http
+
+
+async def post(
+    http: aiohttp.ClientSession, st: hardened.Stack, message: p.Message, headers: dict[str, str] | None = None
+) -> tuple[int, p.Message]:
+    send = {"Content-Type": p.CONTENT_TYPE, **(headers or {})}
+    async with http.post(f"{st.cm_url}{p.PATH_BROKER}", data=p.render(ENV, message), headers=send) as resp:
+        return resp.status, p.parse(await resp.read(), ENV)
+
+
+def result_of(message: p.Message) -> str:
+    return getattr(message, "result_id", "") or "OK"
+
+
+async def session_ok(st: hardened.Stack, **kwargs: object) -> None:
+    hardened.assert_session_ok(await st.session(tcp_bytes=8192, **kwargs))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ 1. session-table exhaustion
+
+
+async def test_anonymous_hellos_cannot_exhaust_the_session_table(st: hardened.Stack) -> None:
+    per_source = 30
+    results: dict[str, int] = {}
+
+    async def flood(source: str) -> None:
+        async with raw_client(st, source) as http:
+            sem = asyncio.Semaphore(8)
+
+            async def one() -> None:
+                async with sem:
+                    try:
+                        _status, reply = await post(http, st, p.Hello())
+                        key = result_of(reply)
+                    except (aiohttp.ClientError, OSError, TimeoutError, p.ProtocolError) as exc:
+                        key = type(exc).__name__
+                    results[key] = results.get(key, 0) + 1
+
+            await asyncio.gather(*(one() for _ in range(per_source)))
+
+    # Wave 1: three addresses, 30 hellos each, run into their per-source cap (16).
+    await asyncio.gather(*(flood(f"127.0.0.{i}") for i in range(10, 13)))
+    assert results == {"OK": 48, p.E_BUSY: 42}, results
+    # Wave 2: five more addresses overflow the pool (64): the busiest sources' oldest go first.
+    attack = asyncio.gather(*(flood(f"127.0.0.{i}") for i in range(13, 18)))
+    await asyncio.sleep(0.2)
+    await session_ok(st)  # during the flood
+    await attack
+    await session_ok(st)  # after it
+    m = await metrics(st)
+    # Every source hit its own cap; the pool never grew past MaxPreAuthSessions, and the oldest
+    # anonymous sessions were evicted (their broker sessions closed) to make room.
+    assert results["OK"] >= 48 + 5 * 16, results
+    assert m["gatehouse_cm_pre_auth_sessions"] <= MAX_PRE_AUTH
+    assert m["gatehouse_cm_pre_auth_evictions_total"] > 0
+    assert m['gatehouse_cm_busy_refusals_total{limit="max_pre_auth_sessions_per_source"}'] > 0
+    assert "unauthenticated session ended" in st.procs["cm"].logs()
+    st.assert_no_secrets_logged()
+
+
+# ------------------------------------------------------------------ 2. slowloris
+
+
+async def _closed(reader: asyncio.StreamReader, limit: float) -> bool:
+    """True when the server closes (or resets) the connection within ``limit`` seconds."""
+
+    async def until_eof() -> None:
+        while await reader.read(65536):
+            pass
+
+    try:
+        await asyncio.wait_for(until_eof(), limit)
+    except TimeoutError:
+        return False
+    except (ConnectionError, ssl.SSLError):
+        return True
+    return True
+
+
+async def test_slow_and_idle_connections_are_cut_and_capped(st: hardened.Stack) -> None:
+    port = cm_port(st)
+    ctx = st.client_ctx()
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def opened(source: str, mode: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if mode == "idle":  # no TLS ClientHello at all
+            return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="localhost", local_addr=(source, 0)
+        )
+        if mode == "partial":
+            writer.write(b"POST /pcoip-broker/xml HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/xml\r\n")
+        else:  # a stalled body
+            writer.write(
+                b"POST /pcoip-broker/xml HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4000\r\n\r\n<?xml"
+            )
+        return reader, writer
+
+    started = time.monotonic()
+    for i, mode in enumerate(("idle", "partial", "stalled")):
+        for j in range(4):
+            source = f"127.0.0.{20 + i * 4 + j}"
+            held += await asyncio.gather(*(opened(source, mode) for _ in range(25)))  # 300 in all
+    # The per-source cap: 64 from one address are held, the rest are closed at once.
+    capped = [
+        await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.40", 0)) for _ in range(80)
+    ]
+    over = [r for r, _w in capped[64:]]
+    assert all(await asyncio.gather(*(_closed(r, 1.0) for r in over)))
+
+    await session_ok(st)  # during: 364 hostile connections are open or being cut
+
+    closed = await asyncio.gather(*(_closed(r, REQUEST_TIMEOUT + 3) for r, _w in held + capped[:64]))
+    elapsed = time.monotonic() - started
+    assert all(closed), f"{closed.count(False)} slow connections still open"
+    assert elapsed < REQUEST_TIMEOUT + 8
+    for _r, w in held + capped:
+        w.close()
+    await session_ok(st)  # after
+    m = await metrics(st)
+    assert m['gatehouse_http_request_timeouts_total{listener="public"}'] >= 300
+    assert (
+        m['gatehouse_http_connections_refused_total{limit="max_connections_per_source",listener="public"}']
+        >= 16
+    )
+    st.assert_no_secrets_logged()
+
+
+async def test_an_idle_kept_alive_connection_is_closed(st: hardened.Stack) -> None:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1",
+        cm_port(st),
+        ssl=st.client_ctx(),
+        server_hostname="localhost",
+        local_addr=("127.0.0.41", 0),
+    )
+    writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    # KeepAliveTimeout is 3 s: the idle connection is closed (a second request never started).
+    assert await _closed(reader, 6)
+    writer.close()
+    await session_ok(st)
+
+
+# ------------------------------------------------------------------ 3. password guessing
+
+
+async def test_password_guessing_ends_the_cm_session(st: hardened.Stack) -> None:
+    async with raw_client(st, "127.0.0.50", cookies=True) as http:
+        _status, reply = await post(http, st, p.Hello())
+        assert isinstance(reply, p.HelloResp)
+        answers = []
+        for i in range(5):
+            _status, reply = await post(http, st, p.Authenticate("mallory", f"guess-{i}", "CORP"))
+            answers.append((result_of(reply), getattr(reply, "result_str", "")))
+        # The fifth failure still gets the same answer...
+        assert set(answers) == {(p.AUTH_FAILED, "Unknown username or password")}
+        # ... but the session is gone: more guesses need a new hello.
+        _status, reply = await post(http, st, p.Authenticate("mallory", "guess-6", "CORP"))
+        assert result_of(reply) == p.E_OUT_OF_STATE
+        await session_ok(st)
+    m = await metrics(st)
+    assert m["gatehouse_cm_auth_attempts_exceeded_total"] >= 1
+    await session_ok(st)
+    st.assert_no_secrets_logged("guess-0", "guess-4")
+
+
+# ------------------------------------------------------------------ 4. Client-Log-Id takeover
+
+
+async def test_a_known_client_log_id_does_not_take_over_a_session(st: hardened.Stack) -> None:
+    log_id = "victim-" + "1b2c3d4e5f60718293a4"
+    # The victim keeps no cookies and is authenticated; the attacker is behind the same NAT
+    # address and knows the log id, but speaks on its own connection.
+    victim = CmConnection(st.cm_url, st.client_ctx(), use_cookie=False, log_id=log_id)
+    try:
+        assert isinstance(await victim.send(p.Hello()), p.HelloResp)
+        reply = await victim.send(p.Authenticate(hardened.USER, hardened.USER_PW, "CORP"))
+        assert result_of(reply) == p.AUTH_OK
+        async with raw_client(st, "127.0.0.1") as attacker:
+            _status, stolen = await post(attacker, st, p.GetResourceList(), {"Client-Log-Id": log_id})
+            assert result_of(stolen) == p.E_USER_AUTH
+            _status, stolen = await post(
+                attacker, st, p.AllocateResource("desk-a"), {"Client-Log-Id": log_id}
+            )
+            assert result_of(stolen) == p.E_USER_AUTH
+        listing = await victim.send(p.GetResourceList())  # the victim itself still works
+        assert isinstance(listing, p.GetResourceListResp) and listing.result_id == p.LIST_OK
+    finally:
+        await victim.close()
+    # A client that shows its cookie cannot be reached by its log id at all, even before login.
+    cookie_log_id = "cookie-" + "99aa88bb77cc66dd55ee"
+    async with raw_client(st, "127.0.0.52", cookies=True) as owner, raw_client(st, "127.0.0.52") as attacker:
+        await post(owner, st, p.Hello(), {"Client-Log-Id": cookie_log_id})
+        await post(owner, st, p.Authenticate("nobody", "x", "CORP"), {"Client-Log-Id": cookie_log_id})
+        _status, reply = await post(
+            attacker, st, p.Authenticate("bob", "y", "CORP"), {"Client-Log-Id": cookie_log_id}
+        )
+        assert result_of(reply) == p.E_OUT_OF_STATE
+    # The legitimate cookie-less flow still works, end to end, as does the usual one.
+    await session_ok(st, use_cookie=False)
+    await session_ok(st)
+    st.assert_no_secrets_logged()
+
+
+# ------------------------------------------------------------------ 5. cookie rotation, lifetime
+
+
+async def test_the_cookie_is_rotated_at_login(st: hardened.Stack) -> None:
+    async with raw_client(st, "127.0.0.51", cookies=True) as http:
+        await post(http, st, p.Hello())
+        before = {c.key: c.value for c in http.cookie_jar}["JSESSIONID"]
+        _status, reply = await post(http, st, p.Authenticate(hardened.USER, hardened.USER_PW, "CORP"))
+        assert result_of(reply) == p.AUTH_OK
+        after = {c.key: c.value for c in http.cookie_jar}["JSESSIONID"]
+        assert after != before
+        async with raw_client(st, "127.0.0.51") as fixated:
+            # Whoever knew (or planted) the pre-login cookie holds nothing after the login.
+            _status, reply = await post(fixated, st, p.GetResourceList(), {"Cookie": f"JSESSIONID={before}"})
+            assert result_of(reply) == p.E_USER_AUTH
+        _status, reply = await post(http, st, p.GetResourceList())
+        assert result_of(reply) == p.LIST_OK
+    await session_ok(st)
+    st.assert_no_secrets_logged(before, after)
+
+
+@pytest.fixture
+async def second_cm(st: hardened.Stack, tmp_path: Path) -> AsyncIterator[tuple[ServiceProcess, str]]:
+    """Another CM on the same broker: SessionMaxLifetime 3 s and agent verification off."""
+    config: dict[str, object] = dict(cm_config(st))
+    port = free_port()
+    config.update(
+        ListenPort=port,
+        RedirectPort=free_port(),
+        AdminPort=free_port(),
+        SessionMaxLifetime=3,
+        AgentTlsVerify=False,
+    )
+    proc = ServiceProcess(
+        "cm",
+        tmp_path / "cm2",
+        config,
+        config_name="config.properties",
+        env_file={"GATEHOUSE_GRANTSECRET": hardened.SECRET},
+        health_url=f"https://127.0.0.1:{port}/health",
+    )
+    await asyncio.to_thread(proc.start)
+    try:
+        yield proc, f"https://127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+async def test_sessions_have_an_absolute_lifetime(
+    st: hardened.Stack, second_cm: tuple[ServiceProcess, str]
+) -> None:
+    proc, url = second_cm
+    cm = CmConnection(url, st.client_ctx())
+    try:
+        await cm.send(p.Hello())
+        assert result_of(await cm.send(p.Authenticate(hardened.USER, hardened.USER_PW, "CORP"))) == p.AUTH_OK
+        for _ in range(3):  # busy, never idle...
+            assert result_of(await cm.send(p.GetResourceList())) == p.LIST_OK
+            await asyncio.sleep(0.8)
+        await asyncio.sleep(1.0)
+        # ... and still over after SessionMaxLifetime.
+        assert result_of(await cm.send(p.GetResourceList())) == p.E_USER_AUTH
+    finally:
+        await cm.close()
+    # Turning agent verification off is said loudly at start.
+    assert "AgentTlsVerify is false" in proc.logs()
+    await session_ok(st)
+    st.assert_no_secrets_logged()
+
+
+# ------------------------------------------------------------------ 6. open redirect
+
+
+async def test_the_redirect_port_is_not_an_open_redirect(st: hardened.Stack) -> None:
+    redirect = int(cm_config(st)["RedirectPort"])
+    async with aiohttp.ClientSession() as http:
+        for host in ("evil.example", "evil.example:8443", "127.0.0.1.evil.example"):
+            async with http.get(
+                f"http://127.0.0.1:{redirect}/pcoip-broker/xml", headers={"Host": host}, allow_redirects=False
+            ) as resp:
+                assert resp.status == 301
+                location = resp.headers["Location"]
+                assert "evil" not in location
+                assert re.match(rf"https://localhost(:{cm_port(st)})?/pcoip-broker/xml$", location), location
+        # The CM's own names are kept.
+        async with http.get(f"http://127.0.0.1:{redirect}/x", allow_redirects=False) as resp:
+            assert resp.headers["Location"] == f"https://127.0.0.1:{cm_port(st)}/x"
+    await session_ok(st)
+
+
+# ------------------------------------------------------------------ 7. metrics off the public port
+
+
+async def test_metrics_only_on_the_management_listener(st: hardened.Stack) -> None:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=st.client_ctx())) as http:
+        async with http.get(f"{st.cm_url}/metrics") as resp:
+            assert resp.status == 404
+        async with http.get(f"{st.cm_url}/health") as resp:
+            assert resp.status == 200  # the HALB's check stays on the public port
+        async with http.get(f"{admin_url(st)}/health") as resp:
+            assert resp.status == 200
+    assert "gatehouse_cm_sessions_active" in await metrics(st)
+    await session_ok(st)
+
+
+# ------------------------------------------------------------------ 8. internal identities
+
+
+async def test_a_rogue_agent_gets_no_launch_session(st: hardened.Stack, tmp_path: Path) -> None:
+    # A desktop registered at an address that answers with a certificate outside the deployment CA.
+    rogue_pki = pkimod.TestPKI(tmp_path / "rogue")
+    rogue = rogue_pki.issue("rogue-agent", ["127.0.0.1"], role="agent")
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            received.append(await asyncio.wait_for(reader.read(65536), 3))
+        writer.close()
+
+    server = await asyncio.start_server(
+        handler, "127.0.0.1", 0, ssl=tls.server_context(rogue.cert, rogue.key, "agent")
+    )
+    rogue_port = server.sockets[0].getsockname()[1]
+    st.admin(
+        "PUT", "/desktops/desk-rogue", {"address": "127.0.0.1", "agent_port": rogue_port, "session_port": 9}
+    )
+    st.admin("PUT", f"/entitlements/user/CORP/{hardened.OTHER}/desktop/desk-rogue")
+    try:
+        report = await st.session(hardened.OTHER, hardened.OTHER_PW, resource="desk-rogue", connect=False)
+        step = report.step("allocate-resource")
+        assert step is not None and not step.ok
+        assert step.detail == "Error occurred while communicating with agent"
+        assert not any(received), "the CM sent a launch-session to an unverified agent"
+    finally:
+        st.admin("DELETE", f"/entitlements/user/CORP/{hardened.OTHER}/desktop/desk-rogue")
+        st.admin("DELETE", "/desktops/desk-rogue")
+        server.close()
+    await session_ok(st)
+    st.assert_no_secrets_logged()
+
+
+# ------------------------------------------------------------------ 9. a dead SG next to a live CM
+
+
+async def _cm_health(st: hardened.Stack) -> int:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=st.client_ctx())) as http:
+        async with http.get(f"{st.cm_url}/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            return resp.status
+
+
+async def test_a_dead_sg_takes_the_cm_out_of_rotation(st: hardened.Stack) -> None:
+    assert await _cm_health(st) == 200
+    st.procs["sg"].kill()
+    killed = time.monotonic()
+    while await _cm_health(st) != 503:
+        assert time.monotonic() - killed < 2.0, "CM /health still 200 two seconds after the SG died"
+        await asyncio.sleep(0.05)
+    assert (await metrics(st))["gatehouse_cm_security_gateway_up"] == 0.0
+    await asyncio.to_thread(st.procs["sg"].start)
+    back = time.monotonic()
+    while await _cm_health(st) != 200:
+        assert time.monotonic() - back < 3.0, "CM /health not back after the SG returned"
+        await asyncio.sleep(0.05)
+    await session_ok(st)
+    st.assert_no_secrets_logged()

@@ -1,0 +1,187 @@
+"""Login throttling (per account and source, per source, per account) and the bounded hashing pool."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from gatehouse.broker import passwords
+from gatehouse.broker.throttle import (
+    ACCOUNT_LOCKOUT,
+    DELAY,
+    LOCKOUT,
+    SOURCE_LOCKOUT,
+    LoginThrottle,
+    ThrottlePolicy,
+    _Table,
+    account_key,
+    source_key,
+)
+
+POLICY = ThrottlePolicy(
+    delay_after_failures=3,
+    max_delay=8.0,
+    lockout_after_failures=10,
+    source_lockout_after_failures=50,
+    account_lockout_after_failures=30,
+    lockout_seconds=900.0,
+    failure_window=900.0,
+)
+ALICE = account_key("CORP", "Alice")
+
+
+def fail(t: LoginThrottle, account: str, source: str, now: float) -> list[str]:
+    assert t.check(account, source, now) is None
+    return t.failure(account, source, now)
+
+
+def test_progressive_delay_then_lockout_per_account_and_source() -> None:
+    t = LoginThrottle(POLICY)
+    now = 1000.0
+    for _ in range(2):
+        fail(t, ALICE, "198.51.100.7", now)
+    # The third failure starts the delay: 1 s, then 2 s, 4 s, 8 s, 8 s ...
+    fail(t, ALICE, "198.51.100.7", now)
+    assert t.check(ALICE, "198.51.100.7", now + 0.5) == DELAY
+    delays = []
+    for _ in range(7):
+        wait = 0.0
+        while t.check(ALICE, "198.51.100.7", now + wait) == DELAY:
+            wait += 0.25
+        t.release(ALICE, "198.51.100.7")
+        delays.append(wait)
+        now += wait
+        started = fail(t, ALICE, "198.51.100.7", now)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]
+    assert started == ["account_source"]  # the tenth failure
+    assert t.check(ALICE, "198.51.100.7", now + 899) == LOCKOUT
+    # Another source is not affected, nor is another account from this source.
+    assert t.check(ALICE, "203.0.113.5", now) is None
+    assert t.check(account_key("CORP", "bob"), "198.51.100.7", now) is None
+    # After the lockout the pair starts over.
+    assert t.check(ALICE, "198.51.100.7", now + 901) is None
+
+
+def test_unknown_accounts_are_counted_like_real_ones() -> None:
+    t = LoginThrottle(POLICY)
+    ghost = account_key("CORP", "no-such-user")
+    for _ in range(3):
+        fail(t, ghost, "198.51.100.7", 0.0)
+    assert t.check(ghost, "198.51.100.7", 0.1) == DELAY
+
+
+def test_success_resets_the_pair_but_not_the_source_count() -> None:
+    t = LoginThrottle(POLICY)
+    for _ in range(2):
+        fail(t, ALICE, "198.51.100.7", 0.0)
+    assert t.check(ALICE, "198.51.100.7", 0.0) is None
+    t.success(ALICE, "198.51.100.7", 0.0)
+    for _ in range(2):
+        fail(t, ALICE, "198.51.100.7", 0.0)
+    assert t.check(ALICE, "198.51.100.7", 0.0) is None  # two, not four
+    t.release(ALICE, "198.51.100.7")
+    assert t.sources.get("198.51.100.7", 0.0).failures == 4  # type: ignore[union-attr]
+
+
+def test_password_spraying_locks_the_source() -> None:
+    t = LoginThrottle(POLICY)
+    started: list[str] = []
+    for i in range(50):
+        started += fail(t, account_key("CORP", f"user{i}"), "198.51.100.7", 0.0)
+    assert started == ["source"]
+    assert t.check(account_key("CORP", "user99"), "198.51.100.7", 1.0) == SOURCE_LOCKOUT
+    assert t.check(account_key("CORP", "user99"), "203.0.113.5", 1.0) is None
+    # A source that is not a verified client address (the CM itself) is never locked as a source.
+    t2 = LoginThrottle(POLICY)
+    for i in range(60):
+        assert t2.check(account_key("CORP", f"u{i}"), "10.0.0.2", 0.0, per_source=False) is None
+        t2.failure(account_key("CORP", f"u{i}"), "10.0.0.2", 0.0, per_source=False)
+
+
+def test_account_lockout_spares_sources_the_account_logged_in_from() -> None:
+    t = LoginThrottle(POLICY)
+    t.success(ALICE, "192.0.2.10", 0.0)  # alice's own address
+    started: list[str] = []
+    now = 10.0
+    for n in range(3):
+        for _ in range(10):
+            now += 9.0  # past the longest delay
+            started += fail(t, ALICE, f"198.51.100.{n}", now)
+    assert started.count("account") == 1
+    assert t.check(ALICE, "203.0.113.99", now + 1) == ACCOUNT_LOCKOUT
+    assert t.check(ALICE, "192.0.2.10", now + 1) is None
+
+
+def test_parallel_attempts_never_exceed_the_lockout() -> None:
+    t = LoginThrottle(POLICY)
+    # One user logging in from several clients at once is not held back...
+    for _ in range(5):
+        assert t.check(ALICE, "192.0.2.10", 0.0) is None
+    for _ in range(5):
+        t.success(ALICE, "192.0.2.10", 0.0)
+    assert not t.in_flight
+    # ...but a burst of guesses gets at most LoginLockoutAfterFailures checks.
+    admitted = sum(t.check(ALICE, "198.51.100.7", 0.0) is None for _ in range(50))
+    assert admitted == POLICY.lockout_after_failures
+    for _ in range(admitted):
+        t.failure(ALICE, "198.51.100.7", 0.0)
+    assert t.check(ALICE, "198.51.100.7", 1.0) == LOCKOUT
+    # Once delayed, one check at a time.
+    for _ in range(3):
+        fail(t, ALICE, "203.0.113.5", 0.0)
+    assert t.check(ALICE, "203.0.113.5", 10.0) is None
+    assert t.check(ALICE, "203.0.113.5", 10.0) == DELAY
+    t.release(ALICE, "203.0.113.5")
+    assert t.check(ALICE, "203.0.113.5", 10.0) is None
+
+
+def test_tables_are_bounded_and_swept() -> None:
+    table: _Table[str] = _Table(failure_window=10.0, cap=100)
+    for i in range(1000):
+        table.add_failure(f"k{i}", 0.0)
+    assert len(table.items) == 100 and "k999" in table.items and "k0" not in table.items
+    table.sweep(11.0)
+    assert len(table.items) == 0
+
+
+def test_source_keys() -> None:
+    assert source_key("192.0.2.1") == "192.0.2.1"
+    assert source_key("2001:db8:1:2:3:4:5:6") == source_key("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
+    assert source_key("::ffff:192.0.2.1") == "192.0.2.1"
+    assert source_key("x" * 500) == "x" * 64
+    assert account_key("CORP", "ALICE") == account_key("corp", "alice")
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def test_current_parameters_and_rehash_detection() -> None:
+    stored = passwords.hash_password("pw")
+    assert stored.startswith("scrypt$32768$8$3$")
+    assert not passwords.needs_rehash(stored)
+    assert passwords.needs_rehash(passwords.hash_password("pw", n=2**14, r=8, p=1))
+    assert not passwords.needs_rehash(None)
+    # Absurd stored parameters are refused, not computed.
+    assert not passwords.verify_password("pw", "scrypt$1073741824$8$1$AAAA$AAAA")
+
+
+async def test_the_pool_answers_busy_instead_of_queueing() -> None:
+    hasher = passwords.Hasher(workers=1, queue=1)
+    gate = threading.Event()
+    try:
+        first = asyncio.ensure_future(hasher._run(gate.wait, 5))
+        second = asyncio.ensure_future(hasher._run(gate.wait, 5))
+        await asyncio.sleep(0.05)
+        assert hasher.pending == 2
+        with pytest.raises(passwords.HasherBusy):
+            await hasher.verify("pw", "scrypt$x")
+        assert hasher.busy_refusals == 1
+        gate.set()
+        await asyncio.gather(first, second)
+        assert hasher.pending == 0
+        assert await hasher.verify("pw", passwords.hash_password("pw", n=2**10, r=8, p=1))
+    finally:
+        gate.set()
+        hasher.close()
