@@ -435,7 +435,9 @@ def test_sockets_in_the_tls_handshake_count_against_max_connections(
     pki: PKI, tmp_path: Path, processes: list[ServiceProcess], agent: Agent
 ) -> None:
     sg = start_sg(pki, tmp_path, processes, MaxConnections=2, RequestTimeout=1)
-    idle = [socket.create_connection(("127.0.0.1", sg.port), timeout=10) for _ in range(2)]  # never say hello
+    idle = [
+        socket.create_connection(("127.0.0.1", sg.port), timeout=10) for _n in range(2)
+    ]  # never say hello
     try:
         wait_for(lambda: sg.metrics()["gatehouse_sg_connections_handshaking"] == 2, "both to be accepted")
         with pytest.raises((ssl.SSLError, ConnectionError)):

@@ -122,7 +122,7 @@ async def test_anonymous_hellos_cannot_exhaust_the_session_table(st: hardened.St
                         key = type(exc).__name__
                     results[key] = results.get(key, 0) + 1
 
-            await asyncio.gather(*(one() for _ in range(per_source)))
+            await asyncio.gather(*(one() for _n in range(per_source)))
 
     # Wave 1: three addresses, 30 hellos each, run into their per-source cap (16).
     await asyncio.gather(*(flood(f"127.0.0.{i}") for i in range(10, 13)))
@@ -186,10 +186,10 @@ async def test_slow_and_idle_connections_are_cut_and_capped(st: hardened.Stack) 
     for i, mode in enumerate(("idle", "partial", "stalled")):
         for j in range(4):
             source = f"127.0.0.{20 + i * 4 + j}"
-            held += await asyncio.gather(*(opened(source, mode) for _ in range(25)))  # 300 in all
+            held += await asyncio.gather(*(opened(source, mode) for _n in range(25)))  # 300 in all
     # The per-source cap: 64 from one address are held, the rest are closed at once.
     capped = [
-        await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.40", 0)) for _ in range(80)
+        await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.40", 0)) for _n in range(80)
     ]
     over = [r for r, _w in capped[64:]]
     assert all(await asyncio.gather(*(_closed(r, 1.0) for r in over)))
@@ -346,7 +346,7 @@ async def test_sessions_have_an_absolute_lifetime(
     try:
         await cm.send(p.Hello())
         assert result_of(await cm.send(p.Authenticate(hardened.USER, hardened.USER_PW, "CORP"))) == p.AUTH_OK
-        for _ in range(3):  # busy, never idle...
+        for _n in range(3):  # busy, never idle...
             assert result_of(await cm.send(p.GetResourceList())) == p.LIST_OK
             await asyncio.sleep(0.8)
         await asyncio.sleep(1.0)

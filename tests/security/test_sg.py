@@ -242,7 +242,7 @@ async def test_rebinding_needs_a_higher_counter(st: hardened.Stack) -> None:
 
 def hold(source: str, count: int, port: int) -> list[socket.socket]:
     socks = []
-    for _ in range(count):
+    for _n in range(count):
         socks.append(socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)))
     return socks
 
@@ -318,7 +318,7 @@ async def test_a_flood_of_bad_connect_lines_is_counted_in_full_and_logged_at_a_b
     bad = "g1." + "A" * 80  # well-formed, but no CM sealed it
 
     def flood(source: str) -> None:
-        for _ in range(per_source):
+        for _n in range(per_source):
             raw = socket.create_connection(("127.0.0.1", st.sg_port), timeout=10, source_address=(source, 0))
             with sg_ctx().wrap_socket(raw) as sock:
                 sock.sendall(linechan.connect_line(bad))

@@ -40,13 +40,13 @@ def fail(t: LoginThrottle, account: str, source: str, now: float) -> list[str]:
 def test_progressive_delay_then_lockout_per_account_and_source() -> None:
     t = LoginThrottle(POLICY)
     now = 1000.0
-    for _ in range(2):
+    for _n in range(2):
         fail(t, ALICE, "198.51.100.7", now)
     # The third failure starts the delay: 1 s, then 2 s, 4 s, 8 s, 8 s ...
     fail(t, ALICE, "198.51.100.7", now)
     assert t.check(ALICE, "198.51.100.7", now + 0.5) == DELAY
     delays = []
-    for _ in range(7):
+    for _n in range(7):
         wait = 0.0
         while t.check(ALICE, "198.51.100.7", now + wait) == DELAY:
             wait += 0.25
@@ -67,18 +67,18 @@ def test_progressive_delay_then_lockout_per_account_and_source() -> None:
 def test_unknown_accounts_are_counted_like_real_ones() -> None:
     t = LoginThrottle(POLICY)
     ghost = account_key("CORP", "no-such-user")
-    for _ in range(3):
+    for _n in range(3):
         fail(t, ghost, "198.51.100.7", 0.0)
     assert t.check(ghost, "198.51.100.7", 0.1) == DELAY
 
 
 def test_success_resets_the_pair_but_not_the_source_count() -> None:
     t = LoginThrottle(POLICY)
-    for _ in range(2):
+    for _n in range(2):
         fail(t, ALICE, "198.51.100.7", 0.0)
     assert t.check(ALICE, "198.51.100.7", 0.0) is None
     t.success(ALICE, "198.51.100.7", 0.0)
-    for _ in range(2):
+    for _n in range(2):
         fail(t, ALICE, "198.51.100.7", 0.0)
     assert t.check(ALICE, "198.51.100.7", 0.0) is None  # two, not four
     t.release(ALICE, "198.51.100.7")
@@ -106,7 +106,7 @@ def test_account_lockout_spares_sources_the_account_logged_in_from() -> None:
     started: list[str] = []
     now = 10.0
     for n in range(3):
-        for _ in range(10):
+        for _n in range(10):
             now += 9.0  # past the longest delay
             started += fail(t, ALICE, f"198.51.100.{n}", now)
     assert started.count("account") == 1
@@ -117,19 +117,19 @@ def test_account_lockout_spares_sources_the_account_logged_in_from() -> None:
 def test_parallel_attempts_never_exceed_the_lockout() -> None:
     t = LoginThrottle(POLICY)
     # One user logging in from several clients at once is not held back...
-    for _ in range(5):
+    for _n in range(5):
         assert t.check(ALICE, "192.0.2.10", 0.0) is None
-    for _ in range(5):
+    for _n in range(5):
         t.success(ALICE, "192.0.2.10", 0.0)
     assert not t.in_flight
     # ...but a burst of guesses gets at most LoginLockoutAfterFailures checks.
-    admitted = sum(t.check(ALICE, "198.51.100.7", 0.0) is None for _ in range(50))
+    admitted = sum(t.check(ALICE, "198.51.100.7", 0.0) is None for _n in range(50))
     assert admitted == POLICY.lockout_after_failures
-    for _ in range(admitted):
+    for _n in range(admitted):
         t.failure(ALICE, "198.51.100.7", 0.0)
     assert t.check(ALICE, "198.51.100.7", 1.0) == LOCKOUT
     # Once delayed, one check at a time.
-    for _ in range(3):
+    for _n in range(3):
         fail(t, ALICE, "203.0.113.5", 0.0)
     assert t.check(ALICE, "203.0.113.5", 10.0) is None
     assert t.check(ALICE, "203.0.113.5", 10.0) == DELAY

@@ -170,13 +170,13 @@ def test_per_source_cap_refuses_and_trusted_proxies_are_exempt() -> None:
         max_pre_auth_per_source=3,
         exempt=[ipaddress.ip_network("10.0.0.0/8")],
     )
-    for _ in range(3):
+    for _n in range(3):
         table.create("192.0.2.1", now=0)
     with pytest.raises(SessionsFull) as err:
         table.create("192.0.2.1", now=0)
     assert err.value.limit == "max_pre_auth_sessions_per_source"
     table.create("192.0.2.2", now=0)  # another address is not affected
-    for _ in range(10):
+    for _n in range(10):
         table.create("10.1.2.3", now=0)
     # Expired ones make room for their own source again.
     table.create("192.0.2.1", now=61)
@@ -185,7 +185,7 @@ def test_per_source_cap_refuses_and_trusted_proxies_are_exempt() -> None:
 def test_a_full_pre_auth_pool_evicts_the_oldest_of_the_busiest_source() -> None:
     table = SessionTable(max_clients=5, idle_timeout=900, max_pre_auth=6, max_pre_auth_per_source=16)
     user = table.create("192.0.2.1", now=0)  # the oldest of all, alone on its address
-    flood = [table.create("198.51.100.1", now=1) for _ in range(5)]
+    flood = [table.create("198.51.100.1", now=1) for _n in range(5)]
     newcomer = table.create("198.51.100.1", now=2)
     assert table.take_evicted() == [flood[0]] and table.evictions == 1
     assert table.find(user.cookie, None, "192.0.2.1", now=3) is user
@@ -266,7 +266,7 @@ def test_establishment_limiter_refuses_at_once_beyond_the_limit() -> None:
 
 async def test_a_login_in_progress_is_passed_over_and_a_vanished_one_is_refused() -> None:
     table = SessionTable(max_clients=5, idle_timeout=900, max_pre_auth=3, max_pre_auth_per_source=16)
-    first, second, third = (table.create("198.51.100.1", now=0) for _ in range(3))
+    first, second, third = (table.create("198.51.100.1", now=0) for _n in range(3))
     async with first.lock:  # first's authenticate is with the broker
         table.create("198.51.100.1", now=1)
         assert table.take_evicted() == [second]

@@ -145,7 +145,7 @@ def test_refusals_are_counted_in_full_and_logged_at_a_bounded_rate(caplog: pytes
     stats = Stats()
     refusals = Refusals(stats, logging.getLogger("test.sg.refusals"), rate=3, clock=lambda: now[0])
     with caplog.at_level(logging.INFO, logger="test.sg.refusals"):
-        for _ in range(50):
+        for _n in range(50):
             refusals.refuse("forged", logging.WARNING, "refused: %s", "forged", extra={"reason": "forged"})
         refusals.refuse("expired", logging.WARNING, "refused: %s", "expired", extra={"reason": "expired"})
         assert stats.refused == {"forged": 50, "expired": 1}

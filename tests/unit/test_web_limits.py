@@ -65,7 +65,7 @@ async def _serve(ctx: ssl.SSLContext | None, limits: gweb.HttpLimits) -> tuple[a
     admin = gweb.management_app(registry, lambda: True)
     port = _free_port()
     task = asyncio.create_task(gweb.run_sites(app, [("127.0.0.1", port, ctx)], limits=limits, admin=admin))
-    for _ in range(100):
+    for _n in range(100):
         try:
             _r, w = await asyncio.open_connection("127.0.0.1", port)
             w.close()
@@ -124,7 +124,7 @@ def test_deadlines_and_caps(loop_kind: str, pki) -> None:
         try:
             # A normal request works, TLS included, and keeps working across keep-alive.
             async with aiohttp.ClientSession() as http:
-                for _ in range(2):
+                for _n in range(2):
                     async with http.post(url, data=b"hello", ssl=client_ctx) as resp:
                         assert resp.status == 200 and await resp.read() == b"hello"
             # Idle TCP (no TLS hello), a partial header and a stalled body are all cut at ~1 s.
@@ -134,7 +134,7 @@ def test_deadlines_and_caps(loop_kind: str, pki) -> None:
             stalled = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
             stalled[1].write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
             # Per-source cap: 3 held above, 2 more fit, the 6th is closed at once.
-            extra = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            extra = [await asyncio.open_connection("127.0.0.1", port) for _n in range(3)]
             assert await _closed_within(extra[-1][0], 0.5)
             loop = asyncio.get_running_loop()
             t0 = loop.time()

@@ -53,7 +53,8 @@ async def serve(settings: CmSettings) -> None:
     ):
         if not verify:
             log.warning(
-                f"{key} is false: upstream certificates are not verified (anyone on the path can impersonate)"
+                "%s is false: upstream certificates are not verified (anyone on the path can impersonate)",
+                key,
             )
     if not settings.identity_cert:
         log.warning("no IdentityCert: the CM presents no cm certificate to the broker and the agents")
