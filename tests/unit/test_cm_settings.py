@@ -31,7 +31,7 @@ def test_hardening_defaults() -> None:
     assert (s.session_max_lifetime, s.max_auth_attempts) == (36000.0, 5)
     assert s.security_gateway_health_url == ""
     h = s.http
-    assert (h.request_timeout, h.keepalive_timeout) == (10.0, 15.0)
+    assert (h.request_timeout, h.keepalive_timeout) == (10.0, 75.0)
     assert (h.max_connections, h.max_connections_per_source) == (4096, 64)
     assert (h.admin_address, h.admin_port) == ("127.0.0.1", 9180)
 

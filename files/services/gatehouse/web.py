@@ -265,6 +265,7 @@ class _Guard(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = self.loop.call_at(self.deadline, self._expire)
         self.starting: asyncio.Task[Any] | None = None  # the handshake, until connection_made
         self.first_request = True
+        self.idle = False  # between a response and the next request's first byte
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -285,14 +286,24 @@ class _Guard(asyncio.Protocol):
             self.starting.cancel()  # still in the TLS handshake: the loop closes the socket
 
     def request_started(self) -> float:
-        """A request's headers are in: stop the accept timer; the body's deadline is returned."""
+        """A request's headers are in: stop the request timer; the body's deadline is returned."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.idle = False
         if self.first_request:
             self.first_request = False
             return self.deadline
-        return self.loop.time() + self.limiter.limits.request_timeout
+        return (
+            self.deadline
+            if self.deadline > self.loop.time()
+            else self.loop.time() + self.limiter.limits.request_timeout
+        )
+
+    def request_done(self) -> None:
+        """The response is out: the connection is idle (aiohttp's KeepAliveTimeout runs) until the
+        next request's first byte, which starts a new RequestTimeout."""
+        self.idle = True
 
     def gone(self) -> None:
         """Give the slot back (idempotent)."""
@@ -307,6 +318,12 @@ class _Guard(asyncio.Protocol):
 
     # asyncio.Protocol, forwarded to aiohttp's handler.
     def data_received(self, data: bytes) -> None:
+        if self.idle and self.timer is None:
+            # The first byte of a kept-alive connection's next request: it gets RequestTimeout to
+            # arrive whole, however long the connection was idle before.
+            self.idle = False
+            self.deadline = self.loop.time() + self.limiter.limits.request_timeout
+            self.timer = self.loop.call_at(self.deadline, self._expire)
         if self.inner is not None:
             self.inner.data_received(data)
 
@@ -418,7 +435,10 @@ def _body_deadline(limiter: ConnectionLimiter) -> Any:
         if declared is not None and declared > BODY_WAIT_LIMIT:
             # Over the read buffer: the handler refuses it by its length (413) without reading,
             # and aiohttp's lingering close bounds the rest.
-            return await handler(request)  # type: ignore[no-any-return]
+            try:
+                return await handler(request)  # type: ignore[no-any-return]
+            finally:
+                guard.request_done()
         if request.can_read_body and not request.content.is_eof():
             try:
                 async with asyncio.timeout(max(0.0, until - guard.loop.time())):
@@ -427,7 +447,10 @@ def _body_deadline(limiter: ConnectionLimiter) -> Any:
                 limiter.timed_out += 1
                 guard.abort()
                 raise web.HTTPRequestTimeout() from None
-        return await handler(request)  # type: ignore[no-any-return]
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        finally:
+            guard.request_done()
 
     return deadline
 

@@ -12,7 +12,14 @@ from gatehouse.protocol import PATH_BROKER
 from gatehouse.web import HttpLimits, Network
 
 # The CM's defaults for the shared HTTP limits (common to CM, broker and agent; see gatehouse.web).
-HTTP_DEFAULTS = {"max_connections": 4096, "max_connections_per_source": 64, "admin_port": 9180}
+# A person picks a desktop between two requests: the idle keep-alive is long (nginx's and aiohttp's
+# 75 s), which is safe because each request still gets RequestTimeout from its first byte.
+HTTP_DEFAULTS = {
+    "max_connections": 4096,
+    "max_connections_per_source": 64,
+    "admin_port": 9180,
+    "keepalive_timeout": 75.0,
+}
 
 
 @dataclass(frozen=True)
