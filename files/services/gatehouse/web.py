@@ -165,7 +165,8 @@ def client_ip(request: web.Request, trusted: Sequence[Network] = ()) -> str:
     return hops[0] if hops else peer
 
 
-def _in(addr: str, nets: Sequence[Network]) -> bool:
+def in_networks(addr: str, nets: Sequence[Network]) -> bool:
+    """True when ``addr`` is an IP address inside one of ``nets`` (False for anything else)."""
     if not nets or not addr:
         return False
     try:
@@ -196,7 +197,7 @@ class ConnectionLimiter:
         if self.open >= self.limits.max_connections:
             self.refused["max_connections"] += 1
             return False, "max_connections"
-        exempt = _in(source, self.limits.trusted_proxies)
+        exempt = in_networks(source, self.limits.trusted_proxies)
         if not exempt and self.per_source.get(source, 0) >= self.limits.max_connections_per_source:
             self.refused["max_connections_per_source"] += 1
             return False, "max_connections_per_source"

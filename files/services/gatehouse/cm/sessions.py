@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import ipaddress
 import secrets
 import time
 import uuid
@@ -18,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gatehouse import protocol as p
-from gatehouse.web import Network
+from gatehouse.web import Network, in_networks
 
 
 class State(enum.Enum):
@@ -176,7 +175,7 @@ class SessionTable:
         now = time.monotonic() if now is None else now
         self._room_for_user(now)
         mine = self._pre_by_source.get(client_ip)
-        if mine and not _in(client_ip, self.exempt):
+        if mine and not in_networks(client_ip, self.exempt):
             for old in [s for s in mine if self._expired(s, now)]:
                 self._evicted.append(old)
                 self.remove(old)
@@ -298,16 +297,6 @@ class SessionTable:
         for session in gone:
             self.remove(session)
         return gone
-
-
-def _in(address: str, nets: Sequence[Network]) -> bool:
-    if not nets:
-        return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in nets)
 
 
 class EstablishmentLimiter:
