@@ -120,8 +120,8 @@ def run(bench: Bench) -> list[Figure]:
             str(uuid.uuid4()), "127.0.0.1", backend_port, f"sink-{uuid.uuid4().hex}", "127.0.0.1"
         )
         with ctx.wrap_socket(socket.create_connection(("127.0.0.1", sg_port), timeout=10)) as channel:
-            channel.sendall(f"CONNECT {grant}\r\n".encode())
-            if channel.recv(64) != b"200 OK\r\n":
+            channel.sendall(linechan.connect_line(grant))
+            if channel.recv(64) != linechan.OK:
                 raise RuntimeError("the SG refused the session")
             src = free_port()
             udp_bind(sg_port, grant, src)

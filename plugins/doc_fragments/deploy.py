@@ -90,19 +90,28 @@ options:
         fails the task with its last log lines. V(0) does not wait.
     type: int
     default: 60
+"""
+
+    # The container_limits option of the cmsg, broker and halb modules (one declaration:
+    # _containers.CONTAINER_LIMITS_OPTION; the defaults are _containers.SERVICE_HARDENING).
+    CONTAINER_LIMITS = r"""
+options:
   container_limits:
     description:
-      - Limits and hardening of the service containers (the same option as in M(gatehouse.access.halb)). Unset
-        suboptions keep the defaults.
-      - The containers always drop every capability (the services run as uid 10001 and listen on ports of 1024
-        and above inside their containers), run with C(no-new-privileges) and have a tmpfs on C(/tmp).
+      - Limits and hardening of the service containers (the same option in M(gatehouse.access.cmsg),
+        M(gatehouse.access.broker) and M(gatehouse.access.halb)). Unset suboptions keep the defaults.
+      - The containers always drop every capability except the ones their service needs (none for the connection
+        manager, the security gateway and the broker, which run as uid 10001 and listen on ports of 1024 and above
+        inside their containers), run with C(no-new-privileges) and have a tmpfs on C(/tmp).
     type: dict
     suboptions:
       memory:
-        description: Memory limit per container (Docker size). Default V(1g) for the CM and the SG, V(512m) for the broker.
+        description:
+          - Memory limit per container (Docker size, for example V(1g) or V(512m)). Default V(1g) for the connection
+            manager, the security gateway and the HALB, V(512m) for the broker.
         type: str
       pids:
-        description: Limit of processes and threads per container. Default V(512).
+        description: Limit of processes and threads per container. Default V(512), V(1024) for the HALB.
         type: int
       nofile:
         description:

@@ -16,7 +16,6 @@ import ipaddress
 import os
 import secrets
 
-from ansible_collections.gatehouse.access.plugins.module_utils import _certificate as certs
 from ansible_collections.gatehouse.access.plugins.module_utils import _containers as ctr
 from ansible_collections.gatehouse.access.plugins.module_utils import _deploy as dep
 from ansible_collections.gatehouse.access.plugins.module_utils._files import (
@@ -169,6 +168,16 @@ def validate(params: dict, used_networks) -> dict:
             "admin_address %r must be an IP address (0.0.0.0 = every address of the container or host)"
             % params["admin_address"]
         )
+    elif (
+        params["network_mode"] == "bridge" and params["enable_security_gateway"] and not admin.is_unspecified
+    ):
+        # The listeners bind inside the containers: the CM reaches the SG's /health by container
+        # name over the Docker network, which a loopback or host address shuts out (or cannot bind).
+        errors.append(
+            "admin_address %r: with network_mode=bridge the management listeners are inside the containers and "
+            "never published, and the CM polls the SG's /health over the Docker network; keep 0.0.0.0 (or ::)"
+            % params["admin_address"]
+        )
     values["sg_health_url"] = security_gateway_health_url(params, admin)
     if not 1 <= params["max_connections"] <= MAX_SG_CONNECTIONS:
         errors.append(
@@ -300,45 +309,16 @@ def identity_files(params: dict, certs_dir: str, errors: list[str], warnings: li
     """
     if not params["identity_cert"]:
         return []
-    missing = [
-        "%s %s does not exist on the target (or is not a file)" % (option, params[option])
-        for option in ("identity_cert", "identity_key")
-        if not os.path.isfile(params[option])
-    ]
-    if missing:
-        errors.extend(missing)
-        return []
-    try:
-        material = certs.inspect_material(params["identity_cert"], params["identity_key"])
-    except certs.CertificateError as exc:
-        errors.append("identity_cert: %s" % exc)
-        return []
-    errors.extend("identity_cert: %s" % e for e in material.findings.errors)
-    warnings.extend(
-        "identity_cert: %s" % w
-        for w in material.findings.warnings
-        if "should be readable by its owner only" not in w
+    planned, _material = dep.provided_files(
+        params,
+        ("identity_cert", os.path.join(certs_dir, IDENTITY_CERT)),
+        ("identity_key", os.path.join(certs_dir, IDENTITY_KEY)),
+        None,
+        errors,
+        warnings,
+        prefix="identity_cert: ",
     )
-    if material.findings.errors:
-        return []
-    uid, gid = ctr.SERVICE_UID, ctr.SERVICE_GID
-    return [
-        PlannedFile(
-            os.path.join(certs_dir, IDENTITY_CERT),
-            read_bytes(params["identity_cert"]) or b"",
-            0o644,
-            uid,
-            gid,
-        ),
-        PlannedFile(
-            os.path.join(certs_dir, IDENTITY_KEY),
-            read_bytes(params["identity_key"]) or b"",
-            0o600,
-            uid,
-            gid,
-            hidden=True,
-        ),
-    ]
+    return planned
 
 
 def existing_secret(path: str) -> str | None:

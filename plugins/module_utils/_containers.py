@@ -341,9 +341,10 @@ def converge_container(cli, spec: dict, desired_hash: str, action: str, wait_tim
             current.start()
             container = current
         else:
+            # Probed before the old container goes: a failing probe leaves the service running.
+            limit = engine_nofile_limit(cli, spec["image"])
             if current is not None:
                 current.remove(force=True)
-            limit = engine_nofile_limit(cli, spec["image"])
             container = cli.containers.create(**_create_kwargs(spec, desired_hash, limit))
             container.start()
     except APIError as exc:

@@ -304,35 +304,63 @@ def tls_files(
             info["stale_ca"] = ca_path
         return planned, info
 
-    for option in ("ssl_cert", "ssl_key", "ca_cert"):
-        path = params[option]
-        if path and not os.path.isfile(path):
-            errors.append("%s %s does not exist on the target (or is not a file)" % (option, path))
-    if errors:
-        return [], info
-    try:
-        material = certs.inspect_material(params["ssl_cert"], params["ssl_key"], params["ca_cert"])
-    except certs.CertificateError as exc:
-        errors.append(str(exc))
-        return [], info
-    errors.extend(material.findings.errors)
-    warnings.extend(w for w in material.findings.warnings if "should be readable by its owner only" not in w)
-    if material.findings.errors:
-        return [], info
-    planned.append(
-        PlannedFile(cert_path, read_bytes(params["ssl_cert"]) or b"", 0o644, SERVICE_UID, SERVICE_GID)
+    planned, material = provided_files(
+        params, ("ssl_cert", cert_path), ("ssl_key", key_path), ("ca_cert", ca_path), errors, warnings
     )
-    planned.append(
-        PlannedFile(
-            key_path, read_bytes(params["ssl_key"]) or b"", 0o600, SERVICE_UID, SERVICE_GID, hidden=True
-        )
-    )
-    if params["ca_cert"]:
-        planned.append(
-            PlannedFile(ca_path, read_bytes(params["ca_cert"]) or b"", 0o644, SERVICE_UID, SERVICE_GID)
-        )
-    info["certificate"] = certs.certificate_facts(material.leaf)
+    if material is not None:
+        info["certificate"] = certs.certificate_facts(material.leaf)
     return planned, info
+
+
+def provided_files(
+    params: dict,
+    cert: tuple[str, str],
+    key: tuple[str, str],
+    ca: tuple[str, str] | None,
+    errors: list[str],
+    warnings: list[str],
+    prefix: str = "",
+):
+    """Operator material copied into certs/: a certificate, its key and optionally a CA chain.
+
+    ``cert``, ``key`` and ``ca`` are (option, target path). The material is checked with the rules
+    of the certificate module (the key must match the certificate); on any problem nothing is
+    planned. The key copy is 0600 and hidden in diffs. ``prefix`` starts each finding.
+    Returns (planned files, the inspected material or None).
+    """
+    copies = [c for c in (cert, key, ca) if c is not None and params[c[0]]]
+    missing = [
+        "%s %s does not exist on the target (or is not a file)" % (option, params[option])
+        for option, _target in copies
+        if not os.path.isfile(params[option])
+    ]
+    if missing:
+        errors.extend(missing)
+        return [], None
+    try:
+        material = certs.inspect_material(params[cert[0]], params[key[0]], params[ca[0]] if ca else None)
+    except certs.CertificateError as exc:
+        errors.append(prefix + str(exc))
+        return [], None
+    errors.extend(prefix + e for e in material.findings.errors)
+    # The copy gets mode 0600 whatever the source has.
+    warnings.extend(
+        prefix + w for w in material.findings.warnings if "should be readable by its owner only" not in w
+    )
+    if material.findings.errors:
+        return [], None
+    planned = [
+        PlannedFile(
+            target,
+            read_bytes(params[option]) or b"",
+            0o600 if option == key[0] else 0o644,
+            SERVICE_UID,
+            SERVICE_GID,
+            hidden=option == key[0],
+        )
+        for option, target in copies
+    ]
+    return planned, material
 
 
 def _pair_matches(cert_data: bytes | None, key_data: bytes | None) -> bool:

@@ -18,7 +18,10 @@ import shutil
 import tempfile
 
 from ansible_collections.gatehouse.access.plugins.module_utils import _halb_docker as hd
-from ansible_collections.gatehouse.access.plugins.module_utils._containers import ContainerError
+from ansible_collections.gatehouse.access.plugins.module_utils._containers import (
+    ContainerError,
+    engine_nofile_limit,
+)
 from ansible_collections.gatehouse.access.plugins.module_utils._files import (
     PlannedDir,
     PlannedFile,
@@ -224,6 +227,9 @@ def _converge(module, config, config_dir, dirs, files, stale) -> dict:
         if cstate == "outdated":
             actions.append("removed outdated container")
             if not module.check_mode:
+                # Probed (and cached for create_container) before the old container goes: a failing
+                # probe leaves this node serving.
+                engine_nofile_limit(client, spec["image"])
                 hd.remove_container(container)
         actions.append("created container")
         if not module.check_mode:

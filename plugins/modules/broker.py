@@ -26,6 +26,7 @@ author:
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - gatehouse.access.deploy
+  - gatehouse.access.deploy.container_limits
 attributes:
   check_mode:
     support: full

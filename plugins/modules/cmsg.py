@@ -29,6 +29,7 @@ author:
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - gatehouse.access.deploy
+  - gatehouse.access.deploy.container_limits
 attributes:
   check_mode:
     support: full
@@ -92,7 +93,8 @@ options:
       - Address the plain-HTTP management listeners (C(/health), C(/metrics)) of the connection manager (port 9180)
         and the security gateway (port 9172) bind to (C(AdminAddress)), inside the container's network namespace.
       - With O(network_mode=bridge) these ports are never published; the connection manager reaches the gateway's
-        C(/health) over the Docker network (C(SecurityGatewayHealthUrl) = C(http://<prefix>-sg:9172/health)).
+        C(/health) over the Docker network (C(SecurityGatewayHealthUrl) = C(http://<prefix>-sg:9172/health)), so
+        with the security gateway enabled the address must be V(0.0.0.0) or V(::); any other fails the task.
         With V(host) or V(container:<name>) they are on the host's addresses; the connection manager uses
         C(http://127.0.0.1:9172/health) (or this address when it is a specific one), and the
         C(gatehouse.access.firewall) role opens them only to the HALB hosts and the management sources.
@@ -138,9 +140,9 @@ options:
     default: 10.101.0.0/24
   max_connections:
     description:
-      - Concurrent sessions of the security gateway (C(MaxConnections) in C(SecurityGateway.conf)); the next one is
-        refused with C(503 Service Unavailable). At most 5000 (the seed's maximum per gateway; deploy more nodes
-        behind a HALB pair for more).
+      - Client connections the security gateway holds at once, TLS handshakes included (C(MaxConnections) in
+        C(SecurityGateway.conf)); beyond it a new connection is closed at accept. At most 5000 (the seed's
+        maximum per gateway; deploy more nodes behind a HALB pair for more).
     type: int
     default: 5000
   max_concurrent_establishments:

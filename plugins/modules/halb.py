@@ -31,6 +31,7 @@ author:
   - Gatehouse contributors (@gatehouse)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - gatehouse.access.deploy.container_limits
 attributes:
   check_mode:
     support: full
@@ -382,35 +383,13 @@ options:
     description: TCP port of the stick table synchronisation.
     type: int
     default: 10000
-  container_limits:
-    description:
-      - Limits and hardening of the HALB container; the same option as in M(gatehouse.access.cmsg) and
-        M(gatehouse.access.broker). Unset suboptions keep the defaults.
-      - The container always drops every capability except C(NET_ADMIN), C(NET_RAW), C(NET_BROADCAST) (keepalived,
-        VIPs, C(transparent) binds), C(NET_BIND_SERVICE) (port 443), C(SETUID), C(SETGID) and C(KILL) (HAProxy starts
-        its workers as the C(haproxy) user and signals them), runs with C(no-new-privileges) and has tmpfs on
-        C(/tmp) and C(/run).
-    type: dict
-    suboptions:
-      memory:
-        description: Memory limit (Docker size, for example V(1g) or V(512m)). Default V(1g).
-        type: str
-      pids:
-        description: Limit of processes and threads in the container. Default V(1024).
-        type: int
-      nofile:
-        description: Open files limit (soft and hard). Default V(65536).
-        type: int
-      read_only:
-        description: Read-only root file system. Default V(true).
-        type: bool
-      cap_add:
-        description: Capabilities added to the ones the service needs (names without C(CAP_)). Default none.
-        type: list
-        elements: str
 notes:
   - HAProxy binds the VIPs with the C(transparent) option, so both nodes listen at all times and a failover needs no
     reload. The HAProxy master binds as root; the workers that carry the traffic run as the C(haproxy) user.
+  - The container (O(container_limits)) drops every capability except C(NET_ADMIN), C(NET_RAW), C(NET_BROADCAST)
+    (keepalived, VIPs, C(transparent) binds), C(NET_BIND_SERVICE) (port 443), C(SETUID), C(SETGID) and C(KILL)
+    (HAProxy starts its workers as the C(haproxy) user and signals them), runs with C(no-new-privileges) and has
+    tmpfs on C(/tmp) and C(/run).
   - Every TLS bind offers the connection manager's cipher table of the seed (TLS 1.2 ECDHE-RSA-AES256-GCM-SHA384,
     ECDHE-RSA-AES128-GCM-SHA256, AES256-GCM-SHA384, AES128-GCM-SHA256 in this order of server preference; TLS 1.3
     with OpenSSL's default suites); TLS 1.0 and 1.1 are refused.

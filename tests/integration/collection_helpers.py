@@ -127,3 +127,31 @@ def run_adhoc(
 def run_module(name: str, args: dict[str, Any], **kwargs: Any) -> AnsibleRun:
     """Run ``gatehouse.access.<name>`` on localhost."""
     return run_adhoc(f"gatehouse.access.{name}", args, **kwargs)
+
+
+@dataclass
+class PlaybookRun:
+    """Result of one ansible-playbook run: the json callback's report and the raw process output."""
+
+    report: dict[str, Any]
+    stdout: str
+    stderr: str
+    returncode: int
+
+
+def run_playbook(*args: str, timeout: float = 300) -> PlaybookRun:
+    """``ansible-playbook <args>`` with the json callback, from the collection tree."""
+    proc = subprocess.run(
+        [tool("ansible-playbook"), *args],
+        capture_output=True,
+        text=True,
+        env=ansible_env(),
+        cwd=str(collection_tree()),
+        timeout=timeout,
+        check=False,
+    )
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        raise AssertionError(f"no json report\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}") from None
+    return PlaybookRun(report, proc.stdout, proc.stderr, proc.returncode)

@@ -69,8 +69,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def free_cidr(cli) -> str:
-    """A /24 inside 10.201.0.0/16 that no Docker network and no host interface uses."""
+def free_cidr(cli, pool: str = "10.201.0.0/16", prefixlen: int = 24) -> str:
+    """A /``prefixlen`` inside ``pool`` that no Docker network and no host interface uses."""
     used = []
     for network in cli.networks.list():
         for cfg in (network.attrs.get("IPAM") or {}).get("Config") or []:
@@ -82,12 +82,13 @@ def free_cidr(cli) -> str:
     for link in json.loads(out):
         for info in link.get("addr_info", []):
             used.append(ipaddress.ip_interface(f"{info['local']}/{info['prefixlen']}").network)
-    start = uuid.uuid4().int % 200
-    for offset in range(254):
-        candidate = ipaddress.ip_network(f"10.201.{(start + offset) % 254 + 1}.0/24")
+    candidates = list(ipaddress.ip_network(pool).subnets(new_prefix=prefixlen))
+    start = uuid.uuid4().int % len(candidates)
+    for offset in range(len(candidates)):
+        candidate = candidates[(start + offset) % len(candidates)]
         if not any(candidate.overlaps(u) for u in used if u.version == 4):
             return str(candidate)
-    pytest.skip("no free /24 in 10.201.0.0/16")
+    pytest.skip(f"no free /{prefixlen} in {pool}")
 
 
 def cleanup(cli, prefix: str) -> None:
@@ -106,3 +107,12 @@ def objects_named(cli, prefix: str) -> list[str]:
     ]
     names += [n.name for n in cli.networks.list(names=[prefix]) if n.name.startswith(prefix)]
     return names
+
+
+def network_gateway(cli, name: str) -> str:
+    """The gateway address (the host side of the bridge) of the Docker network ``name``."""
+    network = cli.networks.get(name)
+    config = network.attrs["IPAM"]["Config"][0]
+    if config.get("Gateway"):
+        return config["Gateway"]
+    return str(next(ipaddress.ip_network(config["Subnet"]).hosts()))

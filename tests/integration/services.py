@@ -2,10 +2,16 @@
 
 `ServiceProcess` writes a config file, runs `python -m gatehouse.<svc>`, waits for `/health`,
 keeps the log lines (for the no-secrets-in-logs checks) and stops with SIGTERM.
+
+`start_broker`, `start_agent`, `start_sg` and `cm_config` + `start_cm` hold each service's test
+configuration as the collection deploys it (role certificates from the test CA, internal callers
+verified); keyword arguments override or add keys. tests/integration/test_session.py and the attack
+stack tests/security/stack.py build their stacks from them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -16,6 +22,10 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pki import CertFiles, TestPKI
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -62,8 +72,11 @@ class ServiceProcess:
         environ: dict[str, str] | None = None,
         health_url: str | None = None,
         health_ssl: ssl.SSLContext | None = None,
+        identity: CertFiles | None = None,
     ) -> None:
         self.service = service
+        self.config = dict(config)  # as written to config_path
+        self.identity = identity  # the certificate the service presents (the starters below set it)
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = write_kv(workdir / (config_name or f"{service}.properties"), config)
@@ -129,3 +142,157 @@ class ServiceProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+# ---------------------------------------------------------------- the services as deployed
+
+LOOPBACK = ["localhost", "127.0.0.1"]
+
+
+def start_broker(
+    pki: TestPKI, workdir: Path, cert_name: str, admin_token: str, **config: object
+) -> ServiceProcess:
+    """The broker on 127.0.0.1: the broker protocol only for `cm`, load reports only for `agent` certificates."""
+    identity = pki.issue(cert_name, LOOPBACK, role="broker")
+    port = free_port()
+    values: dict[str, object] = {
+        "ListenAddress": "127.0.0.1",
+        "ListenPort": port,
+        "AdminAddress": "127.0.0.1",
+        "AdminPort": free_port(),
+        "SslCert": identity.cert,
+        "SslKey": identity.key,
+        "ClientCaCert": pki.ca,
+        "Database": workdir / "broker.db",
+        "AdminToken": admin_token,
+        "Domains": "CORP",
+        "LogLevel": "debug",
+        **config,
+    }
+    health = f"https://127.0.0.1:{port}/health"
+    return ServiceProcess("broker", workdir, values, health_url=health, identity=identity).start()
+
+
+def start_agent(
+    pki: TestPKI, workdir: Path, cert_name: str, name: str, address: str, broker_url: str, **config: object
+) -> ServiceProcess:
+    """Desktop ``name`` (hostname ``<name>.test``) on ``address``, reporting to ``broker_url``
+    with its `agent` certificate; launch-session only from a `cm` certificate."""
+    identity = pki.issue(cert_name, [f"{name}.test", address], role="agent")
+    control = free_port()
+    values: dict[str, object] = {
+        "ListenAddress": address,
+        "ControlPort": control,
+        "SessionPort": free_port(),
+        "AdminAddress": address,
+        "AdminPort": free_port(),
+        "SslCert": identity.cert,
+        "SslKey": identity.key,
+        "ClientCaCert": pki.ca,
+        "Hostname": f"{name}.test",
+        "AdvertiseAddress": address,
+        "BrokerUrl": broker_url,
+        "BrokerCaCert": pki.ca,
+        "ReportInterval": 2,
+        "Capacity": 50,
+        "LogLevel": "debug",
+        **config,
+    }
+    health = f"https://{address}:{control}/health"
+    return ServiceProcess(
+        "agent", workdir, values, config_name="agent.properties", health_url=health, identity=identity
+    ).start()
+
+
+def start_sg(
+    pki: TestPKI, workdir: Path, cert_name: str, grant_secret: str, **config: object
+) -> ServiceProcess:
+    """The SG on 127.0.0.1, verifying the agents' certificates; /health on its management port."""
+    identity = pki.issue(cert_name, LOOPBACK, role="sg")
+    admin = free_port()
+    values: dict[str, object] = {
+        "ListenAddress": "127.0.0.1",
+        "Port": free_port(),
+        "AgentUdpSourcePort": free_port(),
+        "SslCert": identity.cert,
+        "SslKey": identity.key,
+        "AgentCaCert": pki.ca,
+        "AdminAddress": "127.0.0.1",
+        "AdminPort": admin,
+        "LogLevel": "debug",
+        **config,
+    }
+    return ServiceProcess(
+        "sg",
+        workdir,
+        values,
+        config_name="SecurityGateway.conf",
+        env_file={"GATEHOUSE_GRANTSECRET": grant_secret},
+        health_url=f"http://127.0.0.1:{admin}/health",
+        identity=identity,
+    ).start()
+
+
+def broker_admin(
+    broker_url: str, token: str, ctx: ssl.SSLContext, method: str, path: str, body: object | None = None
+) -> dict:
+    """One call of the broker's admin API (``/api/v1`` + ``path``) with the bearer ``token``."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        f"{broker_url}/api/v1{path}",
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else {}
+
+
+_CM_IDENTITIES: dict[int, CertFiles] = {}
+
+
+def cm_identity(pki: TestPKI) -> CertFiles:
+    """The CMs' `cm` role certificate (the broker and the agents accept only it), one per test CA."""
+    if id(pki) not in _CM_IDENTITIES:
+        _CM_IDENTITIES[id(pki)] = pki.issue("cm-identity", ["localhost"], role="cm")
+    return _CM_IDENTITIES[id(pki)]
+
+
+def cm_config(pki: TestPKI, certs: CertFiles, broker_url: str, **overrides: object) -> dict[str, object]:
+    """A direct-mode CM serving ``certs`` on 127.0.0.1, presenting :func:`cm_identity` upstream."""
+    identity = cm_identity(pki)
+    return {
+        "ListenAddress": "127.0.0.1",
+        "ListenPort": free_port(),
+        "RedirectPort": free_port(),
+        "AdminAddress": "127.0.0.1",
+        "AdminPort": free_port(),
+        "SslCert": certs.cert,
+        "SslKey": certs.key,
+        "IdentityCert": identity.cert,
+        "IdentityKey": identity.key,
+        "BrokerUrl": broker_url,
+        "BrokerCaCert": pki.ca,
+        "AgentCaCert": pki.ca,
+        "AgentTlsVerify": True,
+        "SecurityGatewayEnabled": False,
+        # Each login costs the broker one scrypt (about 0.25 s of a core, docs/security.md): 16
+        # logins at once on 2 shared cores take several seconds.
+        "BrokerTimeout": 15,
+        "AgentTimeout": 5,
+        "HostAddress": "localhost",
+        "LogLevel": "debug",
+        **overrides,
+    }
+
+
+def start_cm(workdir: Path, config: dict[str, object], grant_secret: str) -> ServiceProcess:
+    return ServiceProcess(
+        "cm",
+        workdir,
+        config,
+        config_name="config.properties",
+        env_file={"GATEHOUSE_GRANTSECRET": grant_secret},
+        health_url=f"https://127.0.0.1:{config['ListenPort']}/health",
+    ).start()

@@ -7,8 +7,6 @@ site.yml. The firewalld tasks loop over exactly these lists.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from collection_helpers import REPO_ROOT, ansible_env, collection_tree, tool
+from collection_helpers import REPO_ROOT, run_playbook
 
 
 def rule(source: str, port: int, proto: str = "tcp") -> str:
@@ -61,25 +59,11 @@ def rules(tmp_path_factory) -> dict[str, dict]:
     }
     inventory_path = tmp / "hosts.yml"
     inventory_path.write_text(yaml.safe_dump(inventory))
-    proc = subprocess.run(
-        [
-            tool("ansible-playbook"),
-            "-i",
-            str(inventory_path),
-            str(REPO_ROOT / "playbooks" / "site.yml"),
-            "--check",
-            "--tags",
-            "firewall",
-        ],
-        capture_output=True,
-        text=True,
-        env=ansible_env(),
-        cwd=str(collection_tree()),
-        timeout=300,
-        check=False,
+    run = run_playbook(
+        "-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--tags", "firewall"
     )
-    report = json.loads(proc.stdout)
-    assert proc.returncode == 0, proc.stdout[-5000:]
+    report = run.report
+    assert run.returncode == 0, run.stdout[-5000:]
     found: dict[str, dict] = {}
     for play in report["plays"]:
         for task in play["tasks"]:

@@ -7,10 +7,8 @@ exactly when its names change, it expires within the renewal window, or the CA i
 
 from __future__ import annotations
 
-import json
 import os
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from collection_helpers import ansible_env, collection_tree, tool
+from collection_helpers import run_playbook
 
 OWNER = str(os.getuid())
 GROUP = str(os.getgid())
@@ -59,21 +57,13 @@ def play(tmp_path: Path, certificates: list[dict], **extra) -> dict:
             ]
         )
     )
-    proc = subprocess.run(
-        [tool("ansible-playbook"), str(playbook)],
-        capture_output=True,
-        text=True,
-        env=ansible_env(),
-        cwd=str(collection_tree()),
-        timeout=300,
-        check=False,
-    )
-    report = json.loads(proc.stdout)
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    run = run_playbook(str(playbook))
+    report = run.report
+    assert run.returncode == 0, run.stdout[-4000:]
     tasks = {}
     for task in report["plays"][0]["tasks"]:
         tasks.setdefault(task["task"]["name"], []).append(task["hosts"]["localhost"])
-    return {"tasks": tasks, "stats": report["stats"]["localhost"], "stdout": proc.stdout}
+    return {"tasks": tasks, "stats": report["stats"]["localhost"], "stdout": run.stdout}
 
 
 def load(path: Path) -> x509.Certificate:
@@ -153,3 +143,19 @@ def test_ca_once_certificates_only_when_needed(tmp_path: Path) -> None:
 def test_bad_entry_refused(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="needs a name, a role"):
         play(tmp_path, [{"name": "x", "role": "admin", "dns": ["x.example.test"]}])
+
+
+def test_names_are_told_apart_into_dns_names_and_addresses(tmp_path: Path) -> None:
+    """The callers (site.yml, the agent role) give one list of names; the role splits it."""
+    names = ["192.0.2.21", "cm1.example.test", "fd00::21", "cm1"]
+    play(tmp_path, [{"name": "cm", "role": "cm", "names": names}])
+    cert = load(tmp_path / "node" / "pki" / "cm.pem")
+    assert sans(cert) == {
+        "dns": ["cm1.example.test", "cm1"],
+        "ip": ["192.0.2.21", "fd00::21"],
+        "uri": ["urn:gatehouse:role:cm"],
+    }
+    common_name = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
+    assert common_name == "cm1.example.test"
+    with pytest.raises(AssertionError, match="at least one DNS name or IP address"):
+        play(tmp_path, [{"name": "empty", "role": "cm", "names": []}])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import json
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -17,7 +16,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from collection_helpers import REPO_ROOT, ansible_env, collection_tree, tool
+import collection_helpers
+from collection_helpers import REPO_ROOT
 from tls_material import Chain, der, key_pem, pem, write
 
 PATH_PREFIXES = ("/root/certs", "/opt/gatehouse", "/var/tmp")
@@ -45,20 +45,7 @@ def run_playbook(tasks: list[dict], root: Path, gather_facts: bool = False) -> d
             [{"name": "examples", "hosts": "localhost", "gather_facts": gather_facts, "tasks": tasks}]
         )
     )
-    proc = subprocess.run(
-        [tool("ansible-playbook"), str(playbook)],
-        capture_output=True,
-        text=True,
-        env=ansible_env(),
-        cwd=str(collection_tree()),
-        timeout=300,
-        check=False,
-    )
-    try:
-        report = json.loads(proc.stdout)
-    except ValueError:
-        raise AssertionError(f"no json report\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}") from None
-    return report
+    return collection_helpers.run_playbook(str(playbook)).report
 
 
 def task_results(report: dict) -> list[tuple[str, dict]]:

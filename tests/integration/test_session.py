@@ -15,7 +15,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import urllib.request
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,16 @@ import aiohttp
 import pki as pkimod
 import pytest
 from aiohttp import web
-from services import ServiceProcess, free_port
+from services import (
+    ServiceProcess,
+    broker_admin,
+    cm_config,
+    free_port,
+    start_agent,
+    start_broker,
+    start_cm,
+    start_sg,
+)
 
 from gatehouse import protocol as p
 from gatehouse import tls
@@ -63,70 +71,10 @@ class Stack:
         return tls.client_context(self.pki.ca, verify=True, role="sg")
 
     def admin(self, method: str, path: str, body: object | None = None) -> dict:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(
-            f"{self.broker_url}/api/v1{path}",
-            data=data,
-            method=method,
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=10, context=self.ctx) as resp:
-            return json.loads(resp.read() or b"{}")
+        return broker_admin(self.broker_url, ADMIN_TOKEN, self.ctx, method, path, body)
 
     def all_logs(self) -> dict[str, str]:
         return {name: proc.logs() for name, proc in self.procs.items()}
-
-
-_CM_IDENTITIES: dict[int, pkimod.CertFiles] = {}
-
-
-def cm_identity(pki: pkimod.TestPKI) -> pkimod.CertFiles:
-    """The CMs' `cm` role certificate (the broker and the agents accept only it), one per test CA."""
-    if id(pki) not in _CM_IDENTITIES:
-        _CM_IDENTITIES[id(pki)] = pki.issue("session-cm-identity", ["localhost"], role="cm")
-    return _CM_IDENTITIES[id(pki)]
-
-
-def cm_config(
-    pki: pkimod.TestPKI, certs: pkimod.CertFiles, broker_url: str, **overrides: object
-) -> dict[str, object]:
-    identity = cm_identity(pki)
-    config: dict[str, object] = {
-        "ListenAddress": "127.0.0.1",
-        "ListenPort": free_port(),
-        "RedirectPort": free_port(),
-        "AdminAddress": "127.0.0.1",
-        "AdminPort": free_port(),
-        "SslCert": certs.cert,
-        "SslKey": certs.key,
-        "IdentityCert": identity.cert,
-        "IdentityKey": identity.key,
-        "BrokerUrl": broker_url,
-        "BrokerCaCert": pki.ca,
-        "AgentCaCert": pki.ca,
-        "AgentTlsVerify": True,
-        "SecurityGatewayEnabled": False,
-        # Each login costs the broker one scrypt (about 0.25 s of a core, docs/security.md): 16
-        # logins at once on 2 shared cores take several seconds.
-        "BrokerTimeout": 15,
-        "AgentTimeout": 5,
-        "HostAddress": "localhost",
-        "LogLevel": "debug",
-    }
-    config.update(overrides)
-    return config
-
-
-def start_cm(workdir: Path, config: dict[str, object]) -> ServiceProcess:
-    proc = ServiceProcess(
-        "cm",
-        workdir,
-        config,
-        config_name="config.properties",
-        env_file={"GATEHOUSE_GRANTSECRET": SECRET, "GATEHOUSE_LOGLEVEL": "debug"},
-        health_url=f"https://127.0.0.1:{config['ListenPort']}/health",
-    )
-    return proc.start()
 
 
 def cm_url(proc: ServiceProcess) -> str:
@@ -134,10 +82,7 @@ def cm_url(proc: ServiceProcess) -> str:
 
 
 def _port(proc: ServiceProcess, key: str = "ListenPort") -> int:
-    for line in proc.config_path.read_text().splitlines():
-        if line.startswith(f"{key}="):
-            return int(line.split("=", 1)[1])
-    raise AssertionError(f"no {key}")
+    return int(str(proc.config[key]))
 
 
 def cm_admin_url(proc: ServiceProcess) -> str:
@@ -150,75 +95,16 @@ def stack(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iter
     root = tmp_path_factory.mktemp("session")
     procs: dict[str, ServiceProcess] = {}
     try:
-        broker_port = free_port()
-        broker_certs = pki.issue("session-broker", ["localhost", "127.0.0.1"], role="broker")
-        procs["broker"] = ServiceProcess(
-            "broker",
-            root / "broker",
-            {
-                "ListenAddress": "127.0.0.1",
-                "ListenPort": broker_port,
-                "AdminPort": free_port(),
-                "SslCert": broker_certs.cert,
-                "SslKey": broker_certs.key,
-                "ClientCaCert": pki.ca,
-                "Database": root / "broker.db",
-                "AdminToken": ADMIN_TOKEN,
-                "Domains": "CORP,LAB",
-                "LogLevel": "debug",
-            },
-            health_url=f"https://127.0.0.1:{broker_port}/health",
-        ).start()
-        broker_url = f"https://127.0.0.1:{broker_port}"
+        procs["broker"] = start_broker(
+            pki, root / "broker", "session-broker", ADMIN_TOKEN, Domains="CORP,LAB"
+        )
+        broker_url = f"https://127.0.0.1:{_port(procs['broker'])}"
         agents: dict[str, tuple[str, int, int]] = {}
         for name, address in (("desk-a", "127.0.0.2"), ("desk-b", "127.0.0.3")):
-            control, session_port = free_port(), free_port()
-            certs = pki.issue(f"session-{name}", [f"{name}.test", address], role="agent")
-            procs[name] = ServiceProcess(
-                "agent",
-                root / name,
-                {
-                    "ListenAddress": address,
-                    "ControlPort": control,
-                    "SessionPort": session_port,
-                    "AdminAddress": address,
-                    "AdminPort": free_port(),
-                    "SslCert": certs.cert,
-                    "SslKey": certs.key,
-                    "ClientCaCert": pki.ca,
-                    "Hostname": f"{name}.test",
-                    "AdvertiseAddress": address,
-                    "BrokerUrl": broker_url,
-                    "BrokerCaCert": pki.ca,
-                    "ReportInterval": 2,
-                    "Capacity": 50,
-                    "LogLevel": "debug",
-                },
-                config_name="agent.properties",
-                health_url=f"https://{address}:{control}/health",
-            ).start()
-            agents[name] = (address, control, session_port)
-        sg_port = free_port()
-        sg_admin = free_port()
-        sg_certs = pki.issue("session-sg", ["localhost", "127.0.0.1"])
-        procs["sg"] = ServiceProcess(
-            "sg",
-            root / "sg",
-            {
-                "ListenAddress": "127.0.0.1",
-                "Port": sg_port,
-                "AgentUdpSourcePort": free_port(),
-                "SslCert": sg_certs.cert,
-                "SslKey": sg_certs.key,
-                "AgentCaCert": pki.ca,
-                "AdminAddress": "127.0.0.1",
-                "AdminPort": sg_admin,
-                "LogLevel": "debug",
-            },
-            config_name="SecurityGateway.conf",
-            env_file={"GATEHOUSE_GRANTSECRET": SECRET},
-            health_url=f"http://127.0.0.1:{sg_admin}/health",
-        ).start()
+            procs[name] = start_agent(pki, root / name, f"session-{name}", name, address, broker_url)
+            agents[name] = (address, _port(procs[name], "ControlPort"), _port(procs[name], "SessionPort"))
+        procs["sg"] = start_sg(pki, root / "sg", "session-sg", SECRET)
+        sg_port = _port(procs["sg"], "Port")
         cm_certs = pki.issue("session-cm", ["localhost", "127.0.0.1"])
         procs["cm-gateway"] = start_cm(
             root / "cm-gateway",
@@ -230,8 +116,9 @@ def stack(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 ExternalPcoipIp="127.0.0.1",
                 SecurityGatewayPort=sg_port,
             ),
+            SECRET,
         )
-        procs["cm-direct"] = start_cm(root / "cm-direct", cm_config(pki, cm_certs, broker_url))
+        procs["cm-direct"] = start_cm(root / "cm-direct", cm_config(pki, cm_certs, broker_url), SECRET)
         st = Stack(pki, broker_url, cm_url(procs["cm-gateway"]), cm_url(procs["cm-direct"]), sg_port, procs)
         seed_broker(st, agents)
         yield st
@@ -478,7 +365,7 @@ async def test_idle_sessions_expire(
 ) -> None:
     certs = pki.issue("session-cm-idle", ["localhost", "127.0.0.1"])
     cm = await asyncio.to_thread(
-        start_cm, tmp_path, cm_config(pki, certs, stack.broker_url, SessionIdleTimeout=1)
+        start_cm, tmp_path, cm_config(pki, certs, stack.broker_url, SessionIdleTimeout=1), SECRET
     )
     processes.append(cm)
     async with Client(cm_url(cm), tls.client_context(pki.ca)) as client:
@@ -656,7 +543,7 @@ async def test_agent_down(stack: Stack) -> None:
 
 async def test_broker_down(pki: pkimod.TestPKI, tmp_path: Path, processes: list[ServiceProcess]) -> None:
     certs = pki.issue("session-cm-lonely", ["localhost", "127.0.0.1"])
-    cm = start_cm(tmp_path, cm_config(pki, certs, f"https://127.0.0.1:{free_port()}"))
+    cm = start_cm(tmp_path, cm_config(pki, certs, f"https://127.0.0.1:{free_port()}"), SECRET)
     processes.append(cm)
     ctx = tls.client_context(pki.ca)
     async with Client(cm_url(cm), ctx) as client:
@@ -693,7 +580,7 @@ async def test_broker_too_slow(
 ) -> None:
     certs = pki.issue("session-cm-slow", ["localhost", "127.0.0.1"])
     config = cm_config(pki, certs, f"https://127.0.0.1:{slow_server}", BrokerTimeout=1)
-    cm = await asyncio.to_thread(start_cm, tmp_path, config)
+    cm = await asyncio.to_thread(start_cm, tmp_path, config, SECRET)
     processes.append(cm)
     async with Client(cm_url(cm), tls.client_context(pki.ca)) as client:
         result_id, text = error_of(await client.hello())
@@ -739,7 +626,7 @@ async def test_broker_with_a_weak_key_is_refused(
     try:
         certs = pki.issue("session-cm-weak", ["localhost", "127.0.0.1"])
         config = cm_config(pki, certs, f"https://127.0.0.1:{port}", BrokerTlsVerify=False)
-        cm = await asyncio.to_thread(start_cm, tmp_path, config)
+        cm = await asyncio.to_thread(start_cm, tmp_path, config, SECRET)
         processes.append(cm)
         async with Client(cm_url(cm), tls.client_context(pki.ca)) as client:
             assert error_of(await client.hello())[1] == "Error occurred while communicating with broker"
@@ -822,7 +709,7 @@ async def test_limits_answer_server_busy(
     config = cm_config(
         pki, certs, stack.broker_url, MaxClients=2, MaxConcurrentEstablishments=1, AgentTimeout=3
     )
-    cm = await asyncio.to_thread(start_cm, tmp_path, config)
+    cm = await asyncio.to_thread(start_cm, tmp_path, config, SECRET)
     processes.append(cm)
     url, ctx = cm_url(cm), tls.client_context(pki.ca)
     try:
@@ -920,7 +807,9 @@ async def test_sigterm_finishes_requests_in_flight(
     )
     stack.admin("PUT", "/entitlements/user/CORP/alice/desktop/desk-slow3")
     certs = pki.issue("session-cm-drain", ["localhost", "127.0.0.1"])
-    cm = await asyncio.to_thread(start_cm, tmp_path, cm_config(pki, certs, stack.broker_url, AgentTimeout=2))
+    cm = await asyncio.to_thread(
+        start_cm, tmp_path, cm_config(pki, certs, stack.broker_url, AgentTimeout=2), SECRET
+    )
     processes.append(cm)
     url, ctx = cm_url(cm), tls.client_context(pki.ca)
     try:

@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,31 +22,26 @@ from pathlib import Path
 import pytest
 from pki import TestPKI as PKI
 from services import ServiceProcess, free_port
+from sg_helpers import (
+    CLIENT,
+    client_ctx,
+    closed_by_peer,
+    connect,
+    metrics,
+    open_tls,
+    read_exactly,
+    read_line,
+    udp_bind,
+    wait_for,
+)
 
 from gatehouse import linechan, protocol
 from gatehouse.grant import PREFIX, GrantSealer, decode_secret, generate_secret
 from gatehouse.linechan import BAD_GATEWAY, FORBIDDEN, OK, connect_line
 
-CLIENT = "127.0.0.1"
 OTHER_CLIENT = "127.0.0.2"  # on Linux all of 127/8 is loopback
 # Every grant, session-tag and grant secret a test handles; checked against all logs afterwards.
 SEEN_SECRETS: list[str] = []
-
-
-def client_ctx() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass
@@ -96,50 +91,13 @@ class Gateway:
         return grant
 
     def open(self, source: str = CLIENT, ctx: ssl.SSLContext | None = None) -> ssl.SSLSocket:
-        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10, source_address=(source, 0))
-        return (ctx or client_ctx()).wrap_socket(raw)
+        return open_tls(self.port, source, ctx)
 
     def connect(self, grant: str, source: str = CLIENT) -> tuple[ssl.SSLSocket, bytes]:
-        sock = self.open(source)
-        sock.sendall(connect_line(grant))
-        return sock, read_line(sock)
+        return connect(self.port, grant, source)
 
     def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _sep, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
-
-
-def read_line(sock: ssl.SSLSocket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def read_exactly(sock: ssl.SSLSocket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def closed_by_peer(sock: ssl.SSLSocket) -> bool:
-    try:
-        return sock.recv(1) == b""
-    except (ConnectionError, ssl.SSLError):
-        return True
+        return metrics(self.admin_port)
 
 
 def start_agent(pki: PKI, tmp: Path, processes: list[ServiceProcess], **extra: object) -> Agent:
@@ -219,17 +177,6 @@ def no_secrets_in_logs(processes: list[ServiceProcess]) -> Iterator[None]:
         logs = proc.logs()
         for secret in SEEN_SECRETS:
             assert secret not in logs, f"a secret leaked into the {proc.service} log"
-
-
-def udp_bind(udp: socket.socket, grant: str, port: int, counter: int = 1) -> bytes:
-    """Bind ``udp``'s address to the grant's session at the SG; returns the bind datagram."""
-    key, key_id = linechan.udp_bind_key(grant)
-    datagram = linechan.bind_datagram(key, key_id, counter)
-    udp.sendto(datagram, ("127.0.0.1", port))
-    ack, source = udp.recvfrom(2048)
-    assert source == ("127.0.0.1", port)
-    assert ack == linechan.bind_ack(key, key_id, counter)
-    return datagram
 
 
 def good_session(sg: Gateway, agent: Agent, payload: bytes = b"ping") -> None:

@@ -9,14 +9,21 @@ after their attack.
 
 from __future__ import annotations
 
-import json
 import ssl
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pki as pkimod
-from services import ServiceProcess, free_port
+from services import (
+    ServiceProcess,
+    broker_admin,
+    cm_config,
+    cm_identity,
+    start_agent,
+    start_broker,
+    start_cm,
+    start_sg,
+)
 
 from gatehouse import tls
 from gatehouse.client.flow import SessionReport, run_session
@@ -48,16 +55,7 @@ class Stack:
         return tls.client_context(self.pki.ca, verify=True, role="sg")
 
     def admin(self, method: str, path: str, body: object | None = None) -> dict:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(
-            f"{self.broker_url}/api/v1{path}",
-            data=data,
-            method=method,
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, context=tls.client_context(self.pki.ca), timeout=10) as resp:
-            raw = resp.read()
-        return json.loads(raw) if raw else {}
+        return broker_admin(self.broker_url, ADMIN_TOKEN, tls.client_context(self.pki.ca), method, path, body)
 
     async def session(
         self, user: str = USER, password: str = USER_PW, *, resource: str | None = None, **kwargs: object
@@ -97,120 +95,41 @@ def build(
 ) -> Stack:
     """Start broker, two agents (desk-a on 127.0.0.2, desk-b on 127.0.0.3), SG and a gateway CM.
 
-    The keyword dicts override each service's configuration keys. alice is entitled to both
+    Each service starts from its starter in tests/integration/services.py (the configuration
+    test_session.py uses too); the keyword dicts override its keys. alice is entitled to both
     desktops, bob to desk-b.
     """
     procs: dict[str, ServiceProcess] = {}
-    ids: dict[str, pkimod.CertFiles] = {}
     try:
-        broker_port, broker_admin = free_port(), free_port()
-        ids["broker"] = pki.issue("hard-broker", ["localhost", "127.0.0.1"], role="broker")
-        procs["broker"] = ServiceProcess(
-            "broker",
-            root / "broker",
-            {
-                "ListenAddress": "127.0.0.1",
-                "ListenPort": broker_port,
-                "AdminAddress": "127.0.0.1",
-                "AdminPort": broker_admin,
-                "SslCert": ids["broker"].cert,
-                "SslKey": ids["broker"].key,
-                "ClientCaCert": pki.ca,
-                "Database": root / "broker.db",
-                "AdminToken": ADMIN_TOKEN,
-                "Domains": "CORP",
-                "LogLevel": "debug",
-                **(broker or {}),
-            },
-            health_url=f"https://127.0.0.1:{broker_port}/health",
-        ).start()
-        broker_url = f"https://127.0.0.1:{broker_port}"
+        procs["broker"] = start_broker(pki, root / "broker", "hard-broker", ADMIN_TOKEN, **(broker or {}))
+        broker_url = f"https://127.0.0.1:{procs['broker'].config['ListenPort']}"
         agents: dict[str, tuple[str, int, int]] = {}
         for name, address in (("desk-a", "127.0.0.2"), ("desk-b", "127.0.0.3")):
-            control, session_port, admin = free_port(), free_port(), free_port()
-            ids[name] = pki.issue(f"hard-{name}", [f"{name}.test", address], role="agent")
-            procs[name] = ServiceProcess(
-                "agent",
-                root / name,
-                {
-                    "ListenAddress": address,
-                    "ControlPort": control,
-                    "SessionPort": session_port,
-                    "AdminAddress": address,
-                    "AdminPort": admin,
-                    "SslCert": ids[name].cert,
-                    "SslKey": ids[name].key,
-                    "ClientCaCert": pki.ca,
-                    "Hostname": f"{name}.test",
-                    "AdvertiseAddress": address,
-                    "BrokerUrl": broker_url,
-                    "BrokerCaCert": pki.ca,
-                    "ReportInterval": 2,
-                    "Capacity": 50,
-                    "LogLevel": "debug",
-                    **(agent or {}),
-                },
-                config_name="agent.properties",
-                health_url=f"https://{address}:{control}/health",
-            ).start()
-            agents[name] = (address, control, session_port)
-        sg_port, sg_admin = free_port(), free_port()
-        ids["sg"] = pki.issue("hard-sg", ["localhost", "127.0.0.1"], role="sg")
-        procs["sg"] = ServiceProcess(
-            "sg",
-            root / "sg",
-            {
-                "ListenAddress": "127.0.0.1",
-                "Port": sg_port,
-                "AgentUdpSourcePort": free_port(),
-                "SslCert": ids["sg"].cert,
-                "SslKey": ids["sg"].key,
-                "AgentCaCert": pki.ca,
-                "AdminAddress": "127.0.0.1",
-                "AdminPort": sg_admin,
-                "LogLevel": "debug",
-                **(sg or {}),
-            },
-            config_name="SecurityGateway.conf",
-            env_file={"GATEHOUSE_GRANTSECRET": SECRET},
-            health_url=f"http://127.0.0.1:{sg_admin}/health",
-        ).start()
-        cm_port = free_port()
-        ids["cm"] = pki.issue("hard-cm", ["localhost", "127.0.0.1"], role="cm")
-        ids["cm-public"] = pki.issue("hard-cm-public", ["localhost", "127.0.0.1"])
-        procs["cm"] = ServiceProcess(
-            "cm",
-            root / "cm",
-            {
-                "ListenAddress": "127.0.0.1",
-                "ListenPort": cm_port,
-                "RedirectPort": free_port(),
-                "AdminAddress": "127.0.0.1",
-                "AdminPort": free_port(),
-                "SslCert": ids["cm-public"].cert,
-                "SslKey": ids["cm-public"].key,
-                "IdentityCert": ids["cm"].cert,
-                "IdentityKey": ids["cm"].key,
-                "BrokerUrl": broker_url,
-                "BrokerCaCert": pki.ca,
-                "AgentCaCert": pki.ca,
+            procs[name] = start_agent(
+                pki, root / name, f"hard-{name}", name, address, broker_url, **(agent or {})
+            )
+            cfg = procs[name].config
+            agents[name] = (address, int(cfg["ControlPort"]), int(cfg["SessionPort"]))
+        procs["sg"] = start_sg(pki, root / "sg", "hard-sg", SECRET, **(sg or {}))
+        sg_port, sg_admin = int(procs["sg"].config["Port"]), int(procs["sg"].config["AdminPort"])
+        config = cm_config(
+            pki,
+            pki.issue("hard-cm-public", ["localhost", "127.0.0.1"]),
+            broker_url,
+            **{
                 "SecurityGatewayEnabled": True,
                 "ExternalPcoipIp": "127.0.0.1",
                 "SecurityGatewayPort": sg_port,
                 "SecurityGatewayHealthUrl": f"http://127.0.0.1:{sg_admin}/health",
                 "BrokerTimeout": 5,
-                "AgentTimeout": 5,
-                "HostAddress": "localhost",
-                "LogLevel": "debug",
                 **(cm or {}),
             },
-            config_name="config.properties",
-            env_file={"GATEHOUSE_GRANTSECRET": SECRET},
-            health_url=f"https://127.0.0.1:{cm_port}/health",
-        ).start()
-        st = Stack(
-            pki, root, broker_url, f"https://127.0.0.1:{cm_port}", sg_port, sg_admin, agents, procs, ids
         )
+        procs["cm"] = start_cm(root / "cm", config, SECRET)
+        ids = {name: proc.identity for name, proc in procs.items() if proc.identity is not None}
+        ids["cm"] = cm_identity(pki)
+        cm_url = f"https://127.0.0.1:{config['ListenPort']}"
+        st = Stack(pki, root, broker_url, cm_url, sg_port, sg_admin, agents, procs, ids)
         seed(st)
         return st
     except BaseException:

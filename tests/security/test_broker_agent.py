@@ -5,9 +5,11 @@ completes during and after it, and that nothing secret reached a log:
 
 - password guessing through the CM from attacker addresses: progressive delay, then lockout per
   (account, source) and for the account from unknown sources; alice still logs in from her address;
+- the delay growing per (account, source), and password spraying from one address locking that source;
 - a login flood against the bounded password-hashing pool: "busy" answers, the broker stays responsive;
 - one desktop's certificate reporting load for another desktop, or for addresses that are no desktop;
-- launch-session at an agent and the broker protocol at the broker without a CM certificate.
+- launch-session at an agent and the broker protocol at the broker without a CM certificate (and
+  an agent whose verification is switched off says so).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import pki as pkimod
 import pytest
 import stack as hardened
+from services import start_agent
 
 from gatehouse import protocol as p
 from gatehouse import tls
@@ -229,6 +232,78 @@ async def test_password_guessing_is_throttled_and_the_user_still_logs_in(make_st
     st.assert_no_secrets_logged(*guesses)
 
 
+# ---------------------------------------------------------------- 1a. growing delay, spraying
+
+SPRAY = {
+    "LoginDelayAfterFailures": 2,
+    "LoginMaxDelay": 8,
+    "LoginLockoutAfterFailures": 4,
+    "LoginSourceLockoutAfterFailures": 6,
+    "LoginAccountLockoutAfterFailures": 50,
+    "LoginLockoutSeconds": 300,
+    "LoginFailureWindow": 300,
+}
+FAILED = 'gatehouse_broker_authentications_total{result="failure"}'
+DELAYED = 'gatehouse_broker_login_throttled_total{reason="delay"}'
+
+
+async def test_delays_grow_per_pair_and_password_spraying_locks_the_source(make_stack) -> None:
+    st = make_stack(**SPRAY)
+    hardened.assert_session_ok(await st.session())
+    guesses: list[str] = []
+
+    async def attempt(source: str, user: str, wait: float = 0.0) -> tuple[float, float]:
+        """One wrong password after ``wait`` s: (checked failures, delay refusals) it added."""
+        await asyncio.sleep(wait)
+        before = await asyncio.to_thread(metrics, st, "broker")
+        guesses.append(f"Guess-{source}-{len(guesses)}!")
+        assert (await guess(st, source, user, guesses[-1]))[0] == p.AUTH_FAILED
+        after = await asyncio.to_thread(metrics, st, "broker")
+        return after[FAILED] - before[FAILED], after[DELAYED] - before[DELAYED]
+
+    # One (account, source): 2 failures start a 1 s delay, the 3rd a 2 s delay, the 4th the lockout.
+    # An attempt inside the delay is not checked; the next one after it is.
+    guesser = "127.0.0.91"
+    steps = [await attempt(guesser, hardened.OTHER) for _n in range(2)]
+    steps.append(await attempt(guesser, hardened.OTHER))  # at once: inside the 1 s delay
+    steps.append(await attempt(guesser, hardened.OTHER, 1.3))  # the 1 s delay has passed
+    steps.append(await attempt(guesser, hardened.OTHER, 1.3))  # inside the 2 s delay now
+    steps.append(await attempt(guesser, hardened.OTHER, 1.1))  # 2.4 s after the 3rd failure
+    assert steps == [(1, 0), (1, 0), (0, 1), (1, 0), (0, 1), (1, 0)], steps
+    assert (await guess(st, guesser, hardened.OTHER, hardened.OTHER_PW))[0] == p.AUTH_FAILED  # locked
+
+    # Spraying: one wrong password each for many accounts from one client address. The source is
+    # locked after LoginSourceLockoutAfterFailures, whichever accounts; others are not affected.
+    sprayer = "127.0.0.90"
+    before = metrics(st, "broker")
+
+    async def spray() -> None:
+        for i in range(10):
+            guesses.append(f"Spray-{i}!")
+            user = (hardened.USER, hardened.OTHER)[i] if i < 2 else f"user{i}"
+            assert (await guess(st, sprayer, user, guesses[-1]))[0] == p.AUTH_FAILED
+
+    _sprayed, during = await asyncio.gather(spray(), st.session())
+    hardened.assert_session_ok(during)
+    after = metrics(st, "broker")
+    assert after[FAILED] - before[FAILED] == 6
+    assert after['gatehouse_broker_login_throttled_total{reason="source_lockout"}'] == 4
+    assert after['gatehouse_broker_login_lockouts_total{scope="source"}'] == 1
+    # The right password from the sprayer's address is refused; alice and bob log in from theirs.
+    assert (await guess(st, sprayer, hardened.USER, hardened.USER_PW))[0] == p.AUTH_FAILED
+    hardened.assert_session_ok(await st.session())
+    hardened.assert_session_ok(await st.session(hardened.OTHER, hardened.OTHER_PW, resource="desk-b"))
+    st.stop()
+    lockouts = [
+        json.loads(line) for line in st.logs()["broker"].splitlines() if "login lockout started" in line
+    ]
+    assert {(e["client_ip"], e["scope"]) for e in lockouts} == {
+        (guesser, "account_source"),
+        (sprayer, "source"),
+    }
+    st.assert_no_secrets_logged(*guesses)
+
+
 # ---------------------------------------------------------------- 1b. hashing flood
 
 
@@ -389,3 +464,31 @@ async def test_only_a_cm_certificate_launches_sessions_or_speaks_to_the_broker(
     st.stop()
     st.assert_no_secrets_logged()
     assert "launch-session refused" in st.logs()["desk-a"]
+
+
+def test_an_agent_without_client_verification_says_so(pki: pkimod.TestPKI, tmp_path: Path) -> None:
+    """ClientTlsVerify=false (a lab without the deployment CA): any caller launches, and the agent warns."""
+    agent = start_agent(
+        pki,
+        tmp_path / "agent",
+        "open-agent",
+        "desk-open",
+        "127.0.0.4",
+        "",
+        ClientTlsVerify=False,
+        ClientCaCert="",
+    )
+    try:
+        launch = p.render(
+            "pcoip-agent", p.LaunchSession("5f0c1d9e-8f1a-4d4e-9a51-2b6a3f0c7d12", "127.0.0.9", "x", "CORP")
+        )
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        ctx.check_hostname = False
+        url = f"https://127.0.0.4:{agent.config['ControlPort']}{p.PATH_AGENT}"
+        status, body = post(url, launch, ctx, p.CONTENT_TYPE)  # no client certificate
+        reply = p.parse(body, "pcoip-agent")
+        assert status == 200 and isinstance(reply, p.LaunchSessionResp) and reply.result_id == p.LAUNCH_OK
+    finally:
+        agent.stop()
+    warnings = [json.loads(line) for line in agent.logs().splitlines() if '"warn' in line]
+    assert any("ClientTlsVerify is false" in w["msg"] for w in warnings), warnings

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,18 +17,21 @@ from pathlib import Path
 import aiohttp
 import pki as pkimod
 import pytest
+import slowhttp
 import stack as hardened
-from services import ServiceProcess, free_port
+from services import ServiceProcess, free_port, start_cm
 
 from gatehouse import protocol as p
 from gatehouse import tls
-from gatehouse.client.flow import CmConnection
+from gatehouse.client.flow import CmConnection, run_session
 from gatehouse.config import parse_kv
 
 ENV = "pcoip-client"
 REQUEST_TIMEOUT = 3
 # Small enough that the flood below overflows it (8 sources x 16 sessions = 128 > 64).
 MAX_PRE_AUTH = 64
+# The global cap of the CM started by the MaxConnections test (below four sources' per-source caps).
+MAX_CONNECTIONS = 40
 CM_OVERRIDES: dict[str, object] = {
     "RequestTimeout": REQUEST_TIMEOUT,
     "KeepAliveTimeout": 3,
@@ -60,16 +62,7 @@ def cm_port(st: hardened.Stack) -> int:
 
 
 async def metrics(st: hardened.Stack) -> dict[str, float]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{admin_url(st)}/metrics") as resp:
-            assert resp.status == 200
-            text = await resp.text()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _sep, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
+    return await slowhttp.scrape(admin_url(st))
 
 
 @contextlib.asynccontextmanager
@@ -100,6 +93,29 @@ def result_of(message: p.Message) -> str:
 
 async def session_ok(st: hardened.Stack, **kwargs: object) -> None:
     hardened.assert_session_ok(await st.session(tcp_bytes=8192, **kwargs))  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def extra_cm(
+    st: hardened.Stack, workdir: Path, **overrides: object
+) -> AsyncIterator[tuple[ServiceProcess, str, str]]:
+    """Another CM on the same broker and SG with ``overrides``: (process, URL, management URL)."""
+    config: dict[str, object] = dict(cm_config(st))
+    port, admin_port = free_port(), free_port()
+    config.update(ListenPort=port, RedirectPort=free_port(), AdminPort=admin_port, **overrides)
+    proc = await asyncio.to_thread(start_cm, workdir, config, hardened.SECRET)
+    try:
+        yield proc, f"https://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+    finally:
+        proc.stop()
+
+
+async def session_via(st: hardened.Stack, url: str) -> None:
+    """A whole legitimate session through the CM at ``url`` (and the stack's SG)."""
+    report = await run_session(
+        url, hardened.USER, hardened.USER_PW, domain="CORP", ssl_context=st.client_ctx(), tcp_bytes=8192
+    )
+    hardened.assert_session_ok(report)
 
 
 # ------------------------------------------------------------------ 1. session-table exhaustion
@@ -147,68 +163,33 @@ async def test_anonymous_hellos_cannot_exhaust_the_session_table(st: hardened.St
 # ------------------------------------------------------------------ 2. slowloris
 
 
-async def _closed(reader: asyncio.StreamReader, limit: float) -> bool:
-    """True when the server closes (or resets) the connection within ``limit`` seconds."""
-
-    async def until_eof() -> None:
-        while await reader.read(65536):
-            pass
-
-    try:
-        await asyncio.wait_for(until_eof(), limit)
-    except TimeoutError:
-        return False
-    except (ConnectionError, ssl.SSLError):
-        return True
-    return True
-
-
 async def test_slow_and_idle_connections_are_cut_and_capped(st: hardened.Stack) -> None:
     port = cm_port(st)
     ctx = st.client_ctx()
-    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    async def opened(source: str, mode: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if mode == "idle":  # no TLS ClientHello at all
-            return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=ctx, server_hostname="localhost", local_addr=(source, 0)
-        )
-        if mode == "partial":
-            writer.write(b"POST /pcoip-broker/xml HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/xml\r\n")
-        else:  # a stalled body
-            writer.write(
-                b"POST /pcoip-broker/xml HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4000\r\n\r\n<?xml"
-            )
-        return reader, writer
-
+    held: list[slowhttp.Conn] = []
     started = time.monotonic()
-    for i, mode in enumerate(("idle", "partial", "stalled")):
+    for i, mode in enumerate(slowhttp.MODES):
         for j in range(4):
             source = f"127.0.0.{20 + i * 4 + j}"
-            held += await asyncio.gather(*(opened(source, mode) for _n in range(25)))  # 300 in all
+            held += await asyncio.gather(
+                *(slowhttp.open_slow("127.0.0.1", port, ctx, source, mode, p.PATH_BROKER) for _n in range(25))
+            )  # 300 in all
     # The per-source cap: 64 from one address are held, the rest are closed at once.
-
-    async def try_open() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        try:
-            return await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.40", 0))
-        except ConnectionResetError:  # reset at accept before connect() returned: refused too
-            return None
-
-    opened_80 = [await try_open() for _n in range(80)]
+    opened_80 = [await slowhttp.try_open("127.0.0.1", port, "127.0.0.40") for _n in range(80)]
     capped = [c for c in opened_80[:64] if c is not None]
     assert len(capped) == 64
     over = [c[0] for c in opened_80[64:] if c is not None]
-    assert all(await asyncio.gather(*(_closed(r, 1.0) for r in over)))
+    assert all(await asyncio.gather(*(slowhttp.closed_within(r, 1.0) for r in over)))
 
     await session_ok(st)  # during: 364 hostile connections are open or being cut
 
-    closed = await asyncio.gather(*(_closed(r, REQUEST_TIMEOUT + 3) for r, _w in held + capped))
+    closed = await asyncio.gather(
+        *(slowhttp.closed_within(r, REQUEST_TIMEOUT + 3) for r, _w in held + capped)
+    )
     elapsed = time.monotonic() - started
     assert all(closed), f"{closed.count(False)} slow connections still open"
     assert elapsed < REQUEST_TIMEOUT + 8
-    for _r, w in held + capped + [c for c in opened_80[64:] if c is not None]:
-        w.close()
+    slowhttp.close_all([*held, *opened_80])
     await session_ok(st)  # after
     m = await metrics(st)
     assert m['gatehouse_http_request_timeouts_total{listener="public"}'] >= 300
@@ -231,9 +212,36 @@ async def test_an_idle_kept_alive_connection_is_closed(st: hardened.Stack) -> No
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 200")
     # KeepAliveTimeout is 3 s: the idle connection is closed (a second request never started).
-    assert await _closed(reader, 6)
+    assert await slowhttp.closed_within(reader, 6)
     writer.close()
     await session_ok(st)
+
+
+async def test_the_global_connection_cap_holds_and_frees_its_slots(
+    st: hardened.Stack, tmp_path: Path
+) -> None:
+    async with extra_cm(st, tmp_path / "cm-cap", MaxConnections=MAX_CONNECTIONS) as (_proc, url, admin):
+        port = int(url.rpartition(":")[2])
+        held = [
+            await slowhttp.try_open("127.0.0.1", port, f"127.0.0.{60 + i % 4}")
+            for i in range(MAX_CONNECTIONS)
+        ]
+        assert all(c is not None for c in held)
+        # Every slot is taken: a newcomer from any other address is reset at accept...
+        over = [await slowhttp.try_open("127.0.0.1", port, f"127.0.0.{64 + i}") for i in range(10)]
+        assert all(await asyncio.gather(*(slowhttp.closed_within(c[0], 1.0) for c in over if c is not None)))
+        # ... while the management listener, with its own budget, still answers and counts.
+        m = await slowhttp.scrape(admin)
+        assert slowhttp.open_connections(m) == MAX_CONNECTIONS
+        assert slowhttp.refused(m, "max_connections") >= 10
+        # RequestTimeout frees the slots; then a legitimate session completes through this CM.
+        closed = await asyncio.gather(*(slowhttp.closed_within(c[0], REQUEST_TIMEOUT + 3) for c in held if c))
+        assert all(closed)
+        slowhttp.close_all([*held, *over])
+        await session_via(st, url)
+        assert slowhttp.refused(await slowhttp.scrape(admin), "max_connections_per_source") == 0
+    await session_ok(st)
+    st.assert_no_secrets_logged()
 
 
 # ------------------------------------------------------------------ 3. password guessing
@@ -321,28 +329,12 @@ async def test_the_cookie_is_rotated_at_login(st: hardened.Stack) -> None:
 @pytest.fixture
 async def second_cm(st: hardened.Stack, tmp_path: Path) -> AsyncIterator[tuple[ServiceProcess, str]]:
     """Another CM on the same broker: SessionMaxLifetime 3 s and agent verification off."""
-    config: dict[str, object] = dict(cm_config(st))
-    port = free_port()
-    config.update(
-        ListenPort=port,
-        RedirectPort=free_port(),
-        AdminPort=free_port(),
-        SessionMaxLifetime=3,
-        AgentTlsVerify=False,
-    )
-    proc = ServiceProcess(
-        "cm",
-        tmp_path / "cm2",
-        config,
-        config_name="config.properties",
-        env_file={"GATEHOUSE_GRANTSECRET": hardened.SECRET},
-        health_url=f"https://127.0.0.1:{port}/health",
-    )
-    await asyncio.to_thread(proc.start)
-    try:
-        yield proc, f"https://127.0.0.1:{port}"
-    finally:
-        proc.stop()
+    async with extra_cm(st, tmp_path / "cm2", SessionMaxLifetime=3, AgentTlsVerify=False) as (
+        proc,
+        url,
+        _admin,
+    ):
+        yield proc, url
 
 
 async def test_sessions_have_an_absolute_lifetime(
@@ -361,6 +353,8 @@ async def test_sessions_have_an_absolute_lifetime(
         assert result_of(await cm.send(p.GetResourceList())) == p.E_USER_AUTH
     finally:
         await cm.close()
+    # A session that needs less than SessionMaxLifetime is not disturbed by it.
+    await session_via(st, url)
     # Turning agent verification off is said loudly at start.
     assert "AgentTlsVerify is false" in proc.logs()
     await session_ok(st)

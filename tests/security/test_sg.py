@@ -26,13 +26,14 @@ from typing import TypeVar
 
 import pki as pkimod
 import pytest
+import sg_helpers
 import stack as hardened
 from services import ServiceProcess, free_port
+from sg_helpers import CLIENT, client_ctx, read_line, wait_for
 
 from gatehouse import linechan, protocol
 from gatehouse.grant import GrantSealer, decode_secret
 
-CLIENT = "127.0.0.1"
 REQUEST_TIMEOUT = 2.0  # the SG's RequestTimeout here: handshake + CONNECT line
 PER_SOURCE = 8  # the SG's MaxConnectionsPerSource here
 REFUSAL_LOG_RATE = 10  # gatehouse.sg.settings.REFUSAL_LOG_RATE
@@ -55,14 +56,7 @@ def st(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def metrics(st: hardened.Stack) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{st.sg_admin_port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _sep, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
+    return sg_helpers.metrics(st.sg_admin_port)
 
 
 def refused(m: dict[str, float], reason: str) -> float:
@@ -71,22 +65,6 @@ def refused(m: dict[str, float], reason: str) -> float:
 
 def dropped(m: dict[str, float], reason: str) -> float:
     return m.get(f'gatehouse_sg_udp_datagrams_dropped_total{{reason="{reason}"}}', 0.0)
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def sg_ctx() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def grant_for(st: hardened.Stack, desk: str, client_ip: str = CLIENT) -> str:
@@ -111,21 +89,8 @@ def grant_for(st: hardened.Stack, desk: str, client_ip: str = CLIENT) -> str:
     return grant
 
 
-def read_line(sock: ssl.SSLSocket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def open_channel(st: hardened.Stack, grant: str, source: str = CLIENT) -> tuple[ssl.SSLSocket, bytes]:
-    raw = socket.create_connection(("127.0.0.1", st.sg_port), timeout=10, source_address=(source, 0))
-    sock = sg_ctx().wrap_socket(raw)
-    sock.sendall(linechan.connect_line(grant))
-    return sock, read_line(sock)
+    return sg_helpers.connect(st.sg_port, grant, source)
 
 
 def udp_socket(source: str = CLIENT) -> socket.socket:
@@ -136,12 +101,7 @@ def udp_socket(source: str = CLIENT) -> socket.socket:
 
 
 def bind(st: hardened.Stack, udp: socket.socket, grant: str, counter: int = 1) -> bytes:
-    key, key_id = linechan.udp_bind_key(grant)
-    datagram = linechan.bind_datagram(key, key_id, counter)
-    udp.sendto(datagram, ("127.0.0.1", st.sg_port))
-    ack, _source = udp.recvfrom(2048)
-    assert ack == linechan.bind_ack(key, key_id, counter)
-    return datagram
+    return sg_helpers.udp_bind(udp, grant, st.sg_port, counter)
 
 
 def received(udp: socket.socket, wait: float = 0.5) -> list[bytes]:
@@ -289,7 +249,7 @@ async def test_idle_sockets_from_one_source_are_capped_and_closed_by_the_deadlin
 
 async def test_tls_up_but_no_connect_line_is_closed_by_the_deadline(st: hardened.Stack) -> None:
     def attack() -> int:
-        socks = [sg_ctx().wrap_socket(s) for s in hold("127.0.0.6", PER_SOURCE, st.sg_port)]
+        socks = [client_ctx().wrap_socket(s) for s in hold("127.0.0.6", PER_SOURCE, st.sg_port)]
         started = time.monotonic()
         try:
             # While they are held, one more from that source is closed at accept.
@@ -320,7 +280,7 @@ async def test_a_flood_of_bad_connect_lines_is_counted_in_full_and_logged_at_a_b
     def flood(source: str) -> None:
         for _n in range(per_source):
             raw = socket.create_connection(("127.0.0.1", st.sg_port), timeout=10, source_address=(source, 0))
-            with sg_ctx().wrap_socket(raw) as sock:
+            with client_ctx().wrap_socket(raw) as sock:
                 sock.sendall(linechan.connect_line(bad))
                 assert read_line(sock) == linechan.FORBIDDEN
 
@@ -352,6 +312,159 @@ async def test_a_flood_of_bad_connect_lines_is_counted_in_full_and_logged_at_a_b
     assert any(line.get("suppressed") for line in lines) or len(lines) <= REFUSAL_LOG_RATE * 2
     hardened.assert_session_ok(await st.session())
     after(st)
+
+
+# ---------------------------------------------------------------- 2b. global caps (a small SG)
+
+SMALL_MAX_CONNECTIONS = 6
+SMALL_UDP_PORTS = 2
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 free for UDP on 127.0.0.1 (a two-port AgentUdpSourcePort range)."""
+    for _n in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free consecutive ports")
+
+
+@pytest.fixture(scope="module")
+def small(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[hardened.Stack]:
+    """A stack whose SG has room for SMALL_MAX_CONNECTIONS connections and SMALL_UDP_PORTS
+    agent-side UDP ports, so that the global caps can be reached from a test."""
+    s = hardened.build(
+        pki,
+        Path(tmp_path_factory.mktemp("sg-small")),
+        sg={
+            "MaxConnections": SMALL_MAX_CONNECTIONS,
+            "AgentUdpSourcePort": free_port_pair(),
+            "AgentUdpPortCount": SMALL_UDP_PORTS,
+            "RequestTimeout": REQUEST_TIMEOUT,
+        },
+    )
+    yield s
+    s.stop()
+
+
+def tcp_echo(chan: ssl.SSLSocket, payload: bytes) -> bool:
+    chan.sendall(payload)
+    return sg_helpers.read_exactly(chan, len(payload)) == payload
+
+
+def udp_echo(st: hardened.Stack, udp: socket.socket, payload: bytes) -> bool:
+    udp.sendto(payload, ("127.0.0.1", st.sg_port))
+    return received(udp) == [payload]
+
+
+async def test_sessions_beyond_the_agent_udp_port_range_relay_tcp_only(small: hardened.Stack) -> None:
+    """AgentUdpPortCount exhaustion: relayed sessions that never bind hold no agent-side port (a
+    whole session with UDP completes while more of them are open than there are ports); once
+    every port is held, a further session relays TCP and its binds go unanswered, the sessions
+    holding ports are unaffected, and a whole session completes once a port is free again."""
+    before = metrics(small)
+    grant_l = grant_for(small, "desk-a")  # a user's session, holding a port throughout
+    chan_l, answer_l = open_channel(small, grant_l)
+    udp_l = udp_socket()
+    try:
+        assert answer_l == linechan.OK
+        bind(small, udp_l, grant_l)
+        grants = [grant_for(small, "desk-b") for _n in range(SMALL_UDP_PORTS + 1)]
+        chans = []
+        try:
+            for grant in grants:  # more relayed sessions than ports, none bound yet
+                chan, answer = open_channel(small, grant)
+                chans.append(chan)
+                assert answer == linechan.OK
+            assert metrics(small)["gatehouse_sg_udp_agent_ports_in_use"] == 1
+            hardened.assert_session_ok(await small.session())  # binds the second port, then frees it
+            wait_for(
+                lambda: metrics(small)["gatehouse_sg_udp_agent_ports_in_use"] == 1, "that port to be freed"
+            )
+
+            def attack() -> None:
+                with udp_socket() as holder, udp_socket() as beyond:
+                    bind(small, holder, grants[0])  # the last free port
+                    key, key_id = linechan.udp_bind_key(grants[1])
+                    for _n in range(3):  # no port left: unanswered, however often it is sent
+                        beyond.sendto(linechan.bind_datagram(key, key_id, 1), ("127.0.0.1", small.sg_port))
+                    assert received(beyond) == []
+                    assert tcp_echo(chans[1], b"tcp still relayed")  # that session relays TCP only
+                    m = metrics(small)
+                    assert m["gatehouse_sg_udp_agent_ports_in_use"] == SMALL_UDP_PORTS
+                    # The sessions holding ports are unaffected.
+                    assert tcp_echo(chan_l, b"user tcp") and udp_echo(small, udp_l, b"user udp")
+                    assert udp_echo(small, holder, b"holder udp")
+
+            await asyncio.to_thread(attack)
+        finally:
+            for chan in chans:
+                chan.close()
+        m = metrics(small)
+        exhausted = "gatehouse_sg_udp_agent_ports_exhausted_total"
+        assert m[exhausted] - before.get(exhausted, 0.0) == 1  # once per session
+        assert dropped(m, "agent-ports-exhausted") - dropped(before, "agent-ports-exhausted") == 3
+        wait_for(lambda: metrics(small)["gatehouse_sg_udp_agent_ports_in_use"] == 1, "the ports to be freed")
+        hardened.assert_session_ok(await small.session())
+        assert tcp_echo(chan_l, b"user tcp") and udp_echo(small, udp_l, b"user udp")
+    finally:
+        udp_l.close()
+        chan_l.close()
+    small.assert_no_secrets_logged(*SEEN)
+
+
+async def test_handshaking_sockets_from_many_sources_are_held_to_max_connections(
+    small: hardened.Stack,
+) -> None:
+    """A handshake flood from several sources (each under MaxConnectionsPerSource) fills
+    MaxConnections: the sockets beyond it are closed at accept, those let in are closed by the
+    deadline, a relayed session keeps its TCP and UDP throughout, and a whole session completes
+    afterwards. (While the cap is full, new connections are refused: that is the cap.)"""
+    wait_for(lambda: metrics(small)["gatehouse_sg_connections_open"] == 0, "earlier connections to close")
+    before = metrics(small)
+    grant = grant_for(small, "desk-a")
+    chan, answer = open_channel(small, grant)
+    udp = udp_socket()
+    try:
+        assert answer == linechan.OK
+        bind(small, udp, grant)
+        room = SMALL_MAX_CONNECTIONS - 1
+        sources = [f"127.0.0.{40 + i}" for i in range(3)]
+
+        def attack() -> tuple[int, dict[str, float]]:
+            socks = [s for source in sources for s in hold(source, 4, small.sg_port)]
+            try:
+                time.sleep(0.3)
+                gauges = metrics(small)
+                alive = sum(still_open(s, 0.05) for s in socks)
+                # The relayed session is unaffected while the cap is full.
+                assert tcp_echo(chan, b"during the flood") and udp_echo(small, udp, b"during the flood")
+                wait_for(
+                    lambda: not any(still_open(s, 0.01) for s in socks), "the deadline", 3 * REQUEST_TIMEOUT
+                )
+                return alive, gauges
+            finally:
+                for s in socks:
+                    s.close()
+
+        alive, gauges = await asyncio.to_thread(attack)
+        assert alive == room
+        assert gauges["gatehouse_sg_connections_handshaking"] == room
+        assert gauges["gatehouse_sg_connections_open"] == SMALL_MAX_CONNECTIONS
+        m = metrics(small)
+        assert refused(m, "busy") - refused(before, "busy") == 3 * 4 - room
+        assert refused(m, "timeout") - refused(before, "timeout") == room
+        wait_for(lambda: metrics(small)["gatehouse_sg_connections_open"] == 1, "the slots to be free")
+        assert tcp_echo(chan, b"after the flood") and udp_echo(small, udp, b"after the flood")
+    finally:
+        udp.close()
+        chan.close()
+    hardened.assert_session_ok(await small.session())
+    small.assert_no_secrets_logged(*SEEN)
 
 
 # ---------------------------------------------------------------- 3. the agent's certificate

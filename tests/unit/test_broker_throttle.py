@@ -17,8 +17,8 @@ from gatehouse.broker.throttle import (
     ThrottlePolicy,
     _Table,
     account_key,
-    source_key,
 )
+from gatehouse.web import source_key
 
 POLICY = ThrottlePolicy(
     delay_after_failures=3,

@@ -139,6 +139,21 @@ def test_max_clients_counts_authenticated_sessions_only() -> None:
     assert table.authenticated_count == 2 and table.pre_auth_count == 20
 
 
+def test_the_counts_follow_the_sessions_through_login_removal_and_expiry() -> None:
+    table = SessionTable(max_clients=5, idle_timeout=60, pre_auth_timeout=10)
+    user = table.create("192.0.2.1", now=0)
+    assert not user.authenticated and user.state is State.HELLO
+    table.authenticated(user)
+    # The table moves the session on: its state is what says it is authenticated.
+    assert user.authenticated and user.state is State.AUTHENTICATED
+    anonymous = table.create("192.0.2.2", now=0)
+    assert (table.authenticated_count, table.pre_auth_count, len(table)) == (1, 1, 2)
+    assert table.remove(user) and not table.remove(user)  # a second removal changes nothing
+    assert (table.authenticated_count, table.pre_auth_count, len(table)) == (0, 1, 1)
+    assert table.expire(now=11) == [anonymous]
+    assert (table.authenticated_count, table.pre_auth_count, len(table)) == (0, 0, 0)
+
+
 def test_authentication_rotates_the_cookie() -> None:
     table = SessionTable(max_clients=5, idle_timeout=60)
     session = table.create("192.0.2.1", now=0)

@@ -179,6 +179,30 @@ def test_admin_address_must_be_an_address() -> None:
     assert any("admin_address" in e for e in errors_of(params(admin_address="everywhere")))
 
 
+def test_bridge_mode_keeps_the_admin_listeners_reachable_over_the_docker_network() -> None:
+    # The default path: bridge, admin_address 0.0.0.0, the CM polls http://<prefix>-sg:9172/health,
+    # a name the Docker network of the pair resolves (both containers are attached to it).
+    p = params(name_prefix="gh")
+    assert p["network_mode"] == "bridge" and p["admin_address"] == "0.0.0.0"
+    specs = cmsg.container_specs(p, cmsg.Names("gh"), {"cm": "cm:1", "sg": "sg:1"}, "node1")
+    assert {s["name"]: s["network"] for s in specs} == {"gh-cm": "gh-cmsg", "gh-sg": "gh-cmsg"}
+    # 9172 is never published: the SG's admin listener must accept connections from the CM's container.
+    assert all(port["container"] != cmsg.SG_ADMIN_PORT for s in specs for port in s["ports"])
+    sg = parse_kv(cmsg.security_gateway_conf(p).decode())
+    assert sg["AdminAddress"] == "0.0.0.0" and sg["AdminPort"] == str(cmsg.SG_ADMIN_PORT)
+    assert (
+        cmsg.validate(params(admin_address="::"), no_networks)["sg_health_url"]
+        == "http://gatehouse-sg:9172/health"
+    )
+    # A loopback or host address would leave the CM's /health at 503 (or the listener unbindable).
+    for address in ("127.0.0.1", "10.0.0.5"):
+        assert any("network_mode=bridge" in e for e in errors_of(params(admin_address=address))), address
+    cmsg.validate(
+        params(admin_address="127.0.0.1", enable_security_gateway=False, external_pcoip_ip=[]), no_networks
+    )
+    cmsg.validate(params(admin_address="127.0.0.1", network_mode="host"), no_networks)
+
+
 @pytest.mark.parametrize(
     ("overrides", "url"),
     [

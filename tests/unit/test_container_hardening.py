@@ -121,24 +121,97 @@ def test_halb_container_spec_is_hardened():
     assert "NET_BIND_SERVICE" in spec["hardening"]["cap_add"]
 
 
-def _doc_suboptions(module: Path, option: str) -> dict:
+def test_agent_role_restates_the_agent_hardening_unchanged():
+    """The agent role runs its containers with community.docker, not the modules: same values."""
+    defaults = yaml.safe_load((REPO / "roles" / "agent" / "defaults" / "main.yml").read_text())
+    effective = ctr.hardening("agent")
+    assert defaults["agent_container_memory"] == effective["mem_limit"]
+    assert defaults["agent_container_pids"] == effective["pids_limit"]
+    assert defaults["agent_container_nofile"] == effective["nofile"]
+    tasks = yaml.safe_load((REPO / "roles" / "agent" / "tasks" / "main.yml").read_text())
+    run = next(
+        t["community.docker.docker_container"] for t in tasks if t["name"] == "Run the agent containers"
+    )
+    assert run["cap_drop"] == effective["cap_drop"] and not run.get("capabilities")
+    assert run["security_opts"] == ["no-new-privileges"] and run["read_only"] is effective["read_only"]
+    assert run["tmpfs"] == [f"{path}:{options}" for path, options in effective["tmpfs"].items()]
+
+
+def _doc(module: Path) -> dict:
     tree = ast.parse(module.read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "DOCUMENTATION":
-            return yaml.safe_load(node.value.value)["options"][option]["suboptions"]
+            return yaml.safe_load(node.value.value)
     raise AssertionError(f"no DOCUMENTATION in {module}")
 
 
 def test_container_limits_is_documented_as_specified_in_every_module():
     spec = ctr.CONTAINER_LIMITS_SPEC
-    halb_doc = _doc_suboptions(REPO / "plugins" / "modules" / "halb.py", "container_limits")
     fragment = importlib.import_module("ansible_collections.gatehouse.access.plugins.doc_fragments.deploy")
-    deploy_doc = yaml.safe_load(fragment.ModuleDocFragment.DOCUMENTATION)["options"]["container_limits"][
+    doc = yaml.safe_load(fragment.ModuleDocFragment.CONTAINER_LIMITS)["options"]["container_limits"][
         "suboptions"
     ]
-    for doc in (halb_doc, deploy_doc):
-        assert set(doc) == set(spec)
-        for name, option in doc.items():
-            assert option["type"] == spec[name]["type"], name
-            assert "default" not in option and "default" not in spec[name], name
+    assert set(doc) == set(spec)
+    for name, option in doc.items():
+        assert option["type"] == spec[name]["type"], name
+        assert "default" not in option and "default" not in spec[name], name
+    # One declaration: every module that takes the option documents it with this fragment.
+    assert "container_limits" not in yaml.safe_load(fragment.ModuleDocFragment.DOCUMENTATION)["options"]
+    for module in ("halb", "cmsg", "broker"):
+        documentation = _doc(REPO / "plugins" / "modules" / f"{module}.py")
+        assert (
+            "gatehouse.access.deploy.container_limits" in documentation["extends_documentation_fragment"]
+        ), module
+        assert "container_limits" not in documentation["options"], module
     assert dep.COMMON_ARGUMENT_SPEC["container_limits"] is ctr.CONTAINER_LIMITS_OPTION
+
+
+class _FakeContainers:
+    def __init__(self, current, probe_error=None):
+        self.current, self.probe_error = current, probe_error
+        self.runs, self.created = 0, []
+
+    def get(self, name):
+        return self.current
+
+    def run(self, image, **kwargs):
+        self.runs += 1
+        if self.probe_error:
+            raise self.probe_error
+        return b"1048576\n"
+
+    def create(self, **kwargs):
+        self.created.append(kwargs)
+        return _FakeContainer()
+
+
+class _FakeContainer:
+    def __init__(self):
+        self.removed = False
+
+    def remove(self, force=False):
+        self.removed = True
+
+    def start(self):
+        pass
+
+
+class _FakeClient:
+    def __init__(self, base_url, current=None, probe_error=None):
+        self.api = type("Api", (), {"base_url": base_url})()
+        self.containers = _FakeContainers(current, probe_error)
+
+
+def test_engine_probe_once_per_engine_and_before_the_old_container_goes(monkeypatch):
+    monkeypatch.setattr(ctr, "_ENGINE_NOFILE", {})
+    cli = _FakeClient("unix://probe-once")
+    for name in ("gatehouse-cm", "gatehouse-sg"):
+        ctr.converge_container(cli, _spec(name=name), "hash", "create", None)
+    assert cli.containers.runs == 1 and len(cli.containers.created) == 2
+    assert [u["Hard"] for u in cli.containers.created[0]["ulimits"]] == [65536]
+
+    old = _FakeContainer()
+    failing = _FakeClient("unix://probe-fails", current=old, probe_error=ctr.DockerException("no /bin/sh"))
+    with pytest.raises(ctr.ContainerError, match="probe container"):
+        ctr.converge_container(failing, _spec(), "hash", "recreate", None)
+    assert not old.removed and failing.containers.created == []

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from gatehouse.linechan import BUSY, FORBIDDEN, MAX_LINE, OK, LineError, connect_line, parse_connect_line
+from gatehouse.linechan import (
+    BAD_GATEWAY,
+    FORBIDDEN,
+    MAX_LINE,
+    OK,
+    LineError,
+    connect_line,
+    parse_connect_line,
+)
 
 
 def test_round_trip() -> None:
@@ -44,8 +52,8 @@ def test_line_cap() -> None:
 
 
 def test_answers_are_single_crlf_lines() -> None:
-    for answer in (OK, FORBIDDEN, BUSY):
+    for answer in (OK, FORBIDDEN, BAD_GATEWAY):
         assert answer.endswith(b"\r\n") and answer.count(b"\n") == 1
     assert OK == b"200 OK\r\n"
     assert FORBIDDEN == b"403 Forbidden\r\n"
-    assert BUSY == b"503 Service Unavailable\r\n"
+    assert BAD_GATEWAY == b"502 Bad Gateway\r\n"

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 
 import pytest
 
 from gatehouse import linechan
-from gatehouse.sg.relay import source_key
 from gatehouse.sg.stats import Refusals, Stats
-from gatehouse.sg.udp import PortPool
+from gatehouse.sg.udp import PortPool, UdpRelay
 from gatehouse.sg.udp_table import UdpSession, UdpTable, norm_ip
+from gatehouse.web import source_key
 
 AGENT = ("10.0.0.5", 4172)
 CLIENT_IP = "198.51.100.7"
@@ -146,14 +147,15 @@ def test_refusals_are_counted_in_full_and_logged_at_a_bounded_rate(caplog: pytes
     refusals = Refusals(stats, logging.getLogger("test.sg.refusals"), rate=3, clock=lambda: now[0])
     with caplog.at_level(logging.INFO, logger="test.sg.refusals"):
         for _n in range(50):
-            refusals.refuse("forged", logging.WARNING, "refused: %s", "forged", extra={"reason": "forged"})
-        refusals.refuse("expired", logging.WARNING, "refused: %s", "expired", extra={"reason": "expired"})
+            refusals.refuse("forged", CLIENT_IP, logging.WARNING, "refused: %s", "forged")
+        refusals.refuse("expired", CLIENT_IP, logging.WARNING, "refused: %s", "expired")
         assert stats.refused == {"forged": 50, "expired": 1}
         assert [r.getMessage() for r in caplog.records].count("refused: forged") == 3
         assert stats.log_suppressed["forged"] == 47
         now[0] += 1.0  # the next second: the next line says how many were held back
-        refusals.refuse("forged", logging.WARNING, "refused: %s", "forged", extra={"reason": "forged"})
+        refusals.refuse("forged", CLIENT_IP, logging.WARNING, "refused: %s", "forged")
     assert caplog.records[-1].suppressed == 47  # type: ignore[attr-defined]
+    assert (caplog.records[-1].client, caplog.records[-1].reason) == (CLIENT_IP, "forged")  # type: ignore[attr-defined]
     assert stats.refused["forged"] == 51
 
 
@@ -179,3 +181,49 @@ def test_port_pool_skips_ports_held_elsewhere_and_reuses_freed_ports_last() -> N
         third = pool.open("127.0.0.1", agent)
         assert third is not None and third[1] == base + 1  # base is still held; base+1 was freed first
         third[0].close()
+
+
+def test_a_bind_that_finds_no_agent_port_changes_nothing() -> None:
+    table = UdpTable()
+    s = session()
+    table.add(s)
+    addr = (CLIENT_IP, 5000)
+    assert table.bind(bind(s, 1), addr, lambda _s: False) == (None, "agent-ports-exhausted")
+    assert s.client_addr is None and s.counter == 0 and table.from_client(addr) is None
+    assert table.bind(bind(s, 1), addr) == (s, "")  # the client's retry, once a port is free
+
+
+class _ClientSide:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((data, addr))
+
+
+async def test_agent_side_sockets_are_opened_at_the_first_bind_and_counted_once_when_none_is_free() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        base = probe.getsockname()[1]
+    stats = Stats()
+    relay = UdpRelay(UdpTable(), stats, range(base, base + 1))
+    relay.loop = asyncio.get_running_loop()
+    client_side = _ClientSide()
+    relay.client_side = client_side  # type: ignore[assignment]
+    agent = ("127.0.0.1", 9)
+    a = relay.open("a", "127.0.0.1", "g1.tag-a", "127.0.0.1", agent)
+    b = relay.open("b", "127.0.0.1", "g1.tag-b", "127.0.0.1", agent)
+    assert relay.pool.in_use() == 0 and a.sock is None and b.sock is None  # no bind, no socket
+    relay.from_client(bind(a, 1), ("127.0.0.1", 1111))
+    assert a.sock is not None and relay.pool.in_use() == 1
+    assert client_side.sent == [(linechan.bind_ack(a.key, a.key_id, 1), ("127.0.0.1", 1111))]
+    for _n in range(3):  # b's binds (a client retrying): dropped unanswered, counted once per session
+        relay.from_client(bind(b, 1), ("127.0.0.1", 2222))
+    assert b.sock is None and b.client_addr is None and len(client_side.sent) == 1
+    assert stats.udp_ports_exhausted == 1 and stats.udp_dropped["agent-ports-exhausted"] == 3
+    relay.remove(a)
+    assert relay.pool.in_use() == 0
+    relay.from_client(bind(b, 1), ("127.0.0.1", 2222))  # a's port is free again
+    assert b.sock is not None and b.client_addr == ("127.0.0.1", 2222) and relay.pool.in_use() == 1
+    relay.remove(b)
+    assert relay.pool.in_use() == 0 and b.sock is None

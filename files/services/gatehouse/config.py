@@ -141,6 +141,17 @@ class Config:
                 raise ConfigError(f"{key}: {item!r} is not an IP network") from None
         return nets
 
+    def client_ca(self, signs: str) -> tuple[str, bool]:
+        """``ClientCaCert`` and ``ClientTlsVerify`` (default true) of a server that checks its callers'
+        certificates: verifying needs the CA; ``signs`` names the certificates it signs, for the error."""
+        ca = self.str("ClientCaCert")
+        verify = self.bool("ClientTlsVerify", True)
+        if verify and not ca:
+            raise ConfigError(
+                f"ClientCaCert is required while ClientTlsVerify is true (the deployment CA that signs {signs})"
+            )
+        return ca, verify
+
     def log_level(self) -> str:
         level = self.str("LogLevel", "info").lower()
         if level not in {"debug", "info", "warn", "warning", "error"}:

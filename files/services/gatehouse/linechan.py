@@ -24,8 +24,6 @@ import hmac
 MAX_LINE = 2048
 OK = b"200 OK\r\n"
 FORBIDDEN = b"403 Forbidden\r\n"
-BUSY = b"503 Service Unavailable\r\n"  # wire vocabulary; a full SG closes at accept instead
-BAD_REQUEST = b"400 Bad Request\r\n"
 BAD_GATEWAY = b"502 Bad Gateway\r\n"  # the grant was good but the agent could not be reached
 
 

@@ -174,33 +174,28 @@ def client_context(
     return ctx
 
 
-def peer_roles(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> frozenset[str]:
-    """The Gatehouse roles of a verified peer certificate (empty when none was sent or verified).
+def _verified_san(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> list[tuple[str, str]]:
+    """The subjectAltName entries of a verified peer certificate (none when none was sent).
 
     ``getpeercert()`` returns the parsed certificate only after the chain was verified against the
-    context's CA, so a self-made certificate naming a role yields nothing here.
+    context's CA, so a self-made certificate yields nothing here.
     """
-    if ssl_object is None:
-        return frozenset()
-    cert = ssl_object.getpeercert()
-    if not cert:
-        return frozenset()
-    roles = set()
-    for kind, value in cert.get("subjectAltName", ()):
-        if kind == "URI" and value.startswith(ROLE_URI_PREFIX):
-            role = value[len(ROLE_URI_PREFIX) :]
-            if role in ROLES:
-                roles.add(role)
-    return frozenset(roles)
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    return list(cert.get("subjectAltName", ())) if cert else []
+
+
+def peer_roles(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> frozenset[str]:
+    """The Gatehouse roles of a verified peer certificate (empty when none was sent or verified)."""
+    named = {
+        value.removeprefix(ROLE_URI_PREFIX)
+        for kind, value in _verified_san(ssl_object)
+        if kind == "URI" and value.startswith(ROLE_URI_PREFIX)
+    }
+    return frozenset(named & ROLES)
 
 
 def peer_addresses(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> frozenset[str]:
     """DNS names and IP addresses of a verified peer certificate (empty when none)."""
-    if ssl_object is None:
-        return frozenset()
-    cert = ssl_object.getpeercert()
-    if not cert:
-        return frozenset()
     return frozenset(
-        value.lower() for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "IP Address")
+        value.lower() for kind, value in _verified_san(ssl_object) if kind in ("DNS", "IP Address")
     )

@@ -24,6 +24,7 @@ socket is counted from accept to close, whatever stage it dies in.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import resource
@@ -32,7 +33,6 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -74,7 +74,7 @@ def raise_nofile_limit() -> int:
     return target
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class HttpLimits:
     """Connection and request limits of one aiohttp service (config keys in ``from_config``).
 
@@ -165,6 +165,27 @@ def client_ip(request: web.Request, trusted: Sequence[Network] = ()) -> str:
     return hops[0] if hops else peer
 
 
+def peer_ssl_object(request: web.Request) -> ssl.SSLObject | None:
+    """The request's TLS connection, for ``tls.peer_roles``/``tls.peer_addresses`` (None without TLS)."""
+    transport = request.transport
+    return transport.get_extra_info("ssl_object") if transport else None
+
+
+def source_key(address: str) -> str:
+    """What a per-source limit counts: the IPv4 address, or the /64 of an IPv6 address (one host
+    usually holds a whole /64); an IPv4-mapped address counts as its IPv4; anything that is not an
+    address counts as itself, bounded."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def in_networks(addr: str, nets: Sequence[Network]) -> bool:
     """True when ``addr`` is an IP address inside one of ``nets`` (False for anything else)."""
     if not nets or not addr:
@@ -191,29 +212,26 @@ class ConnectionLimiter:
         self.per_source: dict[str, int] = {}
         self.refused = {"max_connections": 0, "max_connections_per_source": 0}
         self.timed_out = 0
-        self.guards: dict[object, _Guard] = {}  # aiohttp RequestHandler -> its guard (it has __slots__)
 
-    def admit(self, source: str) -> tuple[bool, str]:
+    def admit(self, source: str) -> bool:
+        """Take a slot for a connection from ``source``; False (and counted) when a cap is reached."""
         if self.open >= self.limits.max_connections:
             self.refused["max_connections"] += 1
-            return False, "max_connections"
+            return False
         exempt = in_networks(source, self.limits.trusted_proxies)
         if not exempt and self.per_source.get(source, 0) >= self.limits.max_connections_per_source:
             self.refused["max_connections_per_source"] += 1
-            return False, "max_connections_per_source"
+            return False
         self.open += 1
         if not exempt:
             self.per_source[source] = self.per_source.get(source, 0) + 1
-        return True, ""
+        return True
 
     def release(self, source: str) -> None:
         self.open -= 1
-        count = self.per_source.get(source)
-        if count is not None:
-            if count <= 1:
-                del self.per_source[source]
-            else:
-                self.per_source[source] = count - 1
+        count = self.per_source.pop(source, 0)  # exempt sources are not in the map
+        if count > 1:
+            self.per_source[source] = count - 1
 
 
 class _LimiterCollector(Collector):
@@ -272,7 +290,6 @@ class _Guard(asyncio.Protocol):
         self.transport = transport
         self.starting = None
         self.inner = self.factory()
-        self.limiter.guards[self.inner] = self
         self.inner.connection_made(transport)
 
     def _expire(self) -> None:
@@ -295,11 +312,10 @@ class _Guard(asyncio.Protocol):
         if self.first_request:
             self.first_request = False
             return self.deadline
-        return (
-            self.deadline
-            if self.deadline > self.loop.time()
-            else self.loop.time() + self.limiter.limits.request_timeout
-        )
+        # A later request that arrived while the previous one was in flight (pipelined) got no
+        # deadline at its first byte (see data_received): it gets one now.
+        now = self.loop.time()
+        return self.deadline if self.deadline > now else now + self.limiter.limits.request_timeout
 
     def request_done(self) -> None:
         """The response is out: the connection is idle (aiohttp's KeepAliveTimeout runs) until the
@@ -314,8 +330,6 @@ class _Guard(asyncio.Protocol):
         if self.admitted:
             self.admitted = False
             self.limiter.release(self.source)
-        if self.inner is not None:
-            self.limiter.guards.pop(self.inner, None)
 
     # asyncio.Protocol, forwarded to aiohttp's handler.
     def data_received(self, data: bytes) -> None:
@@ -381,8 +395,7 @@ class _GuardedServer:
                 await asyncio.sleep(0.1)
                 continue
             source = str(addr[0]) if addr else ""
-            ok, _limit = self.limiter.admit(source)
-            if not ok:
+            if not self.limiter.admit(source):
                 # RST, not FIN: nothing to drain, and no TIME_WAIT kept for the refused peer.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()
@@ -418,42 +431,39 @@ class _GuardedServer:
             sock.close()
 
 
-def _body_deadline(limiter: ConnectionLimiter) -> Any:
+@web.middleware
+async def _body_deadline(request: web.Request, handler: Any) -> web.StreamResponse:
     """Middleware: the request body must be complete by the guard's deadline, or the connection dies.
 
-    It waits for the body without consuming it (handlers read ``request.content`` themselves);
+    The guard is the protocol of the request's transport (aiohttp's handler sits behind it). It
+    waits for the body without consuming it (handlers read ``request.content`` themselves);
     bodies are small (the apps' ``client_max_size``), well inside aiohttp's read buffer, so the
     wait cannot stall on flow control for a legitimate request.
     """
-
-    @web.middleware
-    async def deadline(request: web.Request, handler: Any) -> web.StreamResponse:
-        guard = limiter.guards.get(request.protocol)
-        if guard is None:
-            return await handler(request)  # type: ignore[no-any-return]
-        until = guard.request_started()
-        declared = request.content_length
-        if declared is not None and declared > BODY_WAIT_LIMIT:
-            # Over the read buffer: the handler refuses it by its length (413) without reading,
-            # and aiohttp's lingering close bounds the rest.
-            try:
-                return await handler(request)  # type: ignore[no-any-return]
-            finally:
-                guard.request_done()
-        if request.can_read_body and not request.content.is_eof():
-            try:
-                async with asyncio.timeout(max(0.0, until - guard.loop.time())):
-                    await request.content.wait_eof()
-            except TimeoutError:
-                limiter.timed_out += 1
-                guard.abort()
-                raise web.HTTPRequestTimeout() from None
+    transport = request.transport
+    guard = transport.get_protocol() if transport is not None else None
+    if not isinstance(guard, _Guard) or not guard.admitted:
+        return await handler(request)  # type: ignore[no-any-return]
+    until = guard.request_started()
+    declared = request.content_length
+    # A body over the read buffer is not waited for: the handler refuses it by its length (413)
+    # without reading, and aiohttp's lingering close bounds the rest.
+    if (
+        (declared is None or declared <= BODY_WAIT_LIMIT)
+        and request.can_read_body
+        and not request.content.is_eof()
+    ):
         try:
-            return await handler(request)  # type: ignore[no-any-return]
-        finally:
-            guard.request_done()
-
-    return deadline
+            async with asyncio.timeout(max(0.0, until - guard.loop.time())):
+                await request.content.wait_eof()
+        except TimeoutError:
+            guard.limiter.timed_out += 1
+            guard.abort()
+            raise web.HTTPRequestTimeout() from None
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    finally:
+        guard.request_done()
 
 
 class _GuardedSite(web.TCPSite):
@@ -511,7 +521,7 @@ async def _start_runner(
     if limits is not None:
         limiter = ConnectionLimiter(limits, name)
         kwargs["keepalive_timeout"] = limits.keepalive_timeout
-        app.middlewares.insert(0, _body_deadline(limiter))
+        app.middlewares.insert(0, _body_deadline)
     runner = web.AppRunner(
         app, access_log=None, shutdown_timeout=shutdown_timeout, handle_signals=False, **kwargs
     )
@@ -548,13 +558,9 @@ async def run_sites(
     runner, limiter = await _start_runner(app, sites, limits, shutdown_timeout, "public")
     runners = [runner]
     if admin is not None and limits is not None and limits.admin_port:
-        admin_limits = HttpLimits(
-            request_timeout=limits.request_timeout,
-            keepalive_timeout=limits.keepalive_timeout,
-            max_connections=64,
-            max_connections_per_source=64,
-            admin_address=limits.admin_address,
-            admin_port=limits.admin_port,
+        # Its own small budget: a flood of the public port cannot take the management port's slots.
+        admin_limits = dataclasses.replace(
+            limits, max_connections=64, max_connections_per_source=64, trusted_proxies=()
         )
         admin_runner, admin_limiter = await _start_runner(
             admin, [(limits.admin_address, limits.admin_port, None)], admin_limits, shutdown_timeout, "admin"

@@ -17,6 +17,7 @@ from gatehouse import protocol, tls
 from gatehouse.agent.endpoint import Endpoint
 from gatehouse.agent.settings import AgentSettings
 from gatehouse.logs import SessionLogger
+from gatehouse.web import peer_ssl_object
 
 log = logging.getLogger("gatehouse.agent")
 ENVELOPE = "pcoip-agent"
@@ -40,15 +41,10 @@ def _error(result_id: str, message: str, status: int = 200) -> web.Response:
     return _xml(protocol.error_resp(ENVELOPE, result_id, message), status)
 
 
-def _peer_is_cm(request: web.Request) -> bool:
-    transport = request.transport
-    return "cm" in tls.peer_roles(transport.get_extra_info("ssl_object") if transport else None)
-
-
 async def launch(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     endpoint = request.app[ENDPOINT_KEY]
-    if settings.client_tls_verify and not _peer_is_cm(request):
+    if settings.client_tls_verify and "cm" not in tls.peer_roles(peer_ssl_object(request)):
         request.app[STATS_KEY].refused_peers += 1
         log.warning(
             "launch-session refused: the peer presented no connection manager certificate",

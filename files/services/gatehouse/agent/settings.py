@@ -74,13 +74,7 @@ class AgentSettings:
         identity_cert = cfg.str("IdentityCert") or ssl_cert
         # A separate IdentityCert comes with its own key; the default pairs SslCert with SslKey.
         identity_key = cfg.str("IdentityKey") or (ssl_key if identity_cert == ssl_cert else identity_cert)
-        client_ca_cert = cfg.str("ClientCaCert")
-        client_tls_verify = cfg.bool("ClientTlsVerify", True)
-        if client_tls_verify and not client_ca_cert:
-            raise ConfigError(
-                "ClientCaCert is required while ClientTlsVerify is true (the deployment CA that signs "
-                "the connection managers' certificates)"
-            )
+        client_ca_cert, client_tls_verify = cfg.client_ca("the connection managers' certificates")
         return cls(
             listen_address=cfg.str("ListenAddress", "0.0.0.0"),
             control_port=cfg.int("ControlPort", 60443, minimum=1, maximum=65535),

@@ -31,6 +31,7 @@ from gatehouse.broker import passwords
 from gatehouse.broker.metrics import BrokerMetrics
 from gatehouse.broker.settings import BrokerSettings
 from gatehouse.broker.store import Obj, Store
+from gatehouse.web import peer_ssl_object
 
 log = logging.getLogger("gatehouse.broker.admin")
 PREFIX = "/api/v1"
@@ -330,7 +331,8 @@ class AdminApi:
                 raise ApiError(400, f"password: must be 1-{MAX_PASSWORD} characters", "password")
             record = self.store.user_record(domain, name)
             current = record.password_hash if record else None
-            if not await self.hasher.verify(password, current):
+            # Verify only against a stored hash: a new user or one without a password needs no scrypt.
+            if not current or not await self.hasher.verify(password, current):
                 new_hash = await self.hasher.hash(password)
         response = self._write(
             request,
@@ -570,8 +572,7 @@ class AdminApi:
 
     async def agent_report(self, request: web.Request) -> web.Response:
         verify = self.settings.client_tls_verify
-        transport = request.transport
-        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        ssl_object = peer_ssl_object(request)
         if verify and "agent" not in tls.peer_roles(ssl_object):
             return self._refuse_report(
                 request, "no_agent_certificate", "a Gatehouse agent certificate is required"

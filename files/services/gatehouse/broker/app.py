@@ -46,11 +46,11 @@ def server_context(settings: BrokerSettings) -> ssl.SSLContext:
     return tls.server_context(settings.ssl_cert, settings.ssl_key, role="broker", client_ca=client_ca)
 
 
-def build_app(settings: BrokerSettings, db: Database, hasher: Hasher | None = None) -> web.Application:
+def build_app(settings: BrokerSettings, db: Database) -> web.Application:
     metrics = BrokerMetrics()
     store = Store(db)
     store.sync_domains(list(settings.domains))
-    hasher = hasher or Hasher(settings.password_hash_workers, settings.password_hash_queue)
+    hasher = Hasher(settings.password_hash_workers, settings.password_hash_queue)
     admin = AdminApi(store, settings, metrics, hasher)
     endpoint = BrokerEndpoint(store, settings, metrics, hasher)
 
@@ -75,15 +75,18 @@ def build_app(settings: BrokerSettings, db: Database, hasher: Hasher | None = No
     # /health stays on the public port (the deploy checks use it); /metrics is on AdminPort only.
     gweb.add_health(app, db.ready)
     app[METRICS_KEY] = metrics
+
+    async def close_hasher(_app: web.Application) -> None:
+        hasher.close()
+
+    app.on_cleanup.append(close_hasher)
     return app
 
 
 async def serve(settings: BrokerSettings, db: Database) -> None:
     nofile = gweb.raise_nofile_limit()
     ctx = server_context(settings)
-    hasher = Hasher(settings.password_hash_workers, settings.password_hash_queue)
-    app = build_app(settings, db, hasher)
-    app.on_cleanup.append(lambda _app: _close(hasher))
+    app = build_app(settings, db)
     await gweb.run_sites(
         app,
         [(settings.listen_address, settings.listen_port, ctx)],
@@ -102,7 +105,3 @@ async def serve(settings: BrokerSettings, db: Database) -> None:
             },
         ),
     )
-
-
-async def _close(hasher: Hasher) -> None:
-    hasher.close()

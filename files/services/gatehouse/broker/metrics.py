@@ -4,84 +4,53 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from gatehouse.broker.throttle import REASONS, SCOPES
+
 
 class BrokerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.sessions = Gauge(
-            "gatehouse_broker_sessions",
-            "Broker protocol sessions held (JSESSIONID cookies)",
-            registry=self.registry,
-        )
-        self.auth = Counter(
-            "gatehouse_broker_authentications",
-            "Authentications by result",
-            ["result"],
-            registry=self.registry,
-        )
-        self.allocations = Counter(
-            "gatehouse_broker_allocations",
-            "allocate-resource answers by result",
-            ["result"],
-            registry=self.registry,
-        )
-        self.requests = Counter(
-            "gatehouse_broker_requests",
-            "HTTP requests by endpoint and status",
-            ["endpoint", "status"],
-            registry=self.registry,
-        )
-        self.protocol_errors = Counter(
-            "gatehouse_broker_protocol_errors",
-            "error-resp answers by result-id",
-            ["result"],
-            registry=self.registry,
-        )
-        self.agent_reports = Counter(
-            "gatehouse_broker_agent_reports", "Accepted agent load reports", registry=self.registry
-        )
-        self.login_throttled = Counter(
-            "gatehouse_broker_login_throttled",
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(f"gatehouse_broker_{name}", doc, labels, registry=self.registry)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"gatehouse_broker_{name}", doc, registry=self.registry)
+
+        self.sessions = gauge("sessions", "Broker protocol sessions held (JSESSIONID cookies)")
+        self.auth = counter("authentications", "Authentications by result", "result")
+        self.allocations = counter("allocations", "allocate-resource answers by result", "result")
+        self.requests = counter("requests", "HTTP requests by endpoint and status", "endpoint", "status")
+        self.protocol_errors = counter("protocol_errors", "error-resp answers by result-id", "result")
+        self.agent_reports = counter("agent_reports", "Accepted agent load reports")
+        self.login_throttled = counter(
+            "login_throttled",
             "Login attempts refused unchecked (answered as a wrong password) by reason",
-            ["reason"],
-            registry=self.registry,
+            "reason",
         )
-        self.login_lockouts = Counter(
-            "gatehouse_broker_login_lockouts",
-            "Login lockouts started, by scope (account_source, source, account)",
-            ["scope"],
-            registry=self.registry,
+        self.login_lockouts = counter(
+            "login_lockouts", "Login lockouts started, by scope (account_source, source, account)", "scope"
         )
-        self.login_throttle_entries = Gauge(
-            "gatehouse_broker_login_throttle_entries",
-            "Keys held by the login throttle (bounded)",
-            registry=self.registry,
+        self.login_throttle_entries = gauge(
+            "login_throttle_entries", "Keys held by the login throttle (bounded)"
         )
-        self.password_hash_busy = Counter(
-            "gatehouse_broker_password_hash_busy",
-            "Password checks refused because the hashing pool and its queue were full",
-            registry=self.registry,
+        self.password_hash_busy = counter(
+            "password_hash_busy", "Password checks refused because the hashing pool and its queue were full"
         )
-        self.password_hash_pending = Gauge(
-            "gatehouse_broker_password_hash_pending",
-            "Password hashing jobs running or waiting",
-            registry=self.registry,
+        self.password_hash_pending = gauge(
+            "password_hash_pending", "Password hashing jobs running or waiting"
         )
-        self.agent_reports_refused = Counter(
-            "gatehouse_broker_agent_reports_refused",
-            "Refused agent load reports by reason",
-            ["reason"],
-            registry=self.registry,
+        self.agent_reports_refused = counter(
+            "agent_reports_refused", "Refused agent load reports by reason", "reason"
         )
-        self.peers_refused = Counter(
-            "gatehouse_broker_peers_refused",
+        self.peers_refused = counter(
+            "peers_refused",
             "Requests refused because the peer certificate lacks the role the endpoint needs",
-            ["endpoint"],
-            registry=self.registry,
+            "endpoint",
         )
         for result in ("success", "failure", "throttled", "busy"):
             self.auth.labels(result)
-        for reason in ("delay", "lockout", "source_lockout", "account_lockout"):
+        for reason in REASONS:
             self.login_throttled.labels(reason)
-        for scope in ("account_source", "source", "account"):
+        for scope in SCOPES:
             self.login_lockouts.labels(scope)

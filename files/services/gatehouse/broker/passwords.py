@@ -60,7 +60,8 @@ def hash_password(password: str, *, n: int = N, r: int = R, p: int = P) -> str:
     return f"{SCHEME}${n}${r}${p}${_b64(salt)}${_b64(key)}"
 
 
-def _parameters(stored: str) -> tuple[int, int, int] | None:
+def _parse(stored: str) -> tuple[int, int, int, str, str] | None:
+    """(n, r, p, salt b64, key b64) of a stored value with parameters in bounds, else None."""
     parts = stored.split("$")
     if len(parts) != 6 or parts[0] != SCHEME:
         return None
@@ -70,19 +71,16 @@ def _parameters(stored: str) -> tuple[int, int, int] | None:
         return None
     if not (1 < n <= _MAX_N and 0 < r <= _MAX_R and 0 < p <= _MAX_P):
         return None
-    return n, r, p
+    return n, r, p, parts[4], parts[5]
 
 
 def verify_password(password: str, stored: str | None) -> bool:
     """True when ``password`` matches ``stored``; a missing or unreadable hash never matches."""
-    if not stored:
+    parsed = _parse(stored) if stored else None
+    if parsed is None:
         return False
-    params = _parameters(stored)
-    if params is None:
-        return False
-    n, r, p = params
+    n, r, p, salt_b64, key_b64 = parsed
     try:
-        _scheme, _n, _r, _p, salt_b64, key_b64 = stored.split("$")
         salt = base64.b64decode(salt_b64, validate=True)
         expected = base64.b64decode(key_b64, validate=True)
         key = hashlib.scrypt(
@@ -95,12 +93,16 @@ def verify_password(password: str, stored: str | None) -> bool:
 
 def needs_rehash(stored: str | None) -> bool:
     """True when ``stored`` was made with other parameters than the current N, r, p."""
-    return bool(stored) and _parameters(stored or "") != (N, R, P)
+    if not stored:
+        return False
+    parsed = _parse(stored)
+    return parsed is None or parsed[:3] != (N, R, P)
 
 
 def dummy_hash() -> str:
-    """A hash of a random password, verified for unknown users so they cost the same as known ones."""
-    return hash_password(secrets.token_urlsafe(24))
+    """A stored-form value no password matches, verified for unknown users so they cost the same as
+    known ones: the current parameters with a random salt and a random key (no scrypt to make it)."""
+    return f"{SCHEME}${N}${R}${P}${_b64(secrets.token_bytes(SALT_LEN))}${_b64(secrets.token_bytes(KEY_LEN))}"
 
 
 class HasherBusy(Exception):
@@ -115,7 +117,6 @@ class Hasher:
     """
 
     def __init__(self, workers: int, queue: int) -> None:
-        self.workers = workers
         self.limit = workers + queue
         self._pending = 0
         self._lock = threading.Lock()

@@ -52,13 +52,7 @@ class BrokerSettings:
         admin_token = cfg.str("AdminToken", required=True)
         if len(admin_token) < MIN_TOKEN_LEN:
             raise ConfigError(f"AdminToken must be at least {MIN_TOKEN_LEN} characters long")
-        client_ca_cert = cfg.str("ClientCaCert")
-        client_tls_verify = cfg.bool("ClientTlsVerify", True)
-        if client_tls_verify and not client_ca_cert:
-            raise ConfigError(
-                "ClientCaCert is required while ClientTlsVerify is true (the deployment CA that "
-                "signs the CM and agent certificates)"
-            )
+        client_ca_cert, client_tls_verify = cfg.client_ca("the CM and agent certificates")
         throttle = ThrottlePolicy(
             delay_after_failures=cfg.int("LoginDelayAfterFailures", 3, minimum=1),
             max_delay=cfg.float("LoginMaxDelay", 8.0, minimum=0.0),

@@ -33,7 +33,6 @@ IPv6 sources are counted per /64, the block one client usually holds.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -50,7 +49,10 @@ SOURCE_LOCKOUT = "source_lockout"
 ACCOUNT_LOCKOUT = "account_lockout"
 REASONS = (DELAY, LOCKOUT, SOURCE_LOCKOUT, ACCOUNT_LOCKOUT)
 # Scopes of a lockout that starts (metric label values).
-SCOPES = ("account_source", "source", "account")
+PAIR_SCOPE = "account_source"
+SOURCE_SCOPE = "source"
+ACCOUNT_SCOPE = "account"
+SCOPES = (PAIR_SCOPE, SOURCE_SCOPE, ACCOUNT_SCOPE)
 
 
 @dataclass(frozen=True)
@@ -105,19 +107,6 @@ class _Table(Generic[K]):
     def sweep(self, now: float) -> None:
         for key in [k for k, c in self.items.items() if self._expired(c, now)]:
             del self.items[key]
-
-
-def source_key(address: str) -> str:
-    """The source as counted: the IPv4 address, the IPv6 /64, anything else as given (bounded)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address[:64]
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 def account_key(domain: str, username: str) -> str:
@@ -196,25 +185,22 @@ class LoginThrottle:
         """Count a checked, failed attempt; the scopes of the lockouts it starts."""
         self.release(account, source)
         p = self.policy
-        started = []
-        pair = self.pairs.add_failure((account, source), now)
-        if pair.failures >= p.lockout_after_failures:
-            if pair.blocked_until <= now:
-                started.append("account_source")
-            pair.blocked_until = now + p.lockout_seconds
-        elif pair.failures >= p.delay_after_failures:
+        started: list[str] = []
+
+        def count(table: _Table[K], key: K, lock_at: int, scope: str) -> _Count:
+            entry = table.add_failure(key, now)
+            if entry.failures >= lock_at:
+                if entry.blocked_until <= now:
+                    started.append(scope)
+                entry.blocked_until = now + p.lockout_seconds
+            return entry
+
+        pair = count(self.pairs, (account, source), p.lockout_after_failures, PAIR_SCOPE)
+        if p.delay_after_failures <= pair.failures < p.lockout_after_failures:
             pair.blocked_until = now + min(p.max_delay, 2.0 ** (pair.failures - p.delay_after_failures))
         if per_source:
-            src = self.sources.add_failure(source, now)
-            if src.failures >= p.source_lockout_after_failures:
-                if src.blocked_until <= now:
-                    started.append("source")
-                src.blocked_until = now + p.lockout_seconds
-        acct = self.accounts.add_failure(account, now)
-        if acct.failures >= p.account_lockout_after_failures:
-            if acct.blocked_until <= now:
-                started.append("account")
-            acct.blocked_until = now + p.lockout_seconds
+            count(self.sources, source, p.source_lockout_after_failures, SOURCE_SCOPE)
+        count(self.accounts, account, p.account_lockout_after_failures, ACCOUNT_SCOPE)
         return started
 
     def success(self, account: str, source: str, now: float) -> None:

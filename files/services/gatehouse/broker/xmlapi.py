@@ -28,6 +28,7 @@ from gatehouse.broker.metrics import BrokerMetrics
 from gatehouse.broker.settings import BrokerSettings
 from gatehouse.broker.store import DesktopRecord, Store, UserRecord
 from gatehouse.logs import SessionLogger
+from gatehouse.web import peer_ssl_object, source_key
 
 ENVELOPE = "pcoip-broker"
 COOKIE = "JSESSIONID"
@@ -82,12 +83,6 @@ def parse_resource_id(resource_id: str) -> tuple[str, int] | None:
     return kind, int(number)
 
 
-def peer_roles(request: web.Request) -> frozenset[str]:
-    """The roles of the request's verified client certificate (empty without one)."""
-    transport = request.transport
-    return tls.peer_roles(transport.get_extra_info("ssl_object") if transport else None)
-
-
 class BrokerEndpoint:
     def __init__(
         self,
@@ -111,7 +106,7 @@ class BrokerEndpoint:
     # ------------------------------------------------------------ HTTP
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if self.settings.client_tls_verify and "cm" not in peer_roles(request):
+        if self.settings.client_tls_verify and "cm" not in tls.peer_roles(peer_ssl_object(request)):
             self.metrics.peers_refused.labels("broker").inc()
             log.warning(
                 "broker request refused: the peer presented no connection manager certificate",
@@ -222,7 +217,7 @@ class BrokerEndpoint:
             session_id[:64],
             client_ip[:64],
             now,
-            source=throttle.source_key(client_ip if trusted else peer),
+            source=source_key(client_ip if trusted else peer),
             source_trusted=trusted,
         )
         self.sessions[cookie] = session

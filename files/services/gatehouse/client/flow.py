@@ -171,26 +171,37 @@ class _UdpEcho(asyncio.DatagramProtocol):
         self.error = exc
 
 
+async def _exchange(
+    transport: asyncio.DatagramTransport, proto: _UdpEcho, datagram: bytes, answers: Callable[[bytes], bool]
+) -> bool:
+    """Send ``datagram`` until a datagram that ``answers`` it arrives: UDP_ATTEMPTS tries of UDP_WAIT."""
+    for _attempt in range(UDP_ATTEMPTS):
+        transport.sendto(datagram)
+        try:
+            async with asyncio.timeout(UDP_WAIT):
+                while not answers(await proto.queue.get()):
+                    pass
+            return True
+        except TimeoutError:
+            continue
+    return False
+
+
 async def _udp_bind(transport: asyncio.DatagramTransport, proto: _UdpEcho, connect_tag: str) -> None:
     """Bind our UDP address to the session (docs/architecture.md, "UDP"): send the bind datagram
     until the SG acknowledges it. An agent reached directly echoes it instead: nothing to bind."""
     key, key_id = linechan.udp_bind_key(connect_tag)
     counter = 1  # one address per session here; a client that changes address sends a higher one
     bind = linechan.bind_datagram(key, key_id, counter)
-    for _attempt in range(UDP_ATTEMPTS):
-        transport.sendto(bind)
-        try:
-            async with asyncio.timeout(UDP_WAIT):
-                while True:
-                    data = await proto.queue.get()
-                    if data == bind:
-                        return
-                    ack = linechan.split_signed(data, linechan.ACK_MAGIC)
-                    if ack and ack[:2] == (key_id, counter) and linechan.mac_ok(key, data):
-                        return
-        except TimeoutError:
-            continue
-    raise StepFailed("NO_BIND_ACK", "the UDP bind datagram was not acknowledged")
+
+    def acknowledges(data: bytes) -> bool:
+        if data == bind:
+            return True
+        ack = linechan.split_signed(data, linechan.ACK_MAGIC)
+        return ack is not None and ack[:2] == (key_id, counter) and linechan.mac_ok(key, data)
+
+    if not await _exchange(transport, proto, bind, acknowledges):
+        raise StepFailed("NO_BIND_ACK", "the UDP bind datagram was not acknowledged")
 
 
 async def _udp_echo(host: str, port: int, local_ip: str, count: int, connect_tag: str) -> int:
@@ -204,18 +215,7 @@ async def _udp_echo(host: str, port: int, local_ip: str, count: int, connect_tag
         await _udp_bind(transport, proto, connect_tag)
         for seq in range(count):
             payload = seq.to_bytes(4, "big") + os.urandom(60)
-            for _attempt in range(UDP_ATTEMPTS):
-                transport.sendto(payload)
-                try:
-                    async with asyncio.timeout(UDP_WAIT):
-                        while True:
-                            data = await proto.queue.get()
-                            if data == payload:
-                                break
-                    break
-                except TimeoutError:
-                    continue
-            else:
+            if not await _exchange(transport, proto, payload, payload.__eq__):
                 raise StepFailed("NO_ECHO", f"datagram {seq + 1} of {count} got no echo")
         return count
     finally:

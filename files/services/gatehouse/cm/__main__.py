@@ -26,12 +26,8 @@ def check_ca(key: str, path: str) -> None:
         return
     try:
         tls.client_context(path)
-    except tls.CertificateError as exc:
+    except tls.CertificateError as exc:  # tls wraps the OSError or SSLError of loading it
         raise ConfigError(f"{key}: cannot load CA bundle {path}: {exc}") from None
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"{key}: cannot load CA bundle {path}: {getattr(exc, 'strerror', None) or exc}"
-        ) from None
 
 
 async def serve(settings: CmSettings) -> None:

@@ -58,6 +58,11 @@ class Busy(Exception):
         super().__init__(message)
         self.limit = limit
 
+    @classmethod
+    def full(cls, exc: SessionsFull) -> Busy:
+        """The answer to a full session table."""
+        return cls(exc.limit, f"too many client sessions ({exc}); try again later")
+
 
 @dataclass
 class Outcome:
@@ -385,7 +390,7 @@ class ConnectionManager:
         try:
             session = self.table.create(ip, log_id)
         except SessionsFull as exc:
-            raise Busy(exc.limit, f"too many client sessions ({exc}); try again later") from None
+            raise Busy.full(exc) from None
         upstream_hello = p.Hello(
             client_info=message.client_info,
             caps=message.caps,
@@ -429,7 +434,7 @@ class ConnectionManager:
         try:
             self.table.check_room()
         except SessionsFull as exc:
-            raise Busy(exc.limit, f"too many client sessions ({exc}); try again later") from None
+            raise Busy.full(exc) from None
         request = p.Authenticate(message.username, message.password, message.domain)
         reply = await self._upstream().broker(session, request)
         if not isinstance(reply, p.AuthenticateResp):
@@ -440,7 +445,7 @@ class ConnectionManager:
                 # A new cookie at login: a cookie known before authentication is worth nothing after.
                 cookie = self.table.authenticated(session, connection)
             except SessionsFull as exc:
-                raise Busy(exc.limit, f"too many client sessions ({exc}); try again later") from None
+                raise Busy.full(exc) from None
             if cookie is None:  # evicted or expired while the broker checked the password
                 self._broker_bye(session)
                 return Outcome(
@@ -448,7 +453,6 @@ class ConnectionManager:
                     session=session,
                     clear_cookie=True,
                 )
-            session.state = State.AUTHENTICATED
             session.username = message.username
             session.domain = message.domain
             return Outcome(

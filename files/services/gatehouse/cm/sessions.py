@@ -67,13 +67,17 @@ class Session:
     created: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
-    authenticated: bool = False
     auth_failures: int = 0
     # The client has shown its cookie: from then on only the cookie finds the session.
     cookie_seen: bool = False
     # A cookie-less client's session, once authenticated, is bound to the connection that carried
     # the password (an opaque object, compared by identity): see SessionTable.find.
     bound_connection: object | None = field(default=None, repr=False)
+
+    @property
+    def authenticated(self) -> bool:
+        # Only SessionTable.authenticated moves a session out of HELLO, and nothing moves it back.
+        return self.state is not State.HELLO
 
     def touch(self, now: float | None = None) -> None:
         self.last_seen = time.monotonic() if now is None else now
@@ -132,7 +136,6 @@ class SessionTable:
         self._by_log_id: dict[str, Session] = {}
         self._pre: dict[Session, None] = {}  # insertion order = age
         self._pre_by_source: dict[str, dict[Session, None]] = {}
-        self._authenticated = 0
         self._evicted: list[Session] = []
         self.evictions = 0
         self._next_full_sweep = 0.0
@@ -142,7 +145,8 @@ class SessionTable:
 
     @property
     def authenticated_count(self) -> int:
-        return self._authenticated
+        # Every live session is in _by_cookie; the unauthenticated ones are also in _pre.
+        return len(self._by_cookie) - len(self._pre)
 
     @property
     def pre_auth_count(self) -> int:
@@ -161,13 +165,13 @@ class SessionTable:
         return now - session.last_seen > self.idle_timeout or now - session.created > self.max_lifetime
 
     def _room_for_user(self, now: float) -> None:
-        if self._authenticated >= self.max_clients:
+        if self.authenticated_count >= self.max_clients:
             # When full, look for expired sessions at most once a second: a crowd of refused
             # clients must not each pay for a scan of the whole table.
             if now >= self._next_full_sweep:
                 self._next_full_sweep = now + 1.0
                 self._evicted.extend(self.expire(now))
-            if self._authenticated >= self.max_clients:
+            if self.authenticated_count >= self.max_clients:
                 raise SessionsFull("max_clients", f"{self.max_clients} client sessions are active")
 
     def create(self, client_ip: str, log_id: str = "", now: float | None = None) -> Session:
@@ -217,10 +221,11 @@ class SessionTable:
         self._room_for_user(time.monotonic() if now is None else now)
 
     def authenticated(self, session: Session, connection: object | None = None) -> str | None:
-        """Move ``session`` to the authenticated pool under a new cookie (the old one dies); returns it.
+        """Move ``session`` to the authenticated pool (state AUTHENTICATED) under a new cookie.
 
-        ``connection`` identifies the client's connection: a cookie-less client's session stays
-        reachable by Client-Log-Id only on it. None: the session was evicted or expired meanwhile.
+        Returns the new cookie (the old one dies), or None when the session was evicted or
+        expired meanwhile. ``connection`` identifies the client's connection: a cookie-less
+        client's session stays reachable by Client-Log-Id only on it.
         """
         if self._by_cookie.get(session.cookie) is not session:
             return None
@@ -228,8 +233,7 @@ class SessionTable:
             return session.cookie
         self._room_for_user(time.monotonic())
         self._drop_pre(session)
-        self._authenticated += 1
-        session.authenticated = True
+        session.state = State.AUTHENTICATED
         del self._by_cookie[session.cookie]
         session.cookie = secrets.token_urlsafe(32)
         self._by_cookie[session.cookie] = session
@@ -283,10 +287,7 @@ class SessionTable:
         if session.log_id and self._by_log_id.get(session.log_id) is session:
             del self._by_log_id[session.log_id]
         if removed:
-            if session.authenticated:
-                self._authenticated -= 1
-            else:
-                self._drop_pre(session)
+            self._drop_pre(session)
         session.bound_connection = None
         return removed
 

@@ -27,6 +27,10 @@ _MAX_GOOD_PEERS = 4096
 # Kept-alive connections per broker/agent. A burst of clients then waits briefly for a pooled
 # connection instead of opening (and TLS-handshaking) one connection per client.
 UPSTREAM_CONNECTIONS = 256
+# A pooled connection idle longer than this is not reused. It stays well under the broker's and
+# agents' KeepAliveTimeout (15 s by default): reusing a connection the server is closing at that
+# very moment loses the request (the POST cannot be safely retried).
+UPSTREAM_IDLE = 5.0
 
 
 class UpstreamError(Exception):
@@ -93,7 +97,9 @@ class Upstream:
         self.agent_ssl = tls.client_context(
             settings.agent_ca_cert or None, settings.agent_tls_verify, **identity
         )
-        connector = KeyCheckingConnector(limit=1024, limit_per_host=UPSTREAM_CONNECTIONS, ttl_dns_cache=60)
+        connector = KeyCheckingConnector(
+            limit=1024, limit_per_host=UPSTREAM_CONNECTIONS, ttl_dns_cache=60, keepalive_timeout=UPSTREAM_IDLE
+        )
         # No cookie jar: each client's broker cookies travel in its own Session.
         self.http = aiohttp.ClientSession(
             connector=connector,

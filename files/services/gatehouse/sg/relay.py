@@ -15,10 +15,8 @@ certificate is verified (AgentCaCert, its address) before the agent's session-ta
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import ssl
-from typing import Any
 
 from gatehouse.grant import Grant, GrantError, GrantSealer, ReplayCache
 from gatehouse.linechan import (
@@ -37,6 +35,7 @@ from gatehouse.sg.tlsconn import TlsConn, open_tls
 from gatehouse.sg.udp import UdpRelay
 from gatehouse.sg.udp_table import UdpSession
 from gatehouse.tls import CertificateError, check_peer
+from gatehouse.web import source_key
 
 log = logging.getLogger("gatehouse.sg")
 
@@ -48,20 +47,6 @@ _LINE, _CONNECTING, _RELAY, _CLOSED = range(4)
 
 class AgentRefused(Exception):
     """The agent answered something other than ``200 OK`` to our CONNECT line."""
-
-
-def source_key(ip: str) -> str:
-    """What MaxConnectionsPerSource counts: the IPv4 address, or the /64 of an IPv6 address (one
-    host usually holds a whole /64)."""
-    if ":" not in ip:
-        return ip
-    try:
-        addr = ipaddress.IPv6Address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if addr.ipv4_mapped:
-        return str(addr.ipv4_mapped)
-    return str(ipaddress.IPv6Network((addr, 64), strict=False))
 
 
 class Gateway:
@@ -85,21 +70,13 @@ class Gateway:
         stats = self.stats
         settings = self.settings
         if not self.accepting or stats.open >= settings.max_connections:
-            self.refusals.refuse(
-                "busy",
-                logging.WARNING,
-                "refused: MaxConnections reached",
-                extra={"client": peer[0], "reason": "busy"},
-            )
+            self.refusals.refuse("busy", peer[0], logging.WARNING, "refused: MaxConnections reached")
             return None
         source = source_key(peer[0])
         count = self.per_source.get(source, 0)
         if count >= settings.max_connections_per_source:
             self.refusals.refuse(
-                "per-source",
-                logging.WARNING,
-                "refused: MaxConnectionsPerSource reached",
-                extra={"client": peer[0], "reason": "per-source"},
+                "per-source", peer[0], logging.WARNING, "refused: MaxConnectionsPerSource reached"
             )
             return None
         self.per_source[source] = count + 1
@@ -127,7 +104,6 @@ class ClientSide:
         "agent",
         "buf",
         "conn",
-        "counted",
         "deadline",
         "down",
         "gw",
@@ -151,8 +127,7 @@ class ClientSide:
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.slog: SessionLogger | None = None
-        self.udp: UdpSession | None = None
-        self.counted: str | None = None  # which gauge this session is counted in
+        self.udp: UdpSession | None = None  # from the relay start until release
         self.up = 0
         self.down = 0
 
@@ -171,8 +146,6 @@ class ClientSide:
             conn.close()
             return
         gw.sessions.add(self)
-        gw.stats.establishing += 1
-        self.counted = "establishing"
         # One deadline from accept for the handshake and the line together.
         self.timer = conn.loop.call_at(self.deadline, self._line_timeout)
 
@@ -228,20 +201,11 @@ class ClientSide:
         client = conn.peer[0] if conn else ""
         if isinstance(exc, TimeoutError):
             self.gw.refusals.refuse(
-                "timeout",
-                logging.INFO,
-                "refused: no TLS handshake within RequestTimeout",
-                extra={"client": client, "reason": "timeout"},
+                "timeout", client, logging.INFO, "refused: no TLS handshake within RequestTimeout"
             )
             return
         detail = getattr(exc, "reason", None) or type(exc).__name__
-        self.gw.refusals.refuse(
-            "tls-handshake",
-            logging.INFO,
-            "TLS handshake failed: %s",
-            detail,
-            extra={"client": client, "reason": "tls-handshake"},
-        )
+        self.gw.refusals.refuse("tls-handshake", client, logging.INFO, "TLS handshake failed: %s", detail)
 
     def _forget(self) -> None:
         """The socket is closed: it no longer counts against the connection limits (idempotent)."""
@@ -260,12 +224,11 @@ class ClientSide:
     def _release(self) -> None:
         """Give the slot back (idempotent): on close, and at once on a refusal."""
         gw = self.gw
-        if self.counted == "active":
+        if self not in gw.sessions:
+            return
+        gw.sessions.remove(self)
+        if self.agent is not None and self.agent.relaying:
             gw.stats.active -= 1
-        elif self.counted == "establishing":
-            gw.stats.establishing -= 1
-        self.counted = None
-        gw.sessions.discard(self)
         if not gw.accepting and not gw.sessions:
             gw.drained.set()
         if self.udp:
@@ -303,10 +266,8 @@ class ClientSide:
 
     def _refuse(self, reason: str, session_id: str | None = None) -> None:
         """403 and close; the log names the reason and the client, never the grant."""
-        extra: dict[str, Any] = {"client": self.client_ip, "reason": reason}
-        if session_id:
-            extra["session_id"] = session_id
-        self.gw.refusals.refuse(reason, logging.WARNING, "refused: %s", reason, extra=extra)
+        fields = {"session_id": session_id} if session_id else {}
+        self.gw.refusals.refuse(reason, self.client_ip, logging.WARNING, "refused: %s", reason, **fields)
         self.state = _CLOSED
         self._release()
         assert self.conn is not None
@@ -316,12 +277,7 @@ class ClientSide:
     def _fail(self, reason: str, message: str) -> None:
         """The grant was good but the relay cannot be set up: 502 and close both sides."""
         self.gw.refusals.refuse(
-            reason,
-            logging.WARNING,
-            "relay failed: %s",
-            message,
-            extra={"client": self.client_ip, "reason": reason},
-            logger=self.slog,
+            reason, self.client_ip, logging.WARNING, "relay failed: %s", message, logger=self.slog
         )
         self.state = _CLOSED
         self._release()
@@ -370,10 +326,9 @@ class ClientSide:
         gw = self.gw
         assert self.conn is not None and agent.conn is not None
         self.state = _RELAY
-        gw.stats.establishing -= 1
+        agent.relaying = True  # counted as active from here on (see _release)
         gw.stats.active += 1
         gw.stats.accepted += 1
-        self.counted = "active"
         self.conn.write(OK)
         early, agent.buf = early + agent.buf, b""
         if early:
@@ -385,7 +340,8 @@ class ClientSide:
             gw.stats.bytes_to_agent += len(self.buf)
             agent.conn.write(self.buf)
             self.buf = b""
-        agent.relaying = True
+        if self.state != _RELAY or not agent.conn.is_open:
+            return  # a write above found a side gone (e.g. a reset client): it is closing, no UDP path
         agent.conn.resume_reading()
         self.conn.resume_reading()
         # In the loop turn that wrote "200 OK": the client's bind datagram cannot arrive earlier.

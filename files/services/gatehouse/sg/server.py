@@ -43,7 +43,9 @@ async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl
         )
 
     registry = CollectorRegistry()
-    registry.register(StatsCollector(stats, settings.max_connections))
+    registry.register(
+        StatsCollector(stats, settings.max_connections, lambda: len(gateway.sessions), udp.pool.in_use)
+    )
     app = web.Application()
     add_health_and_metrics(app, registry, lambda: ready)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)

@@ -22,8 +22,7 @@ class Stats:
     def __init__(self) -> None:
         self.open = 0  # client connections from accept to close, handshaking ones included
         self.handshaking = 0
-        self.active = 0
-        self.establishing = 0
+        self.active = 0  # relayed sessions (the others past the handshake are establishing)
         self.accepted = 0
         self.refused: Counter[str] = Counter()
         self.log_suppressed: Counter[str] = Counter()
@@ -32,7 +31,6 @@ class Stats:
         self.udp_relayed: Counter[str] = Counter()
         self.udp_dropped: Counter[str] = Counter()
         self.udp_binds = 0
-        self.udp_ports_in_use = 0
         self.udp_ports_exhausted = 0
 
 
@@ -59,17 +57,20 @@ class Refusals:
     def refuse(
         self,
         reason: str,
+        client: str,
         level: int,
         msg: str,
         *args: object,
-        extra: dict[str, Any],
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+        **fields: Any,
     ) -> None:
+        """Count a refusal of ``client``; log ``msg`` with the reason, the client and ``fields``."""
         self.stats.refused[reason] += 1
         if self.allow(reason):
+            extra = {"client": client, "reason": reason, **fields}
             held = self._held.pop(reason, 0)
             if held:
-                extra = {**extra, "suppressed": held}
+                extra["suppressed"] = held
             (logger or self.log).log(level, msg, *args, extra=extra)
 
     def allow(self, reason: str) -> bool:
@@ -86,9 +87,19 @@ class Refusals:
 
 
 class StatsCollector(Collector):
-    def __init__(self, stats: Stats, max_connections: int) -> None:
+    """Exposes ``stats``; the gauges that other state already holds are read at scrape time."""
+
+    def __init__(
+        self,
+        stats: Stats,
+        max_connections: int,
+        past_handshake: Callable[[], int],
+        udp_ports_in_use: Callable[[], int],
+    ) -> None:
         self.stats = stats
         self.max_connections = max_connections
+        self.past_handshake = past_handshake  # client connections past the TLS handshake, not closed
+        self.udp_ports_in_use = udp_ports_in_use
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.stats
@@ -104,7 +115,9 @@ class StatsCollector(Collector):
         )
         yield GaugeMetricFamily("gatehouse_sg_sessions_active", "Relayed sessions open now", value=s.active)
         yield GaugeMetricFamily(
-            "gatehouse_sg_sessions_establishing", "Clients past TLS, before the relay", value=s.establishing
+            "gatehouse_sg_sessions_establishing",
+            "Clients past TLS, before the relay",
+            value=self.past_handshake() - s.active,
         )
         yield GaugeMetricFamily(
             "gatehouse_sg_max_connections", "MaxConnections setting", value=self.max_connections
@@ -152,10 +165,10 @@ class StatsCollector(Collector):
         yield GaugeMetricFamily(
             "gatehouse_sg_udp_agent_ports_in_use",
             "Agent-side UDP ports held by sessions",
-            value=s.udp_ports_in_use,
+            value=self.udp_ports_in_use(),
         )
         yield CounterMetricFamily(
             "gatehouse_sg_udp_agent_ports_exhausted",
-            "Sessions relayed without UDP: no agent-side port was free",
+            "Sessions whose UDP bind found no agent-side port free (no UDP until one is)",
             value=s.udp_ports_exhausted,
         )

@@ -2,7 +2,8 @@
 
 Client side: one socket on Port. A datagram from an address bound to a session (see
 udp_table.py) goes to that session's agent; anything else is a bind attempt or dropped and
-counted by reason. Agent side: each relayed session has its own socket, bound to a port of
+counted by reason. Agent side: each relayed session has its own socket from its first accepted
+bind until it ends (a session that never binds holds none), bound to a port of
 AgentUdpSourcePort .. +AgentUdpPortCount-1 and connected to its agent, so the kernel delivers that
 agent's replies to that socket only and they go back to that session's client address only.
 """
@@ -29,12 +30,24 @@ _READS_PER_WAKE = 64  # fairness between busy sessions
 _BIND_ATTEMPTS = 64  # ports tried per session before giving up (others may hold some of the range)
 
 
+def _set_buffers(sock: socket.socket, size: int) -> None:
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError as exc:  # a smaller buffer still works
+            log.debug("cannot set the UDP socket buffer: %s", exc)
+
+
 class PortPool:
     """Agent-side source ports, handed out oldest-freed first so a port is reused as late as possible
     (a late reply to a closed session must not reach the next session on that port)."""
 
     def __init__(self, ports: range) -> None:
+        self.size = len(ports)
         self.free: deque[int] = deque(ports)
+
+    def in_use(self) -> int:
+        return self.size - len(self.free)
 
     def open(self, bind_ip: str, agent_addr: tuple[str, int]) -> tuple[socket.socket, int] | None:
         family = socket.AF_INET6 if ":" in agent_addr[0] else socket.AF_INET
@@ -51,11 +64,7 @@ class PortPool:
                 if exc.errno == errno.EADDRINUSE:
                     continue  # another process holds this one; try the next
                 raise
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, option, SESSION_BUFFER)
-                except OSError:  # a smaller buffer still works
-                    pass
+            _set_buffers(sock, SESSION_BUFFER)
             return sock, port
         return None
 
@@ -76,12 +85,7 @@ class UdpRelay:
         self.client_side, _protocol = await self.loop.create_datagram_endpoint(
             lambda: _ClientDatagrams(self), local_addr=(listen, port)
         )
-        sock = self.client_side.get_extra_info("socket")
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-            except OSError as exc:  # a smaller buffer still works
-                log.debug("cannot set the UDP socket buffer: %s", exc)
+        _set_buffers(self.client_side.get_extra_info("socket"), SOCKET_BUFFER)
 
     def close(self) -> None:
         if self.client_side:
@@ -91,31 +95,44 @@ class UdpRelay:
 
     def open(
         self, session_id: str, client_ip: str, connect_tag: str, local_ip: str, agent_addr: tuple[str, int]
-    ) -> UdpSession | None:
-        """Give a relayed session its UDP path; None when no agent-side port is free (TCP only).
+    ) -> UdpSession:
+        """Let a relayed session bind a client address. Its agent-side socket is opened at its first
+        accepted bind (:meth:`_open_socket`), so a session that never uses UDP holds no port.
 
         ``local_ip`` is the SG's address on the session's TCP connection to the agent: the agent
         echoes datagrams only from the address whose session channel is up.
         """
-        assert self.loop is not None
         key, key_id = linechan.udp_bind_key(connect_tag)
-        try:
-            opened = self.pool.open(local_ip, agent_addr)
-        except OSError as exc:
-            log.warning("cannot open the agent-side UDP socket: %s", exc, extra={"session_id": session_id})
-            opened = None
-        if opened is None:
-            self.stats.udp_ports_exhausted += 1
-            log.warning(
-                "no agent-side UDP port free; session relayed without UDP", extra={"session_id": session_id}
-            )
-            return None
-        sock, port = opened
-        session = UdpSession(session_id, client_ip, agent_addr, key, key_id, port=port, sock=sock)
+        session = UdpSession(session_id, client_ip, agent_addr, key, key_id, local_ip=local_ip)
         self.table.add(session)
-        self.loop.add_reader(sock.fileno(), self._from_agent, session)
-        self.stats.udp_ports_in_use += 1
         return session
+
+    def _open_socket(self, session: UdpSession) -> bool:
+        """Before a session's first address is bound: its agent-side socket. False when no port is
+        free; the bind is then dropped unanswered (the client's retries bind once a port is free)."""
+        if session.sock is not None:
+            return True
+        try:
+            opened = self.pool.open(session.local_ip, session.agent_addr)
+        except OSError as exc:
+            opened = None
+            if not session.no_port:
+                log.warning(
+                    "cannot open the agent-side UDP socket: %s", exc, extra={"session_id": session.session_id}
+                )
+        if opened is None:
+            if not session.no_port:  # counted and logged once per session, however often it binds
+                session.no_port = True
+                self.stats.udp_ports_exhausted += 1
+                log.warning(
+                    "no agent-side UDP port free; session relayed without UDP",
+                    extra={"session_id": session.session_id},
+                )
+            return False
+        session.sock, session.port = opened
+        assert self.loop is not None
+        self.loop.add_reader(session.sock.fileno(), self._from_agent, session)
+        return True
 
     def remove(self, session: UdpSession) -> None:
         """Close the session's UDP path (idempotent)."""
@@ -126,7 +143,6 @@ class UdpRelay:
             self.loop.remove_reader(sock.fileno())
             sock.close()
             self.pool.release(session.port)
-            self.stats.udp_ports_in_use -= 1
 
     # ------------------------------------------------------------ datagrams
 
@@ -147,7 +163,7 @@ class UdpRelay:
         self._bind(data, addr)
 
     def _bind(self, data: bytes, addr: Addr) -> None:
-        session, reason = self.table.bind(data, addr)
+        session, reason = self.table.bind(data, addr, self._open_socket)
         if session is None:
             self.stats.udp_dropped[reason] += 1
             return
@@ -164,20 +180,17 @@ class UdpRelay:
         self.client_side.sendto(linechan.bind_ack(session.key, session.key_id, session.counter), addr)
 
     def _from_agent(self, session: UdpSession) -> None:
-        sock = session.sock
+        # The socket exists only once the session has bound a client address (_open_socket).
+        sock, addr, client_side = session.sock, session.client_addr, self.client_side
         if sock is None:
             return
-        client_side = self.client_side
+        assert client_side is not None
         for _read in range(_READS_PER_WAKE):
             try:
                 data = sock.recv(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # ICMP errors of earlier sends surface here; keep reading
-                continue
-            addr = session.client_addr
-            if addr is None or client_side is None:
-                self.stats.udp_dropped["client-not-bound"] += 1
                 continue
             client_side.sendto(data, addr)
             self.stats.udp_relayed["to_client"] += 1

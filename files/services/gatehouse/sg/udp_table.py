@@ -8,12 +8,14 @@ Invariants (docs/architecture.md, "UDP"):
   from its connect-tag, which only the client and the SG know), sent from the IP address of the
   session's TLS channel, with a counter higher than the last one accepted for that session. The
   same datagram resent from the address it bound is answered again (lost ack) and changes nothing.
-- Replies need no lookup here: each session has its own agent-side socket (see udp.py).
+- Replies need no lookup here: each session has its own agent-side socket (see udp.py). A session
+  is bound to its first address only once that socket is open (``admit``).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +44,10 @@ class UdpSession:
     key_id: bytes = field(repr=False)
     client_addr: Addr | None = None
     counter: int = 0  # of the last bind datagram accepted
+    local_ip: str = ""  # the SG's address on the session's TCP connection to the agent (udp.py)
     port: int = 0  # agent-side source port (udp.py)
-    sock: Any = field(default=None, repr=False)  # agent-side socket (udp.py)
+    sock: Any = field(default=None, repr=False)  # agent-side socket, from the first bind (udp.py)
+    no_port: bool = False  # a bind found no agent-side port free (counted and logged once)
 
 
 class UdpTable:
@@ -69,9 +73,12 @@ class UdpTable:
         """The session a (non-bind) datagram from ``addr`` belongs to, or None (drop it)."""
         return self.by_client.get(addr)
 
-    def bind(self, data: bytes, addr: Addr) -> tuple[UdpSession | None, str]:
+    def bind(
+        self, data: bytes, addr: Addr, admit: Callable[[UdpSession], bool] = lambda _s: True
+    ) -> tuple[UdpSession | None, str]:
         """Check a bind datagram from ``addr``: ``(session, "")`` when bound (acknowledge it), or
-        ``(None, reason)`` with the drop reason."""
+        ``(None, reason)`` with the drop reason. ``admit(session)`` is asked last, before anything
+        changes: False leaves the session as it was (``agent-ports-exhausted``)."""
         parts = linechan.split_signed(data, linechan.BIND_MAGIC)
         if parts is None:
             return None, "unbound"  # not a bind datagram, from an address no session has bound
@@ -90,6 +97,8 @@ class UdpTable:
         holder = self.by_client.get(addr)
         if holder is not None and holder is not session:
             return None, "bind-address-in-use"
+        if not admit(session):
+            return None, "agent-ports-exhausted"
         if session.client_addr is not None and self.by_client.get(session.client_addr) is session:
             del self.by_client[session.client_addr]  # NAT rebinding: the old address is released
         session.client_addr = addr
