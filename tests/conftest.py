@@ -14,12 +14,16 @@ temporary tree with the symlink ``ansible_collections/gatehouse/access`` -> repo
 
 Unit tests that import module_utils call ``collection_helpers.ensure_importable()`` to make
 ``ansible_collections.gatehouse.access`` importable in the test interpreter.
+
+With ``GATEHOUSE_NO_SKIP=1`` (``make test`` and CI set it) a skipped test is reported as a
+failure: a missing Docker engine, image, tool or privilege must not turn a red run green.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +48,22 @@ def run_module(collection_path: Path) -> Callable[..., collection_helpers.Ansibl
         return collection_helpers.run_module(name, args, **kwargs)
 
     return run
+
+
+def _no_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if os.environ.get("GATEHOUSE_NO_SKIP") == "1" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, which GATEHOUSE_NO_SKIP=1 does not allow: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    _no_skip(outcome.get_result())  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    _no_skip(outcome.get_result())  # type: ignore[attr-defined]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import socket
 import subprocess
 import uuid
 
@@ -61,12 +60,6 @@ def require_service_images(cli, *roles: str) -> None:
 
 def unique_prefix(kind: str) -> str:
     return f"ghtest-{kind}-{uuid.uuid4().hex[:8]}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def free_cidr(cli, pool: str = "10.201.0.0/16", prefixlen: int = 24) -> str:

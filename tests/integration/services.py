@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pki import CertFiles, TestPKI
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
+def free_port() -> int:
     """A port free for both TCP and UDP on 127.0.0.1 (the SG and agent use the same number for both).
 
     Picked below the kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768 and up by

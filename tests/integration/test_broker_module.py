@@ -23,11 +23,11 @@ from collection_helpers import run_module
 from deploy_helpers import (
     cleanup,
     docker_client,
-    free_port,
     objects_named,
     require_service_images,
     unique_prefix,
 )
+from services import free_port
 from tls_material import Chain, pem, write
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]

@@ -19,11 +19,11 @@ from deploy_helpers import (
     cleanup,
     docker_client,
     free_cidr,
-    free_port,
     objects_named,
     require_service_images,
     unique_prefix,
 )
+from services import free_port
 from tls_material import Chain, certificate, key_pem, pem, rsa_key, write
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]

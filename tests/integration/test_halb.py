@@ -17,18 +17,16 @@ import ipaddress
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tls_probe import OLD_VERSIONS, assert_probe_offers, handshake, probe_context
 
 docker = pytest.importorskip("docker")
 
@@ -468,32 +466,6 @@ def test_vip_is_on_the_primary_only_and_serves(pair: Pair):
     assert names == {"be1", "be2"}
 
 
-def _handshake(host: str, port: int, ctx: ssl.SSLContext) -> tuple[str, str] | None:
-    """(protocol, cipher) of a completed handshake, None when either side refused it."""
-    try:
-        with socket.create_connection((host, port), timeout=3) as raw:
-            with ctx.wrap_socket(raw) as tls:
-                cipher = tls.cipher()
-                return tls.version() or "", cipher[0] if cipher else ""
-    except (OSError, ssl.SSLError):
-        return None
-
-
-def _probe_context(cipher: str | None, version: ssl.TLSVersion) -> ssl.SSLContext:
-    with warnings.catch_warnings():
-        # TLS 1.0/1.1 are deprecated in Python: offering them is the point here.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        ctx.minimum_version = version
-        ctx.maximum_version = version
-    if cipher:
-        # SECLEVEL 0: the client offers everything, the server's table alone decides.
-        ctx.set_ciphers(cipher + ":@SECLEVEL=0")
-    return ctx
-
-
 def _tls12_cipher_names() -> list[str]:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.set_ciphers("ALL:COMPLEMENTOFALL:@SECLEVEL=0")
@@ -505,53 +477,30 @@ def test_vip_tls_offers_exactly_the_seeds_cm_cipher_table(pair: Pair, pki):
     from gatehouse.tls import CM_CIPHERS
 
     pair.wait_master("halb1")
-    # The probe itself can offer old protocols and weak suites: shown against a local server that
-    # accepts everything, so a refusal by the HALB below is the HALB's.
+    # The probe itself can offer old protocols and weak suites, so a refusal below is the HALB's.
     tls = pki.issue("probe-self-check")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server_ctx.minimum_version = ssl.TLSVersion.TLSv1
-    server_ctx.set_ciphers("ALL:@SECLEVEL=0")
-    server_ctx.load_cert_chain(tls.cert, tls.key)
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        port = listener.getsockname()[1]
-
-        def serve() -> None:
-            for _attempt in range(2):
-                conn, _addr = listener.accept()
-                try:
-                    with server_ctx.wrap_socket(conn, server_side=True):
-                        pass
-                except (OSError, ssl.SSLError):
-                    pass
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
-            assert _handshake("127.0.0.1", port, _probe_context("AES128-SHA", version)) is not None, version
-        thread.join(5)
+    assert_probe_offers(tls.cert, tls.key)
 
     accepted = set()
     names = _tls12_cipher_names()
     assert len(names) > 50
     for name in names:
-        result = _handshake(pair.vip, 443, _probe_context(name, ssl.TLSVersion.TLSv1_2))
+        result = handshake(pair.vip, 443, probe_context(name, ssl.TLSVersion.TLSv1_2))
         if result is not None:
             assert result == ("TLSv1.2", name)
             accepted.add(name)
     print(f"\nVIP TLS 1.2: {len(names)} suites tried, accepted {sorted(accepted)}")
     assert accepted == set(CM_CIPHERS.split(":"))
-    for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
-        assert _handshake(pair.vip, 443, _probe_context("ALL", version)) is None, version
+    for version in OLD_VERSIONS:
+        assert handshake(pair.vip, 443, probe_context("ALL", version)) is None, version
     # Server preference: a client that prefers the weakest suite still gets the seed's first one.
     reverse = ":".join(reversed(CM_CIPHERS.split(":")))
-    assert _handshake(pair.vip, 443, _probe_context(reverse, ssl.TLSVersion.TLSv1_2)) == (
+    assert handshake(pair.vip, 443, probe_context(reverse, ssl.TLSVersion.TLSv1_2)) == (
         "TLSv1.2",
         CM_CIPHERS.split(":", maxsplit=1)[0],
     )
     # TLS 1.3 with OpenSSL's default suites, the first of them preferred.
-    assert _handshake(pair.vip, 443, _probe_context(None, ssl.TLSVersion.TLSv1_3)) == (
+    assert handshake(pair.vip, 443, probe_context(None, ssl.TLSVersion.TLSv1_3)) == (
         "TLSv1.3",
         "TLS_AES_256_GCM_SHA384",
     )

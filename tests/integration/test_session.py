@@ -15,7 +15,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from services import (
     start_cm,
     start_sg,
 )
+from tls_probe import assert_probe_offers, handshake, probe_context
 
 from gatehouse import protocol as p
 from gatehouse import tls
@@ -507,22 +507,14 @@ async def test_other_methods_get_an_error_resp(stack: Stack) -> None:
 
 async def test_tls_1_1_client_is_refused(stack: Stack) -> None:
     port = _port(stack.procs["cm-gateway"])
-
-    def handshake(version: ssl.TLSVersion) -> str:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        ctx.set_ciphers("ALL:@SECLEVEL=0")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is what this test is about
-            ctx.minimum_version = ctx.maximum_version = version
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with ctx.wrap_socket(raw) as conn:
-                return conn.version() or ""
-
-    with pytest.raises(ssl.SSLError):
-        await asyncio.to_thread(handshake, ssl.TLSVersion.TLSv1_1)
-    assert await asyncio.to_thread(handshake, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    # The probe can offer TLS 1.1 (shown against a server that accepts it), so the refusal is the CM's.
+    probe = stack.pki.issue("session-tls-probe")
+    await asyncio.to_thread(assert_probe_offers, probe.cert, probe.key, [ssl.TLSVersion.TLSv1_1])
+    old = probe_context("ALL", ssl.TLSVersion.TLSv1_1)
+    assert await asyncio.to_thread(handshake, "127.0.0.1", port, old) is None
+    new = probe_context(None, ssl.TLSVersion.TLSv1_2)
+    answer = await asyncio.to_thread(handshake, "127.0.0.1", port, new)
+    assert answer is not None and answer[0] == "TLSv1.2"
     await assert_serving(stack.gateway_cm, stack.ctx)
 
 

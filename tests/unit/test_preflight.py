@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,8 +164,18 @@ def test_parse_meminfo_and_cpuinfo() -> None:
     ],
 )
 def test_bad_parameters(overrides: dict) -> None:
-    result = pf.run(dict(DEFAULTS, **overrides), lambda argv: (0, "", ""), lambda name: None)
+    probed: list[Any] = []
+
+    def run_command(argv: Any) -> tuple[int, str, str]:
+        probed.append(argv)
+        return 0, "", ""
+
+    result = pf.run(dict(DEFAULTS, **overrides), run_command, lambda name: None)
     assert result["failed"] is True and result["changed"] is False
+    # Refused by the parameter check, naming the option, before the host is probed.
+    (option,) = overrides
+    assert option in result["msg"]
+    assert probed == []
 
 
 def test_existing_ancestor(tmp_path: Path) -> None:

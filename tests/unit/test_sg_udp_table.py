@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 
 import pytest
@@ -159,17 +160,29 @@ def test_refusals_are_counted_in_full_and_logged_at_a_bounded_rate(caplog: pytes
     assert stats.refused["forged"] == 51
 
 
-def test_port_pool_skips_ports_held_elsewhere_and_reuses_freed_ports_last() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        base = probe.getsockname()[1]
-    pool = PortPool(range(base, base + 3))
-    agent = ("127.0.0.1", 9)  # connect() on UDP sends nothing
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+def _squat_below_two_free_ports() -> tuple[socket.socket, int]:
+    """A UDP socket bound to port P (below the ephemeral range) where P+1 and P+2 are free."""
+    rng = random.SystemRandom()
+    for _attempt in range(100):
+        base = rng.randrange(20000, 32000)
+        squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             squatter.bind(("127.0.0.1", base))
+            for port in (base + 1, base + 2):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                    probe.bind(("127.0.0.1", port))
         except OSError:
-            pytest.skip("the probed port was taken meanwhile")
+            squatter.close()
+            continue
+        return squatter, base
+    raise AssertionError("no three consecutive free UDP ports")
+
+
+def test_port_pool_skips_ports_held_elsewhere_and_reuses_freed_ports_last() -> None:
+    squatter, base = _squat_below_two_free_ports()
+    pool = PortPool(range(base, base + 3))
+    agent = ("127.0.0.1", 9)  # connect() on UDP sends nothing
+    with squatter:
         first = pool.open("127.0.0.1", agent)
         assert first is not None and first[1] == base + 1  # base is held by another socket
         second = pool.open("127.0.0.1", agent)

@@ -23,11 +23,15 @@ def test_rolling_upgrade_under_load_loses_no_session() -> None:
     before = {name: c.id for name, c in cmsg_containers().items()}
     assert len(before) == 4
     reports: list[dict[str, Any]] = []
+    crashes: list[BaseException] = []  # a thread's exception would otherwise vanish
     stop = threading.Event()
 
     def load() -> None:
-        while not stop.is_set():
-            reports.append(gv.run_client(NETWORK, f"https://{VIP}", secret))
+        try:
+            while not stop.is_set():
+                reports.append(gv.run_client(NETWORK, f"https://{VIP}", secret))
+        except BaseException as exc:  # reported by the test below
+            crashes.append(exc)
 
     workers = [threading.Thread(target=load, name=f"load-{n}") for n in range(2)]
     for worker in workers:
@@ -39,6 +43,8 @@ def test_rolling_upgrade_under_load_loses_no_session() -> None:
         for worker in workers:
             worker.join(timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert not crashes, f"the load generator failed: {crashes!r}"
+    assert not any(worker.is_alive() for worker in workers), "the load generator did not stop"
 
     after = cmsg_containers()
     for name, container in after.items():
