@@ -11,13 +11,20 @@ attempted has a single dot. Then it does the same starting from the host name. E
 option may be empty: its variations are then simply absent. A name without any dot yields no
 attempt (no variation of it has the single dot the last attempt must have); when neither gives
 one, that is an error rather than an empty list.
+
+Timing (the manual's algorithm): each attempt waits for its status message to time out before
+the next; after the last domain-based attempt the device waits SERIES_DELAY seconds before the
+host-name series, and after that series SERIES_DELAY again before the cycle starts over.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 
 MAX_FQDN_LENGTH = 253
+# "the device delays for 5 minutes" after each series (domain-based, then host-name-based).
+SERIES_DELAY = 300
 # DNS labels as devices and resolvers accept them; underscores appear in real prefixes (pcoip_mc1).
 _LABEL_RE = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 
@@ -59,8 +66,12 @@ def variations(name: str) -> list[str]:
     return [".".join(labels[start:]) for start in range(len(labels) - 1)]
 
 
-def discovery_fqdns(prefix: str, domain: str | None = None, hostname: str | None = None) -> list[str]:
-    """One cycle of attempts: the domain (DHCP option 15) variations, then the host name (option 12) ones."""
+def discovery_attempts(prefix: str, domain: str | None = None, hostname: str | None = None) -> list[dict]:
+    """One cycle of attempts, in order: the domain (DHCP option 15) variations, then the host name
+    (option 12) ones. Each is ``{attempt, fqdn, prefix, dhcp_option, delay}``: its number in the
+    cycle (from 1), the name, the DHCP option it derives from, and the seconds the device waits
+    before it beyond the previous attempt's timeout (SERIES_DELAY before the first host-name
+    attempt that follows domain attempts, else 0)."""
     clean_prefix = normalise(prefix, "prefix")
     if not clean_prefix:
         raise DiscoveryError("prefix must not be empty: DNS-based discovery is off when the prefix is blank")
@@ -70,15 +81,38 @@ def discovery_fqdns(prefix: str, domain: str | None = None, hostname: str | None
         raise DiscoveryError(
             "domain (DHCP option 15) and hostname (DHCP option 12) are both empty: nothing to try"
         )
-    attempts = []
-    for base in variations(clean_domain) + variations(clean_hostname):
-        fqdn = "%s.%s" % (clean_prefix, base)
-        if len(fqdn) > MAX_FQDN_LENGTH:
-            raise DiscoveryError("%s is longer than %d characters" % (fqdn, MAX_FQDN_LENGTH))
-        attempts.append(fqdn)
+    attempts: list[dict] = []
+    for option, name in ((15, clean_domain), (12, clean_hostname)):
+        for index, base in enumerate(variations(name)):
+            fqdn = "%s.%s" % (clean_prefix, base)
+            if len(fqdn) > MAX_FQDN_LENGTH:
+                raise DiscoveryError("%s is longer than %d characters" % (fqdn, MAX_FQDN_LENGTH))
+            attempts.append(
+                {
+                    "attempt": len(attempts) + 1,
+                    "fqdn": fqdn,
+                    "prefix": clean_prefix,
+                    "dhcp_option": option,
+                    "delay": SERIES_DELAY if index == 0 and attempts else 0,
+                }
+            )
     if not attempts:
         raise DiscoveryError(
             "no name to try: neither domain %r nor hostname %r has a dot, and the last name attempted must "
             "have one" % (clean_domain, clean_hostname)
         )
     return attempts
+
+
+def discovery_fqdns(prefix: str, domain: str | None = None, hostname: str | None = None) -> list[str]:
+    """The names of :func:`discovery_attempts`, in order."""
+    return [attempt["fqdn"] for attempt in discovery_attempts(prefix, domain, hostname)]
+
+
+def resolve(fqdn: str, getaddrinfo=socket.getaddrinfo) -> list[str]:
+    """The addresses ``fqdn`` resolves to with this host's resolver (sorted; empty when it does not)."""
+    try:
+        infos = getaddrinfo(fqdn, None, 0, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # socket.gaierror is an OSError
+        return []
+    return sorted({info[4][0] for info in infos})

@@ -86,3 +86,32 @@ def test_bad_input_refused(prefix: str, domain: str, hostname: str, message: str
 def test_non_string_refused() -> None:
     with pytest.raises(discovery.DiscoveryError, match="must be a string"):
         discovery.discovery_fqdns("mc", 42, "")
+
+
+def test_attempts_carry_number_dhcp_option_and_the_seeds_delays() -> None:
+    attempts = discovery.discovery_attempts("pcoip_mc1", SEED_DOMAIN, SEED_HOSTNAME)
+    assert [a["fqdn"] for a in attempts] == SEED_ATTEMPTS
+    assert [a["attempt"] for a in attempts] == [1, 2, 3, 4, 5, 6, 7]
+    assert [a["dhcp_option"] for a in attempts] == [15, 15, 15, 12, 12, 12, 12]
+    # "<device delays for 5 minutes>" between attempt #3 and #4.
+    assert [a["delay"] for a in attempts] == [0, 0, 0, 300, 0, 0, 0]
+    assert {a["prefix"] for a in attempts} == {"pcoip_mc1"}
+
+
+def test_a_lone_host_name_series_starts_without_delay() -> None:
+    attempts = discovery.discovery_attempts("mc", "", "h1.site.example")
+    assert [(a["attempt"], a["dhcp_option"], a["delay"]) for a in attempts] == [(1, 12, 0), (2, 12, 0)]
+
+
+def test_resolve_answers_addresses_or_nothing() -> None:
+    def getaddrinfo(host: str, *_args: object) -> list[tuple]:
+        if host == "gone.example":
+            raise OSError(-2, "Name or service not known")
+        return [
+            (2, 1, 6, "", ("10.0.0.9", 0)),
+            (10, 1, 6, "", ("2001:db8::9", 0, 0, 0)),
+            (2, 1, 6, "", ("10.0.0.9", 0)),
+        ]
+
+    assert discovery.resolve("mc.example", getaddrinfo) == ["10.0.0.9", "2001:db8::9"]
+    assert discovery.resolve("gone.example", getaddrinfo) == []
