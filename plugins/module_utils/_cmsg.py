@@ -190,6 +190,13 @@ def validate(params: dict, used_networks) -> dict:
     for name in ("https_port", "pcoip_port"):
         dep.port_option(params[name], name, errors)
     dep.port_option(params["http_port"], "http_port", errors, allow_zero=True)
+    if params["network_mode"] == "bridge":
+        for name in ("https_port", "http_port", "pcoip_port"):
+            if params[name] in (CM_ADMIN_PORT, SG_ADMIN_PORT):
+                errors.append(
+                    "%s %d: with network_mode=bridge the management ports %d and %d are published on the host's "
+                    "127.0.0.1; choose another port" % (name, params[name], CM_ADMIN_PORT, SG_ADMIN_PORT)
+                )
     network = dep.check_private_cidr(params["docker_network_cidr"], "docker_network_cidr", errors)
     if network is not None and params["network_mode"] == "bridge" and not errors:
         clashes = dep.overlaps(network, used_networks())
@@ -357,11 +364,15 @@ def container_specs(params: dict, names: Names, image_refs: dict, host_label: st
     cm_ports = [{"host": params["https_port"], "container": 8443, "protocol": "tcp"}]
     if params["http_port"]:
         cm_ports.append({"host": params["http_port"], "container": 8080, "protocol": "tcp"})
+    # The management listeners on the host's loopback only: playbooks/upgrade.yml waits for the
+    # node to drain on them, and a Prometheus on the host scrapes them; nothing outside reaches them.
+    cm_ports.append(_loopback(CM_ADMIN_PORT))
     roles = [("cm", names.cm, cm_ports, "config.properties")]
     if params["enable_security_gateway"]:
         sg_ports = [
             {"host": params["pcoip_port"], "container": 4172, "protocol": "tcp"},
             {"host": params["pcoip_port"], "container": 4172, "protocol": "udp"},
+            _loopback(SG_ADMIN_PORT),
         ]
         roles.append(("sg", names.sg, sg_ports, "SecurityGateway.conf"))
     for role, name, ports, config in roles:
@@ -386,6 +397,10 @@ def container_specs(params: dict, names: Names, image_refs: dict, host_label: st
             }
         )
     return specs
+
+
+def _loopback(port: int) -> dict:
+    return {"host": port, "container": port, "protocol": "tcp", "host_ip": "127.0.0.1"}
 
 
 # ------------------------------------------------------------------ driver

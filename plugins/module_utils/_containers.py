@@ -294,7 +294,8 @@ def _create_kwargs(spec: dict, desired_hash: str, engine_nofile: int | None = No
             kwargs["network"] = spec["network"]
         ports = {}
         for port in spec.get("ports", []):
-            ports["%d/%s" % (port["container"], port["protocol"])] = port["host"]
+            host = (port["host_ip"], port["host"]) if port.get("host_ip") else port["host"]
+            ports["%d/%s" % (port["container"], port["protocol"])] = host
         kwargs["ports"] = ports
     else:
         kwargs["network_mode"] = mode

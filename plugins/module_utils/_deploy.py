@@ -480,7 +480,14 @@ def render_compose(specs: list[dict], network: dict | None) -> bytes:
         if spec["network_mode"] == "bridge":
             if spec.get("ports"):
                 service["ports"] = [
-                    "%d:%d/%s" % (p["host"], p["container"], p["protocol"]) for p in spec["ports"]
+                    "%s%d:%d/%s"
+                    % (
+                        p["host_ip"] + ":" if p.get("host_ip") else "",
+                        p["host"],
+                        p["container"],
+                        p["protocol"],
+                    )
+                    for p in spec["ports"]
                 ]
             if network:
                 service["networks"] = [network["key"]]

@@ -92,7 +92,9 @@ options:
     description:
       - Address the plain-HTTP management listeners (C(/health), C(/metrics)) of the connection manager (port 9180)
         and the security gateway (port 9172) bind to (C(AdminAddress)), inside the container's network namespace.
-      - With O(network_mode=bridge) these ports are never published; the connection manager reaches the gateway's
+      - With O(network_mode=bridge) these ports are published on the host's loopback only (C(127.0.0.1:9180) and
+        C(127.0.0.1:9172); C(playbooks/upgrade.yml) waits for a node to drain on them), so O(https_port),
+        O(http_port) and O(pcoip_port) cannot be 9180 or 9172. The connection manager reaches the gateway's
         C(/health) over the Docker network (C(SecurityGatewayHealthUrl) = C(http://<prefix>-sg:9172/health)), so
         with the security gateway enabled the address must be V(0.0.0.0) or V(::); any other fails the task.
         With V(host) or V(container:<name>) they are on the host's addresses; the connection manager uses

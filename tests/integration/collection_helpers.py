@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,12 @@ def run_adhoc(
     diff: bool = False,
     env: dict[str, str] | None = None,
     timeout: float = 240,
+    prefix: Sequence[str] = (),
 ) -> AnsibleRun:
-    """``ansible localhost -m <module> -a <json>`` with the json callback; returns the task result."""
-    command = [tool("ansible"), "localhost", "-m", module, "-a", json.dumps(args)]
+    """``ansible localhost -m <module> -a <json>`` with the json callback; returns the task result.
+
+    ``prefix`` runs ansible through a wrapper command (e.g. ``unshare ...``)."""
+    command = [*prefix, tool("ansible"), "localhost", "-m", module, "-a", json.dumps(args)]
     if check:
         command.append("--check")
     if diff:
@@ -150,8 +154,10 @@ def run_playbook(*args: str, timeout: float = 300) -> PlaybookRun:
         timeout=timeout,
         check=False,
     )
+    # Interactive modules (pause) print a line before the callback's report.
+    start = proc.stdout.find("{\n")
     try:
-        report = json.loads(proc.stdout)
+        report = json.loads(proc.stdout[max(start, 0) :])
     except ValueError:
         raise AssertionError(f"no json report\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}") from None
     return PlaybookRun(report, proc.stdout, proc.stderr, proc.returncode)

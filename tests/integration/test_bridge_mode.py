@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "security"))
 
 import pki as pkimod
-from collection_helpers import run_module
+from collection_helpers import run_module, run_playbook
 from deploy_helpers import (
     cleanup,
     docker_client,
@@ -56,9 +56,9 @@ from deploy_helpers import (
 from services import ServiceProcess, free_port
 from stack import assert_session_ok
 
+from gatehouse import linechan, tls
 from gatehouse import protocol as p
-from gatehouse import tls
-from gatehouse.client.flow import SessionReport, Step, run_session
+from gatehouse.client.flow import CmConnection, SessionReport, Step, run_session
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]
 
@@ -266,6 +266,97 @@ async def test_a_dead_gateway_takes_the_cm_out_of_rotation(deployment: Deploymen
         assert time.monotonic() - started < 15.0, "CM /health not back after the SG started again"
         await asyncio.sleep(0.1)
     assert_session_ok(await deployment.session())
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_drained(tmp_path: Path, drain_timeout: int) -> Any:
+    """playbooks/upgrade.yml's drain wait (playbooks/tasks/wait-drained.yml) on this host, whose
+    CM and SG publish their management ports on 127.0.0.1 in bridge mode."""
+    playbook = tmp_path / "wait.yml"
+    playbook.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "The upgrade's drain wait against the bridge-mode node",
+                    "hosts": "localhost",
+                    "connection": "local",
+                    "gather_facts": False,
+                    "vars": {
+                        "gatehouse__upgrade_node": "localhost",
+                        "gatehouse__behind_halb": True,
+                        "gatehouse__upgrade_drain_timeout": drain_timeout,
+                        "gatehouse__upgrade_grace": 0,
+                    },
+                    "tasks": [
+                        {
+                            "name": "Wait until the node is drained",
+                            "ansible.builtin.include_tasks": str(
+                                REPO / "playbooks" / "tasks" / "wait-drained.yml"
+                            ),
+                        }
+                    ],
+                }
+            ]
+        )
+    )
+    return run_playbook("-i", "localhost,", str(playbook), timeout=120)
+
+
+def task_result(run: Any, prefix: str) -> dict[str, Any]:
+    for play in run.report["plays"]:
+        for task in play["tasks"]:
+            if task["task"]["name"].startswith(prefix):
+                return task["hosts"]["localhost"]
+    raise AssertionError(f"no task {prefix!r} ran: {run.stdout[-2000:]}")
+
+
+async def relayed_session(deployment: Deployment) -> asyncio.StreamWriter:
+    """A session relayed by the SG and kept open (gatehouse_sg_sessions_active counts it)."""
+    cm = CmConnection(deployment.cm_url, deployment.client_ctx, timeout=10)
+    try:
+        await cm.send(p.Hello(client_info=p.ClientInfo(hostname="bridge-test")))
+        await cm.send(p.Authenticate(USER, USER_PW, "CORP"))
+        listing = await cm.send(p.GetResourceList())
+        assert isinstance(listing, p.GetResourceListResp), listing
+        chosen = listing.resources[0]
+        alloc = await cm.send(p.AllocateResource(chosen.resource_id, chosen.resource_type))
+        assert isinstance(alloc, p.AllocateResourceResp) and alloc.target is not None, alloc
+        target = alloc.target
+    finally:
+        await cm.close()
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", target.port, ssl=deployment.client_ctx, server_hostname=target.sni or target.hostname
+    )
+    writer.write(linechan.connect_line(target.connect_tag))
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readline(), 10) == linechan.OK
+    return writer
+
+
+async def test_the_upgrades_drain_wait_reads_the_published_management_ports(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """In bridge mode 9180/9172 are published on 127.0.0.1 only, where playbooks/upgrade.yml waits."""
+    for role, port in (("cm", "9180/tcp"), ("sg", "9172/tcp")):
+        (binding,) = deployment.container(role).ports[port]
+        assert binding == {"HostIp": "127.0.0.1", "HostPort": port.split("/")[0]}, role
+    held = await relayed_session(deployment)
+    try:
+        busy = await asyncio.to_thread(wait_drained, tmp_path, 2)
+        assert busy.returncode != 0, "the wait ended while the SG relayed a session"
+        assert not task_result(busy, "Wait until the node's CM").get("failed")
+        assert task_result(busy, "Wait until the node's SG").get("failed")
+    finally:
+        held.close()
+    idle = await asyncio.to_thread(wait_drained, tmp_path, 20)
+    assert idle.returncode == 0, idle.stdout[-3000:]
+    assert "gatehouse_sg_sessions_active 0.0" in task_result(idle, "Wait until the node's SG")["content"]
+    assert (
+        "gatehouse_cm_establishments_in_flight 0.0"
+        in task_result(idle, "Wait until the node's CM")["content"]
+    )
 
 
 def logged(deployment: Deployment, role: str, key: str, since: float = 0) -> set[str]:

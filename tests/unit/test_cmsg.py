@@ -186,8 +186,23 @@ def test_bridge_mode_keeps_the_admin_listeners_reachable_over_the_docker_network
     assert p["network_mode"] == "bridge" and p["admin_address"] == "0.0.0.0"
     specs = cmsg.container_specs(p, cmsg.Names("gh"), {"cm": "cm:1", "sg": "sg:1"}, "node1")
     assert {s["name"]: s["network"] for s in specs} == {"gh-cm": "gh-cmsg", "gh-sg": "gh-cmsg"}
-    # 9172 is never published: the SG's admin listener must accept connections from the CM's container.
-    assert all(port["container"] != cmsg.SG_ADMIN_PORT for s in specs for port in s["ports"])
+    # The management ports are published on the host's loopback only (upgrade.yml's drain wait).
+    admin = {
+        s["service"]: [
+            port for port in s["ports"] if port["container"] in (cmsg.CM_ADMIN_PORT, cmsg.SG_ADMIN_PORT)
+        ]
+        for s in specs
+    }
+    assert admin == {
+        "cm": [{"host": 9180, "container": 9180, "protocol": "tcp", "host_ip": "127.0.0.1"}],
+        "sg": [{"host": 9172, "container": 9172, "protocol": "tcp", "host_ip": "127.0.0.1"}],
+    }
+    for name in ("https_port", "http_port", "pcoip_port"):
+        assert any(
+            f"{name} 9172: with network_mode=bridge the management ports" in e
+            for e in errors_of(params(**{name: 9172}))
+        ), name
+    cmsg.validate(params(network_mode="host", https_port=9172), no_networks)  # host mode: no publishing
     sg = parse_kv(cmsg.security_gateway_conf(p).decode())
     assert sg["AdminAddress"] == "0.0.0.0" and sg["AdminPort"] == str(cmsg.SG_ADMIN_PORT)
     assert (
@@ -429,10 +444,10 @@ def test_compose_file_is_valid_and_matches_the_containers() -> None:
     assert set(doc["services"]) == {"cm", "sg"}
     cm = doc["services"]["cm"]
     assert cm["container_name"] == "gatehouse-cm"
-    assert cm["ports"] == ["443:8443/tcp", "80:8080/tcp"]
+    assert cm["ports"] == ["443:8443/tcp", "80:8080/tcp", "127.0.0.1:9180:9180/tcp"]
     assert cm["volumes"] == ["/opt/gatehouse/cmsg/data:/data:ro", "/opt/gatehouse/cmsg/certs:/certs:ro"]
     assert cm["labels"]["gatehouse.role"] == "cm" and cm["labels"]["gatehouse.host"] == "node1"
-    assert doc["services"]["sg"]["ports"] == ["4172:4172/tcp", "4172:4172/udp"]
+    assert doc["services"]["sg"]["ports"] == ["4172:4172/tcp", "4172:4172/udp", "127.0.0.1:9172:9172/tcp"]
     assert doc["networks"]["cmdeployment"]["ipam"]["config"] == [{"subnet": "10.101.0.0/24"}]
 
 
