@@ -5,7 +5,15 @@ The archive has one top directory gatehouse-bundle-<version>/ with
   manifest.json    format, version, images (name, id, tags), files (sha256, size)
   images.tar       ``docker save`` of the service images gatehouse/<name>:<version>
   gatehouse-access-<version>.tar.gz   the collection (ansible-galaxy collection build)
+  <namespace>-<name>-<version>.tar.gz the collections it depends on (galaxy.yml, transitively),
+                   so that on a host without Galaxy
+                   ``ansible-galaxy collection install --offline *.tar.gz`` installs it whole
 The layout is what plugins/module_utils/_bundle.py verifies; change both together.
+
+The dependency tarballs are packed from the collections of the pinned ``ansible`` package in
+the virtualenv (Galaxy may be out of reach where bundles are made). That package leaves out
+some files of each collection (CI files, tests), so FILES.json is rewritten to the files
+present and MANIFEST.json to the new FILES.json checksum; the installed content is unchanged.
 
 Usage: python hack/make-bundle.py [--output DIR] [--images "broker cm ..."] [--collection TARBALL]
                                  [--repository PREFIX]
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -71,6 +80,54 @@ def build_collection(output: Path) -> Path:
             stdout=subprocess.DEVNULL,
         )
     return output / f"gatehouse-access-{version()}.tar.gz"
+
+
+def installed_collections() -> Path:
+    import ansible_collections  # the pinned ``ansible`` package's collections
+
+    return Path(next(iter(ansible_collections.__path__)))
+
+
+def dependency_tarballs(output: Path) -> list[Path]:
+    """Artifacts of galaxy.yml's dependencies and theirs, each checked against its version range."""
+    from ansible.galaxy.dependency_resolution.versioning import meets_requirements
+
+    with open(REPO_ROOT / "galaxy.yml", encoding="utf-8") as handle:
+        wanted = list((yaml.safe_load(handle).get("dependencies") or {}).items())
+    root = installed_collections()
+    done: dict[str, Path] = {}
+    while wanted:
+        fqcn, spec = wanted.pop(0)
+        source = root.joinpath(*fqcn.split("."))
+        info = json.loads((source / "MANIFEST.json").read_text(encoding="utf-8"))["collection_info"]
+        if not meets_requirements(info["version"], spec):
+            sys.exit(f"error: {fqcn} {info['version']} in the virtualenv does not meet {spec}")
+        if fqcn not in done:
+            done[fqcn] = pack_collection(source, info, output)
+            wanted.extend((info.get("dependencies") or {}).items())
+    return list(done.values())
+
+
+def pack_collection(source: Path, info: dict, output: Path) -> Path:
+    """A collection artifact (MANIFEST.json, FILES.json, the files) of an installed collection."""
+    manifest = json.loads((source / "MANIFEST.json").read_text(encoding="utf-8"))
+    listed = json.loads((source / "FILES.json").read_text(encoding="utf-8"))
+    present = [
+        entry for entry in listed["files"] if entry["name"] == "." or (source / entry["name"]).exists()
+    ]
+    files_json = json.dumps({"files": present, "format": listed["format"]}, indent=4).encode()
+    manifest["file_manifest_file"]["chksum_sha256"] = hashlib.sha256(files_json).hexdigest()
+    manifest_json = json.dumps(manifest, indent=4).encode()
+    dest = output / f"{info['namespace']}-{info['name']}-{info['version']}.tar.gz"
+    with tarfile.open(dest, "w:gz") as tar:
+        for name, data in (("MANIFEST.json", manifest_json), ("FILES.json", files_json)):
+            member = tarfile.TarInfo(name)
+            member.size, member.mode = len(data), 0o644
+            tar.addfile(member, io.BytesIO(data))
+        for entry in present:
+            if entry["name"] != ".":
+                tar.add(str(source / entry["name"]), arcname=entry["name"], recursive=False)
+    return dest
 
 
 def write_archive(dest: Path, top: str, members: list[Path]) -> None:
@@ -141,12 +198,15 @@ def main() -> None:
         else:
             collection = build_collection(staging)
 
-        files = {p.name: {"sha256": sha256(p), "size": p.stat().st_size} for p in (images_tar, collection)}
+        dependencies = dependency_tarballs(staging)
+        members = [images_tar, collection, *dependencies]
+        files = {p.name: {"sha256": sha256(p), "size": p.stat().st_size} for p in members}
         manifest = {
             "format": FORMAT,
             "name": "gatehouse-bundle",
             "version": ver,
             "collection": collection.name,
+            "dependencies": [p.name for p in dependencies],
             "images": images,
             "files": files,
         }
@@ -159,7 +219,7 @@ def main() -> None:
 
         dest = output / f"{top}.tar.gz"
         # Small members first: a reader sees SHA256SUMS and the manifest before the images.
-        write_archive(dest, top, [sums_path, manifest_path, collection, images_tar])
+        write_archive(dest, top, [sums_path, manifest_path, collection, *dependencies, images_tar])
 
     size = dest.stat().st_size
     print(f"{dest} ({size / 1e6:.0f} MB, sha256 {sha256(dest)}) in {time.monotonic() - started:.0f} s")

@@ -13,8 +13,8 @@ description:
   - Loads the container images of a dark-site bundle (C(make bundle) writes
     C(dist/gatehouse-bundle-<version>.tar.gz)) into the Docker engine of the target, for hosts that cannot reach
     any image registry - the counterpart of C(pcoip-cmsg-setup install --darksite-bundle-path).
-  - The bundle holds C(images.tar) (C(docker save) of the service images), the collection tarball,
-    C(manifest.json) (version, images with their ids and tags, files with their checksums) and C(SHA256SUMS).
+  - The bundle holds C(images.tar) (C(docker save) of the service images), the collection tarball, the tarballs
+    of the collections it depends on, C(manifest.json) (version, images with their ids and tags, files with their checksums) and C(SHA256SUMS).
   - "Checksums are verified first: an archive is unpacked into a private temporary directory while every member
     is hashed, the hashes are compared with C(SHA256SUMS), the manifest with C(SHA256SUMS), and the images the
     manifest lists with the C(docker save) manifest inside C(images.tar). A truncated, corrupt or modified
@@ -68,8 +68,8 @@ options:
     type: int
     default: 600
 notes:
-  - The collection tarball in the bundle is verified but not installed; install it on the controller with
-    C(ansible-galaxy collection install).
+  - The collection tarballs in the bundle are verified but not installed; install them on the controller with
+    C(ansible-galaxy collection install --offline *.tar.gz) in the unpacked bundle.
 seealso:
   - module: gatehouse.access.cmsg
 """
