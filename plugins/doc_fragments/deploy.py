@@ -60,8 +60,10 @@ options:
     type: str
   bundle_path:
     description:
-      - A dark-site bundle on the target (a directory of C(docker save) archives, or one archive). It is
-        loaded only when an image the module needs is missing.
+      - A dark-site bundle on the target (C(make bundle)'s C(gatehouse-bundle-<version>.tar.gz), or that archive
+        unpacked). It is used only when an image the module needs is missing, and verified first exactly as
+        M(gatehouse.access.bundle) verifies it (C(SHA256SUMS), manifest, C(images.tar)); a bundle that fails the
+        check fails the task before anything changes. An archive is unpacked to the temporary directory first.
     type: path
   network_mode:
     description:

@@ -10,7 +10,8 @@ A bundle (``make bundle``) is a gzip-compressed tar archive with one top directo
 - ``SHA256SUMS``   ``sha256sum`` lines over every other member (``sha256sum -c`` works),
 - ``manifest.json`` format, version, the images (name, id, tags) and the files (sha256, size),
 - ``images.tar``   ``docker save`` of the service images,
-- ``gatehouse-access-<version>.tar.gz``, the collection.
+- ``gatehouse-access-<version>.tar.gz``, the collection,
+- ``<namespace>-<name>-<version>.tar.gz``, the collections it depends on (manifest ``dependencies``).
 
 The archive or its extracted top directory are accepted. Nothing is trusted before it is
 verified: an archive is unpacked into a private temporary directory (regular files with plain

@@ -15,13 +15,15 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
-import tarfile
+import tempfile
 from urllib.parse import urlsplit
 
 from ansible.module_utils.basic import missing_required_lib
 
+from ansible_collections.gatehouse.access.plugins.module_utils import _bundle as bundles
 from ansible_collections.gatehouse.access.plugins.module_utils import _certificate as certs
 from ansible_collections.gatehouse.access.plugins.module_utils._containers import (
     COLLECTION_VERSION,
@@ -517,45 +519,23 @@ def render_compose(specs: list[dict], network: dict | None) -> bytes:
 # ------------------------------------------------------------------ images
 
 
-def _image_archives_in_dir(path: str) -> list[str]:
-    found = []
-    for root, _dirs, names in os.walk(path):
-        for name in names:
-            # Image archives are `docker save` tars; the collection tarball (*.tar.gz) is not one.
-            if name.endswith(".tar"):
-                found.append(os.path.join(root, name))
-    return sorted(found)
-
-
 def load_bundle(cli, bundle_path: str, check_mode: bool) -> list[str]:
-    """Load the images of a dark-site bundle; returns the tags loaded.
+    """Verify a dark-site bundle and load its images; returns the tags loaded (or that would be).
 
-    ``bundle_path`` is a directory (image archives ``*.tar`` anywhere below it), a ``docker save``
-    archive, or a bundle tarball (``*.tar.gz``) holding image archives.
+    ``bundle_path`` is ``make bundle``'s archive or its unpacked directory. It is verified exactly
+    as gatehouse.access.bundle verifies it (_bundle.verify: SHA256SUMS, manifest, images.tar)
+    before anything reaches the engine; a bad bundle raises ContainerError and loads nothing.
+    An archive is unpacked to a temporary directory first (removed afterwards).
     """
-    if check_mode:
-        return []
-    loaded: list[str] = []
-
-    def load(stream) -> None:
-        for image in cli.images.load(stream):
-            loaded.extend(image.tags)
-
-    if os.path.isdir(bundle_path):
-        for archive in _image_archives_in_dir(bundle_path):
-            with open(archive, "rb") as handle:
-                load(handle)
-    elif bundle_path.endswith((".tar.gz", ".tgz")):
-        with tarfile.open(bundle_path, "r:gz") as bundle:
-            for member in bundle.getmembers():
-                if member.isfile() and member.name.endswith(".tar"):
-                    stream = bundle.extractfile(member)
-                    if stream is not None:
-                        load(stream)
-    else:
-        with open(bundle_path, "rb") as handle:
-            load(handle)
-    return loaded
+    workdir = tempfile.mkdtemp(prefix="gatehouse-bundle-")
+    try:
+        verified = bundles.verify(bundle_path, workdir)
+        result = bundles.load_verified(cli, verified, check_mode)
+    except bundles.BundleError as exc:
+        raise ContainerError("bundle_path %s: %s" % (bundle_path, exc)) from None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return [tag for image in result["images"] if image["loaded"] for tag in image["tags"]]
 
 
 def run_and_exit(module, run) -> None:

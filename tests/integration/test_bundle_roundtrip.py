@@ -10,6 +10,7 @@ does not change what the bundle holds. The test tags are removed at the end.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from collection_helpers import REPO_ROOT, run_module
+from collection_helpers import REPO_ROOT, ensure_importable, run_module
 
 docker = pytest.importorskip("docker")
 pytestmark = [pytest.mark.docker, pytest.mark.images]
@@ -114,12 +116,20 @@ def test_bundle_layout(bundle: Path) -> None:
         manifest = json.load(tar.extractfile(f"{top}/manifest.json"))
         sums = tar.extractfile(f"{top}/SHA256SUMS").read().decode()
     assert names[:3] == [top, f"{top}/SHA256SUMS", f"{top}/manifest.json"]
+    dependencies = manifest["dependencies"]
+    assert {name.rsplit("-", 1)[0] for name in dependencies} == {
+        "ansible-posix",
+        "community-crypto",
+        "community-docker",
+        "community-library_inventory_filtering_v1",
+    }
     assert set(names) == {
         top,
         f"{top}/SHA256SUMS",
         f"{top}/manifest.json",
         f"{top}/images.tar",
         f"{top}/gatehouse-access-{version()}.tar.gz",
+        *(f"{top}/{name}" for name in dependencies),
     }
     assert manifest["version"] == version()
     assert sorted(i["name"] for i in manifest["images"]) == sorted(IMAGES)
@@ -127,6 +137,7 @@ def test_bundle_layout(bundle: Path) -> None:
         "manifest.json",
         "images.tar",
         f"gatehouse-access-{version()}.tar.gz",
+        *dependencies,
     }
 
 
@@ -201,11 +212,14 @@ def test_verified_state_on_good_bundle(bundle: Path, tmp_path: Path) -> None:
     run = run_module("bundle", {"path": str(bundle), "state": "verified", "tmp_dir": str(scratch)})
     assert not run.failed, run.result
     assert not run.changed
-    assert {f["name"] for f in run.result["files"]} == {
+    names = {f["name"] for f in run.result["files"]}
+    assert {
         "images.tar",
         "manifest.json",
         f"gatehouse-access-{version()}.tar.gz",
-    }
+        "ansible-posix-2.1.0.tar.gz",
+    } <= names
+    assert len(names) == 7  # and community.crypto, community.docker and its inventory library
     assert list(scratch.iterdir()) == []
 
 
@@ -226,3 +240,109 @@ def test_collection_tarball_installs(bundle: Path, tmp_path: Path) -> None:
     assert not (installed / "hack").exists()
     with tarfile.open(tmp_path / "c.tar.gz") as tar:
         assert not [n for n in tar.getnames() if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def _galaxy(*args: str | Path, collections: Path) -> subprocess.CompletedProcess[str]:
+    """ansible-galaxy that sees only ``collections`` (not the collections of the ``ansible``
+    package in the test's virtualenv), as on a controller that has nothing yet."""
+    env = dict(
+        os.environ, ANSIBLE_COLLECTIONS_SCAN_SYS_PATH="false", ANSIBLE_COLLECTIONS_PATH=str(collections)
+    )
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-galaxy"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_bundle_installs_the_collection_and_its_dependencies_offline(
+    bundle: Path, tmp_path: Path
+) -> None:
+    with tarfile.open(bundle, "r:gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    top = tmp_path / f"gatehouse-bundle-{version()}"
+    manifest = json.loads((top / "manifest.json").read_text())
+    collection = top / manifest["collection"]
+
+    # The collection declares what it needs: alone, it does not install without Galaxy.
+    alone = _galaxy(
+        "collection",
+        "install",
+        "--offline",
+        "-p",
+        tmp_path / "alone",
+        collection,
+        collections=tmp_path / "alone",
+    )
+    assert alone.returncode != 0
+    assert "ansible.posix" in alone.stdout + alone.stderr
+
+    dest = tmp_path / "collections"
+    tarballs = sorted(top.glob("*.tar.gz"))
+    assert {t.name for t in tarballs} == {manifest["collection"], *manifest["dependencies"]}
+    run = _galaxy("collection", "install", "--offline", "-p", dest, *tarballs, collections=dest)
+    assert run.returncode == 0, run.stdout + run.stderr
+    listed = _galaxy("collection", "list", "--format", "json", "-p", dest, collections=dest)
+    installed = {
+        name: info["version"]
+        for name, info in json.loads(listed.stdout)[str(dest / "ansible_collections")].items()
+    }
+    assert set(installed) == {
+        "gatehouse.access",
+        "ansible.posix",
+        "community.crypto",
+        "community.docker",
+        "community.library_inventory_filtering_v1",
+    }
+    assert installed["gatehouse.access"] == version()
+    verified = _galaxy("collection", "verify", "--offline", "-p", dest, "gatehouse.access", collections=dest)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    # An execution environment built with ansible-builder gets the collection's Python requirements
+    # from meta/execution-environment.yml.
+    introspect = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-builder"), "introspect", str(dest)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert introspect.returncode == 0, introspect.stderr
+    python = yaml.safe_load(introspect.stdout)["python"]
+    ours = [
+        entry.split("#")[0].strip() for entry in python if entry.endswith("from collection gatehouse.access")
+    ]
+    assert ours == ["docker>=7.0.0", "cryptography>=41.0.0"], introspect.stdout
+
+
+def test_bundle_path_of_the_deployment_modules_is_verified_first(
+    client: docker.DockerClient, repository: str, bundle: Path, tmp_path: Path
+) -> None:
+    """cmsg and broker load a missing image from ``bundle_path`` with the bundle module's checks."""
+    ensure_importable()
+    from ansible_collections.gatehouse.access.plugins.module_utils._containers import ContainerError
+    from ansible_collections.gatehouse.access.plugins.module_utils._deploy import load_bundle
+
+    tag = f"{repository}{VICTIM}:{version()}"
+    expected = image_id(client, tag)
+    bad_bundles = tampered_copies(bundle, tmp_path)
+    try:
+        untag(client, tag)
+        for path, culprit in bad_bundles:
+            with pytest.raises(ContainerError, match=culprit):
+                load_bundle(client, str(path), check_mode=False)
+            assert image_id(client, tag) is None, f"{path.name} loaded an image"
+        assert load_bundle(client, str(bundle), check_mode=True) == [tag]
+        assert image_id(client, tag) is None, "check mode loaded an image"
+        assert load_bundle(client, str(bundle), check_mode=False) == [tag]
+        assert image_id(client, tag) == expected
+        assert load_bundle(client, str(bundle), check_mode=False) == []
+    finally:
+        if image_id(client, tag) != expected:
+            with tarfile.open(bundle, "r:gz") as tar:
+                member = next(m for m in tar.getmembers() if m.name.endswith("/images.tar"))
+                client.images.load(tar.extractfile(member).read())
+    assert image_id(client, tag) == expected
