@@ -339,9 +339,9 @@ async def test_the_upgrades_drain_wait_reads_the_published_management_ports(
     deployment: Deployment, tmp_path: Path
 ) -> None:
     """In bridge mode 9180/9172 are published on 127.0.0.1 only, where playbooks/upgrade.yml waits."""
-    for role, port in (("cm", "9180/tcp"), ("sg", "9172/tcp")):
-        (binding,) = deployment.container(role).ports[port]
-        assert binding == {"HostIp": "127.0.0.1", "HostPort": port.split("/")[0]}, role
+    for role, port in (("cm", 9180), ("sg", 9172)):
+        (binding,) = deployment.container(role).ports[f"{port}/tcp"]
+        assert binding == {"HostIp": "127.0.0.1", "HostPort": str(port)}, role
     held = await relayed_session(deployment)
     try:
         busy = await asyncio.to_thread(wait_drained, tmp_path, 2)

@@ -41,6 +41,7 @@ def rules(tmp_path_factory) -> dict[str, dict]:
                     "hosts": {
                         "c1": {"gatehouse_address": "10.0.0.21"},
                         "c2": {"gatehouse_address": "10.0.0.22", "cmsg_enable_security_gateway": False},
+                        "c3": {"gatehouse_address": "10.0.0.23", "gatehouse_network_mode": "host"},
                     }
                 },
                 "desktops": {
@@ -70,14 +71,14 @@ def rules(tmp_path_factory) -> dict[str, dict]:
             if task["task"]["name"].endswith("The firewall rules of this node"):
                 for host, result in task["hosts"].items():
                     found[host] = result["msg"]
-    assert set(found) == {"b1", "c1", "c2", "d1", "h1", "h2"}, found
+    assert set(found) == {"b1", "c1", "c2", "c3", "d1", "h1", "h2"}, found
     return found
 
 
 def test_broker_port_only_to_cms_desktops_halb_and_management(rules) -> None:
     broker = rules["b1"]
     assert broker["public_ports"] == []
-    sources = ["10.0.0.21", "10.0.0.22", "10.0.0.31", "10.0.0.41", "fd00::42", "198.51.100.0/24"]
+    sources = ["10.0.0.21", "10.0.0.22", "10.0.0.23", "10.0.0.31", "10.0.0.41", "fd00::42", "198.51.100.0/24"]
     assert sorted(broker["rich_rules"]) == sorted(rule(s, 443) for s in sources)
     assert broker["closed_ports"] == ["443/tcp"]
 
@@ -86,7 +87,7 @@ def test_agent_control_ports_only_to_the_cms(rules) -> None:
     desk = rules["d1"]
     assert sorted(desk["public_ports"]) == ["4172/tcp", "4172/udp"]
     assert sorted(desk["rich_rules"]) == sorted(
-        rule(s, p) for s in ("10.0.0.21", "10.0.0.22") for p in (60443, 60444)
+        rule(s, p) for s in ("10.0.0.21", "10.0.0.22", "10.0.0.23") for p in (60443, 60444)
     )
     assert sorted(desk["closed_ports"]) == ["60443/tcp", "60444/tcp"]
 
@@ -100,6 +101,14 @@ def test_cm_sg_public_ports_and_admin_ports_to_halb_and_management(rules) -> Non
     lan = rules["c2"]
     assert sorted(lan["public_ports"]) == ["443/tcp", "80/tcp"]
     assert sorted(lan["rich_rules"]) == sorted(rule(s, 9180) for s in admin)
+    # Host network mode: the HALB reaches the CM on 8443 itself (443 is only forwarded to it).
+    host_mode = rules["c3"]
+    assert sorted(host_mode["public_ports"]) == ["4172/tcp", "4172/udp", "443/tcp", "80/tcp"]
+    halb = ("10.0.0.41", "fd00::42")
+    assert sorted(host_mode["rich_rules"]) == sorted(
+        [rule(s, p) for s in admin for p in (9180, 9172)] + [rule(s, 8443) for s in halb]
+    )
+    assert "8443/tcp" in host_mode["closed_ports"]
 
 
 def test_halb_public_443_peers_and_vrrp_only_from_the_pair(rules) -> None:
