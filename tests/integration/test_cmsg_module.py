@@ -264,8 +264,9 @@ def test_container_network_mode(env) -> None:
     assert objects_named(cli, prefix) == [f"{prefix}-host1"]
 
 
-def test_bundle_archives_are_loaded(env, tmp_path: Path) -> None:
-    """load_bundle takes a bundle directory or a bundle tarball with `docker save` archives inside."""
+def test_bundle_path_refuses_unverified_image_archives(env, tmp_path: Path) -> None:
+    """``docker save`` archives without the bundle's SHA256SUMS and manifest load nothing (a real
+    bundle's checks and loading are in test_bundle_roundtrip.py)."""
     import subprocess
     import tarfile
 
@@ -273,6 +274,7 @@ def test_bundle_archives_are_loaded(env, tmp_path: Path) -> None:
 
     ensure_importable()
     from ansible_collections.gatehouse.access.plugins.module_utils import _deploy
+    from ansible_collections.gatehouse.access.plugins.module_utils._containers import ContainerError
 
     cli, prefix, _tmp = env
     tag = f"{prefix}-tiny:1"
@@ -280,16 +282,18 @@ def test_bundle_archives_are_loaded(env, tmp_path: Path) -> None:
     with tarfile.open(empty, "w"):
         pass
     subprocess.run(["docker", "import", str(empty), tag], check=True, capture_output=True)
-    (tmp_path / "bundle" / "images").mkdir(parents=True)
-    archive = tmp_path / "bundle" / "images" / "tiny.tar"
+    (tmp_path / "bundle").mkdir()
+    archive = tmp_path / "bundle" / "images.tar"
     subprocess.run(["docker", "save", tag, "-o", str(archive)], check=True)
     with tarfile.open(tmp_path / "bundle.tar.gz", "w:gz") as bundle:
-        bundle.add(tmp_path / "bundle", arcname=".")
+        bundle.add(tmp_path / "bundle", arcname="bundle")
+    cli.images.remove(tag)
     try:
-        for source in (tmp_path / "bundle.tar.gz", tmp_path / "bundle"):
-            cli.images.remove(tag)
-            assert _deploy.load_bundle(cli, str(source), check_mode=True) == []
-            assert _deploy.load_bundle(cli, str(source), check_mode=False) == [tag]
-            assert cli.images.get(tag).tags == [tag]
+        for source in (tmp_path / "bundle.tar.gz", tmp_path / "bundle", archive):
+            for check_mode in (True, False):
+                with pytest.raises(ContainerError, match=f"bundle_path {source}: "):
+                    _deploy.load_bundle(cli, str(source), check_mode=check_mode)
+            assert not cli.images.list(name=tag), f"{source.name} loaded an image"
     finally:
-        cli.images.remove(tag, force=True)
+        for image in cli.images.list(name=tag):
+            cli.images.remove(image.id, force=True)
