@@ -125,11 +125,30 @@ def assert_session(report: dict[str, Any], target_ip: str | None = None) -> None
         assert report["target"].split(":")[0] == target_ip
 
 
+# Shows that openssl s_client in a host negotiates TLS 1.1 with SECLEVEL=0, against a local
+# s_server that allows it (port 14433 on the host's loopback, one connection, then it exits).
+_CALIBRATE_TLS_1_1 = (
+    "d=$(mktemp -d); "
+    "openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=probe -days 1 -keyout $d/k -out $d/c >/dev/null 2>&1; "
+    "sleep 10 </dev/null 2>/dev/null | openssl s_server -accept 127.0.0.1:14433 -tls1_1 "
+    "-cipher DEFAULT:@SECLEVEL=0 -cert $d/c -key $d/k -naccept 1 >/dev/null 2>&1 & "
+    "for _ in 1 2 3 4 5 6 7 8 9 10; do sleep 0.2; "
+    "out=$(openssl s_client -connect 127.0.0.1:14433 -tls1_1 -cipher DEFAULT:@SECLEVEL=0 </dev/null 2>&1) && break; "
+    "done; rm -rf $d; printf '%s\\n' \"$out\" | grep -E '^ *Protocol *: *TLSv1\\.1$'"
+)
+_CALIBRATED: set[str] = set()
+
+
 def tls_version_results(host: Any, ip: str, port: int) -> tuple[int, int]:
     """(exit code with TLS 1.1 offered, exit code with TLS 1.2) of openssl s_client in the host.
 
-    SECLEVEL=0 lets this client offer TLS 1.1 at all, so a failure is the server's refusal.
+    SECLEVEL=0 lets this client offer TLS 1.1 at all; that it really does is shown once per host
+    against a local server that accepts TLS 1.1, so a failure below is the server's refusal.
     """
+    if host.backend.hostname not in _CALIBRATED:
+        calibration = host.run(_CALIBRATE_TLS_1_1)
+        assert calibration.rc == 0, f"openssl s_client cannot offer TLS 1.1 here: {calibration.stdout}"
+        _CALIBRATED.add(host.backend.hostname)
     target = f"{ip}:{port}"
     old = host.run("openssl s_client -connect %s -tls1_1 -cipher DEFAULT:@SECLEVEL=0 </dev/null", target)
     new = host.run("openssl s_client -connect %s -tls1_2 </dev/null", target)
