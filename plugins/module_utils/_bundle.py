@@ -33,8 +33,9 @@ import tempfile
 import traceback
 import zlib
 
+from ansible_collections.gatehouse.access.plugins.module_utils import _containers as ctr
+
 try:
-    import docker
     from docker.errors import DockerException, ImageNotFound
 except ImportError:
     HAS_DOCKER = False
@@ -330,12 +331,6 @@ def verify(path: str, workdir: str) -> VerifiedBundle:
 # ---------------------------------------------------------------- Docker side
 
 
-def docker_client(docker_host: str | None, timeout: int):
-    if docker_host:
-        return docker.DockerClient(base_url=docker_host, version="auto", timeout=timeout)
-    return docker.from_env(version="auto", timeout=timeout)
-
-
 def image_ids(client, tags: list[str]) -> dict[str, str | None]:
     """{tag: image id or None} as the engine sees them now."""
     ids: dict[str, str | None] = {}
@@ -432,9 +427,9 @@ def run(params: dict, check_mode: bool, want_diff: bool) -> dict:
             )
             return result
         try:
-            client = docker_client(params.get("docker_host"), params["timeout"])
+            client = ctr.client(params.get("docker_host"), params["timeout"])
             loaded = load_verified(client, bundle, check_mode)
-        except BundleError as exc:
+        except (BundleError, ctr.ContainerError) as exc:
             return dict(result, failed=True, msg=str(exc))
         except (DockerException, OSError) as exc:  # requests' errors are OSErrors
             return dict(result, failed=True, msg="Docker engine error while loading %s: %s" % (IMAGES, exc))

@@ -18,7 +18,6 @@ import socket
 import time
 
 try:
-    import docker
     from docker.errors import DockerException, ImageNotFound, NotFound
 
     HAS_DOCKER = True
@@ -33,10 +32,12 @@ from ansible_collections.gatehouse.access.plugins.module_utils._containers impor
     RUN,
     TMP,
     TMPFS_OPTIONS,
+    ContainerError,
     engine_nofile_limit,
     hardening,
     hardening_kwargs,
 )
+from ansible_collections.gatehouse.access.plugins.module_utils._containers import client as docker_client
 from ansible_collections.gatehouse.access.plugins.module_utils._halb import (
     HAPROXY_CFG,
     HAPROXY_DIR,
@@ -68,11 +69,9 @@ def connect():
             "the Python docker SDK is required on the managed host: %s" % DOCKER_IMPORT_ERROR
         )
     try:
-        client = docker.from_env()
-        client.ping()
-    except DockerException as exc:
-        raise HalbDockerError("cannot reach the Docker engine: %s" % exc) from exc
-    return client
+        return docker_client(None)
+    except ContainerError as exc:
+        raise HalbDockerError(str(exc)) from None
 
 
 def require_image(client, image: str) -> None:

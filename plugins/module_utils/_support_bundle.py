@@ -24,6 +24,7 @@ import tarfile
 import tempfile
 import traceback
 
+from ansible_collections.gatehouse.access.plugins.module_utils import _containers as ctr
 from ansible_collections.gatehouse.access.plugins.module_utils._redact import REDACTED, RULE, Redactor
 
 try:
@@ -36,7 +37,6 @@ else:
     HAS_CRYPTOGRAPHY = True
 
 try:
-    import docker
     from docker.errors import DockerException
 except ImportError:
     HAS_DOCKER = False
@@ -284,12 +284,8 @@ class Collector:
             )
             return versions
         try:
-            if self.params.get("docker_host"):
-                client = docker.DockerClient(base_url=self.params["docker_host"], version="auto", timeout=60)
-            else:
-                client = docker.from_env(version="auto", timeout=60)
-            client.ping()
-        except DockerException as exc:
+            client = ctr.client(self.params.get("docker_host"), 60)
+        except ctr.ContainerError as exc:
             self.notes.append("Docker engine not reachable, containers and logs not collected: %s" % exc)
             return versions
         try:
