@@ -36,7 +36,10 @@ def broker_answer(message: p.Message, agent_port: int) -> p.Message:
     if isinstance(message, p.AllocateResource):
         return p.AllocateResourceResp(
             resource_id=message.resource_id,
-            agent=p.AgentInfo("127.0.0.1", "desk-1", agent_port=agent_port, session_port=4172),
+            # logon none: the bench CM does not verify the stand-in agent, so it would withhold a password.
+            agent=p.AgentInfo(
+                "127.0.0.1", "desk-1", agent_port=agent_port, session_port=4172, logon=p.LOGON_NONE
+            ),
             target=p.Target("127.0.0.1", 4172, str(uuid.uuid4()), secrets.token_urlsafe(16)),
         )
     if isinstance(message, p.Bye):

@@ -57,7 +57,14 @@ DESKTOP_ARGSPEC = dict(
     session_port={"type": "int"},
     enabled={"type": "bool"},
     pool={"type": "str"},
+    logon={"type": "str", "choices": ["windows-password", "none"]},
+    agent_ca_pem={"type": "str"},
+    agent_cert_sha256={"type": "str"},
     state=STATE_OPTION,
+)
+# What a desktop PUT may carry: every desktop option but the connection, the name and the state.
+DESKTOP_FIELDS = tuple(
+    k for k in DESKTOP_ARGSPEC if k not in CONNECTION_ARGSPEC and k not in ("name", "state")
 )
 
 POOL_ARGSPEC = dict(
@@ -166,9 +173,12 @@ def plan_desktop(api, params, domain=None) -> Plan:
     current = api.get(path)
     body = {}
     if params["state"] == "present":
-        _set(body, params, ("address", "hostname", "agent_port", "session_port", "enabled", "pool"))
+        _set(body, params, DESKTOP_FIELDS)
         if current is None and not params.get("address"):
             raise BrokerApiError("address is required to create desktop %s" % params["name"])
+        if params.get("agent_ca_pem") and params.get("agent_cert_sha256"):
+            # An empty string clears one, so "" with the other is allowed.
+            raise BrokerApiError("agent_ca_pem and agent_cert_sha256 are mutually exclusive")
     return Plan("desktop", path, body, current, "desktop %s" % params["name"])
 
 

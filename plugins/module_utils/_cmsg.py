@@ -221,7 +221,8 @@ def tls_verify_checks(params: dict, errors: list[str]) -> list[str]:
     if not params["agent_tls_verify"]:
         warnings.append(
             "agent_tls_verify=false: the CM and SG do not verify the agents' certificates; anyone on the "
-            "path to a desktop can impersonate it"
+            "path to a desktop can impersonate it, so the CM sends no user password to an agent unless its "
+            "desktop pins the agent certificate (broker_desktop agent_cert_sha256 or agent_ca_pem)"
         )
     if not params["broker_tls_verify"]:
         warnings.append(

@@ -67,6 +67,33 @@ options:
       - Manage pool membership either here or with O(gatehouse.access.broker_pool#module:members), not both, or
         the two tasks undo each other on every run.
     type: str
+  logon:
+    description:
+      - How the user is logged on at the desktop's agent.
+      - V(windows-password) forwards the user's own password in the agent's C(launch-session) (single sign-on
+        to Windows). The connection manager sends it only to an agent whose certificate it verified (the
+        deployment CA with its C(AgentTlsVerify), or O(agent_ca_pem) or O(agent_cert_sha256)); otherwise the
+        allocation fails and no request reaches the agent.
+      - V(none) sends no credentials (a pre-logged-on or kiosk desktop).
+      - New desktops get V(windows-password).
+    type: str
+    choices: [windows-password, none]
+  agent_ca_pem:
+    description:
+      - PEM certificates of a CA that signed this desktop's agent certificate (for example the agent's own
+        self-signed certificate), for agents the deployment CA did not sign. The connection manager verifies
+        the chain and the host name (O(address)) against it.
+      - An empty string removes it. Stored re-encoded, so the same certificates always compare equal.
+      - Mutually exclusive with O(agent_cert_sha256) unless one of them is the empty string (which clears it);
+        the broker refuses a desktop that would end up with both.
+    type: str
+  agent_cert_sha256:
+    description:
+      - SHA-256 fingerprint of this desktop's agent certificate (64 hexadecimal digits, colons allowed as
+        C(openssl x509 -fingerprint -sha256) prints them). The connection manager accepts exactly that
+        certificate, checked before anything is sent.
+      - An empty string removes it. Stored as 64 lower-case digits.
+    type: str
   state:
     description:
       - V(present) creates or updates the desktop.
@@ -98,6 +125,23 @@ EXAMPLES = r"""
     agent_port: 60444
     session_port: 4173
     pool: lab
+
+- name: Register a desktop whose agent has its own certificate (pinned), with Windows single sign-on
+  gatehouse.access.broker_desktop:
+    broker_url: https://broker.example.com:443
+    admin_token: "{{ vault_broker_admin_token }}"
+    name: desk9
+    address: 10.0.0.29
+    logon: windows-password
+    agent_cert_sha256: "{{ lookup('ansible.builtin.file', 'fingerprints/desk9.sha256') }}"
+
+- name: Register a kiosk desktop that needs no credentials
+  gatehouse.access.broker_desktop:
+    broker_url: https://broker.example.com:443
+    admin_token: "{{ vault_broker_admin_token }}"
+    name: kiosk1
+    address: kiosk1.corp.example
+    logon: none
 
 - name: Take a desktop out of placement for maintenance
   gatehouse.access.broker_desktop:
@@ -134,6 +178,9 @@ desktop:
     session_port: 4172
     enabled: true
     pool: null
+    logon: windows-password
+    agent_ca_pem: ""
+    agent_cert_sha256: ""
   contains:
     name:
       description: Desktop name, in its stored spelling.
@@ -155,6 +202,15 @@ desktop:
       type: bool
     pool:
       description: Pool of the desktop, or V(null).
+      type: str
+    logon:
+      description: V(windows-password) or V(none).
+      type: str
+    agent_ca_pem:
+      description: The desktop's own agent CA certificates (PEM), or an empty string.
+      type: str
+    agent_cert_sha256:
+      description: The pinned SHA-256 of the agent certificate (64 lower-case hexadecimal digits), or an empty string.
       type: str
 diff:
   description: The desktop before and after, when run with C(--diff).

@@ -86,6 +86,10 @@ options:
     description:
       - Verify the agents' certificates (and that they name the desktop's address) in the connection manager and
         the security gateway (C(AgentTlsVerify)). V(false) makes the module return a warning (test setups only).
+      - With V(false) the connection manager sends no user password to an agent, so desktops with
+        O(gatehouse.access.broker_desktop#module:logon=windows-password) can only be allocated when they pin their
+        agent certificate (O(gatehouse.access.broker_desktop#module:agent_cert_sha256) or
+        O(gatehouse.access.broker_desktop#module:agent_ca_pem)).
     type: bool
     default: true
   admin_address:

@@ -6,6 +6,7 @@ TLS, the UDP bind, reading answers, scraping the SG's /metrics, waiting for a co
 
 from __future__ import annotations
 
+import selectors
 import socket
 import ssl
 import time
@@ -52,6 +53,43 @@ def read_exactly(sock: ssl.SSLSocket, n: int) -> bytes:
             break
         data += chunk
     return data
+
+
+def echo_both_ways(sock: ssl.SSLSocket, payload: bytes, timeout: float = 30.0) -> bytes:
+    """Send ``payload`` while reading its echo, in one thread; returns what came back.
+
+    One SSL object must not be read and written from two threads at once (OpenSSL gives no such
+    guarantee, and the reader then sees a spurious end of stream), so sending and receiving are
+    interleaved on a non-blocking socket instead. Both directions stay under flow control: the
+    sender waits whenever the SG stops reading.
+    """
+    sock.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+    sent, echoed = 0, bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(echoed) < len(payload) and time.monotonic() < deadline:
+            sel.select(0.5)
+            while True:  # drain what TLS has decrypted or the socket holds
+                try:
+                    chunk = sock.recv(65536)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    break
+                if not chunk:
+                    return bytes(echoed)
+                echoed += chunk
+            if sent < len(payload):
+                try:
+                    sent += sock.send(payload[sent : sent + 16384])
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    pass
+                if sent == len(payload):
+                    sel.modify(sock, selectors.EVENT_READ)
+        return bytes(echoed)
+    finally:
+        sel.close()
+        sock.setblocking(True)
 
 
 def closed_by_peer(sock: ssl.SSLSocket) -> bool:

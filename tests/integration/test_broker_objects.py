@@ -247,6 +247,38 @@ def test_user_errors_are_clear_and_change_nothing(broker: Broker) -> None:
 # ---------------------------------------------------------------- desktops and pools
 
 
+def test_desktop_agent_verification_and_logon(broker: Broker) -> None:
+    """logon, a pinned agent certificate and a desktop's own CA: stored normalised, idempotent."""
+    pin = ":".join(["AB"] * 32)  # as openssl prints it
+    cycle("broker_desktop", conn(broker, name="dv-desk", address="127.0.0.41", agent_cert_sha256=pin))
+    stored = get(broker, "/desktops/dv-desk")
+    assert (stored["agent_cert_sha256"], stored["logon"]) == ("ab" * 32, "windows-password")
+    # The same pin without colons is the same pin: no change.
+    assert not run("broker_desktop", conn(broker, name="dv-desk", agent_cert_sha256="AB" * 32)).changed
+
+    ca_pem = broker.pki.ca.read_text()
+    # A CA in place of the pin (the pin cleared in the same task), and a kiosk logon.
+    real = cycle(
+        "broker_desktop",
+        conn(broker, name="dv-desk", agent_ca_pem="\n" + ca_pem + "\n", agent_cert_sha256="", logon="none"),
+    )
+    stored = get(broker, "/desktops/dv-desk")
+    assert stored["agent_ca_pem"].strip() == ca_pem.strip() and stored["agent_cert_sha256"] == ""
+    assert stored["logon"] == "none" and real["diff"]["before"]["logon"] == "windows-password"
+
+    # Bad values fail before anything changes.
+    for bad, words in (
+        ({"agent_cert_sha256": "abc"}, "64 hexadecimal digits"),
+        ({"agent_ca_pem": "not a certificate"}, "not PEM certificates"),
+        ({"agent_ca_pem": ca_pem, "agent_cert_sha256": "ab" * 32}, "mutually exclusive"),
+        ({"agent_cert_sha256": "ab" * 32}, "mutually exclusive"),  # the stored CA stays
+        ({"logon": "smartcard"}, "logon"),
+    ):
+        result = run("broker_desktop", conn(broker, name="dv-desk", **bad))
+        assert result.failed and words in result.result["msg"], (bad, result.result.get("msg"))
+    assert get(broker, "/desktops/dv-desk") == stored
+
+
 def test_desktop_and_pool(broker: Broker) -> None:
     d1 = conn(broker, name="dp-desk1", address="127.0.0.31", hostname="desk1.example")
     real = cycle("broker_desktop", d1)
@@ -258,6 +290,9 @@ def test_desktop_and_pool(broker: Broker) -> None:
         "session_port": 4172,
         "enabled": True,
         "pool": None,
+        "logon": "windows-password",
+        "agent_ca_pem": "",
+        "agent_cert_sha256": "",
     }
     assert real["desktop"] == get(broker, "/desktops/dp-desk1")
     cycle("broker_desktop", conn(broker, name="dp-desk2", address="DESK2.Example", agent_port=60444))

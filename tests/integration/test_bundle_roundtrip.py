@@ -160,6 +160,14 @@ def tampered_copies(bundle: Path, tmp_path: Path) -> list[tuple[Path, str]]:
     return [(unpacked, collection.name), (rearchived, collection.name), (truncated, "truncated")]
 
 
+def restore(client: docker.DockerClient, bundle: Path, tag: str, expected: str | None) -> None:
+    """Put the victim image back from the bundle when a test left it missing or wrong."""
+    if image_id(client, tag) != expected:
+        with tarfile.open(bundle, "r:gz") as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith("/images.tar"))
+            client.images.load(tar.extractfile(member).read())
+
+
 def test_round_trip(client: docker.DockerClient, repository: str, bundle: Path, tmp_path: Path) -> None:
     """Lose an image; tampered bundles load nothing; check mode loads nothing; the good bundle
     brings it back; a second run changes nothing."""
@@ -199,10 +207,7 @@ def test_round_trip(client: docker.DockerClient, repository: str, bundle: Path, 
         assert not second.changed
         assert not any(i["loaded"] for i in second.result["images"])
     finally:
-        if image_id(client, tag) != expected:
-            with tarfile.open(bundle, "r:gz") as tar:
-                member = next(m for m in tar.getmembers() if m.name.endswith("/images.tar"))
-                client.images.load(tar.extractfile(member).read())
+        restore(client, bundle, tag, expected)
     assert image_id(client, tag) == expected
 
 
@@ -341,8 +346,5 @@ def test_bundle_path_of_the_deployment_modules_is_verified_first(
         assert image_id(client, tag) == expected
         assert load_bundle(client, str(bundle), check_mode=False) == []
     finally:
-        if image_id(client, tag) != expected:
-            with tarfile.open(bundle, "r:gz") as tar:
-                member = next(m for m in tar.getmembers() if m.name.endswith("/images.tar"))
-                client.images.load(tar.extractfile(member).read())
+        restore(client, bundle, tag, expected)
     assert image_id(client, tag) == expected

@@ -27,6 +27,7 @@ from sg_helpers import (
     client_ctx,
     closed_by_peer,
     connect,
+    echo_both_ways,
     metrics,
     open_tls,
     read_exactly,
@@ -198,11 +199,7 @@ def test_tcp_and_udp_echo_end_to_end_through_the_sg(sg: Gateway, agent: Agent) -
     with sock:
         assert answer == OK
         payload = bytes(range(256)) * 1024  # 256 KiB: exercises flow control both ways
-        sender = threading.Thread(target=sock.sendall, args=(payload,))
-        sender.start()
-        echoed = read_exactly(sock, len(payload))
-        sender.join()
-        assert echoed == payload
+        assert echo_both_ways(sock, payload) == payload
 
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind((CLIENT, 0))
@@ -632,7 +629,10 @@ def test_agent_udp_echo_only_for_live_channels(agent: Agent) -> None:
     wait_for(dropped, "the stranger's datagram to be dropped")
 
 
-def test_agent_answers_malformed_requests_with_error_resp(agent: Agent) -> None:
+def test_agent_answers_malformed_requests_as_a_real_agent_does(agent: Agent) -> None:
+    good = protocol.render(
+        "pcoip-agent", protocol.LaunchSession(str(uuid.uuid4()), "127.0.0.9", "alice", "CORP")
+    )
     for body, result in [
         (b"<?xml version='1.0' encoding='UTF-8'?>", protocol.E_MALFORMED),
         (b"<pcoip-agent version='1.0'><bye/></pcoip-agent>", protocol.E_UNKNOWN),
@@ -642,10 +642,19 @@ def test_agent_answers_malformed_requests_with_error_resp(agent: Agent) -> None:
             b"</launch-session></pcoip-agent>",
             protocol.E_MALFORMED,
         ),
+        # The CM's old format, and one element renamed, added or dropped: each is refused.
+        (
+            good.replace(b"<client-name />", b"<client-name /><session-id>x</session-id>"),
+            protocol.E_MALFORMED,
+        ),
+        (good.replace(b"session-log-id", b"session-id"), protocol.E_MALFORMED),
+        (good.replace(b"<license-path />", b""), protocol.E_MALFORMED),
+        (good.replace(b'method="windows-password"', b'bypass="false"'), protocol.E_MALFORMED),
     ]:
+        assert body != good
         msg = protocol.parse(agent.post(body), "pcoip-agent")
-        assert isinstance(msg, protocol.ErrorResp), body
-        assert msg.result_id == result, body
+        assert isinstance(msg, protocol.LaunchSessionResp) and msg.session_info is None, body
+        assert msg.result_id == result and msg.fail_reason, body
     agent.launch()  # still serving
 
 

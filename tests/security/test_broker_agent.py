@@ -452,9 +452,14 @@ async def test_only_a_cm_certificate_launches_sessions_or_speaks_to_the_broker(
             assert status == "tls-refused", (who, status, body)
             continue
         assert status == 403, (who, status, body)
-        envelope = "pcoip-agent" if who.startswith("launch") else "pcoip-broker"
-        reply = p.parse(body, envelope)
-        assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_USER_AUTH, (who, reply)
+        if who.startswith("launch"):
+            # The agent refuses as a real agent does: launch-session-resp, a FAILED_ id, no session-info.
+            reply = p.parse(body, "pcoip-agent")
+            assert isinstance(reply, p.LaunchSessionResp) and reply.session_info is None, (who, reply)
+        else:
+            reply = p.parse(body, "pcoip-broker")
+            assert isinstance(reply, p.ErrorResp), (who, reply)
+        assert reply.result_id == p.E_USER_AUTH, (who, reply)
         assert b"session-tag" not in body and b"Set-Cookie" not in body
 
     agent_m = metrics(st, "desk-a")

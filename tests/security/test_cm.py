@@ -327,20 +327,14 @@ async def test_the_cookie_is_rotated_at_login(st: hardened.Stack) -> None:
 
 
 @pytest.fixture
-async def second_cm(st: hardened.Stack, tmp_path: Path) -> AsyncIterator[tuple[ServiceProcess, str]]:
-    """Another CM on the same broker: SessionMaxLifetime 3 s and agent verification off."""
-    async with extra_cm(st, tmp_path / "cm2", SessionMaxLifetime=3, AgentTlsVerify=False) as (
-        proc,
-        url,
-        _admin,
-    ):
-        yield proc, url
+async def second_cm(st: hardened.Stack, tmp_path: Path) -> AsyncIterator[str]:
+    """Another CM on the same broker: SessionMaxLifetime 3 s."""
+    async with extra_cm(st, tmp_path / "cm2", SessionMaxLifetime=3) as (_proc, url, _admin):
+        yield url
 
 
-async def test_sessions_have_an_absolute_lifetime(
-    st: hardened.Stack, second_cm: tuple[ServiceProcess, str]
-) -> None:
-    proc, url = second_cm
+async def test_sessions_have_an_absolute_lifetime(st: hardened.Stack, second_cm: str) -> None:
+    url = second_cm
     cm = CmConnection(url, st.client_ctx())
     try:
         await cm.send(p.Hello())
@@ -355,8 +349,28 @@ async def test_sessions_have_an_absolute_lifetime(
         await cm.close()
     # A session that needs less than SessionMaxLifetime is not disturbed by it.
     await session_via(st, url)
-    # Turning agent verification off is said loudly at start.
-    assert "AgentTlsVerify is false" in proc.logs()
+    await session_ok(st)
+
+
+async def test_a_cm_that_does_not_verify_agents_gives_them_no_password(
+    st: hardened.Stack, tmp_path: Path
+) -> None:
+    async with extra_cm(st, tmp_path / "cm-noverify", AgentTlsVerify=False) as (proc, url, admin):
+        launched = st.logs()["desk-a"].count("session launched")
+        report = await run_session(
+            url, hardened.USER, hardened.USER_PW, domain="CORP", ssl_context=st.client_ctx(), connect=False
+        )
+        step = report.step("allocate-resource")
+        assert step is not None and not step.ok
+        assert step.detail == "Error occurred while communicating with agent"
+        # Nothing reached the agent: the password is withheld before any request is made.
+        assert st.logs()["desk-a"].count("session launched") == launched
+        mine = await slowhttp.scrape(admin)
+        assert mine['gatehouse_cm_upstream_failures_total{kind="unverified",upstream="agent"}'] == 1
+        # Turning agent verification off is said loudly at start, and each withholding is logged.
+        assert "AgentTlsVerify is false" in proc.logs()
+        assert "credentials withheld" in proc.logs()
+        assert hardened.USER_PW not in proc.logs()
     await session_ok(st)
     st.assert_no_secrets_logged()
 

@@ -45,7 +45,12 @@ MESSAGES: list[tuple[str, p.Message]] = [
     ("pcoip-client", p.Bye()),
     ("pcoip-client", p.ByeResp()),
     ("pcoip-client", p.ErrorResp(p.E_OUT_OF_STATE, "send hello first")),
-    ("pcoip-agent", p.LaunchSession(SID, "192.0.2.7", "alice", "CORP", "UNSPECIFIED", "https://lic:7070")),
+    (
+        "pcoip-agent",
+        p.LaunchSession(
+            SID, "192.0.2.7", "alice", "CORP", "pw", "10.0.0.5", "desk5", "laptop", "", "https://lic:7070"
+        ),
+    ),
     (
         "pcoip-agent",
         p.LaunchSessionResp(p.LAUNCH_OK, "ok", p.SessionInfo("10.0.0.5", 4172, SID, "stag", "desk5")),

@@ -50,6 +50,26 @@ LAUNCH_OK = "SUCCESSFUL"
 LAUNCH_FAILED = "FAILED"
 
 
+# The CM -> agent launch-session, element for element as real PCoIP agents take it (docs/protocol.md
+# names the public source). The agent stand-in accepts exactly these elements and nothing else.
+LAUNCH_ELEMENTS = (
+    "session-type",
+    "ip-address",
+    "hostname",
+    "logon",
+    "client-mac",
+    "client-ip",
+    "client-name",
+    "license-path",
+    "session-log-id",
+)
+LOGON_ELEMENTS = ("username", "password", "domain")
+LOGON_WINDOWS_PASSWORD = "windows-password"  # noqa: S105 - a logon method name, not a password
+LOGON_NONE = "none"  # a desktop that needs no credentials (pre-logged-on, kiosk): none are sent
+LOGONS = (LOGON_WINDOWS_PASSWORD, LOGON_NONE)
+SESSION_INFO_ELEMENTS = ("ip-address", "sni", "port", "session-id", "session-tag")
+
+
 class ProtocolError(Exception):
     """A request the codec or the state machine refuses; rendered as ``<error-resp>``."""
 
@@ -110,6 +130,8 @@ class ClientInfo:
     platform: str = "linux"
     locale: str = "en_US"
     hostname: str = ""
+    # A Gatehouse extension (real clients are not known to send it): becomes the agent's client-mac.
+    mac_address: str = ""
 
     def to_xml(self, parent: ET.Element, tag: str = "client-info") -> ET.Element:
         el = sub(parent, tag)
@@ -118,6 +140,8 @@ class ClientInfo:
         sub(el, "platform", self.platform)
         sub(el, "locale", self.locale)
         sub(el, "hostname", self.hostname)
+        if self.mac_address:
+            sub(el, "mac-address", self.mac_address)
         return el
 
     @classmethod
@@ -130,6 +154,7 @@ class ClientInfo:
             text(el, "platform"),
             text(el, "locale"),
             text(el, "hostname"),
+            text(el, "mac-address"),
         )
 
 
@@ -381,12 +406,20 @@ class AllocateResource(Message):
 
 @dataclass
 class AgentInfo:
-    """Where the broker placed a session (pcoip-broker envelope only)."""
+    """Where the broker placed a session (pcoip-broker envelope only, broker -> CM).
+
+    ``logon`` says whether the desktop needs the user's password (``windows-password``) or none
+    (pre-logged-on, kiosk). ``agent_ca_pem`` / ``agent_cert_sha256`` let the CM verify this one
+    agent's certificate when the deployment CA did not sign it.
+    """
 
     ip_address: str
     hostname: str = ""
     agent_port: int = 60443
     session_port: int = 4172
+    logon: str = LOGON_WINDOWS_PASSWORD
+    agent_ca_pem: str = field(default="", repr=False)
+    agent_cert_sha256: str = ""
 
     def to_xml(self, parent: ET.Element) -> None:
         el = sub(parent, "agent-info")
@@ -394,14 +427,25 @@ class AgentInfo:
         sub(el, "hostname", self.hostname)
         sub(el, "agent-port", self.agent_port)
         sub(el, "session-port", self.session_port)
+        sub(el, "logon", self.logon)
+        if self.agent_ca_pem:
+            sub(el, "agent-ca-pem", self.agent_ca_pem)
+        if self.agent_cert_sha256:
+            sub(el, "agent-cert-sha256", self.agent_cert_sha256)
 
     @classmethod
     def from_xml(cls, el: ET.Element) -> AgentInfo:
+        logon = text(el, "logon", LOGON_WINDOWS_PASSWORD)
+        if logon not in LOGONS:
+            raise ProtocolError(E_MALFORMED, f"<logon> must be one of {', '.join(LOGONS)}")
         return cls(
             required(el, "ip-address"),
             text(el, "hostname"),
             _int(text(el, "agent-port", "60443"), "agent-port"),
             _int(text(el, "session-port", "4172"), "session-port"),
+            logon,
+            text(el, "agent-ca-pem"),
+            text(el, "agent-cert-sha256"),
         )
 
 
@@ -516,39 +560,81 @@ class ErrorResp(Message):
         return cls(text(el, "result-id", E_INTERNAL), text(el, "result-str"))
 
 
+def exact_children(el: ET.Element, names: tuple[str, ...]) -> None:
+    """Refuse a missing, renamed, repeated or extra child element (order is not checked)."""
+    seen = [child.tag for child in el]
+    missing = [n for n in names if n not in seen]
+    extra = sorted({t for t in seen if t not in names or seen.count(t) > 1})
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append("missing " + ", ".join(f"<{n}>" for n in missing))
+        if extra:
+            parts.append("unexpected or repeated " + ", ".join(f"<{n}>" for n in extra))
+        raise ProtocolError(E_MALFORMED, f"<{el.tag}>: " + "; ".join(parts))
+
+
 @dataclass
 class LaunchSession(Message):
-    """CM → agent (pcoip-agent envelope). Credentials are not forwarded."""
+    """CM -> agent (pcoip-agent envelope): where the agent is, who logs on, and who the client is.
+
+    ``password`` is the user's own password for the Windows logon: empty unless the CM verified
+    the agent's certificate and the desktop needs credentials. It never appears in a repr.
+    """
 
     tag: ClassVar[str] = "launch-session"
-    session_id: str = ""
+    session_log_id: str = ""
     client_ip: str = ""
     username: str = ""
     domain: str = ""
+    password: str = field(default="", repr=False)
+    ip_address: str = ""
+    hostname: str = ""
+    client_name: str = ""
+    client_mac: str = ""
+    license_path: str = ""
     session_type: str = "UNSPECIFIED"
-    license_server_url: str = ""
 
     def to_xml(self) -> ET.Element:
         el = ET.Element(self.tag)
         sub(el, "session-type", self.session_type)
-        sub(el, "session-id", self.session_id)
-        sub(el, "ip-address", self.client_ip)
-        logon = sub(el, "logon", bypass="false")
+        sub(el, "ip-address", self.ip_address)
+        sub(el, "hostname", self.hostname)
+        logon = sub(el, "logon", method=LOGON_WINDOWS_PASSWORD)
         sub(logon, "username", self.username)
+        sub(logon, "password", self.password)
         sub(logon, "domain", self.domain)
-        if self.license_server_url:
-            sub(el, "license-server-url", self.license_server_url)
+        sub(el, "client-mac", self.client_mac)
+        sub(el, "client-ip", self.client_ip)
+        sub(el, "client-name", self.client_name)
+        sub(el, "license-path", self.license_path)
+        sub(el, "session-log-id", self.session_log_id)
         return el
 
     @classmethod
     def from_xml(cls, el: ET.Element) -> LaunchSession:
+        exact_children(el, LAUNCH_ELEMENTS)
+        logon = el.find("logon")
+        assert logon is not None  # exact_children
+        exact_children(logon, LOGON_ELEMENTS)
+        if logon.get("method") != LOGON_WINDOWS_PASSWORD or set(logon.attrib) != {"method"}:
+            raise ProtocolError(
+                E_MALFORMED, f'<logon> needs method="{LOGON_WINDOWS_PASSWORD}" and nothing else'
+            )
+        password = logon.find("password")
         return cls(
-            required(el, "session-id"),
-            text(el, "ip-address"),
-            text(el, "logon/username"),
-            text(el, "logon/domain"),
-            text(el, "session-type", "UNSPECIFIED"),
-            text(el, "license-server-url"),
+            session_log_id=text(el, "session-log-id"),
+            client_ip=text(el, "client-ip"),
+            username=text(logon, "username"),
+            domain=text(logon, "domain"),
+            # Passwords are taken as sent: leading or trailing spaces are part of them.
+            password=password.text if password is not None and password.text else "",
+            ip_address=text(el, "ip-address"),
+            hostname=text(el, "hostname"),
+            client_name=text(el, "client-name"),
+            client_mac=text(el, "client-mac"),
+            license_path=text(el, "license-path"),
+            session_type=required(el, "session-type"),
         )
 
 
@@ -570,6 +656,9 @@ class SessionInfo:
 
     @classmethod
     def from_xml(cls, el: ET.Element) -> SessionInfo:
+        for name in SESSION_INFO_ELEMENTS:
+            if el.find(name) is None:
+                raise ProtocolError(E_MALFORMED, f"<session-info> needs <{name}>")
         return cls(
             required(el, "ip-address"),
             _int(required(el, "port"), "port"),
@@ -581,15 +670,18 @@ class SessionInfo:
 
 @dataclass
 class LaunchSessionResp(Message):
+    """Agent -> CM. A refusal carries ``result-id`` and a ``fail-reason`` and no session-info."""
+
     tag: ClassVar[str] = "launch-session-resp"
     result_id: str = LAUNCH_OK
-    result_str: str = ""
+    fail_reason: str = ""
     session_info: SessionInfo | None = None
 
     def to_xml(self) -> ET.Element:
         el = ET.Element(self.tag)
         sub(el, "result-id", self.result_id)
-        sub(el, "result-str", self.result_str)
+        if self.fail_reason:
+            sub(el, "fail-reason", self.fail_reason)
         if self.session_info:
             self.session_info.to_xml(el)
         return el
@@ -599,28 +691,31 @@ class LaunchSessionResp(Message):
         info = el.find("session-info")
         return cls(
             required(el, "result-id"),
-            text(el, "result-str"),
+            text(el, "fail-reason"),
             SessionInfo.from_xml(info) if info is not None else None,
         )
 
 
-MESSAGES: dict[str, type[Message]] = {
-    cls.tag: cls
-    for cls in (
-        Hello,
-        HelloResp,
-        Authenticate,
-        AuthenticateResp,
-        GetResourceList,
-        GetResourceListResp,
-        AllocateResource,
-        AllocateResourceResp,
-        Bye,
-        ByeResp,
-        ErrorResp,
-        LaunchSession,
-        LaunchSessionResp,
-    )
+_AGENT_MESSAGES = (LaunchSession, LaunchSessionResp, ErrorResp)
+_BROKER_MESSAGES = (
+    Hello,
+    HelloResp,
+    Authenticate,
+    AuthenticateResp,
+    GetResourceList,
+    GetResourceListResp,
+    AllocateResource,
+    AllocateResourceResp,
+    Bye,
+    ByeResp,
+    ErrorResp,
+)
+MESSAGES: dict[str, type[Message]] = {cls.tag: cls for cls in (*_BROKER_MESSAGES, *_AGENT_MESSAGES)}
+# Which messages each envelope carries: a launch-session sent to a broker is an unknown message there.
+ENVELOPE_MESSAGES: dict[str, dict[str, type[Message]]] = {
+    "pcoip-client": {cls.tag: cls for cls in _BROKER_MESSAGES},
+    "pcoip-broker": {cls.tag: cls for cls in _BROKER_MESSAGES},
+    "pcoip-agent": {cls.tag: cls for cls in _AGENT_MESSAGES},
 }
 
 
@@ -668,7 +763,7 @@ def parse(body: bytes, envelope: str) -> Message:
     if len(children) != 1:
         raise ProtocolError(E_ENVELOPE, f"<{envelope}> must hold exactly one message, found {len(children)}")
     child = children[0]
-    cls = MESSAGES.get(child.tag)
+    cls = ENVELOPE_MESSAGES[envelope].get(child.tag)
     if cls is None:
         raise ProtocolError(E_UNKNOWN, f"unknown message <{child.tag}>")
     return cls.from_xml(child)

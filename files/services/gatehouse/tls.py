@@ -156,14 +156,23 @@ def client_context(
     role: str = "cm",
     cert: str | Path | None = None,
     key: str | Path | None = None,
+    ca_pem: str | None = None,
 ) -> ssl.SSLContext:
-    """A client context; ``cert``/``key`` is the identity presented to servers that ask for one."""
+    """A client context; ``cert``/``key`` is the identity presented to servers that ask for one.
+
+    The CA certificates come from ``ca_file``, else from the PEM text ``ca_pem``, else the system's.
+    """
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), role)
     if verify:
         ctx.check_hostname = True
         ctx.verify_mode = ssl.CERT_REQUIRED
         if ca_file:
             _load_ca(ctx, ca_file)
+        elif ca_pem:
+            try:
+                ctx.load_verify_locations(cadata=ca_pem)
+            except (ValueError, ssl.SSLError) as exc:
+                raise CertificateError(f"the CA certificates cannot be loaded: {exc}") from None
         else:
             ctx.load_default_certs()
     else:

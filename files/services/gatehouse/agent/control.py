@@ -1,8 +1,13 @@
 """The agent's control API on 60443: ``POST /pcoip-agent/xml`` launch-session.
 
+The stand-in takes the real PCoIP agent's launch-session element for element
+(:data:`gatehouse.protocol.LAUNCH_ELEMENTS`) and answers every refusal the way a real agent does: a
+``<launch-session-resp>`` with a ``FAILED_...`` result-id and a ``<fail-reason>``, no session-info.
+So a CM that drifts from the real format fails against the stand-in as it would against a desktop.
+
 Only a connection manager may launch a session: with ``ClientTlsVerify`` (the default) the peer
 must present a certificate verified against ``ClientCaCert`` with role ``cm``; anyone else gets
-HTTP 403 with an ``<error-resp>`` and no session-tag is issued.
+HTTP 403 and no session-tag is issued. The logon password is never logged or kept.
 """
 
 from __future__ import annotations
@@ -38,7 +43,15 @@ def _xml(body: bytes, status: int = 200) -> web.Response:
 
 
 def _error(result_id: str, message: str, status: int = 200) -> web.Response:
-    return _xml(protocol.error_resp(ENVELOPE, result_id, message), status)
+    return _xml(protocol.render(ENVELOPE, protocol.LaunchSessionResp(result_id, message)), status)
+
+
+def _log_id(value: str) -> str:
+    """The CM's session-log-id (the 36-character session id) when it is one, else a new id."""
+    try:
+        return str(uuid.UUID(value)) if len(value) == 36 else str(uuid.uuid4())
+    except ValueError:
+        return str(uuid.uuid4())
 
 
 async def launch(request: web.Request) -> web.Response:
@@ -59,20 +72,13 @@ async def launch(request: web.Request) -> web.Response:
         return _error(exc.result_id, str(exc))
     if not isinstance(message, protocol.LaunchSession):
         return _error(protocol.E_UNKNOWN, f"the agent does not handle <{message.tag}>")
-    try:
-        session_id = str(uuid.UUID(message.session_id))
-    except ValueError:
-        return _error(protocol.E_MALFORMED, "session-id must be a UUID")
+    # One id follows the session through CM, SG and agent logs.
+    session_id = _log_id(message.session_log_id)
     slog = SessionLogger(log, session_id)
     endpoint.tags.prune()  # expired, unused tags no longer hold capacity
     if endpoint.active + len(endpoint.tags) >= settings.capacity:
         slog.warning("launch refused: at capacity", extra={"capacity": settings.capacity})
-        return _xml(
-            protocol.render(
-                ENVELOPE,
-                protocol.LaunchSessionResp(protocol.LAUNCH_FAILED, "the agent is at capacity"),
-            )
-        )
+        return _error(protocol.LAUNCH_FAILED, "the agent is at capacity")
     tag = endpoint.tags.issue(session_id, message.client_ip)
     info = protocol.SessionInfo(
         ip_address=settings.advertise_address,
@@ -81,7 +87,15 @@ async def launch(request: web.Request) -> web.Response:
         session_tag=tag,
         sni=settings.hostname,
     )
-    slog.info("session launched", extra={"client": message.client_ip, "user": message.username})
+    slog.info(
+        "session launched",
+        extra={
+            "client": message.client_ip,
+            "client_name": message.client_name[:64],
+            "user": message.username,
+            "credentials": bool(message.password),
+        },
+    )
     return _xml(protocol.render(ENVELOPE, protocol.LaunchSessionResp(protocol.LAUNCH_OK, "", info)))
 
 

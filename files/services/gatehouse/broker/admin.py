@@ -21,12 +21,14 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from gatehouse import tls
+from gatehouse import protocol, tls
 from gatehouse.broker import passwords
 from gatehouse.broker.metrics import BrokerMetrics
 from gatehouse.broker.settings import BrokerSettings
@@ -38,6 +40,11 @@ PREFIX = "/api/v1"
 _NAME = re.compile(r"^[^\x00-\x1f\x7f/\\]{1,128}$")
 _HOST = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+DESKTOP_FIELDS = frozenset(
+    {"address", "hostname", "agent_port", "session_port", "enabled", "pool"}
+    | {"logon", "agent_ca_pem", "agent_cert_sha256"}
 )
 MAX_PASSWORD = 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -117,7 +124,32 @@ def _address(body: Obj, key: str) -> str:
     return value.lower()
 
 
-def _only(body: Obj, allowed: set[str]) -> None:
+MAX_CA_PEM = 16 * 1024
+
+
+def _ca_pem(body: Obj, key: str) -> str:
+    """One or more PEM certificates, stored re-encoded (so a re-sent file compares equal); "" clears."""
+    value = _type(body, key, str, "PEM certificates or an empty string").strip()
+    if not value:
+        return ""
+    if len(value) > MAX_CA_PEM:
+        raise ApiError(400, f"{key}: at most {MAX_CA_PEM} characters", key)
+    try:
+        certs = x509.load_pem_x509_certificates(value.encode())
+    except ValueError:
+        raise ApiError(400, f"{key}: not PEM certificates", key) from None
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs)
+
+
+def _sha256(body: Obj, key: str) -> str:
+    """A SHA-256 fingerprint (hex, colons allowed as openssl prints them), stored as 64 lower-case hex digits."""
+    value = _type(body, key, str, "a SHA-256 fingerprint or an empty string").strip().replace(":", "").lower()
+    if value and not _SHA256.match(value):
+        raise ApiError(400, f"{key}: must be 64 hexadecimal digits (colons allowed)", key)
+    return value
+
+
+def _only(body: Obj, allowed: Collection[str]) -> None:
     for key in body:
         if key not in allowed:
             raise ApiError(400, f"{key}: unknown field (allowed: {', '.join(sorted(allowed))})", key)
@@ -408,7 +440,7 @@ class AdminApi:
     async def put_desktop(self, request: web.Request) -> web.Response:
         name = check_name(request.match_info["name"], "name")
         body = await read_json(request)
-        _only(body, {"address", "hostname", "agent_port", "session_port", "enabled", "pool"})
+        _only(body, DESKTOP_FIELDS)
         fields: Obj = {}
         if "address" in body:
             fields["address"] = _address(body, "address")
@@ -421,6 +453,21 @@ class AdminApi:
                 fields[key] = _port(body, key)
         if "enabled" in body:
             fields["enabled"] = _type(body, "enabled", bool, "true or false")
+        if "logon" in body:
+            fields["logon"] = _type(body, "logon", str, "a string")
+            if fields["logon"] not in protocol.LOGONS:
+                raise ApiError(400, f"logon: must be one of {', '.join(protocol.LOGONS)}", "logon")
+        if "agent_ca_pem" in body:
+            fields["agent_ca_pem"] = _ca_pem(body, "agent_ca_pem")
+        if "agent_cert_sha256" in body:
+            fields["agent_cert_sha256"] = _sha256(body, "agent_cert_sha256")
+        current = self.store.get_desktop(name) or {}
+        if all(fields.get(k, current.get(k)) for k in ("agent_ca_pem", "agent_cert_sha256")):
+            raise ApiError(
+                400,
+                "agent_ca_pem and agent_cert_sha256 are mutually exclusive: clear one with an empty string",
+                "agent_ca_pem",
+            )
         if "pool" in body:
             pool = body["pool"]
             if pool is not None and pool != "":

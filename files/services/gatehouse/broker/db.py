@@ -112,6 +112,13 @@ MIGRATIONS: list[list[str]] = [
             capacity INTEGER NOT NULL,
             reported_at REAL NOT NULL)""",
     ],
+    # 4: how the CM logs the user on at the agent and verifies that agent's certificate
+    [
+        "ALTER TABLE desktops ADD COLUMN logon TEXT NOT NULL DEFAULT 'windows-password' "
+        "CHECK (logon IN ('windows-password', 'none'))",
+        "ALTER TABLE desktops ADD COLUMN agent_ca_pem TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE desktops ADD COLUMN agent_cert_sha256 TEXT NOT NULL DEFAULT ''",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -36,6 +36,9 @@ class DesktopRecord:
     session_port: int
     enabled: bool
     pool_id: int | None
+    logon: str
+    agent_ca_pem: str
+    agent_cert_sha256: str
 
 
 class Store:
@@ -285,6 +288,9 @@ class Store:
             row["session_port"],
             bool(row["enabled"]),
             row["pool_id"],
+            row["logon"],
+            row["agent_ca_pem"],
+            row["agent_cert_sha256"],
         )
 
     def desktop_record(self, name: str) -> DesktopRecord | None:
@@ -307,6 +313,9 @@ class Store:
             "session_port": row["session_port"],
             "enabled": bool(row["enabled"]),
             "pool": row["pool"],
+            "logon": row["logon"],
+            "agent_ca_pem": row["agent_ca_pem"],
+            "agent_cert_sha256": row["agent_cert_sha256"],
         }
 
     def get_desktop(self, name: str) -> Obj | None:

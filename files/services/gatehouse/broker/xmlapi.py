@@ -364,7 +364,15 @@ class BrokerEndpoint:
         desktop = self.store.desktop_by_id(chosen.desktop_id) if chosen else None
         if desktop is None:
             return self._alloc_result(session, alloc, p.ALLOC_UNAVAILABLE, "no desktop is available")
-        agent = p.AgentInfo(desktop.address, desktop.hostname, desktop.agent_port, desktop.session_port)
+        agent = p.AgentInfo(
+            desktop.address,
+            desktop.hostname,
+            desktop.agent_port,
+            desktop.session_port,
+            desktop.logon,
+            desktop.agent_ca_pem,
+            desktop.agent_cert_sha256,
+        )
         session.log.info(
             "resource allocated",
             extra={"resource_id": alloc.resource_id, "desktop": desktop.name, "agent": desktop.address},

@@ -187,6 +187,14 @@ async def _exchange(
     return False
 
 
+def _mac_address() -> str:
+    """This host's MAC address for the agent's client-mac, or "" when there is no real one."""
+    node = uuid.getnode()
+    if node >> 40 & 1:  # the multicast bit: uuid made the number up
+        return ""
+    return ":".join(f"{node >> shift & 0xFF:02x}" for shift in range(40, -8, -8))
+
+
 async def _udp_bind(transport: asyncio.DatagramTransport, proto: _UdpEcho, connect_tag: str) -> None:
     """Bind our UDP address to the session (docs/architecture.md, "UDP"): send the bind datagram
     until the SG acknowledges it. An agent reached directly echoes it instead: nothing to bind."""
@@ -276,7 +284,7 @@ async def run_session(
     )
 
     async def hello() -> tuple[None, str, str]:
-        info = p.ClientInfo(hostname=socket.gethostname())
+        info = p.ClientInfo(hostname=socket.gethostname(), mac_address=_mac_address())
         _expect(await cm.send(p.Hello(client_info=info)), p.HelloResp, None)
         return None, "OK", ""
 

@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+AGENT_FAILURES = ("error", "timeout", "invalid", "unverified")
+
 
 class _Evictions(Collector):
     def __init__(self, count: Callable[[], float]) -> None:
@@ -66,7 +68,8 @@ class CmMetrics:
         )
         self.upstream_failures = Counter(
             "gatehouse_cm_upstream_failures",
-            "Failed broker and agent calls by kind (error, timeout)",
+            "Failed broker and agent calls by kind (error, timeout; for agents also invalid answers and "
+            "credentials withheld from unverified agents)",
             ["upstream", "kind"],
             registry=self.registry,
         )
@@ -76,6 +79,6 @@ class CmMetrics:
             ["limit"],
             registry=self.registry,
         )
-        for upstream in ("broker", "agent"):
-            for kind in ("error", "timeout"):
+        for upstream, kinds in (("broker", ("error", "timeout")), ("agent", AGENT_FAILURES)):
+            for kind in kinds:
                 self.upstream_failures.labels(upstream, kind)

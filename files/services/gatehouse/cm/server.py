@@ -23,6 +23,7 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 
 from gatehouse import protocol as p
 from gatehouse import tls
+from gatehouse.cm import agent as agent_call
 from gatehouse.cm.metrics import CmMetrics
 from gatehouse.cm.sessions import (
     EstablishmentLimiter,
@@ -391,6 +392,8 @@ class ConnectionManager:
             session = self.table.create(ip, log_id)
         except SessionsFull as exc:
             raise Busy.full(exc) from None
+        session.client_name = agent_call.client_name(message.client_info.hostname)
+        session.client_mac = agent_call.client_mac(message.client_info.mac_address)
         upstream_hello = p.Hello(
             client_info=message.client_info,
             caps=message.caps,
@@ -455,6 +458,8 @@ class ConnectionManager:
                 )
             session.username = message.username
             session.domain = message.domain
+            # Held for the desktop's Windows logon: see Upstream.launch for who may receive it.
+            session.keep_password(message.password)
             return Outcome(
                 p.AuthenticateResp(p.AUTH_OK, reply.result_str),
                 session=session,

@@ -62,6 +62,12 @@ class Session:
     state: State = State.HELLO
     username: str = ""
     domain: str = ""
+    # What the client reported about itself in hello (for the agent's client-name / client-mac).
+    client_name: str = ""
+    client_mac: str = ""
+    # The user's password for the desktop's Windows logon, from a successful authenticate until the
+    # agent call that uses it (or the session's end): see take_password.
+    password: bytearray | None = field(default=None, repr=False)
     # The upstream broker's cookies for this client (the CM speaks for one client per broker session).
     broker_cookies: dict[str, str] = field(default_factory=dict, repr=False)
     created: float = field(default_factory=time.monotonic)
@@ -81,6 +87,25 @@ class Session:
 
     def touch(self, now: float | None = None) -> None:
         self.last_seen = time.monotonic() if now is None else now
+
+    def keep_password(self, password: str) -> None:
+        self.forget_password()
+        self.password = bytearray(password.encode())
+
+    def take_password(self) -> str | None:
+        """The held password, once: the CM's copy is overwritten and dropped as it is handed out."""
+        if self.password is None:
+            return None
+        value = self.password.decode()
+        self.forget_password()
+        return value
+
+    def forget_password(self) -> None:
+        # Overwritten in place, then dropped; copies made by the XML and TLS layers for the one
+        # request are freed with it but Python gives no way to wipe them.
+        if self.password is not None:
+            self.password[:] = bytes(len(self.password))
+            self.password = None
 
 
 class SessionsFull(Exception):
@@ -289,6 +314,7 @@ class SessionTable:
         if removed:
             self._drop_pre(session)
         session.bound_connection = None
+        session.forget_password()
         return removed
 
     def expire(self, now: float | None = None) -> list[Session]:

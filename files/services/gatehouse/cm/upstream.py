@@ -10,6 +10,7 @@ presents its own ``cm`` role certificate (IdentityCert/IdentityKey) to both.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ssl
 from typing import Any
 
@@ -18,12 +19,16 @@ from aiohttp.client_proto import ResponseHandler
 
 from gatehouse import protocol as p
 from gatehouse import tls
+from gatehouse.cm import agent as agent_call
 from gatehouse.cm.sessions import Session
 from gatehouse.cm.settings import CmSettings
 
 BROKER = "broker"
 AGENT = "agent"
 _MAX_GOOD_PEERS = 4096
+# TLS contexts made for desktops with their own CA or a pinned certificate, kept for reuse (their
+# pooled connections are keyed by context); past this many the cache starts over.
+_MAX_AGENT_CONTEXTS = 1024
 # Kept-alive connections per broker/agent. A burst of clients then waits briefly for a pooled
 # connection instead of opening (and TLS-handshaking) one connection per client.
 UPSTREAM_CONNECTIONS = 256
@@ -39,7 +44,9 @@ class UpstreamError(Exception):
     def __init__(self, upstream: str, kind: str, detail: str) -> None:
         super().__init__(detail)
         self.upstream = upstream
-        self.kind = kind  # "error" or "timeout"
+        # "timeout", "error", or for agents "invalid" (an answer that cannot become a grant) and
+        # "unverified" (credentials withheld from an agent whose certificate is not verified).
+        self.kind = kind
         self.detail = detail
 
     @property
@@ -49,11 +56,17 @@ class UpstreamError(Exception):
 
 
 class KeyCheckingConnector(aiohttp.TCPConnector):
-    """A connector that refuses TLS peers whose certificate key is too weak (checked once per cert)."""
+    """A connector that refuses TLS peers whose certificate key is too weak (checked once per cert).
+
+    ``pins`` maps a client context to the SHA-256 digest its peer's certificate must have: checked
+    on every new connection made with that context, right after the handshake and before a
+    request (and a password) is written.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._good_peers: set[bytes] = set()
+        self.pins: dict[ssl.SSLContext, bytes] = {}
 
     async def _create_connection(
         self,
@@ -66,6 +79,12 @@ class KeyCheckingConnector(aiohttp.TCPConnector):
         ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
         if ssl_object is not None:
             der = ssl_object.getpeercert(binary_form=True) or b""
+            pin = self.pins.get(req.ssl) if isinstance(req.ssl, ssl.SSLContext) else None
+            if pin is not None and hashlib.sha256(der).digest() != pin:
+                proto.close()
+                raise tls.CertificateError(
+                    f"certificate of {req.url.host}:{req.url.port} does not match the desktop's pinned SHA-256"
+                )
             if der not in self._good_peers:
                 try:
                     tls.check_peer(ssl_object, f"{req.url.host}:{req.url.port}")
@@ -90,14 +109,15 @@ class Upstream:
         self.settings = settings
         # The CM's `cm` role certificate goes to both: the broker serves its XML API and the agents
         # their launch-session only to a verified CM.
-        identity = {"cert": settings.identity_cert or None, "key": settings.identity_key or None}
+        self.identity = {"cert": settings.identity_cert or None, "key": settings.identity_key or None}
         self.broker_ssl = tls.client_context(
-            settings.broker_ca_cert or None, settings.broker_tls_verify, **identity
+            settings.broker_ca_cert or None, settings.broker_tls_verify, **self.identity
         )
         self.agent_ssl = tls.client_context(
-            settings.agent_ca_cert or None, settings.agent_tls_verify, **identity
+            settings.agent_ca_cert or None, settings.agent_tls_verify, **self.identity
         )
-        connector = KeyCheckingConnector(
+        self._agent_contexts: dict[tuple[str, str], ssl.SSLContext] = {}
+        self.connector = connector = KeyCheckingConnector(
             limit=1024, limit_per_host=UPSTREAM_CONNECTIONS, ttl_dns_cache=60, keepalive_timeout=UPSTREAM_IDLE
         )
         # No cookie jar: each client's broker cookies travel in its own Session.
@@ -126,31 +146,98 @@ class Upstream:
         )
         return self._parse(BROKER, body, "pcoip-broker")
 
+    def agent_context(self, agent: p.AgentInfo) -> tuple[ssl.SSLContext, bool]:
+        """The TLS context for this desktop's agent, and whether it verifies the agent's certificate.
+
+        A pinned SHA-256 (``agent_cert_sha256``) wins, then the desktop's own CA (``agent_ca_pem``,
+        with the host name checked), then the deployment CA (verified unless AgentTlsVerify=false).
+        """
+        if agent.agent_cert_sha256:
+            key = ("sha256", agent.agent_cert_sha256.replace(":", "").lower())
+        elif agent.agent_ca_pem:
+            key = ("ca", hashlib.sha256(agent.agent_ca_pem.encode()).hexdigest())
+        else:
+            return self.agent_ssl, self.settings.agent_tls_verify
+        ctx = self._agent_contexts.get(key)
+        if ctx is None:
+            if len(self._agent_contexts) >= _MAX_AGENT_CONTEXTS:
+                self._agent_contexts.clear()
+                self.connector.pins.clear()
+            try:
+                if key[0] == "sha256":
+                    digest = bytes.fromhex(key[1])
+                    if len(digest) != hashlib.sha256().digest_size:
+                        raise ValueError("not a SHA-256 digest")
+                    ctx = tls.client_context(None, False, **self.identity)
+                    self.connector.pins[ctx] = digest
+                else:
+                    ctx = tls.client_context(None, True, ca_pem=agent.agent_ca_pem, **self.identity)
+            except (ValueError, tls.CertificateError) as exc:
+                raise UpstreamError(
+                    AGENT, "error", f"the desktop's agent certificate settings: {exc}"
+                ) from None
+            self._agent_contexts[key] = ctx
+        return ctx, True
+
     async def launch(self, session: Session, agent: p.AgentInfo) -> p.SessionInfo:
-        """The agent's launch-session for this client; returns where and how the client connects."""
-        request = p.LaunchSession(
-            session_id=session.session_id,
-            client_ip=session.client_ip,
-            username=session.username,
-            domain=session.domain,
-            license_server_url=self.settings.license_server_url,
+        """The real agent's launch-session for this client; returns where and how the client connects.
+
+        The user's password goes only to an agent whose certificate is verified, only when the
+        desktop needs it (logon ``windows-password``), and the session's copy is dropped by this
+        call whatever its outcome.
+        """
+        ssl_context, verified = self.agent_context(agent)
+        password = ""
+        if agent.logon == p.LOGON_WINDOWS_PASSWORD:
+            if not verified:
+                session.forget_password()
+                raise UpstreamError(
+                    AGENT,
+                    "unverified",
+                    "credentials withheld: the agent's certificate is not verified (AgentTlsVerify=false "
+                    "and the desktop has no agent_ca_pem or agent_cert_sha256)",
+                )
+            held = session.take_password()
+            if held is None:
+                raise UpstreamError(
+                    AGENT,
+                    "error",
+                    "the user's password is no longer held (used by an earlier launch); log in again",
+                )
+            password = held
+        else:
+            session.forget_password()
+        body = p.render(
+            "pcoip-agent",
+            agent_call.launch_request(session, agent, password, self.settings.license_server_url),
         )
-        body = await self._post(
+        del password
+        raw = await self._post(
             AGENT,
             agent_url(agent.ip_address, agent.agent_port),
-            p.render("pcoip-agent", request),
+            body,
             {"Content-Type": p.CONTENT_TYPE},
-            self.agent_ssl,
+            ssl_context,
             self.settings.agent_timeout,
             None,
         )
-        reply = self._parse(AGENT, body, "pcoip-agent")
+        del body
+        reply = self._parse(AGENT, raw, "pcoip-agent")
         if isinstance(reply, p.ErrorResp):
             raise UpstreamError(AGENT, "error", f"agent answered error-resp {reply.result_id}")
         if not isinstance(reply, p.LaunchSessionResp):
-            raise UpstreamError(AGENT, "error", f"agent answered <{reply.tag}> to launch-session")
-        if reply.result_id != p.LAUNCH_OK or reply.session_info is None:
-            raise UpstreamError(AGENT, "error", f"agent refused launch-session: {reply.result_id}")
+            raise UpstreamError(AGENT, "invalid", f"agent answered <{reply.tag}> to launch-session")
+        if reply.result_id != p.LAUNCH_OK:
+            reason = agent_call.client_name(reply.fail_reason)  # printable, capped: it goes to the log
+            raise UpstreamError(
+                AGENT, "error", f"agent refused launch-session: {reply.result_id[:64]} {reason}"
+            )
+        if reply.session_info is None:
+            raise UpstreamError(AGENT, "invalid", "agent answered SUCCESSFUL without session-info")
+        try:
+            agent_call.check_session_info(reply.session_info)
+        except agent_call.InvalidAnswer as exc:
+            raise UpstreamError(AGENT, "invalid", f"invalid answer: {exc}") from None
         return reply.session_info
 
     async def _post(
@@ -186,7 +273,8 @@ class Upstream:
         try:
             return p.parse(body, envelope)
         except p.ProtocolError as exc:
-            raise UpstreamError(upstream, "error", f"unreadable answer: {exc.message}") from None
+            kind = "invalid" if upstream == AGENT else "error"
+            raise UpstreamError(upstream, kind, f"unreadable answer: {exc.message}") from None
 
 
 def describe(exc: BaseException) -> str:
