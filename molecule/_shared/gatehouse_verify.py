@@ -21,6 +21,7 @@ import docker
 CLIENT_IMAGE = "gatehouse/cm:0.1.0"
 STATE_ROOT = Path(os.environ.get("GATEHOUSE_MOLECULE_STATE", "/var/lib/gatehouse-molecule"))
 NET = os.environ.get("GATEHOUSE_MOLECULE_NET", "10.230")
+NET6 = os.environ.get("GATEHOUSE_MOLECULE_NET6", "fd00:10:230")
 
 # TLS ports in each host's network namespace, by service.
 TLS_PORTS = {"broker": [8443], "cm": [8443], "sg": [4172], "agent": [60443, 4172]}
@@ -32,6 +33,11 @@ def engine() -> docker.DockerClient:
 
 def address(third_octet: int, last: int) -> str:
     return f"{NET}.{third_octet}.{last}"
+
+
+def address6(subnet: int, last: int) -> str:
+    """The IPv6 twin of ``address``: ``<NET6>:<subnet>::<last>`` (written in hex as in molecule.yml)."""
+    return f"{NET6}:{subnet}::{last}"
 
 
 def services(host: str) -> dict[str, list[Any]]:
@@ -122,7 +128,7 @@ def assert_session(report: dict[str, Any], target_ip: str | None = None) -> None
     for step in ("authenticate", "allocate-resource", "connect", "tcp-echo", "udp-echo", "bye"):
         assert steps[step]["ok"], f"{step}: {steps[step]}"
     if target_ip is not None:
-        assert report["target"].split(":")[0] == target_ip
+        assert report["target"].rsplit(":", 1)[0] == target_ip
 
 
 # Shows that openssl s_client in a host negotiates TLS 1.1 with SECLEVEL=0, against a local

@@ -28,6 +28,7 @@ from ansible_collections.gatehouse.access.plugins.module_utils._files import (
 )
 
 DEFAULT_CIDR = "10.101.0.0/24"
+DEFAULT_CIDR_V6 = "fd00:10:101::/64"
 MAX_SG_CONNECTIONS = 5000
 SECRET_KEY = "GATEHOUSE_GRANTSECRET"  # noqa: S105 - the name of the key, not a secret
 BROKER_PATHS = ("", "/pcoip-broker/xml")
@@ -55,6 +56,7 @@ ARGUMENT_SPEC: dict = dict(
     host_address={"type": "list", "elements": "str", "default": []},
     license_server_url={"type": "str"},
     docker_network_cidr={"type": "str", "default": DEFAULT_CIDR},
+    docker_network_cidr_v6={"type": "str", "default": DEFAULT_CIDR_V6},
     max_connections={"type": "int", "default": MAX_SG_CONNECTIONS},
     max_concurrent_establishments={"type": "int", "default": 40},
     max_clients={"type": "int", "default": 400},
@@ -146,10 +148,11 @@ def validate(params: dict, used_networks) -> dict:
     v4, v6 = split_external_ips(params["external_pcoip_ip"], errors)
     if v6 and not params["enable_ipv6"]:
         errors.append("external_pcoip_ip %s is an IPv6 address; set enable_ipv6=true to use IPv6" % v6)
-    if params["enable_security_gateway"] and not v4:
+    if params["enable_security_gateway"] and not v4 and not (v6 and params["enable_ipv6"]):
         errors.append(
-            "external_pcoip_ip needs the public IPv4 address of this security gateway (clients connect to it on "
-            "4172) when enable_security_gateway is true; or set enable_security_gateway=false for LAN-only use"
+            "external_pcoip_ip needs the public IPv4 or (with enable_ipv6) IPv6 address of this security gateway "
+            "(clients connect to it on 4172) when enable_security_gateway is true; or set "
+            "enable_security_gateway=false for LAN-only use"
         )
     values["external_ips"] = [ip for ip in (v4, v6) if ip]
     host_ip, host_fqdn = split_host_address(params["host_address"], errors)
@@ -197,17 +200,40 @@ def validate(params: dict, used_networks) -> dict:
                     "%s %d: with network_mode=bridge the management ports %d and %d are published on the host's "
                     "127.0.0.1; choose another port" % (name, params[name], CM_ADMIN_PORT, SG_ADMIN_PORT)
                 )
-    network = dep.check_private_cidr(params["docker_network_cidr"], "docker_network_cidr", errors)
-    if network is not None and params["network_mode"] == "bridge" and not errors:
-        clashes = dep.overlaps(network, used_networks())
-        if clashes:
-            errors.append(
-                "docker_network_cidr %s overlaps networks of this host: %s; choose another private range with "
-                "docker_network_cidr" % (network, ", ".join(clashes))
-            )
+    networks = {
+        "docker_network_cidr": dep.check_private_cidr(
+            params["docker_network_cidr"], "docker_network_cidr", errors
+        )
+    }
+    if params["enable_ipv6"]:
+        networks["docker_network_cidr_v6"] = dep.check_private_cidr(
+            params["docker_network_cidr_v6"], "docker_network_cidr_v6", errors, version=6
+        )
+    if params["network_mode"] == "bridge" and not errors:
+        used = used_networks()
+        for name, network in networks.items():
+            clashes = dep.overlaps(network, used)
+            if clashes:
+                errors.append(
+                    "%s %s overlaps networks of this host: %s; choose another private range with %s"
+                    % (name, network, ", ".join(clashes), name)
+                )
     if errors:
         raise dep.ValidationError(errors)
     return values
+
+
+def bridge_subnets(params: dict) -> list[str]:
+    """The subnets of the bridge network: IPv4, and with enable_ipv6 a unique local IPv6 network."""
+    return [params["docker_network_cidr"]] + (
+        [params["docker_network_cidr_v6"]] if params["enable_ipv6"] else []
+    )
+
+
+def listen_address(params: dict) -> str:
+    """Where the SG listens: "::" (dual-stack, TCP and UDP) with enable_ipv6. The CM's config keeps
+    0.0.0.0 and adds an IPv6 listener itself when EnableIpv6 is set."""
+    return "::" if params["enable_ipv6"] else "0.0.0.0"
 
 
 def tls_verify_checks(params: dict, errors: list[str]) -> list[str]:
@@ -295,7 +321,7 @@ def security_gateway_conf(params: dict) -> bytes:
     return dep.render_properties(
         "Security gateway (SG) configuration; GrantSecret comes from cmsg.env",
         [
-            ("ListenAddress", "0.0.0.0"),
+            ("ListenAddress", listen_address(params)),
             ("Port", 4172),
             ("AgentUdpSourcePort", 55000),
             ("MaxConnections", params["max_connections"]),
@@ -530,7 +556,7 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
         network = {
             "key": "cmdeployment",
             "name": names.network,
-            "subnet": params["docker_network_cidr"],
+            "subnets": bridge_subnets(params),
             "labels": {ctr.LABEL_MANAGED: "gatehouse.access.cmsg", ctr.LABEL_HOST: host_label},
         }
     files = [
@@ -570,7 +596,7 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
         config = "config.properties" if spec["service"] == "cm" else "SecurityGateway.conf"
         inputs = {n: sha256(by_name[n].data) for n in reads[spec["service"]] if n in by_name}
         inputs.update(image=ids.get(spec["service"]), config=sha256(by_name[config].data))
-        inputs["network"] = params["docker_network_cidr"] if network else None
+        inputs["network"] = network["subnets"] if network else None
         hashes[spec["name"]] = ctr.spec_hash(spec, inputs)
         plans[spec["name"]] = (
             "create"
@@ -579,7 +605,7 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
         )
     net_action = "none"
     if network is not None:
-        net_action = ctr.network_plan(cli, network["name"], network["subnet"], network["labels"])
+        net_action = ctr.network_plan(cli, network["name"], network["subnets"], network["labels"])
     stale = []
     if not params["enable_security_gateway"] and ctr.find_container(cli, names.sg) is not None:
         stale.append(names.sg)
@@ -605,7 +631,7 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
                 else:
                     ctr.remove_network(cli, name, False)
             if net_action != "none":
-                ctr.converge_network(cli, network["name"], network["subnet"], network["labels"], net_action)
+                ctr.converge_network(cli, network["name"], network["subnets"], network["labels"], net_action)
                 # Containers attached to a replaced network are gone; create them again.
                 for spec in specs:
                     if plans[spec["name"]] in ("none", "start"):
@@ -627,7 +653,15 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
         "security_gateway_conf": _effective(by_name["SecurityGateway.conf"].data),
         "data_dir": data_dir,
         "network_mode": params["network_mode"],
-        "network": dict(name=network["name"], subnet=network["subnet"]) if network else None,
+        "network": (
+            dict(
+                name=network["name"],
+                subnet=params["docker_network_cidr"],
+                subnet_v6=params["docker_network_cidr_v6"] if params["enable_ipv6"] else None,
+            )
+            if network
+            else None
+        ),
         "images": refs,
         "host_label": host_label,
         "tls": {k: v for k, v in tls_info.items() if k != "stale_ca"},

@@ -381,19 +381,20 @@ def network_subnets(network) -> list[str]:
     ]
 
 
-def network_plan(cli, name: str, subnet: str, labels: dict) -> str:
+def network_plan(cli, name: str, subnets: list, labels: dict) -> str:
+    """create, recreate or none for a bridge network with exactly ``subnets`` (IPv6 on when one is v6)."""
     current = find_network(cli, name)
     if current is None:
         return "create"
     _check_ours(current, "network", name)
-    if network_subnets(current) != [subnet] or any(
+    if sorted(network_subnets(current)) != sorted(subnets) or any(
         (current.attrs.get("Labels") or {}).get(k) != v for k, v in labels.items()
     ):
         return "recreate"
     return "none"
 
 
-def converge_network(cli, name: str, subnet: str, labels: dict, action: str) -> None:
+def converge_network(cli, name: str, subnets: list, labels: dict, action: str) -> None:
     if action == "none":
         return
     current = find_network(cli, name)
@@ -405,8 +406,15 @@ def converge_network(cli, name: str, subnet: str, labels: dict, action: str) -> 
                 _check_ours(attached, "container", attached.name)
                 attached.remove(force=True)
             current.remove()
-        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=subnet)])
-        cli.networks.create(name, driver="bridge", ipam=ipam, labels=labels, check_duplicate=True)
+        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=s) for s in subnets])
+        cli.networks.create(
+            name,
+            driver="bridge",
+            ipam=ipam,
+            labels=labels,
+            check_duplicate=True,
+            enable_ipv6=any(":" in s for s in subnets),
+        )
     except APIError as exc:
         raise ContainerError("cannot %s network %s: %s" % (action, name, exc.explanation or exc)) from None
 

@@ -40,6 +40,7 @@ from ansible_collections.gatehouse.access.plugins.module_utils._containers impor
 from ansible_collections.gatehouse.access.plugins.module_utils._files import PlannedFile, read_bytes
 
 PRIVATE_RANGES = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+ULA_RANGE = ipaddress.ip_network("fc00::/7")
 LOG_LEVELS = ["debug", "info", "warn", "error"]
 SELF_SIGNED_BITS = 3072
 SELF_SIGNED_DAYS = 3650
@@ -188,23 +189,36 @@ def check_token(value: str | None, name: str, errors: list[str]) -> None:
         )
 
 
-def check_private_cidr(value: str, name: str, errors: list[str]):
-    """The network of ``value`` when it is an IPv4 CIDR inside the private ranges, else None (error added)."""
+def check_private_cidr(value: str, name: str, errors: list[str], version: int = 4):
+    """The network of ``value`` when it is a private CIDR of ``version``, else None (error added).
+
+    IPv4: inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16, /29 or larger. IPv6: a unique local
+    network (fc00::/7), /48 to /112.
+    """
+    example = "10.101.0.0/24" if version == 4 else "fd00:10:101::/64"
     try:
         network = ipaddress.ip_network(value, strict=True)
     except ValueError as exc:
-        errors.append("%s %r is not a network in CIDR notation (like 10.101.0.0/24): %s" % (name, value, exc))
+        errors.append("%s %r is not a network in CIDR notation (like %s): %s" % (name, value, example, exc))
         return None
-    if network.version != 4 or not any(network.subnet_of(r) for r in PRIVATE_RANGES):
+    if version == 4 and (network.version != 4 or not any(network.subnet_of(r) for r in PRIVATE_RANGES)):
         errors.append(
             "%s %s is not inside a private range; use a network within 10.0.0.0/8, 172.16.0.0/12 or "
             "192.168.0.0/16" % (name, value)
         )
         return None
-    if network.prefixlen > 29:
+    if version == 6 and (network.version != 6 or not network.subnet_of(ULA_RANGE)):
+        errors.append("%s %s is not a unique local IPv6 network; use one within fc00::/7" % (name, value))
+        return None
+    smallest, largest = (29, 0) if version == 4 else (112, 48)
+    if network.prefixlen > smallest:
         errors.append(
-            "%s %s is too small for the containers; use /29 or larger (the default is /24)" % (name, value)
+            "%s %s is too small for the containers; use /%d or larger (like %s)"
+            % (name, value, smallest, example)
         )
+        return None
+    if network.prefixlen < largest:
+        errors.append("%s %s is larger than /%d" % (name, value, largest))
         return None
     return network
 
@@ -506,9 +520,11 @@ def render_compose(specs: list[dict], network: dict | None) -> bytes:
                 "name": network["name"],
                 "driver": "bridge",
                 "labels": dict(network["labels"]),
-                "ipam": {"config": [{"subnet": network["subnet"]}]},
+                "ipam": {"config": [{"subnet": subnet} for subnet in network["subnets"]]},
             }
         }
+        if any(":" in subnet for subnet in network["subnets"]):
+            document["networks"][network["key"]]["enable_ipv6"] = True
     header = (
         "# What the gatehouse.access collection runs on this host, for reference and for docker compose\n"
         "# users. The collection converges the containers itself; changes here are overwritten.\n"

@@ -125,7 +125,14 @@ options:
     type: bool
     default: true
   enable_ipv6:
-    description: Enable IPv6 connections.
+    description:
+      - Enable IPv6 connections (C(EnableIpv6)), pure IPv6 or mixed with IPv4 as the seed describes.
+      - The connection manager listens on IPv6 as well, the security gateway on C(::) (TCP and UDP, both families),
+        and O(external_pcoip_ip) may hold an IPv6 address (alone, or with the IPv4 one).
+      - With O(network_mode=bridge) the Docker network gets the IPv6 subnet O(docker_network_cidr_v6). Docker
+        forwards published ports to it with the client's own address only when the daemon's C(ip6tables) is on;
+        otherwise IPv6 clients reach the containers through Docker's userland proxy, from the network's gateway
+        address. C(network_mode=host) keeps every client's address.
     type: bool
     default: false
   host_address:
@@ -144,6 +151,12 @@ options:
         interfaces or of other Docker networks.
     type: str
     default: 10.101.0.0/24
+  docker_network_cidr_v6:
+    description:
+      - IPv6 subnet of the Docker network C(<prefix>-cmsg) (only with O(network_mode=bridge) and O(enable_ipv6)).
+      - A unique local network (inside fc00::/7), /48 to /112, that overlaps no other Docker network.
+    type: str
+    default: fd00:10:101::/64
   max_connections:
     description:
       - Client connections the security gateway holds at once, TLS handshakes included (C(MaxConnections) in
@@ -274,7 +287,7 @@ config:
       description: Image references per role.
       type: dict
     network:
-      description: Name and subnet of the Docker network, or null outside bridge mode.
+      description: Name, subnet and (with O(enable_ipv6)) C(subnet_v6) of the Docker network, or null outside bridge mode.
       type: dict
 left_behind:
   description: With O(state=absent), files in the data directory that the module did not write and kept.

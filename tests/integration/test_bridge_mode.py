@@ -26,6 +26,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import secrets
 import ssl
 import subprocess
 import sys
@@ -81,6 +82,7 @@ class Deployment:
     https_port: int
     pcoip_port: int
     clients_cidr: str  # the /29 of the client namespaces; the public certificate names its hosts' sides
+    module_args: dict[str, Any]  # the cmsg module's arguments of this deployment
 
     async def session(self) -> SessionReport:
         return await run_session(
@@ -119,7 +121,7 @@ def deployment(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) ->
     # The gateway address exists once the module created the network; the module's containers do
     # not need the broker or the agent to start, so those come after it, on that address.
     gateway = str(ipaddress.ip_network(cidr).network_address + 1)
-    public = pki.issue(f"{prefix}-public", ["localhost", "127.0.0.1", *host_sides(clients_cidr)])
+    public = pki.issue(f"{prefix}-public", ["localhost", "127.0.0.1", "::1", *host_sides(clients_cidr)])
     identity = pki.issue(f"{prefix}-cm", [gateway], role="cm")
     broker_id = pki.issue(f"{prefix}-broker", [gateway], role="broker")
     agent_id = pki.issue(f"{prefix}-agent", ["desk-a.test", gateway], role="agent")
@@ -127,30 +129,28 @@ def deployment(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) ->
     https_port, http_port, pcoip_port = free_port(), free_port(), free_port()
     procs: list[ServiceProcess] = []
     try:
-        run = run_module(
-            "cmsg",
-            {
-                "accept_policies": True,
-                "broker_url": f"https://{gateway}:{broker_port}",
-                "broker_ca_cert": str(pki.ca),
-                "identity_cert": str(identity.cert),
-                "identity_key": str(identity.key),
-                "agent_ca_cert": str(pki.ca),
-                "ssl_cert": str(public.cert),
-                "ssl_key": str(public.key),
-                "ca_cert": str(pki.ca),
-                # What the CM hands out: the client reaches the published SG port on loopback.
-                "external_pcoip_ip": ["127.0.0.1"],
-                "data_dir": str(root / "cmsg"),
-                "name_prefix": prefix,
-                "docker_network_cidr": cidr,
-                "https_port": https_port,
-                "http_port": http_port,
-                "pcoip_port": pcoip_port,
-                "host_label": "bridge1",
-                "wait_timeout": 60,
-            },
-        )
+        module_args = {
+            "accept_policies": True,
+            "broker_url": f"https://{gateway}:{broker_port}",
+            "broker_ca_cert": str(pki.ca),
+            "identity_cert": str(identity.cert),
+            "identity_key": str(identity.key),
+            "agent_ca_cert": str(pki.ca),
+            "ssl_cert": str(public.cert),
+            "ssl_key": str(public.key),
+            "ca_cert": str(pki.ca),
+            # What the CM hands out: the client reaches the published SG port on loopback.
+            "external_pcoip_ip": ["127.0.0.1"],
+            "data_dir": str(root / "cmsg"),
+            "name_prefix": prefix,
+            "docker_network_cidr": cidr,
+            "https_port": https_port,
+            "http_port": http_port,
+            "pcoip_port": pcoip_port,
+            "host_label": "bridge1",
+            "wait_timeout": 60,
+        }
+        run = run_module("cmsg", module_args)
         assert not run.failed, run.result
         assert run.result["config"]["network_mode"] == "bridge"
         assert network_gateway(cli, f"{prefix}-cmsg") == gateway
@@ -219,6 +219,7 @@ def deployment(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) ->
             https_port=https_port,
             pcoip_port=pcoip_port,
             clients_cidr=clients_cidr,
+            module_args=module_args,
         )
     finally:
         for proc in reversed(procs):
@@ -532,3 +533,47 @@ async def test_an_anonymous_hello_flood_through_the_published_port(deployment: D
     grant_secret = env.split("GATEHOUSE_GRANTSECRET=")[1].split("\n")[0]
     for secret in (USER_PW, ADMIN_TOKEN, grant_secret):
         assert secret not in logs
+
+
+# ---------------------------------------------------------------- IPv6 (last: it redeploys)
+
+
+async def test_enable_ipv6_serves_ipv6_clients_through_the_published_ports(deployment: Deployment) -> None:
+    """enable_ipv6 on the same deployment: the network gains a unique local IPv6 subnet, the SG
+    listens on both families, a second run changes nothing, and a client on the host's IPv6
+    loopback completes a session (TCP and UDP) through the published ports, sent to the SG's IPv6
+    address; an IPv4 client still works. (The engine's userland proxy carries the host's IPv6
+    loopback to the containers, so both arrive from the network's gateway address.)"""
+    v6 = f"fd00:{secrets.randbelow(0xFFFF) + 1:x}:{secrets.randbelow(0xFFFF) + 1:x}::/64"
+    args = dict(
+        deployment.module_args,
+        enable_ipv6=True,
+        external_pcoip_ip=["127.0.0.1", "::1"],
+        docker_network_cidr_v6=v6,
+    )
+    run = run_module("cmsg", args)
+    assert not run.failed and run.changed, run.result
+    network = deployment.cli.networks.get(f"{deployment.prefix}-cmsg")
+    assert network.attrs["EnableIPv6"] is True
+    assert sorted(c["Subnet"] for c in network.attrs["IPAM"]["Config"]) == sorted(
+        [deployment.module_args["docker_network_cidr"], v6]
+    )
+    assert run.result["config"]["security_gateway_conf"]["ListenAddress"] == "::"
+    assert run.result["config"]["network"]["subnet_v6"] == v6
+    again = run_module("cmsg", args)
+    assert not again.failed and not again.changed, again.result
+    for url, prefer_ipv6, target in (
+        (f"https://[::1]:{deployment.https_port}", True, "::1"),
+        (deployment.cm_url, False, "127.0.0.1"),
+    ):
+        report = await run_session(
+            url,
+            USER,
+            USER_PW,
+            domain="CORP",
+            ssl_context=deployment.client_ctx,
+            tcp_bytes=8192,
+            prefer_ipv6=prefer_ipv6,
+        )
+        assert report.ok, [(st.name, st.result, st.detail) for st in report.steps if not st.ok]
+        assert report.target == f"{target}:{deployment.pcoip_port}"

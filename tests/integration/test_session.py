@@ -255,6 +255,56 @@ async def test_full_session_through_the_gateway(stack: Stack) -> None:
     assert f'session_id": "{report.session_id}' in stack.procs["sg"].logs()
 
 
+async def test_a_dual_stack_gateway_serves_ipv6_and_ipv4_clients(stack: Stack, tmp_path: Path) -> None:
+    """EnableIpv6 as the cmsg module renders it: the SG on "::" (TCP and UDP, both families), the CM
+    on both, ExternalPcoipIp with both addresses. An IPv6 client is sent to the SG's IPv6 address and
+    an IPv4 client (a v4-mapped peer on the same sockets) to its IPv4 one; both relay TCP and UDP."""
+    hosts = ["localhost", "127.0.0.1", "::1"]
+    sg_cert = stack.pki.issue("session-sg6", hosts, role="sg")
+    sg = start_sg(
+        stack.pki,
+        tmp_path / "sg6",
+        "session-sg6",
+        SECRET,
+        ListenAddress="::",
+        SslCert=sg_cert.cert,
+        SslKey=sg_cert.key,
+    )
+    cm_config_6 = cm_config(
+        stack.pki,
+        stack.pki.issue("session-cm6", hosts),
+        stack.broker_url,
+        ListenAddress="0.0.0.0",
+        EnableIpv6=True,
+        SecurityGatewayEnabled=True,
+        ExternalPcoipIp="127.0.0.1,::1",
+        SecurityGatewayPort=_port(sg, "Port"),
+    )
+    cm = start_cm(tmp_path / "cm6", cm_config_6, SECRET)
+    try:
+        for url, prefer_ipv6, target in (
+            (f"https://[::1]:{_port(cm)}", True, "::1"),
+            (f"https://127.0.0.1:{_port(cm)}", False, "127.0.0.1"),
+        ):
+            report = await run_session(
+                url,
+                "alice",
+                ALICE_PW,
+                domain="CORP",
+                resource="desk-a",
+                ssl_context=stack.ctx,
+                udp_datagrams=3,
+                prefer_ipv6=prefer_ipv6,
+            )
+            assert_session_ok(report)
+            assert report.target == f"{target}:{_port(sg, 'Port')}"
+        sessions = [json.loads(line) for line in sg.logs().splitlines() if '"msg": "relaying"' in line]
+        assert {s.get("client") for s in sessions} == {"::1", "127.0.0.1"}, sessions
+    finally:
+        cm.stop()
+        sg.stop()
+
+
 async def test_full_session_in_direct_mode(stack: Stack) -> None:
     report = await run_session(
         stack.direct_cm, "bob", BOB_PW, domain="CORP", ssl_context=stack.ctx, tcp_bytes=100_000

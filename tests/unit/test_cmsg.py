@@ -60,7 +60,9 @@ def test_accept_policies_required() -> None:
 
 def test_external_ip_required_with_gateway() -> None:
     errors = errors_of(params(external_pcoip_ip=[]))
-    assert any("external_pcoip_ip needs the public IPv4 address" in e for e in errors)
+    assert any(
+        "external_pcoip_ip needs the public IPv4 or (with enable_ipv6) IPv6 address" in e for e in errors
+    )
     # LAN only: no gateway, no external address needed.
     cmsg.validate(params(external_pcoip_ip=[], enable_security_gateway=False), no_networks)
 
@@ -77,6 +79,45 @@ def test_ipv6_external_address_needs_enable_ipv6() -> None:
         params(external_pcoip_ip=["203.0.113.10", "2001:db8::10"], enable_ipv6=True), no_networks
     )
     assert values["external_ips"] == ["203.0.113.10", "2001:db8::10"]
+
+
+def test_pure_ipv6_gateway() -> None:
+    """The seed's "pure IPv6": the SG's only external address is IPv6, with enable_ipv6."""
+    errors = errors_of(params(external_pcoip_ip=["2001:db8::10"]))
+    assert any("set enable_ipv6=true" in e for e in errors)
+    p = params(external_pcoip_ip=["2001:db8::10"], enable_ipv6=True)
+    values = cmsg.validate(p, no_networks)
+    assert values["external_ips"] == ["2001:db8::10"]
+    cm = parse_kv(cmsg.config_properties(p, values).decode())
+    assert (cm["ExternalPcoipIp"], cm["EnableIpv6"]) == ("2001:db8::10", "true")
+    # The SG then listens on both families; without IPv6 on IPv4 only.
+    assert parse_kv(cmsg.security_gateway_conf(p).decode())["ListenAddress"] == "::"
+    assert parse_kv(cmsg.security_gateway_conf(params()).decode())["ListenAddress"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("cidr", "words"),
+    [
+        ("2001:db8::/64", "not a unique local IPv6 network"),
+        ("10.101.0.0/24", "not a unique local IPv6 network"),
+        ("fd00:10:101::/120", "too small"),
+        ("fd00::/40", "larger than /48"),
+        ("fd00:10:101::1/64", "CIDR notation"),
+    ],
+)
+def test_ipv6_docker_network_must_be_unique_local(cidr: str, words: str) -> None:
+    errors = errors_of(params(enable_ipv6=True, docker_network_cidr_v6=cidr))
+    assert any(words in e for e in errors), errors
+    # Without enable_ipv6 the option is not used, so not checked.
+    cmsg.validate(params(docker_network_cidr_v6=cidr), no_networks)
+
+
+def test_ipv6_docker_network_must_not_overlap() -> None:
+    def used() -> list[tuple[str, str]]:
+        return [("docker network other", "fd00:10:101::/48")]
+
+    errors = errors_of(params(enable_ipv6=True), used)
+    assert any("docker_network_cidr_v6 fd00:10:101::/64 overlaps" in e and "other" in e for e in errors)
 
 
 def test_external_ip_must_be_an_address() -> None:
@@ -439,7 +480,12 @@ def test_compose_file_is_valid_and_matches_the_containers() -> None:
     p = params(data_dir="/opt/gatehouse/cmsg")
     names = cmsg.Names("gatehouse")
     specs = cmsg.container_specs(p, names, {"cm": "gatehouse/cm:0.1.0", "sg": "gatehouse/sg:0.1.0"}, "node1")
-    network = {"key": "cmdeployment", "name": names.network, "subnet": "10.101.0.0/24", "labels": {"a": "b"}}
+    network = {
+        "key": "cmdeployment",
+        "name": names.network,
+        "subnets": ["10.101.0.0/24"],
+        "labels": {"a": "b"},
+    }
     doc = yaml.safe_load(dep.render_compose(specs, network))
     assert set(doc["services"]) == {"cm", "sg"}
     cm = doc["services"]["cm"]
@@ -449,6 +495,14 @@ def test_compose_file_is_valid_and_matches_the_containers() -> None:
     assert cm["labels"]["gatehouse.role"] == "cm" and cm["labels"]["gatehouse.host"] == "node1"
     assert doc["services"]["sg"]["ports"] == ["4172:4172/tcp", "4172:4172/udp", "127.0.0.1:9172:9172/tcp"]
     assert doc["networks"]["cmdeployment"]["ipam"]["config"] == [{"subnet": "10.101.0.0/24"}]
+    assert "enable_ipv6" not in doc["networks"]["cmdeployment"]
+    network["subnets"] = cmsg.bridge_subnets(params(enable_ipv6=True))
+    doc = yaml.safe_load(dep.render_compose(specs, network))
+    assert doc["networks"]["cmdeployment"]["enable_ipv6"] is True
+    assert doc["networks"]["cmdeployment"]["ipam"]["config"] == [
+        {"subnet": "10.101.0.0/24"},
+        {"subnet": "fd00:10:101::/64"},
+    ]
 
 
 def test_compose_without_gateway_and_in_container_mode() -> None:

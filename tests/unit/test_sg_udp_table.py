@@ -12,8 +12,8 @@ import pytest
 from gatehouse import linechan
 from gatehouse.sg.stats import Refusals, Stats
 from gatehouse.sg.udp import PortPool, UdpRelay
-from gatehouse.sg.udp_table import UdpSession, UdpTable, norm_ip
-from gatehouse.web import source_key
+from gatehouse.sg.udp_table import UdpSession, UdpTable
+from gatehouse.web import norm_ip, source_key
 
 AGENT = ("10.0.0.5", 4172)
 CLIENT_IP = "198.51.100.7"

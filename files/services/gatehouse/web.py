@@ -171,6 +171,17 @@ def peer_ssl_object(request: web.Request) -> ssl.SSLObject | None:
     return transport.get_extra_info("ssl_object") if transport else None
 
 
+def norm_ip(ip: str) -> str:
+    """Canonical text of an address; IPv4-mapped IPv6 (dual-stack sockets) becomes plain IPv4."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
 def source_key(address: str) -> str:
     """What a per-source limit counts: the IPv4 address, or the /64 of an IPv6 address (one host
     usually holds a whole /64); an IPv4-mapped address counts as its IPv4; anything that is not an

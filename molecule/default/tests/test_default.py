@@ -11,6 +11,7 @@ import pytest
 SCENARIO = "default"
 NETWORK = "gh-mol-default"
 CM = gv.address(1, 21)
+CM6 = gv.address6(1, 21)
 HOSTS = ["gh-default-broker", "gh-default-cmsg1", "gh-default-desk1", "gh-default-desk2"]
 
 
@@ -70,6 +71,12 @@ def test_session_through_the_gateway(attempt: int) -> None:
     report = gv.run_client(NETWORK, f"https://{CM}:8443", gv.password(SCENARIO))
     # Gateway mode: the target is the SG on the CM/SG host, never a desktop.
     gv.assert_session(report, target_ip=CM)
+
+
+def test_session_over_ipv6() -> None:
+    """A client on IPv6 only: the CM over IPv6, the target is the SG's IPv6 address, TCP and UDP relayed."""
+    report = gv.run_client(NETWORK, f"https://[{CM6}]:8443", gv.password(SCENARIO), "--ipv6")
+    gv.assert_session(report, target_ip=CM6)
 
 
 def test_wrong_password_is_refused() -> None:

@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from gatehouse.web import norm_ip
+
 log = logging.getLogger("gatehouse.sg.tls")
 
 _READ_SIZE = 16 * 1024  # one TLS record
@@ -75,7 +77,9 @@ class TlsConn:
         self.state = _HANDSHAKE
         try:
             peer = sock.getpeername()
-            self.peer: tuple[str, int] = (peer[0], peer[1])
+            # A dual-stack listener ("::") sees IPv4 clients as ::ffff:a.b.c.d: logs, caps and
+            # grant checks use the plain IPv4 address.
+            self.peer: tuple[str, int] = (norm_ip(peer[0]), peer[1])
         except OSError:
             self.peer = ("", 0)
         self._out: deque[bytes] | None = None

@@ -82,9 +82,24 @@ class UdpRelay:
 
     async def start(self, listen: str, port: int) -> None:
         self.loop = asyncio.get_running_loop()
-        self.client_side, _protocol = await self.loop.create_datagram_endpoint(
-            lambda: _ClientDatagrams(self), local_addr=(listen, port)
-        )
+        if ":" in listen:
+            # "::" serves IPv4 clients too, as the TCP listener does: v6-only is switched off
+            # before the bind rather than left to the host's net.ipv6.bindv6only.
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.setblocking(False)
+                sock.bind((listen, port))
+            except OSError:
+                sock.close()
+                raise
+            self.client_side, _protocol = await self.loop.create_datagram_endpoint(
+                lambda: _ClientDatagrams(self), sock=sock
+            )
+        else:
+            self.client_side, _protocol = await self.loop.create_datagram_endpoint(
+                lambda: _ClientDatagrams(self), local_addr=(listen, port)
+            )
         _set_buffers(self.client_side.get_extra_info("socket"), SOCKET_BUFFER)
 
     def close(self) -> None:

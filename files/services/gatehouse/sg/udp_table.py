@@ -14,25 +14,14 @@ Invariants (docs/architecture.md, "UDP"):
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gatehouse import linechan
+from gatehouse.web import norm_ip
 
 Addr = tuple[Any, ...]  # as the socket reports it: (ip, port) or (ip, port, flowinfo, scope)
-
-
-def norm_ip(ip: str) -> str:
-    """Canonical text of an address; IPv4-mapped IPv6 (dual-stack sockets) becomes plain IPv4."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        return str(addr.ipv4_mapped)
-    return str(addr)
 
 
 @dataclass(eq=False)
