@@ -16,6 +16,8 @@ from typing import ClassVar
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
+from gatehouse import __version__
+
 CONTENT_TYPE = "application/xml; charset=UTF-8"
 PATH_BROKER = "/pcoip-broker/xml"
 PATH_AGENT = "/pcoip-agent/xml"
@@ -126,7 +128,7 @@ def _read_result(el: ET.Element) -> tuple[str, str]:
 @dataclass
 class ClientInfo:
     product_name: str = "Gatehouse Client"
-    product_version: str = "0.1.0"
+    product_version: str = __version__
     platform: str = "linux"
     locale: str = "en_US"
     hostname: str = ""
@@ -165,7 +167,7 @@ class PcmInfo:
     session_id: str
     client_ip: str = ""
     product_name: str = "Gatehouse Connection Manager"
-    product_version: str = "0.1.0"
+    product_version: str = __version__
 
     def to_xml(self, parent: ET.Element) -> None:
         el = sub(parent, "pcm-info")
@@ -228,7 +230,7 @@ class Hello(Message):
 class HelloResp(Message):
     tag: ClassVar[str] = "hello-resp"
     product_name: str = "Gatehouse Connection Manager"
-    product_version: str = "0.1.0"
+    product_version: str = __version__
     hostname: str = ""
     methods: list[str] = field(default_factory=lambda: [AUTH_PASSWORD])
     domains: list[str] = field(default_factory=list)

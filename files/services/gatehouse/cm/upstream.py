@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 
+from gatehouse import __version__, tls
 from gatehouse import protocol as p
-from gatehouse import tls
 from gatehouse.cm import agent as agent_call
 from gatehouse.cm.sessions import Session
 from gatehouse.cm.settings import CmSettings
@@ -124,7 +124,7 @@ class Upstream:
         self.http = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
-            headers={"User-Agent": "Gatehouse-CM/0.1"},
+            headers={"User-Agent": f"Gatehouse-CM/{__version__}"},
         )
 
     async def close(self) -> None:
