@@ -9,6 +9,7 @@ whose ``result_id`` goes into an ``<error-resp>``.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -23,6 +24,10 @@ PATH_BROKER = "/pcoip-broker/xml"
 PATH_AGENT = "/pcoip-agent/xml"
 ENVELOPES = {"pcoip-client": "2.1", "pcoip-broker": "2.1", "pcoip-agent": "1.0"}
 MAX_BODY = 64 * 1024
+# A DNS name as an address element may carry it (no trailing dot): LDH labels, 253 characters at most.
+DNS_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 MAX_DEPTH = 16
 MAX_ELEMENTS = 4096
 QUERY_PRODUCT = "QueryBrokerClient"

@@ -38,9 +38,6 @@ from gatehouse.web import peer_ssl_object
 log = logging.getLogger("gatehouse.broker.admin")
 PREFIX = "/api/v1"
 _NAME = re.compile(r"^[^\x00-\x1f\x7f/\\]{1,128}$")
-_HOST = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DESKTOP_FIELDS = frozenset(
     {"address", "hostname", "agent_port", "session_port", "enabled", "pool"}
@@ -119,7 +116,7 @@ def _address(body: Obj, key: str) -> str:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    if not _HOST.match(value):
+    if not protocol.DNS_NAME.match(value):
         raise ApiError(400, f"{key}: {value!r} is neither an IP address nor a DNS name", key)
     return value.lower()
 

@@ -25,7 +25,6 @@ MAX_AGENT_SESSION_ID = 128
 _MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}$")
 _PRINTABLE = re.compile(r"[^\x20-\x7e]")
 _TAG = re.compile(r"^[A-Za-z0-9+/=_.~-]+$")
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _SNI = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
 
 
@@ -33,9 +32,14 @@ class InvalidAnswer(ValueError):
     """The agent's launch-session-resp cannot be turned into a grant."""
 
 
+def printable(text: str, limit: int = MAX_CLIENT_NAME) -> str:
+    """``text`` with anything but printable ASCII removed, capped: safe for logs and XML."""
+    return _PRINTABLE.sub("", text)[:limit]
+
+
 def client_name(reported: str) -> str:
     """The client's self-reported host name, printable ASCII only and capped."""
-    return _PRINTABLE.sub("", reported)[:MAX_CLIENT_NAME]
+    return printable(reported)
 
 
 def client_mac(reported: str) -> str:
@@ -59,8 +63,9 @@ def launch_request(session: Session, agent: p.AgentInfo, password: str, license_
 
 
 def is_hostname(value: str) -> bool:
-    labels = value.rstrip(".").split(".")
-    return len(value) <= 253 and all(_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
+    """A DNS name (a trailing dot allowed) whose last label is not all digits, so never a bad IP."""
+    name = value.rstrip(".")
+    return bool(p.DNS_NAME.match(name)) and not name.rsplit(".", 1)[-1].isdigit()
 
 
 def check_session_info(info: p.SessionInfo) -> None:

@@ -228,7 +228,7 @@ class Upstream:
         if not isinstance(reply, p.LaunchSessionResp):
             raise UpstreamError(AGENT, "invalid", f"agent answered <{reply.tag}> to launch-session")
         if reply.result_id != p.LAUNCH_OK:
-            reason = agent_call.client_name(reply.fail_reason)  # printable, capped: it goes to the log
+            reason = agent_call.printable(reply.fail_reason)  # it goes to the log
             raise UpstreamError(
                 AGENT, "error", f"agent refused launch-session: {reply.result_id[:64]} {reason}"
             )

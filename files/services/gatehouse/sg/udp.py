@@ -15,6 +15,7 @@ import errno
 import logging
 import socket
 from collections import deque
+from typing import Any
 
 from gatehouse import linechan
 from gatehouse.sg.stats import Stats
@@ -82,24 +83,12 @@ class UdpRelay:
 
     async def start(self, listen: str, port: int) -> None:
         self.loop = asyncio.get_running_loop()
-        if ":" in listen:
-            # "::" serves IPv4 clients too, as the TCP listener does: v6-only is switched off
-            # before the bind rather than left to the host's net.ipv6.bindv6only.
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            try:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                sock.setblocking(False)
-                sock.bind((listen, port))
-            except OSError:
-                sock.close()
-                raise
-            self.client_side, _protocol = await self.loop.create_datagram_endpoint(
-                lambda: _ClientDatagrams(self), sock=sock
-            )
-        else:
-            self.client_side, _protocol = await self.loop.create_datagram_endpoint(
-                lambda: _ClientDatagrams(self), local_addr=(listen, port)
-            )
+        where: dict[str, Any] = (
+            {"sock": _dual_stack_socket(listen, port)} if ":" in listen else {"local_addr": (listen, port)}
+        )
+        self.client_side, _protocol = await self.loop.create_datagram_endpoint(
+            lambda: _ClientDatagrams(self), **where
+        )
         _set_buffers(self.client_side.get_extra_info("socket"), SOCKET_BUFFER)
 
     def close(self) -> None:
@@ -217,3 +206,17 @@ class _ClientDatagrams(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("client-side udp error: %s", exc)
+
+
+def _dual_stack_socket(listen: str, port: int) -> socket.socket:
+    """A UDP socket bound to an IPv6 ``listen`` that also serves IPv4 ("::" as the TCP listener):
+    v6-only is switched off before the bind rather than left to the host's net.ipv6.bindv6only."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setblocking(False)
+        sock.bind((listen, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
