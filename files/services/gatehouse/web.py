@@ -46,6 +46,8 @@ REGISTRY_KEY = web.AppKey("metrics_registry", CollectorRegistry)
 # The deadline middleware waits for bodies up to this size without consuming them: aiohttp's read
 # buffer holds that much before it stops reading (every service's body cap is 64 KiB).
 BODY_WAIT_LIMIT = 64 * 1024
+# Seconds past the request deadline after which the event loop itself gives up a TLS handshake.
+HANDSHAKE_BACKSTOP = 1.0
 
 
 def install_uvloop() -> None:
@@ -427,7 +429,9 @@ class _GuardedServer:
                     lambda: guard,
                     conn,
                     ssl=self.ssl_context,
-                    ssl_handshake_timeout=max(0.1, guard.deadline - self.loop.time()),
+                    # A backstop only: the guard's timer ends a slow handshake at the deadline
+                    # (and counts it); at the same deadline the two would race.
+                    ssl_handshake_timeout=max(0.1, guard.deadline - self.loop.time()) + HANDSHAKE_BACKSTOP,
                 )
         except (OSError, ssl.SSLError, TimeoutError, asyncio.CancelledError, EOFError):
             # Failed, timed out or aborted in the handshake: routine for a public port.
