@@ -56,7 +56,7 @@ pytest: venv images ## Unit and integration tests (PYTEST_ARGS=... to pass optio
 molecule: venv images ## Every Molecule scenario (SCENARIOS="default ha" to choose)
 	hack/molecule.sh $(SCENARIOS)
 
-images: venv ## Build gatehouse/base (if its package list changed) and the service images
+images: venv ## Build gatehouse/base (if its package list changed), the service and test images
 	hack/build-images.sh
 
 collection: venv ## Build dist/gatehouse-access-<version>.tar.gz
@@ -74,6 +74,7 @@ clean: ## Remove build output, caches and test output (not the venv, not images)
 	find plugins files tests bench hack -name __pycache__ -type d -prune -exec rm -rf {} +
 
 clean-images: ## Remove the gatehouse/* images of this version (and the base) and stale builds
-	docker images --format '{{.Repository}}:{{.Tag}}' | grep -E '^gatehouse/[a-z]+:$(VERSION)$$' \
+	docker images --format '{{.Repository}}:{{.Tag}}' | grep -E '^gatehouse/[a-z-]+:$(VERSION)$$' \
 		| xargs -r docker rmi
 	docker image prune --force --filter label=gatehouse.base.packages-sha256 >/dev/null
+	docker image prune --force --filter label=gatehouse.identity-test.sha256 >/dev/null

@@ -22,6 +22,7 @@ BENCHMARKS = {
     "cm-keepalive": "bench.cm_load:run_keepalive",
     "cm-establish": "bench.cm_load:run_establish",
     "cm-handshakes": "bench.cm_load:run_handshakes",
+    "identity-login": "bench.identity_login",
     "halb-failover": "bench.halb_failover",
     "deploy": "bench.deploy",
 }

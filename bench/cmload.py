@@ -1,7 +1,7 @@
 """Load generator for the CM benchmarks (aiohttp on uvloop; run several for more clients).
 
 Reads JSON on stdin: url, clients, mode, rounds, envelope, start_at (time.time() at which every
-generator process starts), resource. Modes:
+generator process starts), resource, logins. Modes:
 
 - ``keepalive``: each client keeps one TLS connection (its own connector and cookie jar), says
   hello and authenticates (arrivals spread evenly over ``ramp_seconds``), waits until every
@@ -11,6 +11,9 @@ generator process starts), resource. Modes:
   get-resource-list, allocate-resource, bye. Latency = hello sent → allocate-resource answered.
 - ``handshake``: ``clients`` concurrent loops open a TLS connection, complete the handshake and
   close, for ``seconds``; counts full handshakes (no session resumption).
+- ``logins``: ``clients`` concurrent loops share the list ``logins`` (``[user, password, domain]``
+  each); a loop takes the next one, opens its own connection and runs hello, authenticate, bye.
+  Latency = hello sent → authenticate answered; a refused login is an error.
 
 Prints JSON: latencies (ms), error count and the first few errors, CPU seconds of this process.
 """
@@ -65,9 +68,16 @@ def _client(ctx: ssl.SSLContext) -> aiohttp.ClientSession:
     )
 
 
-async def _login(http: aiohttp.ClientSession, url: str, env: str) -> None:
+async def _login(
+    http: aiohttp.ClientSession,
+    url: str,
+    env: str,
+    username: str = "bench",
+    password: str = "bench-pw",
+    domain: str = "CORP",
+) -> None:
     await _send(http, url, env, p.Hello(client_info=p.ClientInfo(hostname="bench")))
-    reply = await _send(http, url, env, p.Authenticate(username="bench", password="bench-pw", domain="CORP"))
+    reply = await _send(http, url, env, p.Authenticate(username=username, password=password, domain=domain))
     if not isinstance(reply, p.AuthenticateResp) or reply.result_id != p.AUTH_OK:
         raise Failure("authenticate refused")
 
@@ -164,6 +174,28 @@ async def handshake(job: dict[str, Any], lat: list[float], errors: Counter[str])
     await asyncio.gather(*(one() for _ in range(job["clients"])))
 
 
+async def logins(job: dict[str, Any], lat: list[float], errors: Counter[str]) -> None:
+    url, env, ctx = job["url"], job["envelope"], _ctx()
+    todo = iter(job["logins"])  # shared: each loop takes the next login when its last one is done
+
+    async def loop() -> None:
+        for username, password, domain in todo:
+            async with _client(ctx) as http:
+                started = time.perf_counter()
+                try:
+                    await _login(http, url, env, username, password, domain)
+                except Exception as exc:
+                    errors[f"login: {type(exc).__name__}: {exc}"[:120]] += 1
+                    continue
+                lat.append((time.perf_counter() - started) * 1000)
+                try:
+                    await _send(http, url, env, p.Bye())
+                except Exception as exc:
+                    errors[f"bye: {type(exc).__name__}: {exc}"[:120]] += 1
+
+    await asyncio.gather(*(loop() for _ in range(job["clients"])))
+
+
 async def main_async(job: dict[str, Any]) -> dict[str, Any]:
     lat: list[float] = []
     errors: Counter[str] = Counter()
@@ -172,9 +204,8 @@ async def main_async(job: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(delay)
     cpu0 = os.times()
     started = time.perf_counter()
-    await {"keepalive": keepalive, "establish": establish, "handshake": handshake}[job["mode"]](
-        job, lat, errors
-    )
+    modes = {"keepalive": keepalive, "establish": establish, "handshake": handshake, "logins": logins}
+    await modes[job["mode"]](job, lat, errors)
     elapsed = time.perf_counter() - started
     cpu1 = os.times()
     return {

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # make images: gatehouse/base (only when its package list changed), the Python wheels of
 # files/services, and one image per service from files/images/<name>/Dockerfile, built with
-# `docker build --network none` from a context that holds the wheels.
+# `docker build --network none` from a context that holds the wheels. gatehouse/identity-test
+# has no Dockerfile: hack/build-identity-image.sh imports it from Debian packages (and skips
+# the build when they and its files did not change).
 #
 # Environment:
 #   BASE_IMAGE   base of all service images (default gatehouse/base:<version>, built here).
 #                Another base, e.g. python:3.11-slim, is used as is and the build then runs
 #                with the default network (the HALB image installs haproxy/keepalived by apt).
-#   IMAGES       images to build (default: broker cm sg agent halb node)
+#   IMAGES       images to build (default: broker cm sg agent halb node identity-test)
 #   REPOSITORY   repository prefix of the tags (default gatehouse/, giving gatehouse/<name>:<version>)
 #   PYTHON       the Python whose pip builds the wheels (default $VENV/bin/python); its
 #                version must match the base image's python3 (3.11 for Debian bookworm).
@@ -17,12 +19,25 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 version=$(gatehouse_version)
 python=${PYTHON:-$VENV_DIR/bin/python}
-read -r -a images <<<"${IMAGES:-${GATEHOUSE_IMAGES[*]} ${GATEHOUSE_TEST_IMAGES[*]}}"
+read -r -a requested <<<"${IMAGES:-${GATEHOUSE_IMAGES[*]} ${GATEHOUSE_TEST_IMAGES[*]}}"
 wheels=$REPO_ROOT/build/wheels
 services=$REPO_ROOT/files/services
 total_start=$(now)
 
 docker info >/dev/null 2>&1 || die "the Docker daemon is not reachable"
+
+# Images imported from Debian packages need neither the base image nor the wheels.
+images=()
+for name in "${requested[@]}"; do
+    case $name in
+    identity-test) "$REPO_ROOT/hack/build-identity-image.sh" ;;
+    *) images+=("$name") ;;
+    esac
+done
+if ((${#images[@]} == 0)); then
+    log "images done in $(($(now) - total_start)) s"
+    exit 0
+fi
 [[ -x $python ]] || die "$python not found; run 'make venv' first"
 
 # --- base image

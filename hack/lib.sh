@@ -17,9 +17,11 @@ gatehouse_version() {
 # Service images built by `make images` and shipped in the dark-site bundle.
 # shellcheck disable=SC2034  # used by the scripts that source this file
 GATEHOUSE_IMAGES=(broker cm sg agent halb)
-# Images only the Molecule scenarios and the demo use (not shipped in the bundle).
+# Images only the tests, the Molecule scenarios and the demo use (not shipped in the bundle).
+# identity-test (the directory and RADIUS server of the integration tests) is no Dockerfile
+# build: hack/build-identity-image.sh imports it from Debian packages.
 # shellcheck disable=SC2034
-GATEHOUSE_TEST_IMAGES=(node)
+GATEHOUSE_TEST_IMAGES=(node identity-test)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

@@ -79,10 +79,19 @@ def password(scenario: str, user: str = "demo", domain: str = "corp") -> str:
     return (STATE_ROOT / scenario / "secrets" / f"user-{domain}-{user}").read_text(encoding="utf-8").strip()
 
 
-def run_client(network: str, url: str, secret: str, *args: str, name: str | None = None) -> dict[str, Any]:
+def run_client(
+    network: str,
+    url: str,
+    secret: str,
+    *args: str,
+    name: str | None = None,
+    user: str = "demo",
+    environment: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """One session with gatehouse-client in a container on the network; the parsed --json report.
 
-    The password goes in through the environment, never on the command line.
+    The password (and any passcode, from ``environment``) goes in through the environment, never
+    on the command line.
     """
     container = engine().containers.run(
         CLIENT_IMAGE,
@@ -91,14 +100,14 @@ def run_client(network: str, url: str, secret: str, *args: str, name: str | None
             "--url",
             url,
             "--user",
-            "demo",
+            user,
             "--password-env",
             "GH_PASSWORD",
             "--insecure",
             "--json",
             *args,
         ],
-        environment={"GH_PASSWORD": secret},
+        environment={"GH_PASSWORD": secret, **(environment or {})},
         network=network,
         name=name,
         labels={"gatehouse.role": "client"},

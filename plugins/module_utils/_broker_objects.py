@@ -9,6 +9,10 @@ object before and after, and ``?check_mode=true`` gives the same answer without 
 so check mode and diff mode report exactly what a real run does. Options left unset are not sent
 and keep their stored value.
 
+A user's TOTP enrollment is a write of its own: ``POST .../totp`` makes a new secret and answers
+its ``otpauth://`` URI once (the broker keeps it encrypted and never shows it again), ``DELETE``
+removes it. Whether one is due follows from the user's ``totp_enrolled``.
+
 One case needs a local prediction: in check mode an object may refer to one that an earlier task
 of the same run would have created (a user's group, a pool's desktop, an entitlement's user). The
 broker refuses the reference because nothing was stored; the module then predicts the result from
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 from ansible_collections.gatehouse.access.plugins.module_utils._broker_api import (
     CONNECTION_ARGSPEC,
+    PASSWORD_MARKER,
     BrokerApi,
     BrokerApiError,
     api_path,
@@ -37,6 +42,8 @@ USER_ARGSPEC = dict(
     append={"type": "bool", "default": False},
     password={"type": "str", "no_log": True},
     update_password={"type": "str", "choices": ["always", "on_create"], "default": "always"},
+    totp={"type": "str", "choices": ["enrolled", "absent", "ignore"], "default": "ignore"},
+    totp_reset={"type": "bool", "default": False},
     state=STATE_OPTION,
 )
 
@@ -79,7 +86,7 @@ POOL_ARGSPEC = dict(
 
 ENTITLEMENT_ARGSPEC = dict(
     CONNECTION_ARGSPEC,
-    principal_type={"type": "str", "choices": ["user", "group"], "required": True},
+    principal_type={"type": "str", "choices": ["user", "group", "directory-group"], "required": True},
     domain={"type": "str"},
     principal={"type": "str", "required": True},
     resource_type={"type": "str", "choices": ["desktop", "pool"], "required": True},
@@ -259,9 +266,47 @@ PLANNERS = {
 DOMAIN_KINDS = ("user", "group", "entitlement")
 
 
+def check_totp_options(params) -> None:
+    if params.get("totp_reset") and params.get("totp") != "enrolled":
+        raise BrokerApiError("totp_reset is only used with totp=enrolled (it replaces the enrolled secret)")
+    if params.get("totp") == "enrolled" and params["state"] == "absent":
+        raise BrokerApiError(
+            "totp=enrolled needs state=present; state=absent removes the user and its TOTP secret"
+        )
+
+
+def converge_totp(api, params, domain, user, check_mode=False, exists=True) -> dict:
+    """Enroll or remove the user's TOTP secret; the ``otpauth_uri`` of a new secret is returned once.
+
+    In check mode the request is sent with ``?check_mode=true`` (the broker checks it and stores
+    nothing, and makes no secret); for a user that does not exist yet it is predicted locally.
+    """
+    enrolled = bool((user or {}).get("totp_enrolled"))
+    path = api_path("users", domain, params["name"], "totp")
+    query = {"check_mode": "true"} if check_mode else None
+    if params["totp"] == "enrolled":
+        if enrolled and not params["totp_reset"]:
+            return {"enrolled": True, "changed": False}
+        if check_mode and not exists:
+            return {"enrolled": True, "changed": True}
+        answer = api.request("POST", path, query=query)[1] or {}
+        if check_mode:
+            return {"enrolled": True, "changed": True}
+        uri = answer.get("otpauth_uri")
+        if not isinstance(uri, str) or not uri.startswith("otpauth://"):
+            raise BrokerApiError("the broker answered POST %s without an otpauth_uri" % path)
+        return {"enrolled": True, "changed": True, "otpauth_uri": uri}
+    if not enrolled:
+        return {"enrolled": False, "changed": False}
+    api.request("DELETE", path, query=query)
+    return {"enrolled": False, "changed": True}
+
+
 def converge(api, kind, params, check_mode=False) -> tuple:
     """Run one module: returns (result dict for exit_json, warnings). Raises BrokerApiError."""
     warnings = []
+    if kind == "user":
+        check_totp_options(params)
     if kind != "entitlement":
         _check_name(params["name"], "name")
     domain = None
@@ -301,11 +346,29 @@ def converge(api, kind, params, check_mode=False) -> tuple:
     }
     if kind == "user":
         result["password_changed"] = password_changed
+        if params.get("totp", "ignore") != "ignore" and params["state"] == "present":
+            totp = converge_totp(api, params, domain, result["user"], check_mode, plan.current is not None)
+            result["totp"] = totp
+            if totp["changed"]:
+                result["changed"] = True
+                if isinstance(result["user"], dict):
+                    result["user"]["totp_enrolled"] = totp["enrolled"]
+                after = result["diff"]["after"]
+                after["totp_enrolled"] = totp["enrolled"]
+                if totp["enrolled"]:
+                    # A new secret (also with totp_reset); like a password, it is never shown.
+                    after["totp_secret"] = PASSWORD_MARKER
     return result, warnings
 
 
 def run_module(module, kind) -> None:
     """Entry point shared by the broker object modules."""
+    if kind == "user" and module.params.get("totp") == "enrolled" and not module.no_log:
+        # The result carries the user's new TOTP secret (otpauth_uri); Ansible must not print or log it.
+        module.fail_json(
+            msg="totp=enrolled returns the user's new TOTP secret (totp.otpauth_uri): set no_log: true on the "
+            "task, register the result and hand the URI to the user (for example in a file of mode 0600)"
+        )
     try:
         api = BrokerApi.from_params(module.params)
         result, warnings = converge(api, kind, module.params, check_mode=module.check_mode)

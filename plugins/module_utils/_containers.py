@@ -22,6 +22,7 @@ import traceback
 try:
     import docker
     from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+    from requests.exceptions import RequestException
 except ImportError:
     HAS_DOCKER = False
     DOCKER_IMPORT_ERROR: str | None = traceback.format_exc()
@@ -354,6 +355,48 @@ def converge_container(cli, spec: dict, desired_hash: str, action: str, wait_tim
         ) from None
     if wait_timeout:
         _wait_running(container, wait_timeout)
+
+
+def run_once(cli, spec: dict, name: str, command: list, timeout: int) -> tuple[int | None, str]:
+    """Run ``command`` once in a throwaway container like ``spec`` and return (exit code, output).
+
+    Same image, mounts, network mode and hardening as the service container, but no published
+    ports (the running service holds them), no restart policy, and its own ``name``. stdout and
+    stderr are returned together; the container is removed in every case. The exit code is None
+    when the command did not finish within ``timeout`` seconds (it is killed then).
+    """
+    stale = find_container(cli, name)
+    if stale is not None:
+        # Left over from an interrupted run; only ours are removed.
+        _check_ours(stale, "container", name)
+        stale.remove(force=True)
+    kwargs = _create_kwargs(spec, "", engine_nofile_limit(cli, spec["image"]))
+    kwargs.update(name=name, command=list(command), restart_policy={"Name": "no"})
+    kwargs["labels"] = {k: v for k, v in spec["labels"].items() if k != LABEL_HASH}
+    kwargs["labels"][LABEL_ROLE] = "check"
+    kwargs.pop("ports", None)
+    container = None
+    try:
+        container = cli.containers.create(**kwargs)
+        container.start()
+        try:
+            status = container.wait(timeout=timeout).get("StatusCode")
+        except RequestException:
+            # The SDK's wait() gives up with a requests timeout; stop the command before reading its output.
+            container.kill()
+            status = None
+        output = container.logs(stdout=True, stderr=True).decode("utf-8", "replace")
+    except DockerException as exc:
+        raise ContainerError(
+            "cannot run %s in a container of %s: %s" % (" ".join(command), spec["image"], exc)
+        ) from None
+    finally:
+        if container is not None:
+            try:
+                container.remove(force=True)
+            except DockerException:
+                pass
+    return status, output
 
 
 def remove_container(cli, name: str, check_mode: bool) -> bool:

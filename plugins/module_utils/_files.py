@@ -25,6 +25,8 @@ from ansible_collections.gatehouse.access.plugins.module_utils._atomicfile impor
 )
 
 MASK = "********"
+SECRET_TEXT = "<secret, not shown>\n"  # noqa: S105 - shown instead of a secret
+SECRET_CHANGED_TEXT = "<secret, not shown (changed)>\n"  # noqa: S105
 
 
 def sha256(data: bytes) -> str:
@@ -53,15 +55,19 @@ class PlannedFile:
         gid: int | None = None,
         mask: Callable[[str], str] | None = None,
         hidden: bool = False,
+        secret: bool = False,
     ) -> None:
         self.path = path
         self.data = data
         self.mode = mode
         self.uid = uid
         self.gid = gid
-        # mask: rewrites secret values in diffs; hidden: never show the content at all (private keys).
+        # mask: rewrites secret values in diffs; hidden: never show the content at all (private keys);
+        # secret: a file that is one secret value (password, shared secret, key): not even a hash of
+        # it is shown, since a hash of a short password can be guessed offline.
         self.mask = mask
         self.hidden = hidden
+        self.secret = secret
         self.before = read_bytes(path)
         self.before_mode: int | None = None
         self.before_owner: tuple[int, int] | None = None
@@ -91,7 +97,10 @@ class PlannedFile:
         return self.content_changed or self.attributes_changed
 
     def diff(self) -> dict:
-        if self.hidden:
+        if self.secret:
+            before = "" if self.before is None else SECRET_TEXT
+            after = SECRET_CHANGED_TEXT if self.content_changed else SECRET_TEXT
+        elif self.hidden:
             before = "" if self.before is None else "<private key, sha256 %s>\n" % sha256(self.before)
             after = "<private key, sha256 %s>\n" % sha256(self.data)
         else:

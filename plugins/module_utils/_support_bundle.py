@@ -54,6 +54,8 @@ EXPECTED_FILES = (
     "data/cmsg.env",
 )
 KEY_EXTENSIONS = (".key", ".p12", ".pfx", ".jks", ".keystore", ".p8")
+# The broker's secrets/ (directory bind passwords, the RADIUS shared secret): never read either.
+SECRET_EXTENSIONS = (".password", ".secret")
 CERT_EXTENSIONS = (".pem", ".crt", ".cer", ".der", ".csr")
 IMAGE_LABEL = "gatehouse.image"
 
@@ -248,6 +250,9 @@ class Collector:
             self.tls_files.append(
                 {"path": path, "size": st.st_size, "mode": _mode_text(st), "kind": "private key (not copied)"}
             )
+            return
+        if path.lower().endswith(SECRET_EXTENSIONS):
+            self.skipped.append({"path": path, "reason": "a secret file (not read)"})
             return
         limit = self.params["max_file_bytes"]
         try:

@@ -13,6 +13,9 @@ description:
   - Gives a principal (a user, or a group and so all its members) the right to use a resource (a desktop, or a
     pool of desktops), or takes it away, through the broker's admin REST API.
   - The entitled resources are what the user sees in the client's resource list.
+  - In a domain whose users come from a directory (M(gatehouse.access.broker) option
+    O(gatehouse.access.broker#module:directories)), O(principal_type=directory-group) entitles the members of a
+    directory group, found at each login (nested groups with the directory's C(group_mode=ad-nested)).
 author:
   - Gatehouse contributors (@gatehouse)
 extends_documentation_fragment:
@@ -34,12 +37,18 @@ attributes:
     platforms: posix
 options:
   principal_type:
-    description: Whether O(principal) names a user or a group.
+    description:
+      - Whether O(principal) names a user, a group of the broker, or a group of the domain's directory
+        (V(directory-group)).
     type: str
-    choices: [user, group]
+    choices: [user, group, directory-group]
     required: true
   principal:
-    description: Name of the user or group; it must exist when the entitlement is created.
+    description:
+      - Name of the user or group; a user or group must exist when the entitlement is created.
+      - With V(directory-group), the group's name (its CN, like V(vdi-users)) or its full DN (like
+        V(CN=vdi-users,OU=Groups,DC=corp,DC=example,DC=com)); the broker compares both without regard to case.
+        The group is not looked up when the entitlement is created.
     type: str
     required: true
   domain:
@@ -94,6 +103,16 @@ EXAMPLES = r"""
     resource_type: desktop
     resource: desk1
 
+- name: Entitle the members of an Active Directory group (nested groups included) to a pool
+  gatehouse.access.broker_entitlement:
+    broker_url: https://broker.example.com:443
+    admin_token: "{{ vault_broker_admin_token }}"
+    principal_type: directory-group
+    domain: CORP
+    principal: CN=vdi-users,OU=Groups,DC=corp,DC=example,DC=com
+    resource_type: pool
+    resource: engineering
+
 - name: Take the entitlement away again
   gatehouse.access.broker_entitlement:
     broker_url: https://broker.example.com:443
@@ -113,13 +132,13 @@ entitlement:
   sample: {principal_type: group, domain: CORP, principal: staff, resource_type: pool, resource: engineering}
   contains:
     principal_type:
-      description: V(user) or V(group).
+      description: V(user), V(group) or V(directory-group).
       type: str
     domain:
       description: Domain of the principal, in the broker's configured spelling.
       type: str
     principal:
-      description: User or group name, in its stored spelling.
+      description: User or group name (a directory group's CN or DN), in its stored spelling.
       type: str
     resource_type:
       description: V(desktop) or V(pool).

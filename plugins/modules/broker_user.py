@@ -16,6 +16,12 @@ description:
     created).
   - Group memberships are managed here, on the user; M(gatehouse.access.broker_group) manages the groups
     themselves.
+  - In a domain whose users come from a directory (M(gatehouse.access.broker) option
+    O(gatehouse.access.broker#module:directories)) a user has no password - the directory checks it - and the
+    broker creates the user at the first login. Create such a user here to enroll its TOTP secret or to give it
+    entitlements before it logs in; do not set O(password) for it.
+  - O(totp) enrolls the user's TOTP secret (second factor V(totp) of the broker) and returns it once, as an
+    C(otpauth://) URI for the user's authenticator app.
 author:
   - Gatehouse contributors (@gatehouse)
 extends_documentation_fragment:
@@ -33,7 +39,9 @@ attributes:
     support: full
     details:
       - "The diff shows the user before and after. A password is never shown; a password change adds
-        C(password: (changed)) to the C(after) side."
+        C(password: (changed)) to the C(after) side, a new TOTP secret C(totp_secret: (changed))."
+      - In check mode a TOTP enrollment is checked by the broker but no secret is made, so no
+        RV(totp.otpauth_uri) is returned.
   platform:
     platforms: posix
 options:
@@ -83,6 +91,24 @@ options:
     type: str
     choices: [always, on_create]
     default: always
+  totp:
+    description:
+      - "V(enrolled) - the user has a TOTP secret. When it has none (or with O(totp_reset=true)) the broker makes a
+        new one and the module returns it once in RV(totp.otpauth_uri); the broker never shows it again.
+        B(The task must set C(no_log: true)) (the module fails otherwise), register its result and hand the URI to
+        the user, for example as a file of mode V(0600) or a QR code, never in a log."
+      - V(absent) - the user's TOTP secret is removed; the user enrolls again before the next login that asks for
+        a TOTP code.
+      - V(ignore) leaves the enrollment as it is.
+    type: str
+    choices: [enrolled, absent, ignore]
+    default: ignore
+  totp_reset:
+    description:
+      - With O(totp=enrolled), replace an enrolled secret by a new one (a lost or replaced phone). Every run with
+        V(true) makes a new secret and reports a change.
+    type: bool
+    default: false
   state:
     description:
       - V(present) creates or updates the user.
@@ -94,6 +120,8 @@ notes:
   - When the task loops over a list of users, do not put the passwords into the loop items; Ansible returns
     each item with its result. Look the password up by user name instead, for example
     C(password={{ vault_passwords[item.name] }}).
+  - RV(totp.otpauth_uri) is the user's TOTP secret. Ansible's C(no_log) hides it from the output and the logs,
+    while the registered variable keeps it for the next task; do not print it with M(ansible.builtin.debug).
 seealso:
   - module: gatehouse.access.broker_group
   - module: gatehouse.access.broker_entitlement
@@ -135,6 +163,25 @@ EXAMPLES = r"""
     name: dave
     enabled: false
 
+- name: Enroll the TOTP secret of a directory user (second factor totp); keep the URI for her only
+  gatehouse.access.broker_user:
+    broker_url: https://broker.example.com:443
+    admin_token: "{{ vault_broker_admin_token }}"
+    domain: LAB
+    name: erin
+    totp: enrolled
+  register: erin_totp
+  no_log: true
+
+- name: Hand the enrollment URI over as a file only the operator can read
+  ansible.builtin.copy:
+    content: "{{ erin_totp.totp.otpauth_uri }}\n"
+    dest: "{{ lookup('ansible.builtin.env', 'HOME') }}/.gatehouse/totp-lab-erin.uri"
+    mode: "0600"
+  delegate_to: localhost
+  when: erin_totp.totp.otpauth_uri is defined
+  no_log: true
+
 - name: Remove a user
   gatehouse.access.broker_user:
     broker_url: https://broker.example.com:443
@@ -175,6 +222,28 @@ user:
     password_set:
       description: Whether the user has a password (and so can log in when enabled).
       type: bool
+    totp_enrolled:
+      description: Whether the user has a TOTP secret (brokers with enterprise identity).
+      type: bool
+totp:
+  description: The TOTP enrollment, when O(totp) is V(enrolled) or V(absent) and O(state=present).
+  returned: when O(totp) is not V(ignore)
+  type: dict
+  sample: {enrolled: true, changed: true, otpauth_uri: "otpauth://totp/Gatehouse:erin?secret=...&issuer=Gatehouse"}
+  contains:
+    enrolled:
+      description: Whether the user has (in check mode, would have) a TOTP secret.
+      type: bool
+    changed:
+      description: Whether a secret was (or would be) made or removed.
+      type: bool
+    otpauth_uri:
+      description:
+        - "B(Secret.) The new secret as an C(otpauth://totp/) URI for the user's authenticator app (a QR code of
+          it is what the apps scan). Returned only by the run that made the secret, never in check mode; the
+          broker does not show it again. Run the task with C(no_log: true) and never log or print the URI."
+      type: str
+      returned: when a new secret was made
 password_changed:
   description: Whether the password was (or in check mode would be) set; always V(false) for O(state=absent).
   returned: always

@@ -1,4 +1,5 @@
-"""Fixtures for integration tests: a test PKI and a registry of service processes stopped at the end."""
+"""Fixtures for integration tests: a test PKI, a registry of service processes stopped at the end,
+and the test directory and RADIUS server (identity_servers.py), started once per session."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import identity_servers
 from pki import TestPKI
 from services import ServiceProcess
 
@@ -27,3 +29,24 @@ def processes() -> Iterator[list[ServiceProcess]]:
     yield started
     for proc in reversed(started):
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def identity(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[identity_servers.IdentityServers]:
+    """slapd and FreeRADIUS containers, shared by the session (see identity_servers.py)."""
+    with identity_servers.running(pki, tmp_path_factory.mktemp("identity")) as servers:
+        yield servers
+
+
+@pytest.fixture
+def directory(identity: identity_servers.IdentityServers) -> identity_servers.Directory:
+    """The test directory, running (a test that stopped or paused it does not leak that)."""
+    identity.directory.ensure_running()
+    return identity.directory
+
+
+@pytest.fixture
+def radius(identity: identity_servers.IdentityServers) -> identity_servers.Radius:
+    return identity.radius

@@ -292,6 +292,8 @@ def test_admin_crud_idempotence_and_check_mode(broker: Broker) -> None:
         "enabled": True,
         "groups": ["staff"],
         "password_set": True,
+        "source": "local",
+        "totp_enrolled": False,
     }
     again = admin.put("/users/CORP/alice", body)
     assert again["changed"] is False and again["password_changed"] is False

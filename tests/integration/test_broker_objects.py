@@ -175,6 +175,8 @@ def test_user_lifecycle_and_passwords(broker: Broker) -> None:
         "enabled": True,
         "groups": ["u-eng", "u-staff"],
         "password_set": True,
+        "source": "local",
+        "totp_enrolled": False,
     }
     assert login(broker, "alice-u", ALICE_PW) == p.AUTH_OK
 

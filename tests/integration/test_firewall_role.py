@@ -36,7 +36,30 @@ def rules(tmp_path_factory) -> dict[str, dict]:
                 **local,
             },
             "children": {
-                "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.0.10"}}},
+                "brokers": {
+                    "hosts": {
+                        "b1": {
+                            "gatehouse_address": "10.0.0.10",
+                            # Secrets are not needed to work out the connections (no module runs).
+                            "broker_directories": [
+                                {
+                                    "domain": "CORP",
+                                    "servers": ["ldaps://dc1.corp.example", "ldap://dc2.corp.example"],
+                                },
+                                {"domain": "LAB", "servers": ["ldaps://[fd00::389]:3269"]},
+                            ],
+                            "broker_second_factor": {
+                                "method": "radius",
+                                "radius_servers": [
+                                    "10.0.0.5",
+                                    "radius2.corp.example:1645",
+                                    "[fd00::5]:1812",
+                                    "fd00::6",
+                                ],
+                            },
+                        }
+                    }
+                },
                 "cmsg": {
                     "hosts": {
                         "c1": {"gatehouse_address": "10.0.0.21"},
@@ -121,3 +144,22 @@ def test_halb_public_443_peers_and_vrrp_only_from_the_pair(rules) -> None:
     ]
     assert sorted(halb["rich_rules"]) == sorted(expected)
     assert not any("vrrp" in r and "source" not in r for r in halb["rich_rules"])
+
+
+def test_broker_outbound_only_to_its_directories_and_radius_servers(rules) -> None:
+    """Shown, not opened: firewalld zones filter incoming traffic; the answers are established traffic."""
+    broker = rules["b1"]
+    assert broker["outbound"] == [
+        {"destination": "dc1.corp.example", "port": 636, "protocol": "tcp", "purpose": "directory of CORP"},
+        {"destination": "dc2.corp.example", "port": 389, "protocol": "tcp", "purpose": "directory of CORP"},
+        {"destination": "fd00::389", "port": 3269, "protocol": "tcp", "purpose": "directory of LAB"},
+        {"destination": "10.0.0.5", "port": 1812, "protocol": "udp", "purpose": "RADIUS"},
+        {"destination": "radius2.corp.example", "port": 1645, "protocol": "udp", "purpose": "RADIUS"},
+        {"destination": "fd00::5", "port": 1812, "protocol": "udp", "purpose": "RADIUS"},
+        {"destination": "fd00::6", "port": 1812, "protocol": "udp", "purpose": "RADIUS"},
+    ]
+    # Nothing incoming is opened for them, and no other node shows them.
+    assert not any(p.startswith(("389/", "636/", "1812/", "3269/")) for p in broker["public_ports"])
+    assert not any('port="636"' in r or 'port="1812"' in r for r in broker["rich_rules"])
+    for host in ("c1", "c2", "c3", "d1", "h1", "h2"):
+        assert rules[host]["outbound"] == [], host

@@ -44,10 +44,13 @@ def test_older_schema_is_migrated_and_keeps_data(tmp_path: Path) -> None:
     old = Database.open(path, upto=1)
     assert old.schema_version() == 1
     assert old.one("SELECT name FROM sqlite_master WHERE name = 'assignments'") is None
-    old_store = Store(old)
-    old_store.sync_domains(["CORP"])
-    with old.transaction():
-        old_store.put_user("CORP", "bob", {"display_name": "Bob"}, passwords.hash_password(PASSWORD))
+    # Written with version 1's columns: the Store writes the current schema only.
+    with old.transaction() as conn:
+        conn.execute("INSERT INTO domains (name) VALUES ('CORP')")
+        conn.execute(
+            "INSERT INTO users (domain_id, name, display_name, password_hash) VALUES (1, 'bob', 'Bob', ?)",
+            (passwords.hash_password(PASSWORD),),
+        )
     old.close()
 
     db = Database.open(path)

@@ -303,3 +303,23 @@ def test_overlapping_paths_collected_once(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     result = sb.run(params(tmp_path, extra_paths=[str(tmp_path / "cmsg" / "data")]), check_mode=True)
     assert len(result["collected_files"]) == len(set(result["collected_files"])) == 5
+
+
+def test_broker_secret_files_are_not_read(tmp_path: Path) -> None:
+    make_data_dir(tmp_path / "cmsg")
+    (tmp_path / "out").mkdir()
+    secrets_dir = tmp_path / "cmsg" / "secrets"
+    secrets_dir.mkdir()
+    files = {
+        "ldap-CORP.password": "bind-pass-6d1e",
+        "radius.secret": "radius-shared-9f2a",
+        "totp.key": "a2V5",
+    }
+    for name, value in files.items():
+        (secrets_dir / name).write_text(value + "\n")
+    result = sb.run(params(tmp_path), check_mode=False)
+    blob = b"\n".join(read_archive(Path(result["dest"])).values())
+    for value in files.values():
+        assert value.encode() not in blob, value
+    skipped = {Path(s["path"]).name: s["reason"] for s in result["skipped"]}
+    assert skipped["ldap-CORP.password"] == skipped["radius.secret"] == "a secret file (not read)"

@@ -32,6 +32,15 @@ MAX_DEPTH = 16
 MAX_ELEMENTS = 4096
 QUERY_PRODUCT = "QueryBrokerClient"
 AUTH_PASSWORD = "AUTHENTICATE_VIA_PASSWORD"  # noqa: S105 - a method name, not a password
+AUTH_PASSCODE = "AUTHENTICATE_VIA_PASSCODE"  # a second-level code (TOTP, RADIUS), see docs/protocol.md
+# The method attribute of <authenticate> for each method name of hello-resp / authenticate-resp.
+METHOD_PASSWORD = "password"  # noqa: S105 - a method name, not a password
+METHOD_PASSCODE = "passcode"
+METHOD_ATTRIBUTES = {AUTH_PASSWORD: METHOD_PASSWORD, AUTH_PASSCODE: METHOD_PASSCODE}
+AUTH_METHODS = tuple(METHOD_ATTRIBUTES)
+MAX_PASSCODE = 64
+# A passcode is what a token or an authenticator app shows: printable ASCII without spaces.
+_PASSCODE = re.compile(r"^[!-~]*$")
 
 # result-id values of <error-resp>
 E_MALFORMED = "FAILED_MALFORMED_REQUEST"
@@ -48,6 +57,7 @@ E_INTERNAL = "FAILED_INTERNAL_ERROR"
 # result-id values of the message responses
 AUTH_OK = "AUTH_SUCCESSFUL_AND_COMPLETE"
 AUTH_FAILED = "AUTH_FAILED_UNKNOWN_USERNAME_OR_PASSWORD"
+AUTH_INCOMPLETE = "AUTH_SUCCESSFUL_BUT_INCOMPLETE"  # this step passed; next-authentication names the next
 LIST_OK = "LIST_SUCCESSFUL"
 ALLOC_OK = "ALLOC_SUCCESSFUL"
 ALLOC_NOT_ENTITLED = "ALLOC_FAILED_UNAUTHORIZED"
@@ -125,6 +135,10 @@ def _result(parent: ET.Element, result_id: str, result_str: str) -> None:
 
 def _read_result(el: ET.Element) -> tuple[str, str]:
     return required(el, "result/result-id"), text(el, "result/result-str")
+
+
+def _methods(el: ET.Element) -> list[str]:
+    return [m.text.strip() for m in el.findall("next-authentication/authentication-methods/method") if m.text]
 
 
 # ---------------------------------------------------------------- messages
@@ -263,33 +277,52 @@ class HelloResp(Message):
             product_name=text(el, "brokers-info/broker-info/product-name"),
             product_version=text(el, "brokers-info/broker-info/product-version"),
             hostname=text(el, "brokers-info/broker-info/hostname"),
-            methods=[
-                m.text.strip()
-                for m in el.findall("next-authentication/authentication-methods/method")
-                if m.text
-            ],
+            methods=_methods(el),
             domains=[d.text.strip() for d in el.findall("next-authentication/domains/domain") if d.text],
         )
 
 
 @dataclass
 class Authenticate(Message):
+    """One authentication step: ``method="password"`` (username, password, domain) or
+    ``method="passcode"`` (username, passcode, domain). Neither secret appears in a repr."""
+
     tag: ClassVar[str] = "authenticate"
     username: str = ""
     password: str = field(default="", repr=False)
     domain: str = ""
+    method: str = METHOD_PASSWORD
+    passcode: str = field(default="", repr=False)
+
+    @property
+    def method_name(self) -> str:
+        """The method as hello-resp names it (AUTHENTICATE_VIA_PASSWORD or AUTHENTICATE_VIA_PASSCODE)."""
+        return AUTH_PASSCODE if self.method == METHOD_PASSCODE else AUTH_PASSWORD
 
     def to_xml(self) -> ET.Element:
-        el = ET.Element(self.tag, {"method": "password"})
+        el = ET.Element(self.tag, {"method": self.method})
         sub(el, "username", self.username)
-        sub(el, "password", self.password)
+        if self.method == METHOD_PASSCODE:
+            sub(el, "passcode", self.passcode)
+        else:
+            sub(el, "password", self.password)
         sub(el, "domain", self.domain)
         return el
 
     @classmethod
     def from_xml(cls, el: ET.Element) -> Authenticate:
-        if el.get("method", "password") != "password":
-            raise ProtocolError(E_MALFORMED, "only the password authentication method is supported")
+        method = el.get("method", METHOD_PASSWORD)
+        if method == METHOD_PASSCODE:
+            passcode = text(el, "passcode")
+            if len(passcode) > MAX_PASSCODE or not _PASSCODE.match(passcode):
+                raise ProtocolError(
+                    E_MALFORMED, f"<passcode> must be at most {MAX_PASSCODE} printable ASCII characters"
+                )
+            return cls(required(el, "username"), "", text(el, "domain"), METHOD_PASSCODE, passcode)
+        if method != METHOD_PASSWORD:
+            raise ProtocolError(
+                E_MALFORMED, "only the password and passcode authentication methods are supported"
+            )
         node = el.find("password")
         password = node.text if node is not None and node.text else ""
         return cls(required(el, "username"), password, text(el, "domain"))
@@ -297,18 +330,25 @@ class Authenticate(Message):
 
 @dataclass
 class AuthenticateResp(Message):
+    """``AUTH_SUCCESSFUL_BUT_INCOMPLETE`` names the next step's method in ``next_methods``."""
+
     tag: ClassVar[str] = "authenticate-resp"
     result_id: str = AUTH_OK
     result_str: str = ""
+    next_methods: list[str] = field(default_factory=list)
 
     def to_xml(self) -> ET.Element:
         el = ET.Element(self.tag, {"method": "password"})
         _result(el, self.result_id, self.result_str)
+        if self.next_methods:
+            methods = sub(sub(el, "next-authentication"), "authentication-methods")
+            for method in self.next_methods:
+                sub(methods, "method", method)
         return el
 
     @classmethod
     def from_xml(cls, el: ET.Element) -> AuthenticateResp:
-        return cls(*_read_result(el))
+        return cls(*_read_result(el), _methods(el))
 
 
 @dataclass

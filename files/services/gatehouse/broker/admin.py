@@ -6,6 +6,11 @@ certificate from ``ClientCaCert`` with role ``agent`` that names the reported ``
 ``hostname``, and that name must be a registered desktop's address (each desktop reports for
 itself only, with its own credential); anything else is refused with 403 and stores nothing.
 
+``POST /api/v1/users/{domain}/{name}/totp`` gives the user a new TOTP secret (``SecondFactor =
+totp``) and answers its ``otpauth://`` URI once: the broker keeps the secret only encrypted and
+never shows it again; ``DELETE`` on the same path removes it. Entitlements of principal type
+``directory-group`` name a directory group (CN or full DN) of a domain whose source is ldap.
+
 Writes are idempotent: ``PUT`` creates or updates with the fields given (omitted fields keep
 their value, or the default on create) and answers ``changed`` with the object before and after,
 so an Ansible module can report a diff. ``?check_mode=true`` runs the same write in a transaction
@@ -29,10 +34,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gatehouse import protocol, tls
-from gatehouse.broker import passwords
+from gatehouse.broker import factors, passwords
 from gatehouse.broker.metrics import BrokerMetrics
-from gatehouse.broker.settings import BrokerSettings
-from gatehouse.broker.store import Obj, Store
+from gatehouse.broker.settings import FACTOR_TOTP, SOURCE_LDAP, BrokerSettings
+from gatehouse.broker.store import DIRECTORY_GROUP, Obj, Store
 from gatehouse.web import peer_ssl_object
 
 log = logging.getLogger("gatehouse.broker.admin")
@@ -44,6 +49,8 @@ DESKTOP_FIELDS = frozenset(
     | {"logon", "agent_ca_pem", "agent_cert_sha256"}
 )
 MAX_PASSWORD = 1024
+MAX_DIRECTORY_GROUP = 512  # a group's CN or full DN
+PRINCIPAL_TYPES = ("user", "group", DIRECTORY_GROUP)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -210,6 +217,8 @@ class AdminApi:
         r.add_put(f"{PREFIX}/users/{{domain}}/{{name}}", self.put_user)
         r.add_delete(f"{PREFIX}/users/{{domain}}/{{name}}", self.delete_user)
         r.add_post(f"{PREFIX}/users/{{domain}}/{{name}}/check-password", self.check_password)
+        r.add_post(f"{PREFIX}/users/{{domain}}/{{name}}/totp", self.enroll_totp)
+        r.add_delete(f"{PREFIX}/users/{{domain}}/{{name}}/totp", self.delete_totp)
         r.add_get(f"{PREFIX}/groups", self.list_groups)
         r.add_get(f"{PREFIX}/groups/{{domain}}/{{name}}", self.get_group)
         r.add_put(f"{PREFIX}/groups/{{domain}}/{{name}}", self.put_group)
@@ -354,6 +363,14 @@ class AdminApi:
             if missing:
                 raise ApiError(400, f"groups: no such group in {domain}: {', '.join(missing)}", "groups")
         new_hash: str | None = None
+        source = self.settings.source(domain)
+        if "password" in body and source == SOURCE_LDAP:
+            raise ApiError(
+                400,
+                f"password: users of {domain} are checked in its directory (Domain.{domain}.Source = ldap) "
+                "and have no broker password",
+                "password",
+            )
         if "password" in body:
             password = _type(body, "password", str, "a string")
             if not password or len(password) > MAX_PASSWORD:
@@ -367,7 +384,7 @@ class AdminApi:
             request,
             "user",
             lambda: self.store.get_user(domain, name),
-            lambda: self.store.put_user(domain, name, fields, new_hash),
+            lambda: self.store.put_user(domain, name, fields, new_hash, source),
             extra_change=new_hash is not None,
         )
         return _add(response, password_changed=new_hash is not None)
@@ -393,6 +410,48 @@ class AdminApi:
             raise ApiError(404, f"user {domain}\\{name} does not exist")
         match = await self.hasher.verify(password, record.password_hash)
         return web.json_response({"match": match, "password_set": record.password_hash is not None})
+
+    async def enroll_totp(self, request: web.Request) -> web.Response:
+        """A new TOTP secret for the user (replacing any earlier one); its URI is answered once."""
+        domain = self._domain(request, for_write=True)
+        name = request.match_info["name"]
+        _only(await read_json(request, allow_empty=True), set())
+        factor = self.settings.factor
+        if factor.kind != FACTOR_TOTP or not factor.totp_key:
+            raise ApiError(
+                409,
+                f"TOTP enrollment needs SecondFactor = totp and TotpKeyFile (SecondFactor is {factor.kind})",
+                "SecondFactor",
+            )
+        record = self.store.user_record(domain, name)
+        if record is None:
+            raise ApiError(404, f"user {domain}\\{name} does not exist")
+        check = check_mode(request)
+        body: Obj = {"changed": True, "check_mode": check}
+        if not check:
+            secret = factors.new_secret()
+            with self.store.db.transaction():
+                self.store.set_totp(record.id, factors.encrypt_secret(factor.totp_key, record.id, secret))
+            body["otpauth_uri"] = factors.provisioning_uri(
+                secret, f"{record.domain}\\{record.name}", factor.totp_issuer
+            )
+            del secret
+            log.info("TOTP secret enrolled", extra={"object": f"{record.domain}\\{record.name}"})
+        response = web.json_response(body, status=200 if check else 201)
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    async def delete_totp(self, request: web.Request) -> web.Response:
+        domain, name = self._domain(request), request.match_info["name"]
+        record = self.store.user_record(domain, name)
+        enrolled = record is not None and self.store.totp(record.id) is not None
+        check = check_mode(request)
+        if enrolled and record is not None:
+            with self.store.db.transaction(rollback=check):
+                self.store.delete_totp(record.id)
+            if not check:
+                log.info("TOTP secret removed", extra={"object": f"{record.domain}\\{record.name}"})
+        return web.json_response({"changed": enrolled, "check_mode": check})
 
     # ------------------------------------------------------------ groups
 
@@ -529,13 +588,25 @@ class AdminApi:
     def _ent_key(self, request: web.Request, *, for_write: bool) -> tuple[str, str, str, str, str]:
         info = request.match_info
         ptype, rtype = info["ptype"], info["rtype"]
-        if ptype not in ("user", "group"):
-            raise ApiError(400, "principal_type: must be 'user' or 'group'", "principal_type")
+        if ptype not in PRINCIPAL_TYPES:
+            raise ApiError(
+                400, "principal_type: must be 'user', 'group' or 'directory-group'", "principal_type"
+            )
         if rtype not in ("desktop", "pool"):
             raise ApiError(400, "resource_type: must be 'desktop' or 'pool'", "resource_type")
         domain = self._domain(request)
         key = (ptype, domain, info["principal"], rtype, info["resource"])
-        if for_write:
+        if for_write and ptype == DIRECTORY_GROUP:
+            domain = self._domain(request, for_write=True)
+            key = (ptype, domain, _directory_group(info["principal"]), rtype, info["resource"])
+            if self.settings.source(domain) != SOURCE_LDAP:
+                raise ApiError(
+                    400,
+                    f"principal_type: directory-group entitlements need a domain whose source is ldap "
+                    f"(Domain.{domain}.Source is {self.settings.source(domain)})",
+                    "principal_type",
+                )
+        elif for_write:
             principal = (
                 self.store.get_user(domain, key[2])
                 if ptype == "user"
@@ -543,6 +614,7 @@ class AdminApi:
             )
             if principal is None:
                 raise ApiError(404, f"{ptype} {domain}\\{key[2]} does not exist")
+        if for_write:
             resource = self.store.get_desktop(key[4]) if rtype == "desktop" else self.store.get_pool(key[4])
             if resource is None:
                 raise ApiError(404, f"{rtype} {key[4]} does not exist")
@@ -668,6 +740,23 @@ class AdminApi:
             extra={k: report[k] for k in ("address", "agent_port", "active_sessions", "capacity")},
         )
         return web.Response(status=204)
+
+
+def _directory_group(value: str) -> str:
+    """A directory group's CN or DN as an entitlement names it (compared case-insensitively)."""
+    if (
+        not value
+        or len(value) > MAX_DIRECTORY_GROUP
+        or value != value.strip()
+        or any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
+    ):
+        raise ApiError(
+            400,
+            f"principal: a group name or DN of 1-{MAX_DIRECTORY_GROUP} characters without control "
+            "characters or outer spaces",
+            "principal",
+        )
+    return value
 
 
 def _label(obj: Obj | None) -> str:

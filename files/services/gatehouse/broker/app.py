@@ -78,6 +78,7 @@ def build_app(settings: BrokerSettings, db: Database) -> web.Application:
 
     async def close_hasher(_app: web.Application) -> None:
         hasher.close()
+        endpoint.close()
 
     app.on_cleanup.append(close_hasher)
     return app

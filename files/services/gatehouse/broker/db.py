@@ -119,6 +119,25 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE desktops ADD COLUMN agent_ca_pem TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE desktops ADD COLUMN agent_cert_sha256 TEXT NOT NULL DEFAULT ''",
     ],
+    # 5: enterprise identity: where a user is checked, TOTP secrets (encrypted, with the last
+    # accepted time step so a code works once), entitlements of directory groups by CN or DN
+    [
+        "ALTER TABLE users ADD COLUMN source TEXT NOT NULL DEFAULT 'local' CHECK (source IN ('local', 'ldap'))",
+        """CREATE TABLE totp (
+            user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+            secret BLOB NOT NULL,
+            last_step INTEGER NOT NULL DEFAULT 0,
+            enrolled_at REAL NOT NULL)""",
+        """CREATE TABLE directory_entitlements (
+            id INTEGER PRIMARY KEY,
+            domain_id INTEGER NOT NULL REFERENCES domains(id) ON DELETE RESTRICT,
+            principal TEXT NOT NULL COLLATE NOCASE,
+            desktop_id INTEGER REFERENCES desktops(id) ON DELETE CASCADE,
+            pool_id INTEGER REFERENCES pools(id) ON DELETE CASCADE,
+            CHECK ((desktop_id IS NULL) <> (pool_id IS NULL)))""",
+        """CREATE UNIQUE INDEX directory_entitlements_unique ON directory_entitlements (
+            domain_id, principal, COALESCE(desktop_id, 0), COALESCE(pool_id, 0))""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -48,7 +48,7 @@ class BrokerMetrics:
             "Requests refused because the peer certificate lacks the role the endpoint needs",
             "endpoint",
         )
-        for result in ("success", "failure", "throttled", "busy"):
+        for result in ("success", "failure", "throttled", "busy", "incomplete", "unavailable"):
             self.auth.labels(result)
         for reason in REASONS:
             self.login_throttled.labels(reason)

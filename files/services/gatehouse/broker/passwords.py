@@ -19,15 +19,12 @@ the event loop's default executor or grow a queue past what the workers finish i
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import secrets
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+
+from gatehouse.broker.workers import BoundedPool, Busy
 
 SCHEME = "scrypt"
 N = 2**15
@@ -40,7 +37,6 @@ SALT_LEN = 16
 _MAX_N = 2**20
 _MAX_R = 32
 _MAX_P = 16
-T = TypeVar("T")
 
 
 def _b64(data: bytes) -> str:
@@ -105,49 +101,18 @@ def dummy_hash() -> str:
     return f"{SCHEME}${N}${R}${P}${_b64(secrets.token_bytes(SALT_LEN))}${_b64(secrets.token_bytes(KEY_LEN))}"
 
 
-class HasherBusy(Exception):
-    """Every worker is busy and the queue is full: answer 'busy' now instead of waiting."""
+class HasherBusy(Busy):
+    """Every scrypt worker is busy and the queue is full: answer 'busy' now instead of waiting."""
 
 
-class Hasher:
-    """A bounded pool for scrypt: ``workers`` threads, at most ``queue`` jobs waiting for one.
-
-    Invariant: jobs running plus waiting never exceed ``workers + queue``; a job over that raises
-    :class:`HasherBusy` before anything is computed.
-    """
+class Hasher(BoundedPool):
+    """scrypt on ``workers`` threads, at most ``queue`` jobs waiting (see :class:`BoundedPool`)."""
 
     def __init__(self, workers: int, queue: int) -> None:
-        self.limit = workers + queue
-        self._pending = 0
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scrypt")
-        self.busy_refusals = 0
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        with self._lock:
-            if self._pending >= self.limit:
-                self.busy_refusals += 1
-                raise HasherBusy(f"password hashing busy ({self.limit} jobs running or waiting)")
-            self._pending += 1
-        # Count down when the job ends, not when the caller stops waiting: a cancelled request
-        # leaves its job running on a worker.
-        future = self._pool.submit(fn, *args)
-        future.add_done_callback(self._done)
-        return await asyncio.wrap_future(future)
-
-    def _done(self, _future: object) -> None:
-        with self._lock:
-            self._pending -= 1
+        super().__init__(workers, queue, "scrypt", HasherBusy)
 
     async def verify(self, password: str, stored: str | None) -> bool:
-        return await self._run(verify_password, password, stored)
+        return await self.run(verify_password, password, stored)
 
     async def hash(self, password: str) -> str:
-        return await self._run(hash_password, password)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        return await self.run(hash_password, password)

@@ -8,6 +8,7 @@ must run inside ``db.transaction()``. Names compare case-insensitively (``COLLAT
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from gatehouse.broker.db import Database
 from gatehouse.broker.placement import Member
 
 Obj = dict[str, Any]
+DIRECTORY_GROUP = "directory-group"  # principal type of an entitlement naming a directory group
 
 
 @dataclass
@@ -24,6 +26,7 @@ class UserRecord:
     name: str
     enabled: bool
     password_hash: str | None
+    source: str = "local"
 
 
 @dataclass
@@ -63,13 +66,15 @@ class Store:
 
     def user_record(self, domain: str, name: str) -> UserRecord | None:
         row = self.db.one(
-            "SELECT u.id, d.name AS domain, u.name, u.enabled, u.password_hash FROM users u "
+            "SELECT u.id, d.name AS domain, u.name, u.enabled, u.password_hash, u.source FROM users u "
             "JOIN domains d ON d.id = u.domain_id WHERE d.name = ? AND u.name = ?",
             (domain, name),
         )
         if not row:
             return None
-        return UserRecord(row["id"], row["domain"], row["name"], bool(row["enabled"]), row["password_hash"])
+        return UserRecord(
+            row["id"], row["domain"], row["name"], bool(row["enabled"]), row["password_hash"], row["source"]
+        )
 
     def _user_obj(self, row: Any) -> Obj:
         groups = [
@@ -87,10 +92,13 @@ class Store:
             "enabled": bool(row["enabled"]),
             "groups": groups,
             "password_set": row["password_hash"] is not None,
+            "source": row["source"],
+            "totp_enrolled": bool(row["totp_enrolled"]),
         }
 
     _USER_SELECT = (
-        "SELECT u.id, d.name AS domain, u.name, u.display_name, u.enabled, u.password_hash "
+        "SELECT u.id, d.name AS domain, u.name, u.display_name, u.enabled, u.password_hash, u.source, "
+        "EXISTS (SELECT 1 FROM totp t WHERE t.user_id = u.id) AS totp_enrolled "
         "FROM users u JOIN domains d ON d.id = u.domain_id "
     )
 
@@ -107,20 +115,27 @@ class Store:
             rows = self.db.query(self._USER_SELECT + "ORDER BY d.name COLLATE NOCASE, u.name COLLATE NOCASE")
         return [self._user_obj(r) for r in rows]
 
-    def put_user(self, domain: str, name: str, fields: Obj, password_hash: str | None) -> None:
-        """Create or update; ``fields`` holds only the keys to set, ``groups`` replaces membership."""
+    def put_user(
+        self, domain: str, name: str, fields: Obj, password_hash: str | None, source: str = "local"
+    ) -> None:
+        """Create or update; ``fields`` holds only the keys to set, ``groups`` replaces membership.
+
+        ``source`` is the domain's (local or ldap), recorded when the user is created.
+        """
         domain_id = self.domain_id(domain)
         existing = self.user_record(domain, name)
         conn = self.db.conn
         if existing is None:
             cur = conn.execute(
-                "INSERT INTO users (domain_id, name, display_name, enabled, password_hash) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO users (domain_id, name, display_name, enabled, password_hash, source) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     domain_id,
                     name,
                     fields.get("display_name", ""),
                     int(fields.get("enabled", True)),
                     password_hash,
+                    source,
                 ),
             )
             user_id = int(cur.lastrowid or 0)
@@ -140,6 +155,51 @@ class Store:
                     "SELECT id, ? FROM groups WHERE domain_id = ? AND name = ?",
                     (user_id, domain_id, group),
                 )
+
+    def directory_user(self, domain: str, name: str, display_name: str) -> UserRecord:
+        """The row of a directory user, created at the first login (source ldap, no password).
+
+        An existing row is kept as it is (an administrator may have created it for a TOTP secret
+        or entitlements, or disabled it); only a new row takes the directory's display name.
+        Must run inside ``db.transaction()``.
+        """
+        record = self.user_record(domain, name)
+        if record is None:
+            self.db.conn.execute(
+                "INSERT INTO users (domain_id, name, display_name, enabled, password_hash, source) "
+                "VALUES (?, ?, ?, 1, NULL, 'ldap')",
+                (self.domain_id(domain), name, display_name[:256]),
+            )
+            record = self.user_record(domain, name)
+        assert record is not None
+        return record
+
+    # ------------------------------------------------------------ TOTP secrets (encrypted by factors.py)
+
+    def totp(self, user_id: int) -> tuple[bytes, int] | None:
+        """The user's encrypted TOTP secret and the last time step accepted, or None."""
+        row = self.db.one("SELECT secret, last_step FROM totp WHERE user_id = ?", (user_id,))
+        return (bytes(row["secret"]), int(row["last_step"])) if row else None
+
+    def set_totp(self, user_id: int, secret: bytes) -> None:
+        """Store a new (encrypted) secret; it replaces any earlier one and its used steps."""
+        self.db.conn.execute(
+            "INSERT INTO totp (user_id, secret, last_step, enrolled_at) VALUES (?, ?, 0, ?) "
+            "ON CONFLICT (user_id) DO UPDATE SET secret = excluded.secret, last_step = 0, "
+            "enrolled_at = excluded.enrolled_at",
+            (user_id, secret, time.time()),
+        )
+
+    def delete_totp(self, user_id: int) -> None:
+        self.db.conn.execute("DELETE FROM totp WHERE user_id = ?", (user_id,))
+
+    def accept_totp_step(self, user_id: int, step: int) -> bool:
+        """Record ``step`` as used if it is later than every step used before: one atomic UPDATE,
+        so two requests with the same code cannot both succeed."""
+        cur = self.db.conn.execute(
+            "UPDATE totp SET last_step = ? WHERE user_id = ? AND last_step < ?", (step, user_id, step)
+        )
+        return cur.rowcount == 1
 
     def replace_password_hash(self, user_id: int, old: str, new: str) -> bool:
         """Swap the stored hash only if it is still ``old`` (an admin may have set a new password)."""
@@ -388,6 +448,23 @@ class Store:
             "resource": row["resource"],
         }
 
+    _DIR_ENT_SELECT = """
+        SELECT de.id, 'directory-group' AS principal_type, dm.name AS domain, de.principal,
+               CASE WHEN de.desktop_id IS NOT NULL THEN 'desktop' ELSE 'pool' END AS resource_type,
+               COALESCE(dk.name, p.name) AS resource
+        FROM directory_entitlements de JOIN domains dm ON dm.id = de.domain_id
+        LEFT JOIN desktops dk ON dk.id = de.desktop_id LEFT JOIN pools p ON p.id = de.pool_id
+    """
+
+    def _dir_ent_where(self, key: tuple[str, str, str, str, str]) -> tuple[str, tuple[object, ...]] | None:
+        _ptype, domain, name, resource_type, resource = key
+        domain_id = self.domain_id(domain)
+        rid = self._resource_id(resource_type, resource)
+        if domain_id is None or rid is None:
+            return None
+        rcol = "desktop_id" if resource_type == "desktop" else "pool_id"
+        return f"de.domain_id = ? AND de.principal = ? AND de.{rcol} = ?", (domain_id, name, rid)
+
     def _ent_where(self, key: tuple[str, str, str, str, str]) -> tuple[str, tuple[object, ...]] | None:
         principal_type, domain, name, resource_type, resource = key
         pid = self._principal_id(principal_type, domain, name)
@@ -399,6 +476,10 @@ class Store:
         return f"e.{pcol} = ? AND e.{rcol} = ?", (pid, rid)
 
     def get_entitlement(self, key: tuple[str, str, str, str, str]) -> Obj | None:
+        if key[0] == DIRECTORY_GROUP:
+            dwhere = self._dir_ent_where(key)
+            row = self.db.one(self._DIR_ENT_SELECT + "WHERE " + dwhere[0], dwhere[1]) if dwhere else None
+            return self._ent_obj(row) if row else None
         where = self._ent_where(key)
         if where is None:
             return None
@@ -407,12 +488,20 @@ class Store:
 
     def list_entitlements(self, filters: dict[str, str]) -> list[Obj]:
         rows = [self._ent_obj(r) for r in self.db.query(self._ENT_SELECT)]
+        rows += [self._ent_obj(r) for r in self.db.query(self._DIR_ENT_SELECT)]
         for field_name, wanted in filters.items():
             rows = [r for r in rows if str(r[field_name]).lower() == wanted.lower()]
         return sorted(rows, key=lambda r: tuple(str(v).lower() for v in r.values()))
 
     def put_entitlement(self, key: tuple[str, str, str, str, str]) -> None:
         principal_type, domain, name, resource_type, resource = key
+        if principal_type == DIRECTORY_GROUP:
+            rcol = "desktop_id" if resource_type == "desktop" else "pool_id"
+            self.db.conn.execute(
+                f"INSERT OR IGNORE INTO directory_entitlements (domain_id, principal, {rcol}) VALUES (?, ?, ?)",  # noqa: S608
+                (self.domain_id(domain), name, self._resource_id(resource_type, resource)),
+            )
+            return
         pid = self._principal_id(principal_type, domain, name)
         rid = self._resource_id(resource_type, resource)
         pcol = "user_id" if principal_type == "user" else "group_id"
@@ -423,6 +512,12 @@ class Store:
         )
 
     def delete_entitlement(self, key: tuple[str, str, str, str, str]) -> None:
+        if key[0] == DIRECTORY_GROUP:
+            dwhere = self._dir_ent_where(key)
+            if dwhere is not None:
+                clause = dwhere[0].replace("de.", "")
+                self.db.conn.execute("DELETE FROM directory_entitlements WHERE " + clause, dwhere[1])  # noqa: S608
+            return
         where = self._ent_where(key)
         if where is not None:
             clause = where[0].replace("e.", "")
@@ -430,28 +525,53 @@ class Store:
 
     # ------------------------------------------------------------ what a user may use
 
-    def entitled(self, user_id: int) -> tuple[list[DesktopRecord], list[Obj]]:
-        """Desktops and pools the user is entitled to, directly or through a group."""
+    def directory_entitlement_ids(self, domain: str, groups: Collection[str]) -> tuple[set[int], set[int]]:
+        """Desktop and pool ids entitled to any of ``groups`` (CNs and DNs) of ``domain``.
+
+        Matched case-insensitively. The domain's directory entitlements are few (one per group
+        and resource an administrator named), so they are read and matched here rather than
+        sending a user's possibly many groups as query parameters.
+        """
+        wanted = {g.lower() for g in groups}
+        desktops: set[int] = set()
+        pools: set[int] = set()
+        if not wanted:
+            return desktops, pools
+        rows = self.db.query(
+            "SELECT de.principal, de.desktop_id, de.pool_id FROM directory_entitlements de "
+            "JOIN domains dm ON dm.id = de.domain_id WHERE dm.name = ?",
+            (domain,),
+        )
+        for row in rows:
+            if row["principal"].lower() in wanted:
+                if row["desktop_id"] is not None:
+                    desktops.add(int(row["desktop_id"]))
+                else:
+                    pools.add(int(row["pool_id"]))
+        return desktops, pools
+
+    def entitled(
+        self, user_id: int, domain: str = "", directory_groups: Collection[str] = ()
+    ) -> tuple[list[DesktopRecord], list[Obj]]:
+        """Desktops and pools the user is entitled to, directly, through a broker group, or (a
+        directory user of ``domain``) through a directory-group entitlement naming one of
+        ``directory_groups`` by CN or DN."""
         groups = self.user_group_ids(user_id)
+        dir_desktops, dir_pools = self.directory_entitlement_ids(domain, directory_groups)
         marks = ",".join("?" * len(groups)) or "NULL"
-        params = (user_id, *groups)
         cond = f"(e.user_id = ? OR e.group_id IN ({marks}))"
-        desktops = [
-            self._desktop_record(r)
-            for r in self.db.query(
-                f"SELECT DISTINCT d.* FROM entitlements e JOIN desktops d ON d.id = e.desktop_id "  # noqa: S608
-                f"WHERE {cond} ORDER BY d.name COLLATE NOCASE",
-                params,
+
+        def query(table: str, column: str, extra: set[int]) -> list[Any]:
+            # Entitled directly or through a broker group, or one of the directory-group ids.
+            also = ",".join("?" * len(extra)) or "NULL"
+            return self.db.query(
+                f"SELECT r.* FROM {table} r WHERE r.id IN (SELECT e.{column} FROM entitlements e "  # noqa: S608
+                f"WHERE {cond}) OR r.id IN ({also}) ORDER BY r.name COLLATE NOCASE",
+                (user_id, *groups, *sorted(extra)),
             )
-        ]
-        pools = [
-            dict(r)
-            for r in self.db.query(
-                f"SELECT DISTINCT p.* FROM entitlements e JOIN pools p ON p.id = e.pool_id "  # noqa: S608
-                f"WHERE {cond} ORDER BY p.name COLLATE NOCASE",
-                params,
-            )
-        ]
+
+        desktops = [self._desktop_record(r) for r in query("desktops", "desktop_id", dir_desktops)]
+        pools = [dict(r) for r in query("pools", "pool_id", dir_pools)]
         return desktops, pools
 
     # ------------------------------------------------------------ load, placement state

@@ -5,6 +5,18 @@ broker sets on ``hello`` (never the session id itself). States: after ``hello`` 
 ``authenticate`` (retries allowed); once authenticated it can ``get-resource-list`` and
 ``allocate-resource``; ``bye`` forgets the session from any state.
 
+Authentication takes one step per method hello-resp lists: the password alone, or with
+``SecondFactor`` the password and a passcode (the passcode first with ``SecondFactorFirst``) for
+the domains of ``SecondFactorDomains``. A step that passes while another is due answers
+``AUTH_SUCCESSFUL_BUT_INCOMPLETE`` naming the next method (a RADIUS Access-Challenge asks for
+another passcode the same way); the last answers ``AUTH_SUCCESSFUL_AND_COMPLETE``. Every step is
+for the same user; a failed step answers like a wrong password, counts in the login throttle like
+one, and starts the steps over. Only the last step's success counts as a login for the throttle
+(an attacker who knows the password cannot reset the failures of guessing the second factor).
+A password step checks the domain's source: local users with scrypt, an ``ldap`` domain's users
+in the directory (:mod:`directory`); a directory or RADIUS server that cannot be reached answers
+the error a client sees when the broker itself cannot be reached.
+
 Callers: with ``ClientTlsVerify`` (the default) only a peer whose certificate, verified against
 ``ClientCaCert``, carries role ``cm``; anyone else gets HTTP 403. Only then is the client address
 the CM passes in ``<pcm-info>`` trusted as the login source for throttling (:mod:`throttle`).
@@ -23,9 +35,9 @@ from aiohttp import web
 
 from gatehouse import protocol as p
 from gatehouse import tls
-from gatehouse.broker import passwords, placement, throttle
+from gatehouse.broker import directory, factors, passwords, placement, throttle
 from gatehouse.broker.metrics import BrokerMetrics
-from gatehouse.broker.settings import BrokerSettings
+from gatehouse.broker.settings import FACTOR_RADIUS, FACTOR_TOTP, SOURCE_LDAP, BrokerSettings
 from gatehouse.broker.store import DesktopRecord, Store, UserRecord
 from gatehouse.logs import SessionLogger
 from gatehouse.web import peer_ssl_object, source_key
@@ -35,6 +47,42 @@ COOKIE = "JSESSIONID"
 PRODUCT = "Gatehouse Connection Broker"
 log = logging.getLogger("gatehouse.broker.protocol")
 REQUESTS = (p.Hello, p.Authenticate, p.GetResourceList, p.AllocateResource, p.Bye)
+# What the CM shows when the broker cannot be reached (UpstreamError.text): a directory or RADIUS
+# outage looks the same to the client, and is in the broker's log.
+BROKER_ERROR_TEXT = "Error occurred while communicating with broker"
+MAX_CHALLENGES = 3  # RADIUS Access-Challenges answered in one login
+PROMPTS = {
+    p.AUTH_PASSWORD: "Enter your password",
+    p.AUTH_PASSCODE: "Enter your passcode",
+}
+TOTP_PROMPT = "Enter the code from your authenticator app"
+
+
+@dataclass
+class AuthProgress:
+    """The steps of one login passed so far. Invariant: every step is for ``account``."""
+
+    account: str  # the throttle's account key: domain and user name as the client sent them
+    done: list[str] = field(default_factory=list)
+    user: UserRecord | None = None
+    groups: frozenset[str] = frozenset()
+    radius_state: bytes = field(default=b"", repr=False)
+    challenges: int = 0
+
+
+@dataclass
+class StepOutcome:
+    """What one step found: OK, FAILED, UNAVAILABLE or CHALLENGE (``message``, ``state``)."""
+
+    kind: str
+    user: UserRecord | None = None
+    groups: frozenset[str] = frozenset()
+    message: str = ""
+    state: bytes = field(default=b"", repr=False)
+    detail: str = ""
+
+
+OK, FAILED, UNAVAILABLE, CHALLENGE = "ok", "failed", "unavailable", "challenge"
 
 
 @dataclass
@@ -48,6 +96,9 @@ class BrokerSession:
     source: str = ""
     source_trusted: bool = False
     user: UserRecord | None = None
+    # The login in progress (multi-step), and the directory groups of the authenticated user.
+    progress: AuthProgress | None = None
+    directory_groups: frozenset[str] = frozenset()
     log: SessionLogger = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +153,30 @@ class BrokerEndpoint:
         self._dummy_hash = passwords.dummy_hash()
         self._last_prune = 0.0
         self.hostname = settings.hostname or socket.gethostname()
+        self.directories = {d: directory.Directory(ds) for d, ds in settings.directories.items()}
+        factor = settings.factor
+        self.totp = factors.Totp(store, factor.totp_key) if factor.kind == FACTOR_TOTP else None
+        self.radius = factors.Radius(factor) if factor.kind == FACTOR_RADIUS else None
+
+    def close(self) -> None:
+        """Stop the directory and RADIUS threads (checks running finish on their own)."""
+        for pool in self.directories.values():
+            pool.close()
+        if self.radius is not None:
+            self.radius.close()
+
+    def methods(self, domain: str | None = None) -> list[str]:
+        """The authentication steps, in order: of ``domain``, or (None) those hello-resp lists.
+
+        hello-resp cannot know the domain: it lists the factor whenever one is configured. An
+        unknown domain gets the full list too, so its answers look like a real domain's.
+        """
+        factor = self.settings.factor
+        if not factor.enabled or (domain is not None and not factor.applies(domain)):
+            return [p.AUTH_PASSWORD]
+        if factor.first:
+            return [p.AUTH_PASSCODE, p.AUTH_PASSWORD]
+        return [p.AUTH_PASSWORD, p.AUTH_PASSCODE]
 
     # ------------------------------------------------------------ HTTP
 
@@ -197,6 +272,7 @@ class BrokerEndpoint:
         reply = p.HelloResp(
             product_name=PRODUCT,
             hostname=self.hostname,
+            methods=self.methods(),
             domains=list(self.settings.domains),
         )
         if hello.is_query:
@@ -240,35 +316,62 @@ class BrokerEndpoint:
         if "\\" in username and not domain_name:
             domain_name, _sep, username = username.partition("\\")
         domain = self._domain(domain_name)
-        extra = {"user": username[:128], "domain": domain_name[:64], "client_ip": session.client_ip}
+        method = auth.method_name
+        extra = {
+            "user": username[:128],
+            "domain": domain_name[:64],
+            "client_ip": session.client_ip,
+            "method": auth.method,
+        }
         failed = p.AuthenticateResp(p.AUTH_FAILED, "unknown username or password")
         account = throttle.account_key(domain or domain_name, username)
+        methods = self.methods(domain)
+        progress = session.progress
+        expected = methods[len(progress.done)] if progress else methods[0]
+        if progress is not None and method != expected and method == methods[0]:
+            progress = session.progress = None  # the client starts the steps over
+            expected = methods[0]
+        if (
+            progress is None
+            and method == p.AUTH_PASSCODE
+            and method not in methods
+            and self.settings.factor.enabled
+        ):
+            # SecondFactorFirst offered the passcode first, but this domain has no second factor:
+            # nothing is checked, the password is asked for.
+            return p.AuthenticateResp(p.AUTH_INCOMPLETE, PROMPTS[p.AUTH_PASSWORD], [p.AUTH_PASSWORD])
         source, per_source = session.source, session.source_trusted
         now = time.monotonic()
         reason = self.throttle.check(account, source, now, per_source=per_source)
         if reason is not None:
-            # The same answer as a wrong password, and no scrypt: nothing to learn, little to spend.
+            # The same answer as a wrong password, and no check: nothing to learn, little to spend.
             # One line per attempt, like "authentication failed"; the lockout itself is a warning.
+            session.progress = None
             self.metrics.auth.labels("throttled").inc()
             self.metrics.login_throttled.labels(reason).inc()
             session.log.info("authentication throttled", extra={**extra, "reason": reason})
             return failed
-        record = self.store.user_record(domain, username) if domain else None
-        stored = record.password_hash if record and record.password_hash else self._dummy_hash
-        # Unknown, disabled and password-less users cost one scrypt like everyone else.
         try:
-            match = await self.hasher.verify(auth.password, stored)
-        except passwords.HasherBusy:
+            if method != expected or (progress is not None and progress.account != account):
+                outcome = StepOutcome(FAILED, detail="not the step or the user this login expects")
+            elif method == p.AUTH_PASSWORD:
+                outcome = await self._password_step(session, domain, username, auth.password, progress)
+            else:
+                outcome = await self._passcode_step(domain, username, auth.passcode, progress)
+        except (passwords.HasherBusy, directory.DirectoryBusy, factors.FactorBusy) as exc:
+            session.progress = None  # every answer but a passed step starts the steps over
             self.throttle.release(account, source)
             self.metrics.auth.labels("busy").inc()
-            self.metrics.password_hash_busy.inc()
-            session.log.warning("authentication refused: password hashing busy", extra=extra)
+            if isinstance(exc, passwords.HasherBusy):
+                self.metrics.password_hash_busy.inc()
+            session.log.warning("authentication refused: busy", extra={**extra, "reason": str(exc)})
             raise p.ProtocolError(p.E_BUSY, "the broker is busy; try again later") from None
         except BaseException:
             self.throttle.release(account, source)
             raise
         now = time.monotonic()
-        if record is None or not record.enabled or not record.password_hash or not match:
+        if outcome.kind == FAILED:
+            session.progress = None
             for scope in self.throttle.failure(account, source, now, per_source=per_source):
                 self.metrics.login_lockouts.labels(scope).inc()
                 session.log.warning(
@@ -276,15 +379,115 @@ class BrokerEndpoint:
                     extra={**extra, "scope": scope, "seconds": self.settings.login.lockout_seconds},
                 )
             self.metrics.auth.labels("failure").inc()
-            session.log.info("authentication failed", extra=extra)
+            session.log.info("authentication failed", extra={**extra, "reason": outcome.detail})
             return failed
+        if outcome.kind == UNAVAILABLE:
+            # Not the user's fault: not counted, and the steps start over.
+            session.progress = None
+            self.throttle.release(account, source)
+            self.metrics.auth.labels("unavailable").inc()
+            session.log.warning(
+                "authentication impossible: the identity source is unavailable",
+                extra={**extra, "reason": outcome.detail},
+            )
+            raise p.ProtocolError(p.E_INTERNAL, BROKER_ERROR_TEXT)
+        progress = progress or AuthProgress(account)
+        session.progress = progress
+        if outcome.kind == CHALLENGE:
+            self.throttle.release(account, source)
+            progress.challenges += 1
+            if progress.challenges > MAX_CHALLENGES:
+                session.progress = None
+                session.log.info("authentication failed", extra={**extra, "reason": "too many challenges"})
+                self.metrics.auth.labels("failure").inc()
+                return failed
+            progress.radius_state = outcome.state
+            self.metrics.auth.labels("incomplete").inc()
+            session.log.info("authentication step challenged", extra=extra)
+            return p.AuthenticateResp(p.AUTH_INCOMPLETE, outcome.message, [p.AUTH_PASSCODE])
+        progress.done.append(method)
+        progress.radius_state = b""
+        if outcome.user is not None:
+            progress.user = outcome.user
+            progress.groups = outcome.groups
+        if len(progress.done) < len(methods):
+            self.throttle.release(account, source)
+            following = methods[len(progress.done)]
+            prompt = TOTP_PROMPT if following == p.AUTH_PASSCODE and self.totp else PROMPTS[following]
+            self.metrics.auth.labels("incomplete").inc()
+            session.log.info("authentication step passed", extra=extra)
+            return p.AuthenticateResp(p.AUTH_INCOMPLETE, outcome.message or prompt, [following])
+        record = progress.user
+        session.progress = None
+        if record is None:  # every method list ends with or holds a password step: unreachable
+            self.throttle.release(account, source)
+            raise p.ProtocolError(p.E_INTERNAL, "internal error")
         self.throttle.success(account, source, now)
         session.user = record
+        session.directory_groups = progress.groups
         self.metrics.auth.labels("success").inc()
         session.log.info("authentication succeeded", extra=extra)
-        if passwords.needs_rehash(record.password_hash):
-            await self._rehash(session, record, auth.password)
         return p.AuthenticateResp(p.AUTH_OK, "authenticated")
+
+    async def _password_step(
+        self,
+        session: BrokerSession,
+        domain: str | None,
+        username: str,
+        password: str,
+        progress: AuthProgress | None,
+    ) -> StepOutcome:
+        """The password step, in the domain's source; the same user as an earlier step."""
+        if domain is not None and self.settings.source(domain) == SOURCE_LDAP:
+            result = await self.directories[domain].authenticate(username, password)
+            if result.failure == directory.UNAVAILABLE:
+                return StepOutcome(UNAVAILABLE, detail=result.detail)
+            if result.user is None:
+                return StepOutcome(FAILED, detail=result.detail)
+            with self.store.db.transaction():
+                record = self.store.directory_user(domain, result.user.name, result.user.display_name)
+            groups = result.user.groups
+        else:
+            found = self.store.user_record(domain, username) if domain else None
+            stored = found.password_hash if found and found.password_hash else self._dummy_hash
+            # Unknown, disabled and password-less users cost one scrypt like everyone else.
+            match = await self.hasher.verify(password, stored)
+            if found is None or not found.password_hash or not match:
+                return StepOutcome(FAILED, detail="unknown user or wrong password")
+            record, groups = found, frozenset()
+            if passwords.needs_rehash(record.password_hash):
+                await self._rehash(session, record, password)
+        if not record.enabled:
+            return StepOutcome(FAILED, detail="account disabled")
+        if progress is not None and progress.user is not None and progress.user.id != record.id:
+            return StepOutcome(FAILED, detail="not the user of the earlier step")
+        return StepOutcome(OK, record, groups)
+
+    async def _passcode_step(
+        self, domain: str | None, username: str, passcode: str, progress: AuthProgress | None
+    ) -> StepOutcome:
+        """The second factor: the user's TOTP code, or a RADIUS passcode (maybe a challenge)."""
+        if self.totp is not None:
+            record = progress.user if progress and progress.user else None
+            if record is None and domain is not None:
+                record = self.store.user_record(domain, username)
+            if record is None or not record.enabled:
+                return StepOutcome(FAILED, detail="unknown or disabled user")
+            result = self.totp.check(record.id, passcode)
+            if not result.ok:
+                return StepOutcome(FAILED, detail=result.detail)
+            return StepOutcome(OK, record, progress.groups if progress else frozenset())
+        if self.radius is None:
+            return StepOutcome(FAILED, detail="no second factor configured")
+        state = progress.radius_state if progress else b""
+        result = await self.radius.check(username, passcode, state)
+        if result.kind == factors.UNAVAILABLE:
+            return StepOutcome(UNAVAILABLE, detail=result.detail)
+        if result.kind == factors.CHALLENGE:
+            return StepOutcome(CHALLENGE, message=result.message, state=result.state)
+        if not result.ok:
+            return StepOutcome(FAILED, detail=result.detail or "RADIUS Access-Reject")
+        return StepOutcome(OK, message="")
 
     async def _rehash(self, session: BrokerSession, record: UserRecord, password: str) -> None:
         """Store the password again with the current parameters (best effort: busy means later)."""
@@ -319,7 +522,7 @@ class BrokerEndpoint:
 
     def _list(self, session: BrokerSession) -> p.Message:
         user = self._current_user(session)
-        desktops, pools = self.store.entitled(user.id)
+        desktops, pools = self.store.entitled(user.id, user.domain, session.directory_groups)
         resources = [
             p.Resource(f"d-{d.id}", d.name, state="ONLINE" if self._desktop_available(d) else "OFFLINE")
             for d in desktops
@@ -338,7 +541,7 @@ class BrokerEndpoint:
     def _allocate(self, session: BrokerSession, alloc: p.AllocateResource) -> p.Message:
         user = self._current_user(session)
         parsed = parse_resource_id(alloc.resource_id)
-        desktops, pools = self.store.entitled(user.id)
+        desktops, pools = self.store.entitled(user.id, user.domain, session.directory_groups)
         entitled = {("d", d.id) for d in desktops} | {("p", pool["id"]) for pool in pools}
         if parsed is None or parsed not in entitled:
             return self._alloc_result(session, alloc, p.ALLOC_NOT_ENTITLED, "not entitled to this resource")

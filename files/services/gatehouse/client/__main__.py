@@ -1,7 +1,12 @@
 """``python -m gatehouse.client --url https://CM[:PORT] --user U --password-env VAR ...``.
 
 The password is read from an environment variable, a file or the terminal, never from the
-command line (which every user of the host can read in ``ps``).
+command line (which every user of the host can read in ``ps``). So is a passcode the broker asks
+for (``--passcode-env``, ``--passcode-file``), or it is computed from a TOTP secret
+(``--totp-secret-file``, RFC 6238, at the moment the step is sent). A RADIUS server that answers
+a passcode with a challenge wants a second passcode: ``--challenge-passcode-env VAR`` (read when
+the challenge comes, so a wrapper may set it from another token); without it, the challenge's
+prompt is reported and the session fails.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import ssl
 import sys
 from pathlib import Path
 
+import pyotp
+
 from gatehouse import tls
-from gatehouse.client.flow import SessionReport, endpoint, run_session
+from gatehouse.client.flow import PasscodeSource, SessionReport, endpoint, run_session
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +39,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     secret.add_argument(
         "--password-file", metavar="FILE", help="read the password from this file (first line)"
+    )
+    code = parser.add_mutually_exclusive_group()
+    code.add_argument(
+        "--passcode-env", metavar="VAR", help="read the passcode from this environment variable"
+    )
+    code.add_argument("--passcode-file", metavar="FILE", help="read the passcode from this file (first line)")
+    code.add_argument(
+        "--totp-secret-file",
+        metavar="FILE",
+        help="compute the passcode from this base32 TOTP secret (first line; 30 s steps, 6 digits)",
+    )
+    parser.add_argument(
+        "--challenge-passcode-env",
+        metavar="VAR",
+        help="answer a RADIUS challenge with the passcode in this environment variable",
     )
     parser.add_argument("--resource", help="resource name or id (default: the first one listed)")
     trust = parser.add_mutually_exclusive_group()
@@ -66,6 +88,41 @@ def read_password(args: argparse.Namespace) -> str:
     if sys.stdin.isatty():
         return getpass.getpass("Password: ")
     raise SystemExit("gatehouse-client: give --password-env VAR or --password-file FILE")
+
+
+def _first_line(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()[0].strip()
+    except (OSError, IndexError) as exc:
+        raise SystemExit(f"gatehouse-client: cannot read the {what} file: {exc}") from None
+
+
+def _env(name: str, what: str) -> PasscodeSource:
+    def read() -> str:
+        value = os.environ.get(name)
+        if value is None:
+            raise SystemExit(f"gatehouse-client: environment variable {name} ({what}) is not set")
+        return value.strip()
+
+    return read
+
+
+def passcode_source(args: argparse.Namespace) -> PasscodeSource | None:
+    """Where a passcode step's code comes from, or None (the broker asks for none)."""
+    if args.passcode_env:
+        return _env(args.passcode_env, "the passcode")
+    if args.passcode_file:
+        value = _first_line(args.passcode_file, "passcode")
+        return lambda: value
+    if args.totp_secret_file:
+        secret = _first_line(args.totp_secret_file, "TOTP secret").replace(" ", "").upper()
+        try:
+            totp = pyotp.TOTP(secret)
+            totp.now()
+        except (ValueError, TypeError):
+            raise SystemExit("gatehouse-client: the TOTP secret file does not hold a base32 secret") from None
+        return totp.now
+    return None
 
 
 def ssl_context(args: argparse.Namespace) -> ssl.SSLContext:
@@ -109,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             prefer_ipv6=args.ipv6,
             step_timeout=args.timeout,
             connect=not args.no_connect,
+            passcode=passcode_source(args),
+            challenge_passcode=_env(args.challenge_passcode_env, "the challenge passcode")
+            if args.challenge_passcode_env
+            else None,
         )
     )
     if args.json:

@@ -2,7 +2,13 @@
 
 hello → authenticate → get-resource-list → allocate-resource → TLS to the target and
 ``CONNECT <connect-tag>`` → TCP echo → UDP echo → bye. Each step is timed and reported; the report
-never holds the password, the session cookie or the connect-tag.
+never holds the password, a passcode, the session cookie or the connect-tag.
+
+Multi-step authentication: the first method is the first one hello-resp lists; each
+``AUTH_SUCCESSFUL_BUT_INCOMPLETE`` names the next. A password step is reported as
+``authenticate``, a passcode step as ``passcode``, and a passcode asked for again right after one
+(a RADIUS Access-Challenge) as ``challenge``, with the server's prompt in the step's detail. The
+passcodes come from callables, read when the step is sent (a TOTP code is computed then).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from gatehouse import protocol as p
 ENVELOPE = "pcoip-client"
 UDP_ATTEMPTS = 3
 UDP_WAIT = 1.0
+MAX_AUTH_STEPS = 6
 T = TypeVar("T")
+PasscodeSource = Callable[[], str]
 
 
 @dataclass
@@ -45,6 +53,8 @@ class SessionReport:
     ok: bool = False
     session_id: str = ""
     resource: str = ""
+    # Every resource the user was offered (names, or ids of unnamed ones), in the broker's order.
+    resources: list[str] = field(default_factory=list)
     target: str = ""
     mode: str = ""
     steps: list[Step] = field(default_factory=list)
@@ -265,8 +275,13 @@ async def run_session(
     step_timeout: float = 30.0,
     connect_to: tuple[str, int] | None = None,
     connect: bool = True,
+    passcode: PasscodeSource | None = None,
+    challenge_passcode: PasscodeSource | None = None,
 ) -> SessionReport:
     """Run the whole session; never raises for a failed step (it is in the report).
+
+    ``passcode`` gives the passcode step's code, ``challenge_passcode`` the answer to a RADIUS
+    challenge; a step the broker asks for without its source fails as NO_PASSCODE.
 
     ``connect=False`` stops after allocate-resource (and says bye): the broker-protocol part only.
 
@@ -283,18 +298,60 @@ async def run_session(
         timeout=step_timeout,
     )
 
-    async def hello() -> tuple[None, str, str]:
+    async def hello() -> tuple[p.HelloResp, str, str]:
         info = p.ClientInfo(hostname=socket.gethostname(), mac_address=_mac_address())
-        _expect(await cm.send(p.Hello(client_info=info)), p.HelloResp, None)
-        return None, "OK", ""
+        reply = _expect(await cm.send(p.Hello(client_info=info)), p.HelloResp, None)
+        return reply, "OK", ""
 
-    async def authenticate() -> tuple[None, str, str]:
-        reply = await cm.send(p.Authenticate(username, password, domain))
-        _expect(reply, p.AuthenticateResp, p.AUTH_OK)
-        return None, p.AUTH_OK, ""
+    async def auth_step(method: str, challenged: bool) -> tuple[p.AuthenticateResp, str, str]:
+        if method == p.AUTH_PASSCODE:
+            source = challenge_passcode if challenged else passcode
+            if source is None:
+                wanted = (
+                    "--challenge-passcode-env"
+                    if challenged
+                    else "--passcode-env, --passcode-file or --totp-secret-file"
+                )
+                raise StepFailed("NO_PASSCODE", f"the broker asks for a passcode: give {wanted}")
+            request = p.Authenticate(username, "", domain, p.METHOD_PASSCODE, source())
+        else:
+            request = p.Authenticate(username, password, domain)
+        reply = _expect(await cm.send(request), p.AuthenticateResp, None)
+        if reply.result_id == p.AUTH_INCOMPLETE:
+            return reply, p.AUTH_INCOMPLETE, reply.result_str
+        if reply.result_id != p.AUTH_OK:
+            raise StepFailed(reply.result_id or "FAILED", reply.result_str)
+        return reply, p.AUTH_OK, ""
+
+    async def authenticate(methods: list[str]) -> bool:
+        """Every step the broker asks for, from the first method of hello-resp; True at the end."""
+        method = next((m for m in methods if m in p.AUTH_METHODS), p.AUTH_PASSWORD)
+        challenged = False
+        for _attempt in range(MAX_AUTH_STEPS):
+            name = "authenticate" if method == p.AUTH_PASSWORD else "challenge" if challenged else "passcode"
+
+            async def action(m: str = method, c: bool = challenged) -> tuple[p.AuthenticateResp, str, str]:
+                return await auth_step(m, c)
+
+            ok, reply = await _step(report, name, action)
+            if not ok or reply is None:
+                return False
+            if reply.result_id == p.AUTH_OK:
+                return True
+            following = next(iter(reply.next_methods), "")
+            if following not in p.AUTH_METHODS:
+                report.steps.append(
+                    Step(name, False, "BAD_ANSWER", 0.0, "no known next authentication method")
+                )
+                return False
+            challenged = following == p.AUTH_PASSCODE and method == p.AUTH_PASSCODE
+            method = following
+        report.steps.append(Step("authenticate", False, "TOO_MANY_STEPS", 0.0, f"more than {MAX_AUTH_STEPS}"))
+        return False
 
     async def resource_list() -> tuple[p.Resource, str, str]:
         reply = _expect(await cm.send(p.GetResourceList()), p.GetResourceListResp, p.LIST_OK)
+        report.resources = [r.name or r.resource_id for r in reply.resources]
         chosen = choose_resource(reply.resources, resource)
         report.resource = chosen.name or chosen.resource_id
         return chosen, p.LIST_OK, f"{len(reply.resources)} resource(s)"
@@ -314,8 +371,8 @@ async def run_session(
 
     said_hello = False
     try:
-        said_hello, _hello_resp = await _step(report, "hello", hello)
-        if not said_hello or not (await _step(report, "authenticate", authenticate))[0]:
+        said_hello, hello_resp = await _step(report, "hello", hello)
+        if not said_hello or hello_resp is None or not await authenticate(hello_resp.methods):
             return report
         ok, found = await _step(report, "get-resource-list", resource_list)
         if not ok or found is None:

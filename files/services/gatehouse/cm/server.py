@@ -438,11 +438,36 @@ class ConnectionManager:
             self.table.check_room()
         except SessionsFull as exc:
             raise Busy.full(exc) from None
-        request = p.Authenticate(message.username, message.password, message.domain)
+        request = p.Authenticate(
+            message.username, message.password, message.domain, message.method, message.passcode
+        )
         reply = await self._upstream().broker(session, request)
         if not isinstance(reply, p.AuthenticateResp):
+            # The broker starts the steps over after an error: a password held from one goes.
+            session.forget_password()
             return Outcome(self._unexpected(session, reply, "authenticate"), session=session)
-        who: dict[str, object] = {"username": message.username[:128], "domain": message.domain[:64]}
+        who: dict[str, object] = {
+            "username": message.username[:128],
+            "domain": message.domain[:64],
+            "method": message.method,
+        }
+        if reply.result_id == p.AUTH_INCOMPLETE:
+            # A step passed, another is due: the session stays unauthenticated. The password is
+            # held once its step passed (the desktop logon needs it after the last step).
+            if message.method == p.METHOD_PASSWORD:
+                session.keep_password(message.password)
+            following = [m for m in reply.next_methods if m in p.AUTH_METHODS][:1]
+            if not following:
+                session.forget_password()
+                exc = UpstreamError(
+                    "broker", "error", "broker answered an incomplete step without a next method"
+                )
+                self._upstream_failed(session, exc)
+                return Outcome(p.ErrorResp(p.E_INTERNAL, exc.text), session=session)
+            prompt = agent_call.printable(reply.result_str, 256)
+            return Outcome(
+                p.AuthenticateResp(p.AUTH_INCOMPLETE, prompt, following), session=session, details=who
+            )
         if reply.result_id == p.AUTH_OK:
             try:
                 # A new cookie at login: a cookie known before authentication is worth nothing after.
@@ -458,15 +483,19 @@ class ConnectionManager:
                 )
             session.username = message.username
             session.domain = message.domain
-            # Held for the desktop's Windows logon: see Upstream.launch for who may receive it.
-            session.keep_password(message.password)
+            # Held for the desktop's Windows logon: see Upstream.launch for who may receive it. A
+            # passcode as the last step keeps the password its earlier step left.
+            if message.method == p.METHOD_PASSWORD:
+                session.keep_password(message.password)
             return Outcome(
                 p.AuthenticateResp(p.AUTH_OK, reply.result_str),
                 session=session,
                 set_cookie=cookie,
                 details=who,
             )
-        # Unknown user and wrong password get one answer, whatever the broker said.
+        # Unknown user and wrong password get one answer, whatever the broker said; the broker
+        # starts the steps over, so a password held from an earlier step goes.
+        session.forget_password()
         failed = Outcome(p.AuthenticateResp(p.AUTH_FAILED, AUTH_FAILED_TEXT), session=session, details=who)
         session.auth_failures += 1
         if session.auth_failures >= self.settings.max_auth_attempts:

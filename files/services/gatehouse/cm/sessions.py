@@ -21,7 +21,9 @@ from gatehouse.web import Network, in_networks
 
 
 class State(enum.Enum):
-    HELLO = "hello"  # hello answered; authenticate (again after a failure) next
+    HELLO = (
+        "hello"  # hello answered; authenticate next (each step of a multi-step login, again after a failure)
+    )
     AUTHENTICATED = "authenticated"
     LISTED = "listed"
     ALLOCATING = "allocating"
@@ -65,8 +67,8 @@ class Session:
     # What the client reported about itself in hello (for the agent's client-name / client-mac).
     client_name: str = ""
     client_mac: str = ""
-    # The user's password for the desktop's Windows logon, from a successful authenticate until the
-    # agent call that uses it (or the session's end): see take_password.
+    # The user's password for the desktop's Windows logon, from a successful password step until the
+    # agent call that uses it (or a failed step, or the session's end): see take_password.
     password: bytearray | None = field(default=None, repr=False)
     # The upstream broker's cookies for this client (the CM speaks for one client per broker session).
     broker_cookies: dict[str, str] = field(default_factory=dict, repr=False)
