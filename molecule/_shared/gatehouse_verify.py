@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -214,6 +215,25 @@ def run_playbook(playbook: str, *extra: str, timeout: int = 1200) -> subprocess.
         timeout=timeout,
         check=False,
     )
+
+
+_RECAP_LINE = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:[a-z]+=\d+\s*)+)$")
+
+
+def play_recap(stdout: str) -> dict[str, dict[str, int]]:
+    """The PLAY RECAP of an ansible-playbook run: its counters (ok, changed, failed, ...) by host."""
+    _head, found, tail = stdout.rpartition("PLAY RECAP")
+    assert found, "no PLAY RECAP in the output: " + stdout[-2000:]
+    recap: dict[str, dict[str, int]] = {}
+    for line in tail.splitlines()[1:]:
+        match = _RECAP_LINE.match(line.strip())
+        if match is None:
+            if recap:
+                break  # the recap is over (the profile_tasks callback may follow)
+            continue
+        counts = dict(item.split("=") for item in match["counts"].split())
+        recap[match["host"]] = {key: int(value) for key, value in counts.items()}
+    return recap
 
 
 # --- hostile-internet hardening ----------------------------------------------------------------

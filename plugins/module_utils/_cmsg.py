@@ -32,6 +32,8 @@ DEFAULT_CIDR_V6 = "fd00:10:101::/64"
 MAX_SG_CONNECTIONS = 5000
 SECRET_KEY = "GATEHOUSE_GRANTSECRET"  # noqa: S105 - the name of the key, not a secret
 BROKER_PATHS = ("", "/pcoip-broker/xml")
+# The management listeners (AdminPort) inside the containers; in bridge mode they are published on
+# the host's 127.0.0.1 at cm_admin_host_port and sg_admin_host_port (by default the same numbers).
 CM_ADMIN_PORT = 9180
 SG_ADMIN_PORT = 9172
 # Names in certs/ of the internal identity and the CA bundles (container paths /certs/<name>).
@@ -65,6 +67,8 @@ ARGUMENT_SPEC: dict = dict(
     https_port={"type": "int", "default": 443},
     http_port={"type": "int", "default": 80},
     pcoip_port={"type": "int", "default": 4172},
+    cm_admin_host_port={"type": "int", "default": CM_ADMIN_PORT},
+    sg_admin_host_port={"type": "int", "default": SG_ADMIN_PORT},
 )
 REQUIRED_IF = [*dep.COMMON_REQUIRED_IF, ("state", "present", ["broker_url"])]
 REQUIRED_TOGETHER = [*dep.COMMON_REQUIRED_TOGETHER, ("identity_cert", "identity_key")]
@@ -171,17 +175,26 @@ def validate(params: dict, used_networks) -> dict:
             "admin_address %r must be an IP address (0.0.0.0 = every address of the container or host)"
             % params["admin_address"]
         )
+    elif params["network_mode"] == "bridge" and admin.is_unspecified and admin.version == 6:
+        # asyncio binds :: with IPV6_V6ONLY: the ports published on 127.0.0.1 and the CM's poll of
+        # the SG arrive over IPv4 and would find nothing.
+        errors.append(
+            "admin_address '::': with network_mode=bridge the management listeners are reached over IPv4 "
+            "(the ports published on the host's 127.0.0.1, the CM's poll of the SG) and a listener on :: "
+            "accepts IPv6 only; keep 0.0.0.0"
+        )
     elif (
         params["network_mode"] == "bridge" and params["enable_security_gateway"] and not admin.is_unspecified
     ):
         # The listeners bind inside the containers: the CM reaches the SG's /health by container
         # name over the Docker network, which a loopback or host address shuts out (or cannot bind).
         errors.append(
-            "admin_address %r: with network_mode=bridge the management listeners are inside the containers and "
-            "never published, and the CM polls the SG's /health over the Docker network; keep 0.0.0.0 (or ::)"
-            % params["admin_address"]
+            "admin_address %r: with network_mode=bridge the management listeners are inside the containers "
+            "(published on the host's 127.0.0.1 at cm_admin_host_port and sg_admin_host_port), and the CM polls "
+            "the SG's /health over the Docker network; keep 0.0.0.0" % params["admin_address"]
         )
     values["sg_health_url"] = security_gateway_health_url(params, admin)
+    values["management_urls"] = management_urls(params, admin)
     if not 1 <= params["max_connections"] <= MAX_SG_CONNECTIONS:
         errors.append(
             "max_connections must be between 1 and %d (a security gateway supports at most %d sessions; deploy "
@@ -190,16 +203,11 @@ def validate(params: dict, used_networks) -> dict:
     for name in ("max_concurrent_establishments", "max_clients"):
         if not 1 <= params[name] <= 1000000:
             errors.append("%s must be between 1 and 1000000, got %d" % (name, params[name]))
-    for name in ("https_port", "pcoip_port"):
+    for name in ("https_port", "pcoip_port", "cm_admin_host_port", "sg_admin_host_port"):
         dep.port_option(params[name], name, errors)
     dep.port_option(params["http_port"], "http_port", errors, allow_zero=True)
     if params["network_mode"] == "bridge":
-        for name in ("https_port", "http_port", "pcoip_port"):
-            if params[name] in (CM_ADMIN_PORT, SG_ADMIN_PORT):
-                errors.append(
-                    "%s %d: with network_mode=bridge the management ports %d and %d are published on the host's "
-                    "127.0.0.1; choose another port" % (name, params[name], CM_ADMIN_PORT, SG_ADMIN_PORT)
-                )
+        published_port_clashes(params, errors)
     networks = {
         "docker_network_cidr": dep.check_private_cidr(
             params["docker_network_cidr"], "docker_network_cidr", errors
@@ -221,6 +229,37 @@ def validate(params: dict, used_networks) -> dict:
     if errors:
         raise dep.ValidationError(errors)
     return values
+
+
+def published_ports(params: dict) -> list[tuple[str, int]]:
+    """The options whose host ports bridge mode publishes, with their values, in option order.
+
+    Every one is a TCP port (pcoip_port is UDP as well); the management ports are bound to the
+    host's 127.0.0.1, which still clashes with the same port on every address.
+    """
+    names = ["https_port"]
+    if params["http_port"]:
+        names.append("http_port")
+    if params["enable_security_gateway"]:
+        names.append("pcoip_port")
+    names.append("cm_admin_host_port")
+    if params["enable_security_gateway"]:
+        names.append("sg_admin_host_port")
+    return [(name, params[name]) for name in names]
+
+
+def published_port_clashes(params: dict, errors: list[str]) -> None:
+    """Two published ports of one deployment cannot share a host port (Docker would fail to bind)."""
+    seen: dict[int, str] = {}
+    for name, port in published_ports(params):
+        if port in seen:
+            errors.append(
+                "%s and %s are both %d: with network_mode=bridge every published host port must differ "
+                "(https_port, http_port, pcoip_port, and cm_admin_host_port, sg_admin_host_port on the host's "
+                "127.0.0.1); choose another port" % (seen[port], name, port)
+            )
+        else:
+            seen[port] = name
 
 
 def bridge_subnets(params: dict) -> list[str]:
@@ -260,16 +299,39 @@ def tls_verify_checks(params: dict, errors: list[str]) -> list[str]:
 
 def security_gateway_health_url(params: dict, admin) -> str:
     """The SG's /health as the CM reaches it: over the Docker network by container name in bridge
-    mode, over the shared network namespace (host or container:<name>) otherwise."""
+    mode (the container's own port, whatever sg_admin_host_port publishes it on), over the shared
+    network namespace (host or container:<name>) otherwise."""
     if not params["enable_security_gateway"]:
         return ""
     if params["network_mode"] == "bridge":
         host = Names(params["name_prefix"]).sg
-    elif admin is None or admin.is_unspecified:
-        host = "127.0.0.1"
     else:
-        host = "[%s]" % admin if admin.version == 6 else str(admin)
+        host = _admin_host(admin)
     return "http://%s:%d/health" % (host, SG_ADMIN_PORT)
+
+
+def _admin_host(admin) -> str:
+    """The address (URL form) of the management listeners in a shared network namespace. A
+    listener on :: accepts IPv6 only (asyncio sets IPV6_V6ONLY), so it is reached at ::1."""
+    if admin is None or (admin.is_unspecified and admin.version == 4):
+        return "127.0.0.1"
+    if admin.is_unspecified:
+        return "[::1]"
+    return "[%s]" % admin if admin.version == 6 else str(admin)
+
+
+def management_urls(params: dict, admin) -> dict:
+    """Base URLs of the CM's and SG's management listeners (``/health``, ``/metrics``): in bridge
+    mode the ports published on the host's 127.0.0.1, otherwise the listeners themselves in the
+    network namespace the services share (the host's, or that of the container:<name>)."""
+    if params["network_mode"] == "bridge":
+        host, cm_port, sg_port = "127.0.0.1", params["cm_admin_host_port"], params["sg_admin_host_port"]
+    else:
+        host, cm_port, sg_port = _admin_host(admin), CM_ADMIN_PORT, SG_ADMIN_PORT
+    return {
+        "cm": "http://%s:%d" % (host, cm_port),
+        "sg": "http://%s:%d" % (host, sg_port) if params["enable_security_gateway"] else None,
+    }
 
 
 # ------------------------------------------------------------------ rendering
@@ -393,13 +455,14 @@ def container_specs(params: dict, names: Names, image_refs: dict, host_label: st
         cm_ports.append({"host": params["http_port"], "container": 8080, "protocol": "tcp"})
     # The management listeners on the host's loopback only: playbooks/upgrade.yml waits for the
     # node to drain on them, and a Prometheus on the host scrapes them; nothing outside reaches them.
-    cm_ports.append(_loopback(CM_ADMIN_PORT))
+    # Their host ports are options so that two deployments (name_prefix, data_dir) fit on one host.
+    cm_ports.append(_loopback(params["cm_admin_host_port"], CM_ADMIN_PORT))
     roles = [("cm", names.cm, cm_ports, "config.properties")]
     if params["enable_security_gateway"]:
         sg_ports = [
             {"host": params["pcoip_port"], "container": 4172, "protocol": "tcp"},
             {"host": params["pcoip_port"], "container": 4172, "protocol": "udp"},
-            _loopback(SG_ADMIN_PORT),
+            _loopback(params["sg_admin_host_port"], SG_ADMIN_PORT),
         ]
         roles.append(("sg", names.sg, sg_ports, "SecurityGateway.conf"))
     for role, name, ports, config in roles:
@@ -426,8 +489,8 @@ def container_specs(params: dict, names: Names, image_refs: dict, host_label: st
     return specs
 
 
-def _loopback(port: int) -> dict:
-    return {"host": port, "container": port, "protocol": "tcp", "host_ip": "127.0.0.1"}
+def _loopback(host_port: int, container_port: int) -> dict:
+    return {"host": host_port, "container": container_port, "protocol": "tcp", "host_ip": "127.0.0.1"}
 
 
 # ------------------------------------------------------------------ driver
@@ -663,6 +726,7 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
             else None
         ),
         "images": refs,
+        "management_urls": values["management_urls"],
         "host_label": host_label,
         "tls": {k: v for k, v in tls_info.items() if k != "stale_ca"},
     }

@@ -96,13 +96,14 @@ options:
     description:
       - Address the plain-HTTP management listeners (C(/health), C(/metrics)) of the connection manager (port 9180)
         and the security gateway (port 9172) bind to (C(AdminAddress)), inside the container's network namespace.
-      - With O(network_mode=bridge) these ports are published on the host's loopback only (C(127.0.0.1:9180) and
-        C(127.0.0.1:9172); C(playbooks/upgrade.yml) waits for a node to drain on them), so O(https_port),
-        O(http_port) and O(pcoip_port) cannot be 9180 or 9172. The connection manager reaches the gateway's
+      - With O(network_mode=bridge) these ports are published on the host's loopback only, at
+        O(cm_admin_host_port) and O(sg_admin_host_port) (by default C(127.0.0.1:9180) and C(127.0.0.1:9172);
+        C(playbooks/upgrade.yml) waits for a node to drain on them). The connection manager reaches the gateway's
         C(/health) over the Docker network (C(SecurityGatewayHealthUrl) = C(http://<prefix>-sg:9172/health)), so
         with the security gateway enabled the address must be V(0.0.0.0) or V(::); any other fails the task.
         With V(host) or V(container:<name>) they are on the host's addresses; the connection manager uses
-        C(http://127.0.0.1:9172/health) (or this address when it is a specific one), and the
+        C(http://127.0.0.1:9172/health) (C(http://[::1]:9172/health) with V(::), which listens on IPv6 only;
+        this address when it is a specific one), and the
         C(gatehouse.access.firewall) role opens them only to the HALB hosts and the management sources.
     type: str
     default: 0.0.0.0
@@ -194,6 +195,29 @@ options:
     description: Host port (tcp and udp) published for the security gateway's 4172 with O(network_mode=bridge).
     type: int
     default: 4172
+  cm_admin_host_port:
+    description:
+      - Port on the host's C(127.0.0.1) published for the connection manager's management listener (C(/health),
+        C(/metrics); port 9180 in the container) with O(network_mode=bridge). Not used with the other network
+        modes, where the listener is on port 9180 of the shared network namespace.
+      - Give two deployments on one host (different O(name_prefix) and O(data_dir)) different values.
+        C(playbooks/upgrade.yml) reads the node's drain state here (role variable C(cmsg_cm_admin_host_port)).
+      - 1 to 65535; in bridge mode it must differ from every other published port (O(https_port), O(http_port),
+        O(pcoip_port), O(sg_admin_host_port)).
+    type: int
+    default: 9180
+  sg_admin_host_port:
+    description:
+      - Port on the host's C(127.0.0.1) published for the security gateway's management listener (C(/health),
+        C(/metrics); port 9172 in the container) with O(network_mode=bridge) and the security gateway enabled.
+        Not used with the other network modes, where the listener is on port 9172 of the shared network
+        namespace.
+      - The connection manager still polls the gateway's own port over the Docker network
+        (C(http://<prefix>-sg:9172/health)); this option only moves the host side.
+      - 1 to 65535; in bridge mode it must differ from every other published port (O(https_port), O(http_port),
+        O(pcoip_port), O(cm_admin_host_port)).
+    type: int
+    default: 9172
 seealso:
   - module: gatehouse.access.certificate
   - module: gatehouse.access.broker
@@ -244,6 +268,22 @@ EXAMPLES = r"""
     agent_ca_cert: /opt/gatehouse/pki/ca.pem
     bundle_path: /root/gatehouse-bundle
 
+- name: A second deployment on the same host (bridge mode), beside the default one
+  gatehouse.access.cmsg:
+    accept_policies: true
+    broker_url: https://broker.example.com:443
+    external_pcoip_ip: [203.0.113.11]
+    self_signed: true
+    agent_ca_cert: /opt/gatehouse/pki/ca.pem
+    name_prefix: staging
+    data_dir: /opt/gatehouse/staging-cmsg
+    docker_network_cidr: 10.102.0.0/24
+    https_port: 8443
+    http_port: 0
+    pcoip_port: 14172
+    cm_admin_host_port: 19180
+    sg_admin_host_port: 19172
+
 - name: Uninstall
   gatehouse.access.cmsg:
     state: absent
@@ -286,6 +326,15 @@ config:
     images:
       description: Image references per role.
       type: dict
+    management_urls:
+      description:
+        - Base URLs of the management listeners (C(/health), C(/metrics)) of the connection manager (C(cm)) and
+          the security gateway (C(sg), null without it). With O(network_mode=bridge) the ports published on the
+          host's C(127.0.0.1) (O(cm_admin_host_port), O(sg_admin_host_port)); otherwise ports 9180 and 9172 at
+          O(admin_address) (C(127.0.0.1) for V(0.0.0.0), C([::1]) for V(::)) in the network namespace the services
+          share (the host's, or that of the C(container:<name>)).
+      type: dict
+      sample: {cm: "http://127.0.0.1:9180", sg: "http://127.0.0.1:9172"}
     network:
       description: Name, subnet and (with O(enable_ipv6)) C(subnet_v6) of the Docker network, or null outside bridge mode.
       type: dict

@@ -272,9 +272,10 @@ async def test_a_dead_gateway_takes_the_cm_out_of_rotation(deployment: Deploymen
 REPO = Path(__file__).resolve().parents[2]
 
 
-def wait_drained(tmp_path: Path, drain_timeout: int) -> Any:
+def wait_drained(tmp_path: Path, drain_timeout: int, **node_vars: Any) -> Any:
     """playbooks/upgrade.yml's drain wait (playbooks/tasks/wait-drained.yml) on this host, whose
-    CM and SG publish their management ports on 127.0.0.1 in bridge mode."""
+    CM and SG publish their management ports on 127.0.0.1 in bridge mode; ``node_vars`` are the
+    node's inventory variables (cmsg_cm_admin_host_port, cmsg_sg_admin_host_port)."""
     playbook = tmp_path / "wait.yml"
     playbook.write_text(
         json.dumps(
@@ -289,6 +290,7 @@ def wait_drained(tmp_path: Path, drain_timeout: int) -> Any:
                         "gatehouse__behind_halb": True,
                         "gatehouse__upgrade_drain_timeout": drain_timeout,
                         "gatehouse__upgrade_grace": 0,
+                        **node_vars,
                     },
                     "tasks": [
                         {
@@ -358,6 +360,89 @@ async def test_the_upgrades_drain_wait_reads_the_published_management_ports(
         "gatehouse_cm_establishments_in_flight 0.0"
         in task_result(idle, "Wait until the node's CM")["content"]
     )
+
+
+def management(port: int, path: str) -> tuple[int, str]:
+    """GET ``path`` from a management listener published on the host's 127.0.0.1:``port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        return resp.status, resp.read().decode("utf-8", "replace")
+
+
+def metric(text: str, name: str) -> float:
+    (value,) = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(value)
+
+
+async def test_a_second_deployment_on_the_same_host_uses_its_own_management_ports(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Two bridge-mode cmsg deployments side by side on one engine: the second (its own prefix,
+    data_dir, network and ports) publishes its management listeners at cm_admin_host_port and
+    sg_admin_host_port, both pairs are healthy on their own loopback ports, a second run changes
+    nothing, and the upgrade's drain wait reads the second node's ports."""
+    cli = deployment.cli
+    prefix = unique_prefix("bridge2")
+    cm_admin, sg_admin = free_port(), free_port()
+    args = dict(
+        deployment.module_args,
+        name_prefix=prefix,
+        data_dir=str(tmp_path / "cmsg2"),
+        docker_network_cidr=free_cidr(cli),
+        https_port=free_port(),
+        http_port=free_port(),
+        pcoip_port=free_port(),
+        cm_admin_host_port=cm_admin,
+        sg_admin_host_port=sg_admin,
+        host_label="bridge2",
+    )
+    try:
+        run = await asyncio.to_thread(run_module, "cmsg", args)
+        assert not run.failed and run.changed, run.result
+        assert run.result["config"]["management_urls"] == {
+            "cm": f"http://127.0.0.1:{cm_admin}",
+            "sg": f"http://127.0.0.1:{sg_admin}",
+        }
+        # The containers keep their own ports; only the host side differs between the two.
+        for prefix_of, ports in (
+            (deployment.prefix, {"cm": 9180, "sg": 9172}),
+            (prefix, {"cm": cm_admin, "sg": sg_admin}),
+        ):
+            for role, container_port in (("cm", 9180), ("sg", 9172)):
+                container = cli.containers.get(f"{prefix_of}-{role}")
+                assert container.status == "running", container.name
+                (binding,) = container.ports[f"{container_port}/tcp"]
+                assert binding == {"HostIp": "127.0.0.1", "HostPort": str(ports[role])}, container.name
+        # Each pair answers on its own loopback ports, and each CM follows its own SG (over its own
+        # network, at <prefix>-sg:9172).
+        for cm_port, sg_port in ((9180, 9172), (cm_admin, sg_admin)):
+            deadline = time.monotonic() + 15
+            while True:
+                _status, text = await asyncio.to_thread(management, cm_port, "/metrics")
+                if metric(text, "gatehouse_cm_security_gateway_up") == 1.0:
+                    break
+                assert time.monotonic() < deadline, f"the CM on {cm_port} does not see its SG"
+                await asyncio.sleep(0.2)
+            assert (await asyncio.to_thread(management, cm_port, "/health"))[0] == 200, cm_port
+            status, text = await asyncio.to_thread(management, sg_port, "/metrics")
+            assert status == 200 and "gatehouse_sg_sessions_active" in text, sg_port
+            assert (await asyncio.to_thread(management, sg_port, "/health"))[0] == 200, sg_port
+        # The public side of both pairs is healthy as well.
+        assert await deployment.cm_health() == 200
+        connector = aiohttp.TCPConnector(ssl=deployment.client_ctx)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            url = f"https://127.0.0.1:{args['https_port']}/health"
+            async with http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                assert resp.status == 200
+        again = await asyncio.to_thread(run_module, "cmsg", args)
+        assert not again.failed and not again.changed, again.result
+        # The upgrade's drain wait on the second node asks its ports, not the first node's.
+        node_vars = {"cmsg_cm_admin_host_port": cm_admin, "cmsg_sg_admin_host_port": sg_admin}
+        idle = await asyncio.to_thread(wait_drained, tmp_path, 20, **node_vars)
+        assert idle.returncode == 0, idle.stdout[-3000:]
+        assert task_result(idle, "Wait until the node's CM")["url"] == f"http://127.0.0.1:{cm_admin}/metrics"
+        assert task_result(idle, "Wait until the node's SG")["url"] == f"http://127.0.0.1:{sg_admin}/metrics"
+    finally:
+        cleanup(cli, prefix)
 
 
 def logged(deployment: Deployment, role: str, key: str, since: float = 0) -> set[str]:

@@ -240,16 +240,15 @@ def test_bridge_mode_keeps_the_admin_listeners_reachable_over_the_docker_network
     }
     for name in ("https_port", "http_port", "pcoip_port"):
         assert any(
-            f"{name} 9172: with network_mode=bridge the management ports" in e
+            f"{name} and sg_admin_host_port are both 9172: with network_mode=bridge every published host port"
+            in e
             for e in errors_of(params(**{name: 9172}))
         ), name
     cmsg.validate(params(network_mode="host", https_port=9172), no_networks)  # host mode: no publishing
     sg = parse_kv(cmsg.security_gateway_conf(p).decode())
     assert sg["AdminAddress"] == "0.0.0.0" and sg["AdminPort"] == str(cmsg.SG_ADMIN_PORT)
-    assert (
-        cmsg.validate(params(admin_address="::"), no_networks)["sg_health_url"]
-        == "http://gatehouse-sg:9172/health"
-    )
+    # :: is IPv6 only (asyncio sets IPV6_V6ONLY): the IPv4 publishing and the CM's poll would miss it.
+    assert any("accepts IPv6 only; keep 0.0.0.0" in e for e in errors_of(params(admin_address="::")))
     # A loopback or host address would leave the CM's /health at 503 (or the listener unbindable).
     for address in ("127.0.0.1", "10.0.0.5"):
         assert any("network_mode=bridge" in e for e in errors_of(params(admin_address=address))), address
@@ -257,6 +256,147 @@ def test_bridge_mode_keeps_the_admin_listeners_reachable_over_the_docker_network
         params(admin_address="127.0.0.1", enable_security_gateway=False, external_pcoip_ip=[]), no_networks
     )
     cmsg.validate(params(admin_address="127.0.0.1", network_mode="host"), no_networks)
+
+
+def admin_bindings(p: dict) -> dict[str, list[dict]]:
+    """The loopback bindings (the management ports) of each container spec of ``p``."""
+    specs = cmsg.container_specs(p, cmsg.Names(p["name_prefix"]), {"cm": "cm:1", "sg": "sg:1"}, "node1")
+    return {s["service"]: [port for port in s["ports"] if port.get("host_ip")] for s in specs}
+
+
+def test_admin_host_ports_default_to_the_container_ports() -> None:
+    """The defaults give the same container spec (and so the same spec hash) as before the options:
+    existing bridge-mode deployments are left alone."""
+    assert cmsg.ARGUMENT_SPEC["cm_admin_host_port"] == {"type": "int", "default": 9180}
+    assert cmsg.ARGUMENT_SPEC["sg_admin_host_port"] == {"type": "int", "default": 9172}
+    p = params()
+    assert admin_bindings(p) == {
+        "cm": [{"host": 9180, "container": 9180, "protocol": "tcp", "host_ip": "127.0.0.1"}],
+        "sg": [{"host": 9172, "container": 9172, "protocol": "tcp", "host_ip": "127.0.0.1"}],
+    }
+    specs = cmsg.container_specs(p, cmsg.Names("gatehouse"), {"cm": "cm:1", "sg": "sg:1"}, "node1")
+    cm_hash = ctr.spec_hash(specs[0], {"image": "sha256:1"})
+    same = cmsg.container_specs(
+        params(cm_admin_host_port=9180, sg_admin_host_port=9172),
+        cmsg.Names("gatehouse"),
+        {"cm": "cm:1", "sg": "sg:1"},
+        "node1",
+    )
+    assert ctr.spec_hash(same[0], {"image": "sha256:1"}) == cm_hash
+    moved = cmsg.container_specs(
+        params(cm_admin_host_port=19180), cmsg.Names("gatehouse"), {"cm": "cm:1", "sg": "sg:1"}, "node1"
+    )
+    assert ctr.spec_hash(moved[0], {"image": "sha256:1"}) != cm_hash
+    assert ctr.spec_hash(moved[1], {"image": "sha256:1"}) == ctr.spec_hash(specs[1], {"image": "sha256:1"})
+
+
+def test_admin_host_ports_move_only_the_host_side() -> None:
+    p = params(name_prefix="second", cm_admin_host_port=19180, sg_admin_host_port=19172)
+    values = cmsg.validate(p, no_networks)
+    assert admin_bindings(p) == {
+        "cm": [{"host": 19180, "container": 9180, "protocol": "tcp", "host_ip": "127.0.0.1"}],
+        "sg": [{"host": 19172, "container": 9172, "protocol": "tcp", "host_ip": "127.0.0.1"}],
+    }
+    # The listeners in the containers and the CM's view of the SG stay on the containers' ports.
+    cm = parse_kv(cmsg.config_properties(p, values).decode())
+    assert cm["AdminPort"] == "9180" and cm["SecurityGatewayHealthUrl"] == "http://second-sg:9172/health"
+    assert parse_kv(cmsg.security_gateway_conf(p).decode())["AdminPort"] == "9172"
+    assert values["management_urls"] == {"cm": "http://127.0.0.1:19180", "sg": "http://127.0.0.1:19172"}
+    names = cmsg.Names("second")
+    specs = cmsg.container_specs(p, names, {"cm": "gatehouse/cm:0.1.0", "sg": "gatehouse/sg:0.1.0"}, "node1")
+    doc = yaml.safe_load(dep.render_compose(specs, None))
+    assert doc["services"]["cm"]["ports"] == ["443:8443/tcp", "80:8080/tcp", "127.0.0.1:19180:9180/tcp"]
+    assert doc["services"]["sg"]["ports"] == ["4172:4172/tcp", "4172:4172/udp", "127.0.0.1:19172:9172/tcp"]
+
+
+@pytest.mark.parametrize("name", ["cm_admin_host_port", "sg_admin_host_port"])
+@pytest.mark.parametrize("value", [0, -1, 65536])
+def test_admin_host_ports_must_be_ports(name: str, value: int) -> None:
+    errors = errors_of(params(**{name: value}))
+    assert f"{name} must be between 1 and 65535, got {value}" in errors, errors
+    # Checked in every network mode, like the other port options.
+    assert f"{name} must be between 1 and 65535, got {value}" in errors_of(
+        params(network_mode="host", **{name: value})
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"cm_admin_host_port": 9172}, "cm_admin_host_port and sg_admin_host_port are both 9172"),
+        ({"sg_admin_host_port": 9180}, "cm_admin_host_port and sg_admin_host_port are both 9180"),
+        ({"cm_admin_host_port": 443}, "https_port and cm_admin_host_port are both 443"),
+        ({"sg_admin_host_port": 80}, "http_port and sg_admin_host_port are both 80"),
+        ({"sg_admin_host_port": 4172}, "pcoip_port and sg_admin_host_port are both 4172"),
+        ({"https_port": 4172}, "https_port and pcoip_port are both 4172"),
+        ({"http_port": 443}, "https_port and http_port are both 443"),
+    ],
+)
+def test_published_host_ports_must_differ_in_bridge_mode(overrides: dict, message: str) -> None:
+    errors = errors_of(params(**overrides))
+    assert len(errors) == 1 and errors[0].startswith(message), errors
+    assert "with network_mode=bridge every published host port must differ" in errors[0]
+    # Nothing is published in the other network modes.
+    cmsg.validate(params(network_mode="host", **overrides), no_networks)
+    cmsg.validate(params(network_mode="container:node1", **overrides), no_networks)
+
+
+def test_unpublished_ports_do_not_clash() -> None:
+    # Without the gateway its ports are not published; http_port 0 publishes nothing.
+    lan = {"enable_security_gateway": False, "external_pcoip_ip": []}
+    cmsg.validate(params(sg_admin_host_port=9180, **lan), no_networks)
+    cmsg.validate(params(pcoip_port=443, **lan), no_networks)
+    p = params(http_port=0, cm_admin_host_port=80)
+    cmsg.validate(p, no_networks)
+    values = cmsg.validate(params(**lan), no_networks)
+    assert values["management_urls"] == {"cm": "http://127.0.0.1:9180", "sg": None}
+    # Three options on one port: each later one is named with the first.
+    errors = errors_of(params(http_port=443, cm_admin_host_port=443))
+    assert [e.split(":")[0] for e in errors] == [
+        "https_port and http_port are both 443",
+        "https_port and cm_admin_host_port are both 443",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "urls"),
+    [
+        ({}, ("http://127.0.0.1:9180", "http://127.0.0.1:9172")),
+        ({"cm_admin_host_port": 29180}, ("http://127.0.0.1:29180", "http://127.0.0.1:9172")),
+        # Outside bridge mode nothing is published: the listeners' own ports, at admin_address.
+        (
+            {"network_mode": "host", "cm_admin_host_port": 29180},
+            ("http://127.0.0.1:9180", "http://127.0.0.1:9172"),
+        ),
+        (
+            {"network_mode": "host", "admin_address": "10.0.0.5"},
+            ("http://10.0.0.5:9180", "http://10.0.0.5:9172"),
+        ),
+        (
+            {"network_mode": "host", "admin_address": "fd00::5"},
+            ("http://[fd00::5]:9180", "http://[fd00::5]:9172"),
+        ),
+        ({"network_mode": "container:node1"}, ("http://127.0.0.1:9180", "http://127.0.0.1:9172")),
+        ({"network_mode": "host", "admin_address": "::"}, ("http://[::1]:9180", "http://[::1]:9172")),
+    ],
+)
+def test_management_urls_per_network_mode(overrides: dict, urls: tuple[str, str]) -> None:
+    values = cmsg.validate(params(**overrides), no_networks)
+    assert values["management_urls"] == {"cm": urls[0], "sg": urls[1]}
+
+
+def test_role_and_upgrade_pass_the_admin_host_ports() -> None:
+    """The cmsg role hands its variables to the module; the upgrade's drain wait reads the same ones."""
+    tasks = yaml.safe_load((REPO / "roles" / "cmsg" / "tasks" / "main.yml").read_text())
+    (module_task,) = [t for t in tasks if "gatehouse.access.cmsg" in t]
+    args = module_task["gatehouse.access.cmsg"]
+    assert args["cm_admin_host_port"] == "{{ cmsg_cm_admin_host_port }}"
+    assert args["sg_admin_host_port"] == "{{ cmsg_sg_admin_host_port }}"
+    # Every module option is a role variable (the shared ones included), and none is left out.
+    assert set(args) == set(cmsg.ARGUMENT_SPEC)
+    wait = (REPO / "playbooks" / "tasks" / "wait-drained.yml").read_text()
+    assert "cmsg_cm_admin_host_port" in wait and "cmsg_sg_admin_host_port" in wait
+    assert ":9180/" not in wait and ":9172/" not in wait
 
 
 @pytest.mark.parametrize(
@@ -267,6 +407,8 @@ def test_bridge_mode_keeps_the_admin_listeners_reachable_over_the_docker_network
         ({"network_mode": "container:node1"}, "http://127.0.0.1:9172/health"),
         ({"network_mode": "host", "admin_address": "10.0.0.5"}, "http://10.0.0.5:9172/health"),
         ({"network_mode": "host", "admin_address": "fd00::5"}, "http://[fd00::5]:9172/health"),
+        # A listener on :: takes IPv6 only (asyncio sets IPV6_V6ONLY): the CM asks ::1.
+        ({"network_mode": "host", "admin_address": "::"}, "http://[::1]:9172/health"),
         ({"enable_security_gateway": False, "external_pcoip_ip": []}, ""),
     ],
 )

@@ -10,6 +10,7 @@ SCENARIO = "lan"
 NETWORK = "gh-mol-lan"
 CM = gv.address(3, 21)
 DESKTOPS = {gv.address(3, 31), gv.address(3, 32)}
+HOSTS = {"gh-lan-broker", "gh-lan-cmsg1", "gh-lan-desk1", "gh-lan-desk2"}
 
 
 def test_services_run_without_gateway(host: Any, groups: list[str]) -> None:
@@ -53,3 +54,26 @@ def test_direct_sessions_reach_the_desktops() -> None:
         gv.assert_session(report)
         targets.add(report["target"].split(":")[0])
     assert targets <= DESKTOPS, targets
+
+
+def test_check_mode_after_converge_predicts_no_change() -> None:
+    """site.yml --check --diff on the converged scenario: every host would change nothing, and no
+    task fails (check mode must not trip over values that only a real run produces)."""
+    run = gv.run_playbook("site.yml", "--check", "--diff")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    recap = gv.play_recap(run.stdout)
+    assert set(recap) == HOSTS, recap
+    for name, counts in recap.items():
+        assert counts["failed"] == 0 and counts["unreachable"] == 0, (name, counts)
+        assert counts["changed"] == 0, (name, counts, changed_tasks(run.stdout))
+
+
+def changed_tasks(stdout: str) -> list[str]:
+    """The "changed: [host]" lines of a run with the task each belongs to, to say what would change."""
+    found, task = [], ""
+    for line in stdout.splitlines():
+        if line.startswith("TASK ["):
+            task = line
+        elif line.startswith("changed: "):
+            found.append(f"{task} {line}")
+    return found
