@@ -48,16 +48,7 @@ if [[ -n $existing && -z ${FORCE_BASE:-} ]]; then
     exit 0
 fi
 
-if ! command -v mmdebstrap >/dev/null; then
-    # A fresh machine: the README's two commands must do all set-up, so install it from Debian.
-    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-        log "installing mmdebstrap from Debian"
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap) </dev/null >&2 ||
-            die "could not install mmdebstrap (apt-get install mmdebstrap)"
-    else
-        die "mmdebstrap is not installed (apt-get install mmdebstrap)"
-    fi
-fi
+ensure_mmdebstrap
 
 workdir=$REPO_ROOT/build/base
 mkdir -p "$workdir"

@@ -26,5 +26,17 @@ GATEHOUSE_TEST_IMAGES=(node identity-test)
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# mmdebstrap, installed from Debian on a fresh machine (the README's two commands do all set-up).
+ensure_mmdebstrap() {
+    command -v mmdebstrap >/dev/null && return 0
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        log "installing mmdebstrap from Debian"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap) </dev/null >&2 ||
+            die "could not install mmdebstrap (apt-get install mmdebstrap)"
+    else
+        die "mmdebstrap is not installed (apt-get install mmdebstrap)"
+    fi
+}
+
 # seconds since the epoch, for the timings the scripts report
 now() { date +%s; }
