@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration")]
+sys.path[:0] = [
+    str(ROOT / "tests"),
+    str(ROOT / "tests" / "integration"),
+    str(ROOT / "tests" / "integration" / "collection"),
+    str(ROOT / "tests" / "integration" / "services"),
+]
 
 from pki import CertFiles, TestPKI  # noqa: E402
 from services import ServiceProcess, free_port  # noqa: E402

@@ -1,6 +1,6 @@
 """HALB failover time: the primary HALB node is killed (SIGKILL, no goodbye), time to service.
 
-Reuses the HALB pair of tests/integration/test_halb.py (two gatehouse/halb containers deployed by
+Reuses the HALB pair of tests/integration/collection/test_halb.py (two gatehouse/halb containers deployed by
 the halb module on a private Docker network, VRRP v3 unicast, priorities 150/100, two HTTPS
 backends). A trial: the primary holds the VIP; ``docker kill`` it; probe the VIP every 20 ms
 (new TLS connection, ``GET /health``, 0.3 s timeout) until a backend answers; the time from the
@@ -48,7 +48,11 @@ def run(bench: Bench) -> list[Figure]:
     try:
         import test_halb
     except Exception as exc:  # pytest.skip.Exception is not an Exception subclass; see below
-        return [not_measured("HALB failover", f"tests/integration/test_halb.py cannot be imported: {exc}")]
+        return [
+            not_measured(
+                "HALB failover", f"tests/integration/collection/test_halb.py cannot be imported: {exc}"
+            )
+        ]
     except BaseException as exc:
         return [not_measured("HALB failover", f"HALB pair unavailable: {exc}")]
     if test_halb._CLIENT is None:

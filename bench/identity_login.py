@@ -2,7 +2,7 @@
 
 One broker with two domains: CORP, whose users are in a real directory (the slapd of
 tests/integration/identity_servers.py, gatehouse/identity-test image, LDAPS verified against the
-test CA, groups from memberOf; configured as tests/integration/test_identity.py configures it),
+test CA, groups from memberOf; configured as tests/integration/services/test_identity.py configures it),
 and LAB, with local users whose scrypt hashes the broker stored when they were created through its
 admin API. One direct-mode CM in front. The throttle's limits are the tests' (no failure is
 expected; successful logins are not counted anyway), everything else is the default (four LDAP

@@ -8,7 +8,7 @@ The archive has one top directory gatehouse-bundle-<version>/ with
   <namespace>-<name>-<version>.tar.gz the collections it depends on (galaxy.yml, transitively),
                    so that on a host without Galaxy
                    ``ansible-galaxy collection install --offline *.tar.gz`` installs it whole
-The layout is what plugins/module_utils/_bundle.py verifies; change both together.
+The layout is what plugins/module_utils/_deploy/bundle.py verifies; change both together.
 
 The dependency tarballs are packed from the collections of the pinned ``ansible`` package in
 the virtualenv (Galaxy may be out of reach where bundles are made). That package leaves out

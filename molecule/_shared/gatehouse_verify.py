@@ -238,7 +238,7 @@ def play_recap(stdout: str) -> dict[str, dict[str, int]]:
 
 # --- hostile-internet hardening ----------------------------------------------------------------
 
-# What every service container runs with (plugins/module_utils/_containers.py SERVICE_HARDENING).
+# What every service container runs with (plugins/module_utils/_docker/containers.py SERVICE_HARDENING).
 HARDENING_CAP_ADD = {
     "cm": [],
     "sg": [],

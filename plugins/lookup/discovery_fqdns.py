@@ -127,7 +127,7 @@ _raw:
 from ansible.errors import AnsibleError  # noqa: E402
 from ansible.plugins.lookup import LookupBase  # noqa: E402
 
-from ansible_collections.gatehouse.access.plugins.module_utils._discovery import (  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._ops.discovery import (  # noqa: E402
     DiscoveryError,
     discovery_attempts,
     resolve,

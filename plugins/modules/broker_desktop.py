@@ -220,7 +220,7 @@ diff:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-from ansible_collections.gatehouse.access.plugins.module_utils._broker_objects import (  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._broker_api.objects import (  # noqa: E402
     DESKTOP_ARGSPEC,
     run_module,
 )

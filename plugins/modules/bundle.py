@@ -154,7 +154,7 @@ files:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
 
-from ansible_collections.gatehouse.access.plugins.module_utils import _bundle  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._deploy import bundle as _bundle  # noqa: E402
 
 
 def main() -> None:

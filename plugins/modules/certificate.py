@@ -345,9 +345,7 @@ errors:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
 
-from ansible_collections.gatehouse.access.plugins.module_utils import (  # noqa: E402
-    _certificate as certificate_utils,
-)
+from ansible_collections.gatehouse.access.plugins.module_utils._crypto import certificate as certificate_utils  # noqa: E402
 
 # Options that only make sense for some states; anything else is refused so mistakes are visible.
 _SUBJECT_OPTIONS = {

@@ -352,8 +352,8 @@ errors:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-from ansible_collections.gatehouse.access.plugins.module_utils import _cmsg  # noqa: E402
-from ansible_collections.gatehouse.access.plugins.module_utils import _deploy as deploy  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._deploy import cmsg as _cmsg  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._deploy import common as deploy  # noqa: E402
 
 
 def main() -> None:

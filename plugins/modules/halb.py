@@ -500,8 +500,10 @@ failover_estimate:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-from ansible_collections.gatehouse.access.plugins.module_utils._containers import CONTAINER_LIMITS_OPTION  # noqa: E402
-from ansible_collections.gatehouse.access.plugins.module_utils._halb_node import run_absent, run_present  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import (  # noqa: E402
+    CONTAINER_LIMITS_OPTION,
+)
+from ansible_collections.gatehouse.access.plugins.module_utils._halb.node import run_absent, run_present  # noqa: E402
 
 TIMEOUTS = dict(
     connect=dict(type="str", default="5s"),

@@ -182,7 +182,7 @@ facts:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-from ansible_collections.gatehouse.access.plugins.module_utils import _preflight as preflight_utils  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._ops import preflight as preflight_utils  # noqa: E402
 
 
 def main() -> None:

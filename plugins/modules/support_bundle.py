@@ -214,9 +214,7 @@ notes:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
-from ansible_collections.gatehouse.access.plugins.module_utils import (  # noqa: E402
-    _support_bundle as bundle_utils,
-)
+from ansible_collections.gatehouse.access.plugins.module_utils._ops import support_bundle as bundle_utils  # noqa: E402
 
 
 def main() -> None:

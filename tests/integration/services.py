@@ -5,7 +5,7 @@ keeps the log lines (for the no-secrets-in-logs checks) and stops with SIGTERM.
 
 `start_broker`, `start_agent`, `start_sg` and `cm_config` + `start_cm` hold each service's test
 configuration as the collection deploys it (role certificates from the test CA, internal callers
-verified); keyword arguments override or add keys. tests/integration/test_session.py and the attack
+verified); keyword arguments override or add keys. tests/integration/services/test_session.py and the attack
 stack tests/security/stack.py build their stacks from them.
 """
 

@@ -1,6 +1,6 @@
 """Client-side helpers for tests that talk to a real security gateway (and agent session endpoint).
 
-Shared by tests/integration/test_sg_agent.py and tests/security/test_sg.py: the CONNECT line over
+Shared by tests/integration/services/test_sg_agent.py and tests/security/test_sg.py: the CONNECT line over
 TLS, the UDP bind, reading answers, scraping the SG's /metrics, waiting for a condition.
 """
 

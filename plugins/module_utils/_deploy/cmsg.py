@@ -1,0 +1,756 @@
+# Copyright (c) Gatehouse contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Logic of the cmsg module: install, configure and uninstall a connection manager + security gateway.
+
+Order of work: validate every option (nothing is touched when anything is wrong), build the
+wanted files and container specs, compare with the host, then (outside check mode) write the
+files atomically and converge the network and the containers.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+import secrets
+
+from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
+    PlannedDir,
+    PlannedFile,
+    mask_env_values,
+    read_bytes,
+    remove_paths,
+    sha256,
+)
+from ansible_collections.gatehouse.access.plugins.module_utils._deploy import common as dep
+from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
+
+DEFAULT_CIDR = "10.101.0.0/24"
+DEFAULT_CIDR_V6 = "fd00:10:101::/64"
+MAX_SG_CONNECTIONS = 5000
+SECRET_KEY = "GATEHOUSE_GRANTSECRET"  # noqa: S105 - the name of the key, not a secret
+BROKER_PATHS = ("", "/pcoip-broker/xml")
+# The management listeners (AdminPort) inside the containers; in bridge mode they are published on
+# the host's 127.0.0.1 at cm_admin_host_port and sg_admin_host_port (by default the same numbers).
+CM_ADMIN_PORT = 9180
+SG_ADMIN_PORT = 9172
+# Names in certs/ of the internal identity and the CA bundles (container paths /certs/<name>).
+IDENTITY_CERT, IDENTITY_KEY = "identity.pem", "identity-key.pem"
+AGENT_CA, BROKER_CA = "agent-ca.pem", "broker-ca.pem"
+
+ARGUMENT_SPEC: dict = dict(
+    dep.COMMON_ARGUMENT_SPEC,
+    accept_policies={"type": "bool", "default": False},
+    broker_url={"type": "str"},
+    broker_ca_cert={"type": "path"},
+    broker_tls_verify={"type": "bool", "default": True},
+    identity_cert={"type": "path"},
+    identity_key={"type": "path", "no_log": True},
+    agent_ca_cert={"type": "path"},
+    agent_tls_verify={"type": "bool", "default": True},
+    admin_address={"type": "str", "default": "0.0.0.0"},
+    external_pcoip_ip={"type": "list", "elements": "str", "default": []},
+    enable_security_gateway={"type": "bool", "default": True},
+    enable_collaboration={"type": "bool", "default": True},
+    enable_ipv6={"type": "bool", "default": False},
+    host_address={"type": "list", "elements": "str", "default": []},
+    license_server_url={"type": "str"},
+    docker_network_cidr={"type": "str", "default": DEFAULT_CIDR},
+    docker_network_cidr_v6={"type": "str", "default": DEFAULT_CIDR_V6},
+    max_connections={"type": "int", "default": MAX_SG_CONNECTIONS},
+    max_concurrent_establishments={"type": "int", "default": 40},
+    max_clients={"type": "int", "default": 400},
+    trusted_proxies={"type": "list", "elements": "str", "default": []},
+    data_dir={"type": "path", "default": "/opt/gatehouse/cmsg"},
+    https_port={"type": "int", "default": 443},
+    http_port={"type": "int", "default": 80},
+    pcoip_port={"type": "int", "default": 4172},
+    cm_admin_host_port={"type": "int", "default": CM_ADMIN_PORT},
+    sg_admin_host_port={"type": "int", "default": SG_ADMIN_PORT},
+)
+REQUIRED_IF = [*dep.COMMON_REQUIRED_IF, ("state", "present", ["broker_url"])]
+REQUIRED_TOGETHER = [*dep.COMMON_REQUIRED_TOGETHER, ("identity_cert", "identity_key")]
+
+
+class Names:
+    def __init__(self, prefix: str) -> None:
+        self.cm = "%s-cm" % prefix
+        self.sg = "%s-sg" % prefix
+        self.network = "%s-cmsg" % prefix
+
+
+# ------------------------------------------------------------------ validation
+
+
+def split_external_ips(values: list[str], errors: list[str]) -> tuple[str | None, str | None]:
+    v4: list[str] = []
+    v6: list[str] = []
+    for value in values:
+        address = dep.parse_ip(value.strip())
+        if address is None:
+            errors.append("external_pcoip_ip %r is not an IP address" % value)
+        elif address.version == 4:
+            v4.append(str(address))
+        else:
+            v6.append(str(address))
+    if len(v4) > 1:
+        errors.append(
+            "external_pcoip_ip holds %d IPv4 addresses (%s); give at most one" % (len(v4), ", ".join(v4))
+        )
+    if len(v6) > 1:
+        errors.append(
+            "external_pcoip_ip holds %d IPv6 addresses (%s); give at most one" % (len(v6), ", ".join(v6))
+        )
+    return (v4[0] if v4 else None), (v6[0] if v6 else None)
+
+
+def split_host_address(values: list[str], errors: list[str]) -> tuple[str | None, str | None]:
+    ips: list[str] = []
+    names: list[str] = []
+    for value in values:
+        value = value.strip()
+        address = dep.parse_ip(value)
+        if address is not None:
+            ips.append(str(address))
+        elif dep.is_fqdn(value):
+            names.append(value.rstrip(".").lower())
+        else:
+            errors.append(
+                "host_address %r is neither an IP address nor a fully qualified domain name" % value
+            )
+    if len(ips) > 1 or len(names) > 1:
+        errors.append("host_address takes at most one IP address and one FQDN, got %s" % ", ".join(values))
+    return (ips[0] if ips else None), (names[0] if names else None)
+
+
+def validate(params: dict, used_networks) -> dict:
+    """Check every option; returns normalised values or raises dep.ValidationError listing all problems.
+
+    ``used_networks`` is called (only in bridge mode) for the (owner, CIDR) pairs in use on the host.
+    """
+    errors: list[str] = []
+    dep.check_common(params, errors)
+    values: dict = {}
+    if params["state"] == "absent":
+        if errors:
+            raise dep.ValidationError(errors)
+        return values
+    if not params["accept_policies"]:
+        errors.append(
+            "accept_policies must be true: installing the connection manager and security gateway requires "
+            "accepting the EULA and privacy policy (the installer's --accept-policies)"
+        )
+    dep.validate_https_url(params["broker_url"], "broker_url", errors, require_port=True, paths=BROKER_PATHS)
+    if params["license_server_url"]:
+        url = params["license_server_url"]
+        if not url.startswith(("http://", "https://")) or not dep.urlsplit(url).hostname:
+            errors.append(
+                "license_server_url %r must look like https://<license-server-address>:<port>/..." % url
+            )
+    v4, v6 = split_external_ips(params["external_pcoip_ip"], errors)
+    if v6 and not params["enable_ipv6"]:
+        errors.append("external_pcoip_ip %s is an IPv6 address; set enable_ipv6=true to use IPv6" % v6)
+    if params["enable_security_gateway"] and not v4 and not (v6 and params["enable_ipv6"]):
+        errors.append(
+            "external_pcoip_ip needs the public IPv4 or (with enable_ipv6) IPv6 address of this security gateway "
+            "(clients connect to it on 4172) when enable_security_gateway is true; or set "
+            "enable_security_gateway=false for LAN-only use"
+        )
+    values["external_ips"] = [ip for ip in (v4, v6) if ip]
+    host_ip, host_fqdn = split_host_address(params["host_address"], errors)
+    values["host_address"] = [a for a in (host_fqdn, host_ip) if a]
+    proxies = []
+    for cidr in params["trusted_proxies"]:
+        try:
+            proxies.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
+        except ValueError:
+            errors.append("trusted_proxies entry %r is not an address or CIDR (like 10.0.0.0/24)" % cidr)
+    values["trusted_proxies"] = proxies
+    values["warnings"] = tls_verify_checks(params, errors)
+    admin = dep.parse_ip(params["admin_address"].strip())
+    if admin is None:
+        errors.append(
+            "admin_address %r must be an IP address (0.0.0.0 = every address of the container or host)"
+            % params["admin_address"]
+        )
+    elif params["network_mode"] == "bridge" and admin.is_unspecified and admin.version == 6:
+        # asyncio binds :: with IPV6_V6ONLY: the ports published on 127.0.0.1 and the CM's poll of
+        # the SG arrive over IPv4 and would find nothing.
+        errors.append(
+            "admin_address '::': with network_mode=bridge the management listeners are reached over IPv4 "
+            "(the ports published on the host's 127.0.0.1, the CM's poll of the SG) and a listener on :: "
+            "accepts IPv6 only; keep 0.0.0.0"
+        )
+    elif (
+        params["network_mode"] == "bridge" and params["enable_security_gateway"] and not admin.is_unspecified
+    ):
+        # The listeners bind inside the containers: the CM reaches the SG's /health by container
+        # name over the Docker network, which a loopback or host address shuts out (or cannot bind).
+        errors.append(
+            "admin_address %r: with network_mode=bridge the management listeners are inside the containers "
+            "(published on the host's 127.0.0.1 at cm_admin_host_port and sg_admin_host_port), and the CM polls "
+            "the SG's /health over the Docker network; keep 0.0.0.0" % params["admin_address"]
+        )
+    values["sg_health_url"] = security_gateway_health_url(params, admin)
+    values["management_urls"] = management_urls(params, admin)
+    if not 1 <= params["max_connections"] <= MAX_SG_CONNECTIONS:
+        errors.append(
+            "max_connections must be between 1 and %d (a security gateway supports at most %d sessions; deploy "
+            "more CM/SG nodes behind a load balancer for more)" % (MAX_SG_CONNECTIONS, MAX_SG_CONNECTIONS)
+        )
+    for name in ("max_concurrent_establishments", "max_clients"):
+        if not 1 <= params[name] <= 1000000:
+            errors.append("%s must be between 1 and 1000000, got %d" % (name, params[name]))
+    for name in ("https_port", "pcoip_port", "cm_admin_host_port", "sg_admin_host_port"):
+        dep.port_option(params[name], name, errors)
+    dep.port_option(params["http_port"], "http_port", errors, allow_zero=True)
+    if params["network_mode"] == "bridge":
+        published_port_clashes(params, errors)
+    networks = {
+        "docker_network_cidr": dep.check_private_cidr(
+            params["docker_network_cidr"], "docker_network_cidr", errors
+        )
+    }
+    if params["enable_ipv6"]:
+        networks["docker_network_cidr_v6"] = dep.check_private_cidr(
+            params["docker_network_cidr_v6"], "docker_network_cidr_v6", errors, version=6
+        )
+    if params["network_mode"] == "bridge" and not errors:
+        used = used_networks()
+        for name, network in networks.items():
+            clashes = dep.overlaps(network, used)
+            if clashes:
+                errors.append(
+                    "%s %s overlaps networks of this host: %s; choose another private range with %s"
+                    % (name, network, ", ".join(clashes), name)
+                )
+    if errors:
+        raise dep.ValidationError(errors)
+    return values
+
+
+def published_ports(params: dict) -> list[tuple[str, int]]:
+    """The options whose host ports bridge mode publishes, with their values, in option order.
+
+    Every one is a TCP port (pcoip_port is UDP as well); the management ports are bound to the
+    host's 127.0.0.1, which still clashes with the same port on every address.
+    """
+    names = ["https_port"]
+    if params["http_port"]:
+        names.append("http_port")
+    if params["enable_security_gateway"]:
+        names.append("pcoip_port")
+    names.append("cm_admin_host_port")
+    if params["enable_security_gateway"]:
+        names.append("sg_admin_host_port")
+    return [(name, params[name]) for name in names]
+
+
+def published_port_clashes(params: dict, errors: list[str]) -> None:
+    """Two published ports of one deployment cannot share a host port (Docker would fail to bind)."""
+    seen: dict[int, str] = {}
+    for name, port in published_ports(params):
+        if port in seen:
+            errors.append(
+                "%s and %s are both %d: with network_mode=bridge every published host port must differ "
+                "(https_port, http_port, pcoip_port, and cm_admin_host_port, sg_admin_host_port on the host's "
+                "127.0.0.1); choose another port" % (seen[port], name, port)
+            )
+        else:
+            seen[port] = name
+
+
+def bridge_subnets(params: dict) -> list[str]:
+    """The subnets of the bridge network: IPv4, and with enable_ipv6 a unique local IPv6 network."""
+    return [params["docker_network_cidr"]] + (
+        [params["docker_network_cidr_v6"]] if params["enable_ipv6"] else []
+    )
+
+
+def listen_address(params: dict) -> str:
+    """Where the SG listens: "::" (dual-stack, TCP and UDP) with enable_ipv6. The CM's config keeps
+    0.0.0.0 and adds an IPv6 listener itself when EnableIpv6 is set."""
+    return "::" if params["enable_ipv6"] else "0.0.0.0"
+
+
+def tls_verify_checks(params: dict, errors: list[str]) -> list[str]:
+    """Verification of the internal hops is on by default; turning it off is allowed but warned about."""
+    warnings = []
+    if params["agent_tls_verify"] and not params["agent_ca_cert"]:
+        errors.append(
+            "agent_ca_cert is required with agent_tls_verify=true: give the CA that issued the agents' "
+            "certificates (the deployment CA), or set agent_tls_verify=false (tests only)"
+        )
+    if not params["agent_tls_verify"]:
+        warnings.append(
+            "agent_tls_verify=false: the CM and SG do not verify the agents' certificates; anyone on the "
+            "path to a desktop can impersonate it, so the CM sends no user password to an agent unless its "
+            "desktop pins the agent certificate (broker_desktop agent_cert_sha256 or agent_ca_pem)"
+        )
+    if not params["broker_tls_verify"]:
+        warnings.append(
+            "broker_tls_verify=false: the CM does not verify the broker's certificate; anyone on the path "
+            "to the broker can impersonate it and read the users' credentials"
+        )
+    return warnings
+
+
+def security_gateway_health_url(params: dict, admin) -> str:
+    """The SG's /health as the CM reaches it: over the Docker network by container name in bridge
+    mode (the container's own port, whatever sg_admin_host_port publishes it on), over the shared
+    network namespace (host or container:<name>) otherwise."""
+    if not params["enable_security_gateway"]:
+        return ""
+    if params["network_mode"] == "bridge":
+        host = Names(params["name_prefix"]).sg
+    else:
+        host = _admin_host(admin)
+    return "http://%s:%d/health" % (host, SG_ADMIN_PORT)
+
+
+def _admin_host(admin) -> str:
+    """The address (URL form) of the management listeners in a shared network namespace. A
+    listener on :: accepts IPv6 only (asyncio sets IPV6_V6ONLY), so it is reached at ::1."""
+    if admin is None or (admin.is_unspecified and admin.version == 4):
+        return "127.0.0.1"
+    if admin.is_unspecified:
+        return "[::1]"
+    return "[%s]" % admin if admin.version == 6 else str(admin)
+
+
+def management_urls(params: dict, admin) -> dict:
+    """Base URLs of the CM's and SG's management listeners (``/health``, ``/metrics``): in bridge
+    mode the ports published on the host's 127.0.0.1, otherwise the listeners themselves in the
+    network namespace the services share (the host's, or that of the container:<name>)."""
+    if params["network_mode"] == "bridge":
+        host, cm_port, sg_port = "127.0.0.1", params["cm_admin_host_port"], params["sg_admin_host_port"]
+    else:
+        host, cm_port, sg_port = _admin_host(admin), CM_ADMIN_PORT, SG_ADMIN_PORT
+    return {
+        "cm": "http://%s:%d" % (host, cm_port),
+        "sg": "http://%s:%d" % (host, sg_port) if params["enable_security_gateway"] else None,
+    }
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _in_certs(option_value, name: str) -> str:
+    return "/certs/" + name if option_value else ""
+
+
+def config_properties(params: dict, values: dict) -> bytes:
+    broker_ca = _in_certs(params["broker_ca_cert"], BROKER_CA)
+    return dep.render_properties(
+        "Connection manager (CM) configuration",
+        [
+            ("ListenAddress", "0.0.0.0"),
+            ("ListenPort", 8443),
+            ("RedirectPort", 8080 if params["http_port"] else 0),
+            ("SslCert", "/certs/cert.pem"),
+            ("SslKey", "/certs/key.pem"),
+            ("BrokerUrl", params["broker_url"]),
+            ("BrokerCaCert", broker_ca),
+            ("BrokerTlsVerify", params["broker_tls_verify"]),
+            ("IdentityCert", _in_certs(params["identity_cert"], IDENTITY_CERT)),
+            ("IdentityKey", _in_certs(params["identity_key"], IDENTITY_KEY)),
+            ("AgentCaCert", _in_certs(params["agent_ca_cert"], AGENT_CA)),
+            ("AgentTlsVerify", params["agent_tls_verify"]),
+            ("SecurityGatewayEnabled", params["enable_security_gateway"]),
+            ("ExternalPcoipIp", values["external_ips"]),
+            ("SecurityGatewayPort", params["pcoip_port"]),
+            ("SecurityGatewayHealthUrl", values["sg_health_url"]),
+            ("MaxConcurrentEstablishments", params["max_concurrent_establishments"]),
+            ("MaxClients", params["max_clients"]),
+            ("BrokerTimeout", 10),
+            ("AgentTimeout", 10),
+            ("SessionIdleTimeout", 900),
+            ("TrustedProxies", values["trusted_proxies"]),
+            ("EnableIpv6", params["enable_ipv6"]),
+            ("EnableCollaboration", params["enable_collaboration"]),
+            ("HostAddress", values["host_address"]),
+            ("LicenseServerUrl", params["license_server_url"] or ""),
+            ("AdminAddress", params["admin_address"].strip()),
+            ("AdminPort", CM_ADMIN_PORT),
+            ("LogLevel", params["log_level"]),
+        ],
+    )
+
+
+def security_gateway_conf(params: dict) -> bytes:
+    return dep.render_properties(
+        "Security gateway (SG) configuration; GrantSecret comes from cmsg.env",
+        [
+            ("ListenAddress", listen_address(params)),
+            ("Port", 4172),
+            ("AgentUdpSourcePort", 55000),
+            ("MaxConnections", params["max_connections"]),
+            ("SslCert", "/certs/cert.pem"),
+            ("SslKey", "/certs/key.pem"),
+            ("AgentCaCert", _in_certs(params["agent_ca_cert"], AGENT_CA)),
+            ("AgentTlsVerify", params["agent_tls_verify"]),
+            ("AdminAddress", params["admin_address"].strip()),
+            ("AdminPort", SG_ADMIN_PORT),
+            ("LogLevel", params["log_level"]),
+        ],
+    )
+
+
+def identity_files(params: dict, certs_dir: str, errors: list[str], warnings: list[str]) -> list[PlannedFile]:
+    """The CM's internal identity (its ``cm`` certificate and key) copied into certs/.
+
+    The pair is checked with the rules of the certificate module (the key must match the certificate).
+    """
+    if not params["identity_cert"]:
+        return []
+    planned, _material = dep.provided_files(
+        params,
+        ("identity_cert", os.path.join(certs_dir, IDENTITY_CERT)),
+        ("identity_key", os.path.join(certs_dir, IDENTITY_KEY)),
+        None,
+        errors,
+        warnings,
+        prefix="identity_cert: ",
+    )
+    return planned
+
+
+def existing_secret(path: str) -> str | None:
+    """The grant secret of an existing cmsg.env when it is a valid 32-byte key; kept across runs."""
+    data = read_bytes(path)
+    if data is None:
+        return None
+    for line in data.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == SECRET_KEY:
+            value = value.strip()
+            try:
+                if len(base64.b64decode(value, validate=True)) == 32:
+                    return value
+            except ValueError:
+                return None
+    return None
+
+
+def cmsg_env(secret: str, log_level: str) -> bytes:
+    return ("%s=%s\nGATEHOUSE_LOGLEVEL=%s\n" % (SECRET_KEY, secret, log_level)).encode("ascii")
+
+
+# ------------------------------------------------------------------ containers
+
+
+def container_specs(params: dict, names: Names, image_refs: dict, host_label: str) -> list[dict]:
+    data_dir = params["data_dir"]
+    mounts = [
+        {"source": os.path.join(data_dir, "data"), "target": "/data", "read_only": True},
+        {"source": os.path.join(data_dir, "certs"), "target": "/certs", "read_only": True},
+    ]
+    mode = params["network_mode"]
+    bridge = mode == "bridge"
+    specs = []
+    cm_ports = [{"host": params["https_port"], "container": 8443, "protocol": "tcp"}]
+    if params["http_port"]:
+        cm_ports.append({"host": params["http_port"], "container": 8080, "protocol": "tcp"})
+    # The management listeners on the host's loopback only: playbooks/upgrade.yml waits for the
+    # node to drain on them, and a Prometheus on the host scrapes them; nothing outside reaches them.
+    # Their host ports are options so that two deployments (name_prefix, data_dir) fit on one host.
+    cm_ports.append(_loopback(params["cm_admin_host_port"], CM_ADMIN_PORT))
+    roles = [("cm", names.cm, cm_ports, "config.properties")]
+    if params["enable_security_gateway"]:
+        sg_ports = [
+            {"host": params["pcoip_port"], "container": 4172, "protocol": "tcp"},
+            {"host": params["pcoip_port"], "container": 4172, "protocol": "udp"},
+            _loopback(params["sg_admin_host_port"], SG_ADMIN_PORT),
+        ]
+        roles.append(("sg", names.sg, sg_ports, "SecurityGateway.conf"))
+    for role, name, ports, config in roles:
+        specs.append(
+            {
+                "service": role,
+                "name": name,
+                "image": image_refs[role],
+                # The service reads the env file itself: the grant secret stays out of `docker inspect`.
+                "command": ["--config", "/data/%s" % config, "--env-file", "/data/cmsg.env"],
+                "labels": {
+                    ctr.LABEL_ROLE: role,
+                    ctr.LABEL_HOST: host_label,
+                    ctr.LABEL_MANAGED: "gatehouse.access.cmsg",
+                },
+                "mounts": mounts,
+                "network_mode": mode,
+                "network": names.network if bridge else None,
+                "ports": ports if bridge else [],
+                "restart_policy": "unless-stopped",
+                "container_limits": params.get("container_limits"),
+            }
+        )
+    return specs
+
+
+def _loopback(host_port: int, container_port: int) -> dict:
+    return {"host": host_port, "container": container_port, "protocol": "tcp", "host_ip": "127.0.0.1"}
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _used_networks(cli, names: Names):
+    def probe() -> list[tuple[str, str]]:
+        ours = ctr.find_network(cli, names.network)
+        our_subnets = set(ctr.network_subnets(ours)) if ours is not None else set()
+        used = [("docker network %s" % n, s) for n, s in ctr.docker_subnets(cli, exclude=names.network)]
+        for ifname, net in dep.host_networks():
+            # The bridge of our own network carries its subnet; it is no clash.
+            if net not in our_subnets:
+                used.append(("interface %s" % ifname, net))
+        return used
+
+    return probe
+
+
+def run(module) -> dict:
+    params = module.params
+    check_mode = module.check_mode
+    names = Names(params["name_prefix"])
+    cli = ctr.client(params["docker_host"])
+    try:
+        values = validate(params, _used_networks(cli, names))
+    except dep.ValidationError as exc:
+        module.fail_json(msg="invalid options: " + "; ".join(exc.errors), errors=exc.errors)
+    if params["state"] == "absent":
+        return uninstall(cli, params, names, check_mode)
+    return install(module, cli, params, values, names, check_mode)
+
+
+def uninstall(cli, params: dict, names: Names, check_mode: bool) -> dict:
+    removed_containers = [n for n in (names.sg, names.cm) if ctr.remove_container(cli, n, check_mode)]
+    network_removed = ctr.remove_network(cli, names.network, check_mode)
+    data_dir = params["data_dir"]
+    files = [os.path.join(data_dir, "docker-compose.yaml")]
+    files += [
+        os.path.join(data_dir, "data", n) for n in ("config.properties", "SecurityGateway.conf", "cmsg.env")
+    ]
+    files += [
+        os.path.join(data_dir, "certs", n)
+        for n in ("cert.pem", "key.pem", "ca.pem", BROKER_CA, AGENT_CA, IDENTITY_CERT, IDENTITY_KEY)
+    ]
+    dirs = [os.path.join(data_dir, "data"), os.path.join(data_dir, "certs"), data_dir]
+    removed, left = remove_paths(files, dirs, check_mode)
+    result = {
+        "changed": bool(removed_containers or network_removed or removed),
+        "containers": [{"name": n, "action": "removed"} for n in removed_containers],
+        "network": {"name": names.network, "action": "removed" if network_removed else "none"},
+        "changed_files": removed,
+        "left_behind": left,
+    }
+    if left:
+        result["warnings_list"] = [
+            "kept %s: files not written by gatehouse.access.cmsg are never deleted" % ", ".join(left)
+        ]
+    return result
+
+
+def _resolve_images(module, cli, params: dict, roles: list[str], check_mode: bool) -> tuple[dict, dict, list]:
+    registry = params["registry"] if params["image_source"] == "registry" else None
+    refs = {role: ctr.image_ref(role, params["image_tag"], registry) for role in roles}
+    loaded: list[str] = []
+    if params["bundle_path"] and any(ctr.image_id(cli, ref) is None for ref in refs.values()):
+        loaded = dep.load_bundle(cli, params["bundle_path"], check_mode)
+    ids = {}
+    pulled = []
+    for role, ref in refs.items():
+        found = ctr.image_id(cli, ref)
+        if found is None and params["bundle_path"] and check_mode:
+            ids[role] = None  # would come from the bundle
+            continue
+        ids[role], was_pulled = ctr.ensure_image(cli, ref, params["image_source"] == "registry", check_mode)
+        if was_pulled:
+            pulled.append(ref)
+    return refs, ids, loaded + pulled
+
+
+def install(module, cli, params: dict, values: dict, names: Names, check_mode: bool) -> dict:
+    data_dir = params["data_dir"]
+    data, certs_dir = os.path.join(data_dir, "data"), os.path.join(data_dir, "certs")
+    host_label = params["host_label"] or dep.default_host_label()
+    errors: list[str] = []
+    warnings: list[str] = []
+
+    # The self-signed certificate names the host as clients reach it: host_address first.
+    common_name = dep.certificate_name(values["host_address"][0] if values["host_address"] else host_label)
+    sans = [*values["host_address"], *values["external_ips"]]
+    tls, tls_info = dep.tls_files(params, certs_dir, common_name, sans, errors, warnings)
+    warnings.extend(values["warnings"])
+    extra = [
+        dep.extra_file(
+            params["broker_ca_cert"], os.path.join(certs_dir, BROKER_CA), "broker_ca_cert", errors
+        ),
+        dep.extra_file(params["agent_ca_cert"], os.path.join(certs_dir, AGENT_CA), "agent_ca_cert", errors),
+        *identity_files(params, certs_dir, errors, warnings),
+    ]
+    if params["network_mode"].startswith("container:"):
+        target = params["network_mode"].split(":", 1)[1]
+        if not ctr.container_exists(cli, target):
+            errors.append(
+                "network_mode %s: there is no container %s on the Docker host"
+                % (params["network_mode"], target)
+            )
+    roles = ["cm", "sg"] if params["enable_security_gateway"] else ["cm"]
+    try:
+        refs, ids, images_changed = _resolve_images(module, cli, params, roles, check_mode)
+    except ctr.ContainerError as exc:
+        errors.append(str(exc))
+    if errors:
+        module.fail_json(msg="invalid options: " + "; ".join(errors), errors=errors)
+
+    env_path = os.path.join(data, "cmsg.env")
+    secret = existing_secret(env_path) or base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+    module.no_log_values.add(secret)
+    uid, gid = ctr.SERVICE_UID, ctr.SERVICE_GID
+    if os.geteuid() != 0:
+        uid = gid = None
+        warnings.append("not running as root: files keep the current owner; the services run as uid 10001")
+
+    specs = container_specs(params, names, refs, host_label)
+    network = None
+    if params["network_mode"] == "bridge":
+        network = {
+            "key": "cmdeployment",
+            "name": names.network,
+            "subnets": bridge_subnets(params),
+            "labels": {ctr.LABEL_MANAGED: "gatehouse.access.cmsg", ctr.LABEL_HOST: host_label},
+        }
+    files = [
+        PlannedFile(os.path.join(data_dir, "docker-compose.yaml"), dep.render_compose(specs, network), 0o644),
+        PlannedFile(
+            os.path.join(data, "config.properties"), config_properties(params, values), 0o644, uid, gid
+        ),
+        PlannedFile(
+            os.path.join(data, "SecurityGateway.conf"), security_gateway_conf(params), 0o644, uid, gid
+        ),
+        PlannedFile(
+            env_path,
+            cmsg_env(secret, params["log_level"]),
+            0o600,
+            uid,
+            gid,
+            mask=mask_env_values({SECRET_KEY}),
+        ),
+        *tls,
+    ]
+    files.extend(f for f in extra if f is not None)
+    dirs = [
+        PlannedDir(data_dir, 0o755),
+        PlannedDir(data, 0o750, uid, gid),
+        PlannedDir(certs_dir, 0o750, uid, gid),
+    ]
+
+    # Hash inputs: what each container reads; the compose file is documentation only.
+    by_name = {os.path.basename(f.path): f for f in files}
+    reads = {
+        "cm": ("cmsg.env", "cert.pem", "key.pem", "ca.pem", BROKER_CA, AGENT_CA, IDENTITY_CERT, IDENTITY_KEY),
+        "sg": ("cmsg.env", "cert.pem", "key.pem", "ca.pem", AGENT_CA),
+    }
+    hashes = {}
+    plans = {}
+    for spec in specs:
+        config = "config.properties" if spec["service"] == "cm" else "SecurityGateway.conf"
+        inputs = {n: sha256(by_name[n].data) for n in reads[spec["service"]] if n in by_name}
+        inputs.update(image=ids.get(spec["service"]), config=sha256(by_name[config].data))
+        inputs["network"] = network["subnets"] if network else None
+        hashes[spec["name"]] = ctr.spec_hash(spec, inputs)
+        plans[spec["name"]] = (
+            "create"
+            if ids.get(spec["service"]) is None
+            else ctr.container_plan(cli, spec, hashes[spec["name"]])
+        )
+    net_action = "none"
+    if network is not None:
+        net_action = ctr.network_plan(cli, network["name"], network["subnets"], network["labels"])
+    stale = []
+    if not params["enable_security_gateway"] and ctr.find_container(cli, names.sg) is not None:
+        stale.append(names.sg)
+    if network is None and ctr.find_network(cli, names.network) is not None:
+        stale.append(names.network)
+
+    changed_files = [f.path for f in files if f.changed] + [d.path for d in dirs if d.changed]
+    container_changes = [{"name": n, "action": a} for n, a in plans.items() if a != "none"]
+    container_changes += [{"name": n, "action": "removed"} for n in stale if n == names.sg]
+    changed = bool(changed_files or container_changes or net_action != "none" or stale or images_changed)
+
+    if not check_mode and changed:
+        for d in dirs:
+            if d.changed:
+                d.apply()
+        for f in files:
+            if f.changed:
+                f.apply()
+        try:
+            for name in stale:
+                if name == names.sg:
+                    ctr.remove_container(cli, name, False)
+                else:
+                    ctr.remove_network(cli, name, False)
+            if net_action != "none":
+                ctr.converge_network(cli, network["name"], network["subnets"], network["labels"], net_action)
+                # Containers attached to a replaced network are gone; create them again.
+                for spec in specs:
+                    if plans[spec["name"]] in ("none", "start"):
+                        plans[spec["name"]] = "create"
+            # Fresh ids: images loaded from a bundle or pulled just now.
+            for spec in specs:
+                ctr.converge_container(
+                    cli, spec, hashes[spec["name"]], plans[spec["name"]], params["wait_timeout"]
+                )
+        except ctr.ContainerError as exc:
+            module.fail_json(msg=str(exc), changed=True, changed_files=changed_files)
+    if tls_info.get("stale_ca"):
+        warnings.append(
+            "%s belongs to earlier certificates and is not used with self_signed" % tls_info["stale_ca"]
+        )
+
+    effective = {
+        "config_properties": _effective(by_name["config.properties"].data),
+        "security_gateway_conf": _effective(by_name["SecurityGateway.conf"].data),
+        "data_dir": data_dir,
+        "network_mode": params["network_mode"],
+        "network": (
+            dict(
+                name=network["name"],
+                subnet=params["docker_network_cidr"],
+                subnet_v6=params["docker_network_cidr_v6"] if params["enable_ipv6"] else None,
+            )
+            if network
+            else None
+        ),
+        "images": refs,
+        "management_urls": values["management_urls"],
+        "host_label": host_label,
+        "tls": {k: v for k, v in tls_info.items() if k != "stale_ca"},
+    }
+    result = {
+        "changed": changed,
+        "changed_files": changed_files,
+        "containers": container_changes,
+        "network": {
+            "name": names.network,
+            "action": net_action if network else ("removed" if stale else "none"),
+        },
+        "images_loaded": images_changed,
+        "config": effective,
+        "diff": [f.diff() for f in files if f.changed],
+        "warnings_list": warnings,
+    }
+    return result
+
+
+def _effective(data: bytes) -> dict:
+    result = {}
+    for line in data.decode("utf-8").splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _sep, value = line.partition("=")
+        result[key] = value
+    return result

@@ -1,0 +1,343 @@
+# Copyright (c) Gatehouse contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Converging one HALB node: plan files, validate, write, then start/reload (private).
+
+Order of a run, so a refused configuration never reaches the node: render -> compare with
+disk -> validate the candidate files in a throwaway container -> (not in check mode) write
+atomically -> create/start the container, or reload HAProxy / keepalived, or apply backend
+states through the runtime API when nothing else changed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+
+from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
+    PlannedDir,
+    PlannedFile,
+    remove_paths,
+)
+from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import (
+    ContainerError,
+    engine_nofile_limit,
+)
+from ansible_collections.gatehouse.access.plugins.module_utils._halb import runtime as hd
+from ansible_collections.gatehouse.access.plugins.module_utils._halb.render import (
+    HalbConfigError,
+    backend_states,
+    backend_weights,
+    ca_file,
+    cert_file,
+    desired_states,
+    failover_estimate,
+    layout_of,
+    normalize,
+    render_haproxy,
+    render_keepalived,
+    runtime_commands,
+)
+
+
+def _read(module, path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        module.fail_json(msg="%s: cannot read %s: %s" % (what, path, exc.strerror))
+    raise AssertionError("unreachable")
+
+
+def plan(module, config: dict, config_dir: str) -> tuple[list[PlannedDir], list[PlannedFile], list[str]]:
+    """The directories and files this node needs, and stale certificate files of removed virtual servers."""
+    certs_dir = os.path.join(config_dir, "haproxy", "certs")
+    dirs = [
+        PlannedDir(config_dir, 0o755),
+        PlannedDir(os.path.join(config_dir, "haproxy"), 0o755),
+        PlannedDir(certs_dir, 0o700),
+        PlannedDir(os.path.join(config_dir, "keepalived"), 0o755),
+        # The entrypoint makes its /run/haproxy 0755; the admin socket in it is 0600.
+        PlannedDir(os.path.join(config_dir, "run"), 0o755),
+    ]
+    files = [
+        PlannedFile(
+            os.path.join(config_dir, "haproxy", "haproxy.cfg"), render_haproxy(config).encode(), 0o644
+        ),
+        PlannedFile(
+            os.path.join(config_dir, "keepalived", "keepalived.conf"),
+            render_keepalived(config).encode(),
+            0o644,
+        ),
+    ]
+    raw_by_name = {vs["name"]: vs for vs in module.params["virtual_servers"]}
+    for vs in config["virtual_servers"]:
+        raw = raw_by_name[vs["name"]]
+        if vs["tls"]:
+            bundle = _read(module, raw["tls_cert"], "virtual_servers[%s].tls_cert" % vs["name"])
+            if raw.get("tls_key"):
+                key = _read(module, raw["tls_key"], "virtual_servers[%s].tls_key" % vs["name"])
+                bundle = bundle.rstrip(b"\n") + b"\n" + key
+            path = os.path.join(certs_dir, os.path.basename(cert_file(vs["name"])))
+            files.append(PlannedFile(path, bundle, 0o600, hidden=True))
+        if vs["backend_ca"]:
+            data = _read(module, raw["backend_ca_file"], "virtual_servers[%s].backend_ca_file" % vs["name"])
+            files.append(
+                PlannedFile(os.path.join(certs_dir, os.path.basename(ca_file(vs["name"]))), data, 0o644)
+            )
+    wanted = {f.path for f in files}
+    stale: list[str] = []
+    if os.path.isdir(certs_dir):
+        stale = sorted(
+            os.path.join(certs_dir, n)
+            for n in os.listdir(certs_dir)
+            if n.endswith(".pem") and os.path.join(certs_dir, n) not in wanted
+        )
+    return dirs, files, stale
+
+
+def _write_candidate(files: list[PlannedFile], config_dir: str) -> str:
+    """Copy of the planned files in a private temporary tree laid out like config_dir."""
+    root = tempfile.mkdtemp(prefix="gatehouse-halb-candidate-")
+    os.chmod(root, 0o700)
+    for planned in files:
+        rel = os.path.relpath(planned.path, config_dir)
+        target = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        with open(target, "wb") as handle:
+            handle.write(planned.data)
+        os.chmod(target, planned.mode)
+    for sub in ("haproxy", "keepalived"):
+        os.makedirs(os.path.join(root, sub), mode=0o755, exist_ok=True)
+        os.chmod(os.path.join(root, sub), 0o755)  # noqa: S103 - read by the validation container
+    return root
+
+
+def run_present(module) -> dict:
+    p = module.params
+    try:
+        config = normalize(p)
+    except HalbConfigError as exc:
+        module.fail_json(msg=str(exc))
+    for warning in config["warnings"]:
+        module.warn(warning)
+    config_dir = os.path.abspath(p["config_dir"])
+    try:
+        dirs, files, stale = plan(module, config, config_dir)
+    except NotADirectoryError as exc:
+        module.fail_json(msg=str(exc))
+    try:
+        return _converge(module, config, config_dir, dirs, files, stale)
+    except (hd.HalbDockerError, ContainerError) as exc:
+        module.fail_json(msg=str(exc))
+    raise AssertionError("unreachable")
+
+
+def image_ref(params: dict) -> str:
+    if params.get("image"):
+        return params["image"]
+    tag = params["image_tag"]
+    if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", tag):
+        raise HalbConfigError("image_tag %r is not a valid Docker tag" % tag)
+    return "gatehouse/halb:%s" % tag
+
+
+def _converge(module, config, config_dir, dirs, files, stale) -> dict:
+    p = module.params
+    actions: list[str] = []
+    try:
+        image = image_ref(p)
+    except HalbConfigError as exc:
+        module.fail_json(msg=str(exc))
+    interface = config["vrrp"]["interface"]
+    if p["network_mode"] == "host" and not os.path.exists(os.path.join("/sys/class/net", interface)):
+        # The validation container cannot know the host's interfaces; keepalived would exit at start.
+        module.fail_json(msg="vrrp.interface: the host has no interface %r (network_mode host)" % interface)
+    client = hd.connect()
+    hd.require_image(client, image)
+    haproxy_file, keepalived_file = files[0], files[1]
+    changed_files = [f for f in files if f.changed]
+    changed_dirs = [d for d in dirs if d.changed]
+    content_changed = any(f.content_changed for f in files) or bool(stale)
+
+    if content_changed:
+        candidate = _write_candidate(files, config_dir)
+        try:
+            ok, message = hd.validate(
+                client,
+                image,
+                os.path.join(candidate, "haproxy"),
+                os.path.join(candidate, "keepalived"),
+                config["vrrp"]["interface"],
+            )
+        finally:
+            shutil.rmtree(candidate, ignore_errors=True)
+        if not ok:
+            module.fail_json(msg="the rendered configuration was refused; nothing was changed.\n" + message)
+        actions.append("validated")
+
+    spec = hd.container_spec(
+        name=p["container_name"],
+        image=image,
+        host_label=p["host_label"] or config["node_name"],
+        config_dir=config_dir,
+        network_mode=p["network_mode"],
+        ipv4_address=p["ipv4_address"],
+        container_limits=p.get("container_limits"),
+    )
+    container = hd.get_container(client, p["container_name"])
+    if container is not None and (container.labels or {}).get("gatehouse.role") != "halb":
+        module.fail_json(
+            msg="container %s exists but is not a HALB container; not replacing it" % p["container_name"]
+        )
+    cstate = hd.container_state(container, spec, hd.image_id(client, image))
+
+    old_haproxy = (haproxy_file.before or b"").decode("utf-8", "replace")
+    new_haproxy = haproxy_file.data.decode()
+    certs_changed = any(f.content_changed for f in files[2:]) or bool(stale)
+    states_only = (
+        haproxy_file.content_changed
+        and not certs_changed
+        and layout_of(old_haproxy) is not None
+        and layout_of(old_haproxy) == layout_of(new_haproxy)
+    )
+
+    changed = bool(changed_files or changed_dirs or stale or cstate != "current")
+    diff = [f.diff() for f in changed_files]
+    diff += [
+        {"before_header": path, "after_header": path, "before": "<certificate bundle>\n", "after": ""}
+        for path in stale
+    ]
+
+    if not module.check_mode:
+        for planned_dir in changed_dirs:
+            planned_dir.apply()
+        if changed_dirs:
+            actions.append("set up directories")
+        for planned in changed_files:
+            planned.apply()
+        remove_paths(stale, [], False)
+        if changed_files or stale:
+            actions.append("wrote files")
+
+    if cstate in ("absent", "outdated"):
+        if cstate == "outdated":
+            actions.append("removed outdated container")
+            if not module.check_mode:
+                # Probed (and cached for create_container) before the old container goes: a failing
+                # probe leaves this node serving.
+                engine_nofile_limit(client, spec["image"])
+                hd.remove_container(container)
+        actions.append("created container")
+        if not module.check_mode:
+            container = hd.create_container(client, spec)
+            hd.wait_running(container)
+    elif cstate == "stopped":
+        actions.append("started container")
+        if not module.check_mode:
+            container.start()
+            hd.wait_running(container)
+    else:
+        if haproxy_file.content_changed or certs_changed:
+            if states_only:
+                actions.extend(_apply_states(module, config, config_dir, container, old_haproxy))
+            else:
+                actions.append("reloaded haproxy")
+                if not module.check_mode:
+                    hd.reload(container, "haproxy")
+        if keepalived_file.content_changed:
+            actions.append("reloaded keepalived")
+            if not module.check_mode:
+                hd.reload(container, "keepalived")
+
+    result = dict(
+        changed=changed,
+        config_dir=config_dir,
+        files_changed=[f.path for f in changed_files] + stale,
+        actions=actions,
+        failover_estimate=failover_estimate(config),
+        diff=diff,
+    )
+    if container is not None and not (module.check_mode and cstate in ("absent", "outdated")):
+        container.reload()
+        result["container"] = dict(name=container.name, id=container.id, status=container.status)
+        if container.status == "running":
+            vips = [str(i.ip) for i in config["vrrp"]["vip_interfaces"]]
+            result["vips_held"] = hd.vips_held(container, config["vrrp"]["interface"], vips)
+    else:
+        result["container"] = dict(name=p["container_name"], id="", status="absent")
+    return result
+
+
+def _apply_states(module, config: dict, config_dir: str, container, old_haproxy: str) -> list[str]:
+    """Backend state changes through the runtime API; a reload if the socket does not answer."""
+    before = backend_states(old_haproxy)
+    weights = backend_weights(config)
+    commands = []
+    for key, state in sorted(desired_states(config).items()):
+        if before.get(key) != state:
+            commands.extend(runtime_commands(key[0], key[1], state, weights[key]))
+    actions = ["runtime: %s" % c for c in commands]
+    if module.check_mode:
+        return actions
+    socket_path = os.path.join(config_dir, "run", "admin.sock")
+    try:
+        for command in commands:
+            answer = hd.runtime_api(socket_path, command)
+            if answer:
+                raise hd.HalbDockerError("HAProxy answered %r to %r" % (answer, command))
+    except (OSError, hd.HalbDockerError) as exc:
+        module.warn("runtime API failed (%s); reloading HAProxy instead" % exc)
+        hd.reload(container, "haproxy")
+        return ["reloaded haproxy"]
+    return actions
+
+
+def run_absent(module) -> dict:
+    p = module.params
+    config_dir = os.path.abspath(p["config_dir"])
+    actions: list[str] = []
+    changed = False
+    try:
+        client = hd.connect()
+        container = hd.get_container(client, p["container_name"])
+    except hd.HalbDockerError as exc:
+        module.fail_json(msg=str(exc))
+    if container is not None:
+        if (container.labels or {}).get("gatehouse.role") != "halb":
+            module.fail_json(
+                msg="container %s exists but is not a HALB container; not removing it" % p["container_name"]
+            )
+        changed = True
+        actions.append("removed container %s" % p["container_name"])
+        if not module.check_mode:
+            hd.remove_container(container)
+    certs_dir = os.path.join(config_dir, "haproxy", "certs")
+    run_dir = os.path.join(config_dir, "run")
+    ours = [
+        os.path.join(config_dir, "haproxy", "haproxy.cfg"),
+        os.path.join(config_dir, "keepalived", "keepalived.conf"),
+    ]
+    for directory, suffix in ((certs_dir, ".pem"), (run_dir, "")):
+        if os.path.isdir(directory):
+            ours += [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if n.endswith(suffix)]
+    removed, left = remove_paths(
+        ours,
+        [
+            certs_dir,
+            os.path.join(config_dir, "haproxy"),
+            os.path.join(config_dir, "keepalived"),
+            run_dir,
+            config_dir,
+        ],
+        module.check_mode,
+    )
+    if removed:
+        changed = True
+        actions.append("removed files")
+    if left:
+        module.warn("left files in place that the module did not write: %s" % ", ".join(left))
+    return dict(changed=changed, config_dir=config_dir, files_changed=removed, actions=actions)

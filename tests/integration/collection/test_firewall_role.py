@@ -1,0 +1,165 @@
+"""gatehouse.access.firewall through playbooks/site.yml in check mode on localhost.
+
+The test containers have no firewalld, so the role skips the firewalld tasks; it still shows the
+rules it would add (task "The firewall rules of this node"), computed from the inventory groups by
+site.yml. The firewalld tasks loop over exactly these lists.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from collection_helpers import REPO_ROOT, run_playbook
+
+
+def rule(source: str, port: int, proto: str = "tcp") -> str:
+    family = "ipv6" if ":" in source else "ipv4"
+    return f'rule family="{family}" source address="{source}" port port="{port}" protocol="{proto}" accept'
+
+
+@pytest.fixture(scope="module")
+def rules(tmp_path_factory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("firewall")
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {
+        "all": {
+            "vars": {
+                "gatehouse_manage_firewall": True,
+                "gatehouse_secrets_dir": str(tmp / "secrets"),
+                "gatehouse_firewall_admin_sources": ["198.51.100.0/24"],
+                **local,
+            },
+            "children": {
+                "brokers": {
+                    "hosts": {
+                        "b1": {
+                            "gatehouse_address": "10.0.0.10",
+                            # Secrets are not needed to work out the connections (no module runs).
+                            "broker_directories": [
+                                {
+                                    "domain": "CORP",
+                                    "servers": ["ldaps://dc1.corp.example", "ldap://dc2.corp.example"],
+                                },
+                                {"domain": "LAB", "servers": ["ldaps://[fd00::389]:3269"]},
+                            ],
+                            "broker_second_factor": {
+                                "method": "radius",
+                                "radius_servers": [
+                                    "10.0.0.5",
+                                    "radius2.corp.example:1645",
+                                    "[fd00::5]:1812",
+                                    "fd00::6",
+                                ],
+                            },
+                        }
+                    }
+                },
+                "cmsg": {
+                    "hosts": {
+                        "c1": {"gatehouse_address": "10.0.0.21"},
+                        "c2": {"gatehouse_address": "10.0.0.22", "cmsg_enable_security_gateway": False},
+                        "c3": {"gatehouse_address": "10.0.0.23", "gatehouse_network_mode": "host"},
+                    }
+                },
+                "desktops": {
+                    "hosts": {
+                        "d1": {
+                            "gatehouse_address": "10.0.0.31",
+                            "agent_instances": [{"name": "d1a"}, {"name": "d1b", "control_port": 60444}],
+                        }
+                    }
+                },
+                "halb": {
+                    "hosts": {"h1": {"gatehouse_address": "10.0.0.41"}, "h2": {"ansible_host": "fd00::42"}}
+                },
+            },
+        }
+    }
+    inventory_path = tmp / "hosts.yml"
+    inventory_path.write_text(yaml.safe_dump(inventory))
+    run = run_playbook(
+        "-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--tags", "firewall"
+    )
+    report = run.report
+    assert run.returncode == 0, run.stdout[-5000:]
+    found: dict[str, dict] = {}
+    for play in report["plays"]:
+        for task in play["tasks"]:
+            if task["task"]["name"].endswith("The firewall rules of this node"):
+                for host, result in task["hosts"].items():
+                    found[host] = result["msg"]
+    assert set(found) == {"b1", "c1", "c2", "c3", "d1", "h1", "h2"}, found
+    return found
+
+
+def test_broker_port_only_to_cms_desktops_halb_and_management(rules) -> None:
+    broker = rules["b1"]
+    assert broker["public_ports"] == []
+    sources = ["10.0.0.21", "10.0.0.22", "10.0.0.23", "10.0.0.31", "10.0.0.41", "fd00::42", "198.51.100.0/24"]
+    assert sorted(broker["rich_rules"]) == sorted(rule(s, 443) for s in sources)
+    assert broker["closed_ports"] == ["443/tcp"]
+
+
+def test_agent_control_ports_only_to_the_cms(rules) -> None:
+    desk = rules["d1"]
+    assert sorted(desk["public_ports"]) == ["4172/tcp", "4172/udp"]
+    assert sorted(desk["rich_rules"]) == sorted(
+        rule(s, p) for s in ("10.0.0.21", "10.0.0.22", "10.0.0.23") for p in (60443, 60444)
+    )
+    assert sorted(desk["closed_ports"]) == ["60443/tcp", "60444/tcp"]
+
+
+def test_cm_sg_public_ports_and_admin_ports_to_halb_and_management(rules) -> None:
+    gateway = rules["c1"]
+    assert sorted(gateway["public_ports"]) == ["4172/tcp", "4172/udp", "443/tcp", "80/tcp"]
+    admin = ("10.0.0.41", "fd00::42", "198.51.100.0/24")
+    assert sorted(gateway["rich_rules"]) == sorted(rule(s, p) for s in admin for p in (9180, 9172))
+    # No security gateway: no 4172, no 9172.
+    lan = rules["c2"]
+    assert sorted(lan["public_ports"]) == ["443/tcp", "80/tcp"]
+    assert sorted(lan["rich_rules"]) == sorted(rule(s, 9180) for s in admin)
+    # Host network mode: the HALB reaches the CM on 8443 itself (443 is only forwarded to it).
+    host_mode = rules["c3"]
+    assert sorted(host_mode["public_ports"]) == ["4172/tcp", "4172/udp", "443/tcp", "80/tcp"]
+    halb = ("10.0.0.41", "fd00::42")
+    assert sorted(host_mode["rich_rules"]) == sorted(
+        [rule(s, p) for s in admin for p in (9180, 9172)] + [rule(s, 8443) for s in halb]
+    )
+    assert "8443/tcp" in host_mode["closed_ports"]
+
+
+def test_halb_public_443_peers_and_vrrp_only_from_the_pair(rules) -> None:
+    halb = rules["h1"]
+    assert halb["public_ports"] == ["443/tcp"]
+    expected = [rule(s, 10000) for s in ("10.0.0.41", "fd00::42")]
+    expected += [
+        'rule family="ipv4" source address="10.0.0.41" protocol value="vrrp" accept',
+        'rule family="ipv6" source address="fd00::42" protocol value="vrrp" accept',
+    ]
+    assert sorted(halb["rich_rules"]) == sorted(expected)
+    assert not any("vrrp" in r and "source" not in r for r in halb["rich_rules"])
+
+
+def test_broker_outbound_only_to_its_directories_and_radius_servers(rules) -> None:
+    """Shown, not opened: firewalld zones filter incoming traffic; the answers are established traffic."""
+    broker = rules["b1"]
+    assert broker["outbound"] == [
+        {"destination": "dc1.corp.example", "port": 636, "protocol": "tcp", "purpose": "directory of CORP"},
+        {"destination": "dc2.corp.example", "port": 389, "protocol": "tcp", "purpose": "directory of CORP"},
+        {"destination": "fd00::389", "port": 3269, "protocol": "tcp", "purpose": "directory of LAB"},
+        {"destination": "10.0.0.5", "port": 1812, "protocol": "udp", "purpose": "RADIUS"},
+        {"destination": "radius2.corp.example", "port": 1645, "protocol": "udp", "purpose": "RADIUS"},
+        {"destination": "fd00::5", "port": 1812, "protocol": "udp", "purpose": "RADIUS"},
+        {"destination": "fd00::6", "port": 1812, "protocol": "udp", "purpose": "RADIUS"},
+    ]
+    # Nothing incoming is opened for them, and no other node shows them.
+    assert not any(p.startswith(("389/", "636/", "1812/", "3269/")) for p in broker["public_ports"])
+    assert not any('port="636"' in r or 'port="1812"' in r for r in broker["rich_rules"])
+    for host in ("c1", "c2", "c3", "d1", "h1", "h2"):
+        assert rules[host]["outbound"] == [], host

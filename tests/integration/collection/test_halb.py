@@ -1,0 +1,903 @@
+# Copyright (c) Gatehouse contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""A real HALB pair: two gatehouse/halb containers deployed by the halb module, two HTTPS backends.
+
+Everything runs on a private Docker network that the test creates (a free 10.199.x.0/24) and
+removes at the end; the host reaches the VIP through the network's bridge. Failover times are
+measured and printed (see docs/halb.md), never asserted beyond a generous bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import ipaddress
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tls_probe import OLD_VERSIONS, assert_probe_offers, handshake, probe_context
+
+docker = pytest.importorskip("docker")
+
+REPO = Path(__file__).resolve().parents[3]
+HALB_IMAGE = os.environ.get("GATEHOUSE_HALB_IMAGE", "gatehouse/halb:0.1.0")
+BASE_IMAGE = os.environ.get("GATEHOUSE_BASE_IMAGE", "gatehouse/base:0.1.0")
+# Another interval can be measured with GATEHOUSE_HALB_ADVERT_INT=1 (keepalived's default).
+ADVERT_INT = float(os.environ.get("GATEHOUSE_HALB_ADVERT_INT", "0.25"))
+RECOVERY_BOUND = 30.0  # seconds; a generous bound, the measured numbers are printed
+
+
+def _docker_client():
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception:
+        return None
+    return client
+
+
+def _image_id(client, image: str) -> str | None:
+    try:
+        return client.images.get(image).id
+    except docker.errors.ImageNotFound:
+        return None
+
+
+_CLIENT = _docker_client()
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.images,
+    pytest.mark.skipif(_CLIENT is None, reason="needs the local Docker engine"),
+    pytest.mark.skipif(
+        _CLIENT is not None and _image_id(_CLIENT, HALB_IMAGE) is None,
+        reason=f"needs the {HALB_IMAGE} image (run `make images`)",
+    ),
+]
+
+# A small HTTPS server for the backends: /health answers 200, every answer names the backend and
+# echoes the X-Forwarded-For it saw; other paths set a JSESSIONID cookie like the CM does.
+BACKEND_SERVER = r"""
+import http.server, os, ssl, uuid
+NAME = os.environ["BACKEND_NAME"]
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = (NAME + "\n").encode()
+        self.send_response(200)
+        if self.path != "/health" and "JSESSIONID=" not in (self.headers.get("Cookie") or ""):
+            self.send_header("Set-Cookie", "JSESSIONID=%s; Secure; HttpOnly; Path=/" % uuid.uuid4())
+        self.send_header("X-Backend", NAME)
+        self.send_header("X-Seen-Forwarded-For", ",".join(self.headers.get_all("X-Forwarded-For") or []))
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    def get_request(self):
+        sock, addr = self.socket.accept()
+        return CTX.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+CTX = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+CTX.load_cert_chain("/tls/cert.pem", "/tls/key.pem")
+Server(("0.0.0.0", 8443), Handler).serve_forever()
+"""
+
+
+def _free_subnet(client) -> ipaddress.IPv4Network:
+    used = []
+    for net in client.networks.list():
+        for cfg in (net.attrs.get("IPAM") or {}).get("Config") or []:
+            if cfg.get("Subnet"):
+                used.append(ipaddress.ip_network(cfg["Subnet"], strict=False))
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=False).stdout
+    for line in routes.splitlines():
+        word = line.split()[0]
+        if "/" in word:
+            used.append(ipaddress.ip_network(word, strict=False))
+    for third in range(10, 250):
+        candidate = ipaddress.ip_network(f"10.199.{third}.0/24")
+        if not any(candidate.overlaps(u) for u in used):
+            return candidate
+    raise RuntimeError("no free 10.199.x.0/24 network")
+
+
+class Pair:
+    """The test topology and helpers to drive it."""
+
+    def __init__(self, client, tmp: Path, pki) -> None:
+        self.client = client
+        self.tmp = tmp
+        self.pki = pki
+        self.prefix = f"gh-halbtest-{uuid.uuid4().hex[:8]}"
+        self.subnet = _free_subnet(client)
+        hosts = list(self.subnet.hosts())
+        self.gateway = str(hosts[0])
+        self.node_ip = {"halb1": str(hosts[10]), "halb2": str(hosts[11])}
+        self.backend_ip = {"be1": str(hosts[20]), "be2": str(hosts[21])}
+        self.vip = str(hosts[99])
+        self.network_name = self.prefix + "-net"
+        self.names: list[str] = []
+        self.network = None
+        self.collections = tmp / "collections"
+        self.extra_options: list[str] = []
+        self.states = {"be1": "enabled", "be2": "enabled"}
+        # Pinned by id: a rebuild of the tag while the test runs must not swap the image under it.
+        self.halb_image = _image_id(client, HALB_IMAGE)
+        # The backends need python3: gatehouse/base has it, and so has the halb image built on it.
+        self.backend_image = _image_id(client, BASE_IMAGE) or self.halb_image
+
+    # --- set-up and tear-down -------------------------------------------------------------
+    def start(self) -> None:
+        ipam = docker.types.IPAMConfig(
+            pool_configs=[docker.types.IPAMPool(subnet=str(self.subnet), gateway=self.gateway)]
+        )
+        self.network = self.client.networks.create(self.network_name, driver="bridge", ipam=ipam)
+        link = self.collections / "ansible_collections" / "gatehouse"
+        link.mkdir(parents=True)
+        (link / "access").symlink_to(REPO)
+        vip_tls = self.pki.issue("halb-vip", [self.vip])
+        self.vip_cert, self.vip_key = str(vip_tls.cert), str(vip_tls.key)
+        for name, address in self.backend_ip.items():
+            tls = self.pki.issue(name, [address])
+            tls_dir = self.tmp / ("tls-" + name)
+            tls_dir.mkdir()
+            shutil.copy(tls.cert, tls_dir / "cert.pem")
+            shutil.copy(tls.key, tls_dir / "key.pem")
+            (tls_dir / "key.pem").chmod(0o644)
+            (tls_dir / "server.py").write_text(BACKEND_SERVER)
+            cname = f"{self.prefix}-{name}"
+            self.names.append(cname)
+            self.client.api.create_container(
+                self.backend_image,
+                name=cname,
+                entrypoint=["python3", "/tls/server.py"],
+                environment={"BACKEND_NAME": name},
+                labels={"gatehouse.test": self.prefix},
+                host_config=self.client.api.create_host_config(
+                    binds={str(tls_dir): {"bind": "/tls", "mode": "ro"}}, network_mode=self.network_name
+                ),
+                networking_config=self.client.api.create_networking_config(
+                    {self.network_name: self.client.api.create_endpoint_config(ipv4_address=address)}
+                ),
+            )
+            self.client.api.start(cname)
+        for name in self.backend_ip:
+            _wait_for(lambda n=name: self.direct_name(n) == n, 20, f"backend {name} to answer")
+        self.first_runs: dict[str, dict] = {}
+        for node in ("halb1", "halb2"):
+            self.names.append(self.container_name(node))
+            result = self.deploy(node, check=True)
+            assert result["changed"] is True and not self.config_dir(node).exists(), result
+            result = self.deploy(node)
+            assert result["changed"] is True, result
+            self.first_runs[node] = result
+        self.wait_master("halb1")
+
+    def stop(self) -> None:
+        for name in self.names:
+            try:
+                self.client.containers.get(name).remove(force=True)
+            except docker.errors.NotFound:
+                pass
+        for container in self.client.containers.list(
+            all=True, filters={"label": "gatehouse.role=halb-validate"}
+        ):
+            # Validation containers remove themselves; this catches one left by an interrupted run.
+            if self.prefix in json.dumps(container.attrs.get("Mounts", [])):
+                container.remove(force=True)
+        if self.network is not None:
+            self.network.remove()
+
+    # --- the module ------------------------------------------------------------------------
+    def container_name(self, node: str) -> str:
+        return f"{self.prefix}-{node}"
+
+    def config_dir(self, node: str) -> Path:
+        return self.tmp / node
+
+    def params(self, node: str) -> dict:
+        other = "halb2" if node == "halb1" else "halb1"
+        backends = [
+            {"name": name, "address": address, "port": 8443, "state": self.states[name]}
+            for name, address in self.backend_ip.items()
+        ]
+        return {
+            "node_name": node,
+            "config_dir": str(self.config_dir(node)),
+            "container_name": self.container_name(node),
+            "image": self.halb_image,
+            "network_mode": self.network_name,
+            "ipv4_address": self.node_ip[node],
+            "vrrp": {
+                "router_id": 51,
+                "priority": 150 if node == "halb1" else 100,
+                "peers": [self.node_ip[other]],
+                "unicast_src_ip": self.node_ip[node],
+                "advert_int": ADVERT_INT,
+                "vips": [f"{self.vip}/{self.subnet.prefixlen}"],
+            },
+            "stick_table_peers": [{"name": n, "address": a} for n, a in self.node_ip.items()],
+            "virtual_servers": [
+                {
+                    "name": "web",
+                    "vip": self.vip,
+                    "port": 443,
+                    "mode": "http",
+                    "tls_cert": self.vip_cert,
+                    "tls_key": self.vip_key,
+                    "persistence": "cookie",
+                    "health_check": {"interval": "500ms", "rise": 1, "fall": 2},
+                    # backend_tls_verify is required by default: the backends' certificates come
+                    # from the test CA.
+                    "backend_ca_file": str(self.pki.ca),
+                    "backends": backends,
+                },
+                {
+                    "name": "sticky",
+                    "vip": self.vip,
+                    "port": 4443,
+                    "mode": "tcp",
+                    "persistence": "source",
+                    "health_check": {"interval": "500ms", "rise": 1, "fall": 2},
+                    "backend_ca_file": str(self.pki.ca),
+                    "haproxy_options": list(self.extra_options),
+                    "backends": backends,
+                },
+                {
+                    "name": "spread",
+                    "vip": self.vip,
+                    "port": 4444,
+                    "mode": "tcp",
+                    "persistence": "none",
+                    "health_check": {"interval": "500ms", "rise": 1, "fall": 2},
+                    "backend_ca_file": str(self.pki.ca),
+                    "backends": backends,
+                },
+            ],
+        }
+
+    def deploy(
+        self, node: str, params: dict | None = None, check: bool = False, expect_failure: bool = False
+    ) -> dict:
+        params = params if params is not None else self.params(node)
+        work = self.tmp / ("play-" + uuid.uuid4().hex[:6])
+        work.mkdir()
+        (work / "vars.json").write_text(json.dumps({"halb_params": params}))
+        (work / "play.yml").write_text(
+            "- hosts: localhost\n  gather_facts: false\n  tasks:\n"
+            "    - name: HALB node\n      gatehouse.access.halb: '{{ halb_params }}'\n      register: out\n"
+        )
+        env = dict(
+            os.environ,
+            ANSIBLE_COLLECTIONS_PATH=str(self.collections),
+            ANSIBLE_STDOUT_CALLBACK="json",
+            ANSIBLE_LOCALHOST_WARNING="false",
+            ANSIBLE_INVENTORY_UNPARSED_WARNING="false",
+        )
+        argv = [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            "-e",
+            "@%s" % (work / "vars.json"),
+            str(work / "play.yml"),
+        ]
+        if check:
+            argv += ["--check", "--diff"]
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=False)
+        try:
+            report = json.loads(proc.stdout)
+            result = report["plays"][0]["tasks"][0]["hosts"]["localhost"]
+        except (ValueError, KeyError, IndexError):
+            raise AssertionError(f"ansible-playbook output:\n{proc.stdout}\n{proc.stderr}") from None
+        if expect_failure:
+            assert result.get("failed"), result
+        else:
+            assert not result.get("failed"), result.get("msg")
+        return result
+
+    # --- observations --------------------------------------------------------------------
+    def vip_holders(self) -> list[str]:
+        holders = []
+        for node in ("halb1", "halb2"):
+            try:
+                container = self.client.containers.get(self.container_name(node))
+            except docker.errors.NotFound:
+                continue
+            if container.status != "running":
+                continue
+            try:
+                code, out = container.exec_run(["ip", "-o", "-4", "addr", "show", "dev", "eth0"])
+            except docker.errors.APIError:
+                continue  # restarting right now: holds nothing
+            if code == 0 and (f" {self.vip}/") in out.decode():
+                holders.append(node)
+        return holders
+
+    def logs(self) -> str:
+        out = []
+        for name in ("halb1", "halb2"):
+            try:
+                text = self.client.containers.get(self.container_name(name)).logs(tail=25).decode()
+            except docker.errors.NotFound:
+                text = "(no container)"
+            out.append(f"--- {name}:\n{text}")
+        return "\n".join(out)
+
+    def wait_master(self, node: str, timeout: float = 30.0) -> None:
+        try:
+            _wait_for(lambda: self.vip_holders() == [node], timeout, f"the VIP on {node} only")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; holders {self.vip_holders()}\n{self.logs()}") from None
+        _wait_for(lambda: self.via_vip(4444) is not None, timeout, "the VIP to serve")
+
+    def tls_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca))
+        # The tcp virtual servers pass the backends' own certificates through.
+        ctx.check_hostname = False
+        return ctx
+
+    def direct_name(self, backend: str) -> str | None:
+        return _get_name(self.backend_ip[backend], 8443, self.tls_context(), "/health")
+
+    def via_vip(self, port: int, path: str = "/health", timeout: float = 1.0) -> str | None:
+        return _get_name(self.vip, port, self.tls_context(), path, timeout)
+
+    def kill(self, node: str, how: str) -> str:
+        """Kill the node (or HAProxy in it); returns the StartedAt of the killed instance."""
+        container = self.client.containers.get(self.container_name(node))
+        started = container.attrs["State"]["StartedAt"]
+        if how == "haproxy":
+            code, out = container.exec_run(["sh", "-c", 'kill -KILL "$(cat /run/haproxy.pid)"'])
+            assert code == 0, out
+        else:
+            container.kill(signal=how)
+        return started
+
+    def ensure_running(self, node: str, killed_started_at: str) -> None:
+        """Wait until the killed instance is gone and a new one runs (restart policy or docker start)."""
+        container = self.client.containers.get(self.container_name(node))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            container.reload()
+            state = container.attrs["State"]
+            if state["Status"] == "running" and state["StartedAt"] != killed_started_at:
+                return
+            if state["Status"] in ("exited", "created"):
+                # docker kill counts as a manual stop; the restart policy does not bring it back.
+                try:
+                    container.start()
+                except docker.errors.APIError:
+                    pass
+            time.sleep(0.2)
+        raise AssertionError(f"{node} did not come back")
+
+
+def _get_name(host: str, port: int, ctx: ssl.SSLContext, path: str, timeout: float = 1.0) -> str | None:
+    """GET over a new TLS connection; the backend name or None on any failure."""
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read().decode().strip()
+        return body if response.status == 200 else None
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def _wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> float:
+    start = time.monotonic()
+    for _attempt in range(int(timeout / interval) + 1):
+        if predicate():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            break
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, pki) -> Iterator[Pair]:
+    topology = Pair(_CLIENT, tmp_path_factory.mktemp("halb"), pki)
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()
+
+
+FAILOVER_TIMES: dict[str, float] = {}  # filled by the failover tests, printed with -s
+
+
+def test_first_run_reports_files_without_the_private_key(pair: Pair):
+    key_body = Path(pair.vip_key).read_text().splitlines()[1]
+    for node, result in pair.first_runs.items():
+        assert result["actions"][:2] == ["validated", "set up directories"], result["actions"]
+        assert "created container" in result["actions"]
+        bundle = str(pair.config_dir(node) / "haproxy" / "certs" / "web.pem")
+        assert bundle in result["files_changed"]
+        assert (Path(bundle).stat().st_mode & 0o777) == 0o600
+        assert key_body not in json.dumps(result)
+        assert "<private key, sha256" in json.dumps(result["diff"])
+
+
+def test_second_run_changes_nothing_and_check_mode_touches_nothing(pair: Pair):
+    for node in ("halb1", "halb2"):
+        again = pair.deploy(node)
+        assert again["changed"] is False, again["actions"]
+        assert again["actions"] == []
+    cfg = pair.config_dir("halb1") / "haproxy" / "haproxy.cfg"
+    before = _sha256(cfg)
+    params = pair.params("halb1")
+    params["virtual_servers"][0]["backends"][0]["weight"] = 10
+    checked = pair.deploy("halb1", params, check=True)
+    assert checked["changed"] is True
+    assert "validated" in checked["actions"] and "wrote files" not in checked["actions"]
+    assert any("weight 10" in d["after"] for d in checked["diff"])
+    assert _sha256(cfg) == before
+
+
+def test_vip_is_on_the_primary_only_and_serves(pair: Pair):
+    assert pair.vip_holders() == ["halb1"]
+    names = {pair.via_vip(4444) for _i in range(10)}
+    assert names == {"be1", "be2"}
+
+
+def _tls12_cipher_names() -> list[str]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.set_ciphers("ALL:COMPLEMENTOFALL:@SECLEVEL=0")
+    return sorted({c["name"] for c in ctx.get_ciphers() if c["protocol"] != "TLSv1.3"})
+
+
+def test_vip_tls_offers_exactly_the_seeds_cm_cipher_table(pair: Pair, pki):
+    """sslscan, in Python: every TLS 1.2 suite OpenSSL knows, one handshake each, against the VIP."""
+    from gatehouse.tls import CM_CIPHERS
+
+    pair.wait_master("halb1")
+    # The probe itself can offer old protocols and weak suites, so a refusal below is the HALB's.
+    tls = pki.issue("probe-self-check")
+    assert_probe_offers(tls.cert, tls.key)
+
+    accepted = set()
+    names = _tls12_cipher_names()
+    assert len(names) > 50
+    for name in names:
+        result = handshake(pair.vip, 443, probe_context(name, ssl.TLSVersion.TLSv1_2))
+        if result is not None:
+            assert result == ("TLSv1.2", name)
+            accepted.add(name)
+    print(f"\nVIP TLS 1.2: {len(names)} suites tried, accepted {sorted(accepted)}")
+    assert accepted == set(CM_CIPHERS.split(":"))
+    for version in OLD_VERSIONS:
+        assert handshake(pair.vip, 443, probe_context("ALL", version)) is None, version
+    # Server preference: a client that prefers the weakest suite still gets the seed's first one.
+    reverse = ":".join(reversed(CM_CIPHERS.split(":")))
+    assert handshake(pair.vip, 443, probe_context(reverse, ssl.TLSVersion.TLSv1_2)) == (
+        "TLSv1.2",
+        CM_CIPHERS.split(":", maxsplit=1)[0],
+    )
+    # TLS 1.3 with OpenSSL's default suites, the first of them preferred.
+    assert handshake(pair.vip, 443, probe_context(None, ssl.TLSVersion.TLSv1_3)) == (
+        "TLSv1.3",
+        "TLS_AES_256_GCM_SHA384",
+    )
+
+
+def _process_owners(container) -> list[tuple[str, int]]:
+    """(command name, real uid) of every process in the container."""
+    script = "for d in /proc/[0-9]*; do echo \"$(cat $d/comm 2>/dev/null) $(awk '/^Uid:/{print $2}' $d/status 2>/dev/null)\"; done"
+    code, out = container.exec_run(["sh", "-c", script])
+    assert code == 0, out
+    owners = []
+    for line in out.decode().splitlines():
+        words = line.split()
+        if len(words) == 2 and words[1].isdigit():
+            owners.append((words[0], int(words[1])))
+    return owners
+
+
+def test_haproxy_workers_run_as_the_haproxy_user(pair: Pair):
+    container = pair.client.containers.get(pair.container_name("halb1"))
+    code, out = container.exec_run(["id", "-u", "haproxy"])
+    assert code == 0, out
+    haproxy_uid = int(out.decode().strip())
+    master = int(container.exec_run(["cat", "/run/haproxy.pid"])[1].decode().strip())
+    code, out = container.exec_run(["sh", "-c", f"awk '/^Uid:/{{print $2}}' /proc/{master}/status"])
+    assert int(out.decode().strip()) == 0  # the master re-reads certificates and rebinds on reloads
+    uids = {uid for name, uid in _process_owners(container) if name == "haproxy"}
+    # The master (root) and at least one worker (haproxy), nothing else.
+    assert uids == {0, haproxy_uid}, _process_owners(container)
+
+
+def _engine_nofile(pair: Pair) -> int:
+    """The open files limit the engine gives a container by default (the cap of container_limits.nofile)."""
+    out = pair.client.containers.run(
+        pair.halb_image, entrypoint=["sh", "-c", "ulimit -Hn"], command=[], network_mode="none", remove=True
+    )
+    text = out.decode().strip()
+    return int(text) if text.isdigit() else 1 << 30
+
+
+def test_halb_container_is_locked_down(pair: Pair):
+    for node in ("halb1", "halb2"):
+        host_config = pair.client.containers.get(pair.container_name(node)).attrs["HostConfig"]
+        assert host_config["CapDrop"] == ["ALL"]
+        assert sorted(host_config["CapAdd"]) == [
+            "KILL",
+            "NET_ADMIN",
+            "NET_BIND_SERVICE",
+            "NET_BROADCAST",
+            "NET_RAW",
+            "SETGID",
+            "SETUID",
+        ]
+        assert host_config["SecurityOpt"] == ["no-new-privileges:true"]
+        assert host_config["ReadonlyRootfs"] is True
+        assert set(host_config["Tmpfs"]) == {"/tmp", "/run"}
+        assert host_config["Memory"] == 1 << 30
+        assert host_config["PidsLimit"] == 1024
+        nofile = min(65536, _engine_nofile(pair))
+        assert host_config["Ulimits"] == [{"Name": "nofile", "Soft": nofile, "Hard": nofile}]
+
+
+def test_backends_whose_certificate_another_ca_signed_get_no_traffic(pair: Pair, tmp_path: Path):
+    """backend_tls_verify=required (the default) checks the chain: a stranger's CA marks every CM down."""
+    from pki import TestPKI
+
+    pair.wait_master("halb1")
+    stranger = TestPKI(tmp_path / "stranger")
+    ctx = ssl.create_default_context(cafile=str(pair.pki.ca))
+    params = pair.params("halb1")
+    params["virtual_servers"][0]["backend_ca_file"] = str(stranger.ca)
+    try:
+        result = pair.deploy("halb1", params)
+        assert "reloaded haproxy" in result["actions"], result["actions"]
+        assert not any("backend_tls_verify" in w for w in result.get("warnings", [])), result.get("warnings")
+        # Checks fail verification (fall 2 x 500 ms): the HALB answers 503 itself, no CM is asked.
+        _wait_for(lambda: _status(pair.vip, 443, ctx) == 503, 15, "both backends to be marked down")
+        assert _get_name(pair.vip, 443, ctx, "/whoami") is None
+    finally:
+        pair.deploy("halb1")
+    _wait_for(
+        lambda: _get_name(pair.vip, 443, ctx, "/whoami") in ("be1", "be2"), 15, "the backends to return"
+    )
+
+
+def test_verification_off_is_explicit_and_warned(pair: Pair):
+    params = pair.params("halb2")
+    params["virtual_servers"][0]["backend_tls_verify"] = "none"
+    del params["virtual_servers"][0]["backend_ca_file"]
+    try:
+        checked = pair.deploy("halb2", params, check=True)
+        assert any("backend_tls_verify=none" in w and "passwords" in w for w in checked.get("warnings", []))
+        del params["virtual_servers"][0]["backend_tls_verify"]
+        refused = pair.deploy("halb2", params, check=True, expect_failure=True)
+        assert "backend_ca_file" in refused["msg"] and "gatehouse__ca_cert" in refused["msg"]
+    finally:
+        assert pair.deploy("halb2")["changed"] is False
+
+
+def _status(host: str, port: int, ctx: ssl.SSLContext) -> int | None:
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=1)
+    try:
+        conn.request("GET", "/whoami")
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def test_http_mode_passes_the_client_address_in_x_forwarded_for(pair: Pair):
+    conn = http.client.HTTPSConnection(
+        pair.vip, 443, context=ssl.create_default_context(cafile=str(pair.pki.ca))
+    )
+    try:
+        conn.request("GET", "/", headers={"X-Forwarded-For": "203.0.113.66"})
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    assert response.status == 200
+    # The host reaches the network through its gateway address; the spoofed value is gone.
+    assert response.getheader("X-Seen-Forwarded-For") == pair.gateway
+    assert response.getheader("Set-Cookie", "").startswith("JSESSIONID=")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "haproxy"])
+def test_failover_when_the_primary_dies(pair: Pair, how: str):
+    pair.wait_master("halb1")
+    start = time.monotonic()
+    killed = pair.kill("halb1", how)
+    # Probe only (no docker exec in the loop) so the measurement is not slowed down.
+    _wait_for(lambda: pair.via_vip(4444, timeout=0.3) is not None, RECOVERY_BOUND, "the VIP", 0.02)
+    recovered = time.monotonic() - start
+    FAILOVER_TIMES[how] = recovered
+    print(
+        f"\nHALB failover ({how} of the primary, advert_int {ADVERT_INT}): first successful /health "
+        f"through the VIP {recovered:.2f} s after the kill"
+    )
+    holders = pair.vip_holders()
+    assert len(holders) <= 1, holders
+
+    # The primary comes back (restart policy or docker start) and takes the VIP back
+    # (preemption); at no sampled moment do both nodes hold it.
+    pair.ensure_running("halb1", killed)
+    seen = []
+    deadline = time.monotonic() + RECOVERY_BOUND
+    for _attempt in range(400):
+        holders = pair.vip_holders()
+        seen.append(tuple(holders))
+        assert len(holders) <= 1, f"VIP on both nodes: {holders}"
+        if holders == ["halb1"] or time.monotonic() > deadline:
+            break
+    assert seen[-1] == ("halb1",), seen[-5:]
+    for _attempt in range(10):
+        assert len(pair.vip_holders()) == 1
+        time.sleep(0.1)
+    pair.wait_master("halb1")
+
+
+def test_source_persistence_holds_for_1000_reconnects_and_across_a_failover(pair: Pair):
+    pair.wait_master("halb1")
+    first = pair.via_vip(4443)
+    assert first in ("be1", "be2")
+    ctx = pair.tls_context()
+    names = set()
+    for _attempt in range(1000):
+        names.add(_get_name(pair.vip, 4443, ctx, "/whoami"))
+    assert names == {first}
+    # Control: without persistence the same client is spread over both backends.
+    assert {_get_name(pair.vip, 4444, ctx, "/whoami") for _i in range(20)} == {"be1", "be2"}
+    # The secondary learnt the entry through the peers section; after a failover it is still used.
+    killed = pair.kill("halb1", "SIGTERM")
+    _wait_for(lambda: pair.vip_holders() == ["halb2"], RECOVERY_BOUND, "the VIP on halb2")
+    _wait_for(lambda: pair.via_vip(4443) is not None, RECOVERY_BOUND, "the VIP to serve")
+    after = {_get_name(pair.vip, 4443, ctx, "/whoami") for _i in range(50)}
+    assert after == {first}
+    pair.ensure_running("halb1", killed)
+    pair.wait_master("halb1")
+    back = {_get_name(pair.vip, 4443, ctx, "/whoami") for _i in range(50)}
+    assert back == {first}
+
+
+def _deploy_both(pair: Pair) -> list[dict]:
+    return [pair.deploy(node) for node in ("halb1", "halb2")]
+
+
+def test_drain_stops_new_sessions_while_established_ones_continue(pair: Pair):
+    pair.wait_master("halb1")
+    ctx = pair.tls_context()
+    # An established TCP connection through the no-persistence virtual server that landed on be1.
+    established = None
+    for _attempt in range(10):
+        conn = http.client.HTTPSConnection(pair.vip, 4444, context=ctx, timeout=5)
+        conn.request("GET", "/whoami")
+        response = conn.getresponse()
+        if response.read().decode().strip() == "be1":
+            established = conn
+            break
+        conn.close()
+    assert established is not None
+    # An HTTP session (JSESSIONID) on be1 through the http virtual server.
+    web = ssl.create_default_context(cafile=str(pair.pki.ca))
+    cookie = None
+    for _attempt in range(10):
+        conn = http.client.HTTPSConnection(pair.vip, 443, context=web, timeout=5)
+        conn.request("GET", "/login")
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        if response.getheader("X-Backend") == "be1":
+            cookie = response.getheader("Set-Cookie").split(";")[0]
+            break
+    assert cookie and cookie.startswith("JSESSIONID=be1~")
+
+    pair.states["be1"] = "drain"
+    try:
+        results = _deploy_both(pair)
+        for result in results:
+            assert result["changed"] is True
+            assert "set server be_spread/be1 state drain" in " ".join(result["actions"])
+            assert not any(a.startswith("reloaded") for a in result["actions"])
+        new_sessions = {_get_name(pair.vip, 4444, ctx, "/whoami") for _i in range(30)}
+        assert new_sessions == {"be2"}
+        fresh_web = set()
+        for _attempt in range(20):
+            conn = http.client.HTTPSConnection(pair.vip, 443, context=web, timeout=5)
+            conn.request("GET", "/login")
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            fresh_web.add(response.getheader("X-Backend"))
+        assert fresh_web == {"be2"}
+        # The established connection and the existing session still reach be1.
+        established.request("GET", "/whoami")
+        assert established.getresponse().read().decode().strip() == "be1"
+        conn = http.client.HTTPSConnection(pair.vip, 443, context=web, timeout=5)
+        conn.request("GET", "/desktop", headers={"Cookie": cookie})
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        assert response.getheader("X-Backend") == "be1"
+        # The state is in the file as well: a reload keeps it.
+        primary = pair.client.containers.get(pair.container_name("halb1"))
+        code, out = primary.exec_run(["gatehouse-halb-reload", "haproxy"])
+        assert code == 0, out
+        time.sleep(1)
+        assert {_get_name(pair.vip, 4444, ctx, "/whoami") for _i in range(20)} == {"be2"}
+        # The connection opened before the reload is served by the old worker until it ends.
+        established.request("GET", "/whoami")
+        assert established.getresponse().read().decode().strip() == "be1"
+        assert _deploy_both(pair)[0]["changed"] is False
+    finally:
+        established.close()
+        pair.states["be1"] = "enabled"
+        results = _deploy_both(pair)
+    assert all("set server be_spread/be1 state ready" in " ".join(r["actions"]) for r in results)
+    assert "be1" in {_get_name(pair.vip, 4444, ctx, "/whoami") for _i in range(20)}
+
+
+@pytest.mark.parametrize("breakage", ["haproxy_option", "backend_port_0"])
+def test_invalid_configuration_is_refused_and_the_running_one_stays(pair: Pair, breakage: str):
+    pair.wait_master("halb1")
+    cfg = pair.config_dir("halb1") / "haproxy" / "haproxy.cfg"
+    conf = pair.config_dir("halb1") / "keepalived" / "keepalived.conf"
+    before = (_sha256(cfg), _sha256(conf))
+    container = pair.client.containers.get(pair.container_name("halb1"))
+    started = container.attrs["State"]["StartedAt"]
+    params = pair.params("halb1")
+    if breakage == "haproxy_option":
+        params["virtual_servers"][1]["haproxy_options"] = ["stick-table type nonsense size 1k"]
+        expected = "haproxy -c refused the configuration"
+    else:
+        params["virtual_servers"][1]["backends"][0]["port"] = 0
+        expected = "port 0 is out of range 1-65535"
+    result = pair.deploy("halb1", params, expect_failure=True)
+    print(f"\nrefused ({breakage}): {result['msg']}")
+    assert expected in result["msg"]
+    assert "nothing was changed" in result["msg"] or breakage == "backend_port_0"
+    assert (_sha256(cfg), _sha256(conf)) == before
+    container.reload()
+    assert container.status == "running"
+    assert container.attrs["State"]["StartedAt"] == started
+    assert pair.via_vip(4444) in ("be1", "be2")
+    assert pair.deploy("halb1")["changed"] is False
+
+
+def test_config_changes_reload_without_dropping_connections_or_moving_the_vip(pair: Pair):
+    pair.wait_master("halb1")
+    ctx = pair.tls_context()
+    established = http.client.HTTPSConnection(pair.vip, 4444, context=ctx, timeout=5)
+    established.request("GET", "/whoami")
+    first = established.getresponse().read().decode().strip()
+    try:
+        for node in ("halb1", "halb2"):
+            params = pair.params(node)
+            params["virtual_servers"][2]["backends"][1]["weight"] = 50
+            params["vrrp"]["garp_master_refresh"] = 30
+            result = pair.deploy(node, params)
+            assert result["actions"] == [
+                "validated",
+                "wrote files",
+                "reloaded haproxy",
+                "reloaded keepalived",
+            ]
+            cfg = (pair.config_dir(node) / "haproxy" / "haproxy.cfg").read_text()
+            assert "weight 50" in cfg
+        assert pair.vip_holders() == ["halb1"]
+        # The connection opened before the reload is still served (by the old worker).
+        established.request("GET", "/whoami")
+        assert established.getresponse().read().decode().strip() == first
+        assert pair.via_vip(4444) in ("be1", "be2")
+    finally:
+        established.close()
+        for node in ("halb1", "halb2"):
+            pair.deploy(node)
+
+
+def test_absent_removes_the_node_and_the_peer_serves(pair: Pair):
+    pair.wait_master("halb1")
+    params = {
+        "state": "absent",
+        "config_dir": str(pair.config_dir("halb1")),
+        "container_name": pair.container_name("halb1"),
+    }
+    checked = pair.deploy("halb1", params, check=True)
+    assert checked["changed"] is True
+    assert pair.client.containers.get(pair.container_name("halb1")).status == "running"
+    removed = pair.deploy("halb1", params)
+    assert removed["changed"] is True
+    assert f"removed container {pair.container_name('halb1')}" in removed["actions"]
+    with pytest.raises(docker.errors.NotFound):
+        pair.client.containers.get(pair.container_name("halb1"))
+    assert not pair.config_dir("halb1").exists()
+    _wait_for(lambda: pair.vip_holders() == ["halb2"], RECOVERY_BOUND, "the VIP on halb2")
+    assert pair.via_vip(4444) in ("be1", "be2")
+    assert pair.deploy("halb1", params)["changed"] is False
+    # Back again: the primary takes the VIP back (preemption).
+    assert pair.deploy("halb1")["changed"] is True
+    pair.wait_master("halb1")
+
+
+def test_role_derives_the_same_pair_from_the_inventory_group(pair: Pair):
+    """The halb role (peers from the group, priority from a host variable) converges to what runs."""
+    pair.wait_master("halb1")
+    hosts = {}
+    for node in ("halb1", "halb2"):
+        p = pair.params(node)
+        hosts[node] = {
+            "halb_address": pair.node_ip[node],
+            "halb_priority": p["vrrp"]["priority"],
+            "halb_config_dir": p["config_dir"],
+            "halb_container_name": p["container_name"],
+            "halb_ipv4_address": p["ipv4_address"],
+        }
+    common = pair.params("halb1")
+    inventory = {
+        "all": {
+            "children": {
+                "halb": {
+                    "hosts": hosts,
+                    "vars": {
+                        "ansible_connection": "local",
+                        "ansible_python_interpreter": sys.executable,
+                        "halb_image": common["image"],
+                        "halb_network_mode": common["network_mode"],
+                        "halb_vips": common["vrrp"]["vips"],
+                        "halb_advert_int": ADVERT_INT,
+                        "halb_virtual_servers": common["virtual_servers"],
+                    },
+                }
+            }
+        }
+    }
+    work = pair.tmp / ("role-" + uuid.uuid4().hex[:6])
+    work.mkdir()
+    (work / "inventory.json").write_text(json.dumps(inventory))
+    (work / "play.yml").write_text(
+        "- hosts: halb\n  gather_facts: false\n  roles:\n    - gatehouse.access.halb\n"
+    )
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(pair.collections), ANSIBLE_STDOUT_CALLBACK="json")
+    argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(work / "inventory.json")]
+    for extra in (["--check", "--diff"], []):
+        proc = subprocess.run(
+            [*argv, *extra, str(work / "play.yml")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        report = json.loads(proc.stdout)
+        converge = next(
+            t for t in report["plays"][0]["tasks"] if t["task"]["name"].endswith("Converge the HALB node")
+        )
+        for node in ("halb1", "halb2"):
+            assert converge["hosts"][node]["changed"] is False, converge["hosts"][node].get("diff")
+        assert converge["hosts"]["halb1"]["vips_held"] == [pair.vip]
+        assert converge["hosts"]["halb2"]["vips_held"] == []
