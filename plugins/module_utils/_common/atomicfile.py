@@ -12,13 +12,21 @@ target with os.replace().
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
+from typing import BinaryIO
 
 
-def write_atomic(path: str, data: bytes, mode: int, uid: int | None = None, gid: int | None = None) -> None:
-    """Write ``data`` to ``path`` atomically with permission bits ``mode`` (and owner, when given)."""
+@contextlib.contextmanager
+def atomic_open(path: str, mode: int, uid: int | None = None, gid: int | None = None) -> Iterator[BinaryIO]:
+    """A binary handle whose content replaces ``path`` atomically when the block ends without error.
+
+    The temporary file gets ``mode`` (and owner, when given) before any data is written, is
+    fsync'ed, then renamed over ``path``; on any exception it is removed and ``path`` is untouched.
+    """
     directory = os.path.dirname(os.path.abspath(path)) or "."
     fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), suffix=".tmp", dir=directory)
     try:
@@ -28,7 +36,7 @@ def write_atomic(path: str, data: bytes, mode: int, uid: int | None = None, gid:
             os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
         with os.fdopen(fd, "wb") as handle:
             fd = -1
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -39,6 +47,12 @@ def write_atomic(path: str, data: bytes, mode: int, uid: int | None = None, gid:
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+
+
+def write_atomic(path: str, data: bytes, mode: int, uid: int | None = None, gid: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically with permission bits ``mode`` (and owner, when given)."""
+    with atomic_open(path, mode, uid, gid) as handle:
+        handle.write(data)
 
 
 def _fsync_dir(directory: str) -> None:

@@ -43,6 +43,17 @@ def _text(data: bytes | None, mask: Callable[[str], str] | None) -> str:
     return mask(text) if mask else text
 
 
+def _attributes_differ(entry: PlannedFile | PlannedDir) -> bool:
+    """Mode or a requested owner of an existing file or directory differs from what is wanted."""
+    if entry.before_mode != entry.mode:
+        return True
+    if entry.before_owner is None:
+        raise RuntimeError("internal error: owner of existing %s was not read" % entry.path)
+    if entry.uid is not None and entry.before_owner[0] != entry.uid:
+        return True
+    return entry.gid is not None and entry.before_owner[1] != entry.gid
+
+
 class PlannedFile:
     """One file the module wants: its content, mode and owner, and how it differs from disk."""
 
@@ -82,15 +93,7 @@ class PlannedFile:
 
     @property
     def attributes_changed(self) -> bool:
-        if self.before is None:
-            return True
-        if self.before_mode != self.mode:
-            return True
-        if self.before_owner is None:
-            raise RuntimeError("internal error: owner of existing %s was not read" % self.path)
-        if self.uid is not None and self.before_owner[0] != self.uid:
-            return True
-        return self.gid is not None and self.before_owner[1] != self.gid
+        return self.before is None or _attributes_differ(self)
 
     @property
     def changed(self) -> bool:
@@ -142,13 +145,7 @@ class PlannedDir:
 
     @property
     def changed(self) -> bool:
-        if not self.exists or self.before_mode != self.mode:
-            return True
-        if self.before_owner is None:
-            raise RuntimeError("internal error: owner of existing %s was not read" % self.path)
-        if self.uid is not None and self.before_owner[0] != self.uid:
-            return True
-        return self.gid is not None and self.before_owner[1] != self.gid
+        return not self.exists or _attributes_differ(self)
 
     def apply(self) -> None:
         if not self.exists:

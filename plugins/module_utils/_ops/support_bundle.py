@@ -21,9 +21,9 @@ import socket
 import stat
 import sys
 import tarfile
-import tempfile
 import traceback
 
+from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfile import atomic_open
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
 from ansible_collections.gatehouse.access.plugins.module_utils._ops.redact import REDACTED, RULE, Redactor
 
@@ -425,29 +425,14 @@ def top_directory(dest: str) -> str:
 
 def write_archive(dest: str, members: dict[str, bytes], mode: int, now: datetime.datetime) -> int:
     """Write a tar.gz atomically (temp file in the same directory, mode set first, then renamed)."""
-    directory = os.path.dirname(os.path.abspath(dest))
     top = top_directory(dest)
-    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(dest), suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            fd = -1
-            with tarfile.open(fileobj=handle, mode="w:gz") as tar:
-                for name in sorted(members):
-                    info = tarfile.TarInfo("%s/%s" % (top, name.lstrip("/")))
-                    info.size = len(members[name])
-                    info.mtime = int(now.timestamp())
-                    info.mode = 0o600
-                    tar.addfile(info, io.BytesIO(members[name]))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(dest, mode) as handle, tarfile.open(fileobj=handle, mode="w:gz") as tar:
+        for name in sorted(members):
+            info = tarfile.TarInfo("%s/%s" % (top, name.lstrip("/")))
+            info.size = len(members[name])
+            info.mtime = int(now.timestamp())
+            info.mode = 0o600
+            tar.addfile(info, io.BytesIO(members[name]))
     return os.path.getsize(dest)
 
 
