@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # make images: gatehouse/base (only when its package list changed), the Python wheels of
-# files/services, and one image per service from files/images/<name>/Dockerfile, built with
-# `docker build --network none` from a context that holds the wheels. gatehouse/identity-test
-# has no Dockerfile: hack/build-identity-image.sh imports it from Debian packages (and skips
-# the build when they and its files did not change).
+# files/services, and one image per service, built with `docker build --network none` from a
+# context that holds the wheels: the Python services (broker, cm, sg, agent) from the stage of that
+# name in files/images/services/Dockerfile (--target <name>), the others from
+# files/images/<name>/Dockerfile. gatehouse/identity-test has no Dockerfile:
+# hack/build-identity-image.sh imports it from Debian packages (and skips the build when they and
+# its files did not change).
 #
 # Environment:
 #   BASE_IMAGE   base of all service images (default gatehouse/base:<version>, built here).
@@ -93,17 +95,30 @@ fi
 log "wheels ready in $(($(now) - step_start)) s"
 
 # --- service images
+# The stages of the shared Dockerfile of the Python services ("FROM runtime AS <name>").
+services_dir=$REPO_ROOT/files/images/services
+mapfile -t service_stages < <(sed -n 's/^FROM runtime AS \([a-z-]*\)$/\1/p' "$services_dir/Dockerfile")
+declare -A prepared=()
 for name in "${images[@]}"; do
     step_start=$(now)
     dockerfile_dir=$REPO_ROOT/files/images/$name
-    [[ -f $dockerfile_dir/Dockerfile ]] || die "no Dockerfile in files/images/$name"
-    context=$REPO_ROOT/build/images/$name
-    rm -rf "$context" && mkdir -p "$context"
-    cp -a "$dockerfile_dir/." "$context/"
-    if grep -q '^COPY wheels/' "$dockerfile_dir/Dockerfile"; then
-        cp -r "$deps" "$context/wheels"
-        cp -r "$app" "$context/app"
-        rm -f "$context/wheels/.sha256" "$context/app/.sha256"
+    target=()
+    if [[ " ${service_stages[*]} " == *" $name "* ]]; then
+        dockerfile_dir=$services_dir
+        target=(--target "$name")
+    fi
+    [[ -f $dockerfile_dir/Dockerfile ]] || die "no Dockerfile in files/images/$name nor a stage $name in files/images/services/Dockerfile"
+    # One context per Dockerfile, prepared once per run (the four service stages share theirs).
+    context=$REPO_ROOT/build/images/$(basename "$dockerfile_dir")
+    if [[ -z ${prepared[$context]:-} ]]; then
+        prepared[$context]=1
+        rm -rf "$context" && mkdir -p "$context"
+        cp -a "$dockerfile_dir/." "$context/"
+        if grep -q '^COPY wheels/' "$dockerfile_dir/Dockerfile"; then
+            cp -r "$deps" "$context/wheels"
+            cp -r "$app" "$context/app"
+            rm -f "$context/wheels/.sha256" "$context/app/.sha256"
+        fi
     fi
     # An image with its own requirements.txt (gatehouse/node) gets those wheels as pywheels/,
     # fetched again only when the list changes.
@@ -123,7 +138,7 @@ for name in "${images[@]}"; do
     fi
     tag=${REPOSITORY:-gatehouse/}$name:$version
     build_log=$REPO_ROOT/build/images/$name.log
-    if ! docker build --network "$network" \
+    if ! docker build --network "$network" "${target[@]}" \
         --build-arg "BASE_IMAGE=$base_image" --build-arg "VERSION=$version" \
         --tag "$tag" "$context" >"$build_log" 2>&1; then
         tail -n 40 "$build_log" >&2

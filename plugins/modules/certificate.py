@@ -343,9 +343,17 @@ errors:
     - certificate /root/certs/certificate.pem has a 1024-bit RSA key, at least 2048 bits are required (3072 recommended)
 """
 
+import datetime  # noqa: E402
+import os  # noqa: E402
+
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
 
-from ansible_collections.gatehouse.access.plugins.module_utils._crypto import certificate as certificate_utils  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfile import (  # noqa: E402
+    file_mode,
+    read_bytes,
+    write_atomic,
+)
+from ansible_collections.gatehouse.access.plugins.module_utils._crypto import certificate as certs  # noqa: E402
 
 # Options that only make sense for some states; anything else is refused so mistakes are visible.
 _SUBJECT_OPTIONS = {
@@ -377,6 +385,202 @@ DEFAULTS = {
 }
 
 
+def run(params: dict, check_mode: bool, now: datetime.datetime | None = None) -> dict:
+    """The module's work on validated ``params``: the result, with ``failed`` set on refusal.
+
+    ``warnings_list`` and ``diff`` are in the result for main() to pass on; nothing is written in
+    check mode. ``now`` is for tests (renewal, expiry).
+    """
+    now = now or certs.utcnow()
+    try:
+        if params["state"] == "check":
+            return _check(params, check_mode, now)
+        return _generate(params, check_mode, now)
+    except certs.CertificateError as exc:
+        return {"failed": True, "msg": str(exc), "errors": [str(exc)], "changed": False}
+
+
+def _check(params: dict, check_mode: bool, now: datetime.datetime) -> dict:
+    material = certs.inspect_material(
+        params["certificate_path"],
+        params.get("privatekey_path"),
+        params.get("chain_path"),
+        convert_der=params["convert_der"],
+        expiry_warn_days=params["expiry_warn_days"],
+        now=now,
+    )
+    result = material.facts(now, params.get("privatekey_path"))
+    result["warnings_list"] = material.findings.warnings
+    if material.findings.errors:
+        result["errors"] = material.findings.errors
+        result["failed"] = True
+        result["msg"] = "TLS material is not acceptable: " + "; ".join(material.findings.errors)
+        return result
+    converted = [conversion[0] for conversion in material.conversions]
+    result["converted"] = converted
+    result["changed"] = bool(converted)
+    result["diff"] = {
+        "before": {path: "DER" for path in converted},
+        "after": {path: "PEM" for path in converted},
+    }
+    if not check_mode:
+        for path, pem, mode in material.conversions:
+            write_atomic(path, pem, mode)
+    return result
+
+
+def _generate(params: dict, check_mode: bool, now: datetime.datetime) -> dict:
+    """state=csr or selfsigned: the key is kept while it fits, the request or certificate while it
+    is current (same key, subject, names and digest; a certificate also valid beyond
+    expiry_warn_days), and modes are repaired in place."""
+    state = params["state"]
+    bits = params["key_size"]
+    certs.validate_key_size(bits)
+    digest = params["digest"]
+    certs.validate_digest(digest)
+    name = certs.build_name(params)
+    sans = certs.parse_subject_alt_names(
+        params.get("subject_alt_names") or [], params["common_name"].rstrip(".")
+    )
+    key_path = params["privatekey_path"]
+    out_path = params["csr_path"] if state == "csr" else params["certificate_path"]
+    _require_dir(key_path, "privatekey_path")
+    _require_dir(out_path, "csr_path" if state == "csr" else "certificate_path")
+    if state == "selfsigned" and params["valid_days"] <= params["expiry_warn_days"]:
+        raise certs.CertificateError(
+            "valid_days (%d) must be larger than expiry_warn_days (%d), or the certificate would be renewed "
+            "on every run" % (params["valid_days"], params["expiry_warn_days"])
+        )
+
+    key_mode_before = file_mode(key_path)
+    key = _existing_key(key_path, params["force"], bits)
+    if key is not None:
+        key_before = _key_summary(key_path, key, key_mode_before)
+    else:
+        key_before = {"path": key_path, "exists": read_bytes(key_path) is not None}
+    new_key = key is None
+    if new_key:
+        key = certs.generate_key(bits)
+
+    load = certs.load_pem_csr if state == "csr" else certs.load_pem_certificate
+    out_data = read_bytes(out_path)
+    existing = load(out_data)
+    out_before = _file_summary(out_path, existing, exists=out_data is not None)
+    if state == "csr":
+        current = not new_key and certs.csr_is_current(existing, key, name, sans, digest)
+    else:
+        current = not new_key and certs.selfsigned_is_current(
+            existing, key, name, sans, digest, params["expiry_warn_days"], now
+        )
+    out_mode_before = file_mode(out_path)
+    if current:
+        out_obj = existing
+        new_out = None
+    else:
+        if state == "csr":
+            out_obj = certs.build_csr(key, name, sans, digest)
+        else:
+            out_obj = certs.build_selfsigned(key, name, sans, digest, params["valid_days"], now)
+        new_out = certs.to_pem(out_obj)
+
+    fix_key_mode = not new_key and key_mode_before != certs.KEY_MODE
+    fix_out_mode = new_out is None and out_mode_before != certs.PUBLIC_MODE
+    changed = new_key or new_out is not None or fix_key_mode or fix_out_mode
+
+    if changed and not check_mode:
+        if new_key:
+            write_atomic(key_path, certs.private_key_pem(key), certs.KEY_MODE)
+        elif fix_key_mode:
+            os.chmod(key_path, certs.KEY_MODE)
+        if new_out is not None:
+            write_atomic(out_path, new_out, certs.PUBLIC_MODE)
+        elif fix_out_mode:
+            os.chmod(out_path, certs.PUBLIC_MODE)
+
+    out_label = "csr" if state == "csr" else "certificate"
+    result: dict = {
+        "changed": changed,
+        "privatekey_generated": new_key,
+        "diff": {
+            "before": {"privatekey": key_before, out_label: out_before},
+            "after": {
+                "privatekey": _key_summary(key_path, key, certs.KEY_MODE),
+                out_label: _file_summary(out_path, out_obj),
+            },
+        },
+        # Facts describe the state after the run (predicted in check mode).
+        "privatekey": dict(
+            certs.private_key_facts(key, None), path=key_path, mode=certs.mode_text(certs.KEY_MODE)
+        ),
+    }
+    if state == "csr":
+        result["csr"] = dict(certs.csr_facts(out_obj), path=out_path)
+        result["warnings_list"] = []
+        if bits < certs.RECOMMENDED_RSA_BITS:
+            result["warnings_list"].append(
+                "key_size %d meets the %d-bit minimum but %d bits or more are recommended"
+                % (bits, certs.MIN_RSA_BITS, certs.RECOMMENDED_RSA_BITS)
+            )
+        return result
+    findings = certs.Findings()
+    certs.check_key_rules(out_obj.public_key(), "certificate %s" % out_path, findings)
+    certs.check_validity(out_obj, "certificate %s" % out_path, findings, params["expiry_warn_days"], now)
+    result["certificate"] = dict(certs.certificate_facts(out_obj, "pem", now), path=out_path)
+    result["chain"] = []
+    result["warnings_list"] = findings.warnings
+    return result
+
+
+def _existing_key(path: str, force: bool, bits: int):
+    """The key to reuse, or None to generate one; a key that does not fit is never replaced without force."""
+    data = read_bytes(path)
+    if data is None or force:
+        return None
+    try:
+        key, fmt = certs.load_private_key(data, "private key %s" % path)
+    except certs.CertificateError as exc:
+        raise certs.CertificateError(
+            "%s; refusing to replace it, set force: true to regenerate" % exc
+        ) from None
+    kind, size = certs.key_kind(key.public_key())
+    if kind != "RSA" or size != bits or fmt != "pem":
+        raise certs.CertificateError(
+            "private key %s exists as a %d-bit %s %s key but a %d-bit RSA PEM key is wanted; refusing to "
+            "replace a private key, set force: true to regenerate it" % (path, size, kind, fmt.upper(), bits)
+        )
+    return key
+
+
+def _require_dir(path: str, option: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise certs.CertificateError("directory %s of %s does not exist" % (directory, option))
+
+
+# Diff summaries: what an operator needs to see change (names, sizes, fingerprints), never key material.
+
+
+def _key_summary(path: str, key, mode: int | None) -> dict:
+    facts = certs.private_key_facts(key)
+    return {
+        "path": path,
+        "exists": True,
+        "key_type": facts["key_type"],
+        "key_size": facts["key_size"],
+        "public_key_fingerprint_sha256": facts["public_key_fingerprint_sha256"],
+        "mode": certs.mode_text(mode),
+    }
+
+
+def _file_summary(path: str, obj, exists: bool = True) -> dict:
+    """``obj`` is the request or certificate read from ``path``, None when it is unreadable."""
+    if not exists:
+        return {"path": path, "exists": False}
+    if obj is None:
+        return {"path": path, "exists": True, "readable": False}
+    return dict({"path": path, "exists": True}, **certs.summary(obj))
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
@@ -406,12 +610,12 @@ def main() -> None:
         ],
         supports_check_mode=True,
     )
-    if not certificate_utils.HAS_CRYPTOGRAPHY:
+    if not certs.HAS_CRYPTOGRAPHY:
         module.fail_json(
             msg=missing_required_lib("cryptography >= 42.0"),
-            exception=certificate_utils.CRYPTOGRAPHY_IMPORT_ERROR,
+            exception=certs.CRYPTOGRAPHY_IMPORT_ERROR,
         )
-    if certificate_utils.cryptography_too_old():
+    if certs.cryptography_too_old():
         module.fail_json(msg=missing_required_lib("cryptography >= 42.0 (a newer version)"))
 
     state = module.params["state"]
@@ -430,7 +634,7 @@ def main() -> None:
     if module.params["valid_days"] < 1:
         module.fail_json(msg="valid_days must be at least 1")
 
-    result = certificate_utils.run(module.params, module.check_mode)
+    result = run(module.params, module.check_mode)
     for warning in result.pop("warnings_list", []):
         module.warn(warning)
     diff = result.pop("diff", None)

@@ -2,7 +2,12 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
-"""TLS material rules of the connection manager and security gateway (private to the collection).
+"""TLS material rules of the connection manager and security gateway, and generation of keys,
+requests and self-signed certificates (private to the collection).
+
+The one implementation of both: the certificate module and the deployment modules' self-signed
+pairs (_deploy.common.tls_files) use it. Reading and writing files as a module (check mode,
+diffs, results) is the certificate module's own business, not this file's.
 
 The rules come from the product documentation of the CM/SG:
 - only RSA keys, at least 2048 bits; 3072 bits recommended (warning below);
@@ -22,11 +27,7 @@ import os
 import re
 import traceback
 
-from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfile import (
-    file_mode,
-    read_bytes,
-    write_atomic,
-)
+from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfile import file_mode, read_bytes
 
 try:
     import cryptography
@@ -253,7 +254,7 @@ def certificate_facts(cert, fmt: str = "pem", now: datetime.datetime | None = No
     }
 
 
-def _mode_text(mode: int | None) -> str | None:
+def mode_text(mode: int | None) -> str | None:
     return "%04o" % mode if mode is not None else None
 
 
@@ -265,7 +266,7 @@ def private_key_facts(key, path: str | None = None, fmt: str = "pem") -> dict:
         "key_type": kind,
         "key_size": bits,
         "public_key_fingerprint_sha256": public_key_fingerprint(key.public_key()),
-        "mode": _mode_text(mode),
+        "mode": mode_text(mode),
         "format": fmt,
     }
 
@@ -609,9 +610,13 @@ def build_name(params: dict) -> object:
     return x509.Name(attributes)
 
 
-def _hash(name: str):
+def validate_digest(name: str) -> None:
     if name not in DIGESTS:
         raise CertificateError("digest must be one of %s" % ", ".join(DIGESTS))
+
+
+def _hash(name: str):
+    validate_digest(name)
     return getattr(hashes, name.upper())()
 
 
@@ -692,15 +697,48 @@ def csr_facts(csr) -> dict:
     }
 
 
-def csr_is_current(data: bytes | None, key, name, sans: list, digest: str) -> bool:
+def load_pem_csr(data: bytes | None):
+    """The certificate signing request in ``data``, or None when there is none or it is unreadable."""
     if data is None:
-        return False
+        return None
     try:
-        csr = x509.load_pem_x509_csr(data)
+        return x509.load_pem_x509_csr(data)
     except ValueError:
-        return False
+        return None
+
+
+def load_pem_certificate(data: bytes | None):
+    """The first certificate in ``data``, or None when there is none or it is unreadable."""
+    if data is None:
+        return None
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        return None
+
+
+def to_pem(cert_or_csr) -> bytes:
+    return cert_or_csr.public_bytes(serialization.Encoding.PEM)
+
+
+def summary(cert_or_csr) -> dict:
+    """Short description of a certificate or request, for diffs: names and hashes, never key material."""
+    result = {
+        "subject": cert_or_csr.subject.rfc4514_string(),
+        "subject_alt_names": general_names(cert_or_csr.extensions),
+        "signature_hash": signature_hash(cert_or_csr),
+    }
+    if hasattr(cert_or_csr, "not_valid_after_utc"):
+        result["not_after"] = _iso(cert_or_csr.not_valid_after_utc)
+        result["fingerprint_sha256"] = colon_hex(cert_or_csr.fingerprint(hashes.SHA256()))
+    return result
+
+
+def csr_is_current(csr, key, name, sans: list, digest: str) -> bool:
+    """Whether ``csr`` (or None) is a valid request of ``key`` for exactly this subject, SANs and digest."""
     return (
-        csr.is_signature_valid
+        csr is not None
+        and csr.is_signature_valid
         and same_public_key(csr.public_key(), key.public_key())
         and csr.subject == name
         and sorted(general_names(csr.extensions)) == _san_keys(sans)
@@ -709,16 +747,13 @@ def csr_is_current(data: bytes | None, key, name, sans: list, digest: str) -> bo
 
 
 def selfsigned_is_current(
-    data: bytes | None, key, name, sans: list, digest: str, renew_days: int, now: datetime.datetime
+    cert, key, name, sans: list, digest: str, renew_days: int, now: datetime.datetime
 ) -> bool:
-    if data is None:
-        return False
-    try:
-        cert = x509.load_pem_x509_certificate(data)
-    except ValueError:
-        return False
+    """Whether ``cert`` (or None) is the self-signed certificate of ``key`` for exactly this subject,
+    SANs and digest, valid now and for at least ``renew_days`` more days."""
     return (
-        same_public_key(cert.public_key(), key.public_key())
+        cert is not None
+        and same_public_key(cert.public_key(), key.public_key())
         and cert.subject == name
         and cert.issuer == name
         and sorted(general_names(cert.extensions)) == _san_keys(sans)
@@ -728,200 +763,15 @@ def selfsigned_is_current(
     )
 
 
-# ---------------------------------------------------------------- module driver
+def selfsigned_pem(
+    common_name: str, sans: list[str], bits: int, digest: str, valid_days: int
+) -> tuple[bytes, bytes]:
+    """A new RSA key and a self-signed server certificate for it: (certificate PEM, PKCS#8 key PEM).
 
-
-def _key_summary(path: str, key, mode: int | None) -> dict:
-    if key is None:
-        return {"path": path, "exists": False}
-    kind, bits = key_kind(key.public_key())
-    return {
-        "path": path,
-        "exists": True,
-        "key_type": kind,
-        "key_size": bits,
-        "public_key_fingerprint_sha256": public_key_fingerprint(key.public_key()),
-        "mode": _mode_text(mode),
-    }
-
-
-def _file_summary(path: str, data: bytes | None, loader) -> dict:
-    if data is None:
-        return {"path": path, "exists": False}
-    try:
-        obj = loader(data)
-    except ValueError:
-        return {"path": path, "exists": True, "readable": False}
-    summary = {
-        "path": path,
-        "exists": True,
-        "subject": obj.subject.rfc4514_string(),
-        "subject_alt_names": general_names(obj.extensions),
-        "signature_hash": signature_hash(obj),
-    }
-    if hasattr(obj, "not_valid_after_utc"):
-        summary["not_after"] = _iso(obj.not_valid_after_utc)
-        summary["fingerprint_sha256"] = colon_hex(obj.fingerprint(hashes.SHA256()))
-    return summary
-
-
-def _existing_key(path: str, force: bool, bits: int):
-    """The key to reuse, or None to generate one; refuses to replace a precious key without force."""
-    data = read_bytes(path)
-    if data is None or force:
-        return None
-    try:
-        key, fmt = load_private_key(data, "private key %s" % path)
-    except CertificateError as exc:
-        raise CertificateError("%s; refusing to replace it, set force: true to regenerate" % exc) from None
-    kind, size = key_kind(key.public_key())
-    if kind != "RSA" or size != bits or fmt != "pem":
-        raise CertificateError(
-            "private key %s exists as a %d-bit %s %s key but a %d-bit RSA PEM key is wanted; refusing to "
-            "replace a private key, set force: true to regenerate it" % (path, size, kind, fmt.upper(), bits)
-        )
-    return key
-
-
-def _require_dir(path: str, option: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise CertificateError("directory %s of %s does not exist" % (directory, option))
-
-
-def run_check(params: dict, check_mode: bool, now: datetime.datetime) -> dict:
-    material = inspect_material(
-        params["certificate_path"],
-        params.get("privatekey_path"),
-        params.get("chain_path"),
-        convert_der=params["convert_der"],
-        expiry_warn_days=params["expiry_warn_days"],
-        now=now,
-    )
-    result = material.facts(now, params.get("privatekey_path"))
-    result["warnings_list"] = material.findings.warnings
-    if material.findings.errors:
-        result["errors"] = material.findings.errors
-        result["failed"] = True
-        result["msg"] = "TLS material is not acceptable: " + "; ".join(material.findings.errors)
-        return result
-    converted = [conversion[0] for conversion in material.conversions]
-    result["converted"] = converted
-    result["changed"] = bool(converted)
-    result["diff"] = {
-        "before": {path: "DER" for path in converted},
-        "after": {path: "PEM" for path in converted},
-    }
-    if not check_mode:
-        for path, pem, mode in material.conversions:
-            write_atomic(path, pem, mode)
-    return result
-
-
-def run_generate(params: dict, check_mode: bool, now: datetime.datetime) -> dict:
-    state = params["state"]
-    bits = params["key_size"]
-    validate_key_size(bits)
-    digest = params["digest"]
-    _hash(digest)
-    name = build_name(params)
-    sans = parse_subject_alt_names(params.get("subject_alt_names") or [], params["common_name"].rstrip("."))
-    key_path = params["privatekey_path"]
-    out_path = params["csr_path"] if state == "csr" else params["certificate_path"]
-    _require_dir(key_path, "privatekey_path")
-    _require_dir(out_path, "csr_path" if state == "csr" else "certificate_path")
-    if state == "selfsigned" and params["valid_days"] <= params["expiry_warn_days"]:
-        raise CertificateError(
-            "valid_days (%d) must be larger than expiry_warn_days (%d), or the certificate would be renewed "
-            "on every run" % (params["valid_days"], params["expiry_warn_days"])
-        )
-
-    force = params["force"]
-    key_mode_before = file_mode(key_path)
-    key = _existing_key(key_path, force, bits)
-    key_before = _key_summary(key_path, key, key_mode_before) if key is not None else None
-    if key_before is None:
-        old = read_bytes(key_path)
-        key_before = {"path": key_path, "exists": old is not None}
-    new_key = key is None
-    if new_key:
-        key = generate_key(bits)
-
-    loader = x509.load_pem_x509_csr if state == "csr" else x509.load_pem_x509_certificate
-    out_data = read_bytes(out_path)
-    out_before = _file_summary(out_path, out_data, loader)
-    if state == "csr":
-        current = not new_key and csr_is_current(out_data, key, name, sans, digest)
-    else:
-        current = not new_key and selfsigned_is_current(
-            out_data, key, name, sans, digest, params["expiry_warn_days"], now
-        )
-    out_mode_before = file_mode(out_path)
-    if current:
-        out_obj = loader(out_data)
-        new_out = None
-    elif state == "csr":
-        out_obj = build_csr(key, name, sans, digest)
-        new_out = out_obj.public_bytes(serialization.Encoding.PEM)
-    else:
-        out_obj = build_selfsigned(key, name, sans, digest, params["valid_days"], now)
-        new_out = out_obj.public_bytes(serialization.Encoding.PEM)
-
-    fix_key_mode = not new_key and key_mode_before != KEY_MODE
-    fix_out_mode = new_out is None and out_mode_before != PUBLIC_MODE
-    changed = new_key or new_out is not None or fix_key_mode or fix_out_mode
-
-    if changed and not check_mode:
-        if new_key:
-            write_atomic(key_path, private_key_pem(key), KEY_MODE)
-        elif fix_key_mode:
-            os.chmod(key_path, KEY_MODE)
-        if new_out is not None:
-            write_atomic(out_path, new_out, PUBLIC_MODE)
-        elif fix_out_mode:
-            os.chmod(out_path, PUBLIC_MODE)
-
-    key_after = _key_summary(key_path, key, KEY_MODE)
-    out_after = _file_summary(out_path, out_obj.public_bytes(serialization.Encoding.PEM), loader)
-    out_label = "csr" if state == "csr" else "certificate"
-    result: dict = {
-        "changed": changed,
-        "privatekey_generated": new_key,
-        "diff": {
-            "before": {"privatekey": key_before, out_label: out_before},
-            "after": {"privatekey": key_after, out_label: out_after},
-        },
-        "privatekey": private_key_facts(key, None),
-    }
-    result["privatekey"]["path"] = key_path
-    # Facts describe the state after the run (predicted in check mode).
-    result["privatekey"]["mode"] = _mode_text(KEY_MODE)
-    if state == "csr":
-        result["csr"] = csr_facts(out_obj)
-        result["csr"]["path"] = out_path
-        result["warnings_list"] = []
-        if bits < RECOMMENDED_RSA_BITS:
-            result["warnings_list"].append(
-                "key_size %d meets the %d-bit minimum but %d bits or more are recommended"
-                % (bits, MIN_RSA_BITS, RECOMMENDED_RSA_BITS)
-            )
-        return result
-    findings = Findings()
-    check_key_rules(out_obj.public_key(), "certificate %s" % out_path, findings)
-    check_validity(out_obj, "certificate %s" % out_path, findings, params["expiry_warn_days"], now)
-    result["certificate"] = certificate_facts(out_obj, "pem", now)
-    result["certificate"]["path"] = out_path
-    result["chain"] = []
-    result["warnings_list"] = findings.warnings
-    return result
-
-
-def run(params: dict, check_mode: bool, now: datetime.datetime | None = None) -> dict:
-    """Run the certificate module logic; returns the module result (``failed`` set on refusal)."""
-    now = now or utcnow()
-    try:
-        if params["state"] == "check":
-            return run_check(params, check_mode, now)
-        return run_generate(params, check_mode, now)
-    except CertificateError as exc:
-        return {"failed": True, "msg": str(exc), "errors": [str(exc)], "changed": False}
+    ``common_name`` and ``sans`` follow the rules of build_name() and parse_subject_alt_names();
+    CertificateError when they do not.
+    """
+    name = build_name({"common_name": common_name})
+    alt = parse_subject_alt_names(sans, common_name)
+    key = generate_key(bits)
+    return to_pem(build_selfsigned(key, name, alt, digest, valid_days)), private_key_pem(key)

@@ -301,15 +301,12 @@ def tls_files(
         cert_data, key_data = read_bytes(cert_path), read_bytes(key_path)
         if not _pair_matches(cert_data, key_data):
             try:
-                key = certs.generate_key(SELF_SIGNED_BITS)
-                name = certs.build_name({"common_name": common_name})
-                alt = certs.parse_subject_alt_names(sans, common_name)
-                cert = certs.build_selfsigned(key, name, alt, "sha256", SELF_SIGNED_DAYS)
+                cert_data, key_data = certs.selfsigned_pem(
+                    common_name, sans, SELF_SIGNED_BITS, "sha256", SELF_SIGNED_DAYS
+                )
             except certs.CertificateError as exc:
                 errors.append("cannot create the self-signed certificate: %s" % exc)
                 return [], info
-            key_data = certs.private_key_pem(key)
-            cert_data = cert.public_bytes(certs.serialization.Encoding.PEM)
             info["generated"] = True
         if cert_data is None or key_data is None:
             raise RuntimeError("internal error: no self-signed certificate or key for %s" % certs_dir)

@@ -1,4 +1,5 @@
-"""Certificate rules of the CM/SG (module_utils._crypto.certificate) on real keys and certificates."""
+"""Certificate rules of the CM/SG (module_utils._crypto.certificate) and the certificate module's
+work (modules/certificate.run) on real keys and certificates."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from cryptography import x509
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integration"))
 importlib.import_module("collection_helpers").ensure_importable()
 cu = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._crypto.certificate")
+module = importlib.import_module("ansible_collections.gatehouse.access.plugins.modules.certificate")
 tls = importlib.import_module("tls_material")
 
 
@@ -156,24 +158,24 @@ def test_der_refused_without_convert(tmp_path: Path, good: dict) -> None:
 def test_der_converted_on_request(tmp_path: Path, good: dict) -> None:
     der_path = tls.write(tmp_path / "certificate.crt", tls.der(good["cert_obj"]), 0o640)
     params = check_params(certificate_path=str(der_path), convert_der=True)
-    result = cu.run(params, check_mode=True)
+    result = module.run(params, check_mode=True)
     assert result["changed"] is True
     assert der_path.read_bytes() == tls.der(good["cert_obj"]), "check mode must not write"
 
-    result = cu.run(params, check_mode=False)
+    result = module.run(params, check_mode=False)
     assert result["changed"] is True
     assert result["converted"] == [str(der_path)]
     converted = x509.load_pem_x509_certificate(der_path.read_bytes())
     assert converted == good["cert_obj"]
     assert stat.S_IMODE(der_path.stat().st_mode) == 0o640
 
-    again = cu.run(params, check_mode=False)
+    again = module.run(params, check_mode=False)
     assert again["changed"] is False
 
 
 def test_der_key_converted_to_pem_with_mode_0600(tmp_path: Path, good: dict) -> None:
     key_path = tls.write(tmp_path / "private.der", tls.key_der(good["key_obj"]), 0o644)
-    result = cu.run(
+    result = module.run(
         check_params(certificate_path=str(good["cert"]), privatekey_path=str(key_path), convert_der=True),
         False,
     )
@@ -189,7 +191,7 @@ def test_garbage_is_not_a_certificate(tmp_path: Path) -> None:
 
 
 def test_missing_file_is_reported(tmp_path: Path) -> None:
-    result = cu.run(check_params(certificate_path=str(tmp_path / "nope.pem")), False)
+    result = module.run(check_params(certificate_path=str(tmp_path / "nope.pem")), False)
     assert result["failed"] is True
     assert "does not exist" in result["msg"]
 
@@ -297,7 +299,7 @@ def test_all_errors_reported_at_once(tmp_path: Path) -> None:
         "md5",
     )
     path = tls.write(tmp_path / "bad.pem", tls.pem(cert))
-    result = cu.run(check_params(certificate_path=str(path)), False)
+    result = module.run(check_params(certificate_path=str(path)), False)
     assert result["failed"] is True
     assert len(result["errors"]) == 3
     assert "2048" in result["msg"] and "MD5" in result["msg"] and "expired" in result["msg"]
@@ -315,7 +317,7 @@ def test_csr_generation_and_idempotence(tmp_path: Path) -> None:
         country_name="ca",
         organization_name="Example Corporation",
     )
-    first = cu.run(params, check_mode=False)
+    first = module.run(params, check_mode=False)
     assert first["changed"] is True and first["privatekey_generated"] is True
     csr = x509.load_pem_x509_csr((tmp_path / "server.csr").read_bytes())
     assert csr.signature_hash_algorithm.name == "sha384"
@@ -330,14 +332,14 @@ def test_csr_generation_and_idempotence(tmp_path: Path) -> None:
     key_before = (tmp_path / "key.pem").read_bytes()
     csr_before = (tmp_path / "server.csr").read_bytes()
 
-    second = cu.run(params, check_mode=False)
+    second = module.run(params, check_mode=False)
     assert second["changed"] is False
     assert (tmp_path / "key.pem").read_bytes() == key_before
     assert (tmp_path / "server.csr").read_bytes() == csr_before
 
     # A new SAN regenerates the request but keeps the key.
     params["subject_alt_names"].append("cm2.example.test")
-    third = cu.run(params, check_mode=False)
+    third = module.run(params, check_mode=False)
     assert third["changed"] is True and third["privatekey_generated"] is False
     assert (tmp_path / "key.pem").read_bytes() == key_before
     assert (tmp_path / "server.csr").read_bytes() != csr_before
@@ -346,7 +348,7 @@ def test_csr_generation_and_idempotence(tmp_path: Path) -> None:
 def test_existing_key_of_other_size_not_replaced_without_force(tmp_path: Path) -> None:
     tls.write(tmp_path / "key.pem", tls.key_pem(tls.rsa_key(2048)), 0o600)
     before = (tmp_path / "key.pem").read_bytes()
-    result = cu.run(gen_params("selfsigned", tmp_path, key_size=3072), False)
+    result = module.run(gen_params("selfsigned", tmp_path, key_size=3072), False)
     assert result["failed"] is True
     assert "force" in result["msg"] and "2048-bit" in result["msg"]
     assert (tmp_path / "key.pem").read_bytes() == before
@@ -357,7 +359,7 @@ def test_selfsigned_with_ip_sans_and_mode_repair(tmp_path: Path) -> None:
     params = gen_params(
         "selfsigned", tmp_path, subject_alt_names=["IP:127.0.0.1", "IP:::1", "Demo.Example.Test."]
     )
-    first = cu.run(params, False)
+    first = module.run(params, False)
     assert first["changed"] is True
     cert = x509.load_pem_x509_certificate((tmp_path / "cert.pem").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -366,19 +368,19 @@ def test_selfsigned_with_ip_sans_and_mode_repair(tmp_path: Path) -> None:
     assert any("3072" in w for w in first["warnings_list"]), "2048-bit key gets the recommendation warning"
 
     os.chmod(tmp_path / "key.pem", 0o644)
-    repaired = cu.run(params, False)
+    repaired = module.run(params, False)
     assert repaired["changed"] is True and repaired["privatekey_generated"] is False
     assert stat.S_IMODE((tmp_path / "key.pem").stat().st_mode) == 0o600
     assert x509.load_pem_x509_certificate((tmp_path / "cert.pem").read_bytes()) == cert
-    assert cu.run(params, False)["changed"] is False
+    assert module.run(params, False)["changed"] is False
 
 
 def test_selfsigned_renewed_when_close_to_expiry(tmp_path: Path) -> None:
     params = gen_params("selfsigned", tmp_path)
-    cu.run(params, False)
+    module.run(params, False)
     original = (tmp_path / "cert.pem").read_bytes()
     later = cu.utcnow() + datetime.timedelta(days=340)
-    renewed = cu.run(params, False, now=later)
+    renewed = module.run(params, False, now=later)
     assert renewed["changed"] is True and renewed["privatekey_generated"] is False
     assert (tmp_path / "cert.pem").read_bytes() != original
 
@@ -396,7 +398,7 @@ def test_selfsigned_renewed_when_close_to_expiry(tmp_path: Path) -> None:
     ],
 )
 def test_bad_generation_input_fails_before_writing(tmp_path: Path, overrides: dict, message: str) -> None:
-    result = cu.run(gen_params("selfsigned", tmp_path, **overrides), False)
+    result = module.run(gen_params("selfsigned", tmp_path, **overrides), False)
     assert result["failed"] is True
     assert message in result["msg"]
     assert list(tmp_path.iterdir()) == []
@@ -404,6 +406,6 @@ def test_bad_generation_input_fails_before_writing(tmp_path: Path, overrides: di
 
 def test_missing_directory_reported(tmp_path: Path) -> None:
     params = gen_params("csr", tmp_path, csr_path=str(tmp_path / "missing" / "server.csr"))
-    result = cu.run(params, False)
+    result = module.run(params, False)
     assert result["failed"] is True and "does not exist" in result["msg"]
     assert list(tmp_path.iterdir()) == []
