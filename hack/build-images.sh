@@ -3,15 +3,15 @@
 # files/services, and one image per service, built with `docker build --network none` from a
 # context that holds the wheels: the Python services (broker, cm, sg, agent) from the stage of that
 # name in files/images/services/Dockerfile (--target <name>), the others from
-# files/images/<name>/Dockerfile. gatehouse/identity-test has no Dockerfile:
-# hack/build-identity-image.sh imports it from Debian packages (and skips the build when they and
-# its files did not change).
+# files/images/<name>/Dockerfile. The test servers gatehouse/identity-test and
+# gatehouse/registry-test have no Dockerfile but an image.conf: hack/build-debian-image.sh imports
+# them from Debian packages (and skips the build when their packages and files did not change).
 #
 # Environment:
 #   BASE_IMAGE   base of all service images (default gatehouse/base:<version>, built here).
 #                Another base, e.g. python:3.11-slim, is used as is and the build then runs
 #                with the default network (the HALB image installs haproxy/keepalived by apt).
-#   IMAGES       images to build (default: broker cm sg agent halb node identity-test)
+#   IMAGES       images to build (default: broker cm sg agent halb node identity-test registry-test)
 #   REPOSITORY   repository prefix of the tags (default gatehouse/, giving gatehouse/<name>:<version>)
 #   PYTHON       the Python whose pip builds the wheels (default $VENV/bin/python); its
 #                version must match the base image's python3 (3.11 for Debian bookworm).
@@ -31,10 +31,11 @@ docker info >/dev/null 2>&1 || die "the Docker daemon is not reachable"
 # Images imported from Debian packages need neither the base image nor the wheels.
 images=()
 for name in "${requested[@]}"; do
-    case $name in
-    identity-test) "$REPO_ROOT/hack/build-identity-image.sh" ;;
-    *) images+=("$name") ;;
-    esac
+    if [[ -f $REPO_ROOT/files/images/$name/image.conf ]]; then
+        "$REPO_ROOT/hack/build-debian-image.sh" "$name"
+    else
+        images+=("$name")
+    fi
 done
 if ((${#images[@]} == 0)); then
     log "images done in $(($(now) - total_start)) s"

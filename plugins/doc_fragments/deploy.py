@@ -51,12 +51,20 @@ options:
     description:
       - V(local) uses images already on the Docker host (built with C(make images) or loaded from
         O(bundle_path)); nothing is pulled.
-      - V(registry) pulls missing images from O(registry).
+      - V(registry) pulls missing images from O(registry); an image already on the Docker host is used as it is.
+        In check mode nothing is pulled, but the registry is asked for each missing image, so that a registry
+        that is down or lacks the tag fails the check run as it would fail the real run.
     type: str
     choices: [local, registry]
     default: local
   registry:
-    description: Registry prefix for O(image_source=registry), for example V(registry.example.com:5000).
+    description:
+      - Registry prefix for O(image_source=registry), for example V(registry.example.com:5000) or
+        V(registry.example.com/mirror). The images are pulled as C(<registry>/gatehouse/<name>:<image_tag>),
+        for example C(registry.example.com:5000/gatehouse/cm:0.1.0).
+      - The Docker engine must trust the registry (TLS certificate, or C(insecure-registries) in its
+        C(daemon.json); registries on 127.0.0.0/8 are trusted without TLS) and, if it requires a login,
+        the credentials of the user that runs the module (C(docker login)).
     type: str
   bundle_path:
     description:

@@ -1,6 +1,6 @@
 """A real directory (OpenLDAP) and RADIUS server (FreeRADIUS) for the identity tests.
 
-Both run from the image gatehouse/identity-test (hack/build-identity-image.sh, files in
+Both run from the image gatehouse/identity-test (hack/build-debian-image.sh, files in
 files/images/identity-test) on a private Docker network, with their ports published on
 127.0.0.1 so that services running as host processes (the broker of
 tests/integration/services.py) reach them. ``running()`` starts them once per test session

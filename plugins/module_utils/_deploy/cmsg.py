@@ -599,7 +599,8 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
             )
     roles = ["cm", "sg"] if params["enable_security_gateway"] else ["cm"]
     try:
-        refs, ids, images_changed = _resolve_images(module, cli, params, roles, check_mode)
+        # With errors already found the task fails: images are only checked, not pulled or loaded.
+        refs, ids, images_changed = _resolve_images(module, cli, params, roles, check_mode or bool(errors))
     except ctr.ContainerError as exc:
         errors.append(str(exc))
     if errors:

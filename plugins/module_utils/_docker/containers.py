@@ -198,6 +198,7 @@ def client(docker_host: str | None, timeout: int = 60):
 
 
 def image_ref(name: str, tag: str, registry: str | None) -> str:
+    """``gatehouse/<name>:<tag>``, below ``registry`` (a host[:port][/path] prefix) when one is given."""
     base = "gatehouse/%s:%s" % (name, tag)
     return "%s/%s" % (registry.rstrip("/"), base) if registry else base
 
@@ -210,7 +211,13 @@ def image_id(cli, ref: str) -> str | None:
 
 
 def ensure_image(cli, ref: str, pull: bool, check_mode: bool) -> tuple[str | None, bool]:
-    """The image id of ``ref`` and whether it was (or would be) pulled."""
+    """The image id of ``ref`` and whether it was (or would be) pulled.
+
+    An image present on the engine is used as it is: only missing images are pulled. Check mode
+    downloads nothing but asks the registry for the manifest of ``ref``, so that a registry that
+    is down or lacks the tag fails the check run as it would fail the real one; the id is then
+    None. Every failure is a ContainerError that names ``ref`` and the engine's reason.
+    """
     found = image_id(cli, ref)
     if found:
         return found, False
@@ -219,13 +226,28 @@ def ensure_image(cli, ref: str, pull: bool, check_mode: bool) -> tuple[str | Non
             "image %s is not present on the Docker host; load it first (make images, or the dark-site "
             "bundle with bundle_path) or use image_source=registry" % ref
         )
-    if check_mode:
-        return None, True
+    repository, _sep, tag = ref.rpartition(":")
     try:
-        repository, _sep, tag = ref.rpartition(":")
-        return cli.images.pull(repository, tag=tag).id, True
-    except DockerException as exc:
+        if check_mode:
+            cli.images.get_registry_data(ref)
+            return None, True
+        # Not images.pull(): it drops the error events of the progress stream (a layer that
+        # fails its checksum, a download cut short) and then reports only "no such image".
+        for event in cli.api.pull(repository, tag=tag, stream=True, decode=True):
+            if event.get("error"):
+                raise ContainerError("cannot pull %s: %s" % (ref, event["error"]))
+    except NotFound as exc:
+        raise ContainerError(
+            "cannot pull %s: the registry has no such image (%s)" % (ref, exc.explanation or exc)
+        ) from None
+    except APIError as exc:
+        raise ContainerError("cannot pull %s: %s" % (ref, exc.explanation or exc)) from None
+    except (DockerException, RequestException) as exc:
         raise ContainerError("cannot pull %s: %s" % (ref, exc)) from None
+    found = image_id(cli, ref)
+    if found is None:
+        raise ContainerError("cannot pull %s: the engine reported success but has no such image" % ref)
+    return found, True
 
 
 def spec_hash(spec: dict, inputs: dict) -> str:

@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# Build gatehouse/identity-test:<version>, the directory (OpenLDAP) and RADIUS (FreeRADIUS)
-# server of the integration tests, from Debian packages without any registry: mmdebstrap
-# (variant minbase, the host's Debian suite) installs files/images/identity-test/packages.txt,
-# the files of that directory are copied in, and `docker import` turns the root file system
-# into an image. The container's command chooses the server: slapd or radius (see
-# files/images/identity-test/entrypoint.sh). Not a service image: never shipped in the bundle.
+# build-debian-image.sh NAME: build gatehouse/NAME:<version>, a test server image made from
+# Debian packages without any registry: mmdebstrap (variant minbase, the host's Debian suite)
+# installs files/images/NAME/packages.txt, the files that files/images/NAME/image.conf lists are
+# copied in, and `docker import` turns the root file system into an image. Used for the images
+# only the tests use (identity-test, registry-test); they are never shipped in the bundle.
 #
-# The image is labelled with the sha256 of the suite, the normalised package list, this script
-# and every file of files/images/identity-test but its README; when an image with that label exists it is only
-# (re)tagged. FORCE_IDENTITY=1 rebuilds anyway.
-# Environment: IDENTITY_TAG (default ${REPOSITORY:-gatehouse/}identity-test:<version>), SUITE
+# image.conf (bash, sourced) sets:
+#   description  the image's description (label and import message)
+#   files        "SOURCE DESTINATION MODE" lines: a file of the directory, its path in the image
+#   hooks        extra mmdebstrap --customize-hook commands ($1 is the root directory)
+#   changes      docker import --change instructions (EXPOSE, USER, ENTRYPOINT, CMD, HEALTHCHECK)
+#
+# The image is labelled gatehouse.NAME.sha256 with the sha256 of the suite, the normalised
+# package list, this script and every file of files/images/NAME but its documentation (*.md);
+# when an image with that label exists it is only (re)tagged. FORCE_DEBIAN_IMAGE=1 rebuilds anyway.
+# Environment: DEBIAN_IMAGE_TAG (default ${REPOSITORY:-gatehouse/}NAME:<version>), SUITE
 # (default: the host's VERSION_CODENAME), MMDEBSTRAP_MIRRORS (optional extra mirror arguments).
 set -euo pipefail
 # shellcheck source=hack/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+name=${1:?usage: build-debian-image.sh NAME (a directory of files/images with image.conf)}
+src=$REPO_ROOT/files/images/$name
+[[ -f $src/image.conf && -f $src/packages.txt ]] || die "files/images/$name has no image.conf and packages.txt"
 version=$(gatehouse_version)
-tag=${IDENTITY_TAG:-${REPOSITORY:-gatehouse/}identity-test:$version}
-src=$REPO_ROOT/files/images/identity-test
-label=gatehouse.identity-test.sha256
-title=gatehouse-identity-test
+tag=${DEBIAN_IMAGE_TAG:-${REPOSITORY:-gatehouse/}$name:$version}
+label=gatehouse.$name.sha256
+title=gatehouse-$name
+
+description='' files=() hooks=() changes=()
+# shellcheck source=/dev/null
+source "$src/image.conf"
+[[ -n $description ]] || die "files/images/$name/image.conf sets no description"
 
 if [[ -z ${SUITE:-} ]]; then
     # shellcheck disable=SC1091
@@ -49,7 +61,7 @@ else
         if is_current "$id"; then existing=$id; break; fi
     done
 fi
-if [[ -n $existing && -z ${FORCE_IDENTITY:-} ]]; then
+if [[ -n $existing && -z ${FORCE_DEBIAN_IMAGE:-} ]]; then
     docker tag "$existing" "$tag"
     log "$tag is up to date (sha256 ${hash:0:12}, image ${existing:7:12})"
     exit 0
@@ -57,23 +69,28 @@ fi
 
 ensure_mmdebstrap
 
-workdir=$REPO_ROOT/build/identity-test
+workdir=$REPO_ROOT/build/$name
 mkdir -p "$workdir"
 stage=$(mktemp -d "$workdir/stage.XXXXXX")
 rootfs=$(mktemp "$workdir/rootfs.XXXXXX.tar")
 trap 'rm -rf "$stage" "$rootfs"' EXIT
 
-# The files as the entrypoint expects them inside the image.
-install -D -m 0755 "$src/entrypoint.sh" "$stage/usr/local/bin/gatehouse-identity"
-install -D -m 0644 -t "$stage/usr/local/share/gatehouse-identity" "$src/slapd-config.ldif" "$src/directory.ldif"
-install -D -m 0644 -t "$stage/etc/gatehouse-identity/radius" "$src/radius/radiusd.conf"
+# The files where the image's entrypoint and programs expect them.
+for line in "${files[@]}"; do
+    read -r file dest mode <<<"$line"
+    [[ -n $mode && $dest == /* ]] || die "image.conf: '$line' is not SOURCE /DESTINATION MODE"
+    install -D -m "$mode" "$src/$file" "$stage$dest"
+done
 
 start=$(now)
 log "building $tag from Debian $SUITE: ${packages[*]}"
 include=$(IFS=,; echo "${packages[*]}")
-# Like gatehouse/base: no documentation, no apt lists. The configuration and database the
-# Debian packages created at installation are dropped: the entrypoint writes its own at every
-# start. The hooks are expanded by mmdebstrap ($1 is the root directory), hence single quotes.
+customize=()
+for hook in "${hooks[@]}"; do customize+=(--customize-hook="$hook"); done
+import_changes=()
+for change in "${changes[@]}"; do import_changes+=(--change "$change"); done
+# Like gatehouse/base: no documentation, no apt lists. The hooks are expanded by mmdebstrap
+# ($1 is the root directory), hence single quotes.
 # shellcheck disable=SC2016,SC2086
 mmdebstrap --variant=minbase --include="$include" \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
@@ -82,7 +99,7 @@ mmdebstrap --variant=minbase --include="$include" \
     --dpkgopt='path-exclude=/usr/share/locale/*' \
     --dpkgopt='path-exclude=/usr/share/info/*' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*.log' \
-    --customize-hook='rm -rf "$1"/etc/ldap/slapd.d/* "$1"/var/lib/ldap/*' \
+    "${customize[@]}" \
     --customize-hook="sync-in $stage /" \
     --quiet "$SUITE" "$rootfs" ${MMDEBSTRAP_MIRRORS:-} </dev/null
 
@@ -92,13 +109,11 @@ docker import \
     --change "LABEL org.opencontainers.image.version=$version" \
     --change "LABEL org.opencontainers.image.source=https://github.com/gatehouse/access" \
     --change "LABEL org.opencontainers.image.licenses=GPL-3.0-or-later" \
-    --change "LABEL org.opencontainers.image.description=\"Gatehouse test directory (OpenLDAP) and RADIUS server (FreeRADIUS) from Debian $SUITE\"" \
-    --change "LABEL gatehouse.image=identity-test" \
+    --change "LABEL org.opencontainers.image.description=\"$description from Debian $SUITE\"" \
+    --change "LABEL gatehouse.image=$name" \
     --change "ENV LANG=C.UTF-8" \
     --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-    --change "EXPOSE 389 636 1812/udp" \
-    --change 'ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/gatehouse-identity"]' \
-    --change 'HEALTHCHECK --interval=2s --timeout=2s --start-period=10s CMD ["/usr/local/bin/gatehouse-identity", "health"]' \
-    --message "gatehouse identity-test from Debian $SUITE" \
+    "${import_changes[@]}" \
+    --message "gatehouse $name from Debian $SUITE" \
     "$rootfs" "$tag" >/dev/null
 log "built $tag in $(($(now) - start)) s"
