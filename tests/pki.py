@@ -46,6 +46,19 @@ class TestPKI:
         self.ca = self.dir / "ca.pem"
         self.ca.write_bytes(self._ca_cert.public_bytes(serialization.Encoding.PEM))
 
+    def export_ca(self, directory: Path) -> None:
+        """The CA as the pki role's controller directory holds it: ca.pem and ca.key (mode 0600),
+        so that a deployment's CA is this one and the test's own certificates are trusted by it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "ca.pem").write_bytes(self.ca.read_bytes())
+        key = directory / "ca.key"
+        key.write_bytes(
+            self._ca_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        key.chmod(0o600)
+
     def issue(
         self, name: str, hosts: list[str] | None = None, key_size: int = 2048, role: str | None = None
     ) -> CertFiles:

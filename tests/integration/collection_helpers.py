@@ -143,13 +143,14 @@ class PlaybookRun:
     returncode: int
 
 
-def run_playbook(*args: str, timeout: float = 300) -> PlaybookRun:
-    """``ansible-playbook <args>`` with the json callback, from the collection tree."""
+def run_playbook(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> PlaybookRun:
+    """``ansible-playbook <args>`` with the json callback, from the collection tree; ``env`` adds
+    to the environment (e.g. a notification callback besides the json one)."""
     proc = subprocess.run(
         [tool("ansible-playbook"), *args],
         capture_output=True,
         text=True,
-        env=ansible_env(),
+        env=ansible_env(env),
         cwd=str(collection_tree()),
         timeout=timeout,
         check=False,

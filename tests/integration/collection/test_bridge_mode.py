@@ -31,7 +31,6 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "security"))
 
 import pki as pkimod
+from bridge_helpers import (
+    ADMIN_TOKEN,
+    USER,
+    USER_PW,
+    host_services,
+    management,
+    metric,
+    relayed_session,
+    task_result,
+)
 from collection_helpers import run_module, run_playbook
 from deploy_helpers import (
     cleanup,
@@ -57,14 +66,12 @@ from deploy_helpers import (
 from services import ServiceProcess, free_port
 from stack import assert_session_ok
 
-from gatehouse import linechan, tls
 from gatehouse import protocol as p
-from gatehouse.client.flow import CmConnection, SessionReport, Step, run_session
+from gatehouse import tls
+from gatehouse.client.flow import SessionReport, Step, run_session
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]
 
-ADMIN_TOKEN = "bridge-admin-" + "7c1d2e3f4a5b6c7d8e9f"
-USER, USER_PW = "alice", "Bridge-Mode-pw!1"
 PRE_AUTH_PER_SOURCE = 16  # the CM's default MaxPreAuthSessionsPerSource
 
 
@@ -99,17 +106,6 @@ class Deployment:
         return self.cli.containers.get(f"{self.prefix}-{role}")
 
 
-def broker_admin(url: str, ca: Path, method: str, path: str, body: object | None = None) -> None:
-    req = urllib.request.Request(
-        f"{url}/api/v1{path}",
-        data=json.dumps(body).encode() if body is not None else None,
-        method=method,
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, context=tls.client_context(ca), timeout=10) as resp:
-        resp.read()
-
-
 @pytest.fixture(scope="module")
 def deployment(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     cli = docker_client()
@@ -123,11 +119,8 @@ def deployment(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) ->
     gateway = str(ipaddress.ip_network(cidr).network_address + 1)
     public = pki.issue(f"{prefix}-public", ["localhost", "127.0.0.1", "::1", *host_sides(clients_cidr)])
     identity = pki.issue(f"{prefix}-cm", [gateway], role="cm")
-    broker_id = pki.issue(f"{prefix}-broker", [gateway], role="broker")
-    agent_id = pki.issue(f"{prefix}-agent", ["desk-a.test", gateway], role="agent")
     broker_port = free_port()
     https_port, http_port, pcoip_port = free_port(), free_port(), free_port()
-    procs: list[ServiceProcess] = []
     try:
         module_args = {
             "accept_policies": True,
@@ -155,75 +148,23 @@ def deployment(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) ->
         assert run.result["config"]["network_mode"] == "bridge"
         assert network_gateway(cli, f"{prefix}-cmsg") == gateway
 
-        broker = ServiceProcess(
-            "broker",
-            root / "broker",
-            {
-                "ListenAddress": gateway,
-                "ListenPort": broker_port,
-                "AdminAddress": "127.0.0.1",
-                "AdminPort": free_port(),
-                "SslCert": broker_id.cert,
-                "SslKey": broker_id.key,
-                "ClientCaCert": pki.ca,
-                "Database": root / "broker.db",
-                "AdminToken": ADMIN_TOKEN,
-                "Domains": "CORP",
-            },
-            health_url=f"https://{gateway}:{broker_port}/health",
-        )
-        procs.append(broker.start())
-        broker_url = f"https://{gateway}:{broker_port}"
-        control, session_port = free_port(), free_port()
-        agent = ServiceProcess(
-            "agent",
-            root / "agent",
-            {
-                "ListenAddress": gateway,
-                "ControlPort": control,
-                "SessionPort": session_port,
-                "AdminAddress": "127.0.0.1",
-                "AdminPort": free_port(),
-                "SslCert": agent_id.cert,
-                "SslKey": agent_id.key,
-                "ClientCaCert": pki.ca,
-                "Hostname": "desk-a.test",
-                "AdvertiseAddress": gateway,
-                "BrokerUrl": broker_url,
-                "BrokerCaCert": pki.ca,
-                "ReportInterval": 2,
-            },
-            config_name="agent.properties",
-            health_url=f"https://{gateway}:{control}/health",
-        )
-        procs.append(agent.start())
-        desktop = {
-            "address": gateway,
-            "hostname": "desk-a.test",
-            "agent_port": control,
-            "session_port": session_port,
-        }
-        broker_admin(broker_url, pki.ca, "PUT", "/desktops/desk-a", desktop)
-        broker_admin(broker_url, pki.ca, "PUT", f"/users/CORP/{USER}", {"password": USER_PW})
-        broker_admin(broker_url, pki.ca, "PUT", f"/entitlements/user/CORP/{USER}/desktop/desk-a")
-        yield Deployment(
-            cli,
-            prefix,
-            gateway,
-            f"https://127.0.0.1:{https_port}",
-            broker,
-            agent,
-            tls.client_context(pki.ca, verify=True, role="sg"),
-            root / "cmsg",
-            ca=pki.ca,
-            https_port=https_port,
-            pcoip_port=pcoip_port,
-            clients_cidr=clients_cidr,
-            module_args=module_args,
-        )
+        with host_services(pki, root, gateway, prefix, broker_port) as services:
+            yield Deployment(
+                cli,
+                prefix,
+                gateway,
+                f"https://127.0.0.1:{https_port}",
+                services.broker,
+                services.agent,
+                tls.client_context(pki.ca, verify=True, role="sg"),
+                root / "cmsg",
+                ca=pki.ca,
+                https_port=https_port,
+                pcoip_port=pcoip_port,
+                clients_cidr=clients_cidr,
+                module_args=module_args,
+            )
     finally:
-        for proc in reversed(procs):
-            proc.stop()
         cleanup(cli, prefix)
 
 
@@ -307,37 +248,6 @@ def wait_drained(tmp_path: Path, drain_timeout: int, **node_vars: Any) -> Any:
     return run_playbook("-i", "localhost,", str(playbook), timeout=120)
 
 
-def task_result(run: Any, prefix: str) -> dict[str, Any]:
-    for play in run.report["plays"]:
-        for task in play["tasks"]:
-            if task["task"]["name"].startswith(prefix):
-                return task["hosts"]["localhost"]
-    raise AssertionError(f"no task {prefix!r} ran: {run.stdout[-2000:]}")
-
-
-async def relayed_session(deployment: Deployment) -> asyncio.StreamWriter:
-    """A session relayed by the SG and kept open (gatehouse_sg_sessions_active counts it)."""
-    cm = CmConnection(deployment.cm_url, deployment.client_ctx, timeout=10)
-    try:
-        await cm.send(p.Hello(client_info=p.ClientInfo(hostname="bridge-test")))
-        await cm.send(p.Authenticate(USER, USER_PW, "CORP"))
-        listing = await cm.send(p.GetResourceList())
-        assert isinstance(listing, p.GetResourceListResp), listing
-        chosen = listing.resources[0]
-        alloc = await cm.send(p.AllocateResource(chosen.resource_id, chosen.resource_type))
-        assert isinstance(alloc, p.AllocateResourceResp) and alloc.target is not None, alloc
-        target = alloc.target
-    finally:
-        await cm.close()
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", target.port, ssl=deployment.client_ctx, server_hostname=target.sni or target.hostname
-    )
-    writer.write(linechan.connect_line(target.connect_tag))
-    await writer.drain()
-    assert await asyncio.wait_for(reader.readline(), 10) == linechan.OK
-    return writer
-
-
 async def test_the_upgrades_drain_wait_reads_the_published_management_ports(
     deployment: Deployment, tmp_path: Path
 ) -> None:
@@ -345,7 +255,7 @@ async def test_the_upgrades_drain_wait_reads_the_published_management_ports(
     for role, port in (("cm", 9180), ("sg", 9172)):
         (binding,) = deployment.container(role).ports[f"{port}/tcp"]
         assert binding == {"HostIp": "127.0.0.1", "HostPort": str(port)}, role
-    held = await relayed_session(deployment)
+    held = await relayed_session(deployment.cm_url, deployment.client_ctx)
     try:
         busy = await asyncio.to_thread(wait_drained, tmp_path, 2)
         assert busy.returncode != 0, "the wait ended while the SG relayed a session"
@@ -360,17 +270,6 @@ async def test_the_upgrades_drain_wait_reads_the_published_management_ports(
         "gatehouse_cm_establishments_in_flight 0.0"
         in task_result(idle, "Wait until the node's CM")["content"]
     )
-
-
-def management(port: int, path: str) -> tuple[int, str]:
-    """GET ``path`` from a management listener published on the host's 127.0.0.1:``port``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-        return resp.status, resp.read().decode("utf-8", "replace")
-
-
-def metric(text: str, name: str) -> float:
-    (value,) = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
-    return float(value)
 
 
 async def test_a_second_deployment_on_the_same_host_uses_its_own_management_ports(
