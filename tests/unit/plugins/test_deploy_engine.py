@@ -53,8 +53,8 @@ class FakeCollection:
 
 
 class FakeImages(FakeCollection):
-    def get(self, ref: str) -> FakeImage:
-        return FakeImage(ref)
+    def get(self, name: str) -> FakeImage:
+        return FakeImage(name)
 
 
 class FakeClient:
@@ -275,8 +275,8 @@ def test_retired_container_without_network_is_removed_and_no_network_reported(ha
 
 
 class NoImages(FakeCollection):
-    def get(self, ref: str):
-        raise ImageNotFound(f"no {ref}")
+    def get(self, name: str):
+        raise ImageNotFound(f"no {name}")
 
 
 def test_with_errors_images_are_only_looked_at(monkeypatch) -> None:
