@@ -154,6 +154,7 @@ files:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
 
+from ansible_collections.gatehouse.access.plugins.module_utils._common.result import fail, finish  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import bundle as _bundle  # noqa: E402
 
 
@@ -169,13 +170,10 @@ def main() -> None:
         supports_check_mode=True,
     )
     if module.params["timeout"] < 1:
-        module.fail_json(msg="timeout must be at least 1 second")
+        fail(module, "timeout must be at least 1 second")
     if module.params["state"] == "present" and not _bundle.HAS_DOCKER:
-        module.fail_json(msg=missing_required_lib("docker"), exception=_bundle.DOCKER_IMPORT_ERROR)
-    result = _bundle.run(module.params, module.check_mode, module._diff)
-    if result.pop("failed", False):
-        module.fail_json(**result)
-    module.exit_json(**result)
+        fail(module, missing_required_lib("docker"), exception=_bundle.DOCKER_IMPORT_ERROR)
+    finish(module, _bundle.run(module.params, module.check_mode, module._diff))
 
 
 if __name__ == "__main__":

@@ -353,6 +353,7 @@ from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfil
     read_bytes,
     write_atomic,
 )
+from ansible_collections.gatehouse.access.plugins.module_utils._common.result import fail, finish  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._crypto import certificate as certs  # noqa: E402
 
 # Options that only make sense for some states; anything else is refused so mistakes are visible.
@@ -611,12 +612,13 @@ def main() -> None:
         supports_check_mode=True,
     )
     if not certs.HAS_CRYPTOGRAPHY:
-        module.fail_json(
-            msg=missing_required_lib("cryptography >= 42.0"),
+        fail(
+            module,
+            missing_required_lib("cryptography >= 42.0"),
             exception=certs.CRYPTOGRAPHY_IMPORT_ERROR,
         )
     if certs.cryptography_too_old():
-        module.fail_json(msg=missing_required_lib("cryptography >= 42.0 (a newer version)"))
+        fail(module, missing_required_lib("cryptography >= 42.0 (a newer version)"))
 
     state = module.params["state"]
     stray = sorted(
@@ -628,21 +630,13 @@ def main() -> None:
         and value != DEFAULTS.get(name, None)
     )
     if stray:
-        module.fail_json(msg="option(s) %s cannot be used with state=%s" % (", ".join(stray), state))
+        fail(module, "option(s) %s cannot be used with state=%s" % (", ".join(stray), state))
     if module.params["expiry_warn_days"] < 0:
-        module.fail_json(msg="expiry_warn_days must not be negative")
+        fail(module, "expiry_warn_days must not be negative")
     if module.params["valid_days"] < 1:
-        module.fail_json(msg="valid_days must be at least 1")
+        fail(module, "valid_days must be at least 1")
 
-    result = run(module.params, module.check_mode)
-    for warning in result.pop("warnings_list", []):
-        module.warn(warning)
-    diff = result.pop("diff", None)
-    if module._diff and diff is not None:
-        result["diff"] = diff
-    if result.pop("failed", False):
-        module.fail_json(**result)
-    module.exit_json(**result)
+    finish(module, run(module.params, module.check_mode))
 
 
 if __name__ == "__main__":

@@ -500,6 +500,7 @@ failover_estimate:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
+from ansible_collections.gatehouse.access.plugins.module_utils._common.result import finish  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import (  # noqa: E402
     CONTAINER_LIMITS_OPTION,
 )
@@ -615,7 +616,7 @@ def main() -> None:
         result = run_present(module)
     else:
         result = run_absent(module)
-    module.exit_json(**result)
+    finish(module, result, keep_diff=True)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,7 @@ facts:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
+from ansible_collections.gatehouse.access.plugins.module_utils._common.result import finish  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._ops import preflight as preflight_utils  # noqa: E402
 
 
@@ -211,12 +212,7 @@ def main() -> None:
         # PATH plus the sbin directories (get_bin_path adds them), like the shell of an administrator.
         return module.get_bin_path(name)
 
-    result = preflight_utils.run(module.params, run_command, find_binary)
-    for warning in result.pop("warnings_list", []):
-        module.warn(warning)
-    if result.pop("failed", False):
-        module.fail_json(**result)
-    module.exit_json(**result)
+    finish(module, preflight_utils.run(module.params, run_command, find_binary))
 
 
 if __name__ == "__main__":

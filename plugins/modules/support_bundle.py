@@ -214,6 +214,7 @@ notes:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
+from ansible_collections.gatehouse.access.plugins.module_utils._common.result import finish  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._ops import support_bundle as bundle_utils  # noqa: E402
 
 
@@ -239,14 +240,8 @@ def main() -> None:
         supports_check_mode=True,
     )
     result = bundle_utils.run(module.params, module.check_mode)
-    diff = result.pop("diff", None)
-    if module._diff and diff is not None:
-        result["diff"] = diff
-    for note in result.get("notes", []):
-        module.warn(note)
-    if result.pop("failed", False):
-        module.fail_json(**result)
-    module.exit_json(**result)
+    # The notes are returned and warned about.
+    finish(module, dict(result, warnings_list=result.get("notes", [])))
 
 
 if __name__ == "__main__":

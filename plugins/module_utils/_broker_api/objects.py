@@ -29,6 +29,7 @@ from ansible_collections.gatehouse.access.plugins.module_utils._broker_api.clien
     api_path,
     render_diff,
 )
+from ansible_collections.gatehouse.access.plugins.module_utils._common.result import fail, finish
 
 STATE_OPTION = {"type": "str", "choices": ["present", "absent"], "default": "present"}
 
@@ -303,7 +304,7 @@ def converge_totp(api, params, domain, user, check_mode=False, exists=True) -> d
 
 
 def converge(api, kind, params, check_mode=False) -> tuple:
-    """Run one module: returns (result dict for exit_json, warnings). Raises BrokerApiError."""
+    """Run one module: returns (result dict, warnings). Raises BrokerApiError."""
     warnings = []
     if kind == "user":
         check_totp_options(params)
@@ -365,17 +366,14 @@ def run_module(module, kind) -> None:
     """Entry point shared by the broker object modules."""
     if kind == "user" and module.params.get("totp") == "enrolled" and not module.no_log:
         # The result carries the user's new TOTP secret (otpauth_uri); Ansible must not print or log it.
-        module.fail_json(
-            msg="totp=enrolled returns the user's new TOTP secret (totp.otpauth_uri): set no_log: true on the "
-            "task, register the result and hand the URI to the user (for example in a file of mode 0600)"
+        fail(
+            module,
+            "totp=enrolled returns the user's new TOTP secret (totp.otpauth_uri): set no_log: true on the "
+            "task, register the result and hand the URI to the user (for example in a file of mode 0600)",
         )
     try:
         api = BrokerApi.from_params(module.params)
         result, warnings = converge(api, kind, module.params, check_mode=module.check_mode)
     except BrokerApiError as exc:
-        module.fail_json(msg=exc.message, status=exc.status)
-    for warning in warnings:
-        module.warn(warning)
-    if not module._diff:
-        result.pop("diff")
-    module.exit_json(**result)
+        fail(module, exc.message, status=exc.status)
+    finish(module, dict(result, warnings_list=warnings))

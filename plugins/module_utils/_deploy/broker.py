@@ -33,16 +33,15 @@ from urllib.parse import urlsplit
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
     MASK,
-    SECRET_TEXT,
     PlannedDir,
     PlannedFile,
     mask_env_values,
     read_bytes,
-    remove_paths,
-    sha256,
     write_atomic,
 )
+from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import common as dep
+from ansible_collections.gatehouse.access.plugins.module_utils._deploy import engine
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
 
 TOKEN_KEYS = {"GATEHOUSE_ADMINTOKEN"}
@@ -695,100 +694,118 @@ def container_spec(params: dict, image: str, host_label: str) -> dict:
 
 def run(module) -> dict:
     params = module.params
-    try:
-        warnings = validate(params)
-    except dep.ValidationError as exc:
-        module.fail_json(msg="invalid options: " + "; ".join(exc.errors), errors=exc.errors)
+    warnings = validate(params)
     cli = ctr.client(params["docker_host"])
     if params["state"] == "absent":
         return uninstall(cli, params, module.check_mode)
-    result = install(module, cli, params, module.check_mode)
-    result["warnings_list"] = warnings + result["warnings_list"]
-    return result
+    return install(module, cli, params, warnings)
 
 
 def uninstall(cli, params: dict, check_mode: bool) -> dict:
-    name = "%s-broker" % params["name_prefix"]
-    removed_container = ctr.remove_container(cli, name, check_mode)
     data_dir = params["data_dir"]
-    data, certs_dir = os.path.join(data_dir, "data"), os.path.join(data_dir, "certs")
+    data, certs_dir = os.path.join(data_dir, engine.DATA), os.path.join(data_dir, engine.CERTS)
     secrets_dir = os.path.join(data_dir, SECRETS)
-    files = [os.path.join(data_dir, "docker-compose.yaml")]
-    files += [os.path.join(data, n) for n in ("broker.properties", "broker.env")]
-    files += [os.path.join(certs_dir, n) for n in ("cert.pem", "key.pem", "ca.pem", CLIENT_CA)]
     # The TOTP key belongs to the database (it decrypts the enrolled secrets): both go with purge only.
-    files += stale_identity_files(certs_dir, secrets_dir, [], params["purge"])
+    more_files = stale_identity_files(certs_dir, secrets_dir, [], params["purge"])
     if params["purge"]:
-        files += [os.path.join(data, n) for n in DB_FILES]
-    removed, left = remove_paths(files, [data, certs_dir, secrets_dir, data_dir], check_mode)
-    result = {
-        "changed": bool(removed_container or removed),
-        "containers": [{"name": name, "action": "removed"}] if removed_container else [],
-        "changed_files": removed,
-        "left_behind": left,
-        "warnings_list": [],
-    }
+        more_files += [os.path.join(data, n) for n in DB_FILES]
+    result = engine.uninstall(
+        cli,
+        check_mode,
+        data_dir,
+        ["%s-broker" % params["name_prefix"]],
+        data_files=("broker.properties", "broker.env"),
+        cert_files=(CLIENT_CA,),
+        managed_by="gatehouse.access.broker",
+        more_files=more_files,
+        more_dirs=[secrets_dir],
+    )
+    left = result["left_behind"]
     kept_db = [p for p in left if os.path.basename(p) in (*DB_FILES, TOTP_KEY) or p in (data, secrets_dir)]
     if kept_db and not params["purge"]:
-        result["warnings_list"].append(
+        result["warnings_list"] = [
             "kept the broker database in %s (users, desktops, entitlements%s); set purge=true to delete it"
             % (data, ", and the key of its TOTP secrets in %s" % secrets_dir if secrets_dir in left else "")
-        )
-    elif left:
-        result["warnings_list"].append(
-            "kept %s: files not written by gatehouse.access.broker are never deleted" % ", ".join(left)
-        )
+        ]
     return result
 
 
-def install(module, cli, params: dict, check_mode: bool) -> dict:
+def check_identity_first(cli, params: dict, deployment, owner: tuple, generated: list[str]) -> dict:
+    """{identity_check} when the broker container is about to be created or replaced, else {}.
+
+    Runs before anything is written; a failing check raises Failure (changed=False) and leaves
+    the running broker and its files as they were.
+    """
+    container = deployment.containers[0]
+    if container.action not in ("create", "recreate"):
+        return {}
+    check = identity_check(
+        cli,
+        params,
+        container.spec,
+        deployment.files,
+        deployment.dirs,
+        owner,
+        secret_values(params, tuple(generated)),
+    )
+    if check["exit_code"] != 0:
+        reason = (
+            "did not finish within %d s" % check_timeout(params)
+            if check["exit_code"] is None
+            else "failed (exit code %d)" % check["exit_code"]
+        )
+        # The check prints "ok ..." and "FAIL ..." lines; the failures say what to fix.
+        failures = [line for line in check["output"] if line.startswith("FAIL")] or check["output"]
+        kept = (
+            "nothing was deployed"
+            if container.action == "create"
+            else "the running broker and its files were left unchanged"
+        )
+        raise Failure(
+            "the identity check of the new configuration %s; %s: %s"
+            % (reason, kept, "; ".join(failures) or "no output"),
+            identity_check=check,
+            changed=False,
+        )
+    return {"identity_check": check}
+
+
+def install(module, cli, params: dict, warnings: list[str]) -> dict:
+    """Deploy the broker; ``warnings`` (of validate()) start the list of warnings.
+
+    Before a container with directories or RADIUS is created or replaced, the new image checks
+    the new configuration (identity_check()); only then does the engine write and converge.
+    """
+    check_mode = module.check_mode
     data_dir = params["data_dir"]
-    data, certs_dir = os.path.join(data_dir, "data"), os.path.join(data_dir, "certs")
+    data, certs_dir = os.path.join(data_dir, engine.DATA), os.path.join(data_dir, engine.CERTS)
     secrets_dir = os.path.join(data_dir, SECRETS)
     host_label = params["host_label"] or dep.default_host_label()
     errors: list[str] = []
-    warnings: list[str] = []
+    warnings = list(warnings)
     common_name = dep.certificate_name(host_label)
     tls, tls_info = dep.tls_files(params, certs_dir, common_name, [], errors, warnings)
     client_ca = dep.extra_file(
         params["client_ca_cert"], os.path.join(certs_dir, CLIENT_CA), "client_ca_cert", errors
     )
-    uid, gid = ctr.SERVICE_UID, ctr.SERVICE_GID
-    if os.geteuid() != 0:
-        uid = gid = None
+    uid, gid = engine.service_owner()
     identity, generated = identity_files(params, certs_dir, secrets_dir, uid, gid, errors, warnings)
     for value in generated:
         # Never returned; this makes Ansible mask it should it show up anywhere.
         module.no_log_values.add(value)
-    if params["network_mode"].startswith("container:"):
-        target = params["network_mode"].split(":", 1)[1]
-        if not ctr.container_exists(cli, target):
-            errors.append(
-                "network_mode %s: there is no container %s on the Docker host"
-                % (params["network_mode"], target)
-            )
-    registry = params["registry"] if params["image_source"] == "registry" else None
-    ref = ctr.image_ref("broker", params["image_tag"], registry)
-    loaded: list[str] = []
-    image = None
-    if not errors:
-        try:
-            if params["bundle_path"] and ctr.image_id(cli, ref) is None:
-                loaded = dep.load_bundle(cli, params["bundle_path"], check_mode)
-            if not (check_mode and params["bundle_path"] and ctr.image_id(cli, ref) is None):
-                image, pulled = ctr.ensure_image(cli, ref, params["image_source"] == "registry", check_mode)
-                loaded += [ref] if pulled else []
-        except ctr.ContainerError as exc:
-            errors.append(str(exc))
+    engine.check_network_target(cli, params, errors)
+    refs, ids, loaded = engine.resolve_images(cli, params, ["broker"], check_mode, errors)
     if errors:
-        module.fail_json(msg="invalid options: " + "; ".join(errors), errors=errors)
+        raise dep.ValidationError(errors)
 
     if uid is None:
-        warnings.append("not running as root: files keep the current owner; the broker runs as uid 10001")
-    spec = container_spec(params, ref, host_label)
+        warnings.append(engine.NOT_ROOT % "the broker runs")
+    spec = container_spec(params, refs["broker"], host_label)
+    properties = PlannedFile(
+        os.path.join(data, "broker.properties"), broker_properties(params), 0o644, uid, gid
+    )
     files = [
-        PlannedFile(os.path.join(data_dir, "docker-compose.yaml"), dep.render_compose([spec], None), 0o644),
-        PlannedFile(os.path.join(data, "broker.properties"), broker_properties(params), 0o644, uid, gid),
+        properties,
         PlannedFile(
             os.path.join(data, "broker.env"),
             broker_env(params),
@@ -802,92 +819,33 @@ def install(module, cli, params: dict, check_mode: bool) -> dict:
     ]
     if client_ca is not None:
         files.append(client_ca)
-    dirs = [
-        PlannedDir(data_dir, 0o755),
-        PlannedDir(data, 0o750, uid, gid),
-        PlannedDir(certs_dir, 0o750, uid, gid),
-    ]
+    dirs = engine.data_dirs(data_dir, uid, gid)
     if uses_secrets(params):
         dirs.append(PlannedDir(secrets_dir, 0o700, uid, gid))
-    # Only once the container no longer reads them (after it is converged).
     stale = stale_identity_files(certs_dir, secrets_dir, files, False)
-    inputs = {
-        os.path.basename(f.path): sha256(f.data) for f in files if not f.path.endswith("docker-compose.yaml")
-    }
-    inputs["image"] = image
-    desired = ctr.spec_hash(spec, inputs)
-    action = "create" if image is None else ctr.container_plan(cli, spec, desired)
-    changed_files = [f.path for f in files if f.changed] + [d.path for d in dirs if d.changed] + stale
-    changed = bool(changed_files or action != "none" or loaded)
-    # Before anything is written or removed: the diff shows the files as they were.
-    diff = [f.diff() for f in files if f.changed] + [_removed_diff(path) for path in stale]
+    # The broker reads every file of the deployment; a CA copy is public, the rest are secrets.
+    deployment = engine.Deployment(
+        data_dir,
+        files,
+        dirs,
+        [engine.Container(spec)],
+        ids,
+        loaded,
+        stale_files=[(path, not path.endswith(".pem")) for path in stale],
+    )
+    deployment.plan(cli)
     result: dict = {}
-    if changed and not check_mode:
-        if action in ("create", "recreate") and needs_identity_check(params):
-            check = identity_check(
-                cli, params, spec, files, dirs, (uid, gid), secret_values(params, tuple(generated))
-            )
-            result["identity_check"] = check
-            if check["exit_code"] != 0:
-                reason = (
-                    "did not finish within %d s" % check_timeout(params)
-                    if check["exit_code"] is None
-                    else "failed (exit code %d)" % check["exit_code"]
-                )
-                # The check prints "ok ..." and "FAIL ..." lines; the failures say what to fix.
-                failures = [line for line in check["output"] if line.startswith("FAIL")] or check["output"]
-                kept = (
-                    "nothing was deployed"
-                    if action == "create"
-                    else "the running broker and its files were left unchanged"
-                )
-                module.fail_json(
-                    msg="the identity check of the new configuration %s; %s: %s"
-                    % (reason, kept, "; ".join(failures) or "no output"),
-                    identity_check=check,
-                    changed=False,
-                )
-        for d in dirs:
-            if d.changed:
-                d.apply()
-        for f in files:
-            if f.changed:
-                f.apply()
-        try:
-            ctr.converge_container(cli, spec, desired, action, params["wait_timeout"])
-        except ctr.ContainerError as exc:
-            module.fail_json(msg=str(exc), changed=True, changed_files=changed_files)
-        for path in stale:
-            os.unlink(path)
-    props = {}
-    for line in files[1].data.decode("utf-8").splitlines():
-        if line and not line.startswith("#"):
-            key, _sep, value = line.partition("=")
-            props[key] = value
-    result.update(
-        {
-            "changed": changed,
-            "changed_files": changed_files,
-            "containers": [{"name": spec["name"], "action": action}] if action != "none" else [],
-            "images_loaded": loaded,
-            "config": {
-                "broker_properties": props,
-                "data_dir": data_dir,
-                "database": os.path.join(data, "broker.db"),
-                "network_mode": params["network_mode"],
-                "image": ref,
-                "host_label": host_label,
-                "tls": tls_info,
-            },
-            "diff": diff,
-            "warnings_list": warnings,
-        }
-    )
+    if deployment.changed and not check_mode and needs_identity_check(params):
+        result.update(check_identity_first(cli, params, deployment, (uid, gid), generated))
+    deployment.apply(cli, check_mode, params["wait_timeout"])
+    config = {
+        "broker_properties": dep.parse_properties(properties.data),
+        "data_dir": data_dir,
+        "database": os.path.join(data, "broker.db"),
+        "network_mode": params["network_mode"],
+        "image": refs["broker"],
+        "host_label": host_label,
+        "tls": tls_info,
+    }
+    result.update(deployment.result(config, warnings))
     return result
-
-
-def _removed_diff(path: str) -> dict:
-    before = (
-        SECRET_TEXT if not path.endswith(".pem") else (read_bytes(path) or b"").decode("utf-8", "replace")
-    )
-    return {"before_header": path, "after_header": path, "before": before, "after": ""}

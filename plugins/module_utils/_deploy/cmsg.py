@@ -4,9 +4,10 @@
 
 """Logic of the cmsg module: install, configure and uninstall a connection manager + security gateway.
 
-Order of work: validate every option (nothing is touched when anything is wrong), build the
-wanted files and container specs, compare with the host, then (outside check mode) write the
-files atomically and converge the network and the containers.
+Order of work: validate every option (nothing is touched when anything is wrong), then describe
+the deployment (files, container specs, the bridge network) for the deploy engine
+(_deploy/engine.py), which compares it with the host and, outside check mode, writes the files
+atomically and converges the network and the containers.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import os
 import secrets
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
-    PlannedDir,
     PlannedFile,
     mask_env_values,
     read_bytes,
-    remove_paths,
     sha256,
 )
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import common as dep
+from ansible_collections.gatehouse.access.plugins.module_utils._deploy import engine
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
 
 DEFAULT_CIDR = "10.101.0.0/24"
@@ -495,6 +495,14 @@ def _loopback(host_port: int, container_port: int) -> dict:
 
 # ------------------------------------------------------------------ driver
 
+# The files each container reads (certs/ and the env file); its configuration file is the hash
+# input "config". The compose file is documentation only.
+READS = {
+    "cm": ("cmsg.env", "cert.pem", "key.pem", "ca.pem", BROKER_CA, AGENT_CA, IDENTITY_CERT, IDENTITY_KEY),
+    "sg": ("cmsg.env", "cert.pem", "key.pem", "ca.pem", AGENT_CA),
+}
+CONFIG_FILES = {"cm": "config.properties", "sg": "SecurityGateway.conf"}
+
 
 def _used_networks(cli, names: Names):
     def probe() -> list[tuple[str, str]]:
@@ -512,68 +520,31 @@ def _used_networks(cli, names: Names):
 
 def run(module) -> dict:
     params = module.params
-    check_mode = module.check_mode
     names = Names(params["name_prefix"])
     cli = ctr.client(params["docker_host"])
-    try:
-        values = validate(params, _used_networks(cli, names))
-    except dep.ValidationError as exc:
-        module.fail_json(msg="invalid options: " + "; ".join(exc.errors), errors=exc.errors)
+    values = validate(params, _used_networks(cli, names))
     if params["state"] == "absent":
-        return uninstall(cli, params, names, check_mode)
-    return install(module, cli, params, values, names, check_mode)
+        return uninstall(cli, params, names, module.check_mode)
+    return install(module, cli, params, values, names)
 
 
 def uninstall(cli, params: dict, names: Names, check_mode: bool) -> dict:
-    removed_containers = [n for n in (names.sg, names.cm) if ctr.remove_container(cli, n, check_mode)]
-    network_removed = ctr.remove_network(cli, names.network, check_mode)
+    return engine.uninstall(
+        cli,
+        check_mode,
+        params["data_dir"],
+        [names.sg, names.cm],
+        data_files=(*CONFIG_FILES.values(), "cmsg.env"),
+        cert_files=(BROKER_CA, AGENT_CA, IDENTITY_CERT, IDENTITY_KEY),
+        managed_by="gatehouse.access.cmsg",
+        network_name=names.network,
+    )
+
+
+def install(module, cli, params: dict, values: dict, names: Names) -> dict:
+    check_mode = module.check_mode
     data_dir = params["data_dir"]
-    files = [os.path.join(data_dir, "docker-compose.yaml")]
-    files += [
-        os.path.join(data_dir, "data", n) for n in ("config.properties", "SecurityGateway.conf", "cmsg.env")
-    ]
-    files += [
-        os.path.join(data_dir, "certs", n)
-        for n in ("cert.pem", "key.pem", "ca.pem", BROKER_CA, AGENT_CA, IDENTITY_CERT, IDENTITY_KEY)
-    ]
-    dirs = [os.path.join(data_dir, "data"), os.path.join(data_dir, "certs"), data_dir]
-    removed, left = remove_paths(files, dirs, check_mode)
-    result = {
-        "changed": bool(removed_containers or network_removed or removed),
-        "containers": [{"name": n, "action": "removed"} for n in removed_containers],
-        "network": {"name": names.network, "action": "removed" if network_removed else "none"},
-        "changed_files": removed,
-        "left_behind": left,
-    }
-    if left:
-        result["warnings_list"] = [
-            "kept %s: files not written by gatehouse.access.cmsg are never deleted" % ", ".join(left)
-        ]
-    return result
-
-
-def _resolve_images(module, cli, params: dict, roles: list[str], check_mode: bool) -> tuple[dict, dict, list]:
-    registry = params["registry"] if params["image_source"] == "registry" else None
-    refs = {role: ctr.image_ref(role, params["image_tag"], registry) for role in roles}
-    loaded: list[str] = []
-    if params["bundle_path"] and any(ctr.image_id(cli, ref) is None for ref in refs.values()):
-        loaded = dep.load_bundle(cli, params["bundle_path"], check_mode)
-    ids = {}
-    pulled = []
-    for role, ref in refs.items():
-        found = ctr.image_id(cli, ref)
-        if found is None and params["bundle_path"] and check_mode:
-            ids[role] = None  # would come from the bundle
-            continue
-        ids[role], was_pulled = ctr.ensure_image(cli, ref, params["image_source"] == "registry", check_mode)
-        if was_pulled:
-            pulled.append(ref)
-    return refs, ids, loaded + pulled
-
-
-def install(module, cli, params: dict, values: dict, names: Names, check_mode: bool) -> dict:
-    data_dir = params["data_dir"]
-    data, certs_dir = os.path.join(data_dir, "data"), os.path.join(data_dir, "certs")
+    data, certs_dir = os.path.join(data_dir, engine.DATA), os.path.join(data_dir, engine.CERTS)
     host_label = params["host_label"] or dep.default_host_label()
     errors: list[str] = []
     warnings: list[str] = []
@@ -590,31 +561,19 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
         dep.extra_file(params["agent_ca_cert"], os.path.join(certs_dir, AGENT_CA), "agent_ca_cert", errors),
         *identity_files(params, certs_dir, errors, warnings),
     ]
-    if params["network_mode"].startswith("container:"):
-        target = params["network_mode"].split(":", 1)[1]
-        if not ctr.container_exists(cli, target):
-            errors.append(
-                "network_mode %s: there is no container %s on the Docker host"
-                % (params["network_mode"], target)
-            )
-    roles = ["cm", "sg"] if params["enable_security_gateway"] else ["cm"]
-    try:
-        # With errors already found the task fails: images are only checked, not pulled or loaded.
-        refs, ids, images_changed = _resolve_images(module, cli, params, roles, check_mode or bool(errors))
-    except ctr.ContainerError as exc:
-        errors.append(str(exc))
+    engine.check_network_target(cli, params, errors)
+    services = ["cm", "sg"] if params["enable_security_gateway"] else ["cm"]
+    refs, ids, loaded = engine.resolve_images(cli, params, services, check_mode, errors)
     if errors:
-        module.fail_json(msg="invalid options: " + "; ".join(errors), errors=errors)
+        raise dep.ValidationError(errors)
 
     env_path = os.path.join(data, "cmsg.env")
     secret = existing_secret(env_path) or base64.b64encode(secrets.token_bytes(32)).decode("ascii")
     module.no_log_values.add(secret)
-    uid, gid = ctr.SERVICE_UID, ctr.SERVICE_GID
-    if os.geteuid() != 0:
-        uid = gid = None
-        warnings.append("not running as root: files keep the current owner; the services run as uid 10001")
+    uid, gid = engine.service_owner()
+    if uid is None:
+        warnings.append(engine.NOT_ROOT % "the services run")
 
-    specs = container_specs(params, names, refs, host_label)
     network = None
     if params["network_mode"] == "bridge":
         network = {
@@ -623,98 +582,49 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
             "subnets": bridge_subnets(params),
             "labels": {ctr.LABEL_MANAGED: "gatehouse.access.cmsg", ctr.LABEL_HOST: host_label},
         }
-    files = [
-        PlannedFile(os.path.join(data_dir, "docker-compose.yaml"), dep.render_compose(specs, network), 0o644),
-        PlannedFile(
-            os.path.join(data, "config.properties"), config_properties(params, values), 0o644, uid, gid
+    configs = {
+        "cm": PlannedFile(
+            os.path.join(data, CONFIG_FILES["cm"]), config_properties(params, values), 0o644, uid, gid
         ),
-        PlannedFile(
-            os.path.join(data, "SecurityGateway.conf"), security_gateway_conf(params), 0o644, uid, gid
+        "sg": PlannedFile(
+            os.path.join(data, CONFIG_FILES["sg"]), security_gateway_conf(params), 0o644, uid, gid
         ),
-        PlannedFile(
-            env_path,
-            cmsg_env(secret, params["log_level"]),
-            0o600,
-            uid,
-            gid,
-            mask=mask_env_values({SECRET_KEY}),
-        ),
-        *tls,
-    ]
-    files.extend(f for f in extra if f is not None)
-    dirs = [
-        PlannedDir(data_dir, 0o755),
-        PlannedDir(data, 0o750, uid, gid),
-        PlannedDir(certs_dir, 0o750, uid, gid),
-    ]
-
-    # Hash inputs: what each container reads; the compose file is documentation only.
-    by_name = {os.path.basename(f.path): f for f in files}
-    reads = {
-        "cm": ("cmsg.env", "cert.pem", "key.pem", "ca.pem", BROKER_CA, AGENT_CA, IDENTITY_CERT, IDENTITY_KEY),
-        "sg": ("cmsg.env", "cert.pem", "key.pem", "ca.pem", AGENT_CA),
     }
-    hashes = {}
-    plans = {}
-    for spec in specs:
-        config = "config.properties" if spec["service"] == "cm" else "SecurityGateway.conf"
-        inputs = {n: sha256(by_name[n].data) for n in reads[spec["service"]] if n in by_name}
-        inputs.update(image=ids.get(spec["service"]), config=sha256(by_name[config].data))
-        inputs["network"] = network["subnets"] if network else None
-        hashes[spec["name"]] = ctr.spec_hash(spec, inputs)
-        plans[spec["name"]] = (
-            "create"
-            if ids.get(spec["service"]) is None
-            else ctr.container_plan(cli, spec, hashes[spec["name"]])
+    env = PlannedFile(
+        env_path, cmsg_env(secret, params["log_level"]), 0o600, uid, gid, mask=mask_env_values({SECRET_KEY})
+    )
+    files = [configs["cm"], configs["sg"], env, *tls, *(f for f in extra if f is not None)]
+    containers = [
+        engine.Container(
+            spec,
+            reads=READS[spec["service"]],
+            inputs={
+                "config": sha256(configs[spec["service"]].data),
+                "network": network["subnets"] if network else None,
+            },
         )
-    net_action = "none"
-    if network is not None:
-        net_action = ctr.network_plan(cli, network["name"], network["subnets"], network["labels"])
-    stale = []
-    if not params["enable_security_gateway"] and ctr.find_container(cli, names.sg) is not None:
-        stale.append(names.sg)
-    if network is None and ctr.find_network(cli, names.network) is not None:
-        stale.append(names.network)
-
-    changed_files = [f.path for f in files if f.changed] + [d.path for d in dirs if d.changed]
-    container_changes = [{"name": n, "action": a} for n, a in plans.items() if a != "none"]
-    container_changes += [{"name": n, "action": "removed"} for n in stale if n == names.sg]
-    changed = bool(changed_files or container_changes or net_action != "none" or stale or images_changed)
-
-    if not check_mode and changed:
-        for d in dirs:
-            if d.changed:
-                d.apply()
-        for f in files:
-            if f.changed:
-                f.apply()
-        try:
-            for name in stale:
-                if name == names.sg:
-                    ctr.remove_container(cli, name, False)
-                else:
-                    ctr.remove_network(cli, name, False)
-            if net_action != "none":
-                ctr.converge_network(cli, network["name"], network["subnets"], network["labels"], net_action)
-                # Containers attached to a replaced network are gone; create them again.
-                for spec in specs:
-                    if plans[spec["name"]] in ("none", "start"):
-                        plans[spec["name"]] = "create"
-            # Fresh ids: images loaded from a bundle or pulled just now.
-            for spec in specs:
-                ctr.converge_container(
-                    cli, spec, hashes[spec["name"]], plans[spec["name"]], params["wait_timeout"]
-                )
-        except ctr.ContainerError as exc:
-            module.fail_json(msg=str(exc), changed=True, changed_files=changed_files)
+        for spec in container_specs(params, names, refs, host_label)
+    ]
+    deployment = engine.Deployment(
+        data_dir,
+        files,
+        engine.data_dirs(data_dir, uid, gid),
+        containers,
+        ids,
+        loaded,
+        network=network,
+        network_name=names.network,
+        retired=[] if params["enable_security_gateway"] else [names.sg],
+    )
+    deployment.plan(cli)
+    deployment.apply(cli, check_mode, params["wait_timeout"])
     if tls_info.get("stale_ca"):
         warnings.append(
             "%s belongs to earlier certificates and is not used with self_signed" % tls_info["stale_ca"]
         )
-
     effective = {
-        "config_properties": _effective(by_name["config.properties"].data),
-        "security_gateway_conf": _effective(by_name["SecurityGateway.conf"].data),
+        "config_properties": dep.parse_properties(configs["cm"].data),
+        "security_gateway_conf": dep.parse_properties(configs["sg"].data),
         "data_dir": data_dir,
         "network_mode": params["network_mode"],
         "network": (
@@ -731,27 +641,4 @@ def install(module, cli, params: dict, values: dict, names: Names, check_mode: b
         "host_label": host_label,
         "tls": {k: v for k, v in tls_info.items() if k != "stale_ca"},
     }
-    result = {
-        "changed": changed,
-        "changed_files": changed_files,
-        "containers": container_changes,
-        "network": {
-            "name": names.network,
-            "action": net_action if network else ("removed" if stale else "none"),
-        },
-        "images_loaded": images_changed,
-        "config": effective,
-        "diff": [f.diff() for f in files if f.changed],
-        "warnings_list": warnings,
-    }
-    return result
-
-
-def _effective(data: bytes) -> dict:
-    result = {}
-    for line in data.decode("utf-8").splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _sep, value = line.partition("=")
-        result[key] = value
-    return result
+    return deployment.result(effective, warnings)

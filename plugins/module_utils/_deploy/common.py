@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from ansible.module_utils.basic import missing_required_lib
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.files import PlannedFile, read_bytes
+from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure, fail, finish
 from ansible_collections.gatehouse.access.plugins.module_utils._crypto import certificate as certs
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import bundle as bundles
 from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import (
@@ -431,6 +432,16 @@ def render_properties(title: str, values: list[tuple[str, object]]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+def parse_properties(data: bytes) -> dict:
+    """The keys and values of a file of render_properties(), as the module reports them."""
+    result = {}
+    for line in data.decode("utf-8").splitlines():
+        if line and not line.startswith("#"):
+            key, _sep, value = line.partition("=")
+            result[key] = value
+    return result
+
+
 def _yaml_scalar(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -552,24 +563,21 @@ def load_bundle(cli, bundle_path: str, check_mode: bool) -> list[str]:
 
 
 def run_and_exit(module, run) -> None:
-    """The shared tail of the deployment modules (cmsg, broker): check the libraries, run, report.
+    """The shared tail of the deployment modules (cmsg, broker): check the libraries, run, finish.
 
-    ``run(module)`` returns the result dict; ``warnings_list`` becomes module warnings and
-    ``diff`` is returned only in diff mode.
+    ``run(module)`` returns the result dict (see _common.result.finish); option errors
+    (ValidationError), Docker errors (ContainerError) and Failure end the module as failed.
     """
     if not HAS_DOCKER:
-        module.fail_json(msg=missing_required_lib("docker"), exception=DOCKER_IMPORT_ERROR)
+        fail(module, missing_required_lib("docker"), exception=DOCKER_IMPORT_ERROR)
     if not certs.HAS_CRYPTOGRAPHY:
-        module.fail_json(
-            msg=missing_required_lib("cryptography >= 42.0"), exception=certs.CRYPTOGRAPHY_IMPORT_ERROR
-        )
+        fail(module, missing_required_lib("cryptography >= 42.0"), exception=certs.CRYPTOGRAPHY_IMPORT_ERROR)
     try:
         result = run(module)
+    except ValidationError as exc:
+        result = Failure("invalid options: " + "; ".join(exc.errors), errors=exc.errors).result
+    except Failure as exc:
+        result = exc.result
     except ContainerError as exc:
-        module.fail_json(msg=str(exc))
-    for warning in result.pop("warnings_list", []):
-        module.warn(warning)
-    diff = result.pop("diff", None)
-    if module._diff and diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+        result = Failure(str(exc)).result
+    finish(module, result)

@@ -1,0 +1,316 @@
+"""The deploy engine under the cmsg and broker modules, with a stand-in Docker client.
+
+The spec hash of a container (label ``gatehouse.spec-hash``) decides whether an upgrade of the
+collection recreates it. The expected hashes below were computed by the modules of release 0.1.0
+for the same inputs: a change of what goes into a hash recreates every deployed container, so
+it has to be deliberate (and said in the changelog).
+
+Every input is fixed: TLS material and CA copies are stand-ins with fixed bytes, the grant
+secret is fixed, image ids are derived from the image references, and the data directory does
+not exist (check mode writes nothing).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+from docker.errors import ImageNotFound, NotFound
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+importlib.import_module("collection_helpers").ensure_importable()
+_UTILS = "ansible_collections.gatehouse.access.plugins.module_utils."
+cmsg = importlib.import_module(_UTILS + "_deploy.cmsg")
+broker = importlib.import_module(_UTILS + "_deploy.broker")
+dep = importlib.import_module(_UTILS + "_deploy.common")
+ctr = importlib.import_module(_UTILS + "_docker.containers")
+files = importlib.import_module(_UTILS + "_common.files")
+
+DATA_DIR = "/nonexistent-gatehouse-engine-test/%s"
+TOTP_KEY = base64.b64encode(bytes(range(32))).decode("ascii")
+
+
+class FakeImage:
+    def __init__(self, ref: str) -> None:
+        self.id = "sha256:" + hashlib.sha256(ref.encode()).hexdigest()
+
+
+class FakeCollection:
+    """containers/networks of an empty Docker host; images: every reference is present."""
+
+    def get(self, name: str):
+        raise NotFound(f"no {name}")
+
+    def list(self, *args, **kwargs) -> list:
+        return []
+
+
+class FakeImages(FakeCollection):
+    def get(self, name: str) -> FakeImage:
+        return FakeImage(name)
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.images = FakeImages()
+        self.containers = FakeCollection()
+        self.networks = FakeCollection()
+
+
+class FakeModule:
+    check_mode = True
+    _diff = True
+
+    def __init__(self, params: dict) -> None:
+        self.params = params
+        self.no_log_values: set[str] = set()
+
+    def fail_json(self, **result):
+        raise AssertionError(f"module failed: {result!r}")
+
+    def warn(self, text: str) -> None:
+        pass
+
+
+def stand_in(path: str, label: str) -> files.PlannedFile:
+    return files.PlannedFile(path, f"{label}\n".encode(), 0o644, ctr.SERVICE_UID, ctr.SERVICE_GID)
+
+
+@pytest.fixture
+def hashes(monkeypatch):
+    """Run a module's run() in check mode on an empty Docker host; returns {container: spec hash}."""
+    recorded: dict[str, str] = {}
+    real_hash = ctr.spec_hash
+
+    def spec_hash(spec, inputs):
+        recorded[spec["name"]] = real_hash(spec, inputs)
+        return recorded[spec["name"]]
+
+    def tls_files(params, certs_dir, common_name, sans, errors, warnings):
+        names = ["cert.pem", "key.pem"] + (["ca.pem"] if params["ca_cert"] else [])
+        return [stand_in(os.path.join(certs_dir, n), n) for n in names], {"source": "provided"}
+
+    def extra_file(source, target, option, errors):
+        return stand_in(target, f"{option} {source}") if source else None
+
+    def provided_files(params, cert, key, ca, errors, warnings, prefix=""):
+        return [stand_in(target, params[option]) for option, target in (cert, key)], None
+
+    monkeypatch.setattr(ctr, "spec_hash", spec_hash)
+    monkeypatch.setattr(ctr, "client", lambda *args, **kwargs: FakeClient())
+    monkeypatch.setattr(dep, "tls_files", tls_files)
+    monkeypatch.setattr(dep, "extra_file", extra_file)
+    monkeypatch.setattr(dep, "provided_files", provided_files)
+    monkeypatch.setattr(dep, "host_networks", lambda: [])
+    monkeypatch.setattr(cmsg.secrets, "token_bytes", lambda n: bytes(range(n)))
+
+    def run(logic, options: dict) -> dict[str, str]:
+        recorded.clear()
+        checked = ArgumentSpecValidator(
+            logic.ARGUMENT_SPEC,
+            required_if=logic.REQUIRED_IF,
+            required_together=getattr(logic, "REQUIRED_TOGETHER", None),
+        ).validate(options)
+        assert not checked.error_messages, checked.error_messages
+        result = logic.run(FakeModule(checked.validated_parameters))
+        assert result["changed"] is True
+        return dict(recorded)
+
+    return run
+
+
+CMSG_BASE = {
+    "accept_policies": True,
+    "broker_url": "https://broker.example.test:8443",
+    "external_pcoip_ip": ["203.0.113.10"],
+    "ssl_cert": "/pki/cert.pem",
+    "ssl_key": "/pki/key.pem",
+    "agent_ca_cert": "/pki/ca.pem",
+    "host_label": "node1",
+    "name_prefix": "gh",
+    "data_dir": DATA_DIR % "cmsg",
+}
+BROKER_BASE = {
+    "admin_token": "t" * 24,
+    "ssl_cert": "/pki/cert.pem",
+    "ssl_key": "/pki/key.pem",
+    "client_ca_cert": "/pki/ca.pem",
+    "host_label": "node1",
+    "name_prefix": "gh",
+    "data_dir": DATA_DIR % "broker",
+}
+DIRECTORY = {
+    "domain": "CORP",
+    "servers": ["ldaps://dc1.corp.example"],
+    "ca_cert": "/pki/ldap-ca.pem",
+    "bind_dn": "cn=svc,dc=corp,dc=example",
+    "bind_password": "bind-secret-1234",
+    "base_dn": "dc=corp,dc=example",
+}
+
+# Computed by release 0.1.0 (commit 6e51fef) with the inputs above.
+CMSG_CASES = {
+    "bridge with gateway": (
+        {},
+        {
+            "gh-cm": "c58990dd87ff6794b08845537c98149d81c3db98c5b5bf9310829f07146ca625",
+            "gh-sg": "a3054dfbf5990fe668c9a850a40475299c533e13000ac719cd5dbd552e99740d",
+        },
+    ),
+    "host, no gateway, identity, broker CA, no redirect": (
+        {
+            "network_mode": "host",
+            "enable_security_gateway": False,
+            "external_pcoip_ip": [],
+            "identity_cert": "/pki/cm.pem",
+            "identity_key": "/pki/cm-key.pem",
+            "broker_ca_cert": "/pki/broker-ca.pem",
+            "http_port": 0,
+            "ca_cert": "/pki/chain.pem",
+        },
+        {"gh-cm": "984caea84ae80ccbe75e12ab552c9519abfed12fb41cd7f30b613f013dc9feea"},
+    ),
+    "bridge, IPv6, limits, proxies": (
+        {
+            "enable_ipv6": True,
+            "external_pcoip_ip": ["203.0.113.10", "2001:db8::10"],
+            "container_limits": {"memory": "2g", "pids": 600},
+            "trusted_proxies": ["10.0.0.0/24"],
+            "host_address": ["cmsg1.example.test"],
+            "log_level": "debug",
+        },
+        {
+            "gh-cm": "820f01475bae102a3a286dd6806b44ff1d66cb21bf84ed7ac592a8456187e5f7",
+            "gh-sg": "3706578045dacec1ff80404b8436e8187aec7d467d8eaaba0877990b773cfaf3",
+        },
+    ),
+}
+BROKER_CASES = {
+    "bridge": ({}, {"gh-broker": "19be0b79f854e14f531257f72db63c828711c4a853c6c3326c72139a070bd1c2"}),
+    "host, directory, TOTP key": (
+        {
+            "network_mode": "host",
+            "domains": ["CORP", "LAB"],
+            "directories": [DIRECTORY],
+            "second_factor": {"method": "totp", "totp_key": TOTP_KEY, "domains": ["CORP"]},
+        },
+        {"gh-broker": "43fd99d300d77ea55b198fe2f467eeb142cdf16c4a6a5e0ada1872181803b0d8"},
+    ),
+    "RADIUS, no client verification, limits": (
+        {
+            "client_tls_verify": False,
+            "client_ca_cert": None,
+            "second_factor": {
+                "method": "radius",
+                "radius_servers": ["radius1.corp.example:1812"],
+                "radius_secret": "radius-secret-5678",
+            },
+            "container_limits": {"memory": "1g"},
+            "https_port": 8443,
+        },
+        {"gh-broker": "414b46dc5f3de8ae50eb8c78ccc9c59c0e5704ab03ae1524c53bba56b3fd16da"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CMSG_CASES))
+def test_cmsg_spec_hashes_are_those_of_0_1_0(hashes, case: str) -> None:
+    options, expected = CMSG_CASES[case]
+    assert hashes(cmsg, dict(CMSG_BASE, **options)) == expected
+
+
+@pytest.mark.parametrize("case", sorted(BROKER_CASES))
+def test_broker_spec_hashes_are_those_of_0_1_0(hashes, case: str) -> None:
+    options, expected = BROKER_CASES[case]
+    assert hashes(broker, dict(BROKER_BASE, **options)) == expected
+
+
+# ------------------------------------------------------------------ engine behaviour
+
+engine = importlib.import_module(_UTILS + "_deploy.engine")
+
+
+class FakeObject:
+    """A container or network of ours (managed-by label)."""
+
+    def __init__(self, name: str) -> None:
+        labels = {ctr.LABEL_MANAGED: "gatehouse.access.cmsg"}
+        self.name = name
+        self.labels = labels
+        self.status = "running"
+        self.attrs = {"Config": {"Labels": labels}, "Labels": labels}
+
+
+class Present(FakeCollection):
+    def __init__(self, *names: str) -> None:
+        self.names = names
+
+    def get(self, name: str):
+        if name in self.names:
+            return FakeObject(name)
+        raise NotFound(f"no {name}")
+
+
+def test_retired_container_without_network_is_removed_and_no_network_reported(hashes, monkeypatch) -> None:
+    """Host mode, gateway switched off: the old SG container goes; the network was never there."""
+    client = FakeClient()
+    client.containers = Present("gh-sg")
+    monkeypatch.setattr(ctr, "client", lambda *args, **kwargs: client)
+    options = dict(CMSG_BASE, network_mode="host", enable_security_gateway=False, external_pcoip_ip=[])
+    checked = ArgumentSpecValidator(cmsg.ARGUMENT_SPEC, required_if=cmsg.REQUIRED_IF).validate(options)
+    result = cmsg.run(FakeModule(checked.validated_parameters))
+    assert {"name": "gh-sg", "action": "removed"} in result["containers"]
+    assert result["network"] == {"name": "gh-cmsg", "action": "none"}
+
+    client.networks = Present("gh-cmsg")
+    result = cmsg.run(FakeModule(checked.validated_parameters))
+    assert result["network"] == {"name": "gh-cmsg", "action": "removed"}
+
+
+class NoImages(FakeCollection):
+    """No image on the engine; the registry has every reference (asked, never downloaded)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def get(self, name: str):
+        raise ImageNotFound(f"no {name}")
+
+    def get_registry_data(self, name: str) -> None:
+        self.asked.append(name)
+
+
+class PullRecorder:
+    def __init__(self, pulled: list) -> None:
+        self.pull = lambda *args, **kwargs: pulled.append(args) or iter(())
+
+
+def test_with_errors_images_are_only_looked_at(monkeypatch) -> None:
+    """An option error found first: nothing is pulled (the engine changes nothing before every check passed)."""
+    pulled: list = []
+    client = FakeClient()
+    client.images = NoImages()
+    client.images.pull = lambda *args, **kwargs: pulled.append(args)
+    client.api = PullRecorder(pulled)
+    params = {
+        "registry": "registry.example",
+        "image_source": "registry",
+        "image_tag": "0.1.0",
+        "bundle_path": None,
+    }
+    errors = ["an earlier problem"]
+    refs, ids, _loaded = engine.resolve_images(client, params, ["broker"], False, errors)
+    assert pulled == [] and ids == {"broker": None} and errors == ["an earlier problem"]
+    assert refs == {"broker": "registry.example/gatehouse/broker:0.1.0"}
+    assert client.images.asked == ["registry.example/gatehouse/broker:0.1.0"]  # looked at, as check mode does
+
+    params["image_source"] = "local"
+    engine.resolve_images(client, params, ["broker"], False, errors)
+    assert "is not present on the Docker host" in errors[-1]
