@@ -78,3 +78,4 @@ clean-images: ## Remove the gatehouse/* images of this version (and the base) an
 		| xargs -r docker rmi
 	docker image prune --force --filter label=gatehouse.base.packages-sha256 >/dev/null
 	docker image prune --force --filter label=gatehouse.identity-test.sha256 >/dev/null
+	docker image prune --force --filter label=gatehouse.firewalld-test.sha256 >/dev/null

@@ -2,14 +2,15 @@
 # make images: gatehouse/base (only when its package list changed), the Python wheels of
 # files/services, and one image per service from files/images/<name>/Dockerfile, built with
 # `docker build --network none` from a context that holds the wheels. gatehouse/identity-test
-# has no Dockerfile: hack/build-identity-image.sh imports it from Debian packages (and skips
-# the build when they and its files did not change).
+# and gatehouse/firewalld-test have no Dockerfile: hack/build-identity-image.sh and
+# hack/build-firewalld-image.sh import them from Debian packages (and skip the build when
+# their packages and files did not change).
 #
 # Environment:
 #   BASE_IMAGE   base of all service images (default gatehouse/base:<version>, built here).
 #                Another base, e.g. python:3.11-slim, is used as is and the build then runs
 #                with the default network (the HALB image installs haproxy/keepalived by apt).
-#   IMAGES       images to build (default: broker cm sg agent halb node identity-test)
+#   IMAGES       images to build (default: broker cm sg agent halb node identity-test firewalld-test)
 #   REPOSITORY   repository prefix of the tags (default gatehouse/, giving gatehouse/<name>:<version>)
 #   PYTHON       the Python whose pip builds the wheels (default $VENV/bin/python); its
 #                version must match the base image's python3 (3.11 for Debian bookworm).
@@ -31,6 +32,7 @@ images=()
 for name in "${requested[@]}"; do
     case $name in
     identity-test) "$REPO_ROOT/hack/build-identity-image.sh" ;;
+    firewalld-test) "$REPO_ROOT/hack/build-firewalld-image.sh" ;;
     *) images+=("$name") ;;
     esac
 done

@@ -18,10 +18,11 @@ gatehouse_version() {
 # shellcheck disable=SC2034  # used by the scripts that source this file
 GATEHOUSE_IMAGES=(broker cm sg agent halb)
 # Images only the tests, the Molecule scenarios and the demo use (not shipped in the bundle).
-# identity-test (the directory and RADIUS server of the integration tests) is no Dockerfile
-# build: hack/build-identity-image.sh imports it from Debian packages.
+# identity-test (the directory and RADIUS server of the integration tests) and firewalld-test
+# (the firewalld host of the firewall role's test) are no Dockerfile builds:
+# hack/build-identity-image.sh and hack/build-firewalld-image.sh import them from Debian packages.
 # shellcheck disable=SC2034
-GATEHOUSE_TEST_IMAGES=(node identity-test)
+GATEHOUSE_TEST_IMAGES=(node identity-test firewalld-test)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
