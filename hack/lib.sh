@@ -18,11 +18,12 @@ gatehouse_version() {
 # shellcheck disable=SC2034  # used by the scripts that source this file
 GATEHOUSE_IMAGES=(broker cm sg agent halb)
 # Images only the tests, the Molecule scenarios and the demo use (not shipped in the bundle).
-# identity-test (the directory and RADIUS server of the integration tests) and registry-test
-# (the image registry of the image_source=registry tests) are no Dockerfile builds:
-# hack/build-debian-image.sh imports them from Debian packages.
+# identity-test (the directory and RADIUS server of the integration tests), registry-test (the
+# image registry of the image_source=registry tests) and firewalld-test (the firewalld host of the
+# firewall role's test) are no Dockerfile builds: hack/build-debian-image.sh imports them from
+# Debian packages.
 # shellcheck disable=SC2034
-GATEHOUSE_TEST_IMAGES=(node identity-test registry-test)
+GATEHOUSE_TEST_IMAGES=(node identity-test registry-test firewalld-test)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

@@ -64,7 +64,11 @@ def rules(tmp_path_factory) -> dict[str, dict]:
                     "hosts": {
                         "c1": {"gatehouse_address": "10.0.0.21"},
                         "c2": {"gatehouse_address": "10.0.0.22", "cmsg_enable_security_gateway": False},
-                        "c3": {"gatehouse_address": "10.0.0.23", "gatehouse_network_mode": "host"},
+                        "c3": {
+                            "gatehouse_address": "10.0.0.23",
+                            "gatehouse_network_mode": "host",
+                            "firewall_enable_ipv6": True,
+                        },
                     }
                 },
                 "desktops": {
@@ -76,7 +80,19 @@ def rules(tmp_path_factory) -> dict[str, dict]:
                     }
                 },
                 "halb": {
-                    "hosts": {"h1": {"gatehouse_address": "10.0.0.41"}, "h2": {"ansible_host": "fd00::42"}}
+                    "vars": {
+                        # A second virtual server (TLS passthrough to the gateways) and another peers port.
+                        "halb_virtual_servers": [
+                            {"name": "cm", "vip": "10.0.0.40", "port": 443},
+                            {"name": "sg", "vip": "10.0.0.40", "port": "4172", "mode": "tcp"},
+                        ],
+                        "halb_stick_table_peers_port": 10010,
+                    },
+                    "hosts": {
+                        # VRRP and the stick-table peers use halb_address (here another interface).
+                        "h1": {"gatehouse_address": "10.0.0.41", "halb_address": "10.0.1.41"},
+                        "h2": {"ansible_host": "fd00::42"},
+                    },
                 },
             },
         }
@@ -98,12 +114,18 @@ def rules(tmp_path_factory) -> dict[str, dict]:
     return found
 
 
+# The HALB nodes as sources: each one's address, and h1's halb_address (its VRRP and peers source).
+HALB = ("10.0.0.41", "10.0.1.41", "fd00::42")
+FORWARDS = ["port=443:proto=tcp:toport=8443:toaddr=", "port=80:proto=tcp:toport=8080:toaddr="]
+
+
 def test_broker_port_only_to_cms_desktops_halb_and_management(rules) -> None:
     broker = rules["b1"]
     assert broker["public_ports"] == []
-    sources = ["10.0.0.21", "10.0.0.22", "10.0.0.23", "10.0.0.31", "10.0.0.41", "fd00::42", "198.51.100.0/24"]
+    sources = ["10.0.0.21", "10.0.0.22", "10.0.0.23", "10.0.0.31", *HALB, "198.51.100.0/24"]
     assert sorted(broker["rich_rules"]) == sorted(rule(s, 443) for s in sources)
     assert broker["closed_ports"] == ["443/tcp"]
+    assert broker["forward_ports"] == []
 
 
 def test_agent_control_ports_only_to_the_cms(rules) -> None:
@@ -118,32 +140,44 @@ def test_agent_control_ports_only_to_the_cms(rules) -> None:
 def test_cm_sg_public_ports_and_admin_ports_to_halb_and_management(rules) -> None:
     gateway = rules["c1"]
     assert sorted(gateway["public_ports"]) == ["4172/tcp", "4172/udp", "443/tcp", "80/tcp"]
-    admin = ("10.0.0.41", "fd00::42", "198.51.100.0/24")
+    admin = (*HALB, "198.51.100.0/24")
     assert sorted(gateway["rich_rules"]) == sorted(rule(s, p) for s in admin for p in (9180, 9172))
+    assert gateway["forward_ports"] == FORWARDS
     # No security gateway: no 4172, no 9172.
     lan = rules["c2"]
     assert sorted(lan["public_ports"]) == ["443/tcp", "80/tcp"]
     assert sorted(lan["rich_rules"]) == sorted(rule(s, 9180) for s in admin)
-    # Host network mode: the HALB reaches the CM on 8443 itself (443 is only forwarded to it).
+    # Host network mode: the HALB reaches the CM on 8443 itself (443 is only forwarded to it); with
+    # IPv6 the forwards are rich rules too (firewalld's forward ports are IPv4 only).
     host_mode = rules["c3"]
     assert sorted(host_mode["public_ports"]) == ["4172/tcp", "4172/udp", "443/tcp", "80/tcp"]
-    halb = ("10.0.0.41", "fd00::42")
     assert sorted(host_mode["rich_rules"]) == sorted(
-        [rule(s, p) for s in admin for p in (9180, 9172)] + [rule(s, 8443) for s in halb]
+        [rule(s, p) for s in admin for p in (9180, 9172)]
+        + [rule(s, 8443) for s in HALB]
+        + [
+            'rule family="ipv6" forward-port port="443" protocol="tcp" to-port="8443"',
+            'rule family="ipv6" forward-port port="80" protocol="tcp" to-port="8080"',
+        ]
     )
+    assert host_mode["forward_ports"] == FORWARDS
     assert "8443/tcp" in host_mode["closed_ports"]
 
 
-def test_halb_public_443_peers_and_vrrp_only_from_the_pair(rules) -> None:
+def test_halb_virtual_server_ports_peers_and_vrrp_only_from_the_pair(rules) -> None:
     halb = rules["h1"]
-    assert halb["public_ports"] == ["443/tcp"]
-    expected = [rule(s, 10000) for s in ("10.0.0.41", "fd00::42")]
+    # Every virtual server's port, from halb_virtual_servers.
+    assert sorted(halb["public_ports"]) == ["4172/tcp", "443/tcp"]
+    # The stick-table peers port from halb_stick_table_peers_port.
+    expected = [rule(s, 10010) for s in HALB]
     expected += [
         'rule family="ipv4" source address="10.0.0.41" protocol value="vrrp" accept',
+        'rule family="ipv4" source address="10.0.1.41" protocol value="vrrp" accept',
         'rule family="ipv6" source address="fd00::42" protocol value="vrrp" accept',
     ]
     assert sorted(halb["rich_rules"]) == sorted(expected)
     assert not any("vrrp" in r and "source" not in r for r in halb["rich_rules"])
+    assert halb["closed_ports"] == ["10010/tcp"]
+    assert halb["forward_ports"] == []
 
 
 def test_broker_outbound_only_to_its_directories_and_radius_servers(rules) -> None:
