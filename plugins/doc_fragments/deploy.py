@@ -91,9 +91,6 @@ options:
     description: Prefix of the container and network names (C(<prefix>-<role>)).
     type: str
     default: gatehouse
-  docker_host:
-    description: Docker engine to talk to; defaults to E(DOCKER_HOST) or the local socket.
-    type: str
   wait_timeout:
     description:
       - Seconds to wait for a (re)started container to be up; a container that exits right after its start

@@ -37,6 +37,7 @@ extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - gatehouse.access.deploy
   - gatehouse.access.deploy.container_limits
+  - gatehouse.access.docker
 attributes:
   check_mode:
     support: full

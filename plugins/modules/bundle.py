@@ -26,6 +26,7 @@ author:
   - Gatehouse contributors (@gatehouse)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - gatehouse.access.docker
 attributes:
   check_mode:
     support: full
@@ -60,9 +61,6 @@ options:
         (about the size of C(images.tar)). The unpacked copy is removed at the end.
       - Default is the system's temporary directory.
     type: path
-  docker_host:
-    description: Docker daemon URL; C(DOCKER_HOST) or the local socket by default.
-    type: str
   timeout:
     description: Timeout in seconds of calls to the Docker engine; loading the images is one call.
     type: int
@@ -156,6 +154,11 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # no
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import fail, finish  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import bundle as _bundle  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import (  # noqa: E402
+    DOCKER_HOST_OPTION,
+    DOCKER_IMPORT_ERROR,
+    HAS_DOCKER,
+)
 
 
 def main() -> None:
@@ -164,15 +167,15 @@ def main() -> None:
             "path": {"type": "path", "required": True},
             "state": {"type": "str", "choices": ["present", "verified"], "default": "present"},
             "tmp_dir": {"type": "path"},
-            "docker_host": {"type": "str"},
+            "docker_host": DOCKER_HOST_OPTION,
             "timeout": {"type": "int", "default": 600},
         },
         supports_check_mode=True,
     )
     if module.params["timeout"] < 1:
         fail(module, "timeout must be at least 1 second")
-    if module.params["state"] == "present" and not _bundle.HAS_DOCKER:
-        fail(module, missing_required_lib("docker"), exception=_bundle.DOCKER_IMPORT_ERROR)
+    if module.params["state"] == "present" and not HAS_DOCKER:
+        fail(module, missing_required_lib("docker"), exception=DOCKER_IMPORT_ERROR)
     finish(module, _bundle.run(module.params, module.check_mode, module._diff))
 
 

@@ -32,6 +32,7 @@ author:
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - gatehouse.access.deploy.container_limits
+  - gatehouse.access.docker
 attributes:
   check_mode:
     support: full
@@ -503,6 +504,7 @@ from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import finish  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import (  # noqa: E402
     CONTAINER_LIMITS_OPTION,
+    DOCKER_HOST_OPTION,
 )
 from ansible_collections.gatehouse.access.plugins.module_utils._halb.node import run_absent, run_present  # noqa: E402
 
@@ -603,6 +605,7 @@ ARGUMENT_SPEC = dict(
     ),
     stick_table_peers_port=dict(type="int", default=10000),
     container_limits=CONTAINER_LIMITS_OPTION,
+    docker_host=DOCKER_HOST_OPTION,
 )
 
 

@@ -27,6 +27,7 @@ author:
   - Gatehouse contributors (@gatehouse)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - gatehouse.access.docker
 attributes:
   check_mode:
     support: full
@@ -88,9 +89,6 @@ options:
     description: Minimum Docker engine (server) version.
     type: str
     default: 20.10.0
-  docker_host:
-    description: Docker daemon to ask (C(docker --host)); the C(DOCKER_HOST) environment or the local socket by default.
-    type: str
   conflicting_commands:
     description: Commands whose presence is a conflict with Docker.
     type: list
@@ -183,6 +181,7 @@ facts:
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import finish  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import DOCKER_HOST_OPTION  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._ops import preflight as preflight_utils  # noqa: E402
 
 
@@ -199,7 +198,7 @@ def main() -> None:
             "ignore_disk_req": {"type": "bool", "default": False},
             "check_docker": {"type": "bool", "default": True},
             "min_docker_version": {"type": "str", "default": preflight_utils.DEFAULT_MIN_DOCKER},
-            "docker_host": {"type": "str"},
+            "docker_host": DOCKER_HOST_OPTION,
             "conflicting_commands": {"type": "list", "elements": "str", "default": ["podman", "buildah"]},
         },
         supports_check_mode=True,

@@ -44,6 +44,7 @@ author:
   - Gatehouse contributors (@gatehouse)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - gatehouse.access.docker
 attributes:
   check_mode:
     support: full
@@ -119,9 +120,6 @@ options:
     description: At most this many files are examined below O(data_dir) and O(extra_paths) together.
     type: int
     default: 1000
-  docker_host:
-    description: Docker daemon URL; C(DOCKER_HOST) or the local socket by default.
-    type: str
   extra_secret_keys:
     description:
       - More key-name fragments whose values are redacted (matched like the built-in ones, case and punctuation
@@ -215,6 +213,7 @@ notes:
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import finish  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import DOCKER_HOST_OPTION  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._ops import support_bundle as bundle_utils  # noqa: E402
 
 
@@ -233,7 +232,7 @@ def main() -> None:
             "max_log_bytes": {"type": "int", "default": 5 * 1024 * 1024},
             "max_file_bytes": {"type": "int", "default": 1024 * 1024},
             "max_files": {"type": "int", "default": 1000},
-            "docker_host": {"type": "str"},
+            "docker_host": DOCKER_HOST_OPTION,
             "extra_secret_keys": {"type": "list", "elements": "str", "default": [], "no_log": False},
             "extra_secrets": {"type": "list", "elements": "str", "default": [], "no_log": True},
         },

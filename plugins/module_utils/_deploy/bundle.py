@@ -30,19 +30,14 @@ import re
 import shutil
 import tarfile
 import tempfile
-import traceback
 import zlib
 
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
-
-try:
-    from docker.errors import DockerException, ImageNotFound
-except ImportError:
-    HAS_DOCKER = False
-    DOCKER_IMPORT_ERROR: str | None = traceback.format_exc()
-else:
-    HAS_DOCKER = True
-    DOCKER_IMPORT_ERROR = None
+from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import (
+    HAS_DOCKER,
+    DockerException,
+    ImageNotFound,
+)
 
 FORMAT = 1
 SUMS = "SHA256SUMS"

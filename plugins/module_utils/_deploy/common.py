@@ -30,6 +30,7 @@ from ansible_collections.gatehouse.access.plugins.module_utils._deploy import bu
 from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import (
     COLLECTION_VERSION,
     CONTAINER_LIMITS_OPTION,
+    DOCKER_HOST_OPTION,
     DOCKER_IMPORT_ERROR,
     HAS_DOCKER,
     SERVICE_GID,
@@ -73,7 +74,7 @@ COMMON_ARGUMENT_SPEC: dict = {
     "network_mode": {"type": "str", "default": "bridge"},
     "host_label": {"type": "str"},
     "name_prefix": {"type": "str", "default": "gatehouse"},
-    "docker_host": {"type": "str"},
+    "docker_host": DOCKER_HOST_OPTION,
     "wait_timeout": {"type": "int", "default": 60},
     "container_limits": CONTAINER_LIMITS_OPTION,
 }

@@ -26,6 +26,11 @@ try:
 except ImportError:
     HAS_DOCKER = False
     DOCKER_IMPORT_ERROR: str | None = traceback.format_exc()
+
+    class DockerException(Exception):
+        """Stand-in: without the SDK nothing raises it, but callers' ``except`` clauses stay valid."""
+
+    APIError = ImageNotFound = NotFound = RequestException = DockerException
 else:
     HAS_DOCKER = True
     DOCKER_IMPORT_ERROR = None
@@ -78,6 +83,9 @@ SERVICE_HARDENING = {
         "pids": 1024,
         "tmpfs": [TMP, RUN],
     },
+    # The throwaway container that checks candidate HALB files (haproxy -c, keepalived -t) without
+    # a network: NET_ADMIN only for the stand-in interface it creates in its own namespace.
+    "halb-check": {"cap_add": ["NET_ADMIN"], "memory": "256m", "pids": 64, "tmpfs": [TMP, RUN]},
 }
 # Argument spec of the ``container_limits`` option (cmsg, broker, halb). Unset suboptions take the
 # service's defaults from SERVICE_HARDENING.
@@ -181,7 +189,18 @@ def spec_hardening(spec: dict) -> dict:
     return hardening(spec["service"], spec.get("container_limits"))
 
 
+# Argument spec of the ``docker_host`` option of every module that talks to the Docker engine
+# (documented by the doc fragment gatehouse.access.docker).
+DOCKER_HOST_OPTION = dict(type="str")
+
+
 def client(docker_host: str | None, timeout: int = 60):
+    """The one way the modules reach a Docker engine: ``docker_host`` (the module option) or,
+    when it is empty, DOCKER_HOST or the local socket. Answers a ping before it is returned."""
+    if not HAS_DOCKER:
+        raise ContainerError(
+            "the Docker SDK for Python (docker) is required on the managed host: %s" % DOCKER_IMPORT_ERROR
+        )
     try:
         if docker_host:
             cli = docker.DockerClient(base_url=docker_host, version="auto", timeout=timeout)
@@ -204,6 +223,7 @@ def image_ref(name: str, tag: str, registry: str | None) -> str:
 
 
 def image_id(cli, ref: str) -> str | None:
+    """The id of the image ``ref`` (a reference or an id) on the engine, None when it is absent."""
     try:
         return cli.images.get(ref).id
     except ImageNotFound:
@@ -250,6 +270,18 @@ def ensure_image(cli, ref: str, pull: bool, check_mode: bool) -> tuple[str | Non
     return found, True
 
 
+# ------------------------------------------------------------------ containers
+#
+# A spec has the keys service (a key of SERVICE_HARDENING), name, image, labels (LABEL_ROLE,
+# LABEL_HOST and LABEL_MANAGED; LABEL_HASH is added at creation), mounts (source, target,
+# read_only), network_mode (bridge, host, none, container:<name> or a network's name), network
+# (the bridge network to attach to, bridge only), ports (host, container, protocol and an optional
+# host_ip; bridge only), restart_policy and container_limits (the module option), and optionally
+# command, entrypoint, environment, ipv4_address (a static address on the network) and
+# stop_timeout (seconds for a graceful stop before the container is removed; without it the
+# container is killed).
+
+
 def spec_hash(spec: dict, inputs: dict) -> str:
     """Hash of the desired spec plus ``inputs`` (image id, hashes of the files the container reads)."""
     document = {"spec": spec, "inputs": inputs}
@@ -269,12 +301,25 @@ def find_container(cli, name: str):
         return None
 
 
-def _check_ours(obj, kind: str, name: str) -> None:
-    labels = obj.attrs.get("Config", {}).get("Labels") if kind == "container" else obj.attrs.get("Labels")
-    if not labels or LABEL_MANAGED not in labels:
+# The HALB container carried this label instead of LABEL_MANAGED and LABEL_HASH before it was
+# described by a spec like the others: such a container is ours, and recreated once.
+_LEGACY_MARKERS = ("gatehouse.halb.spec",)
+
+
+def _check_ours(obj, kind: str, name: str, role: str | None = None) -> None:
+    """Fail unless Gatehouse created ``obj`` and, when ``role`` is given, for that role."""
+    labels = (
+        obj.attrs.get("Config", {}).get("Labels") if kind == "container" else obj.attrs.get("Labels")
+    ) or {}
+    if not any(marker in labels for marker in (LABEL_MANAGED, *_LEGACY_MARKERS)):
         raise ContainerError(
             "a %s named %s exists and was not created by Gatehouse (no %s label); remove or rename it, "
-            "or choose another name_prefix" % (kind, name, LABEL_MANAGED)
+            "or choose another name_prefix (container_name for the HALB)" % (kind, name, LABEL_MANAGED)
+        )
+    if role is not None and labels.get(LABEL_ROLE) != role:
+        raise ContainerError(
+            "a %s named %s exists and is a Gatehouse %s container, not a %s one; it is left alone"
+            % (kind, name, labels.get(LABEL_ROLE), role)
         )
 
 
@@ -283,7 +328,7 @@ def container_plan(cli, spec: dict, desired_hash: str) -> str:
     current = find_container(cli, spec["name"])
     if current is None:
         return "create"
-    _check_ours(current, "container", spec["name"])
+    _check_ours(current, "container", spec["name"], spec["labels"].get(LABEL_ROLE))
     if (current.labels or {}).get(LABEL_HASH) != desired_hash:
         return "recreate"
     if current.status != "running":
@@ -291,42 +336,65 @@ def container_plan(cli, spec: dict, desired_hash: str) -> str:
     return "none"
 
 
-def _create_kwargs(spec: dict, desired_hash: str, engine_nofile: int | None = None) -> dict:
-    labels = dict(spec["labels"])
-    labels[LABEL_HASH] = desired_hash
-    kwargs: dict = {
+def _create_args(spec: dict, labels: dict, engine_nofile: int | None = None) -> dict:
+    """Arguments of APIClient.create_container for ``spec``, except that ``host_config`` holds the
+    arguments of create_host_config and ``endpoint`` those of create_endpoint_config (see _create).
+
+    The low-level API, because the high-level create() of the SDKs that distributions ship cannot
+    give a container a static address.
+    """
+    mode = spec["network_mode"]
+    network = spec.get("network") if mode == "bridge" else None
+    host_config = {
+        "binds": {
+            m["source"]: {"bind": m["target"], "mode": "ro" if m["read_only"] else "rw"}
+            for m in spec["mounts"]
+        },
+        "network_mode": network or mode,
+        "restart_policy": {"Name": spec.get("restart_policy", "unless-stopped")},
+        "log_config": {"type": "json-file", "config": {"max-size": "10m", "max-file": "5"}},
+    }
+    host_config.update(hardening_kwargs(spec_hardening(spec), engine_nofile))
+    args: dict = {
         "image": spec["image"],
         "name": spec["name"],
         "labels": labels,
         "detach": True,
-        "restart_policy": {"Name": spec.get("restart_policy", "unless-stopped")},
-        "volumes": {
-            m["source"]: {"bind": m["target"], "mode": "ro" if m["read_only"] else "rw"}
-            for m in spec["mounts"]
-        },
-        "log_config": {"type": "json-file", "config": {"max-size": "10m", "max-file": "5"}},
+        "volumes": [m["target"] for m in spec["mounts"]],
+        "host_config": host_config,
     }
-    kwargs.update(hardening_kwargs(spec_hardening(spec), engine_nofile))
-    if spec.get("command"):
-        kwargs["command"] = spec["command"]
-    if spec.get("environment"):
-        kwargs["environment"] = spec["environment"]
-    mode = spec["network_mode"]
-    if mode == "bridge":
-        if spec.get("network"):
-            kwargs["network"] = spec["network"]
-        ports = {}
-        for port in spec.get("ports", []):
+    for key in ("command", "entrypoint", "environment"):
+        if spec.get(key):
+            args[key] = spec[key]
+    if mode == "bridge" and spec.get("ports"):
+        bindings = {}
+        for port in spec["ports"]:
             host = (port["host_ip"], port["host"]) if port.get("host_ip") else port["host"]
-            ports["%d/%s" % (port["container"], port["protocol"])] = host
-        kwargs["ports"] = ports
-    else:
-        kwargs["network_mode"] = mode
-    return kwargs
+            bindings["%d/%s" % (port["container"], port["protocol"])] = host
+        host_config["port_bindings"] = bindings
+        args["ports"] = [(p["container"], p["protocol"]) for p in spec["ports"]]
+    if spec.get("ipv4_address"):
+        args["endpoint"] = {"ipv4_address": spec["ipv4_address"]}
+    return args
 
 
-def _wait_running(container, timeout: int) -> None:
-    """Fail with the last log lines when the service exits right after its start."""
+def _create(cli, args: dict):
+    """Create (not start) the container of _create_args() and return it."""
+    args = dict(args)
+    host_config = cli.api.create_host_config(**args.pop("host_config"))
+    endpoint = args.pop("endpoint", None)
+    if endpoint:
+        args["networking_config"] = cli.api.create_networking_config(
+            {host_config["NetworkMode"]: cli.api.create_endpoint_config(**endpoint)}
+        )
+    created = cli.api.create_container(host_config=host_config, **args)
+    return cli.containers.get(created["Id"])
+
+
+def _wait_running(container, timeout: float, ready=None) -> None:
+    """Wait until the service is up: ``ready(container)`` is true, or else its health check says
+    healthy, or without one it has stayed up for a few seconds. Fail with the last log lines when
+    it exits right after its start, and when it is not ready within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     steady_since = None
     while True:
@@ -340,25 +408,45 @@ def _wait_running(container, timeout: int) -> None:
                 % (container.name, state.get("ExitCode"), tail)
             )
         if state.get("Running"):
-            if health == "healthy":
+            if ready is not None:
+                if ready(container):
+                    return
+            elif health == "healthy":
                 return
-            if health is None:
+            elif health is None:
                 # Without a health check, staying up for a few seconds is the best signal we have.
                 steady_since = steady_since or time.monotonic()
                 if time.monotonic() - steady_since >= 3:
                     return
         if time.monotonic() > deadline:
+            tail = container.logs(tail=20).decode("utf-8", "replace")
             raise ContainerError(
-                "container %s is not ready after %d s (state %s, health %s)"
-                % (container.name, timeout, state.get("Status"), health)
+                "container %s is not ready after %d s (state %s, health %s); last log lines:\n%s"
+                % (container.name, timeout, state.get("Status"), health, tail)
             )
-        time.sleep(0.5)
+        time.sleep(0.5 if ready is None else 0.2)
 
 
-def converge_container(cli, spec: dict, desired_hash: str, action: str, wait_timeout: int | None) -> None:
-    """Carry out ``action`` from container_plan()."""
+def _remove(container, stop_timeout: int | None) -> None:
+    if stop_timeout is not None:
+        # SIGTERM first, so the service can say goodbye (keepalived hands its VIPs over at once).
+        try:
+            container.stop(timeout=stop_timeout)
+        except NotFound:
+            return
+    container.remove(force=True)
+
+
+def converge_container(
+    cli, spec: dict, desired_hash: str, action: str, wait_timeout: float | None, ready=None
+):
+    """Carry out ``action`` from container_plan() and return the container (None for none).
+
+    With ``wait_timeout``, wait that long for the service to be up (see _wait_running; ``ready``
+    is an optional readiness test of the container).
+    """
     if action == "none":
-        return
+        return None
     current = find_container(cli, spec["name"])
     try:
         if action == "start":
@@ -368,38 +456,43 @@ def converge_container(cli, spec: dict, desired_hash: str, action: str, wait_tim
             # Probed before the old container goes: a failing probe leaves the service running.
             limit = engine_nofile_limit(cli, spec["image"])
             if current is not None:
-                current.remove(force=True)
-            container = cli.containers.create(**_create_kwargs(spec, desired_hash, limit))
+                _remove(current, spec.get("stop_timeout"))
+            labels = dict(spec["labels"], **{LABEL_HASH: desired_hash})
+            container = _create(cli, _create_args(spec, labels, limit))
             container.start()
-    except APIError as exc:
+    except DockerException as exc:
         raise ContainerError(
-            "cannot %s container %s: %s" % (action, spec["name"], exc.explanation or exc)
+            "cannot %s container %s: %s" % (action, spec["name"], getattr(exc, "explanation", None) or exc)
         ) from None
     if wait_timeout:
-        _wait_running(container, wait_timeout)
+        _wait_running(container, wait_timeout, ready)
+    return container
 
 
 def run_once(cli, spec: dict, name: str, command: list, timeout: int) -> tuple[int | None, str]:
     """Run ``command`` once in a throwaway container like ``spec`` and return (exit code, output).
 
-    Same image, mounts, network mode and hardening as the service container, but no published
-    ports (the running service holds them), no restart policy, and its own ``name``. stdout and
-    stderr are returned together; the container is removed in every case. The exit code is None
-    when the command did not finish within ``timeout`` seconds (it is killed then).
+    Same image, entrypoint, mounts, network mode and hardening as the service container, but no
+    published ports (the running service holds them), no restart policy, the role ``check`` and
+    its own ``name``. stdout and stderr are returned together; the container is removed in every
+    case. The exit code is None when the command did not finish within ``timeout`` seconds (it is
+    killed then).
     """
     stale = find_container(cli, name)
     if stale is not None:
         # Left over from an interrupted run; only ours are removed.
         _check_ours(stale, "container", name)
         stale.remove(force=True)
-    kwargs = _create_kwargs(spec, "", engine_nofile_limit(cli, spec["image"]))
-    kwargs.update(name=name, command=list(command), restart_policy={"Name": "no"})
-    kwargs["labels"] = {k: v for k, v in spec["labels"].items() if k != LABEL_HASH}
-    kwargs["labels"][LABEL_ROLE] = "check"
-    kwargs.pop("ports", None)
+    labels = {k: v for k, v in spec["labels"].items() if k != LABEL_HASH}
+    labels[LABEL_ROLE] = "check"
+    args = _create_args(spec, labels, engine_nofile_limit(cli, spec["image"]))
+    args.update(name=name, command=list(command))
+    args.pop("ports", None)
+    args["host_config"].pop("port_bindings", None)
+    args["host_config"]["restart_policy"] = {"Name": "no"}
     container = None
     try:
-        container = cli.containers.create(**kwargs)
+        container = _create(cli, args)
         container.start()
         try:
             status = container.wait(timeout=timeout).get("StatusCode")
@@ -421,13 +514,28 @@ def run_once(cli, spec: dict, name: str, command: list, timeout: int) -> tuple[i
     return status, output
 
 
-def remove_container(cli, name: str, check_mode: bool) -> bool:
+def exec_in(container, argv: list) -> tuple[int, str]:
+    """Run ``argv`` in the running ``container``: (exit code, stdout and stderr as text)."""
+    try:
+        code, output = container.exec_run(argv, stdout=True, stderr=True)
+    except DockerException as exc:
+        raise ContainerError("cannot run %s in %s: %s" % (" ".join(argv), container.name, exc)) from None
+    return code, (output or b"").decode("utf-8", "replace")
+
+
+def remove_container(
+    cli, name: str, check_mode: bool, role: str | None = None, stop_timeout: int | None = None
+) -> bool:
+    """Remove our container ``name`` (of ``role`` when given); whether there was one.
+
+    ``stop_timeout`` as in a spec: seconds for a graceful stop first.
+    """
     current = find_container(cli, name)
     if current is None:
         return False
-    _check_ours(current, "container", name)
+    _check_ours(current, "container", name, role)
     if not check_mode:
-        current.remove(force=True)
+        _remove(current, stop_timeout)
     return True
 
 
@@ -508,16 +616,3 @@ def docker_subnets(cli, exclude: str | None = None) -> list[tuple[str, str]]:
 
 def container_exists(cli, name: str) -> bool:
     return find_container(cli, name) is not None
-
-
-def describe(cli, name: str) -> dict | None:
-    current = find_container(cli, name)
-    if current is None:
-        return None
-    return {
-        "name": current.name,
-        "id": current.id,
-        "image": (current.attrs.get("Config") or {}).get("Image"),
-        "status": current.status,
-        "labels": {k: v for k, v in (current.labels or {}).items() if k.startswith("gatehouse.")},
-    }

@@ -22,10 +22,8 @@ from ansible_collections.gatehouse.access.plugins.module_utils._common.files imp
     PlannedFile,
     remove_paths,
 )
-from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import (
-    ContainerError,
-    engine_nofile_limit,
-)
+from ansible_collections.gatehouse.access.plugins.module_utils._common.result import fail
+from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
 from ansible_collections.gatehouse.access.plugins.module_utils._halb import runtime as hd
 from ansible_collections.gatehouse.access.plugins.module_utils._halb.render import (
     HalbConfigError,
@@ -48,7 +46,7 @@ def _read(module, path: str, what: str) -> bytes:
         with open(path, "rb") as handle:
             return handle.read()
     except OSError as exc:
-        module.fail_json(msg="%s: cannot read %s: %s" % (what, path, exc.strerror))
+        fail(module, "%s: cannot read %s: %s" % (what, path, exc.strerror))
     raise AssertionError("unreachable")
 
 
@@ -121,18 +119,18 @@ def run_present(module) -> dict:
     try:
         config = normalize(p)
     except HalbConfigError as exc:
-        module.fail_json(msg=str(exc))
+        fail(module, str(exc))
     for warning in config["warnings"]:
         module.warn(warning)
     config_dir = os.path.abspath(p["config_dir"])
     try:
         dirs, files, stale = plan(module, config, config_dir)
     except NotADirectoryError as exc:
-        module.fail_json(msg=str(exc))
+        fail(module, str(exc))
     try:
         return _converge(module, config, config_dir, dirs, files, stale)
-    except (hd.HalbDockerError, ContainerError) as exc:
-        module.fail_json(msg=str(exc))
+    except ctr.ContainerError as exc:
+        fail(module, str(exc))
     raise AssertionError("unreachable")
 
 
@@ -151,33 +149,17 @@ def _converge(module, config, config_dir, dirs, files, stale) -> dict:
     try:
         image = image_ref(p)
     except HalbConfigError as exc:
-        module.fail_json(msg=str(exc))
+        fail(module, str(exc))
     interface = config["vrrp"]["interface"]
     if p["network_mode"] == "host" and not os.path.exists(os.path.join("/sys/class/net", interface)):
         # The validation container cannot know the host's interfaces; keepalived would exit at start.
-        module.fail_json(msg="vrrp.interface: the host has no interface %r (network_mode host)" % interface)
-    client = hd.connect()
-    hd.require_image(client, image)
+        fail(module, "vrrp.interface: the host has no interface %r (network_mode host)" % interface)
+    client = ctr.client(p["docker_host"])
+    image_id = hd.require_image(client, image)
     haproxy_file, keepalived_file = files[0], files[1]
     changed_files = [f for f in files if f.changed]
     changed_dirs = [d for d in dirs if d.changed]
     content_changed = any(f.content_changed for f in files) or bool(stale)
-
-    if content_changed:
-        candidate = _write_candidate(files, config_dir)
-        try:
-            ok, message = hd.validate(
-                client,
-                image,
-                os.path.join(candidate, "haproxy"),
-                os.path.join(candidate, "keepalived"),
-                config["vrrp"]["interface"],
-            )
-        finally:
-            shutil.rmtree(candidate, ignore_errors=True)
-        if not ok:
-            module.fail_json(msg="the rendered configuration was refused; nothing was changed.\n" + message)
-        actions.append("validated")
 
     spec = hd.container_spec(
         name=p["container_name"],
@@ -188,12 +170,26 @@ def _converge(module, config, config_dir, dirs, files, stale) -> dict:
         ipv4_address=p["ipv4_address"],
         container_limits=p.get("container_limits"),
     )
-    container = hd.get_container(client, p["container_name"])
-    if container is not None and (container.labels or {}).get("gatehouse.role") != "halb":
-        module.fail_json(
-            msg="container %s exists but is not a HALB container; not replacing it" % p["container_name"]
-        )
-    cstate = hd.container_state(container, spec, hd.image_id(client, image))
+    if content_changed:
+        candidate = _write_candidate(files, config_dir)
+        try:
+            ok, message = hd.validate(
+                client,
+                spec,
+                os.path.join(candidate, "haproxy"),
+                os.path.join(candidate, "keepalived"),
+                interface,
+            )
+        finally:
+            shutil.rmtree(candidate, ignore_errors=True)
+        if not ok:
+            fail(module, "the rendered configuration was refused; nothing was changed.\n" + message)
+        actions.append("validated")
+
+    # The files are not part of the hash: a change of them is a reload, not a new container.
+    desired_hash = ctr.spec_hash(spec, {"image": image_id})
+    action = ctr.container_plan(client, spec, desired_hash)
+    container = ctr.find_container(client, p["container_name"])
 
     old_haproxy = (haproxy_file.before or b"").decode("utf-8", "replace")
     new_haproxy = haproxy_file.data.decode()
@@ -205,7 +201,7 @@ def _converge(module, config, config_dir, dirs, files, stale) -> dict:
         and layout_of(old_haproxy) == layout_of(new_haproxy)
     )
 
-    changed = bool(changed_files or changed_dirs or stale or cstate != "current")
+    changed = bool(changed_files or changed_dirs or stale or action != "none")
     diff = [f.diff() for f in changed_files]
     diff += [
         {"before_header": path, "after_header": path, "before": "<certificate bundle>\n", "after": ""}
@@ -223,23 +219,16 @@ def _converge(module, config, config_dir, dirs, files, stale) -> dict:
         if changed_files or stale:
             actions.append("wrote files")
 
-    if cstate in ("absent", "outdated"):
-        if cstate == "outdated":
-            actions.append("removed outdated container")
-            if not module.check_mode:
-                # Probed (and cached for create_container) before the old container goes: a failing
-                # probe leaves this node serving.
-                engine_nofile_limit(client, spec["image"])
-                hd.remove_container(container)
-        actions.append("created container")
+    if action != "none":
+        actions += {
+            "create": ["created container"],
+            "recreate": ["removed outdated container", "created container"],
+            "start": ["started container"],
+        }[action]
         if not module.check_mode:
-            container = hd.create_container(client, spec)
-            hd.wait_running(container)
-    elif cstate == "stopped":
-        actions.append("started container")
-        if not module.check_mode:
-            container.start()
-            hd.wait_running(container)
+            container = ctr.converge_container(
+                client, spec, desired_hash, action, hd.READY_TIMEOUT, ready=hd.admin_socket_ready
+            )
     else:
         if haproxy_file.content_changed or certs_changed:
             if states_only:
@@ -261,7 +250,7 @@ def _converge(module, config, config_dir, dirs, files, stale) -> dict:
         failover_estimate=failover_estimate(config),
         diff=diff,
     )
-    if container is not None and not (module.check_mode and cstate in ("absent", "outdated")):
+    if container is not None and not (module.check_mode and action in ("create", "recreate")):
         container.reload()
         result["container"] = dict(name=container.name, id=container.id, status=container.status)
         if container.status == "running":
@@ -288,8 +277,8 @@ def _apply_states(module, config: dict, config_dir: str, container, old_haproxy:
         for command in commands:
             answer = hd.runtime_api(socket_path, command)
             if answer:
-                raise hd.HalbDockerError("HAProxy answered %r to %r" % (answer, command))
-    except (OSError, hd.HalbDockerError) as exc:
+                raise hd.RuntimeApiError("HAProxy answered %r to %r" % (answer, command))
+    except (OSError, hd.RuntimeApiError) as exc:
         module.warn("runtime API failed (%s); reloading HAProxy instead" % exc)
         hd.reload(container, "haproxy")
         return ["reloaded haproxy"]
@@ -302,19 +291,18 @@ def run_absent(module) -> dict:
     actions: list[str] = []
     changed = False
     try:
-        client = hd.connect()
-        container = hd.get_container(client, p["container_name"])
-    except hd.HalbDockerError as exc:
-        module.fail_json(msg=str(exc))
-    if container is not None:
-        if (container.labels or {}).get("gatehouse.role") != "halb":
-            module.fail_json(
-                msg="container %s exists but is not a HALB container; not removing it" % p["container_name"]
-            )
+        removed_container = ctr.remove_container(
+            ctr.client(p["docker_host"]),
+            p["container_name"],
+            module.check_mode,
+            role=hd.ROLE,
+            stop_timeout=hd.STOP_TIMEOUT,
+        )
+    except ctr.ContainerError as exc:
+        fail(module, str(exc))
+    if removed_container:
         changed = True
         actions.append("removed container %s" % p["container_name"])
-        if not module.check_mode:
-            hd.remove_container(container)
     certs_dir = os.path.join(config_dir, "haproxy", "certs")
     run_dir = os.path.join(config_dir, "run")
     ours = [

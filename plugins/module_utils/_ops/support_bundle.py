@@ -21,7 +21,6 @@ import socket
 import stat
 import sys
 import tarfile
-import traceback
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfile import atomic_open
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
@@ -35,15 +34,6 @@ except ImportError:
     HAS_CRYPTOGRAPHY = False
 else:
     HAS_CRYPTOGRAPHY = True
-
-try:
-    from docker.errors import DockerException
-except ImportError:
-    HAS_DOCKER = False
-    DOCKER_IMPORT_ERROR: str | None = traceback.format_exc()
-else:
-    HAS_DOCKER = True
-    DOCKER_IMPORT_ERROR = None
 
 DEFAULT_DATA_DIR = "/opt/gatehouse/cmsg"
 # Files the CM/SG data directory is known to hold; listed in the manifest when missing.
@@ -283,7 +273,7 @@ class Collector:
         versions: dict = {"docker": None, "gatehouse_images": []}
         if not self.params["collect_containers"]:
             return versions
-        if not HAS_DOCKER:
+        if not ctr.HAS_DOCKER:
             self.notes.append(
                 "Docker SDK for Python not installed on the host: containers and logs not collected"
             )
@@ -305,7 +295,7 @@ class Collector:
                 if image_id and image_id not in images:
                     try:
                         images[image_id] = client.images.get(image_id)
-                    except DockerException:
+                    except ctr.DockerException:
                         continue
             for image_id in sorted(images):
                 image = images[image_id]
@@ -317,7 +307,7 @@ class Collector:
                         "labels": self.redactor.structure(image.labels or {}),
                     }
                 )
-        except DockerException as exc:
+        except ctr.DockerException as exc:
             self.notes.append("Docker error while collecting containers: %s" % exc)
         finally:
             client.close()
@@ -350,7 +340,7 @@ class Collector:
             return
         try:
             raw = container.logs(stdout=True, stderr=True, timestamps=True, tail=self.params["log_lines"])
-        except DockerException as exc:
+        except ctr.DockerException as exc:
             self.notes.append("logs of %s not collected: %s" % (name, exc))
             return
         limit = self.params["max_log_bytes"]

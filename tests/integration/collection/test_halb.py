@@ -187,17 +187,13 @@ class Pair:
         self.wait_master("halb1")
 
     def stop(self) -> None:
-        for name in self.names:
+        # Validation containers (<container_name>-validate) remove themselves; an interrupted run
+        # can leave one.
+        for name in self.names + [n + "-validate" for n in self.names]:
             try:
                 self.client.containers.get(name).remove(force=True)
             except docker.errors.NotFound:
                 pass
-        for container in self.client.containers.list(
-            all=True, filters={"label": "gatehouse.role=halb-validate"}
-        ):
-            # Validation containers remove themselves; this catches one left by an interrupted run.
-            if self.prefix in json.dumps(container.attrs.get("Mounts", [])):
-                container.remove(force=True)
         if self.network is not None:
             self.network.remove()
 
@@ -561,6 +557,61 @@ def test_halb_container_is_locked_down(pair: Pair):
         assert host_config["PidsLimit"] == 1024
         nofile = min(65536, _engine_nofile(pair))
         assert host_config["Ulimits"] == [{"Name": "nofile", "Soft": nofile, "Hard": nofile}]
+
+
+def test_halb_container_carries_the_labels_of_every_gatehouse_container(pair: Pair):
+    for node in ("halb1", "halb2"):
+        labels = pair.client.containers.get(pair.container_name(node)).labels
+        assert labels["gatehouse.role"] == "halb"
+        assert labels["gatehouse.host"] == node
+        assert labels["gatehouse.managed-by"] == "gatehouse.access.halb"
+        assert len(labels["gatehouse.spec-hash"]) == 64
+
+
+def test_a_halb_container_of_an_earlier_release_is_recreated_once(pair: Pair):
+    """It carried gatehouse.halb.spec instead of gatehouse.managed-by and gatehouse.spec-hash."""
+    name = pair.container_name("halb2")
+    pair.client.containers.get(name).remove(force=True)
+    pair.client.containers.run(
+        pair.halb_image,
+        name=name,
+        entrypoint=["/usr/bin/tini", "--", "sleep", "600"],
+        network_mode="none",
+        labels={"gatehouse.role": "halb", "gatehouse.host": "halb2", "gatehouse.halb.spec": "0" * 64},
+        detach=True,
+    )
+    result = pair.deploy("halb2")
+    assert result["changed"] is True
+    assert result["actions"] == ["removed outdated container", "created container"]
+    assert pair.client.containers.get(name).labels["gatehouse.managed-by"] == "gatehouse.access.halb"
+    assert pair.deploy("halb2")["changed"] is False
+    pair.wait_master("halb1")
+
+
+@pytest.mark.parametrize(
+    ("labels", "words"),
+    [
+        ({"gatehouse.managed-by": "gatehouse.access.cmsg", "gatehouse.role": "cm"}, "not a halb one"),
+        ({}, "was not created by Gatehouse"),
+    ],
+)
+def test_a_container_of_another_role_or_owner_is_left_alone(pair: Pair, tmp_path: Path, labels, words):
+    name = f"{pair.prefix}-foreign"
+    pair.names.append(name)
+    foreign = pair.client.containers.create(
+        pair.halb_image, name=name, labels=labels, network_mode="none", entrypoint=["true"]
+    )
+    try:
+        params = pair.params("halb2")
+        params.update(container_name=name, config_dir=str(tmp_path / "foreign"))
+        refused = pair.deploy("halb2", params, expect_failure=True)
+        assert words in refused["msg"]
+        assert not (tmp_path / "foreign").exists()
+        absent = {"state": "absent", "container_name": name, "config_dir": str(tmp_path / "foreign")}
+        assert words in pair.deploy("halb2", absent, expect_failure=True)["msg"]
+        foreign.reload()
+    finally:
+        foreign.remove(force=True)
 
 
 def test_backends_whose_certificate_another_ca_signed_get_no_traffic(pair: Pair, tmp_path: Path):

@@ -1,4 +1,4 @@
-"""Hardening of the containers the modules start (plugins/module_utils/_docker/containers.py, _halb_docker.py)."""
+"""Hardening of the containers the modules start (plugins/module_utils/_docker/containers.py, _halb/runtime.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import docker
 import pytest
 import yaml
 
@@ -90,9 +91,9 @@ def _spec(**extra) -> dict:
 
 
 def test_create_arguments_and_hash_carry_the_hardening():
-    kwargs = ctr._create_kwargs(_spec(), "hash", 65536)
-    assert kwargs["cap_drop"] == ["ALL"] and kwargs["read_only"] is True
-    assert kwargs["security_opt"] == ["no-new-privileges:true"]
+    host_config = ctr._create_args(_spec(), {}, 65536)["host_config"]
+    assert host_config["cap_drop"] == ["ALL"] and host_config["read_only"] is True
+    assert host_config["security_opt"] == ["no-new-privileges:true"]
     # A change of the limits recreates the container.
     assert ctr.spec_hash(_spec(), {}) != ctr.spec_hash(_spec(container_limits={"memory": "2g"}), {})
     assert ctr.spec_hash(_spec(), {}) == ctr.spec_hash(_spec(container_limits={"memory": None}), {})
@@ -106,19 +107,125 @@ def test_compose_file_shows_the_hardening():
     assert broker["ulimits"] == {"nofile": {"soft": 65536, "hard": 65536}}
 
 
-def test_halb_container_spec_is_hardened():
-    spec = hd.container_spec(
+def _halb_spec(**options) -> dict:
+    return hd.container_spec(
         name="gatehouse-halb",
         image="gatehouse/halb:0.1.0",
         host_label="halb1",
         config_dir="/opt/gatehouse/halb",
-        network_mode="host",
-        ipv4_address=None,
-        container_limits={"memory": "2g"},
+        network_mode=options.pop("network_mode", "host"),
+        ipv4_address=options.pop("ipv4_address", None),
+        **options,
     )
-    assert spec["hardening"]["mem_limit"] == "2g"
-    assert spec["hardening"]["cap_drop"] == ["ALL"]
-    assert "NET_BIND_SERVICE" in spec["hardening"]["cap_add"]
+
+
+def _engine(monkeypatch, base_url: str) -> _FakeClient:
+    """A fake engine whose open files limit is already known (no probe container)."""
+    monkeypatch.setattr(ctr, "_ENGINE_NOFILE", {base_url: None})
+    return _FakeClient(base_url)
+
+
+def test_halb_container_is_a_hardened_spec_like_the_others(monkeypatch):
+    spec = _halb_spec(container_limits={"memory": "2g"})
+    # The same labels as the cmsg and broker containers: ours, the host, the role.
+    assert spec["labels"] == {
+        ctr.LABEL_ROLE: "halb",
+        ctr.LABEL_HOST: "halb1",
+        ctr.LABEL_MANAGED: "gatehouse.access.halb",
+    }
+    cli = _engine(monkeypatch, "unix://halb")
+    ctr.converge_container(cli, spec, "hash", "create", None)
+    created = cli.api.created[0]
+    host_config = created["host_config"]
+    assert created["labels"][ctr.LABEL_HASH] == "hash" and created["labels"][ctr.LABEL_MANAGED]
+    assert host_config["CapDrop"] == ["ALL"]
+    assert host_config["CapAdd"] == ctr.hardening("halb")["cap_add"]
+    assert host_config["SecurityOpt"] == ["no-new-privileges:true"] and host_config["ReadonlyRootfs"] is True
+    assert set(host_config["Tmpfs"]) == {"/tmp", "/run"}
+    assert host_config["Memory"] == 2 * 1024**3 and host_config["PidsLimit"] == 1024
+    assert host_config["NetworkMode"] == "host" and "PortBindings" not in host_config
+    assert host_config["Binds"] == [
+        "/opt/gatehouse/halb/haproxy:/etc/haproxy:ro",
+        "/opt/gatehouse/halb/keepalived:/etc/keepalived:ro",
+        "/opt/gatehouse/halb/run:/run/haproxy:rw",
+    ]
+    assert "networking_config" not in created
+    # A change of the limits recreates the HALB container, as it does the others.
+    assert ctr.spec_hash(spec, {"image": "sha256:1"}) != ctr.spec_hash(_halb_spec(), {"image": "sha256:1"})
+
+
+def test_halb_container_gets_its_static_address_on_a_user_network(monkeypatch):
+    cli = _engine(monkeypatch, "unix://halb-static")
+    ctr.converge_container(
+        cli, _halb_spec(network_mode="lan", ipv4_address="192.0.2.11"), "hash", "create", None
+    )
+    created = cli.api.created[0]
+    assert created["host_config"]["NetworkMode"] == "lan"
+    endpoint = created["networking_config"]["EndpointsConfig"]["lan"]
+    assert endpoint["IPAMConfig"]["IPv4Address"] == "192.0.2.11"
+
+
+def test_halb_validation_container_is_hardened_and_has_no_network(monkeypatch):
+    cli = _engine(monkeypatch, "unix://halb-check")
+    output = "@@haproxy 0\nConfiguration file is valid\n@@keepalived 0\n"
+    cli.containers.output = output.encode()
+    ok, message = hd.validate(
+        cli, _halb_spec(), "/tmp/candidate/haproxy", "/tmp/candidate/keepalived", "eth0"
+    )
+    assert ok and message == ""
+    created = cli.api.created[0]
+    host_config = created["host_config"]
+    assert created["name"] == "gatehouse-halb-validate"
+    assert created["labels"][ctr.LABEL_ROLE] == "check" and ctr.LABEL_HASH not in created["labels"]
+    assert created["entrypoint"][:2] == ["/bin/sh", "-c"]
+    assert created["command"] == [
+        "gatehouse-halb-validate",
+        "/etc/haproxy/haproxy.cfg",
+        "/etc/keepalived/keepalived.conf",
+        "eth0",
+    ]
+    assert host_config["NetworkMode"] == "none"
+    assert host_config["CapDrop"] == ["ALL"] and host_config["CapAdd"] == ["NET_ADMIN"]
+    assert host_config["SecurityOpt"] == ["no-new-privileges:true"] and host_config["ReadonlyRootfs"] is True
+    assert host_config["Memory"] == 256 * 1024**2 and host_config["PidsLimit"] == 64
+    assert host_config["RestartPolicy"] == {"Name": "no"}
+    assert host_config["Binds"] == [
+        "/tmp/candidate/haproxy:/etc/haproxy:ro",
+        "/tmp/candidate/keepalived:/etc/keepalived:ro",
+    ]
+
+
+class _Existing:
+    """A container the engine already has, with these labels."""
+
+    def __init__(self, labels):
+        self.labels, self.status = labels, "running"
+        self.attrs = {"Config": {"Labels": labels}}
+
+
+@pytest.mark.parametrize(
+    ("labels", "outcome"),
+    [
+        # Created before the HALB container was a spec like the others: ours, recreated once.
+        ({ctr.LABEL_ROLE: "halb", ctr.LABEL_HOST: "halb1", "gatehouse.halb.spec": "0" * 64}, "recreate"),
+        (
+            {ctr.LABEL_ROLE: "halb", ctr.LABEL_MANAGED: "gatehouse.access.halb", ctr.LABEL_HASH: "hash"},
+            "none",
+        ),
+        ({ctr.LABEL_ROLE: "cm", ctr.LABEL_MANAGED: "gatehouse.access.cmsg"}, "not a halb one"),
+        ({ctr.LABEL_ROLE: "halb"}, "not created by Gatehouse"),
+        ({}, "not created by Gatehouse"),
+    ],
+)
+def test_halb_plan_adopts_only_halb_containers_of_gatehouse(labels, outcome):
+    cli = _FakeClient("unix://plan", current=_Existing(labels))
+    if outcome in ("recreate", "none"):
+        assert ctr.container_plan(cli, _halb_spec(), "hash") == outcome
+    else:
+        with pytest.raises(ctr.ContainerError, match=outcome):
+            ctr.container_plan(cli, _halb_spec(), "hash")
+        with pytest.raises(ctr.ContainerError, match=outcome):
+            ctr.remove_container(cli, "gatehouse-halb", True, role="halb")
 
 
 def test_agent_role_restates_the_agent_hardening_unchanged():
@@ -169,10 +276,12 @@ def test_container_limits_is_documented_as_specified_in_every_module():
 class _FakeContainers:
     def __init__(self, current, probe_error=None):
         self.current, self.probe_error = current, probe_error
-        self.runs, self.created = 0, []
+        self.runs = 0
+        self.output = b""
 
     def get(self, name):
-        return self.current
+        # Containers the fake engine created are looked up by id.
+        return _FakeContainer(self.output) if name.startswith("created-") else self.current
 
     def run(self, image, **kwargs):
         self.runs += 1
@@ -180,14 +289,11 @@ class _FakeContainers:
             raise self.probe_error
         return b"1048576\n"
 
-    def create(self, **kwargs):
-        self.created.append(kwargs)
-        return _FakeContainer()
-
 
 class _FakeContainer:
-    def __init__(self):
+    def __init__(self, output=b""):
         self.removed = False
+        self.output = output
 
     def remove(self, force=False):
         self.removed = True
@@ -195,10 +301,30 @@ class _FakeContainer:
     def start(self):
         pass
 
+    def wait(self, timeout=None):
+        return {"StatusCode": 0}
+
+    def logs(self, **kwargs):
+        return self.output
+
+
+class _FakeApi(docker.APIClient):
+    """The SDK's own argument checks and host config, without an engine."""
+
+    def __init__(self, base_url):
+        super().__init__(base_url=base_url, version="1.41")
+        # The SDK names every unix socket http+docker://localhost; the probe cache needs them apart.
+        self.base_url = base_url
+        self.created = []
+
+    def create_container(self, **kwargs):
+        self.created.append(kwargs)
+        return {"Id": f"created-{len(self.created)}"}
+
 
 class _FakeClient:
     def __init__(self, base_url, current=None, probe_error=None):
-        self.api = type("Api", (), {"base_url": base_url})()
+        self.api = _FakeApi(base_url)
         self.containers = _FakeContainers(current, probe_error)
 
 
@@ -207,11 +333,11 @@ def test_engine_probe_once_per_engine_and_before_the_old_container_goes(monkeypa
     cli = _FakeClient("unix://probe-once")
     for name in ("gatehouse-cm", "gatehouse-sg"):
         ctr.converge_container(cli, _spec(name=name), "hash", "create", None)
-    assert cli.containers.runs == 1 and len(cli.containers.created) == 2
-    assert [u["Hard"] for u in cli.containers.created[0]["ulimits"]] == [65536]
+    assert cli.containers.runs == 1 and len(cli.api.created) == 2
+    assert [u["Hard"] for u in cli.api.created[0]["host_config"]["Ulimits"]] == [65536]
 
     old = _FakeContainer()
     failing = _FakeClient("unix://probe-fails", current=old, probe_error=ctr.DockerException("no /bin/sh"))
     with pytest.raises(ctr.ContainerError, match="probe container"):
         ctr.converge_container(failing, _spec(), "hash", "recreate", None)
-    assert not old.removed and failing.containers.created == []
+    assert not old.removed and failing.api.created == []
