@@ -27,10 +27,22 @@ except ImportError:
     HAS_DOCKER = False
     DOCKER_IMPORT_ERROR: str | None = traceback.format_exc()
 
+    # Stand-ins with the SDK's hierarchy: without the SDK nothing raises them, but callers'
+    # ``except`` clauses stay valid (and distinct).
     class DockerException(Exception):
-        """Stand-in: without the SDK nothing raises it, but callers' ``except`` clauses stay valid."""
+        pass
 
-    APIError = ImageNotFound = NotFound = RequestException = DockerException
+    class APIError(DockerException):
+        pass
+
+    class NotFound(APIError):
+        pass
+
+    class ImageNotFound(NotFound):
+        pass
+
+    class RequestException(Exception):
+        pass
 else:
     HAS_DOCKER = True
     DOCKER_IMPORT_ERROR = None

@@ -137,6 +137,15 @@ def test_cycle(env) -> None:
     assert admin_get(port, "/api/v1/domains", OTHER)[0] == 401
     assert (data_dir / "data" / "broker.db").exists()
 
+    # A change: check mode predicts exactly what the real run then does (diff, files, containers).
+    changed_args = dict(args, log_level="debug")
+    predicted = run_module("broker", changed_args, check=True, diff=True)
+    applied = run_module("broker", changed_args, diff=True)
+    assert predicted.changed and applied.changed and not applied.failed, applied.result
+    assert predicted.result["diff"], predicted.result
+    for key in ("diff", "changed_files", "containers"):
+        assert predicted.result[key] == applied.result[key], key
+
     absent = {"state": "absent", "data_dir": str(data_dir), "name_prefix": prefix}
     gone = run_module("broker", absent)
     assert gone.changed and not gone.failed, gone.result

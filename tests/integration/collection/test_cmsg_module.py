@@ -171,8 +171,12 @@ def test_cycle(env) -> None:
 
     # configure: a gateway limit touches only the gateway; the grant secret is kept.
     args["max_connections"] = 100
+    predicted = run_module("cmsg", args, check=True, diff=True)
     reconf = run_module("cmsg", args, diff=True)
     assert reconf.changed and not reconf.failed, reconf.result
+    # Check mode predicts the change exactly: the same diff, files and containers as the real run.
+    for key in ("diff", "changed_files", "containers", "network"):
+        assert predicted.result[key] == reconf.result[key], key
     assert reconf.result["changed_files"] == [str(data_dir / "data" / "SecurityGateway.conf")]
     assert [c["name"] for c in reconf.result["containers"]] == [f"{prefix}-sg"]
     assert cli.containers.get(f"{prefix}-cm").id == cm.id

@@ -454,6 +454,10 @@ def test_second_run_changes_nothing_and_check_mode_touches_nothing(pair: Pair):
     assert "validated" in checked["actions"] and "wrote files" not in checked["actions"]
     assert any("weight 10" in d["after"] for d in checked["diff"])
     assert _sha256(cfg) == before
+    # The real run makes exactly the change check mode predicted; then the node is put back.
+    applied = pair.deploy("halb1", params)
+    assert applied["changed"] is True and applied["diff"] == checked["diff"]
+    assert pair.deploy("halb1")["changed"] is True
 
 
 def test_vip_is_on_the_primary_only_and_serves(pair: Pair):
