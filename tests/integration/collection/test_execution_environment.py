@@ -16,7 +16,6 @@ and the modules' Python requirements must import.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -42,12 +41,30 @@ BASE = f"gatehouse/ee-base:{VERSION}"
 BUILDER = Path(sys.executable).parent / "ansible-builder"
 
 
-def _make_bundle():
-    spec = importlib.util.spec_from_file_location("make_bundle", REPO_ROOT / "hack" / "make-bundle.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# The collection and its dependencies as hack/make-bundle.py packs them into the bundle; in a
+# process of its own, where ``ansible_collections`` is the pinned ansible package's (the tests put
+# a tree holding only gatehouse.access first on sys.path).
+PACK = """
+import importlib.util, json, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("make_bundle", sys.argv[1])
+bundle = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bundle)
+out = Path(sys.argv[2])
+print(json.dumps([str(bundle.build_collection(out)), *map(str, bundle.dependency_tarballs(out))]))
+"""
+
+
+def collection_tarballs(output: Path) -> list[Path]:
+    proc = subprocess.run(
+        [sys.executable, "-c", PACK, str(REPO_ROOT / "hack" / "make-bundle.py"), str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [Path(path) for path in json.loads(proc.stdout.splitlines()[-1])]
 
 
 def _docker(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -107,8 +124,7 @@ def ee(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("ee")
     collections = work / "collections"
     collections.mkdir()
-    bundle = _make_bundle()
-    tarballs = [bundle.build_collection(collections), *bundle.dependency_tarballs(collections)]
+    tarballs = collection_tarballs(collections)
     (work / "trust").mkdir()
     shutil.copyfile(_trust_store(), work / "trust" / "ca.pem")
     label = unique_prefix("ee")
