@@ -19,11 +19,11 @@ gatehouse_version() {
 GATEHOUSE_IMAGES=(broker cm sg agent halb)
 # Images only the tests, the Molecule scenarios and the demo use (not shipped in the bundle).
 # identity-test (the directory and RADIUS server of the integration tests), registry-test (the
-# image registry of the image_source=registry tests) and firewalld-test (the firewalld host of the
-# firewall role's test) are no Dockerfile builds: hack/build-debian-image.sh imports them from
-# Debian packages.
+# image registry of the image_source=registry tests), firewalld-test (the firewalld host of the
+# firewall role's test) and ee-base (the base of the ansible-builder test) are no Dockerfile
+# builds: hack/build-debian-image.sh imports them from Debian packages.
 # shellcheck disable=SC2034
-GATEHOUSE_TEST_IMAGES=(node identity-test registry-test firewalld-test)
+GATEHOUSE_TEST_IMAGES=(node identity-test registry-test firewalld-test ee-base)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

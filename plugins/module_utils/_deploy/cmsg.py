@@ -70,6 +70,24 @@ ARGUMENT_SPEC: dict = dict(
     cm_admin_host_port={"type": "int", "default": CM_ADMIN_PORT},
     sg_admin_host_port={"type": "int", "default": SG_ADMIN_PORT},
 )
+# The options that reach the CM's config.properties as they are (after validation), and their keys.
+# The keys are the seed-style ones; the CM's settings field of each has the option's name, which
+# tests/unit/plugins/test_cmsg_names.py holds equal, so a concept keeps one name.
+CM_OPTION_KEYS = {
+    "broker_url": "BrokerUrl",
+    "broker_tls_verify": "BrokerTlsVerify",
+    "agent_tls_verify": "AgentTlsVerify",
+    "enable_security_gateway": "SecurityGatewayEnabled",
+    "external_pcoip_ip": "ExternalPcoipIp",
+    "pcoip_port": "SecurityGatewayPort",
+    "max_concurrent_establishments": "MaxConcurrentEstablishments",
+    "max_clients": "MaxClients",
+    "trusted_proxies": "TrustedProxies",
+    "enable_ipv6": "EnableIpv6",
+    "host_address": "HostAddress",
+    "license_server_url": "LicenseServerUrl",
+    "log_level": "LogLevel",
+}
 REQUIRED_IF = [*dep.COMMON_REQUIRED_IF, ("state", "present", ["broker_url"])]
 REQUIRED_TOGETHER = [*dep.COMMON_REQUIRED_TOGETHER, ("identity_cert", "identity_key")]
 
@@ -84,7 +102,7 @@ class Names:
 # ------------------------------------------------------------------ validation
 
 
-def split_external_ips(values: list[str], errors: list[str]) -> tuple[str | None, str | None]:
+def split_external_pcoip_ip(values: list[str], errors: list[str]) -> tuple[str | None, str | None]:
     v4: list[str] = []
     v6: list[str] = []
     for value in values:
@@ -149,7 +167,7 @@ def validate(params: dict, used_networks) -> dict:
             errors.append(
                 "license_server_url %r must look like https://<license-server-address>:<port>/..." % url
             )
-    v4, v6 = split_external_ips(params["external_pcoip_ip"], errors)
+    v4, v6 = split_external_pcoip_ip(params["external_pcoip_ip"], errors)
     if v6 and not params["enable_ipv6"]:
         errors.append("external_pcoip_ip %s is an IPv6 address; set enable_ipv6=true to use IPv6" % v6)
     if params["enable_security_gateway"] and not v4 and not (v6 and params["enable_ipv6"]):
@@ -158,7 +176,7 @@ def validate(params: dict, used_networks) -> dict:
             "(clients connect to it on 4172) when enable_security_gateway is true; or set "
             "enable_security_gateway=false for LAN-only use"
         )
-    values["external_ips"] = [ip for ip in (v4, v6) if ip]
+    values["external_pcoip_ip"] = [ip for ip in (v4, v6) if ip]
     host_ip, host_fqdn = split_host_address(params["host_address"], errors)
     values["host_address"] = [a for a in (host_fqdn, host_ip) if a]
     proxies = []
@@ -342,6 +360,9 @@ def _in_certs(option_value, name: str) -> str:
 
 
 def config_properties(params: dict, values: dict) -> bytes:
+    def option(name: str) -> tuple[str, object]:
+        return CM_OPTION_KEYS[name], values[name] if name in values else params[name]
+
     broker_ca = _in_certs(params["broker_ca_cert"], BROKER_CA)
     return dep.render_properties(
         "Connection manager (CM) configuration",
@@ -351,30 +372,30 @@ def config_properties(params: dict, values: dict) -> bytes:
             ("RedirectPort", 8080 if params["http_port"] else 0),
             ("SslCert", "/certs/cert.pem"),
             ("SslKey", "/certs/key.pem"),
-            ("BrokerUrl", params["broker_url"]),
+            option("broker_url"),
             ("BrokerCaCert", broker_ca),
-            ("BrokerTlsVerify", params["broker_tls_verify"]),
+            option("broker_tls_verify"),
             ("IdentityCert", _in_certs(params["identity_cert"], IDENTITY_CERT)),
             ("IdentityKey", _in_certs(params["identity_key"], IDENTITY_KEY)),
             ("AgentCaCert", _in_certs(params["agent_ca_cert"], AGENT_CA)),
-            ("AgentTlsVerify", params["agent_tls_verify"]),
-            ("SecurityGatewayEnabled", params["enable_security_gateway"]),
-            ("ExternalPcoipIp", values["external_ips"]),
-            ("SecurityGatewayPort", params["pcoip_port"]),
+            option("agent_tls_verify"),
+            option("enable_security_gateway"),
+            option("external_pcoip_ip"),
+            option("pcoip_port"),
             ("SecurityGatewayHealthUrl", values["sg_health_url"]),
-            ("MaxConcurrentEstablishments", params["max_concurrent_establishments"]),
-            ("MaxClients", params["max_clients"]),
+            option("max_concurrent_establishments"),
+            option("max_clients"),
             ("BrokerTimeout", 10),
             ("AgentTimeout", 10),
             ("SessionIdleTimeout", 900),
-            ("TrustedProxies", values["trusted_proxies"]),
-            ("EnableIpv6", params["enable_ipv6"]),
+            option("trusted_proxies"),
+            option("enable_ipv6"),
             ("EnableCollaboration", params["enable_collaboration"]),
-            ("HostAddress", values["host_address"]),
-            ("LicenseServerUrl", params["license_server_url"] or ""),
+            option("host_address"),
+            option("license_server_url"),
             ("AdminAddress", params["admin_address"].strip()),
             ("AdminPort", CM_ADMIN_PORT),
-            ("LogLevel", params["log_level"]),
+            option("log_level"),
         ],
     )
 
@@ -551,7 +572,7 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
 
     # The self-signed certificate names the host as clients reach it: host_address first.
     common_name = dep.certificate_name(values["host_address"][0] if values["host_address"] else host_label)
-    sans = [*values["host_address"], *values["external_ips"]]
+    sans = [*values["host_address"], *values["external_pcoip_ip"]]
     tls, tls_info = dep.tls_files(params, certs_dir, common_name, sans, errors, warnings)
     warnings.extend(values["warnings"])
     extra = [

@@ -49,7 +49,7 @@ def errors_of(p: dict, used=no_networks) -> list[str]:
 
 def test_valid_options_pass() -> None:
     values = cmsg.validate(params(host_address=["cmsg1.example.test", "10.0.0.5"]), no_networks)
-    assert values["external_ips"] == ["203.0.113.10"]
+    assert values["external_pcoip_ip"] == ["203.0.113.10"]
     assert values["host_address"] == ["cmsg1.example.test", "10.0.0.5"]
 
 
@@ -78,7 +78,7 @@ def test_ipv6_external_address_needs_enable_ipv6() -> None:
     values = cmsg.validate(
         params(external_pcoip_ip=["203.0.113.10", "2001:db8::10"], enable_ipv6=True), no_networks
     )
-    assert values["external_ips"] == ["203.0.113.10", "2001:db8::10"]
+    assert values["external_pcoip_ip"] == ["203.0.113.10", "2001:db8::10"]
 
 
 def test_pure_ipv6_gateway() -> None:
@@ -87,7 +87,7 @@ def test_pure_ipv6_gateway() -> None:
     assert any("set enable_ipv6=true" in e for e in errors)
     p = params(external_pcoip_ip=["2001:db8::10"], enable_ipv6=True)
     values = cmsg.validate(p, no_networks)
-    assert values["external_ips"] == ["2001:db8::10"]
+    assert values["external_pcoip_ip"] == ["2001:db8::10"]
     cm = parse_kv(cmsg.config_properties(p, values).decode())
     assert (cm["ExternalPcoipIp"], cm["EnableIpv6"]) == ("2001:db8::10", "true")
     # The SG then listens on both families; without IPv6 on IPv4 only.

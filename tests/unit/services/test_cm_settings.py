@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from gatehouse.cm.settings import CmSettings, broker_endpoint, split_external_ips
+from gatehouse.cm.settings import CmSettings, broker_endpoint, split_external_pcoip_ip
 from gatehouse.config import Config, ConfigError
 from gatehouse.grant import generate_secret
 
@@ -17,8 +17,8 @@ def load(values: dict[str, str], environ: dict[str, str] | None = None) -> CmSet
 
 def test_defaults_follow_the_seed_sizing() -> None:
     s = load({"BrokerUrl": "https://broker:8443", "SecurityGatewayEnabled": "false"})
-    assert (s.max_establishments, s.max_clients) == (40, 400)
-    assert (s.listen_port, s.redirect_port, s.gateway_port) == (8443, 8080, 4172)
+    assert (s.max_concurrent_establishments, s.max_clients) == (40, 400)
+    assert (s.listen_port, s.redirect_port, s.pcoip_port) == (8443, 8080, 4172)
     assert s.broker_url == "https://broker:8443/pcoip-broker/xml"
     assert s.broker_tls_verify and s.agent_tls_verify
     assert (s.identity_cert, s.identity_key) == ("", "")
@@ -91,7 +91,7 @@ def test_limits_and_trusted_proxies_are_configurable() -> None:
         },
         {"GATEHOUSE_MAXCLIENTS": "3"},
     )
-    assert (s.max_establishments, s.max_clients) == (2, 3)
+    assert (s.max_concurrent_establishments, s.max_clients) == (2, 3)
     assert s.trusted_proxies == (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd00::/64"))
     with pytest.raises(ConfigError, match="MaxClients"):
         load({"BrokerUrl": "https://b", "SecurityGatewayEnabled": "false", "MaxClients": "0"})
@@ -109,9 +109,10 @@ def test_broker_url_keeps_an_explicit_path() -> None:
 
 
 def test_external_ips_hold_at_most_one_per_family() -> None:
-    assert split_external_ips(["203.0.113.1", "2001:db8::1"]) == ("203.0.113.1", "2001:db8::1")
-    assert split_external_ips(["2001:db8::1"]) == ("", "2001:db8::1")
+    assert split_external_pcoip_ip(["203.0.113.1", "2001:db8::1"]) == ("203.0.113.1", "2001:db8::1")
+    assert split_external_pcoip_ip(["2001:db8::1"]) == ("2001:db8::1",)
+    assert split_external_pcoip_ip(["2001:db8::1", "203.0.113.1"]) == ("203.0.113.1", "2001:db8::1")
     with pytest.raises(ConfigError, match="more than one IPv4"):
-        split_external_ips(["203.0.113.1", "203.0.113.2"])
+        split_external_pcoip_ip(["203.0.113.1", "203.0.113.2"])
     with pytest.raises(ConfigError, match="not an IP"):
-        split_external_ips(["gw.example.com"])
+        split_external_pcoip_ip(["gw.example.com"])

@@ -26,7 +26,7 @@ INFO = p.SessionInfo("10.20.0.5", 4172, SID, "tag-from-agent-0123456789", sni="d
 def settings(**kw: object) -> CmSettings:
     base = CmSettings(
         broker_url="https://broker/pcoip-broker/xml",
-        external_ipv4="203.0.113.10",
+        external_pcoip_ip=("203.0.113.10",),
         grant_secret=SECRET,
     )
     return replace(base, **kw)  # type: ignore[arg-type]
@@ -49,24 +49,24 @@ def test_gateway_target_points_at_the_sg_with_a_grant_for_this_agent_and_client(
 
 
 def test_gateway_target_carries_the_ipv6_address_when_configured() -> None:
-    cfg = settings(external_ipv6="2001:db8::10")
+    cfg = settings(external_pcoip_ip=("203.0.113.10", "2001:db8::10"))
     target = build_target(cfg, GrantSealer(SECRET), SID, "198.51.100.7", AGENT, INFO)
     assert target.ip_address == "203.0.113.10"
     assert target.ipv6_address == "2001:db8::10"
     # v6 only: the v6 address is the address.
-    v6only = settings(external_ipv4="", external_ipv6="2001:db8::10")
+    v6only = settings(external_pcoip_ip=("2001:db8::10",))
     target = build_target(v6only, GrantSealer(SECRET), SID, "2001:db8:1::7", AGENT, INFO)
     assert target.ip_address == "2001:db8::10" and target.ipv6_address == "2001:db8::10"
     assert GrantSealer(SECRET).open(target.connect_tag, "2001:db8:1::7").agent_host == "10.20.0.5"
 
 
-def test_gateway_port_is_configurable() -> None:
-    target = build_target(settings(gateway_port=14172), GrantSealer(SECRET), SID, "192.0.2.1", AGENT, INFO)
+def test_pcoip_port_is_configurable() -> None:
+    target = build_target(settings(pcoip_port=14172), GrantSealer(SECRET), SID, "192.0.2.1", AGENT, INFO)
     assert target.port == 14172
 
 
 def test_direct_target_is_the_agent_with_its_session_tag() -> None:
-    cfg = settings(gateway_enabled=False, grant_secret=b"")
+    cfg = settings(enable_security_gateway=False, grant_secret=b"")
     target = build_target(cfg, None, SID, "198.51.100.7", AGENT, INFO, "cm.example.com")
     assert (target.ip_address, target.port) == ("10.20.0.5", 4172)
     assert target.connect_tag == INFO.session_tag

@@ -66,7 +66,7 @@ async def serve(settings: CmSettings) -> None:
                 "redirect_port": settings.redirect_port,
                 "admin_port": settings.http.admin_port,
                 "broker": settings.broker_url,
-                "gateway": settings.gateway_enabled,
+                "gateway": settings.enable_security_gateway,
                 "nofile": nofile,
             },
         ),

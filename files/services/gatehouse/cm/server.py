@@ -94,7 +94,7 @@ class ConnectionManager:
             max_lifetime=settings.session_max_lifetime,
             exempt=settings.trusted_proxies,
         )
-        self.limiter = EstablishmentLimiter(settings.max_establishments)
+        self.limiter = EstablishmentLimiter(settings.max_concurrent_establishments)
         self.sealer = GrantSealer(settings.grant_secret) if settings.grant_secret else None
         self.gateway_sni = gateway_name(settings.host_address, settings.ssl_cert)
         self.hostname = next(iter(settings.host_address), "") or socket.gethostname()
@@ -552,7 +552,7 @@ class ConnectionManager:
                 agent=reply.agent.ip_address,
                 agent_hostname=reply.agent.hostname,
                 target=f"{target.ip_address}:{target.port}",
-                gateway=self.settings.gateway_enabled,
+                gateway=self.settings.enable_security_gateway,
             )
             return Outcome(
                 p.AllocateResourceResp(p.ALLOC_OK, "", message.resource_id, message.protocol, target=target),

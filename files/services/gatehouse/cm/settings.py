@@ -37,11 +37,13 @@ class CmSettings:
     # The CM's own `cm` role certificate, presented to the broker and the agents (empty: none).
     identity_cert: str = ""
     identity_key: str = ""
-    gateway_enabled: bool = True
-    external_ipv4: str = ""
-    external_ipv6: str = ""
-    gateway_port: int = 4172
-    max_establishments: int = 40
+    # Field names are the cmsg module's option names (a unit test holds them equal through
+    # CM_OPTION_KEYS); the config keys are the seed-style ones.
+    enable_security_gateway: bool = True
+    # At most one address per IP version, IPv4 first.
+    external_pcoip_ip: tuple[str, ...] = ()
+    pcoip_port: int = 4172
+    max_concurrent_establishments: int = 40
     max_clients: int = 400
     broker_timeout: float = 10.0
     agent_timeout: float = 10.0
@@ -65,12 +67,12 @@ class CmSettings:
 
     @classmethod
     def from_config(cls, cfg: Config) -> CmSettings:
-        external_v4, external_v6 = split_external_ips(cfg.list("ExternalPcoipIp"))
+        external_pcoip_ip = split_external_pcoip_ip(cfg.list("ExternalPcoipIp"))
         gateway = cfg.bool("SecurityGatewayEnabled", True)
         secret = b""
         secret_text = cfg.str("GrantSecret")
         if gateway:
-            if not external_v4 and not external_v6:
+            if not external_pcoip_ip:
                 raise ConfigError("ExternalPcoipIp is required when SecurityGatewayEnabled is true")
             if not secret_text:
                 raise ConfigError(
@@ -105,11 +107,10 @@ class CmSettings:
             agent_tls_verify=cfg.bool("AgentTlsVerify", True),
             identity_cert=identity_cert,
             identity_key=identity_key,
-            gateway_enabled=gateway,
-            external_ipv4=external_v4,
-            external_ipv6=external_v6,
-            gateway_port=cfg.int("SecurityGatewayPort", 4172, minimum=1, maximum=65535),
-            max_establishments=cfg.int("MaxConcurrentEstablishments", 40, minimum=1),
+            enable_security_gateway=gateway,
+            external_pcoip_ip=external_pcoip_ip,
+            pcoip_port=cfg.int("SecurityGatewayPort", 4172, minimum=1, maximum=65535),
+            max_concurrent_establishments=cfg.int("MaxConcurrentEstablishments", 40, minimum=1),
             max_clients=cfg.int("MaxClients", 400, minimum=1),
             broker_timeout=cfg.float("BrokerTimeout", 10.0, minimum=0.1),
             agent_timeout=cfg.float("AgentTimeout", 10.0, minimum=0.1),
@@ -129,6 +130,13 @@ class CmSettings:
             http=HttpLimits.from_config(cfg, **HTTP_DEFAULTS, trusted_proxies=trusted),
         )
 
+    def external_pcoip_ip_of(self, version: int) -> str:
+        """The external address of IP ``version`` (4 or 6), or "" when there is none."""
+        for address in self.external_pcoip_ip:
+            if ipaddress.ip_address(address).version == version:
+                return address
+        return ""
+
 
 def broker_endpoint(url: str) -> str:
     """``https://host:port[/path]`` → the full URL of the broker protocol endpoint."""
@@ -143,8 +151,8 @@ def broker_endpoint(url: str) -> str:
     return urlunsplit(("https", parts.netloc, path, "", ""))
 
 
-def split_external_ips(items: list[str]) -> tuple[str, str]:
-    """At most one IPv4 and one IPv6 address, as the seed's external_pcoip_ip allows."""
+def split_external_pcoip_ip(items: list[str]) -> tuple[str, ...]:
+    """At most one IPv4 and one IPv6 address, as the seed's external_pcoip_ip allows; IPv4 first."""
     v4 = v6 = ""
     for item in items:
         try:
@@ -159,4 +167,4 @@ def split_external_ips(items: list[str]) -> tuple[str, str]:
             if v6:
                 raise ConfigError("ExternalPcoipIp holds more than one IPv6 address")
             v6 = str(addr)
-    return v4, v6
+    return tuple(address for address in (v4, v6) if address)

@@ -55,20 +55,20 @@ def build_target(
     gateway_sni: str = "",
 ) -> p.Target:
     """Gateway mode: the SG's external address and a grant; direct mode: the agent and its session-tag."""
-    if settings.gateway_enabled:
+    if settings.enable_security_gateway:
         if sealer is None:
             raise ValueError("the security gateway is enabled but no grant secret is configured")
         connect_tag = sealer.mint(
             session_id, info.ip_address, info.port, info.session_tag, client_ip, ttl=GRANT_TTL
         )
         return p.Target(
-            ip_address=settings.external_ipv4 or settings.external_ipv6,
-            port=settings.gateway_port,
+            ip_address=settings.external_pcoip_ip_of(4) or settings.external_pcoip_ip_of(6),
+            port=settings.pcoip_port,
             session_id=session_id,
             connect_tag=connect_tag,
             hostname=gateway_sni,
             sni=gateway_sni,
-            ipv6_address=settings.external_ipv6,
+            ipv6_address=settings.external_pcoip_ip_of(6),
         )
     return p.Target(
         ip_address=info.ip_address,

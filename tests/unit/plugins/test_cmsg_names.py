@@ -1,0 +1,93 @@
+"""One name per concept: a cmsg option keeps its name in the CM's settings.
+
+``CM_OPTION_KEYS`` (module_utils._deploy.cmsg) is the one place that pairs an option with its
+seed-style config key. For each pair, changing the option must change the CM settings field of the
+same name, and no other paired field.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from gatehouse.cm.settings import CmSettings
+from gatehouse.config import Config, parse_kv
+from gatehouse.grant import generate_secret
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+importlib.import_module("collection_helpers").ensure_importable()
+cmsg = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._deploy.cmsg")
+
+# A second value for options that are neither bool nor int.
+OTHER_VALUE = {
+    "broker_url": "https://broker2.example.test:8443",
+    "external_pcoip_ip": ["203.0.113.11"],
+    "trusted_proxies": ["10.9.0.0/24"],
+    "host_address": ["cmsg1.example.test"],
+    "license_server_url": "https://licence.example.test:7070/request",
+    "log_level": "debug",
+}
+# Names that the concepts above had before; none may come back.
+RETIRED = ("external_ipv4", "external_ipv6", "external_v4", "external_v6", "external_ips", "gateway_port")
+
+
+def params(**overrides) -> dict:
+    result = {name: spec.get("default") for name, spec in cmsg.ARGUMENT_SPEC.items()}
+    result.update(
+        accept_policies=True,
+        broker_url="https://broker.example.test:8443",
+        external_pcoip_ip=["203.0.113.10"],
+        self_signed=True,
+        agent_ca_cert="/opt/gatehouse/pki/ca.pem",
+        broker_ca_cert="/opt/gatehouse/pki/ca.pem",
+    )
+    result.update(overrides)
+    return result
+
+
+def settings_of(p: dict) -> CmSettings:
+    values = cmsg.validate(p, lambda: [])
+    text = cmsg.config_properties(p, values).decode()
+    secret = {"GATEHOUSE_GRANTSECRET": generate_secret()}
+    return CmSettings.from_config(Config(parse_kv(text), secret))
+
+
+def other(name: str, value: object) -> object:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    return OTHER_VALUE[name]
+
+
+def test_every_paired_key_is_written() -> None:
+    written = parse_kv(cmsg.config_properties(params(), cmsg.validate(params(), lambda: [])).decode())
+    assert set(cmsg.CM_OPTION_KEYS.values()) <= set(written)
+
+
+@pytest.mark.parametrize("option", sorted(cmsg.CM_OPTION_KEYS))
+def test_option_reaches_the_settings_field_of_its_own_name(option: str) -> None:
+    assert option in cmsg.ARGUMENT_SPEC, f"{option} is not a cmsg option"
+    assert option in {f.name for f in fields(CmSettings)}, f"CmSettings has no field {option}"
+    before = params()
+    after = params(**{option: other(option, before[option])})
+    a, b = settings_of(before), settings_of(after)
+    changed = {f.name for f in fields(CmSettings) if getattr(a, f.name) != getattr(b, f.name)}
+    assert changed & set(cmsg.CM_OPTION_KEYS) == {option}
+
+
+@pytest.mark.parametrize("tree", ["plugins", "files/services/gatehouse", "roles", "playbooks", "docs"])
+def test_retired_names_do_not_come_back(tree: str) -> None:
+    found = [
+        f"{path.relative_to(REPO)}: {name}"
+        for path in sorted((REPO / tree).rglob("*"))
+        if path.is_file() and path.suffix in (".py", ".yml", ".j2", ".md")
+        for name in RETIRED
+        if name in path.read_text(encoding="utf-8")
+    ]
+    assert found == []
