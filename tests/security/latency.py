@@ -1,0 +1,163 @@
+"""Network latency in front of a real server: a TCP or UDP relay on 127.0.0.1 that holds back
+every reply for a fixed time, as a distant or overloaded directory or RADIUS server answers.
+
+The server itself stays real (slapd, FreeRADIUS): the relay only adds ``delay`` seconds to each
+chunk (TCP) or datagram (UDP) the server sends back, in order, without changing a byte, so TLS
+runs end to end through it. It runs on its own thread and event loop, so synchronous and
+asynchronous tests use it alike. ``stall`` makes it hold replies back for good (a server that
+accepts and never answers) until it is cleared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from services import free_port
+
+
+class Relay:
+    """``listen`` (127.0.0.1:port) relays to ``target``; replies wait ``delay`` seconds."""
+
+    def __init__(self, target: tuple[str, int], delay: float, *, udp: bool = False) -> None:
+        self.target = target
+        self.delay = delay
+        self.udp = udp
+        self.port = free_port()
+        self.stall = False
+        self.replies = 0  # chunks or datagrams passed back to clients
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="latency-relay", daemon=True)
+        self._closers: list[object] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Relay:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for item in self._closers:
+                with contextlib.suppress(Exception):
+                    item.close()  # type: ignore[attr-defined]
+            for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+                task.cancel()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    async def _start(self) -> None:
+        if self.udp:
+            transport, _proto = await self._loop.create_datagram_endpoint(
+                lambda: _UdpFront(self), local_addr=("127.0.0.1", self.port)
+            )
+            self._closers.append(transport)
+        else:
+            server = await asyncio.start_server(self._tcp, "127.0.0.1", self.port)
+            self._closers.append(server)
+
+    async def _held(self) -> None:
+        """Wait out the delay, and a stall for as long as it lasts."""
+        await asyncio.sleep(self.delay)
+        while self.stall:
+            await asyncio.sleep(0.05)
+
+    async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._closers.extend((writer, up_writer))
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                await up_writer.drain()
+            up_writer.write_eof()
+
+        async def downstream() -> None:
+            # Each chunk keeps its own arrival time: latency, not a slower link.
+            queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+            async def forward() -> None:
+                while True:
+                    arrived, data = await queue.get()
+                    if not data:
+                        writer.close()
+                        return
+                    await asyncio.sleep(max(0.0, arrived + self.delay - self._loop.time()))
+                    while self.stall:
+                        await asyncio.sleep(0.05)
+                    writer.write(data)
+                    self.replies += 1
+                    await writer.drain()
+
+            sender = asyncio.ensure_future(forward())
+            while data := await up_reader.read(65536):
+                queue.put_nowait((self._loop.time(), data))
+            queue.put_nowait((self._loop.time(), b""))
+            await sender
+
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await asyncio.gather(upstream(), downstream())
+        for w in (writer, up_writer):
+            w.close()
+
+
+class _UdpFront(asyncio.DatagramProtocol):
+    """The relay's listening socket: one upstream socket per client address."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.transport: asyncio.DatagramTransport | None = None
+        self.upstreams: dict[tuple[str, int], asyncio.DatagramTransport] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        asyncio.ensure_future(self._forward(data, addr))
+
+    async def _forward(self, data: bytes, addr: tuple[str, int]) -> None:
+        upstream = self.upstreams.get(addr)
+        if upstream is None:
+            loop = asyncio.get_running_loop()
+            upstream, _proto = await loop.create_datagram_endpoint(
+                lambda: _UdpBack(self, addr), remote_addr=self.relay.target
+            )
+            self.upstreams[addr] = upstream
+            self.relay._closers.append(upstream)
+        upstream.sendto(data)
+
+
+class _UdpBack(asyncio.DatagramProtocol):
+    def __init__(self, front: _UdpFront, client: tuple[str, int]) -> None:
+        self.front = front
+        self.client = client
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        asyncio.ensure_future(self._back(data))
+
+    async def _back(self, data: bytes) -> None:
+        await self.front.relay._held()
+        if self.front.transport is not None:
+            self.front.transport.sendto(data, self.client)
+            self.front.relay.replies += 1
+
+
+@contextlib.contextmanager
+def relay(target: tuple[str, int], delay: float, *, udp: bool = False) -> Iterator[Relay]:
+    r = Relay(target, delay, udp=udp).start()
+    try:
+        yield r
+    finally:
+        r.close()
