@@ -348,10 +348,14 @@ def _write_secret(path: Path, value: str) -> Path:
 
 
 @contextlib.contextmanager
-def running(pki: TestPKI, workdir: Path, name_prefix: str = "ghtest-identity") -> Iterator[IdentityServers]:
+def running(
+    pki: TestPKI, workdir: Path, name_prefix: str = "ghtest-identity", ldap_names: tuple[str, ...] = ()
+) -> Iterator[IdentityServers]:
     """Start the directory and the RADIUS server; remove both and their network at the end.
 
     Containers and network are named ``<name_prefix>-<random>-...`` (the benchmarks pass their own).
+    The directory's certificate names localhost, 127.0.0.1 and ``ldap_names`` (an address that
+    a relay to it listens on, for clients that reach it there).
     """
     cli = _docker_client()
     prefix = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
@@ -366,7 +370,7 @@ def running(pki: TestPKI, workdir: Path, name_prefix: str = "ghtest-identity") -
         _write_secret(secrets_dir / f"{name}.password", value)
     radius_secret = f"radius-{run_id}"
     _write_secret(secrets_dir / "radius.secret", radius_secret)
-    leaf = pki.issue(f"{prefix}-ldap", ["localhost", "127.0.0.1"])
+    leaf = pki.issue(f"{prefix}-ldap", ["localhost", "127.0.0.1", *ldap_names])
     shutil.copyfile(leaf.cert, certs_dir / "cert.pem")
     shutil.copyfile(leaf.key, certs_dir / "key.pem")
     shutil.copyfile(pki.ca, certs_dir / "ca.pem")

@@ -19,12 +19,13 @@ from services import free_port
 
 
 class Relay:
-    """``listen`` (127.0.0.1:port) relays to ``target``; replies wait ``delay`` seconds."""
+    """``host`` (127.0.0.1 unless told):``port`` relays to ``target``; replies wait ``delay`` seconds."""
 
-    def __init__(self, target: tuple[str, int], delay: float, *, udp: bool = False) -> None:
+    def __init__(self, target: tuple[str, int], delay: float, *, udp: bool = False, host: str = "127.0.0.1") -> None:
         self.target = target
         self.delay = delay
         self.udp = udp
+        self.host = host
         self.port = free_port()
         self.stall = False
         self.replies = 0  # chunks or datagrams passed back to clients
@@ -34,7 +35,7 @@ class Relay:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> Relay:
         self._thread.start()
@@ -57,11 +58,11 @@ class Relay:
     async def _start(self) -> None:
         if self.udp:
             transport, _proto = await self._loop.create_datagram_endpoint(
-                lambda: _UdpFront(self), local_addr=("127.0.0.1", self.port)
+                lambda: _UdpFront(self), local_addr=(self.host, self.port)
             )
             self._closers.append(transport)
         else:
-            server = await asyncio.start_server(self._tcp, "127.0.0.1", self.port)
+            server = await asyncio.start_server(self._tcp, self.host, self.port)
             self._closers.append(server)
 
     async def _held(self) -> None:
@@ -155,8 +156,10 @@ class _UdpBack(asyncio.DatagramProtocol):
 
 
 @contextlib.contextmanager
-def relay(target: tuple[str, int], delay: float, *, udp: bool = False) -> Iterator[Relay]:
-    r = Relay(target, delay, udp=udp).start()
+def relay(
+    target: tuple[str, int], delay: float, *, udp: bool = False, host: str = "127.0.0.1"
+) -> Iterator[Relay]:
+    r = Relay(target, delay, udp=udp, host=host).start()
     try:
         yield r
     finally:
