@@ -1,11 +1,11 @@
-"""Network latency in front of a real server: a TCP or UDP relay on 127.0.0.1 that holds back
-every reply for a fixed time, as a distant or overloaded directory or RADIUS server answers.
+"""A relay in front of a real server that can hold its replies back: network latency, or a
+server that accepts and then never answers, without touching the server.
 
-The server itself stays real (slapd, FreeRADIUS): the relay only adds ``delay`` seconds to each
-chunk (TCP) or datagram (UDP) the server sends back, in order, without changing a byte, so TLS
-runs end to end through it. It runs on its own thread and event loop, so synchronous and
-asynchronous tests use it alike. ``stall`` makes it hold replies back for good (a server that
-accepts and never answers) until it is cleared.
+The server stays real (slapd, FreeRADIUS): the relay passes every TCP chunk or UDP datagram on
+unchanged (TLS runs end to end through it), and holds what the server sends back ``delay``
+seconds, in order; :meth:`Relay.stall` holds it back until :meth:`Relay.resume`. It listens on
+127.0.0.1, or on another address of this host (``host``), and runs on its own thread and event
+loop, so synchronous and asynchronous tests use it alike.
 """
 
 from __future__ import annotations
@@ -13,29 +13,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any, cast
 
 from services import free_port
 
 
 class Relay:
-    """``host`` (127.0.0.1 unless told):``port`` relays to ``target``; replies wait ``delay`` seconds."""
+    """``host``:``port`` relays to ``target``; replies wait ``delay`` seconds (and a stall)."""
 
-    def __init__(self, target: tuple[str, int], delay: float, *, udp: bool = False, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target: tuple[str, int], delay: float, *, udp: bool = False, host: str = "127.0.0.1"
+    ) -> None:
         self.target = target
         self.delay = delay
         self.udp = udp
         self.host = host
         self.port = free_port()
-        self.stall = False
         self.replies = 0  # chunks or datagrams passed back to clients
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="latency-relay", daemon=True)
-        self._closers: list[object] = []
+        self._thread = threading.Thread(target=self._loop.run_forever, name="relay", daemon=True)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._closers: list[Any] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def stall(self) -> None:
+        """Hold every reply from now on (the connections stay open)."""
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def resume(self) -> None:
+        """Let the held replies go, in order, and the later ones after their delay."""
+        self._loop.call_soon_threadsafe(self._flowing.set)
 
     def start(self) -> Relay:
         self._thread.start()
@@ -46,14 +59,22 @@ class Relay:
         async def stop() -> None:
             for item in self._closers:
                 with contextlib.suppress(Exception):
-                    item.close()  # type: ignore[attr-defined]
-            for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+                    item.close()
+            # The relay's own tasks and the connection handlers start_server made.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
                 task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _start(self) -> None:
         if self.udp:
@@ -65,11 +86,10 @@ class Relay:
             server = await asyncio.start_server(self._tcp, self.host, self.port)
             self._closers.append(server)
 
-    async def _held(self) -> None:
-        """Wait out the delay, and a stall for as long as it lasts."""
-        await asyncio.sleep(self.delay)
-        while self.stall:
-            await asyncio.sleep(0.05)
+    async def _hold(self, arrived: float) -> None:
+        """Until ``delay`` seconds after ``arrived``, and for as long as a stall lasts."""
+        await asyncio.sleep(max(0.0, arrived + self.delay - self._loop.time()))
+        await self._flowing.wait()
 
     async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -92,12 +112,10 @@ class Relay:
             async def forward() -> None:
                 while True:
                     arrived, data = await queue.get()
+                    await self._hold(arrived)
                     if not data:
                         writer.close()
                         return
-                    await asyncio.sleep(max(0.0, arrived + self.delay - self._loop.time()))
-                    while self.stall:
-                        await asyncio.sleep(0.05)
                     writer.write(data)
                     self.replies += 1
                     await writer.drain()
@@ -123,10 +141,10 @@ class _UdpFront(asyncio.DatagramProtocol):
         self.upstreams: dict[tuple[str, int], asyncio.DatagramTransport] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        asyncio.ensure_future(self._forward(data, addr))
+        self.relay._spawn(self._forward(data, addr))
 
     async def _forward(self, data: bytes, addr: tuple[str, int]) -> None:
         upstream = self.upstreams.get(addr)
@@ -146,10 +164,10 @@ class _UdpBack(asyncio.DatagramProtocol):
         self.client = client
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        asyncio.ensure_future(self._back(data))
+        self.front.relay._spawn(self._back(data, self.front.relay._loop.time()))
 
-    async def _back(self, data: bytes) -> None:
-        await self.front.relay._held()
+    async def _back(self, data: bytes, arrived: float) -> None:
+        await self.front.relay._hold(arrived)
         if self.front.transport is not None:
             self.front.transport.sendto(data, self.client)
             self.front.relay.replies += 1
@@ -157,7 +175,7 @@ class _UdpBack(asyncio.DatagramProtocol):
 
 @contextlib.contextmanager
 def relay(
-    target: tuple[str, int], delay: float, *, udp: bool = False, host: str = "127.0.0.1"
+    target: tuple[str, int], delay: float = 0.0, *, udp: bool = False, host: str = "127.0.0.1"
 ) -> Iterator[Relay]:
     r = Relay(target, delay, udp=udp, host=host).start()
     try:

@@ -119,7 +119,9 @@ class IdentityStack:
         return "".join(self.st.logs().values())
 
 
-def build(pki: pkimod.TestPKI, root: Path, broker: dict[str, object], *directory_domains: str) -> hardened.Stack:
+def build(
+    pki: pkimod.TestPKI, root: Path, broker: dict[str, object], *directory_domains: str
+) -> hardened.Stack:
     st = hardened.build(pki, root, broker=broker)
     # desk-a for the engineering group (alice) of each directory domain.
     for domain in directory_domains:
@@ -213,11 +215,11 @@ def auth(result: str) -> str:
 
 @contextlib.asynccontextmanager
 async def stalled(relay: latency.Relay) -> AsyncIterator[None]:
-    relay.stall = True
+    relay.stall()
     try:
         yield
     finally:
-        relay.stall = False
+        relay.resume()
 
 
 async def flood_until_full(
