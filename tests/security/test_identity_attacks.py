@@ -257,6 +257,9 @@ async def test_a_directory_flood_is_answered_busy_at_once(rst: IdentityStack) ->
         assert answered == ["busy"] * (flood - DIRECTORY_LIMIT), answered
         during = await rst.metrics()
         assert delta(during, before, auth("busy")) == flood - DIRECTORY_LIMIT
+        assert delta(during, before, 'gatehouse_broker_identity_busy_total{pool="ldap-DIR"}') == (
+            flood - DIRECTORY_LIMIT
+        )
         assert delta(during, before, f'gatehouse_broker_protocol_errors_total{{result="{p.E_BUSY}"}}') == (
             flood - DIRECTORY_LIMIT
         )
@@ -296,6 +299,9 @@ async def test_a_radius_flood_is_answered_busy_at_once(rst: IdentityStack) -> No
         assert answered == ["busy"] * (flood - RADIUS_LIMIT), answered
         during = await rst.metrics()
         assert delta(during, before, auth("busy")) == flood - RADIUS_LIMIT
+        assert delta(during, before, 'gatehouse_broker_identity_busy_total{pool="radius"}') == (
+            flood - RADIUS_LIMIT
+        )
         await rst.session(hardened.USER, "CORP")
     rest = await asyncio.wait_for(asyncio.gather(*logins), 60)
     # FreeRADIUS rejects the flood's users once its replies go through.

@@ -158,6 +158,8 @@ class BrokerEndpoint:
         factor = settings.factor
         self.totp = factors.Totp(store, factor.totp_key) if factor.kind == FACTOR_TOTP else None
         self.radius = factors.Radius(factor) if factor.kind == FACTOR_RADIUS else None
+        for pool in [*self.directories.values(), *([self.radius] if self.radius else [])]:
+            metrics.identity_busy.labels(pool.name)
 
     def close(self) -> None:
         """Stop the directory and RADIUS threads (checks running finish on their own)."""
@@ -365,6 +367,8 @@ class BrokerEndpoint:
             self.metrics.auth.labels("busy").inc()
             if isinstance(exc, passwords.HasherBusy):
                 self.metrics.password_hash_busy.inc()
+            else:
+                self.metrics.identity_busy.labels(exc.pool).inc()
             session.log.warning("authentication refused: busy", extra={**extra, "reason": str(exc)})
             raise p.ProtocolError(p.E_BUSY, "the broker is busy; try again later") from None
         except BaseException:
