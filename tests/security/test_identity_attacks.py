@@ -41,7 +41,7 @@ from gatehouse import protocol as p
 from gatehouse import tls
 from gatehouse.broker import directory as broker_directory
 from gatehouse.broker import factors
-from gatehouse.broker.xmlapi import MAX_CHALLENGES
+from gatehouse.broker.xmlapi import BROKER_ERROR_TEXT, MAX_CHALLENGES
 from gatehouse.client.flow import CmConnection, SessionReport, StepFailed, run_session
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]
@@ -52,6 +52,7 @@ BUSY_TEXT = "the broker is busy; try again later"
 # Replies held by a stalled relay wait for it, not for these (far above any test's length).
 IDENTITY_TIMEOUT = 60
 LDAP_POOL = 2
+SHORT_TIMEOUT = 2  # LdapTimeout of the SLOW domain: the same relayed directory, a short timeout
 DIRECTORY_LIMIT = LDAP_POOL * (1 + broker_directory.WAIT_PER_THREAD)
 RADIUS_LIMIT = factors.RADIUS_WORKERS + factors.RADIUS_QUEUE
 # The throttle of the second-factor stack: lockout at the 4th failure of a (account, source) pair
@@ -133,8 +134,9 @@ def build(
 def rst(
     pki: pkimod.TestPKI, identity: IdentityServers, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[IdentityStack]:
-    """Domains: CORP (local users), DIR (the directory behind a latency relay, LdapPoolSize 2) and
-    MFA (the directory, then a RADIUS passcode asked first, the RADIUS server behind a relay)."""
+    """Domains: CORP (local users), DIR (the directory behind a latency relay, LdapPoolSize 2),
+    SLOW (the same, LdapTimeout 2 s) and MFA (the directory, then a RADIUS passcode asked first,
+    the RADIUS server behind a relay)."""
     d, r = identity.directory, identity.radius
     with (
         latency.relay((d.host, d.ldaps_port), 0.02) as ldap,
@@ -144,8 +146,9 @@ def rst(
             pki,
             tmp_path_factory.mktemp("identity-attacks"),
             {
-                "Domains": "CORP, DIR, MFA",
+                "Domains": "CORP, DIR, MFA, SLOW",
                 **ldap_domain(identity, "DIR", f"ldaps://127.0.0.1:{ldap.port}", LdapPoolSize=LDAP_POOL),
+                **ldap_domain(identity, "SLOW", f"ldaps://127.0.0.1:{ldap.port}", LdapTimeout=SHORT_TIMEOUT),
                 **ldap_domain(identity, "MFA", d.ldaps_url),
                 "SecondFactor": "radius",
                 "SecondFactorDomains": "MFA",
@@ -265,6 +268,13 @@ async def test_a_directory_flood_is_answered_busy_at_once(rst: IdentityStack) ->
         )
         # The event loop and the other domains are not held: a local user's whole session.
         await rst.session(hardened.USER, "CORP")
+        # And no login waits on a directory that never answers: LdapTimeout ends it, with the
+        # answer a client gets when the broker cannot be reached.
+        slow = await asyncio.wait_for(
+            BrokerPeer(rst.st, "198.18.1.250").login(p.Authenticate("alice", rst.password("alice"), "SLOW")),
+            SHORT_TIMEOUT * 10,
+        )
+        assert isinstance(slow, p.ErrorResp) and slow.result_str == BROKER_ERROR_TEXT, slow
     # The directory answers again: the queued logins end (unknown users), none waits on.
     rest = await asyncio.wait_for(asyncio.gather(*logins), 60)
     assert sorted(outcome(r) for r in rest) == sorted(
