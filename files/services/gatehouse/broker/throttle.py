@@ -115,9 +115,10 @@ def account_key(domain: str, username: str) -> str:
     """The account a login attempt counts against: one key for every spelling a directory matches.
 
     An LDAP directory compares user names as RFC 4518 prepares them: compatibility forms unified
-    (a fullwidth letter is its ASCII letter), case folded, leading and trailing spaces dropped and inner runs
-    of spaces joined. Were the key the name as sent, each spelling would have counters of its own
-    and "alice", " alice" and "ALICE\\t" would each get the full number of guesses.
+    (a fullwidth letter is its ASCII letter), case folded, leading and trailing spaces dropped,
+    inner runs of spaces joined. Were the key the name as sent, each spelling would have counters
+    of its own and "alice", "ALICE" and a fullwidth "alice" would each get the full number of
+    guesses.
     """
     # The request body bounds the work (64 KiB); longer names never reach a directory anyway.
     name = " ".join(unicodedata.normalize("NFKC", username).casefold().split())[:MAX_NAME]
