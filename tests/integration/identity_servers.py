@@ -25,7 +25,8 @@ The RADIUS server (UDP, Message-Authenticator required in requests and sent in e
 Status-Server answered): alice with
 passcode 123456 is accepted; carol gets an Access-Challenge (:data:`CAROL_PROMPT` and a State)
 for any first passcode, then is accepted with 654321 and that State; everything else is
-rejected. A wrong shared secret gets no answer.
+rejected; erin is challenged at every passcode, for ever (:data:`ERIN_PROMPT`). A wrong shared
+secret gets no answer.
 
 A missing Docker engine or image fails the test with the command that fixes it: never a skip.
 """
@@ -64,6 +65,8 @@ except ImportError:  # pragma: no cover - the virtualenv has it
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSION = str(yaml.safe_load((REPO_ROOT / "galaxy.yml").read_text())["version"])
 IMAGE = f"gatehouse/identity-test:{VERSION}"
+RADIUS_CONFIG = REPO_ROOT / "files/images/identity-test/radius/radiusd.conf"
+RADIUS_CONFIG_IN_IMAGE = "/etc/gatehouse-identity/radius/radiusd.conf"
 LABEL = "gatehouse.test"
 
 BASE_DN = "dc=corp,dc=example"
@@ -83,6 +86,7 @@ ALL_GROUPS = {
 ALICE_PASSCODE = "123456"
 CAROL_CODE = "654321"
 CAROL_PROMPT = "Enter the code sent to your phone"
+ERIN_PROMPT = "Enter the next token code"
 
 # The attributes the tests send and read (RFC 2865, RFC 3579).
 RADIUS_DICTIONARY = """\
@@ -344,10 +348,14 @@ def _write_secret(path: Path, value: str) -> Path:
 
 
 @contextlib.contextmanager
-def running(pki: TestPKI, workdir: Path, name_prefix: str = "ghtest-identity") -> Iterator[IdentityServers]:
+def running(
+    pki: TestPKI, workdir: Path, name_prefix: str = "ghtest-identity", ldap_names: tuple[str, ...] = ()
+) -> Iterator[IdentityServers]:
     """Start the directory and the RADIUS server; remove both and their network at the end.
 
     Containers and network are named ``<name_prefix>-<random>-...`` (the benchmarks pass their own).
+    The directory's certificate names localhost, 127.0.0.1 and ``ldap_names`` (an address that
+    a relay to it listens on, for clients that reach it there).
     """
     cli = _docker_client()
     prefix = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
@@ -362,7 +370,7 @@ def running(pki: TestPKI, workdir: Path, name_prefix: str = "ghtest-identity") -
         _write_secret(secrets_dir / f"{name}.password", value)
     radius_secret = f"radius-{run_id}"
     _write_secret(secrets_dir / "radius.secret", radius_secret)
-    leaf = pki.issue(f"{prefix}-ldap", ["localhost", "127.0.0.1"])
+    leaf = pki.issue(f"{prefix}-ldap", ["localhost", "127.0.0.1", *ldap_names])
     shutil.copyfile(leaf.cert, certs_dir / "cert.pem")
     shutil.copyfile(leaf.key, certs_dir / "key.pem")
     shutil.copyfile(pki.ca, certs_dir / "ca.pem")
@@ -397,7 +405,9 @@ def running(pki: TestPKI, workdir: Path, name_prefix: str = "ghtest-identity") -
             name=f"{prefix}-radius",
             network=prefix,
             labels=labels,
-            volumes=volumes,
+            # The tree's configuration, not the image's copy: a test user added there works
+            # before the image is built again.
+            volumes={**volumes, str(RADIUS_CONFIG): {"bind": RADIUS_CONFIG_IN_IMAGE, "mode": "ro"}},
             environment={"RADIUS_CLIENTS": str(ipaddress.ip_network(cidr))},
         )
         directory = Directory(

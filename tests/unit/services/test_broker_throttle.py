@@ -154,6 +154,15 @@ def test_source_keys() -> None:
     assert account_key("CORP", "ALICE") == account_key("corp", "alice")
 
 
+def test_every_spelling_a_directory_matches_is_one_account() -> None:
+    # Each of these finds uid=alice in slapd (RFC 4518 matching; tests/security/test_identity.py).
+    spellings = ["alice", "ALICE", " alice", "alice ", "alice\t", "\uff41lice", "Alice\u3000"]
+    assert {account_key("CORP", name) for name in spellings} == {"corp\\alice"}
+    # Inner spaces are joined, not dropped: "al ice" is another name.
+    assert account_key("CORP", "al  ice") == account_key("CORP", "al ice") != account_key("CORP", "alice")
+    assert len(account_key("CORP", " " * 1000 + "x" * 1000)) == len("corp\\") + 256
+
+
 # ---------------------------------------------------------------- hashing
 
 

@@ -37,6 +37,11 @@ class BrokerMetrics:
         self.password_hash_busy = counter(
             "password_hash_busy", "Password checks refused because the hashing pool and its queue were full"
         )
+        self.identity_busy = counter(
+            "identity_busy",
+            "Logins refused because a directory (ldap-<domain>) or the RADIUS pool and its queue were full",
+            "pool",
+        )
         self.password_hash_pending = gauge(
             "password_hash_pending", "Password hashing jobs running or waiting"
         )

@@ -33,11 +33,13 @@ IPv6 sources are counted per /64, the block one client usually holds.
 
 from __future__ import annotations
 
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 MAX_ENTRIES = 50_000
+MAX_NAME = 256  # characters of a user name that count in its key
 KNOWN_SOURCE_TTL = 30 * 86400.0
 SWEEP_EVERY = 60.0
 K = TypeVar("K")
@@ -110,7 +112,17 @@ class _Table(Generic[K]):
 
 
 def account_key(domain: str, username: str) -> str:
-    return f"{domain.lower()[:64]}\\{username.lower()[:256]}"
+    """The account a login attempt counts against: one key for every spelling a directory matches.
+
+    An LDAP directory compares user names as RFC 4518 prepares them: compatibility forms unified
+    (a fullwidth letter is its ASCII letter), case folded, leading and trailing spaces dropped,
+    inner runs of spaces joined. Were the key the name as sent, each spelling would have counters
+    of its own and "alice", "ALICE" and a fullwidth "alice" would each get the full number of
+    guesses.
+    """
+    # The request body bounds the work (64 KiB); longer names never reach a directory anyway.
+    name = " ".join(unicodedata.normalize("NFKC", username).casefold().split())[:MAX_NAME]
+    return f"{domain.lower()[:64]}\\{name}"
 
 
 class LoginThrottle:

@@ -18,7 +18,14 @@ T = TypeVar("T")
 
 
 class Busy(Exception):
-    """Every worker is busy and the queue is full: answer "busy" now instead of waiting."""
+    """Every worker is busy and the queue is full: answer "busy" now instead of waiting.
+
+    ``pool`` names the pool that refused (the ``pool`` label of the busy metrics).
+    """
+
+    def __init__(self, message: str, pool: str = "") -> None:
+        super().__init__(message)
+        self.pool = pool
 
 
 class BoundedPool:
@@ -43,7 +50,7 @@ class BoundedPool:
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         with self._lock:
             if self._pending >= self.limit:
-                raise self.busy(f"{self.name} busy ({self.limit} jobs running or waiting)")
+                raise self.busy(f"{self.name} busy ({self.limit} jobs running or waiting)", self.name)
             self._pending += 1
         future = self._pool.submit(fn, *args)
         future.add_done_callback(self._done)

@@ -9,7 +9,8 @@ Authentication takes one step per method hello-resp lists: the password alone, o
 ``SecondFactor`` the password and a passcode (the passcode first with ``SecondFactorFirst``) for
 the domains of ``SecondFactorDomains``. A step that passes while another is due answers
 ``AUTH_SUCCESSFUL_BUT_INCOMPLETE`` naming the next method (a RADIUS Access-Challenge asks for
-another passcode the same way); the last answers ``AUTH_SUCCESSFUL_AND_COMPLETE``. Every step is
+another passcode the same way, at most :data:`MAX_CHALLENGES` times in one login: the next one
+fails the step); the last answers ``AUTH_SUCCESSFUL_AND_COMPLETE``. Every step is
 for the same user; a failed step answers like a wrong password, counts in the login throttle like
 one, and starts the steps over. Only the last step's success counts as a login for the throttle
 (an attacker who knows the password cannot reset the failures of guessing the second factor).
@@ -50,7 +51,7 @@ REQUESTS = (p.Hello, p.Authenticate, p.GetResourceList, p.AllocateResource, p.By
 # What the CM shows when the broker cannot be reached (UpstreamError.text): a directory or RADIUS
 # outage looks the same to the client, and is in the broker's log.
 BROKER_ERROR_TEXT = "Error occurred while communicating with broker"
-MAX_CHALLENGES = 3  # RADIUS Access-Challenges answered in one login
+MAX_CHALLENGES = 3  # RADIUS Access-Challenges answered in one login; one more fails it
 PROMPTS = {
     p.AUTH_PASSWORD: "Enter your password",
     p.AUTH_PASSCODE: "Enter your passcode",
@@ -157,6 +158,8 @@ class BrokerEndpoint:
         factor = settings.factor
         self.totp = factors.Totp(store, factor.totp_key) if factor.kind == FACTOR_TOTP else None
         self.radius = factors.Radius(factor) if factor.kind == FACTOR_RADIUS else None
+        for pool in [*self.directories.values(), *([self.radius] if self.radius else [])]:
+            metrics.identity_busy.labels(pool.name)
 
     def close(self) -> None:
         """Stop the directory and RADIUS threads (checks running finish on their own)."""
@@ -364,12 +367,18 @@ class BrokerEndpoint:
             self.metrics.auth.labels("busy").inc()
             if isinstance(exc, passwords.HasherBusy):
                 self.metrics.password_hash_busy.inc()
+            else:
+                self.metrics.identity_busy.labels(exc.pool).inc()
             session.log.warning("authentication refused: busy", extra={**extra, "reason": str(exc)})
             raise p.ProtocolError(p.E_BUSY, "the broker is busy; try again later") from None
         except BaseException:
             self.throttle.release(account, source)
             raise
         now = time.monotonic()
+        if outcome.kind == CHALLENGE and progress is not None and progress.challenges >= MAX_CHALLENGES:
+            # A server that keeps challenging ends the login like a wrong passcode, counted: else
+            # a client could start the steps over and over without the throttle ever seeing one.
+            outcome = StepOutcome(FAILED, detail="too many challenges")
         if outcome.kind == FAILED:
             session.progress = None
             for scope in self.throttle.failure(account, source, now, per_source=per_source):
@@ -396,11 +405,6 @@ class BrokerEndpoint:
         if outcome.kind == CHALLENGE:
             self.throttle.release(account, source)
             progress.challenges += 1
-            if progress.challenges > MAX_CHALLENGES:
-                session.progress = None
-                session.log.info("authentication failed", extra={**extra, "reason": "too many challenges"})
-                self.metrics.auth.labels("failure").inc()
-                return failed
             progress.radius_state = outcome.state
             self.metrics.auth.labels("incomplete").inc()
             session.log.info("authentication step challenged", extra=extra)
