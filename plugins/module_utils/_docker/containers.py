@@ -541,6 +541,23 @@ def exec_in(container, argv: list) -> tuple[int, str]:
     return code, (output or b"").decode("utf-8", "replace")
 
 
+def stop_container(container, timeout: int) -> None:
+    """Stop the running ``container`` (SIGTERM, then SIGKILL after ``timeout`` seconds); it stays."""
+    try:
+        container.stop(timeout=timeout)
+    except DockerException as exc:
+        raise ContainerError("cannot stop %s: %s" % (container.name, exc)) from None
+
+
+def start_container(container, timeout: float, ready=None) -> None:
+    """Start the stopped ``container`` and wait until it is ready (as after a create, see _wait_running)."""
+    try:
+        container.start()
+    except DockerException as exc:
+        raise ContainerError("cannot start %s: %s" % (container.name, exc)) from None
+    _wait_running(container, timeout, ready)
+
+
 def remove_container(
     cli, name: str, check_mode: bool, role: str | None = None, stop_timeout: int | None = None
 ) -> bool:
