@@ -18,11 +18,14 @@ description:
     file is written atomically, the checksum file last; a backup without it is incomplete and ignored.
   - The copy passes SQLite's integrity check before it is kept. When the newest backup already holds the
     same database (same sha256), no new backup is written. Then only the newest O(keep) backups stay.
-  - With O(state=restored), verifies the backup O(restore_from) against its checksum file and its metadata
-    before anything else - a backup that does not match is refused and nothing changes - then stops the broker
-    container, keeps the current database as C(broker.db.before-restore) (until the next restore), removes
-    SQLite's journal files, puts the backup in place by a rename, starts the container and waits until the
-    broker's C(/health) answers.
+  - With O(state=restored), verifies the backup O(restore_from) before anything else - against its checksum
+    file and its metadata, that it is an SQLite database, and that the running broker's image understands its
+    schema version (an older one is migrated forward when the broker starts) - and refuses a backup that does
+    not pass with nothing changed. Then it stops the broker container, keeps the current database as
+    C(broker.db.before-restore) (until the next restore), removes SQLite's journal files, puts the backup in
+    place by a rename, starts the container and waits until the broker's C(/health) answers. When the broker
+    does not come up on the restored database, the previous database is put back, the broker is started on it
+    and the task fails.
   - Only the broker's embedded SQLite database is supported.
 author:
   - Gatehouse contributors (@gatehouse)

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import time
 import uuid
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfile import (
@@ -86,6 +85,7 @@ target.close()
 print(json.dumps({"integrity": check, "schema_version": version}))
 """
 
+SCHEMA_SCRIPT = "from gatehouse.broker.db import SCHEMA_VERSION; print(SCHEMA_VERSION)"
 HEALTH_SCRIPT = "import urllib.request; urllib.request.urlopen(%r, timeout=2).read()" % HEALTH_URL
 
 
@@ -191,6 +191,30 @@ class SqliteEngine:
         with open(path, "rb") as handle:
             if handle.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
                 raise Failure("%s is not an SQLite database" % path)
+
+    def check_schema(self, container, schema_version: int | None) -> None:
+        """Refuse a backup whose schema is newer than the running broker's image understands."""
+        container.reload()
+        if schema_version is None or not (container.attrs.get("State") or {}).get("Running"):
+            return  # a stopped broker cannot be asked; its start after the restore tells
+        code, output = ctr.exec_in(container, [PYTHON, "-c", SCHEMA_SCRIPT])
+        if code != 0:
+            raise Failure(
+                "cannot read the schema version of the broker in %s: %s" % (container.name, output.strip())
+            )
+        understood = int(output.strip().splitlines()[-1])
+        if schema_version > understood:
+            raise Failure(
+                "the backup has schema version %d, newer than the broker in %s understands (%d): upgrade the broker "
+                "first; nothing was changed" % (schema_version, container.name, understood)
+            )
+
+    def put_back(self, previous: str, data_dir: str) -> None:
+        """Undo put_in_place: the kept previous database becomes the live one again (broker stopped)."""
+        live = os.path.join(data_dir, DATABASE)
+        for suffix in SQLITE_COMPANIONS:
+            remove_quietly(live + suffix)
+        os.replace(previous, live)
 
     def put_in_place(self, backup: str, data_dir: str) -> str | None:
         """Replace the (stopped) broker's database with ``backup``; returns where the previous one is kept."""
@@ -313,11 +337,8 @@ def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
     kept = after[-params["keep"] :]
     if not check_mode:
         for path in removed:
-            for name in (
-                checksum_path(path),
-                metadata_path(path),
-                path,
-            ):  # checksum first: incomplete at once
+            # The checksum file first: from then on the backup is incomplete and no longer listed.
+            for name in (checksum_path(path), metadata_path(path), path):
                 remove_quietly(name)
     latest = written or newest
     return {
@@ -371,7 +392,10 @@ def verify_backup(path: str) -> tuple[dict, str]:
 def restore(cli, params: dict, check_mode: bool) -> dict:
     """Verify the backup, stop the broker, put the database in place, start it and wait for /health.
 
-    A restore always changes the broker's database: changed is true.
+    Everything that can be checked is checked before the broker is stopped: the checksum, the
+    metadata, the file, and that the broker's image understands the backup's schema version. When
+    the broker does not come up healthy on the restored database, the previous one is put back and
+    the broker started on it. A restore always replaces the database: changed is true.
     """
     path = params["restore_from"]
     metadata, digest = verify_backup(path)
@@ -379,6 +403,7 @@ def restore(cli, params: dict, check_mode: bool) -> dict:
     engine.verify(path)
     container = broker_container(cli, params)
     data_dir = host_data_dir(container)
+    engine.check_schema(container, metadata.get("schema_version"))
     live = os.path.join(data_dir, DATABASE)
     result = {
         "changed": True,
@@ -394,20 +419,42 @@ def restore(cli, params: dict, check_mode: bool) -> dict:
     }
     if check_mode:
         return result
+    reported = {k: v for k, v in result.items() if k not in ("changed", "diff")}
     try:
         ctr.stop_container(container, params["stop_timeout"])
-        result["previous"] = engine.put_in_place(path, data_dir)
+        result["previous"] = reported["previous"] = engine.put_in_place(path, data_dir)
+    except (ctr.ContainerError, OSError) as exc:
+        again = _start_again(container, params["wait_timeout"])
+        raise Failure(
+            "restore of %s failed before the broker started on it: %s%s" % (path, exc, again), **reported
+        ) from None
+    try:
         ctr.start_container(container, params["wait_timeout"], ready=_healthy)
     except ctr.ContainerError as exc:
-        raise Failure(str(exc), **{k: v for k, v in result.items() if k not in ("changed", "diff")}) from None
-    except BaseException:
-        # Never leave the broker stopped behind an unexpected error (the previous database is intact
-        # unless the rename happened).
-        container.reload()
-        if not (container.attrs.get("State") or {}).get("Running"):
-            container.start()
-        raise
+        if result["previous"] is None:
+            raise Failure(str(exc), **reported) from None
+        ctr.stop_container(container, params["stop_timeout"])
+        engine.put_back(result["previous"], data_dir)
+        reported["previous"] = None  # it is the live database again
+        again = _start_again(container, params["wait_timeout"])
+        raise Failure(
+            "the broker did not come up on the restored database, so the previous database was put back: %s%s"
+            % (exc, again),
+            **reported,
+        ) from None
     return result
+
+
+def _start_again(container, timeout: int) -> str:
+    """Start the broker again after a failed step (on its previous database): "" or why it did not."""
+    container.reload()
+    if (container.attrs.get("State") or {}).get("Running"):
+        return ""
+    try:
+        ctr.start_container(container, timeout, ready=_healthy)
+    except ctr.ContainerError as exc:
+        return "; the broker could not be started again: %s" % exc
+    return ""
 
 
 def _healthy(container) -> bool:
@@ -415,6 +462,4 @@ def _healthy(container) -> bool:
         code, _output = ctr.exec_in(container, [PYTHON, "-c", HEALTH_SCRIPT])
     except ctr.ContainerError:
         return False
-    if code != 0:
-        time.sleep(0.3)
     return code == 0

@@ -348,3 +348,43 @@ def test_restore_into_a_fresh_broker_and_log_in(env, fresh: Deployment, first_ba
     assert "desk-1" in client.resources()
     assert fresh.login("carol", CAROL_PW) == p.AUTH_FAILED
     assert fresh.login("alice", "wrong-" + ALICE_PW) == p.AUTH_FAILED
+
+
+def forged_backup(directory: Path, database_version: int, recorded_version: int) -> Path:
+    """A well-formed backup (checksum and metadata match) of a database with ``database_version``
+    whose metadata records ``recorded_version``."""
+    directory.mkdir()
+    db = directory / "broker-20990101T000000Z.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (?)", (database_version,))
+    conn.close()
+    digest = sha256(db)
+    (directory / (db.name + ".sha256")).write_text(f"{digest}  {db.name}\n")
+    metadata = {"format": 1, "engine": "sqlite", "sha256": digest, "schema_version": recorded_version}
+    (directory / (db.stem + ".json")).write_text(json.dumps(metadata))
+    return db
+
+
+def test_a_backup_newer_than_the_broker_is_refused_before_it_stops(env, fresh: Deployment) -> None:
+    cli, _prefix, tmp = env
+    db = forged_backup(tmp / "newer", SCHEMA_VERSION + 1, SCHEMA_VERSION + 1)
+    before = (sha256(fresh.database), started_at(cli, fresh))
+    run = restore_play(env, fresh, str(db))
+    result = restore_task(run)
+    assert result.get("failed") and "newer than the broker" in result["msg"], result
+    assert (sha256(fresh.database), started_at(cli, fresh)) == before
+
+
+def test_a_database_the_broker_cannot_start_on_is_rolled_back(env, fresh: Deployment) -> None:
+    """The metadata passes, the database does not: the broker fails on it, the previous one comes back."""
+    cli, _prefix, tmp = env
+    db = forged_backup(tmp / "mislabelled", SCHEMA_VERSION + 1, SCHEMA_VERSION)
+    before = sha256(fresh.database)
+    run = restore_play(env, fresh, str(db))
+    result = restore_task(run)
+    assert result.get("failed") and "previous database was put back" in result["msg"], result
+    assert sha256(fresh.database) == before
+    assert cli.containers.get(f"{fresh.prefix}-broker").attrs["State"]["Running"]
+    # The broker serves the database it had: the user restored earlier still logs in.
+    assert fresh.login("alice", ALICE_PW) == p.AUTH_OK
