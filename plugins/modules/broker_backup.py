@@ -182,13 +182,23 @@ previous:
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure, finish  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import DOCKER_HOST_OPTION  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._ops import backup as backup_utils  # noqa: E402
 
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec=backup_utils.ARGUMENT_SPEC,
-        required_if=backup_utils.REQUIRED_IF,
+        argument_spec={
+            "state": {"type": "str", "choices": ["present", "restored"], "default": "present"},
+            "backup_dir": {"type": "path"},
+            "keep": {"type": "int", "default": 7},
+            "restore_from": {"type": "path"},
+            "name_prefix": {"type": "str", "default": "gatehouse"},
+            "docker_host": DOCKER_HOST_OPTION,
+            "stop_timeout": {"type": "int", "default": 30},
+            "wait_timeout": {"type": "int", "default": 60},
+        },
+        required_if=[("state", "present", ["backup_dir"]), ("state", "restored", ["restore_from"])],
         supports_check_mode=True,
     )
     try:

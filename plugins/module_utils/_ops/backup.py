@@ -53,18 +53,6 @@ PREVIOUS_SUFFIX = ".before-restore"
 HEALTH_URL = "http://127.0.0.1:9181/health"  # the broker's management listener, inside its container
 _CHUNK = 1024 * 1024
 
-ARGUMENT_SPEC: dict = {
-    "state": {"type": "str", "choices": ["present", "restored"], "default": "present"},
-    "backup_dir": {"type": "path"},
-    "keep": {"type": "int", "default": 7},
-    "restore_from": {"type": "path"},
-    "name_prefix": {"type": "str", "default": "gatehouse"},
-    "docker_host": ctr.DOCKER_HOST_OPTION,
-    "stop_timeout": {"type": "int", "default": 30},
-    "wait_timeout": {"type": "int", "default": 60},
-}
-REQUIRED_IF = [("state", "present", ["backup_dir"]), ("state", "restored", ["restore_from"])]
-
 # Runs in the broker container as the service user: argv[1] the live database, argv[2] the copy.
 # The copy is one read transaction of the source (a consistent snapshot); the broker keeps
 # serving meanwhile (WAL: readers do not block its writers).
