@@ -167,7 +167,13 @@ class SqliteEngine:
             raise Failure(
                 "the SQLite backup in %s failed (exit code %s): %s" % (container.name, code, output.strip())
             )
-        facts = json.loads(output.strip().splitlines()[-1])
+        try:
+            facts = json.loads(output.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            remove_quietly(tmp)
+            raise Failure(
+                "the SQLite backup in %s gave no report: %s" % (container.name, output.strip())
+            ) from None
         if facts["integrity"] != "ok":
             remove_quietly(tmp)
             raise Failure(
@@ -350,6 +356,8 @@ def verify_backup(path: str) -> tuple[dict, str]:
     """The metadata and sha256 of the backup ``path`` after checking it; Failure when it does not match."""
     if not os.path.isfile(path):
         raise Failure("backup %s does not exist" % path)
+    if not path.endswith(".db"):
+        raise Failure("backup %s is not the database file of a backup (broker-<time>.db)" % path)
     expected = read_checksum(path)
     if expected is None:
         raise Failure("backup %s has no checksum file %s: it is incomplete" % (path, checksum_path(path)))
