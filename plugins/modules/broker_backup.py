@@ -45,6 +45,7 @@ attributes:
       - O(state=present) shows the backups of O(backup_dir) before and after; O(state=restored) names the
         backup that replaces the database.
   idempotent:
+    description: Whether a second run with the same options, on an unchanged broker, changes nothing.
     support: partial
     details:
       - O(state=present) reports V(changed=true) when it writes a new backup (the database differs from the

@@ -50,7 +50,7 @@ DATABASE = "broker.db"
 SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PREVIOUS_SUFFIX = ".before-restore"
-HEALTH_URL = "http://127.0.0.1:9181/health"  # the broker's management listener, inside its container
+HEALTH_ADDRESS = ("127.0.0.1", 9181)  # the broker's management listener (/health), inside its container
 _CHUNK = 1024 * 1024
 
 # Runs in the broker container as the service user: argv[1] the live database, argv[2] the copy.
@@ -74,7 +74,12 @@ print(json.dumps({"integrity": check, "schema_version": version}))
 """
 
 SCHEMA_SCRIPT = "from gatehouse.broker.db import SCHEMA_VERSION; print(SCHEMA_VERSION)"
-HEALTH_SCRIPT = "import urllib.request; urllib.request.urlopen(%r, timeout=2).read()" % HEALTH_URL
+HEALTH_SCRIPT = (
+    "import http.client\n"
+    "conn = http.client.HTTPConnection(%r, %d, timeout=2)\n"
+    "conn.request('GET', '/health')\n"
+    "raise SystemExit(conn.getresponse().status != 200)\n" % HEALTH_ADDRESS
+)
 
 
 def file_sha256(path: str) -> str:
