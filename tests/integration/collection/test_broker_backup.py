@@ -269,6 +269,26 @@ def test_retention_keeps_the_newest(env, source: Deployment, first_backup) -> No
     assert files_of(backup_dir) == names
 
 
+def test_backup_playbook_takes_one_and_then_nothing(env, source: Deployment, first_backup) -> None:
+    _cli, _prefix, tmp = env
+    backup_dir = tmp / "playbook"
+    inventory = tmp / "inventory-backup.json"
+    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    group_vars = {
+        "gatehouse_name_prefix": source.prefix,
+        "gatehouse_backup_dir": str(backup_dir),
+        "gatehouse_backup_keep": 1,
+    }
+    inventory.write_text(json.dumps({"brokers": {"hosts": {"localhost": host}, "vars": group_vars}}))
+    changed = []
+    for _run in range(2):
+        run = run_playbook("-i", str(inventory), str(REPO / "playbooks" / "backup.yml"), timeout=240)
+        assert run.returncode == 0, run.stdout[-3000:]
+        changed.append(run.report["stats"]["localhost"]["changed"])
+    assert changed == [1, 0]
+    assert len(files_of(backup_dir)) == 3
+
+
 def restore_play(env, target: Deployment, restore_from: str) -> Any:
     _cli, _prefix, tmp = env
     inventory = tmp / f"inventory-{target.prefix}.json"
