@@ -37,7 +37,7 @@ attributes:
     support: full
     details:
       - With O(state=present) the copy is taken and compared with the newest backup, then deleted; the result
-        and the diff say which backup would be written and which would be removed. Nothing is written.
+        and the diff say which backup would be written and which would be removed. Nothing is kept.
       - With O(state=restored) the backup is verified; the broker is not stopped and nothing is written.
   diff_mode:
     support: full
@@ -183,8 +183,8 @@ previous:
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure, finish  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._deploy import broker_backup as backup_utils  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import DOCKER_HOST_OPTION  # noqa: E402
-from ansible_collections.gatehouse.access.plugins.module_utils._ops import backup as backup_utils  # noqa: E402
 
 
 def main() -> None:

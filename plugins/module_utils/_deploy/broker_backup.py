@@ -13,10 +13,10 @@ checksum file last: a backup without it is incomplete and is neither listed, kep
 The engine does the work that depends on the database: :class:`SqliteEngine` takes the copy with
 SQLite's online backup API inside the running broker container (one consistent snapshot while
 the broker keeps serving) and puts a copy in place while the broker is stopped. A PostgreSQL
-engine (pg_dump / pg_restore) plugs into :data:`ENGINES` with the same three methods; the files,
+engine (pg_dump / pg_restore) plugs into :data:`ENGINES` with the same methods; the files,
 checksums, retention and the stop/start of the restore stay as they are.
 
-Invariants: nothing is written in check mode (the snapshot is taken and compared, then deleted);
+Invariants: nothing is kept in check mode (the snapshot is taken and compared, then deleted);
 a restore verifies the checksum, the metadata and the file before it stops the broker, so a
 backup that does not match changes nothing; the database file is replaced by a rename.
 """
@@ -36,6 +36,7 @@ from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfil
     write_atomic,
 )
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure
+from ansible_collections.gatehouse.access.plugins.module_utils._deploy import broker as broker_deploy
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
 
 FORMAT = 1
@@ -44,10 +45,8 @@ PREFIX = "broker-"
 _NAME_RE = re.compile(r"^broker-([0-9]{8}T[0-9]{6}Z)(?:-([0-9]+))?\.db$")
 CHECKSUM_SUFFIX = ".sha256"
 PYTHON = "/opt/gatehouse/venv/bin/python"  # the services' interpreter in the images
-DATA_MOUNT = "/data"  # where the broker container mounts its data directory
-DATABASE = "broker.db"
-# SQLite's companions of the database file: stale ones must not meet a restored database.
-SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+DATA_MOUNT = broker_deploy.DATA_MOUNT
+DATABASE = broker_deploy.DATABASE
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PREVIOUS_SUFFIX = ".before-restore"
 HEALTH_ADDRESS = ("127.0.0.1", 9181)  # the broker's management listener (/health), inside its container
@@ -138,7 +137,7 @@ def new_backup_path(backup_dir: str, now: datetime.datetime) -> str:
 
 
 def broker_container(cli, params: dict):
-    name = "%s-broker" % params["name_prefix"]
+    name = broker_deploy.container_name(params["name_prefix"])
     container = ctr.find_container(cli, name)
     if container is None:
         raise Failure("there is no broker container %s on the Docker host (name_prefix)" % name)
@@ -211,8 +210,7 @@ class SqliteEngine:
     def put_back(self, previous: str, data_dir: str) -> None:
         """Undo put_in_place: the kept previous database becomes the live one again (broker stopped)."""
         live = os.path.join(data_dir, DATABASE)
-        for suffix in SQLITE_COMPANIONS:
-            remove_quietly(live + suffix)
+        _remove_journals(data_dir)
         os.replace(previous, live)
 
     def put_in_place(self, backup: str, data_dir: str) -> str | None:
@@ -227,11 +225,17 @@ class SqliteEngine:
             previous = live + PREVIOUS_SUFFIX
             remove_quietly(previous)
             os.link(live, previous)  # the database as it was, kept until the next restore
-        for suffix in SQLITE_COMPANIONS:
-            remove_quietly(live + suffix)
+        _remove_journals(data_dir)
         with open(backup, "rb") as source, atomic_open(live, mode, uid, gid) as target:
             shutil.copyfileobj(source, target, _CHUNK)
         return previous
+
+
+def _remove_journals(data_dir: str) -> None:
+    """SQLite's journal files of the (stopped) broker: stale ones must not meet another database."""
+    for name in broker_deploy.DB_FILES:
+        if name != DATABASE:
+            remove_quietly(os.path.join(data_dir, name))
 
 
 ENGINES = {SqliteEngine.name: SqliteEngine}

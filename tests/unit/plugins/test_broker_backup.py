@@ -1,4 +1,4 @@
-"""The backup files of broker_backup (module_utils._ops.backup): listing order, completeness, verification."""
+"""The backup files of broker_backup (module_utils._deploy.broker_backup): listing order, completeness, verification."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 importlib.import_module("collection_helpers").ensure_importable()
-backup = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._ops.backup")
+backup = importlib.import_module(
+    "ansible_collections.gatehouse.access.plugins.module_utils._deploy.broker_backup"
+)
 result = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._common.result")
 
 
