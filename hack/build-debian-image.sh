@@ -28,8 +28,9 @@ tag=${DEBIAN_IMAGE_TAG:-${REPOSITORY:-gatehouse/}$name:$version}
 label=gatehouse.$name.sha256
 title=gatehouse-$name
 # Names the recipe (debian_rootfs in lib.sh, the import below) in the label: give it a new value
-# when the recipe changes, so that the images are rebuilt. Its value is the sha256 of this script
-# from when the recipe was written out here (the label then hashed the script itself).
+# when the recipe changes, so that the images are rebuilt (tests/unit/test_image_recipe.py fails
+# until then). Its value is the sha256 of this script from when the recipe was written out here
+# (the label then hashed the script itself), so the images built then stay current.
 DEBIAN_IMAGE_RECIPE=bc2b50dd069ba17f05171f5ddfda89cd53de37499246ad912963910a37de911a
 
 description='' files=() hooks=() changes=()
