@@ -357,6 +357,12 @@ def test_restore_into_a_fresh_broker_and_log_in(env, fresh: Deployment, first_ba
     backup = Path(first_backup["backup"]["path"])
     replaced = fresh.database.stat().st_ino
     before_start = started_at(cli, fresh)
+    # Check mode verifies and predicts; the broker keeps running on its database.
+    args = {"state": "restored", "restore_from": str(backup), "name_prefix": fresh.prefix}
+    predicted = ok(run_module("broker_backup", args, check=True, diff=True))
+    assert predicted["changed"] and predicted["sha256"] == first_backup["backup"]["sha256"]
+    assert str(backup) in predicted["diff"]["after"]
+    assert untouched(cli, fresh) == (replaced, before_start)
     run = restore_play(env, fresh, backup.name)  # a file of gatehouse_backup_dir, by its name
     assert run.returncode == 0, run.stdout[-3000:]
     result = restore_task(run)
