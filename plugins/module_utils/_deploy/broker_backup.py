@@ -24,7 +24,6 @@ backup that does not match changes nothing; the database file is replaced by a r
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfil
     atomic_open,
     write_atomic,
 )
+from ansible_collections.gatehouse.access.plugins.module_utils._common.files import sha256_file
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import broker as broker_deploy
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
@@ -79,14 +79,6 @@ HEALTH_SCRIPT = (
     "conn.request('GET', '/health')\n"
     "raise SystemExit(conn.getresponse().status != 200)\n" % HEALTH_ADDRESS
 )
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checksum_path(db_path: str) -> str:
@@ -302,7 +294,7 @@ def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
     before = list_backups(backup_dir)
     tmp, facts = engine.snapshot(container, data_dir)
     try:
-        digest = file_sha256(tmp)
+        digest = sha256_file(tmp)
         size = os.path.getsize(tmp)
         newest = before[-1] if before else None
         same = newest is not None and read_checksum(newest) == digest
@@ -370,7 +362,7 @@ def verify_backup(path: str) -> tuple[dict, str]:
     expected = read_checksum(path)
     if expected is None:
         raise Failure("backup %s has no checksum file %s: it is incomplete" % (path, checksum_path(path)))
-    actual = file_sha256(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise Failure(
             "backup %s does not match its checksum (sha256 recorded %s, file %s): refused, nothing was changed"
