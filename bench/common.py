@@ -18,9 +18,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [
     str(ROOT / "tests"),
-    str(ROOT / "tests" / "integration"),
-    str(ROOT / "tests" / "integration" / "collection"),
-    str(ROOT / "tests" / "integration" / "services"),
+    str(ROOT / "tests" / "integration"),  # the helpers beside the tests, never a test module
 ]
 
 from pki import CertFiles, TestPKI  # noqa: E402

@@ -1,6 +1,6 @@
 """HALB failover time: the primary HALB node is killed (SIGKILL, no goodbye), time to service.
 
-Reuses the HALB pair of tests/integration/collection/test_halb.py (two gatehouse/halb containers deployed by
+Reuses the HALB pair of the HALB tests (tests/integration/halb_helpers.py: two gatehouse/halb containers deployed by
 the halb module on a private Docker network, VRRP v3 unicast, priorities 150/100, two HTTPS
 backends). A trial: the primary holds the VIP; ``docker kill`` it; probe the VIP every 20 ms
 (new TLS connection, ``GET /health``, 0.3 s timeout) until a backend answers; the time from the
@@ -20,7 +20,7 @@ TRIALS = 10
 
 
 def _trials(pair, n: int) -> list[float]:
-    import test_halb
+    from halb_helpers import wait_for
 
     times = []
     for _ in range(n):
@@ -28,7 +28,7 @@ def _trials(pair, n: int) -> list[float]:
         time.sleep(0.5)  # a few advertisements from the settled master
         start = time.monotonic()
         killed = pair.kill("halb1", "SIGKILL")  # the killed instance's StartedAt
-        test_halb._wait_for(lambda: pair.via_vip(4444, timeout=0.3) is not None, 30, "the VIP", 0.02)
+        wait_for(lambda: pair.via_vip(4444, timeout=0.3) is not None, 30, "the VIP", 0.02)
         times.append(time.monotonic() - start)
         pair.ensure_running("halb1", killed)
     pair.wait_master("halb1")
@@ -46,27 +46,22 @@ def _stats(times: list[float]) -> dict[str, float | list[float]]:
 
 def run(bench: Bench) -> list[Figure]:
     try:
-        import test_halb
-    except Exception as exc:  # pytest.skip.Exception is not an Exception subclass; see below
-        return [
-            not_measured(
-                "HALB failover", f"tests/integration/collection/test_halb.py cannot be imported: {exc}"
-            )
-        ]
-    except BaseException as exc:
-        return [not_measured("HALB failover", f"HALB pair unavailable: {exc}")]
-    if test_halb._CLIENT is None:
+        import halb_helpers
+    except ImportError as exc:  # the Docker SDK is missing
+        return [not_measured("HALB failover", f"tests/integration/halb_helpers.py cannot be imported: {exc}")]
+    client = halb_helpers.docker_client()
+    if client is None:
         return [not_measured("HALB failover", "no Docker engine")]
-    if test_halb._image_id(test_halb._CLIENT, test_halb.HALB_IMAGE) is None:
-        return [not_measured("HALB failover", f"no {test_halb.HALB_IMAGE} image (make images)")]
+    if halb_helpers.image_id(client, halb_helpers.HALB_IMAGE) is None:
+        return [not_measured("HALB failover", f"no {halb_helpers.HALB_IMAGE} image (make images)")]
     n = 3 if bench.quick else TRIALS
     default_advert = 0.25
-    pair = test_halb.Pair(test_halb._CLIENT, bench.work / "halb", bench.pki)
+    pair = halb_helpers.Pair(client, bench.work / "halb", bench.pki)
     try:
-        test_halb.ADVERT_INT = default_advert
+        pair.advert_int = default_advert
         pair.start()
         ours = _trials(pair, n)
-        test_halb.ADVERT_INT = 1.0  # keepalived's default
+        pair.advert_int = 1.0  # keepalived's default
         for node in ("halb2", "halb1"):
             pair.deploy(node)
         pair.wait_master("halb1")

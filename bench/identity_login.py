@@ -2,7 +2,7 @@
 
 One broker with two domains: CORP, whose users are in a real directory (the slapd of
 tests/integration/identity_servers.py, gatehouse/identity-test image, LDAPS verified against the
-test CA, groups from memberOf; configured as tests/integration/services/test_identity.py configures it),
+test CA, groups from memberOf; configured as the identity tests configure it, tests/integration/identity_helpers.py),
 and LAB, with local users whose scrypt hashes the broker stored when they were created through its
 admin API. One direct-mode CM in front. The throttle's limits are the tests' (no failure is
 expected; successful logins are not counted anyway), everything else is the default (four LDAP
@@ -97,24 +97,24 @@ def _image() -> str:
 
 
 def _measure(bench: Bench) -> list[Figure]:
+    import identity_helpers
     import identity_servers
-    import test_identity
     from services import cm_config, start_cm
 
     per_round = 24 if bench.quick else 80
     with identity_servers.running(bench.pki, bench.work / "identity", name_prefix="gh-bench-identity") as ids:
         directory = ids.directory
-        broker = test_identity.start_identity_broker(
+        broker = identity_helpers.start_identity_broker(
             bench.pki,
             bench.work / "broker",
             "bench",
-            **test_identity.ldap_domain(directory, "CORP", LdapTimeout=5),
+            **identity_helpers.ldap_domain(directory, "CORP", LdapTimeout=5),
             LogLevel="warn",
         )
         bench.procs.append(broker)
         local = {user: f"{user}-{secrets.token_urlsafe(12)}" for user in LOCAL_USERS}
         for user, password in local.items():
-            test_identity.admin(broker, bench.pki, "PUT", f"/users/LAB/{user}", {"password": password})
+            identity_helpers.admin(broker, bench.pki, "PUT", f"/users/LAB/{user}", {"password": password})
         broker_url = f"https://127.0.0.1:{broker.config['ListenPort']}"
         config = cm_config(
             bench.pki,

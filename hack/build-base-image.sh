@@ -16,39 +16,13 @@ base_tag=${BASE_TAG:-gatehouse/base:$version}
 packages_file=$REPO_ROOT/files/images/base/packages.txt
 label=gatehouse.base.packages-sha256
 
-if [[ -z ${SUITE:-} ]]; then
-    # shellcheck disable=SC1091
-    SUITE=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-fi
-[[ -n $SUITE ]] || die "cannot tell the Debian suite of this host; set SUITE=bookworm"
-
-mapfile -t packages < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$packages_file" | grep -v '^$' | sort -u)
-((${#packages[@]})) || die "$packages_file lists no package"
+SUITE=$(debian_suite)
+read_packages "$packages_file"
 hash=$(printf '%s\n' "suite=$SUITE" "${packages[@]}" | sha256sum | cut -d' ' -f1)
 
-# Images built FROM the base inherit its labels: only an imported image (one layer) titled
-# gatehouse-base is the base itself.
-is_base() {
-    [[ $(docker image inspect --format \
-        '{{len .RootFS.Layers}} {{index .Config.Labels "org.opencontainers.image.title"}} {{index .Config.Labels "'"$label"'"}}' \
-        "$1" 2>/dev/null) == "1 gatehouse-base $hash" ]]
-}
-existing=
-if is_base "$base_tag"; then
-    existing=$(docker image inspect --format '{{.Id}}' "$base_tag")
-else
-    for id in $(docker images --quiet --no-trunc --filter "label=$label=$hash" \
-        --filter "label=org.opencontainers.image.title=gatehouse-base"); do
-        if is_base "$id"; then existing=$id; break; fi
-    done
-fi
-if [[ -n $existing && -z ${FORCE_BASE:-} ]]; then
-    docker tag "$existing" "$base_tag"
-    log "$base_tag is up to date (package list sha256 ${hash:0:12}, image ${existing:7:12})"
+if [[ -z ${FORCE_BASE:-} ]] && tag_current_image "$base_tag" "$label" gatehouse-base "$hash"; then
     exit 0
 fi
-
-ensure_mmdebstrap
 
 workdir=$REPO_ROOT/build/base
 mkdir -p "$workdir"
@@ -57,19 +31,7 @@ trap 'rm -f "$rootfs"' EXIT
 
 start=$(now)
 log "building $base_tag from Debian $SUITE: ${packages[*]}"
-include=$(IFS=,; echo "${packages[*]}")
-# Documentation, man pages and translations are of no use in a service image; the apt lists
-# and caches are dropped so the image holds no stale package index. The hook is expanded by
-# mmdebstrap ($1 is the root directory), hence single quotes.
-# shellcheck disable=SC2016,SC2086
-mmdebstrap --variant=minbase --include="$include" \
-    --dpkgopt='path-exclude=/usr/share/doc/*' \
-    --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-    --dpkgopt='path-exclude=/usr/share/man/*' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' \
-    --dpkgopt='path-exclude=/usr/share/info/*' \
-    --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*.log' \
-    --quiet "$SUITE" "$rootfs" ${MMDEBSTRAP_MIRRORS:-} </dev/null
+debian_rootfs "$SUITE" "$rootfs" "$(IFS=,; echo "${packages[*]}")"
 
 docker import \
     --change "LABEL $label=$hash" \

@@ -12,8 +12,8 @@
 #   changes      docker import --change instructions (EXPOSE, USER, ENTRYPOINT, CMD, HEALTHCHECK)
 #
 # The image is labelled gatehouse.NAME.sha256 with the sha256 of the suite, the normalised
-# package list, this script and every file of files/images/NAME but its documentation (*.md);
-# when an image with that label exists it is only (re)tagged. FORCE_DEBIAN_IMAGE=1 rebuilds anyway.
+# package list, DEBIAN_IMAGE_RECIPE and every file of files/images/NAME but its documentation
+# (*.md); when an image with that label exists it is only (re)tagged. FORCE_DEBIAN_IMAGE=1 rebuilds anyway.
 # Environment: DEBIAN_IMAGE_TAG (default ${REPOSITORY:-gatehouse/}NAME:<version>), SUITE
 # (default: the host's VERSION_CODENAME), MMDEBSTRAP_MIRRORS (optional extra mirror arguments).
 set -euo pipefail
@@ -27,47 +27,28 @@ version=$(gatehouse_version)
 tag=${DEBIAN_IMAGE_TAG:-${REPOSITORY:-gatehouse/}$name:$version}
 label=gatehouse.$name.sha256
 title=gatehouse-$name
+# Names the recipe (debian_rootfs in lib.sh, the import below) in the label: give it a new value
+# when the recipe changes, so that the images are rebuilt (tests/unit/test_image_recipe.py fails
+# until then). Its value is the sha256 of this script from when the recipe was written out here
+# (the label then hashed the script itself), so the images built then stay current.
+DEBIAN_IMAGE_RECIPE=bc2b50dd069ba17f05171f5ddfda89cd53de37499246ad912963910a37de911a
 
 description='' files=() hooks=() changes=()
 # shellcheck source=/dev/null
 source "$src/image.conf"
 [[ -n $description ]] || die "files/images/$name/image.conf sets no description"
 
-if [[ -z ${SUITE:-} ]]; then
-    # shellcheck disable=SC1091
-    SUITE=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-fi
-[[ -n $SUITE ]] || die "cannot tell the Debian suite of this host; set SUITE=bookworm"
-
-mapfile -t packages < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$src/packages.txt" | grep -v '^$' | sort -u)
-((${#packages[@]})) || die "$src/packages.txt lists no package"
+SUITE=$(debian_suite)
+read_packages "$src/packages.txt"
 # Documentation (*.md) does not go into the image.
 files_hash=$(cd "$src" && find . -type f ! -name '*.md' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum |
     sha256sum | cut -d' ' -f1)
-script_hash=$(sha256sum <"${BASH_SOURCE[0]}" | cut -d' ' -f1)
-hash=$(printf '%s\n' "suite=$SUITE" "${packages[@]}" "files=$files_hash" "script=$script_hash" |
+hash=$(printf '%s\n' "suite=$SUITE" "${packages[@]}" "files=$files_hash" "script=$DEBIAN_IMAGE_RECIPE" |
     sha256sum | cut -d' ' -f1)
 
-is_current() {
-    [[ $(docker image inspect --format \
-        '{{len .RootFS.Layers}} {{index .Config.Labels "org.opencontainers.image.title"}} {{index .Config.Labels "'"$label"'"}}' \
-        "$1" 2>/dev/null) == "1 $title $hash" ]]
-}
-existing=
-if is_current "$tag"; then
-    existing=$(docker image inspect --format '{{.Id}}' "$tag")
-else
-    for id in $(docker images --quiet --no-trunc --filter "label=$label=$hash"); do
-        if is_current "$id"; then existing=$id; break; fi
-    done
-fi
-if [[ -n $existing && -z ${FORCE_DEBIAN_IMAGE:-} ]]; then
-    docker tag "$existing" "$tag"
-    log "$tag is up to date (sha256 ${hash:0:12}, image ${existing:7:12})"
+if [[ -z ${FORCE_DEBIAN_IMAGE:-} ]] && tag_current_image "$tag" "$label" "$title" "$hash"; then
     exit 0
 fi
-
-ensure_mmdebstrap
 
 workdir=$REPO_ROOT/build/$name
 mkdir -p "$workdir"
@@ -84,24 +65,12 @@ done
 
 start=$(now)
 log "building $tag from Debian $SUITE: ${packages[*]}"
-include=$(IFS=,; echo "${packages[*]}")
 customize=()
 for hook in "${hooks[@]}"; do customize+=(--customize-hook="$hook"); done
 import_changes=()
 for change in "${changes[@]}"; do import_changes+=(--change "$change"); done
-# Like gatehouse/base: no documentation, no apt lists. The hooks are expanded by mmdebstrap
-# ($1 is the root directory), hence single quotes.
-# shellcheck disable=SC2016,SC2086
-mmdebstrap --variant=minbase --include="$include" \
-    --dpkgopt='path-exclude=/usr/share/doc/*' \
-    --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-    --dpkgopt='path-exclude=/usr/share/man/*' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' \
-    --dpkgopt='path-exclude=/usr/share/info/*' \
-    --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*.log' \
-    "${customize[@]}" \
-    --customize-hook="sync-in $stage /" \
-    --quiet "$SUITE" "$rootfs" ${MMDEBSTRAP_MIRRORS:-} </dev/null
+debian_rootfs "$SUITE" "$rootfs" "$(IFS=,; echo "${packages[*]}")" \
+    "${customize[@]}" --customize-hook="sync-in $stage /"
 
 docker import \
     --change "LABEL $label=$hash" \

@@ -9,6 +9,8 @@ import http.client
 import json
 import ssl
 import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -218,3 +220,30 @@ class Broker:
 
     def logs(self) -> str:
         return self.proc.logs() if self.proc else ""
+
+
+@contextmanager
+def running_broker(
+    pki: CertAuthority, workdir: Path, secrets: Iterable[str] = (), **extra: object
+) -> Iterator[Broker]:
+    """A started broker (``extra``: more configuration keys), stopped at the end; its log then
+    holds none of ``secrets`` and no traceback."""
+    b = Broker(pki, workdir, [], **extra).start()
+    try:
+        yield b
+    finally:
+        b.stop()
+    logs = b.logs()
+    for secret in (ADMIN_TOKEN, *secrets):
+        assert secret not in logs
+    assert "Traceback" not in logs
+
+
+def module_connection(broker: Broker, **extra: Any) -> dict[str, Any]:
+    """The connection options of the broker object modules for ``broker``."""
+    return {
+        "broker_url": f"https://localhost:{broker.port}",
+        "admin_token": ADMIN_TOKEN,
+        "ca_cert": str(broker.pki.ca),
+        **extra,
+    }

@@ -33,6 +33,15 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: str) -> str:
+    """sha256 of the file ``path``, read in chunks (bundles and backups can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _text(data: bytes | None, mask: Callable[[str], str] | None) -> str:
     if data is None:
         return ""

@@ -112,7 +112,14 @@ ARGUMENT_SPEC: dict = dict(
     },
 )
 REQUIRED_IF = [*dep.COMMON_REQUIRED_IF, ("state", "present", ["admin_token"])]
-DB_FILES = ("broker.db", "broker.db-wal", "broker.db-shm", "broker.db-journal")
+DATA_MOUNT = "/data"  # data/ in the container: the database, broker.properties, broker.env
+DATABASE = "broker.db"
+# The database and SQLite's journal files beside it.
+DB_FILES = (DATABASE, DATABASE + "-wal", DATABASE + "-shm", DATABASE + "-journal")
+
+
+def container_name(name_prefix: str) -> str:
+    return "%s-broker" % name_prefix
 
 
 def validate(params: dict) -> list[str]:
@@ -645,7 +652,7 @@ def broker_properties(params: dict) -> bytes:
             ("SslKey", "/certs/key.pem"),
             ("ClientCaCert", "/certs/" + CLIENT_CA if params["client_ca_cert"] else ""),
             ("ClientTlsVerify", params["client_tls_verify"]),
-            ("Database", "/data/broker.db"),
+            ("Database", DATA_MOUNT + "/" + DATABASE),
             ("Domains", params["domains"]),
             ("LogLevel", params["log_level"]),
             *identity_properties(params),
@@ -664,7 +671,7 @@ def container_spec(params: dict, image: str, host_label: str) -> dict:
     mode = params["network_mode"]
     return {
         "service": "broker",
-        "name": "%s-broker" % params["name_prefix"],
+        "name": container_name(params["name_prefix"]),
         "image": image,
         "command": ["--config", "/data/broker.properties", "--env-file", "/data/broker.env"],
         "labels": {
@@ -674,7 +681,7 @@ def container_spec(params: dict, image: str, host_label: str) -> dict:
         },
         # data/ is writable: the SQLite database lives there.
         "mounts": [
-            {"source": os.path.join(data_dir, "data"), "target": "/data", "read_only": False},
+            {"source": os.path.join(data_dir, "data"), "target": DATA_MOUNT, "read_only": False},
             {"source": os.path.join(data_dir, "certs"), "target": "/certs", "read_only": True},
         ]
         + (
@@ -713,7 +720,7 @@ def uninstall(cli, params: dict, check_mode: bool) -> dict:
         cli,
         check_mode,
         data_dir,
-        ["%s-broker" % params["name_prefix"]],
+        [container_name(params["name_prefix"])],
         data_files=("broker.properties", "broker.env"),
         cert_files=(CLIENT_CA,),
         managed_by="gatehouse.access.broker",
@@ -841,7 +848,7 @@ def install(module, cli, params: dict, warnings: list[str]) -> dict:
     config = {
         "broker_properties": dep.parse_properties(properties.data),
         "data_dir": data_dir,
-        "database": os.path.join(data, "broker.db"),
+        "database": os.path.join(data, DATABASE),
         "network_mode": params["network_mode"],
         "image": refs["broker"],
         "host_label": host_label,

@@ -32,6 +32,7 @@ import tarfile
 import tempfile
 import zlib
 
+from ansible_collections.gatehouse.access.plugins.module_utils._common.files import sha256_file
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
 from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import (
     HAS_DOCKER,
@@ -54,14 +55,6 @@ MAX_SMALL_FILE = 1024 * 1024
 
 class BundleError(Exception):
     """The bundle is unusable; the message names the file at fault."""
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _member_name(raw: str) -> tuple[str, str | None]:
@@ -142,7 +135,7 @@ def hash_directory(path: str) -> dict[str, str]:
         full = os.path.join(path, name)
         if os.path.islink(full) or not os.path.isfile(full):
             raise BundleError("%s in the bundle directory is not a regular file; refused" % name)
-        hashes[name] = _sha256_file(full)
+        hashes[name] = sha256_file(full)
     return hashes
 
 

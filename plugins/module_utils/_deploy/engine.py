@@ -78,14 +78,15 @@ def resolve_images(cli, params: dict, services: list[str], check_mode: bool, err
     A missing image is loaded from ``bundle_path`` (verified first) or pulled with
     image_source=registry; ``loaded`` lists the references loaded or pulled. An id is None in
     check mode when the image would come from the bundle or the registry. With ``errors``
-    already found nothing is loaded or pulled: the images are looked at as in check mode. A
-    problem is added to ``errors``.
+    already found nothing is loaded or pulled and the registry is not asked: only the engine and
+    the bundle are looked at. A problem is added to ``errors``.
     """
     registry = params["registry"] if params["image_source"] == "registry" else None
     refs = {service: ctr.image_ref(service, params["image_tag"], registry) for service in services}
     ids: dict = dict.fromkeys(services)
     loaded: list[str] = []
-    look_only = check_mode or bool(errors)
+    failing = bool(errors)
+    look_only = check_mode or failing
     bundle = params["bundle_path"]
     try:
         if bundle and any(ctr.image_id(cli, ref) is None for ref in refs.values()):
@@ -93,7 +94,9 @@ def resolve_images(cli, params: dict, services: list[str], check_mode: bool, err
         for service, ref in refs.items():
             if look_only and bundle and ctr.image_id(cli, ref) is None:
                 continue  # would come from the bundle
-            ids[service], pulled = ctr.ensure_image(cli, ref, params["image_source"] == "registry", look_only)
+            ids[service], pulled = ctr.ensure_image(
+                cli, ref, params["image_source"] == "registry", look_only, failing
+            )
             if pulled:
                 loaded.append(ref)
     except ctr.ContainerError as exc:

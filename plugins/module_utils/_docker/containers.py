@@ -242,13 +242,17 @@ def image_id(cli, ref: str) -> str | None:
         return None
 
 
-def ensure_image(cli, ref: str, pull: bool, check_mode: bool) -> tuple[str | None, bool]:
+def ensure_image(
+    cli, ref: str, pull: bool, check_mode: bool, failing: bool = False
+) -> tuple[str | None, bool]:
     """The image id of ``ref`` and whether it was (or would be) pulled.
 
     An image present on the engine is used as it is: only missing images are pulled. Check mode
     downloads nothing but asks the registry for the manifest of ``ref``, so that a registry that
     is down or lacks the tag fails the check run as it would fail the real one; the id is then
-    None. Every failure is a ContainerError that names ``ref`` and the engine's reason.
+    None. ``failing`` (the run already fails on another problem) asks the engine only: a missing
+    image is reported as one that would be pulled and the registry is not contacted. Every
+    failure is a ContainerError that names ``ref`` and the engine's reason.
     """
     found = image_id(cli, ref)
     if found:
@@ -258,6 +262,8 @@ def ensure_image(cli, ref: str, pull: bool, check_mode: bool) -> tuple[str | Non
             "image %s is not present on the Docker host; load it first (make images, or the dark-site "
             "bundle with bundle_path) or use image_source=registry" % ref
         )
+    if failing:
+        return None, True
     repository, _sep, tag = ref.rpartition(":")
     try:
         if check_mode:
@@ -533,6 +539,23 @@ def exec_in(container, argv: list) -> tuple[int, str]:
     except DockerException as exc:
         raise ContainerError("cannot run %s in %s: %s" % (" ".join(argv), container.name, exc)) from None
     return code, (output or b"").decode("utf-8", "replace")
+
+
+def stop_container(container, timeout: int) -> None:
+    """Stop the running ``container`` (SIGTERM, then SIGKILL after ``timeout`` seconds); it stays."""
+    try:
+        container.stop(timeout=timeout)
+    except DockerException as exc:
+        raise ContainerError("cannot stop %s: %s" % (container.name, exc)) from None
+
+
+def start_container(container, timeout: float, ready=None) -> None:
+    """Start the stopped ``container`` and wait until it is ready (as after a create, see _wait_running)."""
+    try:
+        container.start()
+    except DockerException as exc:
+        raise ContainerError("cannot start %s: %s" % (container.name, exc)) from None
+    _wait_running(container, timeout, ready)
 
 
 def remove_container(

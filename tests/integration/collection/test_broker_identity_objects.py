@@ -23,10 +23,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker_helpers import ADMIN_TOKEN, Broker
+from broker_helpers import Broker, module_connection, running_broker
 from collection_helpers import ansible_env, collection_tree, run_module, tool
 from pki import TestPKI as CertAuthority
-from services import ServiceProcess
 
 BIND_PW = "bind-" + os.urandom(6).hex()
 
@@ -38,36 +37,18 @@ def broker(pki: CertAuthority, tmp_path_factory: pytest.TempPathFactory) -> Iter
     key_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
     password_file = workdir / "ldap-LAB.password"
     password_file.write_text(BIND_PW + "\n")
-    started: list[ServiceProcess] = []
-    b = Broker(
-        pki,
-        workdir,
-        started,
-        **{
-            "SecondFactor": "totp",
-            "TotpKeyFile": key_file,
-            "TotpIssuer": "Gatehouse Test",
-            "Domain.LAB.Source": "ldap",
-            "Domain.LAB.LdapServers": "ldaps://127.0.0.1:9",
-            "Domain.LAB.LdapBindDn": "cn=gatehouse-svc,ou=services,dc=lab,dc=example",
-            "Domain.LAB.LdapBindPasswordFile": password_file,
-            "Domain.LAB.LdapBaseDn": "ou=people,dc=lab,dc=example",
-        },
-    ).start()
-    try:
-        yield b
-    finally:
-        b.stop()
-    assert BIND_PW not in b.logs() and "Traceback" not in b.logs()
-
-
-def conn(broker: Broker, **extra: Any) -> dict[str, Any]:
-    return {
-        "broker_url": f"https://localhost:{broker.port}",
-        "admin_token": ADMIN_TOKEN,
-        "ca_cert": str(broker.pki.ca),
-        **extra,
+    config = {
+        "SecondFactor": "totp",
+        "TotpKeyFile": key_file,
+        "TotpIssuer": "Gatehouse Test",
+        "Domain.LAB.Source": "ldap",
+        "Domain.LAB.LdapServers": "ldaps://127.0.0.1:9",
+        "Domain.LAB.LdapBindDn": "cn=gatehouse-svc,ou=services,dc=lab,dc=example",
+        "Domain.LAB.LdapBindPasswordFile": password_file,
+        "Domain.LAB.LdapBaseDn": "ou=people,dc=lab,dc=example",
     }
+    with running_broker(pki, workdir, (BIND_PW,), **config) as b:
+        yield b
 
 
 def play(tasks: list[dict[str, Any]], outdir: Path) -> tuple[list[dict[str, Any]], str]:
@@ -138,7 +119,7 @@ def user(broker: Broker, domain: str, name: str) -> dict[str, Any] | None:
 
 
 def test_totp_enrollment_is_returned_once_and_never_shown(broker: Broker, tmp_path: Path) -> None:
-    args = conn(broker, domain="LAB", name="erin", display_name="Erin", totp="enrolled")
+    args = module_connection(broker, domain="LAB", name="erin", display_name="Erin", totp="enrolled")
 
     # Check mode: the user would be created and enrolled; nothing is stored, no URI.
     results, output = play(enroll_tasks(args, check=True), tmp_path)
@@ -176,25 +157,29 @@ def test_totp_enrollment_is_returned_once_and_never_shown(broker: Broker, tmp_pa
     assert new_uri != uri and new_uri not in output
 
     # absent: removed, then no change.
-    gone = run_module("broker_user", conn(broker, domain="LAB", name="erin", totp="absent"), diff=True)
+    gone = run_module(
+        "broker_user", module_connection(broker, domain="LAB", name="erin", totp="absent"), diff=True
+    )
     assert gone.changed and gone.result["totp"] == {"enrolled": False, "changed": True}, gone.result
     assert gone.result["diff"]["after"]["totp_enrolled"] is False
     assert user(broker, "LAB", "erin")["totp_enrolled"] is False
-    again = run_module("broker_user", conn(broker, domain="LAB", name="erin", totp="absent"))
+    again = run_module("broker_user", module_connection(broker, domain="LAB", name="erin", totp="absent"))
     assert not again.changed and again.result["totp"] == {"enrolled": False, "changed": False}
 
 
 def test_enrollment_needs_no_log(broker: Broker) -> None:
-    run = run_module("broker_user", conn(broker, domain="LAB", name="frank", totp="enrolled"))
+    run = run_module("broker_user", module_connection(broker, domain="LAB", name="frank", totp="enrolled"))
     assert run.failed and "set no_log: true on the task" in run.result["msg"], run.result
     assert user(broker, "LAB", "frank") is None
-    run = run_module("broker_user", conn(broker, domain="LAB", name="frank", totp_reset=True))
+    run = run_module("broker_user", module_connection(broker, domain="LAB", name="frank", totp_reset=True))
     assert run.failed and "totp_reset is only used with totp=enrolled" in run.result["msg"]
 
 
 def test_directory_group_entitlement(broker: Broker) -> None:
-    assert not run_module("broker_desktop", conn(broker, name="lab-desk", address="10.0.0.50")).failed
-    args = conn(
+    assert not run_module(
+        "broker_desktop", module_connection(broker, name="lab-desk", address="10.0.0.50")
+    ).failed
+    args = module_connection(
         broker,
         principal_type="directory-group",
         domain="LAB",

@@ -21,10 +21,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker_helpers import ADMIN_TOKEN, OTHER_TOKEN, Broker
+from broker_helpers import ADMIN_TOKEN, OTHER_TOKEN, Broker, module_connection, running_broker
 from collection_helpers import AnsibleRun, ansible_env, collection_tree, run_module, tool
 from pki import TestPKI as CertAuthority
-from services import ServiceProcess, free_port
+from services import free_port
 
 from gatehouse import protocol as p
 
@@ -36,25 +36,8 @@ SECRETS = (ADMIN_TOKEN, OTHER_TOKEN, ALICE_PW, ALICE_PW2, BOB_PW)
 
 @pytest.fixture(scope="module")
 def broker(pki: CertAuthority, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    started: list[ServiceProcess] = []
-    b = Broker(pki, tmp_path_factory.mktemp("broker-objects"), started).start()
-    try:
+    with running_broker(pki, tmp_path_factory.mktemp("broker-objects"), SECRETS) as b:
         yield b
-    finally:
-        b.stop()
-    logs = b.logs()
-    for secret in SECRETS:
-        assert secret not in logs
-    assert "Traceback" not in logs
-
-
-def conn(broker: Broker, **extra: Any) -> dict[str, Any]:
-    return {
-        "broker_url": f"https://localhost:{broker.port}",
-        "admin_token": ADMIN_TOKEN,
-        "ca_cert": str(broker.pki.ca),
-        **extra,
-    }
 
 
 def run(module: str, args: dict[str, Any], **kwargs: Any) -> AnsibleRun:
@@ -129,7 +112,7 @@ def login(broker: Broker, user: str, password: str, domain: str = "CORP") -> str
 
 
 def test_group_present_and_absent(broker: Broker) -> None:
-    args = conn(broker, name="staff-g", domain="CORP", description="all staff")
+    args = module_connection(broker, name="staff-g", domain="CORP", description="all staff")
     real = cycle("broker_group", args)
     assert real["diff"]["before"] == {}
     assert get(broker, "/groups/CORP/staff-g") == {
@@ -143,7 +126,10 @@ def test_group_present_and_absent(broker: Broker) -> None:
     assert real["diff"]["before"]["description"] == "all staff"
     assert get(broker, "/groups/CORP/staff-g")["description"] == "everyone"
     # Without domain the broker's default domain (the first configured one) is used.
-    assert ok(run("broker_group", conn(broker, name="staff-g", description="everyone")))["changed"] is False
+    assert (
+        ok(run("broker_group", module_connection(broker, name="staff-g", description="everyone")))["changed"]
+        is False
+    )
 
     real = cycle("broker_group", {**args, "state": "absent"})
     assert real["group"] is None and real["diff"]["after"] == {}
@@ -156,7 +142,7 @@ def test_group_present_and_absent(broker: Broker) -> None:
 def test_user_lifecycle_and_passwords(broker: Broker) -> None:
     broker.admin.put("/groups/CORP/u-staff")
     broker.admin.put("/groups/CORP/u-eng")
-    args = conn(
+    args = module_connection(
         broker,
         name="alice-u",
         domain="CORP",
@@ -204,7 +190,7 @@ def test_user_lifecycle_and_passwords(broker: Broker) -> None:
     assert login(broker, "alice-u", ALICE_PW2) == p.AUTH_OK
 
     # Disable: the account can no longer log in; omitted options keep their values.
-    real = cycle("broker_user", conn(broker, name="alice-u", domain="corp", enabled=False))
+    real = cycle("broker_user", module_connection(broker, name="alice-u", domain="corp", enabled=False))
     assert real["diff"]["before"]["enabled"] is True and real["diff"]["after"]["enabled"] is False
     stored = get(broker, "/users/CORP/alice-u")
     assert stored["enabled"] is False and stored["groups"] == ["u-eng", "u-staff"]
@@ -212,20 +198,20 @@ def test_user_lifecycle_and_passwords(broker: Broker) -> None:
     assert login(broker, "alice-u", ALICE_PW2) != p.AUTH_OK
 
     # groups is the exact list; append adds.
-    cycle("broker_user", conn(broker, name="alice-u", groups=["u-staff"]))
+    cycle("broker_user", module_connection(broker, name="alice-u", groups=["u-staff"]))
     assert get(broker, "/users/CORP/alice-u")["groups"] == ["u-staff"]
-    cycle("broker_user", conn(broker, name="alice-u", groups=["u-eng"], append=True))
+    cycle("broker_user", module_connection(broker, name="alice-u", groups=["u-eng"], append=True))
     assert get(broker, "/users/CORP/alice-u")["groups"] == ["u-eng", "u-staff"]
-    cycle("broker_user", conn(broker, name="alice-u", groups=[]))
+    cycle("broker_user", module_connection(broker, name="alice-u", groups=[]))
     assert get(broker, "/users/CORP/alice-u")["groups"] == []
 
-    real = cycle("broker_user", conn(broker, name="alice-u", domain="CORP", state="absent"))
+    real = cycle("broker_user", module_connection(broker, name="alice-u", domain="CORP", state="absent"))
     assert real["user"] is None and real["password_changed"] is False
     assert get(broker, "/users/CORP/alice-u") is None
 
 
 def test_user_on_create_sets_the_first_password(broker: Broker) -> None:
-    args = conn(broker, name="bob-u", domain="LAB", password=BOB_PW, update_password="on_create")
+    args = module_connection(broker, name="bob-u", domain="LAB", password=BOB_PW, update_password="on_create")
     real = cycle("broker_user", args)
     assert real["user"]["domain"] == "LAB" and real["password_changed"] is True
     assert login(broker, "bob-u", BOB_PW, "LAB") == p.AUTH_OK
@@ -233,15 +219,15 @@ def test_user_on_create_sets_the_first_password(broker: Broker) -> None:
 
 
 def test_user_errors_are_clear_and_change_nothing(broker: Broker) -> None:
-    result = run("broker_user", conn(broker, name="carol-u", groups=["no-such-group"]))
+    result = run("broker_user", module_connection(broker, name="carol-u", groups=["no-such-group"]))
     assert result.failed
     assert "no such group" in result.result["msg"] and "no-such-group" in result.result["msg"]
     assert get(broker, "/users/CORP/carol-u") is None
 
-    result = run("broker_user", conn(broker, name="carol-u", domain="NOPE", password=BOB_PW))
+    result = run("broker_user", module_connection(broker, name="carol-u", domain="NOPE", password=BOB_PW))
     assert result.failed and "NOPE" in result.result["msg"] and "Domains" in result.result["msg"]
 
-    result = run("broker_user", conn(broker, name="carol-u", display_name="x" * 300))
+    result = run("broker_user", module_connection(broker, name="carol-u", display_name="x" * 300))
     assert result.failed and result.result["msg"].startswith("the broker rejected the request: display_name")
     assert get(broker, "/users/CORP/carol-u") is None
 
@@ -252,17 +238,24 @@ def test_user_errors_are_clear_and_change_nothing(broker: Broker) -> None:
 def test_desktop_agent_verification_and_logon(broker: Broker) -> None:
     """logon, a pinned agent certificate and a desktop's own CA: stored normalised, idempotent."""
     pin = ":".join(["AB"] * 32)  # as openssl prints it
-    cycle("broker_desktop", conn(broker, name="dv-desk", address="127.0.0.41", agent_cert_sha256=pin))
+    cycle(
+        "broker_desktop",
+        module_connection(broker, name="dv-desk", address="127.0.0.41", agent_cert_sha256=pin),
+    )
     stored = get(broker, "/desktops/dv-desk")
     assert (stored["agent_cert_sha256"], stored["logon"]) == ("ab" * 32, "windows-password")
     # The same pin without colons is the same pin: no change.
-    assert not run("broker_desktop", conn(broker, name="dv-desk", agent_cert_sha256="AB" * 32)).changed
+    assert not run(
+        "broker_desktop", module_connection(broker, name="dv-desk", agent_cert_sha256="AB" * 32)
+    ).changed
 
     ca_pem = broker.pki.ca.read_text()
     # A CA in place of the pin (the pin cleared in the same task), and a kiosk logon.
     real = cycle(
         "broker_desktop",
-        conn(broker, name="dv-desk", agent_ca_pem="\n" + ca_pem + "\n", agent_cert_sha256="", logon="none"),
+        module_connection(
+            broker, name="dv-desk", agent_ca_pem="\n" + ca_pem + "\n", agent_cert_sha256="", logon="none"
+        ),
     )
     stored = get(broker, "/desktops/dv-desk")
     assert stored["agent_ca_pem"].strip() == ca_pem.strip() and stored["agent_cert_sha256"] == ""
@@ -276,13 +269,13 @@ def test_desktop_agent_verification_and_logon(broker: Broker) -> None:
         ({"agent_cert_sha256": "ab" * 32}, "mutually exclusive"),  # the stored CA stays
         ({"logon": "smartcard"}, "logon"),
     ):
-        result = run("broker_desktop", conn(broker, name="dv-desk", **bad))
+        result = run("broker_desktop", module_connection(broker, name="dv-desk", **bad))
         assert result.failed and words in result.result["msg"], (bad, result.result.get("msg"))
     assert get(broker, "/desktops/dv-desk") == stored
 
 
 def test_desktop_and_pool(broker: Broker) -> None:
-    d1 = conn(broker, name="dp-desk1", address="127.0.0.31", hostname="desk1.example")
+    d1 = module_connection(broker, name="dp-desk1", address="127.0.0.31", hostname="desk1.example")
     real = cycle("broker_desktop", d1)
     assert get(broker, "/desktops/dp-desk1") == {
         "name": "dp-desk1",
@@ -297,18 +290,23 @@ def test_desktop_and_pool(broker: Broker) -> None:
         "agent_cert_sha256": "",
     }
     assert real["desktop"] == get(broker, "/desktops/dp-desk1")
-    cycle("broker_desktop", conn(broker, name="dp-desk2", address="DESK2.Example", agent_port=60444))
+    cycle(
+        "broker_desktop",
+        module_connection(broker, name="dp-desk2", address="DESK2.Example", agent_port=60444),
+    )
     assert get(broker, "/desktops/dp-desk2")["address"] == "desk2.example"
 
     # A new desktop needs an address: clear failure, nothing stored.
-    result = run("broker_desktop", conn(broker, name="dp-desk3"))
+    result = run("broker_desktop", module_connection(broker, name="dp-desk3"))
     assert result.failed and "address is required" in result.result["msg"]
     assert get(broker, "/desktops/dp-desk3") is None
-    result = run("broker_desktop", conn(broker, name="dp-desk3", address="127.0.0.33", session_port=70000))
+    result = run(
+        "broker_desktop", module_connection(broker, name="dp-desk3", address="127.0.0.33", session_port=70000)
+    )
     assert result.failed and "session_port" in result.result["msg"]
     assert get(broker, "/desktops/dp-desk3") is None
 
-    pool = conn(broker, name="dp-pool", persistent=True, members=["dp-desk1"])
+    pool = module_connection(broker, name="dp-pool", persistent=True, members=["dp-desk1"])
     real = cycle("broker_pool", pool)
     assert get(broker, "/pools/dp-pool") == {
         "name": "dp-pool",
@@ -318,29 +316,29 @@ def test_desktop_and_pool(broker: Broker) -> None:
     }
     assert get(broker, "/desktops/dp-desk1")["pool"] == "dp-pool"
     # append keeps dp-desk1; the exact list then drops it again.
-    cycle("broker_pool", conn(broker, name="dp-pool", members=["dp-desk2"], append=True))
+    cycle("broker_pool", module_connection(broker, name="dp-pool", members=["dp-desk2"], append=True))
     assert get(broker, "/pools/dp-pool")["members"] == ["dp-desk1", "dp-desk2"]
-    cycle("broker_pool", conn(broker, name="dp-pool", members=["dp-desk2"]))
+    cycle("broker_pool", module_connection(broker, name="dp-pool", members=["dp-desk2"]))
     assert get(broker, "/pools/dp-pool")["members"] == ["dp-desk2"]
     assert get(broker, "/desktops/dp-desk1")["pool"] is None
 
     # The desktop side of the membership, and pool "" to leave it.
-    cycle("broker_desktop", conn(broker, name="dp-desk1", pool="dp-pool", enabled=False))
+    cycle("broker_desktop", module_connection(broker, name="dp-desk1", pool="dp-pool", enabled=False))
     stored = get(broker, "/desktops/dp-desk1")
     assert stored["pool"] == "dp-pool" and stored["enabled"] is False and stored["address"] == "127.0.0.31"
-    real = cycle("broker_desktop", conn(broker, name="dp-desk1", pool=""))
+    real = cycle("broker_desktop", module_connection(broker, name="dp-desk1", pool=""))
     assert real["diff"]["after"]["pool"] is None
     assert get(broker, "/desktops/dp-desk1")["pool"] is None
 
-    result = run("broker_pool", conn(broker, name="dp-pool", members=["dp-missing"]))
+    result = run("broker_pool", module_connection(broker, name="dp-pool", members=["dp-missing"]))
     assert result.failed and "no such desktop" in result.result["msg"]
     assert get(broker, "/pools/dp-pool")["members"] == ["dp-desk2"]
 
-    cycle("broker_pool", conn(broker, name="dp-pool", state="absent"))
+    cycle("broker_pool", module_connection(broker, name="dp-pool", state="absent"))
     assert get(broker, "/pools/dp-pool") is None
     assert get(broker, "/desktops/dp-desk2")["pool"] is None
     for name in ("dp-desk1", "dp-desk2"):
-        cycle("broker_desktop", conn(broker, name=name, state="absent"))
+        cycle("broker_desktop", module_connection(broker, name=name, state="absent"))
         assert get(broker, f"/desktops/{name}") is None
 
 
@@ -352,7 +350,7 @@ def test_entitlement_grants_access(broker: Broker) -> None:
     broker.admin.put("/users/CORP/e-user", {"password": BOB_PW, "groups": ["e-staff"]})
     broker.admin.put("/desktops/e-desk", {"address": "127.0.0.41"})
     broker.admin.put("/pools/e-pool", {"members": ["e-desk"]})
-    args = conn(
+    args = module_connection(
         broker,
         principal_type="group",
         domain="CORP",
@@ -389,16 +387,18 @@ def test_entitlement_grants_access(broker: Broker) -> None:
 
 def test_check_mode_with_objects_an_earlier_task_would_create(broker: Broker) -> None:
     """A whole access-as-code run in check mode: later objects refer to ones not created yet."""
-    user = conn(broker, name="cm-user", password=BOB_PW, groups=["cm-group"])
+    user = module_connection(broker, name="cm-user", password=BOB_PW, groups=["cm-group"])
     result = ok(run("broker_user", user, check=True))
     assert result["changed"] is True and result["user"]["groups"] == ["cm-group"]
     assert any("does not exist yet" in w for w in result.get("warnings", []))
-    ent = conn(
+    ent = module_connection(
         broker, principal_type="user", principal="cm-user", resource_type="desktop", resource="cm-desk"
     )
     result = ok(run("broker_entitlement", ent, check=True))
     assert result["changed"] is True and result["entitlement"]["principal"] == "cm-user"
-    result = ok(run("broker_pool", conn(broker, name="cm-pool", members=["cm-desk"]), check=True))
+    result = ok(
+        run("broker_pool", module_connection(broker, name="cm-pool", members=["cm-desk"]), check=True)
+    )
     assert result["changed"] is True and result["pool"]["members"] == ["cm-desk"]
     # Nothing was stored.
     assert get(broker, "/users/CORP/cm-user") is None
@@ -409,32 +409,36 @@ def test_check_mode_with_objects_an_earlier_task_would_create(broker: Broker) ->
 
 
 def test_connection_errors_are_clear(broker: Broker) -> None:
-    result = run("broker_group", conn(broker, name="x-group", admin_token="wrong-" + "z" * 20))
+    result = run("broker_group", module_connection(broker, name="x-group", admin_token="wrong-" + "z" * 20))
     assert result.failed and "the broker refused the admin token" in result.result["msg"]
     assert get(broker, "/groups/CORP/x-group") is None
 
-    result = run("broker_group", conn(broker, name="x-group", admin_token=OTHER_TOKEN))
+    result = run("broker_group", module_connection(broker, name="x-group", admin_token=OTHER_TOKEN))
     assert result.failed and "refused the admin token" in result.result["msg"]
 
     port = free_port()
-    result = run("broker_group", {**conn(broker, name="x-group"), "broker_url": f"https://127.0.0.1:{port}"})
+    result = run(
+        "broker_group",
+        {**module_connection(broker, name="x-group"), "broker_url": f"https://127.0.0.1:{port}"},
+    )
     assert result.failed and f"https://127.0.0.1:{port}" in result.result["msg"]
     assert "connection refused" in result.result["msg"]
 
-    no_ca = conn(broker, name="x-group")
+    no_ca = module_connection(broker, name="x-group")
     del no_ca["ca_cert"]
     result = run("broker_group", no_ca)
     assert result.failed and "TLS verification" in result.result["msg"] and "ca_cert" in result.result["msg"]
 
     result = run(
-        "broker_group", {**conn(broker, name="x-group"), "broker_url": f"http://localhost:{broker.port}"}
+        "broker_group",
+        {**module_connection(broker, name="x-group"), "broker_url": f"http://localhost:{broker.port}"},
     )
     assert result.failed and "https://" in result.result["msg"]
     assert get(broker, "/groups/CORP/x-group") is None
 
 
 def test_admin_token_from_the_environment(broker: Broker) -> None:
-    args = conn(broker, name="env-group")
+    args = module_connection(broker, name="env-group")
     del args["admin_token"]
     result = ok(run("broker_group", args, env={"GATEHOUSE_ADMIN_TOKEN": ADMIN_TOKEN}))
     assert result["changed"] is True

@@ -46,6 +46,12 @@ def _hostvars(inventory: str) -> dict[str, dict[str, Any]]:
     return json.loads(out.stdout)["_meta"]["hostvars"]
 
 
+@pytest.fixture(scope="module", params=INVENTORIES)
+def inventory(request: pytest.FixtureRequest) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(name, host variables) of one example inventory, read once for every test of this module."""
+    return request.param, _hostvars(request.param)
+
+
 def _role_options(role: str) -> dict[str, Any]:
     specs = yaml.safe_load(
         (REPO / "roles" / role / "meta" / "argument_specs.yml").read_text(encoding="utf-8")
@@ -82,9 +88,10 @@ def test_every_example_inventory_is_found() -> None:
     assert {"demo", "wan", "lan", "ha", "mixed", "identity-ad", "identity-openldap"} <= set(INVENTORIES)
 
 
-@pytest.mark.parametrize("inventory", INVENTORIES)
-def test_role_variables_pass_the_role_argument_specs(inventory: str) -> None:
-    hostvars = _hostvars(inventory)
+def test_role_variables_pass_the_role_argument_specs(
+    inventory: tuple[str, dict[str, dict[str, Any]]],
+) -> None:
+    inventory, hostvars = inventory
     assert hostvars, inventory
     options = {role: _role_options(role) for role in ROLES}
     checked = 0
@@ -105,12 +112,12 @@ def test_role_variables_pass_the_role_argument_specs(inventory: str) -> None:
     assert checked, f"{inventory}: no role variable to check"
 
 
-@pytest.mark.parametrize("inventory", INVENTORIES)
-def test_gatehouse_variables_are_read_by_a_playbook_or_role(inventory: str) -> None:
+def test_gatehouse_variables_are_read_by_a_playbook_or_role(
+    inventory: tuple[str, dict[str, dict[str, Any]]],
+) -> None:
+    inventory, hostvars = inventory
     text = _read_names(inventory)
-    names = {
-        k for variables in _hostvars(inventory).values() for k in variables if k.startswith("gatehouse_")
-    }
+    names = {k for variables in hostvars.values() for k in variables if k.startswith("gatehouse_")}
     unread = sorted(n for n in names if not re.search(rf"\b{re.escape(n)}\b", text))
     assert not unread, f"{inventory}: set but never read: {unread}"
 

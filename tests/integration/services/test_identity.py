@@ -32,6 +32,14 @@ from pathlib import Path
 
 import pyotp
 import pytest
+from identity_helpers import (
+    ADMIN_TOKEN,
+    NO_THROTTLE,
+    admin,
+    ldap_domain,
+    radius_keys,
+    start_identity_broker,
+)
 from identity_servers import (
     ALICE_PASSCODE,
     BIND_DN,
@@ -39,13 +47,11 @@ from identity_servers import (
     CAROL_PROMPT,
     Directory,
     IdentityServers,
-    Radius,
     group_dn,
 )
 from pki import TestPKI
 from services import (
     ServiceProcess,
-    broker_admin,
     cm_config,
     cm_identity,
     free_port,
@@ -66,47 +72,10 @@ from gatehouse.grant import generate_secret
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]
 
-ADMIN_TOKEN = "identity-admin-" + uuid.uuid4().hex
 LOCAL_USER, LOCAL_PW = "opsadmin", "Local-" + uuid.uuid4().hex[:10] + "!"
 GRANT_SECRET = generate_secret()
 ENVELOPE = "pcoip-broker"
-# Many deliberate failures per test: the throttle's delays and lockouts are tested elsewhere.
-NO_THROTTLE = {
-    "LoginDelayAfterFailures": 1000,
-    "LoginLockoutAfterFailures": 1000,
-    "LoginSourceLockoutAfterFailures": 1000,
-    "LoginAccountLockoutAfterFailures": 1000,
-}
 INJECTIONS = ("*)(uid=*", "alice)(|(uid=*", "*", "alice*", "al*ce", "alice)(objectClass=*")
-
-
-def ldap_domain(directory: Directory, domain: str, servers: str | None = None, **keys: object) -> dict:
-    """The ``Domain.<domain>.*`` keys of a domain whose users are in the test directory."""
-    values: dict[str, object] = {
-        "Source": "ldap",
-        "LdapServers": servers or directory.ldaps_url,
-        "LdapCaCert": directory.ca,
-        "LdapBindDn": directory.bind_dn,
-        "LdapBindPasswordFile": directory.bind_password_file,
-        "LdapBaseDn": directory.people_dn,
-        "LdapGroupBaseDn": directory.groups_dn,
-        "LdapGroupMode": "memberof",
-        "LdapTimeout": 2,
-        **keys,
-    }
-    return {f"Domain.{domain}.{key}": value for key, value in values.items()}
-
-
-def radius_keys(radius: Radius, servers: str | None = None, **keys: object) -> dict:
-    return {
-        "SecondFactor": "radius",
-        "RadiusServers": servers or radius.address,
-        "RadiusSecretFile": radius.secret_file,
-        "RadiusTimeout": 1,
-        "RadiusRetries": 0,
-        "RadiusNasIdentifier": "gatehouse-test-broker",
-        **keys,
-    }
 
 
 def nothing_listens() -> int:
@@ -256,13 +225,6 @@ class Stack:
 
     def logs(self) -> str:
         return self.broker.logs() + self.cm.logs() + self.agent.logs()
-
-
-def admin(broker: ServiceProcess, pki: TestPKI, method: str, path: str, body: object | None = None) -> dict:
-    url = f"https://127.0.0.1:{broker.config['ListenPort']}"
-    return broker_admin(
-        url, ADMIN_TOKEN, tls.client_context(pki.ca, verify=True, role="sg"), method, path, body
-    )
 
 
 def entitle_group(broker: ServiceProcess, pki: TestPKI, domain: str, group: str, desktop: str) -> None:
@@ -504,12 +466,6 @@ async def test_radius_challenge_through_the_cm(stack: Stack, directory: Director
 
 
 # ---------------------------------------------------------------- other configurations
-
-
-def start_identity_broker(pki: TestPKI, workdir: Path, name: str, **config: object) -> ServiceProcess:
-    return start_broker(
-        pki, workdir, f"identity-{name}", ADMIN_TOKEN, Domains="CORP, LAB", **config, **NO_THROTTLE
-    )
 
 
 def test_starttls_search_groups_and_failover(

@@ -293,7 +293,7 @@ class PullRecorder:
 
 
 def test_with_errors_images_are_only_looked_at(monkeypatch) -> None:
-    """An option error found first: nothing is pulled (the engine changes nothing before every check passed)."""
+    """An option error found first: nothing is pulled and the registry is not asked (the run fails anyway)."""
     pulled: list = []
     client = FakeClient()
     client.images = NoImages()
@@ -309,8 +309,28 @@ def test_with_errors_images_are_only_looked_at(monkeypatch) -> None:
     refs, ids, _loaded = engine.resolve_images(client, params, ["broker"], False, errors)
     assert pulled == [] and ids == {"broker": None} and errors == ["an earlier problem"]
     assert refs == {"broker": "registry.example/gatehouse/broker:0.1.0"}
-    assert client.images.asked == ["registry.example/gatehouse/broker:0.1.0"]  # looked at, as check mode does
+    assert client.images.asked == []
+
+    # Check mode without an error asks the registry (a missing tag fails the check run too).
+    engine.resolve_images(client, params, ["broker"], True, [])
+    assert client.images.asked == ["registry.example/gatehouse/broker:0.1.0"] and pulled == []
 
     params["image_source"] = "local"
     engine.resolve_images(client, params, ["broker"], False, errors)
     assert "is not present on the Docker host" in errors[-1]
+
+
+def test_ensure_image_on_a_failing_run_asks_only_the_engine() -> None:
+    """The Docker layer itself: failing=True neither pulls nor contacts the registry, in any mode."""
+    pulled: list = []
+    client = FakeClient()
+    client.images = NoImages()
+    client.api = PullRecorder(pulled)
+    ref = "registry.example/gatehouse/broker:0.1.0"
+    for check_mode in (False, True):
+        assert ctr.ensure_image(client, ref, True, check_mode, failing=True) == (None, True)
+    assert client.images.asked == [] and pulled == []
+    assert ctr.ensure_image(client, ref, True, True) == (None, True)
+    assert client.images.asked == [ref] and pulled == []
+    with pytest.raises(ctr.ContainerError, match="is not present on the Docker host"):
+        ctr.ensure_image(client, ref, False, False, failing=True)

@@ -18,7 +18,7 @@ ctr = importlib.import_module("ansible_collections.gatehouse.access.plugins.modu
 dep = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._deploy.common")
 fragment = importlib.import_module("ansible_collections.gatehouse.access.plugins.doc_fragments.docker")
 
-MODULES = ("cmsg", "broker", "halb", "bundle", "support_bundle", "preflight")
+MODULES = ("cmsg", "broker", "halb", "bundle", "support_bundle", "preflight", "broker_backup")
 
 
 def _doc(source: str) -> dict:

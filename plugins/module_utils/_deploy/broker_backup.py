@@ -1,0 +1,462 @@
+# Copyright (c) Gatehouse contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Logic of the broker_backup module: back up and restore the broker's database (private to the collection).
+
+A backup is three files in the backup directory, named after the UTC time it was taken:
+``broker-<time>.db`` (the database), ``broker-<time>.json`` (metadata: format, engine, time,
+schema version, collection version, image, size, sha256) and ``broker-<time>.db.sha256`` (in
+``sha256sum`` format, so ``sha256sum -c`` checks it by hand). Each is written atomically and the
+checksum file last: a backup without it is incomplete and is neither listed, kept nor restored.
+
+The engine does the work that depends on the database: :class:`SqliteEngine` takes the copy with
+SQLite's online backup API inside the running broker container (one consistent snapshot while
+the broker keeps serving) and puts a copy in place while the broker is stopped. A PostgreSQL
+engine (pg_dump / pg_restore) plugs into :data:`ENGINES` with the same methods; the files,
+checksums, retention and the stop/start of the restore stay as they are.
+
+Invariants: nothing is kept in check mode (the snapshot is taken and compared, then deleted);
+a restore verifies the checksum, the metadata and the file before it stops the broker, so a
+backup that does not match changes nothing; the database file is replaced by a rename.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import uuid
+
+from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfile import (
+    atomic_open,
+    write_atomic,
+)
+from ansible_collections.gatehouse.access.plugins.module_utils._common.files import sha256_file
+from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure
+from ansible_collections.gatehouse.access.plugins.module_utils._deploy import broker as broker_deploy
+from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
+
+FORMAT = 1
+PREFIX = "broker-"
+# broker-<UTC time>[-<n>].db: -<n> tells apart backups taken in the same second.
+_NAME_RE = re.compile(r"^broker-([0-9]{8}T[0-9]{6}Z)(?:-([0-9]+))?\.db$")
+CHECKSUM_SUFFIX = ".sha256"
+PYTHON = "/opt/gatehouse/venv/bin/python"  # the services' interpreter in the images
+DATA_MOUNT = broker_deploy.DATA_MOUNT
+DATABASE = broker_deploy.DATABASE
+SQLITE_MAGIC = b"SQLite format 3\x00"
+PREVIOUS_SUFFIX = ".before-restore"
+HEALTH_ADDRESS = ("127.0.0.1", 9181)  # the broker's management listener (/health), inside its container
+_CHUNK = 1024 * 1024
+
+# Runs in the broker container as the service user: argv[1] the live database, argv[2] the copy.
+# The copy is one read transaction of the source (a consistent snapshot); the broker keeps
+# serving meanwhile (WAL: readers do not block its writers).
+SQLITE_BACKUP_SCRIPT = r"""
+import json, os, sqlite3, sys
+os.umask(0o077)
+source = sqlite3.connect(sys.argv[1], timeout=30)
+target = sqlite3.connect(sys.argv[2])
+with target:
+    source.backup(target)
+source.close()
+check = target.execute("PRAGMA integrity_check").fetchone()[0]
+try:
+    version = target.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+except sqlite3.Error:
+    version = None
+target.close()
+print(json.dumps({"integrity": check, "schema_version": version}))
+"""
+
+SCHEMA_SCRIPT = "from gatehouse.broker.db import SCHEMA_VERSION; print(SCHEMA_VERSION)"
+HEALTH_SCRIPT = (
+    "import http.client\n"
+    "conn = http.client.HTTPConnection(%r, %d, timeout=2)\n"
+    "conn.request('GET', '/health')\n"
+    "raise SystemExit(conn.getresponse().status != 200)\n" % HEALTH_ADDRESS
+)
+
+
+def checksum_path(db_path: str) -> str:
+    return db_path + CHECKSUM_SUFFIX
+
+
+def metadata_path(db_path: str) -> str:
+    return db_path[: -len(".db")] + ".json"
+
+
+def read_checksum(db_path: str) -> str | None:
+    """The sha256 that the checksum file of ``db_path`` records for it, or None without one."""
+    try:
+        with open(checksum_path(db_path), encoding="utf-8") as handle:
+            line = handle.readline().split()
+    except FileNotFoundError:
+        return None
+    if (
+        len(line) != 2
+        or line[1].lstrip("*") != os.path.basename(db_path)
+        or not re.match(r"^[0-9a-f]{64}$", line[0])
+    ):
+        raise Failure("%s is not a checksum file of %s" % (checksum_path(db_path), db_path))
+    return line[0]
+
+
+def list_backups(backup_dir: str) -> list[str]:
+    """Complete backups (database and checksum file) in ``backup_dir``, oldest first."""
+    try:
+        names = os.listdir(backup_dir)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        match = _NAME_RE.match(name)
+        if match and os.path.exists(os.path.join(backup_dir, name + CHECKSUM_SUFFIX)):
+            found.append(((match.group(1), int(match.group(2) or 0)), os.path.join(backup_dir, name)))
+    return [path for _order, path in sorted(found)]
+
+
+def new_backup_path(backup_dir: str, now: datetime.datetime) -> str:
+    stem = PREFIX + now.strftime("%Y%m%dT%H%M%SZ")
+    path, n = os.path.join(backup_dir, stem + ".db"), 0
+    while os.path.exists(path) or os.path.exists(checksum_path(path)):
+        n += 1
+        path = os.path.join(backup_dir, "%s-%d.db" % (stem, n))
+    return path
+
+
+def broker_container(cli, params: dict):
+    name = broker_deploy.container_name(params["name_prefix"])
+    container = ctr.find_container(cli, name)
+    if container is None:
+        raise Failure("there is no broker container %s on the Docker host (name_prefix)" % name)
+    return container
+
+
+def host_data_dir(container) -> str:
+    """Where the broker's /data is on this host (the same path on the Docker host and here)."""
+    for mount in container.attrs.get("Mounts") or []:
+        if mount.get("Destination") == DATA_MOUNT and mount.get("Source"):
+            return mount["Source"]
+    raise Failure("container %s mounts no data directory at %s" % (container.name, DATA_MOUNT))
+
+
+class SqliteEngine:
+    """The broker's embedded SQLite database, ``broker.db`` in its data directory."""
+
+    name = "sqlite"
+
+    def snapshot(self, container, data_dir: str) -> tuple[str, dict]:
+        """A consistent copy of the live database in ``data_dir`` (host path) and what it holds."""
+        tmp_name = ".backup-%s.db" % uuid.uuid4().hex
+        argv = [PYTHON, "-c", SQLITE_BACKUP_SCRIPT, DATA_MOUNT + "/" + DATABASE, DATA_MOUNT + "/" + tmp_name]
+        tmp = os.path.join(data_dir, tmp_name)
+        try:
+            code, output = ctr.exec_in(container, argv)
+        except ctr.ContainerError as exc:
+            raise Failure(str(exc)) from None
+        if code != 0:
+            remove_quietly(tmp)
+            raise Failure(
+                "the SQLite backup in %s failed (exit code %s): %s" % (container.name, code, output.strip())
+            )
+        try:
+            facts = json.loads(output.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            remove_quietly(tmp)
+            raise Failure(
+                "the SQLite backup in %s gave no report: %s" % (container.name, output.strip())
+            ) from None
+        if facts["integrity"] != "ok":
+            remove_quietly(tmp)
+            raise Failure(
+                "the copy of the broker database fails its integrity check: %s" % facts["integrity"]
+            )
+        return tmp, {"schema_version": facts["schema_version"]}
+
+    def verify(self, path: str) -> None:
+        with open(path, "rb") as handle:
+            if handle.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+                raise Failure("%s is not an SQLite database" % path)
+
+    def check_schema(self, container, schema_version: int | None) -> None:
+        """Refuse a backup whose schema is newer than the running broker's image understands."""
+        container.reload()
+        if schema_version is None or not (container.attrs.get("State") or {}).get("Running"):
+            return  # a stopped broker cannot be asked; its start after the restore tells
+        code, output = ctr.exec_in(container, [PYTHON, "-c", SCHEMA_SCRIPT])
+        if code != 0:
+            raise Failure(
+                "cannot read the schema version of the broker in %s: %s" % (container.name, output.strip())
+            )
+        understood = int(output.strip().splitlines()[-1])
+        if schema_version > understood:
+            raise Failure(
+                "the backup has schema version %d, newer than the broker in %s understands (%d): upgrade the broker "
+                "first; nothing was changed" % (schema_version, container.name, understood)
+            )
+
+    def put_back(self, previous: str, data_dir: str) -> None:
+        """Undo put_in_place: the kept previous database becomes the live one again (broker stopped)."""
+        live = os.path.join(data_dir, DATABASE)
+        _remove_journals(data_dir)
+        os.replace(previous, live)
+
+    def put_in_place(self, backup: str, data_dir: str) -> str | None:
+        """Replace the (stopped) broker's database with ``backup``; returns where the previous one is kept."""
+        live = os.path.join(data_dir, DATABASE)
+        previous = None
+        uid = gid = None
+        mode = 0o600
+        if os.path.exists(live):
+            st = os.stat(live)
+            uid, gid, mode = st.st_uid, st.st_gid, st.st_mode & 0o777
+            previous = live + PREVIOUS_SUFFIX
+            remove_quietly(previous)
+            os.link(live, previous)  # the database as it was, kept until the next restore
+        _remove_journals(data_dir)
+        with open(backup, "rb") as source, atomic_open(live, mode, uid, gid) as target:
+            shutil.copyfileobj(source, target, _CHUNK)
+        return previous
+
+
+def _remove_journals(data_dir: str) -> None:
+    """SQLite's journal files of the (stopped) broker: stale ones must not meet another database."""
+    for name in broker_deploy.DB_FILES:
+        if name != DATABASE:
+            remove_quietly(os.path.join(data_dir, name))
+
+
+ENGINES = {SqliteEngine.name: SqliteEngine}
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _diff(backup_dir: str, before: list[str], after: list[str]) -> dict:
+    def text(paths: list[str]) -> str:
+        return "".join(os.path.basename(p) + "\n" for p in paths)
+
+    return {
+        "before_header": backup_dir,
+        "after_header": backup_dir,
+        "before": text(before),
+        "after": text(after),
+    }
+
+
+def validate(params: dict) -> None:
+    errors = []
+    if params["keep"] < 1:
+        errors.append("keep must be 1 or more (the backup just taken is always kept)")
+    if params["state"] == "present" and params["restore_from"]:
+        errors.append("restore_from is only used with state=restored")
+    for key in ("stop_timeout", "wait_timeout"):
+        if params[key] < 1:
+            errors.append("%s must be 1 or more seconds" % key)
+    if errors:
+        raise Failure("; ".join(errors), errors=errors)
+
+
+def run(params: dict, check_mode: bool) -> dict:
+    validate(params)
+    try:
+        cli = ctr.client(params["docker_host"])
+        if params["state"] == "restored":
+            return restore(cli, params, check_mode)
+        return backup(cli, params, check_mode)
+    except ctr.ContainerError as exc:
+        raise Failure(str(exc)) from None
+
+
+def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
+    """Take a backup unless the newest one holds the same database; keep the newest ``keep``.
+
+    changed is true when a backup is (or would be) written or an old one removed.
+    """
+    engine = engine or SqliteEngine()
+    backup_dir = params["backup_dir"]
+    container = broker_container(cli, params)
+    container.reload()
+    if not (container.attrs.get("State") or {}).get("Running"):
+        raise Failure(
+            "the broker container %s is not running: an online backup needs the running broker"
+            % container.name
+        )
+    data_dir = host_data_dir(container)
+    before = list_backups(backup_dir)
+    tmp, facts = engine.snapshot(container, data_dir)
+    try:
+        digest = sha256_file(tmp)
+        size = os.path.getsize(tmp)
+        newest = before[-1] if before else None
+        same = newest is not None and read_checksum(newest) == digest
+        written = None
+        if same:
+            after = list(before)
+        else:
+            created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+            written = new_backup_path(backup_dir, created)
+            after = [*before, written]
+            metadata = {
+                "format": FORMAT,
+                "engine": engine.name,
+                "database": DATABASE,
+                "file": os.path.basename(written),
+                "created": created.isoformat().replace("+00:00", "Z"),
+                "schema_version": facts["schema_version"],
+                "collection_version": ctr.COLLECTION_VERSION,
+                "image": container.attrs.get("Config", {}).get("Image"),
+                "container": container.name,
+                "size": size,
+                "sha256": digest,
+            }
+            if not check_mode:
+                os.makedirs(backup_dir, mode=0o700, exist_ok=True)
+                with open(tmp, "rb") as source, atomic_open(written, 0o600) as target:
+                    shutil.copyfileobj(source, target, _CHUNK)
+                write_atomic(metadata_path(written), (json.dumps(metadata, indent=2) + "\n").encode(), 0o600)
+                # Last: the checksum file marks the backup complete.
+                line = "%s  %s\n" % (digest, os.path.basename(written))
+                write_atomic(checksum_path(written), line.encode(), 0o600)
+    finally:
+        remove_quietly(tmp)
+    removed = after[: -params["keep"]]
+    kept = after[-params["keep"] :]
+    if not check_mode:
+        for path in removed:
+            # The checksum file first: from then on the backup is incomplete and no longer listed.
+            for name in (checksum_path(path), metadata_path(path), path):
+                remove_quietly(name)
+    latest = written or newest
+    return {
+        "changed": written is not None or bool(removed),
+        "backup": {
+            "path": latest,
+            "checksum_file": checksum_path(latest),
+            "metadata_file": metadata_path(latest),
+            "sha256": digest,
+            "size": size,
+            "schema_version": facts["schema_version"],
+            "new": written is not None,
+        },
+        "backups": kept,
+        "removed": removed,
+        "diff": _diff(backup_dir, before, kept),
+    }
+
+
+def verify_backup(path: str) -> tuple[dict, str]:
+    """The metadata and sha256 of the backup ``path`` after checking it; Failure when it does not match."""
+    if not os.path.isfile(path):
+        raise Failure("backup %s does not exist" % path)
+    if not path.endswith(".db"):
+        raise Failure("backup %s is not the database file of a backup (broker-<time>.db)" % path)
+    expected = read_checksum(path)
+    if expected is None:
+        raise Failure("backup %s has no checksum file %s: it is incomplete" % (path, checksum_path(path)))
+    actual = sha256_file(path)
+    if actual != expected:
+        raise Failure(
+            "backup %s does not match its checksum (sha256 recorded %s, file %s): refused, nothing was changed"
+            % (path, expected, actual),
+            expected_sha256=expected,
+            actual_sha256=actual,
+        )
+    try:
+        with open(metadata_path(path), encoding="utf-8") as handle:
+            metadata = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise Failure(
+            "backup %s has no readable metadata %s: %s" % (path, metadata_path(path), exc)
+        ) from None
+    if (
+        metadata.get("format") != FORMAT
+        or metadata.get("engine") not in ENGINES
+        or metadata.get("sha256") != actual
+    ):
+        raise Failure("the metadata of backup %s does not describe it (format, engine or sha256)" % path)
+    return metadata, actual
+
+
+def restore(cli, params: dict, check_mode: bool) -> dict:
+    """Verify the backup, stop the broker, put the database in place, start it and wait for /health.
+
+    Everything that can be checked is checked before the broker is stopped: the checksum, the
+    metadata, the file, and that the broker's image understands the backup's schema version. When
+    the broker does not come up healthy on the restored database, the previous one is put back and
+    the broker started on it. A restore always replaces the database: changed is true.
+    """
+    path = params["restore_from"]
+    metadata, digest = verify_backup(path)
+    engine = ENGINES[metadata["engine"]]()
+    engine.verify(path)
+    container = broker_container(cli, params)
+    data_dir = host_data_dir(container)
+    engine.check_schema(container, metadata.get("schema_version"))
+    live = os.path.join(data_dir, DATABASE)
+    result = {
+        "changed": True,
+        "restored_from": path,
+        "sha256": digest,
+        "schema_version": metadata.get("schema_version"),
+        "database": live,
+        "previous": None,
+        "diff": {
+            "before": "%s: the current database\n" % live,
+            "after": "%s: backup %s (sha256 %s, taken %s)\n" % (live, path, digest, metadata.get("created")),
+        },
+    }
+    if check_mode:
+        return result
+    reported = {k: v for k, v in result.items() if k not in ("changed", "diff")}
+    try:
+        ctr.stop_container(container, params["stop_timeout"])
+        result["previous"] = reported["previous"] = engine.put_in_place(path, data_dir)
+    except (ctr.ContainerError, OSError) as exc:
+        again = _start_again(container, params["wait_timeout"])
+        raise Failure(
+            "restore of %s failed before the broker started on it: %s%s" % (path, exc, again), **reported
+        ) from None
+    try:
+        ctr.start_container(container, params["wait_timeout"], ready=_healthy)
+    except ctr.ContainerError as exc:
+        if result["previous"] is None:
+            raise Failure(str(exc), **reported) from None
+        ctr.stop_container(container, params["stop_timeout"])
+        engine.put_back(result["previous"], data_dir)
+        reported["previous"] = None  # it is the live database again
+        again = _start_again(container, params["wait_timeout"])
+        raise Failure(
+            "the broker did not come up on the restored database, so the previous database was put back: %s%s"
+            % (exc, again),
+            **reported,
+        ) from None
+    return result
+
+
+def _start_again(container, timeout: int) -> str:
+    """Start the broker again after a failed step (on its previous database): "" or why it did not."""
+    container.reload()
+    if (container.attrs.get("State") or {}).get("Running"):
+        return ""
+    try:
+        ctr.start_container(container, timeout, ready=_healthy)
+    except ctr.ContainerError as exc:
+        return "; the broker could not be started again: %s" % exc
+    return ""
+
+
+def _healthy(container) -> bool:
+    try:
+        code, _output = ctr.exec_in(container, [PYTHON, "-c", HEALTH_SCRIPT])
+    except ctr.ContainerError:
+        return False
+    return code == 0
