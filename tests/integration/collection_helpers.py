@@ -162,3 +162,20 @@ def run_playbook(*args: str, timeout: float = 300, env: dict[str, str] | None = 
     except ValueError:
         raise AssertionError(f"no json report\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}") from None
     return PlaybookRun(report, proc.stdout, proc.stderr, proc.returncode)
+
+
+def cmsg_params(**overrides: Any) -> dict[str, Any]:
+    """cmsg module parameters as AnsibleModule would give them: the spec defaults, the options a valid
+    run needs, then ``overrides``."""
+    ensure_importable()
+    cmsg = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._deploy.cmsg")
+    result = {name: spec.get("default") for name, spec in cmsg.ARGUMENT_SPEC.items()}
+    result.update(
+        accept_policies=True,
+        broker_url="https://broker.example.test:8443",
+        external_pcoip_ip=["203.0.113.10"],
+        self_signed=True,
+        agent_ca_cert="/opt/gatehouse/pki/ca.pem",
+    )
+    result.update(overrides)
+    return result

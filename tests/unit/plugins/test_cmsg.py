@@ -24,17 +24,8 @@ tls = importlib.import_module("tls_material")
 
 
 def params(**overrides) -> dict:
-    """Module parameters as AnsibleModule would give them: the spec defaults plus ``overrides``."""
-    result = {name: spec.get("default") for name, spec in cmsg.ARGUMENT_SPEC.items()}
-    result.update(
-        accept_policies=True,
-        broker_url="https://broker.example.test:8443",
-        external_pcoip_ip=["203.0.113.10"],
-        self_signed=True,
-        agent_ca_cert="/opt/gatehouse/pki/ca.pem",
-    )
-    result.update(overrides)
-    return result
+    """Module parameters as AnsibleModule would give them (collection_helpers.cmsg_params)."""
+    return importlib.import_module("collection_helpers").cmsg_params(**overrides)
 
 
 def no_networks() -> list[tuple[str, str]]:

@@ -37,17 +37,9 @@ RETIRED = ("external_ipv4", "external_ipv6", "external_v4", "external_v6", "exte
 
 
 def params(**overrides) -> dict:
-    result = {name: spec.get("default") for name, spec in cmsg.ARGUMENT_SPEC.items()}
-    result.update(
-        accept_policies=True,
-        broker_url="https://broker.example.test:8443",
-        external_pcoip_ip=["203.0.113.10"],
-        self_signed=True,
-        agent_ca_cert="/opt/gatehouse/pki/ca.pem",
-        broker_ca_cert="/opt/gatehouse/pki/ca.pem",
+    return importlib.import_module("collection_helpers").cmsg_params(
+        **{"broker_ca_cert": "/opt/gatehouse/pki/ca.pem", **overrides}
     )
-    result.update(overrides)
-    return result
 
 
 def settings_of(p: dict) -> CmSettings:
