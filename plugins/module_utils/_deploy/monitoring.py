@@ -106,7 +106,9 @@ def validate(params: dict) -> None:
             % params["data_dir"]
         )
     if not re.match(r"^[a-z0-9][a-z0-9_.-]{0,40}$", params["name_prefix"]):
-        errors.append("name_prefix must be lower-case letters, digits, '.', '_' or '-' (at most 41 characters)")
+        errors.append(
+            "name_prefix must be lower-case letters, digits, '.', '_' or '-' (at most 41 characters)"
+        )
     if params["state"] == "absent":
         if errors:
             raise dep.ValidationError(errors)
@@ -135,12 +137,16 @@ def validate(params: dict) -> None:
         if not _DURATION_RE.match(params[name]):
             errors.append("%s %r is not a Prometheus duration (like 15s, 1m or 15d)" % (name, params[name]))
     if dep.parse_ip(params["listen_address"].strip()) is None:
-        errors.append("listen_address %r must be an IP address (0.0.0.0 = every address)" % params["listen_address"])
+        errors.append(
+            "listen_address %r must be an IP address (0.0.0.0 = every address)" % params["listen_address"]
+        )
     dep.port_option(params["port"], "port", errors)
     if params["alert_rules"] is not None and "groups:" not in params["alert_rules"]:
         errors.append("alert_rules is not a Prometheus rules file (it has no groups:)")
     mode = params["network_mode"]
-    if mode not in ("bridge", "host") and not (mode.startswith("container:") and len(mode) > len("container:")):
+    if mode not in ("bridge", "host") and not (
+        mode.startswith("container:") and len(mode) > len("container:")
+    ):
         errors.append("network_mode must be bridge, host or container:<name>, got %r" % mode)
     if params.get("container_limits"):
         try:
@@ -253,6 +259,7 @@ def uninstall(cli, params: dict, check_mode: bool) -> dict:
         managed_by=MANAGED_BY,
         more_dirs=[tsdb],
     )
+
     def in_tsdb(path: str) -> bool:
         return path == tsdb or path.startswith(tsdb + os.sep)
 
@@ -291,7 +298,9 @@ def install(module, cli, params: dict) -> dict:
     warnings: list[str] = []
     engine.check_network_target(cli, params, errors)
     # gatehouse/prometheus is not part of the dark-site bundle: local or registry only.
-    refs, ids, loaded = engine.resolve_images(cli, dict(params, bundle_path=None), [SERVICE], check_mode, errors)
+    refs, ids, loaded = engine.resolve_images(
+        cli, dict(params, bundle_path=None), [SERVICE], check_mode, errors
+    )
     if errors:
         raise dep.ValidationError(errors)
     uid, gid = engine.service_owner()
@@ -299,7 +308,9 @@ def install(module, cli, params: dict) -> dict:
         warnings.append(engine.NOT_ROOT % "Prometheus runs")
     files = [PlannedFile(os.path.join(data, CONFIG), prometheus_yml(params), 0o644, uid, gid)]
     if params["alert_rules"] is not None:
-        files.append(PlannedFile(os.path.join(data, RULES), params["alert_rules"].encode("utf-8"), 0o644, uid, gid))
+        files.append(
+            PlannedFile(os.path.join(data, RULES), params["alert_rules"].encode("utf-8"), 0o644, uid, gid)
+        )
     stale = os.path.join(data, RULES)
     dirs = [
         *engine.data_dirs(data_dir, uid, gid),
