@@ -478,7 +478,7 @@ def test_metrics_frontend_serves_the_exporter_and_the_vrrp_state_of_the_router()
     instance = conf[conf.index("vrrp_instance gatehouse_51 {") :]
     assert '    notify_master "/usr/bin/touch /run/haproxy/vrrp-master"\n' in instance
     for state in ("backup", "fault", "stop"):
-        assert '    notify_%s "/usr/bin/rm -f /run/haproxy/vrrp-master"\n' % state in instance
+        assert f'    notify_{state} "/usr/bin/rm -f /run/haproxy/vrrp-master"\n' in instance
     assert 'io.open("/run/haproxy/vrrp-master", "r")' in halb.METRICS_LUA_SOURCE
 
 
