@@ -42,8 +42,7 @@ METRICS_FRONTEND = "gatehouse_metrics"
 DEFAULT_METRICS_PORT = 8405
 # gatehouse_halb_vrrp_master{router_id} at /vrrp of the metrics frontend (the halb module writes it
 # next to haproxy.cfg). Lua, because only it can read a file that changes while HAProxy runs.
-METRICS_LUA_SOURCE = (
-    """-- Managed by the gatehouse.access.halb module; local changes are overwritten.
+METRICS_LUA_SOURCE = r"""-- Managed by the gatehouse.access.halb module; local changes are overwritten.
 -- /vrrp of the metrics frontend: 1 while keepalived holds this node in VRRP master state.
 core.register_service("gatehouse_vrrp", "http", function(applet)
     local master = 0
@@ -54,7 +53,7 @@ core.register_service("gatehouse_vrrp", "http", function(applet)
     end
     local body = "# HELP gatehouse_halb_vrrp_master 1 while this node is VRRP master (holds the VIPs)\n"
         .. "# TYPE gatehouse_halb_vrrp_master gauge\n"
-        .. string.format("gatehouse_halb_vrrp_master{router_id=\"%%s\"} %%d\n",
+        .. string.format('gatehouse_halb_vrrp_master{router_id="%%s"} %%d\n',
             applet:get_var("txn.gatehouse_router_id") or "", master)
     applet:set_status(200)
     applet:add_header("content-type", "text/plain; version=0.0.4")
@@ -62,9 +61,7 @@ core.register_service("gatehouse_vrrp", "http", function(applet)
     applet:start_response()
     applet:send(body)
 end)
-"""
-    % VRRP_MASTER_FILE
-)
+""" % (VRRP_MASTER_FILE,)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 HOSTNAME_RE = re.compile(
