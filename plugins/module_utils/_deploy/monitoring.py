@@ -166,14 +166,25 @@ def validate(params: dict) -> None:
 # ------------------------------------------------------------------ rendering
 
 
-def jobs(params: dict) -> dict:
-    """{job name: [targets]} of the kinds that have targets, in TARGET_KINDS order."""
+# A HALB node serves two documents on its metrics frontend: HAProxy's exporter and its VRRP state.
+EXTRA_JOBS = {"halb": [("gatehouse-halb-vrrp", "/vrrp")]}
+
+
+def scrape_jobs(params: dict) -> list[tuple[str, str, list[str]]]:
+    """(job name, metrics path, targets) of the kinds that have targets, in TARGET_KINDS order."""
     targets = params["targets"] or {}
-    return {
-        "gatehouse-%s" % kind: [t.strip() for t in targets.get(kind) or []]
-        for kind in TARGET_KINDS
-        if targets.get(kind)
-    }
+    out = []
+    for kind in TARGET_KINDS:
+        found = [t.strip() for t in targets.get(kind) or []]
+        if found:
+            out.append(("gatehouse-%s" % kind, "/metrics", found))
+            out.extend((job, path, found) for job, path in EXTRA_JOBS.get(kind, []))
+    return out
+
+
+def jobs(params: dict) -> dict:
+    """{job name: [targets]} as the module returns them."""
+    return {job: targets for job, _path, targets in scrape_jobs(params)}
 
 
 def prometheus_yml(params: dict) -> bytes:
@@ -190,7 +201,8 @@ def prometheus_yml(params: dict) -> bytes:
             "alertmanagers": [{"static_configs": [{"targets": [a.strip() for a in params["alertmanagers"]]}]}]
         }
     document["scrape_configs"] = [
-        {"job_name": job, "static_configs": [{"targets": targets}]} for job, targets in jobs(params).items()
+        {"job_name": job, "metrics_path": path, "static_configs": [{"targets": targets}]}
+        for job, path, targets in scrape_jobs(params)
     ]
     header = (
         "# Prometheus configuration of Gatehouse (docs/monitoring.md).\n"
