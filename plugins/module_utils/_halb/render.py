@@ -815,7 +815,9 @@ def render_keepalived(config: dict, managed: str = MANAGED_BY) -> str:
         add("        %s dev %s" % (iface.with_prefixlen, v["interface"]))
     add("    }")
     add("    # The node's state for the monitoring (gatehouse_halb_vrrp_master).")
-    add('    notify_master "/usr/bin/touch %s"' % VRRP_MASTER_FILE)
+    # install, not touch: keepalived runs its scripts with umask 077 and the file is read by the
+    # HAProxy workers (user haproxy).
+    add('    notify_master "/usr/bin/install -m 0644 /dev/null %s"' % VRRP_MASTER_FILE)
     for state in ("backup", "fault", "stop"):
         add('    notify_%s "/usr/bin/rm -f %s"' % (state, VRRP_MASTER_FILE))
     if v["track_haproxy"]:

@@ -476,7 +476,7 @@ def test_metrics_frontend_serves_the_exporter_and_the_vrrp_state_of_the_router()
     ]
     # keepalived keeps the file the Lua service reads: present only in MASTER state.
     instance = conf[conf.index("vrrp_instance gatehouse_51 {") :]
-    assert '    notify_master "/usr/bin/touch /run/haproxy/vrrp-master"\n' in instance
+    assert '    notify_master "/usr/bin/install -m 0644 /dev/null /run/haproxy/vrrp-master"\n' in instance
     for state in ("backup", "fault", "stop"):
         assert f'    notify_{state} "/usr/bin/rm -f /run/haproxy/vrrp-master"\n' in instance
     assert 'io.open("/run/haproxy/vrrp-master", "r")' in halb.METRICS_LUA_SOURCE
