@@ -18,8 +18,12 @@ description:
     rules of the collection (C(roles/monitoring/files/gatehouse-alerts.yml)) select on these job names.
   - The time series are kept in C(tsdb/) of O(data_dir), owned by uid 10001 (the container's user). They survive
     O(state=absent) unless O(purge=true).
-  - Every option is validated before anything is changed. Files are written atomically. The container is recreated
-    only when its spec, its image or one of the two files changed; the same options twice report no change.
+  - Every option is validated before anything is changed. Before the container is created or replaced, C(promtool
+    check config) of the image checks the new C(prometheus.yml) and rules (staged in a temporary directory of
+    O(data_dir)); when it refuses them the task fails with its findings and the running Prometheus and its files are
+    left as they were. The check is skipped in check mode.
+  - Files are written atomically. The container is recreated only when its spec, its image or one of the two files
+    changed; the same options twice report no change.
   - The guide is C(docs/monitoring.md) in the collection.
 author:
   - Gatehouse contributors (@gatehouse)
@@ -216,6 +220,11 @@ config:
 left_behind:
   description: With O(state=absent), what was kept (the time series unless O(purge), files the module did not write).
   returned: O(state=absent)
+  type: list
+  elements: str
+promtool:
+  description: The findings of C(promtool check config) when it refused the new configuration.
+  returned: failure of the check
   type: list
   elements: str
 errors:

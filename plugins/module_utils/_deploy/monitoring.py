@@ -14,7 +14,9 @@ file, its spec or its image changes.
 
 Invariants: one job per kind of target, named ``gatehouse-<kind>`` (the alert rules select on
 these names); the rendered files depend only on the options (same options, same bytes); the time
-series database survives ``state=absent`` unless ``purge`` is set.
+series database survives ``state=absent`` unless ``purge`` is set. Before the container is
+created or replaced, ``promtool check config`` of the new image checks the new files (staged, so a
+refused configuration leaves the running Prometheus and its files as they were).
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 
-from ansible_collections.gatehouse.access.plugins.module_utils._common.files import PlannedDir, PlannedFile
+from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
+    PlannedDir,
+    PlannedFile,
+    write_atomic,
+)
+from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import common as dep
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import engine
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
@@ -248,6 +256,62 @@ def container_spec(params: dict, image: str, host_label: str) -> dict:
 # ------------------------------------------------------------------ driver
 
 
+CHECK_PREFIX = ".promtool-check-"
+CHECK_TIMEOUT = 60
+
+
+def promtool_check(cli, spec: dict, files: list[PlannedFile], data_dir: str) -> None:
+    """``promtool check config`` (which also checks the rule files) on the planned files; raises Failure.
+
+    The files are staged in a fresh directory of data_dir (bind mounts are resolved on the Docker
+    host, where data_dir is) and mounted where Prometheus reads them; the stage is removed afterwards.
+    """
+    for leftover in os.listdir(data_dir) if os.path.isdir(data_dir) else []:
+        if leftover.startswith(CHECK_PREFIX):
+            shutil.rmtree(os.path.join(data_dir, leftover), ignore_errors=True)
+    created = not os.path.isdir(data_dir)
+    if created:
+        os.makedirs(data_dir, 0o755)
+    stage = tempfile.mkdtemp(prefix=CHECK_PREFIX, dir=data_dir)
+    passed = False
+    try:
+        os.chmod(stage, 0o755)  # noqa: S103 - read by the check container's user (no secrets here)
+        for planned in files:
+            if os.path.dirname(planned.path) == os.path.join(data_dir, engine.DATA):
+                write_atomic(
+                    os.path.join(stage, os.path.basename(planned.path)), planned.data, 0o644, None, None
+                )
+        check_spec = dict(
+            spec,
+            entrypoint=["/usr/bin/promtool"],
+            mounts=[{"source": stage, "target": CONFIG_DIR, "read_only": True}],
+        )
+        status, output = ctr.run_once(
+            cli,
+            check_spec,
+            spec["name"] + "-check",
+            ["check", "config", "%s/%s" % (CONFIG_DIR, CONFIG)],
+            CHECK_TIMEOUT,
+        )
+        passed = status == 0
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not passed:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    if not passed:
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        raise Failure(
+            "promtool refused the new configuration (%s); the running Prometheus and its files were left "
+            "unchanged: %s"
+            % (
+                "no answer within %d s" % CHECK_TIMEOUT if status is None else "exit code %d" % status,
+                "; ".join(lines),
+            ),
+            promtool=lines,
+            changed=False,
+        )
+
+
 def run(module) -> dict:
     params = module.params
     validate(params)
@@ -339,6 +403,9 @@ def install(module, cli, params: dict) -> dict:
         stale_files=[(stale, False)] if params["alert_rules"] is None and os.path.exists(stale) else [],
     )
     deployment.plan(cli)
+    container = deployment.containers[0]
+    if not check_mode and container.action in ("create", "recreate"):
+        promtool_check(cli, container.spec, files, data_dir)
     deployment.apply(cli, check_mode, params["wait_timeout"])
     address = params["listen_address"].strip()
     url_host = "127.0.0.1" if dep.parse_ip(address).is_unspecified else address

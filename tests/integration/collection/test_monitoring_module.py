@@ -177,6 +177,18 @@ def test_cycle(env, pki, processes) -> None:
     assert alert[0]["state"] in ("pending", "firing")
     assert alert[0]["labels"]["instance"] == sg_target
 
+    # Rules Prometheus would refuse: promtool of the image says so, nothing is replaced.
+    running = cli.containers.get(f"{prefix}-prometheus").id
+    broken = RULES_ARG.replace("expr: up{job=\"gatehouse-sg\"} == 0", "expr: up{job=\"gatehouse-sg\"} ==", 1)
+    assert broken != RULES_ARG
+    refused = run_module("monitoring", dict(args, alert_rules=broken))
+    assert refused.failed and not refused.changed, refused.result
+    assert "promtool refused the new configuration" in refused.result["msg"], refused.result["msg"]
+    assert cli.containers.get(f"{prefix}-prometheus").id == running
+    assert (data_dir / "data" / "alerts.yml").read_text() == RULES
+    assert not [p for p in data_dir.iterdir() if p.name.startswith(".promtool-check-")]
+    assert objects_named(cli, prefix) == [f"{prefix}-prometheus"]
+
     # A change: check mode predicts exactly what the real run then does.
     changed_args = dict(args, retention="2d", alertmanagers=["127.0.0.1:9093"])
     predicted = run_module("monitoring", changed_args, check=True, diff=True)
