@@ -179,7 +179,7 @@ def test_cycle(env, pki, processes) -> None:
 
     # Rules Prometheus would refuse: promtool of the image says so, nothing is replaced.
     running = cli.containers.get(f"{prefix}-prometheus").id
-    broken = RULES_ARG.replace("expr: up{job=\"gatehouse-sg\"} == 0", "expr: up{job=\"gatehouse-sg\"} ==", 1)
+    broken = RULES_ARG.replace('expr: up{job="gatehouse-sg"} == 0', 'expr: up{job="gatehouse-sg"} ==', 1)
     assert broken != RULES_ARG
     refused = run_module("monitoring", dict(args, alert_rules=broken))
     assert refused.failed and not refused.changed, refused.result
