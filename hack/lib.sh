@@ -24,6 +24,10 @@ GATEHOUSE_IMAGES=(broker cm sg agent halb)
 # builds: hack/build-debian-image.sh imports them from Debian packages.
 # shellcheck disable=SC2034
 GATEHOUSE_TEST_IMAGES=(node identity-test registry-test firewalld-test ee-base)
+# The monitoring server of the monitoring role (and the promtool of the rule tests), imported from
+# Debian's prometheus package by hack/build-debian-image.sh; not (yet) in the dark-site bundle.
+# shellcheck disable=SC2034
+GATEHOUSE_MONITORING_IMAGES=(prometheus)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

@@ -59,6 +59,8 @@ def expected_roles(groups: list[str], gateway: bool = True) -> set[str]:
         roles |= {"cm", "sg"} if gateway else {"cm"}
     if "halb" in groups:
         roles.add("halb")
+    if "monitoring" in groups:
+        roles.add("prometheus")
     return roles
 
 
@@ -245,6 +247,7 @@ HARDENING_CAP_ADD = {
     "broker": [],
     "agent": [],
     "halb": ["KILL", "NET_ADMIN", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_RAW", "SETGID", "SETUID"],
+    "prometheus": [],
 }
 NOFILE = 65536
 

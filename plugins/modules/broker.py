@@ -85,6 +85,14 @@ options:
     description: Host port published for the broker's 8443 with O(network_mode=bridge).
     type: int
     default: 443
+  admin_address:
+    description:
+      - Address of the broker's management listener (C(AdminAddress); C(/health) and C(/metrics) on port 9181, plain
+        HTTP). When not set the broker keeps its default, V(127.0.0.1), reachable only from its own network
+        namespace. V(0.0.0.0) lets a Prometheus on another host scrape it with O(network_mode=host) or
+        V(container:<name>) (the role P(gatehouse.access.firewall#role) opens 9181 to the monitoring hosts only);
+        with O(network_mode=bridge) the port is not published.
+    type: str
   purge:
     description:
       - With O(state=absent), also delete the database and the TOTP key C(secrets/totp.key) that encrypts the

@@ -105,6 +105,14 @@ options:
       - How long old HAProxy workers may keep serving established connections after a reload (HAProxy time).
     type: str
     default: 1h
+  metrics_port:
+    description:
+      - Port of the metrics frontend on every address of the node (plain HTTP) - HAProxy's Prometheus exporter at
+        C(/metrics) and the node's VRRP state (C(gatehouse_halb_vrrp_master), written by keepalived's notify
+        commands) at C(/vrrp), scraped by M(gatehouse.access.monitoring). V(0) renders no metrics frontend.
+      - The firewall role opens it to the monitoring hosts only.
+    type: int
+    default: 8405
   virtual_servers:
     description:
       - The virtual servers (a VIP and a port each), like the virtual servers of a Parallels RAS HALB.
@@ -531,6 +539,7 @@ ARGUMENT_SPEC = dict(
     ipv4_address=dict(type="str"),
     maxconn=dict(type="int"),
     hard_stop_after=dict(type="str", default="1h"),
+    metrics_port=dict(type="int", default=8405),
     virtual_servers=dict(
         type="list",
         elements="dict",

@@ -14,10 +14,13 @@ no certificate, or one the CA did not sign, has no role.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, rsa
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 MIN_RSA_BITS = 2048
 ROLE_URI_PREFIX = "urn:gatehouse:role:"
@@ -81,6 +84,43 @@ def check_public_key(cert: x509.Certificate, what: str) -> None:
         raise CertificateError(
             f"{what}: RSA key of {key.key_size} bits is too weak; at least {MIN_RSA_BITS} bits are required"
         )
+
+
+class CertificateExpiry(Collector):
+    """``gatehouse_tls_certificate_expiry_timestamp_seconds{certificate}``: when each certificate a
+    service presents stops being valid (notAfter of the leaf, seconds since the epoch).
+
+    The files are read once, at construction, as the service loads them at its start: the gauge
+    shows what the service serves, not a file replaced behind its back (the deployment modules
+    restart a service whose certificate file changed). The label is the file's base name.
+    A missing or unreadable file is left out rather than failing the service's metrics.
+    """
+
+    def __init__(self, certificates: Mapping[str, str | Path]) -> None:
+        self.expiry: dict[str, float] = {}
+        for name, path in certificates.items():
+            if not path:
+                continue
+            try:
+                cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+            except (OSError, ValueError):
+                continue
+            self.expiry[name] = cert.not_valid_after_utc.timestamp()
+
+    @classmethod
+    def of_files(cls, *paths: str | Path) -> CertificateExpiry:
+        """The collector of ``paths`` (empty ones are skipped), labelled by their base names."""
+        return cls({Path(p).name: p for p in paths if p})
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "gatehouse_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificates this service presents (seconds since the epoch)",
+            labels=["certificate"],
+        )
+        for name, timestamp in sorted(self.expiry.items()):
+            family.add_metric([name], timestamp)
+        yield family
 
 
 def peer_key_bits(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> int | None:

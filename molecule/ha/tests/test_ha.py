@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.parse
+import urllib.request
 from typing import Any
 
 import gatehouse_verify as gv
@@ -136,3 +139,92 @@ def test_failover_of_the_primary_halb() -> None:
         halb.reload()
         if halb.status != "running":
             halb.start()
+
+
+PROMETHEUS = f"http://{gv.address(2, 10)}:9090"
+
+
+def prometheus(path: str, **query: str) -> Any:
+    url = f"{PROMETHEUS}/api/v1/{path}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - the scenario's own Prometheus
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def test_prometheus_scrapes_every_node_and_sees_one_vrrp_master() -> None:
+    def all_up() -> bool:
+        found = {(r["metric"]["job"], r["value"][1]) for r in prometheus("query", query="up")["result"]}
+        jobs = {job for job, _value in found}
+        return jobs == {
+            "gatehouse-broker",
+            "gatehouse-cm",
+            "gatehouse-sg",
+            "gatehouse-halb",
+            "gatehouse-halb-vrrp",
+        } and all(value == "1" for _job, value in found)
+
+    assert gv.wait_for(all_up, 60, 1), prometheus("query", query="up")["result"]
+    up = prometheus("query", query="up")["result"]
+    targets = {(r["metric"]["job"], r["metric"]["instance"]) for r in up}
+    assert targets == {
+        ("gatehouse-broker", "127.0.0.1:9181"),
+        ("gatehouse-cm", f"{gv.address(2, 21)}:9180"),
+        ("gatehouse-cm", f"{gv.address(2, 22)}:9180"),
+        ("gatehouse-sg", f"{gv.address(2, 21)}:9172"),
+        ("gatehouse-sg", f"{gv.address(2, 22)}:9172"),
+        ("gatehouse-halb", f"{gv.address(2, 41)}:8405"),
+        ("gatehouse-halb", f"{gv.address(2, 42)}:8405"),
+        ("gatehouse-halb-vrrp", f"{gv.address(2, 41)}:8405"),
+        ("gatehouse-halb-vrrp", f"{gv.address(2, 42)}:8405"),
+    }
+    rules = {r["name"] for g in prometheus("rules")["groups"] for r in g["rules"]}
+    assert {"GatehouseSecurityGatewayDown", "GatehouseVipOnTwoNodes", "GatehouseHalbBackendDown"} <= rules
+
+    # The VRRP state of each HALB node (keepalived's notify commands) agrees with who holds the VIP.
+    def one_master() -> bool:
+        result = prometheus("query", query="gatehouse_halb_vrrp_master")["result"]
+        masters = [r["metric"]["instance"] for r in result if r["value"][1] == "1"]
+        return len(result) == 2 and len(masters) == 1
+
+    assert gv.wait_for(one_master, 30, 1), prometheus("query", query="gatehouse_halb_vrrp_master")["result"]
+    result = prometheus("query", query="gatehouse_halb_vrrp_master")["result"]
+    master = next(r["metric"]["instance"] for r in result if r["value"][1] == "1")
+    holder = next(node for node in HALB if gv.holds_vip(node, VIP))
+    assert master == f"{gv.address(2, 41 if holder == 'gh-ha-halb1' else 42)}:8405"
+    # HAProxy's exporter: both connection managers UP behind the cm virtual server.
+    servers = prometheus("query", query='haproxy_server_status{state="UP"} == 1')["result"]
+    assert {r["metric"]["server"] for r in servers} == {"gh-ha-cmsg1", "gh-ha-cmsg2"}
+
+
+def test_a_stopped_sg_makes_its_alert_pending_within_30_s() -> None:
+    node, instance = "gh-ha-cmsg2", f"{gv.address(2, 22)}:9172"
+
+    def sg_alerts() -> list[dict[str, Any]]:
+        return [
+            a
+            for a in prometheus("alerts")["alerts"]
+            if a["labels"]["alertname"] == "GatehouseSecurityGatewayDown"
+            and a["labels"]["instance"] == instance
+        ]
+
+    assert gv.wait_for(lambda: not sg_alerts(), 60, 1), sg_alerts()
+    sg = gv.services(node)["sg"][0]
+    sg.stop(timeout=5)
+    stopped_at = time.monotonic()
+    try:
+        assert gv.wait_for(lambda: bool(sg_alerts()), 60, 0.5), "no alert for the stopped SG"
+        elapsed = time.monotonic() - stopped_at
+        print(
+            f"\nGatehouseSecurityGatewayDown for {instance}: {sg_alerts()[0]['state']} {elapsed:.1f} s after the stop"
+        )
+        assert elapsed <= 30, elapsed
+        assert sg_alerts()[0]["state"] in ("pending", "firing")
+    finally:
+        sg.reload()
+        if sg.status != "running":
+            sg.start()
+    # Back: the alert goes away once Prometheus scrapes the SG again.
+    assert gv.wait_for(lambda: not sg_alerts(), 60, 1), sg_alerts()

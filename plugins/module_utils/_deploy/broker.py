@@ -103,6 +103,7 @@ ARGUMENT_SPEC: dict = dict(
     domains={"type": "list", "elements": "str", "default": ["CORP"]},
     data_dir={"type": "path", "default": "/opt/gatehouse/broker"},
     https_port={"type": "int", "default": 443},
+    admin_address={"type": "str"},
     purge={"type": "bool", "default": False},
     directories={"type": "list", "elements": "dict", "options": DIRECTORY_SPEC, "default": []},
     second_factor={
@@ -148,6 +149,11 @@ def validate(params: dict) -> list[str]:
         if len(set(d.upper() for d in params["domains"])) != len(params["domains"]):
             errors.append("domains lists a domain twice")
         dep.port_option(params["https_port"], "https_port", errors)
+        if params["admin_address"] is not None and dep.parse_ip(params["admin_address"].strip()) is None:
+            errors.append(
+                "admin_address %r must be an IP address (0.0.0.0 = every address of the container or host)"
+                % params["admin_address"]
+            )
         if params["domains"]:
             validate_directories(params, errors, warnings)
             validate_second_factor(params, errors)
@@ -656,6 +662,8 @@ def broker_properties(params: dict) -> bytes:
             ("Domains", params["domains"]),
             ("LogLevel", params["log_level"]),
             *identity_properties(params),
+            # Unset keeps the service's default, 127.0.0.1 (and the file of earlier versions unchanged).
+            *([("AdminAddress", params["admin_address"].strip())] if params["admin_address"] else []),
         ],
     )
 

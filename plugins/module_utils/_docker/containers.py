@@ -88,6 +88,8 @@ SERVICE_HARDENING = {
     "sg": {"cap_add": [], "memory": "1g", "pids": 512, "tmpfs": [TMP]},
     "broker": {"cap_add": [], "memory": "512m", "pids": 512, "tmpfs": [TMP]},
     "agent": {"cap_add": [], "memory": "256m", "pids": 256, "tmpfs": [TMP]},
+    # Prometheus (gatehouse/prometheus) runs as uid 10001 and listens on 9090; its data is a mount.
+    "prometheus": {"cap_add": [], "memory": "1g", "pids": 512, "tmpfs": [TMP]},
     "halb": {
         "cap_add": ["KILL", "NET_ADMIN", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_RAW", "SETGID", "SETUID"],
         "memory": "1g",

@@ -26,6 +26,8 @@ from ansible_collections.gatehouse.access.plugins.module_utils._common.result im
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
 from ansible_collections.gatehouse.access.plugins.module_utils._halb import runtime as hd
 from ansible_collections.gatehouse.access.plugins.module_utils._halb.render import (
+    METRICS_LUA_NAME,
+    METRICS_LUA_SOURCE,
     HalbConfigError,
     backend_states,
     backend_weights,
@@ -71,6 +73,9 @@ def plan(module, config: dict, config_dir: str) -> tuple[list[PlannedDir], list[
             0o644,
         ),
     ]
+    metrics_lua = os.path.join(config_dir, "haproxy", METRICS_LUA_NAME)
+    if config["metrics_port"]:
+        files.append(PlannedFile(metrics_lua, METRICS_LUA_SOURCE.encode(), 0o644))
     raw_by_name = {vs["name"]: vs for vs in module.params["virtual_servers"]}
     for vs in config["virtual_servers"]:
         raw = raw_by_name[vs["name"]]
@@ -308,6 +313,7 @@ def run_absent(module) -> dict:
     ours = [
         os.path.join(config_dir, "haproxy", "haproxy.cfg"),
         os.path.join(config_dir, "keepalived", "keepalived.conf"),
+        os.path.join(config_dir, "haproxy", METRICS_LUA_NAME),
     ]
     for directory, suffix in ((certs_dir, ".pem"), (run_dir, "")):
         if os.path.isdir(directory):

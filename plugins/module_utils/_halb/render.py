@@ -33,6 +33,35 @@ ADMIN_SOCKET = RUN_DIR + "/admin.sock"
 PEERS_SECTION = "gatehouse"
 # keepalived runs this with enable_script_security: the binary is root-owned in the image.
 TRACK_SCRIPT = "/usr/bin/pgrep -x haproxy"
+# The node's VRRP state for the monitoring: keepalived's notify commands create this file while the
+# node is master and remove it in every other state; the metrics frontend's Lua service reads it.
+VRRP_MASTER_FILE = RUN_DIR + "/vrrp-master"
+METRICS_LUA_NAME = "gatehouse-metrics.lua"
+METRICS_LUA = HAPROXY_DIR + "/" + METRICS_LUA_NAME
+METRICS_FRONTEND = "gatehouse_metrics"
+DEFAULT_METRICS_PORT = 8405
+# gatehouse_halb_vrrp_master{router_id} at /vrrp of the metrics frontend (the halb module writes it
+# next to haproxy.cfg). Lua, because only it can read a file that changes while HAProxy runs.
+METRICS_LUA_SOURCE = r"""-- Managed by the gatehouse.access.halb module; local changes are overwritten.
+-- /vrrp of the metrics frontend: 1 while keepalived holds this node in VRRP master state.
+core.register_service("gatehouse_vrrp", "http", function(applet)
+    local master = 0
+    local handle = io.open("%s", "r")
+    if handle then
+        handle:close()
+        master = 1
+    end
+    local body = "# HELP gatehouse_halb_vrrp_master 1 while this node is VRRP master (holds the VIPs)\n"
+        .. "# TYPE gatehouse_halb_vrrp_master gauge\n"
+        .. string.format('gatehouse_halb_vrrp_master{router_id="%%s"} %%d\n',
+            applet:get_var("txn.gatehouse_router_id") or "", master)
+    applet:set_status(200)
+    applet:add_header("content-type", "text/plain; version=0.0.4")
+    applet:add_header("content-length", tostring(#body))
+    applet:start_response()
+    applet:send(body)
+end)
+""" % (VRRP_MASTER_FILE,)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 HOSTNAME_RE = re.compile(
@@ -208,8 +237,19 @@ def normalize(params: dict) -> dict:
         "stick_table_peers_port": peers_port,
         "maxconn": _positive(params["maxconn"], "maxconn") if params.get("maxconn") is not None else None,
         "hard_stop_after": _time(params.get("hard_stop_after", "1h"), "hard_stop_after"),
+        "metrics_port": _metrics_port(params.get("metrics_port", DEFAULT_METRICS_PORT), virtual_servers),
         "warnings": [w for vs in virtual_servers for w in vs["warnings"]],
     }
+
+
+def _metrics_port(value: object, virtual_servers: list[dict]) -> int:
+    """0 (no metrics frontend) or a port no virtual server uses."""
+    if value is None or value == 0:
+        return 0
+    port = _port(value, "metrics_port")
+    if port in {vs["port"] for vs in virtual_servers}:
+        raise HalbConfigError("metrics_port %d is the port of a virtual server; choose another one" % port)
+    return port
 
 
 def _positive(value: object, what: str) -> int:
@@ -609,6 +649,8 @@ def _haproxy_body(config: dict, neutral: bool) -> str:
     # connection attempt is refused while the old workers finish their connections.
     add("    stats socket %s mode 600 level admin expose-fd listeners" % ADMIN_SOCKET)
     add("    stats timeout 30s")
+    if config.get("metrics_port"):
+        add("    lua-load %s" % METRICS_LUA)
     add("    localpeer %s" % config["node_name"])
     add("    hard-stop-after %s" % config["hard_stop_after"])
     # The master binds (VIPs, 443) as root; the workers that handle the traffic run unprivileged.
@@ -637,10 +679,33 @@ def _haproxy_body(config: dict, neutral: bool) -> str:
     add("peers %s" % PEERS_SECTION)
     for peer in config["stick_table_peers"]:
         add("    peer %s %s" % (peer["name"], _hostport(peer["address"], config["stick_table_peers_port"])))
+    if config.get("metrics_port"):
+        add("")
+        out.extend(_metrics_frontend(config))
     for vs in config["virtual_servers"]:
         add("")
         out.extend(_virtual_server(vs, neutral))
     return "\n".join(out) + "\n"
+
+
+def _metrics_frontend(config: dict) -> list[str]:
+    """Prometheus' view of the node: HAProxy's own exporter at /metrics, the VRRP state at /vrrp.
+
+    Plain HTTP on every address of the node (never only the VIP, which moves): the firewall role
+    opens the port to the monitoring hosts only.
+    """
+    return [
+        "# Metrics for the monitoring (docs/monitoring.md)",
+        "frontend %s" % METRICS_FRONTEND,
+        "    bind :%d" % config["metrics_port"],
+        "    mode http",
+        "    no log",
+        "    timeout client 10s",
+        "    http-request set-var(txn.gatehouse_router_id) str(%d)" % config["vrrp"]["router_id"],
+        "    http-request use-service prometheus-exporter if { path /metrics }",
+        "    http-request use-service lua.gatehouse_vrrp if { path /vrrp }",
+        "    http-request return status 404",
+    ]
 
 
 def _virtual_server(vs: dict, neutral: bool) -> list[str]:
@@ -749,6 +814,12 @@ def render_keepalived(config: dict, managed: str = MANAGED_BY) -> str:
     for iface in v["vip_interfaces"]:
         add("        %s dev %s" % (iface.with_prefixlen, v["interface"]))
     add("    }")
+    add("    # The node's state for the monitoring (gatehouse_halb_vrrp_master).")
+    # install, not touch: keepalived runs its scripts with umask 077 and the file is read by the
+    # HAProxy workers (user haproxy).
+    add('    notify_master "/usr/bin/install -m 0644 /dev/null %s"' % VRRP_MASTER_FILE)
+    for state in ("backup", "fault", "stop"):
+        add('    notify_%s "/usr/bin/rm -f %s"' % (state, VRRP_MASTER_FILE))
     if v["track_haproxy"]:
         add("    track_script {")
         add("        gatehouse_haproxy")

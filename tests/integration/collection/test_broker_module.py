@@ -157,3 +157,17 @@ def test_cycle(env) -> None:
     purged = run_module("broker", dict(absent, purge=True))
     assert purged.changed and not purged.failed, purged.result
     assert not data_dir.exists()
+
+
+def test_admin_address_is_rendered_only_when_set(env) -> None:
+    """Unset keeps the broker's default (127.0.0.1) and the file of earlier versions; set, it is AdminAddress."""
+    _cli, prefix, tmp_path = env
+    args = {"admin_token": ADMIN, "self_signed": True, "client_tls_verify": False}
+    args.update(data_dir=str(tmp_path / "broker"), name_prefix=prefix)
+    unset = run_module("broker", args, check=True)
+    assert not unset.failed, unset.result
+    assert "AdminAddress" not in unset.result["config"]["broker_properties"]
+    opened = run_module("broker", dict(args, admin_address="0.0.0.0"), check=True)
+    assert opened.result["config"]["broker_properties"]["AdminAddress"] == "0.0.0.0"
+    bad = run_module("broker", dict(args, admin_address="everywhere"), check=True)
+    assert bad.failed and any("admin_address 'everywhere'" in e for e in bad.result["errors"])

@@ -197,3 +197,56 @@ def test_broker_outbound_only_to_its_directories_and_radius_servers(rules) -> No
     assert not any('port="636"' in r or 'port="1812"' in r for r in broker["rich_rules"])
     for host in ("c1", "c2", "c3", "d1", "h1", "h2"):
         assert rules[host]["outbound"] == [], host
+
+
+def test_metrics_ports_only_to_the_monitoring_host_and_prometheus_only_to_management(tmp_path) -> None:
+    """With a monitoring host m1 (its own host), every node opens its metrics endpoint to m1 only."""
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {
+        "all": {
+            "vars": {
+                "gatehouse_manage_firewall": True,
+                "gatehouse_secrets_dir": str(tmp_path / "secrets"),
+                "gatehouse_firewall_admin_sources": ["198.51.100.0/24"],
+                **local,
+            },
+            "children": {
+                "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.0.10"}}},
+                "cmsg": {"hosts": {"c1": {"gatehouse_address": "10.0.0.21"}}},
+                "halb": {
+                    "vars": {"halb_virtual_servers": [{"name": "cm", "vip": "10.0.0.40", "port": 443}]},
+                    "hosts": {"h1": {"gatehouse_address": "10.0.0.41", "halb_metrics_port": 8406}},
+                },
+                "monitoring": {"hosts": {"m1": {"gatehouse_address": "10.0.0.50", "monitoring_port": 9091}}},
+            },
+        }
+    }
+    inventory_path = tmp_path / "hosts.yml"
+    inventory_path.write_text(yaml.safe_dump(inventory))
+    run = run_playbook(
+        "-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--tags", "firewall"
+    )
+    assert run.returncode == 0, run.stdout[-5000:]
+    found = {
+        host: result["msg"]
+        for play in run.report["plays"]
+        for task in play["tasks"]
+        if task["task"]["name"].endswith("The firewall rules of this node")
+        for host, result in task["hosts"].items()
+    }
+    admin, monitor = "198.51.100.0/24", "10.0.0.50"
+    # Prometheus' own port: management only, nothing public.
+    assert found["m1"]["public_ports"] == []
+    assert found["m1"]["rich_rules"] == [rule(admin, 9091)]
+    # The broker's management port 9181 to the monitoring host only; its TLS port as before.
+    assert sorted(found["b1"]["rich_rules"]) == sorted(
+        [rule(s, 443) for s in ("10.0.0.21", "10.0.0.41", admin)] + [rule(monitor, 9181)]
+    )
+    # CM and SG admin ports: the HALB, management and the monitoring host.
+    assert sorted(found["c1"]["rich_rules"]) == sorted(
+        rule(s, p) for s in ("10.0.0.41", admin, monitor) for p in (9180, 9172)
+    )
+    # The HALB's metrics frontend (halb_metrics_port) to the monitoring host only.
+    assert rule(monitor, 8406) in found["h1"]["rich_rules"]
+    assert [r for r in found["h1"]["rich_rules"] if "8406" in r] == [rule(monitor, 8406)]
+    assert "8406/tcp" not in found["h1"]["public_ports"]

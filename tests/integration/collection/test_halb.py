@@ -15,10 +15,13 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,6 +109,34 @@ def test_vip_is_on_the_primary_only_and_serves(pair: Pair):
     assert pair.vip_holders() == ["halb1"]
     names = {pair.via_vip(4444) for _i in range(10)}
     assert names == {"be1", "be2"}
+
+
+def test_metrics_frontend_shows_each_nodes_vrrp_state_and_the_backends(pair: Pair):
+    pair.wait_master("halb1")
+
+    def scrape(node: str, path: str) -> str:
+        url = f"http://{pair.node_ip[node]}:8405{path}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+
+    # keepalived's notify commands and the Lua service: the master says 1, the backup 0.
+    master = re.findall(
+        r'^gatehouse_halb_vrrp_master\{router_id="(\d+)"\} (\d)$', scrape("halb1", "/vrrp"), re.M
+    )
+    backup = re.findall(
+        r'^gatehouse_halb_vrrp_master\{router_id="(\d+)"\} (\d)$', scrape("halb2", "/vrrp"), re.M
+    )
+    assert master == [(master[0][0], "1")] and backup == [(master[0][0], "0")]
+    # HAProxy's exporter: both backends of each virtual server are UP.
+    up = re.findall(
+        r'^haproxy_server_status\{proxy="[^"]+",server="(be\d)",state="UP"\} 1$',
+        scrape("halb1", "/metrics"),
+        re.M,
+    )
+    assert sorted(set(up)) == ["be1", "be2"]
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        scrape("halb1", "/")
+    assert missing.value.code == 404
 
 
 def _tls12_cipher_names() -> list[str]:

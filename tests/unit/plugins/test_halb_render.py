@@ -459,3 +459,44 @@ def test_role_argument_specs_document_exactly_the_defaults():
     assert interval_ms * check["fall"] <= 1000
     assert defaults["halb_backend_tls_verify"] == "required"
     assert "gatehouse__ca_cert" in defaults["halb_backend_ca_file"]
+
+
+def test_metrics_frontend_serves_the_exporter_and_the_vrrp_state_of_the_router():
+    haproxy_cfg, conf = render(base_params())
+    assert "    lua-load /etc/haproxy/gatehouse-metrics.lua" in section_block(haproxy_cfg, "global")
+    assert section(haproxy_cfg, "frontend gatehouse_metrics") == [
+        "bind :8405",
+        "mode http",
+        "no log",
+        "timeout client 10s",
+        "http-request set-var(txn.gatehouse_router_id) str(51)",
+        "http-request use-service prometheus-exporter if { path /metrics }",
+        "http-request use-service lua.gatehouse_vrrp if { path /vrrp }",
+        "http-request return status 404",
+    ]
+    # keepalived keeps the file the Lua service reads: present only in MASTER state.
+    instance = conf[conf.index("vrrp_instance gatehouse_51 {") :]
+    assert '    notify_master "/usr/bin/install -m 0644 /dev/null /run/haproxy/vrrp-master"\n' in instance
+    for state in ("backup", "fault", "stop"):
+        assert f'    notify_{state} "/usr/bin/rm -f /run/haproxy/vrrp-master"\n' in instance
+    assert 'io.open("/run/haproxy/vrrp-master", "r")' in halb.METRICS_LUA_SOURCE
+
+
+def test_metrics_port_zero_renders_no_frontend_and_a_virtual_server_port_is_refused():
+    haproxy_cfg, _conf = render(dict(base_params(), metrics_port=0))
+    assert "gatehouse_metrics" not in haproxy_cfg and "lua-load" not in haproxy_cfg
+    haproxy_cfg, _conf = render(dict(base_params(), metrics_port=9405))
+    assert "bind :9405" in section(haproxy_cfg, "frontend gatehouse_metrics")[0]
+    with pytest.raises(halb.HalbConfigError, match="metrics_port 4172 is the port of a virtual server"):
+        render(dict(base_params(), metrics_port=4172))
+
+
+def section_block(text: str, header: str) -> str:
+    lines = text.splitlines()
+    start = lines.index(header)
+    out = []
+    for line in lines[start + 1 :]:
+        if line and not line[0].isspace():
+            break
+        out.append(line)
+    return "\n".join(out)

@@ -88,6 +88,7 @@ async def serve(settings: BrokerSettings, db: Database) -> None:
     nofile = gweb.raise_nofile_limit()
     ctx = server_context(settings)
     app = build_app(settings, db)
+    app[METRICS_KEY].registry.register(tls.CertificateExpiry.of_files(settings.ssl_cert))
     await gweb.run_sites(
         app,
         [(settings.listen_address, settings.listen_port, ctx)],

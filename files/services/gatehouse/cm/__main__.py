@@ -34,6 +34,7 @@ async def serve(settings: CmSettings) -> None:
     nofile = web.raise_nofile_limit()
     ssl_context = tls.server_context(settings.ssl_cert, settings.ssl_key, "cm")
     cm = ConnectionManager(settings)
+    cm.metrics.registry.register(tls.CertificateExpiry.of_files(settings.ssl_cert, settings.identity_cert))
     hosts = [settings.listen_address]
     if settings.enable_ipv6 and settings.listen_address == "0.0.0.0":
         hosts.append("::")  # asyncio binds IPv6 sockets v6-only, so both families need a site

@@ -46,6 +46,7 @@ async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl
     registry.register(
         StatsCollector(stats, settings.max_connections, lambda: len(gateway.sessions), udp.pool.in_use)
     )
+    registry.register(tls.CertificateExpiry.of_files(settings.ssl_cert))
     app = web.Application()
     add_health_and_metrics(app, registry, lambda: ready)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
