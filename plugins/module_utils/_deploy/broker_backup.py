@@ -122,8 +122,8 @@ def read_checksums(db_path: str) -> dict[str, str] | None:
         return None
     names = (os.path.basename(db_path), os.path.basename(key_path(db_path)))
     if not 1 <= len(lines) <= 2 or any(
-        len(line) != 2 or line[1].lstrip("*") != name or not re.match(r"^[0-9a-f]{64}$", line[0])
-        for line, name in zip(lines, names)
+        len(line) != 2 or line[1].lstrip("*") != names[i] or not re.match(r"^[0-9a-f]{64}$", line[0])
+        for i, line in enumerate(lines)
     ):
         raise Failure("%s is not a checksum file of %s" % (checksum_path(db_path), db_path))
     return {"database": lines[0][0], "totp_key": lines[1][0] if len(lines) == 2 else None}
