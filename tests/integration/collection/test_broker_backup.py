@@ -163,7 +163,7 @@ def source(env, pki: CertAuthority) -> Deployment:
     broker = deploy(pki, tmp, f"{prefix}-a")
     ok(run_module("broker_user", broker.connection(name="dave", domain="CORP", password=DAVE_PW)))
     status, enrolled = broker.admin().call("POST", "/users/CORP/dave/totp")
-    assert status == 200, enrolled
+    assert status == 201, status
     totp = pyotp.parse_uri(enrolled["otpauth_uri"])
     assert broker.totp_login("dave", DAVE_PW, totp.now()) == p.AUTH_OK
     broker.totp = totp
@@ -306,7 +306,7 @@ def test_retention_keeps_the_newest(env, source: Deployment, first_backup) -> No
     names = files_of(backup_dir)
     oldest = Path(taken[0])
     assert not any(n.startswith(oldest.stem) for n in names), names
-    assert len(names) == 6
+    assert len(names) == 8  # two backups of four files (database, key, metadata, checksums)
     # A smaller keep in check mode reports what would go and removes nothing.
     predicted = take(source, backup_dir, keep=1, check=True)
     assert predicted["removed"] == [taken[1]] and predicted["changed"]
