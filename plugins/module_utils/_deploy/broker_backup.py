@@ -554,6 +554,7 @@ def restore(cli, params: dict, check_mode: bool) -> dict:
         if placed and result["previous"] is not None:
             engine.put_back(result["previous"], data_dir)  # the key was not replaced
             reported["previous"] = None
+        reported["totp_key"] = dict(result["totp_key"], restored=False, previous=None)
         again = _start_again(container, params["wait_timeout"])
         raise Failure(
             "restore of %s failed before the broker started on it: %s%s" % (path, exc, again), **reported
