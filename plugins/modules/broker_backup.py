@@ -7,25 +7,33 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: broker_backup
-short_description: Back up the connection broker's database, keep the newest N, restore one
+short_description: Back up the connection broker's database and TOTP key, keep the newest N, restore one
 version_added: 0.1.0
 description:
   - With O(state=present), takes a consistent online backup of the database of the broker container
     C(<name_prefix>-broker) while it keeps serving, with SQLite's online backup API run inside the container,
-    and writes it to O(backup_dir) as three files named after the UTC time -
-    C(broker-<time>.db) (mode 0600), C(broker-<time>.json) (metadata - format, engine, time, schema version,
-    collection version, image, size, sha256) and C(broker-<time>.db.sha256) (C(sha256sum -c) format). Each
-    file is written atomically, the checksum file last; a backup without it is incomplete and ignored.
+    and writes it to O(backup_dir) as files of mode 0600 named after the UTC time -
+    C(broker-<time>.db), C(broker-<time>.totp.key) (the broker's TOTP key C(secrets/totp.key), when it has
+    one - it decrypts the enrolled TOTP secrets in the database), C(broker-<time>.json) (metadata - format,
+    engine, time, schema version, collection version, image, size, sha256 of the database and of the key)
+    and C(broker-<time>.db.sha256) (C(sha256sum -c) format, one line per file). Each file is written
+    atomically, the checksum file last; a backup without it is incomplete and ignored.
   - The copy passes SQLite's integrity check before it is kept. When the newest backup already holds the
-    same database (same sha256), no new backup is written. Then only the newest O(keep) backups stay.
-  - With O(state=restored), verifies the backup O(restore_from) before anything else - against its checksum
-    file and its metadata, that it is an SQLite database, and that the running broker's image understands its
-    schema version (an older one is migrated forward when the broker starts) - and refuses a backup that does
-    not pass with nothing changed. Then it stops the broker container, keeps the current database as
-    C(broker.db.before-restore) (until the next restore), removes SQLite's journal files, puts the backup in
-    place by a rename, starts the container and waits until the broker's C(/health) answers. When the broker
-    does not come up on the restored database, the previous database is put back, the broker is started on it
-    and the task fails.
+    same database and the same key (same sha256), no new backup is written. Then only the newest O(keep)
+    backups stay.
+  - The key is never returned, shown in a diff or named in a message; only its path is. Its file name ends
+    in C(.key), so support bundles list it without reading it.
+  - With O(state=restored), verifies the backup O(restore_from) before anything else - the database and the
+    key against its checksum file and its metadata, that the database is an SQLite file and the key a key of
+    the broker's form, and that the running broker's image understands its schema version (an older one is
+    migrated forward when the broker starts) - and refuses a backup that does not pass with nothing changed.
+    Then it stops the broker container, keeps the current database as C(broker.db.before-restore) and the
+    current key as C(secrets/totp.before-restore.key) (until the next restore), removes SQLite's journal
+    files, puts the database and the key in place by renames, starts the container and waits until the
+    broker's C(/health) answers. When the broker does not come up on the restored database, the previous
+    database and key are put back, the broker is started on them and the task fails.
+  - A backup without a key (taken before the key was part of backups) restores the database only; the broker
+    keeps its key and the module warns that TOTP secrets enrolled under another key cannot be decrypted.
   - Only the broker's embedded SQLite database is supported.
 author:
   - Gatehouse contributors (@gatehouse)
@@ -38,19 +46,20 @@ attributes:
     details:
       - With O(state=present) the copy is taken and compared with the newest backup, then deleted; the result
         and the diff say which backup would be written and which would be removed. Nothing is kept.
-      - With O(state=restored) the backup is verified; the broker is not stopped and nothing is written.
+      - With O(state=restored) the backup and its key are verified; the broker is not stopped and nothing is
+        written.
   diff_mode:
     support: full
     details:
       - O(state=present) shows the backups of O(backup_dir) before and after; O(state=restored) names the
-        backup that replaces the database.
+        backup that replaces the database and whether the key is replaced (never the key itself).
   idempotent:
     description: Whether a second run with the same options, on an unchanged broker, changes nothing.
     support: partial
     details:
-      - O(state=present) reports V(changed=true) when it writes a new backup (the database differs from the
-        newest backup) or removes backups beyond O(keep); run again on an unchanged database it changes
-        nothing.
+      - O(state=present) reports V(changed=true) when it writes a new backup (the database or the key differs
+        from the newest backup) or removes backups beyond O(keep); run again on an unchanged database and key
+        it changes nothing.
       - O(state=restored) always replaces the database and restarts the broker, so it always reports
         V(changed=true).
   platform:
@@ -66,8 +75,8 @@ options:
     default: present
   backup_dir:
     description:
-      - Directory of the backups on the broker's host; created with mode 0700. Required with
-        O(state=present); not used by O(state=restored).
+      - Directory of the backups on the broker's host; created with mode 0700 (the backups hold password
+        hashes and the TOTP key). Required with O(state=present); not used by O(state=restored).
     type: path
   keep:
     description:
@@ -76,8 +85,8 @@ options:
     default: 7
   restore_from:
     description:
-      - Path of the backup (C(broker-<time>.db)) to restore; its C(.db.sha256) and C(.json) files are next to
-        it. Required with O(state=restored).
+      - Path of the backup (C(broker-<time>.db)) to restore; its C(.db.sha256), C(.json) and (when the broker
+        had a TOTP key) C(.totp.key) files are next to it. Required with O(state=restored).
     type: path
   name_prefix:
     description:
@@ -105,14 +114,13 @@ EXAMPLES = r"""
     keep: 14
   register: backup
 
-- name: Fetch the new backup and its checksum and metadata files to the controller
+- name: Fetch the new backup, its TOTP key, checksum and metadata files to the controller
   ansible.builtin.fetch:
     src: "{{ item }}"
     dest: backups/
-  loop:
-    - "{{ backup.backup.path }}"
-    - "{{ backup.backup.checksum_file }}"
-    - "{{ backup.backup.metadata_file }}"
+  loop: >-
+    {{ [backup.backup.path, backup.backup.checksum_file, backup.backup.metadata_file,
+        backup.backup.totp_key_file] | select | list }}
   when: backup.backup.new
 
 - name: Restore a backup (the broker is stopped and started again)
@@ -135,6 +143,9 @@ backup:
       type: str
     metadata_file:
       description: Its metadata (JSON).
+      type: str
+    totp_key_file:
+      description: Its copy of the broker's TOTP key; null when the broker has none.
       type: str
     sha256:
       description: sha256 of the database file.
@@ -178,6 +189,20 @@ previous:
   description: Where the database that was replaced is kept; null when there was none or in check mode.
   returned: state=restored
   type: str
+totp_key:
+  description: The broker's TOTP key (its path, never its value).
+  returned: state=restored
+  type: dict
+  contains:
+    path:
+      description: Path of the broker's TOTP key on the host.
+      type: str
+    restored:
+      description: Whether the backup's key replaces it; false for a backup without a key (the broker keeps its own).
+      type: bool
+    previous:
+      description: Where the key that was replaced is kept; null when there was none, nothing was replaced or in check mode.
+      type: str
 """
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402

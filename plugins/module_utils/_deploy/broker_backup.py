@@ -4,11 +4,15 @@
 
 """Logic of the broker_backup module: back up and restore the broker's database (private to the collection).
 
-A backup is three files in the backup directory, named after the UTC time it was taken:
-``broker-<time>.db`` (the database), ``broker-<time>.json`` (metadata: format, engine, time,
-schema version, collection version, image, size, sha256) and ``broker-<time>.db.sha256`` (in
-``sha256sum`` format, so ``sha256sum -c`` checks it by hand). Each is written atomically and the
-checksum file last: a backup without it is incomplete and is neither listed, kept nor restored.
+A backup is the files in the backup directory named after the UTC time it was taken:
+``broker-<time>.db`` (the database), ``broker-<time>.totp.key`` (the broker's TOTP key, when it
+has one: it decrypts the enrolled TOTP secrets of the database, so a backup without it cannot be
+restored into another deployment), ``broker-<time>.json`` (metadata: format, engine, time,
+schema version, collection version, image, size, sha256 of each file) and
+``broker-<time>.db.sha256`` (in ``sha256sum`` format, one line per file, so ``sha256sum -c``
+checks them by hand). Each is written atomically, mode 0600, and the checksum file last: a backup
+without it is incomplete and is neither listed, kept nor restored. The key file ends in ``.key``
+so that support bundles never read it; its value is never returned, shown in a diff or a message.
 
 The engine does the work that depends on the database: :class:`SqliteEngine` takes the copy with
 SQLite's online backup API inside the running broker container (one consistent snapshot while
@@ -17,8 +21,10 @@ engine (pg_dump / pg_restore) plugs into :data:`ENGINES` with the same methods; 
 checksums, retention and the stop/start of the restore stay as they are.
 
 Invariants: nothing is kept in check mode (the snapshot is taken and compared, then deleted);
-a restore verifies the checksum, the metadata and the file before it stops the broker, so a
-backup that does not match changes nothing; the database file is replaced by a rename.
+a restore verifies the checksums, the metadata and the files before it stops the broker, so a
+backup that does not match changes nothing; the database and the key are replaced by renames,
+and put back together when the broker does not start on them. A backup of format 1 (before the
+key was part of it) restores the database only; the broker keeps its own key.
 """
 
 from __future__ import annotations
@@ -34,12 +40,18 @@ from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfil
     atomic_open,
     write_atomic,
 )
-from ansible_collections.gatehouse.access.plugins.module_utils._common.files import sha256_file
+from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
+    read_bytes,
+    sha256,
+    sha256_file,
+)
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import broker as broker_deploy
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
 
-FORMAT = 1
+FORMAT = 2
+# 1: the database only; 2: the database and the broker's TOTP key (when it has one).
+FORMATS = (1, 2)
 PREFIX = "broker-"
 # broker-<UTC time>[-<n>].db: -<n> tells apart backups taken in the same second.
 _NAME_RE = re.compile(r"^broker-([0-9]{8}T[0-9]{6}Z)(?:-([0-9]+))?\.db$")
@@ -49,6 +61,11 @@ DATA_MOUNT = broker_deploy.DATA_MOUNT
 DATABASE = broker_deploy.DATABASE
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PREVIOUS_SUFFIX = ".before-restore"
+SECRETS_MOUNT = "/" + broker_deploy.SECRETS
+TOTP_KEY = broker_deploy.TOTP_KEY
+# Both end in .key: support bundles list such files by name and never read them.
+KEY_SUFFIX = ".totp.key"
+PREVIOUS_KEY = "totp.before-restore.key"
 HEALTH_ADDRESS = ("127.0.0.1", 9181)  # the broker's management listener (/health), inside its container
 _CHUNK = 1024 * 1024
 
@@ -89,20 +106,27 @@ def metadata_path(db_path: str) -> str:
     return db_path[: -len(".db")] + ".json"
 
 
-def read_checksum(db_path: str) -> str | None:
-    """The sha256 that the checksum file of ``db_path`` records for it, or None without one."""
+def key_path(db_path: str) -> str:
+    return db_path[: -len(".db")] + KEY_SUFFIX
+
+
+def read_checksums(db_path: str) -> dict[str, str] | None:
+    """{"database": sha256, "totp_key": sha256 or None} as the checksum file of ``db_path`` records them.
+
+    None without a checksum file. The database's line comes first; the key's, when there is one, second.
+    """
     try:
         with open(checksum_path(db_path), encoding="utf-8") as handle:
-            line = handle.readline().split()
+            lines = [line.split() for line in handle.read().splitlines() if line.strip()]
     except FileNotFoundError:
         return None
-    if (
-        len(line) != 2
-        or line[1].lstrip("*") != os.path.basename(db_path)
-        or not re.match(r"^[0-9a-f]{64}$", line[0])
+    names = (os.path.basename(db_path), os.path.basename(key_path(db_path)))
+    if not 1 <= len(lines) <= 2 or any(
+        len(line) != 2 or line[1].lstrip("*") != names[i] or not re.match(r"^[0-9a-f]{64}$", line[0])
+        for i, line in enumerate(lines)
     ):
         raise Failure("%s is not a checksum file of %s" % (checksum_path(db_path), db_path))
-    return line[0]
+    return {"database": lines[0][0], "totp_key": lines[1][0] if len(lines) == 2 else None}
 
 
 def list_backups(backup_dir: str) -> list[str]:
@@ -122,7 +146,7 @@ def list_backups(backup_dir: str) -> list[str]:
 def new_backup_path(backup_dir: str, now: datetime.datetime) -> str:
     stem = PREFIX + now.strftime("%Y%m%dT%H%M%SZ")
     path, n = os.path.join(backup_dir, stem + ".db"), 0
-    while os.path.exists(path) or os.path.exists(checksum_path(path)):
+    while any(os.path.exists(p) for p in (path, checksum_path(path), key_path(path))):
         n += 1
         path = os.path.join(backup_dir, "%s-%d.db" % (stem, n))
     return path
@@ -142,6 +166,16 @@ def host_data_dir(container) -> str:
         if mount.get("Destination") == DATA_MOUNT and mount.get("Source"):
             return mount["Source"]
     raise Failure("container %s mounts no data directory at %s" % (container.name, DATA_MOUNT))
+
+
+def host_secrets_dir(container, data_dir: str) -> str:
+    """Where the broker's secrets/ is on this host: its /secrets mount, else beside data/ (the broker
+    module's layout; a broker without TOTP, LDAP or RADIUS mounts none, and a later deployment with TOTP
+    keeps a key it finds there)."""
+    for mount in container.attrs.get("Mounts") or []:
+        if mount.get("Destination") == SECRETS_MOUNT and mount.get("Source"):
+            return mount["Source"]
+    return os.path.join(os.path.dirname(data_dir.rstrip("/")), broker_deploy.SECRETS)
 
 
 class SqliteEngine:
@@ -277,7 +311,7 @@ def run(params: dict, check_mode: bool) -> dict:
 
 
 def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
-    """Take a backup unless the newest one holds the same database; keep the newest ``keep``.
+    """Take a backup unless the newest one holds the same database and TOTP key; keep the newest ``keep``.
 
     changed is true when a backup is (or would be) written or an old one removed.
     """
@@ -291,13 +325,16 @@ def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
             % container.name
         )
     data_dir = host_data_dir(container)
+    # Read on the host: the broker reads it only when it starts, so it cannot change under the snapshot.
+    key = read_bytes(os.path.join(host_secrets_dir(container, data_dir), TOTP_KEY))
+    key_digest = sha256(key) if key is not None else None
     before = list_backups(backup_dir)
     tmp, facts = engine.snapshot(container, data_dir)
     try:
         digest = sha256_file(tmp)
         size = os.path.getsize(tmp)
         newest = before[-1] if before else None
-        same = newest is not None and read_checksum(newest) == digest
+        same = newest is not None and read_checksums(newest) == {"database": digest, "totp_key": key_digest}
         written = None
         if same:
             after = list(before)
@@ -317,15 +354,22 @@ def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
                 "container": container.name,
                 "size": size,
                 "sha256": digest,
+                # The broker's TOTP key: null when the broker has none.
+                "totp_key": None
+                if key is None
+                else {"file": os.path.basename(key_path(written)), "sha256": key_digest},
             }
             if not check_mode:
                 os.makedirs(backup_dir, mode=0o700, exist_ok=True)
                 with open(tmp, "rb") as source, atomic_open(written, 0o600) as target:
                     shutil.copyfileobj(source, target, _CHUNK)
+                lines = "%s  %s\n" % (digest, os.path.basename(written))
+                if key is not None:
+                    write_atomic(key_path(written), key, 0o600)
+                    lines += "%s  %s\n" % (key_digest, os.path.basename(key_path(written)))
                 write_atomic(metadata_path(written), (json.dumps(metadata, indent=2) + "\n").encode(), 0o600)
                 # Last: the checksum file marks the backup complete.
-                line = "%s  %s\n" % (digest, os.path.basename(written))
-                write_atomic(checksum_path(written), line.encode(), 0o600)
+                write_atomic(checksum_path(written), lines.encode(), 0o600)
     finally:
         remove_quietly(tmp)
     removed = after[: -params["keep"]]
@@ -333,7 +377,7 @@ def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
     if not check_mode:
         for path in removed:
             # The checksum file first: from then on the backup is incomplete and no longer listed.
-            for name in (checksum_path(path), metadata_path(path), path):
+            for name in (checksum_path(path), metadata_path(path), key_path(path), path):
                 remove_quietly(name)
     latest = written or newest
     return {
@@ -342,6 +386,7 @@ def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
             "path": latest,
             "checksum_file": checksum_path(latest),
             "metadata_file": metadata_path(latest),
+            "totp_key_file": key_path(latest) if key is not None else None,
             "sha256": digest,
             "size": size,
             "schema_version": facts["schema_version"],
@@ -353,15 +398,17 @@ def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
     }
 
 
-def verify_backup(path: str) -> tuple[dict, str]:
-    """The metadata and sha256 of the backup ``path`` after checking it; Failure when it does not match."""
+def verify_backup(path: str) -> tuple[dict, str, bytes | None]:
+    """The metadata, the database's sha256 and the TOTP key (None without one) of the backup ``path``
+    after checking them; Failure when they do not match. A message never holds the key."""
     if not os.path.isfile(path):
         raise Failure("backup %s does not exist" % path)
     if not path.endswith(".db"):
         raise Failure("backup %s is not the database file of a backup (broker-<time>.db)" % path)
-    expected = read_checksum(path)
-    if expected is None:
+    recorded = read_checksums(path)
+    if recorded is None:
         raise Failure("backup %s has no checksum file %s: it is incomplete" % (path, checksum_path(path)))
+    expected = recorded["database"]
     actual = sha256_file(path)
     if actual != expected:
         raise Failure(
@@ -378,30 +425,105 @@ def verify_backup(path: str) -> tuple[dict, str]:
             "backup %s has no readable metadata %s: %s" % (path, metadata_path(path), exc)
         ) from None
     if (
-        metadata.get("format") != FORMAT
+        not isinstance(metadata, dict)
+        or metadata.get("format") not in FORMATS
         or metadata.get("engine") not in ENGINES
         or metadata.get("sha256") != actual
     ):
         raise Failure("the metadata of backup %s does not describe it (format, engine or sha256)" % path)
-    return metadata, actual
+    return metadata, actual, _verified_key(path, metadata, recorded["totp_key"])
+
+
+def _verified_key(path: str, metadata: dict, recorded: str | None) -> bytes | None:
+    """The TOTP key of the backup ``path`` once its checksum file, its metadata and its form agree."""
+    described = metadata.get("totp_key") if metadata["format"] >= 2 else None
+    if described is None and recorded is None:
+        return None
+    key_file = key_path(path)
+    if (
+        not isinstance(described, dict)
+        or described.get("sha256") != recorded
+        or described.get("file") != os.path.basename(key_file)
+    ):
+        raise Failure(
+            "the metadata and the checksum file of backup %s do not agree on its TOTP key %s: refused, nothing "
+            "was changed" % (path, key_file)
+        )
+    key = read_bytes(key_file)
+    if key is None:
+        raise Failure("backup %s lacks its TOTP key %s: refused, nothing was changed" % (path, key_file))
+    if sha256(key) != recorded:
+        raise Failure(
+            "the TOTP key %s of backup %s does not match its checksum: refused, nothing was changed"
+            % (key_file, path)
+        )
+    if not broker_deploy.totp_key_valid(key.decode("ascii", "replace")):
+        raise Failure(
+            "the TOTP key %s of backup %s is not the base64 of %d bytes: refused, nothing was changed"
+            % (key_file, path, broker_deploy.TOTP_KEY_BYTES)
+        )
+    return key
+
+
+def put_key(key: bytes, secrets_dir: str, data_dir: str) -> str | None:
+    """Make ``key`` the (stopped) broker's TOTP key; returns where the previous key is kept, or None.
+
+    A missing secrets/ is made as the broker module makes it (0700, the owner of data/).
+    """
+    live = os.path.join(secrets_dir, TOTP_KEY)
+    if not os.path.isdir(secrets_dir):
+        st = os.stat(data_dir)
+        os.mkdir(secrets_dir, 0o700)
+        os.chown(secrets_dir, st.st_uid, st.st_gid)
+    previous = None
+    if os.path.exists(live):
+        st = os.stat(live)
+        previous = os.path.join(secrets_dir, PREVIOUS_KEY)
+        remove_quietly(previous)
+        os.link(live, previous)  # the key of the previous database, kept with it until the next restore
+    else:
+        st = os.stat(secrets_dir)
+    write_atomic(live, key, 0o600, st.st_uid, st.st_gid)
+    return previous
+
+
+def put_key_back(previous: str | None, secrets_dir: str) -> None:
+    """Undo put_key: the previous key (or none) is the broker's key again."""
+    live = os.path.join(secrets_dir, TOTP_KEY)
+    if previous is None:
+        remove_quietly(live)
+    else:
+        os.replace(previous, live)
 
 
 def restore(cli, params: dict, check_mode: bool) -> dict:
-    """Verify the backup, stop the broker, put the database in place, start it and wait for /health.
+    """Verify the backup, stop the broker, put the database and the TOTP key in place, start it, wait for /health.
 
-    Everything that can be checked is checked before the broker is stopped: the checksum, the
-    metadata, the file, and that the broker's image understands the backup's schema version. When
-    the broker does not come up healthy on the restored database, the previous one is put back and
-    the broker started on it. A restore always replaces the database: changed is true.
+    Everything that can be checked is checked before the broker is stopped: the checksums, the
+    metadata, the files, and that the broker's image understands the backup's schema version. When
+    the broker does not come up healthy on the restored database, the previous database and key are
+    put back and the broker started on them. A backup without a key leaves the broker's key as it
+    is (with a warning). A restore always replaces the database: changed is true.
     """
     path = params["restore_from"]
-    metadata, digest = verify_backup(path)
+    metadata, digest, key = verify_backup(path)
     engine = ENGINES[metadata["engine"]]()
     engine.verify(path)
     container = broker_container(cli, params)
     data_dir = host_data_dir(container)
+    secrets_dir = host_secrets_dir(container, data_dir)
+    live_key = os.path.join(secrets_dir, TOTP_KEY)
+    has_key = os.path.exists(live_key)
     engine.check_schema(container, metadata.get("schema_version"))
     live = os.path.join(data_dir, DATABASE)
+    warnings = []
+    if key is None and (has_key or metadata["format"] < 2):
+        warnings.append(
+            "backup %s holds no TOTP key, so the broker keeps its own (%s): TOTP secrets the database holds that "
+            "were enrolled under another key cannot be decrypted, and those users must enroll again"
+            % (path, live_key if has_key else "it has none")
+        )
+    key_text = "the TOTP key of the backup" if key is not None else "kept (the backup holds none)"
     result = {
         "changed": True,
         "restored_from": path,
@@ -409,18 +531,30 @@ def restore(cli, params: dict, check_mode: bool) -> dict:
         "schema_version": metadata.get("schema_version"),
         "database": live,
         "previous": None,
+        "totp_key": {"path": live_key, "restored": key is not None, "previous": None},
+        "warnings_list": warnings,
         "diff": {
-            "before": "%s: the current database\n" % live,
-            "after": "%s: backup %s (sha256 %s, taken %s)\n" % (live, path, digest, metadata.get("created")),
+            "before": "%s: the current database\n%s: %s\n"
+            % (live, live_key, "the current TOTP key" if has_key else "none"),
+            "after": "%s: backup %s (sha256 %s, taken %s)\n%s: %s\n"
+            % (live, path, digest, metadata.get("created"), live_key, key_text),
         },
     }
     if check_mode:
         return result
-    reported = {k: v for k, v in result.items() if k not in ("changed", "diff")}
+    reported = {k: v for k, v in result.items() if k not in ("changed", "diff", "warnings_list")}
+    placed = False
     try:
         ctr.stop_container(container, params["stop_timeout"])
         result["previous"] = reported["previous"] = engine.put_in_place(path, data_dir)
+        placed = True
+        if key is not None:
+            result["totp_key"]["previous"] = put_key(key, secrets_dir, data_dir)
     except (ctr.ContainerError, OSError) as exc:
+        if placed and result["previous"] is not None:
+            engine.put_back(result["previous"], data_dir)  # the key was not replaced
+            reported["previous"] = None
+        reported["totp_key"] = dict(result["totp_key"], restored=False, previous=None)
         again = _start_again(container, params["wait_timeout"])
         raise Failure(
             "restore of %s failed before the broker started on it: %s%s" % (path, exc, again), **reported
@@ -432,11 +566,15 @@ def restore(cli, params: dict, check_mode: bool) -> dict:
             raise Failure(str(exc), **reported) from None
         ctr.stop_container(container, params["stop_timeout"])
         engine.put_back(result["previous"], data_dir)
+        if key is not None:
+            # The key belongs to the database: the previous one comes back with it.
+            put_key_back(result["totp_key"]["previous"], secrets_dir)
         reported["previous"] = None  # it is the live database again
+        reported["totp_key"] = dict(result["totp_key"], restored=False, previous=None)
         again = _start_again(container, params["wait_timeout"])
         raise Failure(
-            "the broker did not come up on the restored database, so the previous database was put back: %s%s"
-            % (exc, again),
+            "the broker did not come up on the restored database, so the previous database was put back%s: %s%s"
+            % (" with its TOTP key" if key is not None else "", exc, again),
             **reported,
         ) from None
     return result

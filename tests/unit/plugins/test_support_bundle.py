@@ -314,6 +314,9 @@ def test_broker_secret_files_are_not_read(tmp_path: Path) -> None:
         "ldap-CORP.password": "bind-pass-6d1e",
         "radius.secret": "radius-shared-9f2a",
         "totp.key": "a2V5",
+        # What a restore of broker_backup keeps, and a backup's copy of the key: named *.key, never read.
+        "totp.before-restore.key": "b2xkLWtleQ",
+        "broker-20260101T000000Z.totp.key": "YmFja2VkLXVw",
     }
     for name, value in files.items():
         (secrets_dir / name).write_text(value + "\n")
