@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,54 @@ def test_ensure_image_on_a_failing_run_asks_only_the_engine() -> None:
     assert client.images.asked == [ref] and pulled == []
     with pytest.raises(ctr.ContainerError, match="is not present on the Docker host"):
         ctr.ensure_image(client, ref, False, False, failing=True)
+
+
+# ------------------------------------------------------------------ the HALB node
+
+halb_module = importlib.import_module("ansible_collections.gatehouse.access.plugins.modules.halb")
+halb_node = importlib.import_module(_UTILS + "_halb.node")
+halb_runtime = importlib.import_module(_UTILS + "_halb.runtime")
+
+HALB_BASE = {
+    "config_dir": DATA_DIR % "halb",
+    "node_name": "lb1",
+    "network_mode": "gh-halb-net",
+    "ipv4_address": "10.199.7.11",
+    "virtual_servers": [
+        {
+            "name": "cm",
+            "vip": "10.199.7.100",
+            "port": 443,
+            "backend_tls_verify": "none",
+            "backends": [
+                {"name": "cm1", "address": "10.199.7.21", "port": 443},
+                {"name": "cm2", "address": "10.199.7.22", "port": 443, "state": "drain"},
+            ],
+        }
+    ],
+    "vrrp": {"router_id": 51, "priority": 150, "peers": ["10.199.7.12"], "vips": ["10.199.7.100"]},
+}
+# Computed by the halb module before it ran on the deploy engine (commit 244aeb8), same inputs.
+HALB_CASES = {
+    "bridge network": (
+        {},
+        {"gatehouse-halb": "741a1c42188880cb833e83ac4b01acec45fe9fe5b54bdb10f06cddae4897e4bf"},
+    ),
+    "no metrics, limits, own image": (
+        {"metrics_port": 0, "container_limits": {"memory": "512m"}, "image": "gh/halb:test"},
+        {"gatehouse-halb": "473ac87b042357387ca4a369d3e708f32efc9d4afd6f4bfba236db5bbea89d08"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HALB_CASES))
+def test_halb_spec_hashes_are_unchanged(hashes, monkeypatch, case: str) -> None:
+    """Moving the node onto the engine must not recreate the HALB containers already running."""
+    monkeypatch.setattr(halb_runtime, "validate", lambda *args: (True, ""))
+    logic = types.SimpleNamespace(
+        ARGUMENT_SPEC=halb_module.ARGUMENT_SPEC,
+        REQUIRED_IF=[("state", "present", ["node_name", "virtual_servers", "vrrp"])],
+        run=halb_node.run_present,
+    )
+    options, expected = HALB_CASES[case]
+    assert hashes(logic, dict(HALB_BASE, **options)) == expected
