@@ -340,7 +340,7 @@ def test_ensure_image_on_a_failing_run_asks_only_the_engine() -> None:
 # ------------------------------------------------------------------ the HALB node
 
 halb_module = importlib.import_module("ansible_collections.gatehouse.access.plugins.modules.halb")
-halb_node = importlib.import_module(_UTILS + "_halb.node")
+halb_node = importlib.import_module(_UTILS + "_deploy.halb")
 halb_runtime = importlib.import_module(_UTILS + "_halb.runtime")
 
 HALB_BASE = {

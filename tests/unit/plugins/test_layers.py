@@ -25,12 +25,12 @@ LAYERS = {
     "_common": 0,
     "_docker": 1,
     "_crypto": 1,
-    "_deploy": 2,
+    "_deploy": 3,
     "_halb": 2,
     "_broker_api": 2,
     "_ops": 2,
 }
-TOP = 3  # plugins/modules, plugins/lookup
+TOP = 4  # plugins/modules, plugins/lookup
 
 
 def _imports(path: Path) -> list[str]:
