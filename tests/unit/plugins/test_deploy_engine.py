@@ -386,3 +386,139 @@ def test_halb_spec_hashes_are_unchanged(hashes, monkeypatch, case: str) -> None:
     )
     options, expected = HALB_CASES[case]
     assert hashes(logic, dict(HALB_BASE, **options)) == expected
+
+
+# ------------------------------------------------------------------ Reload: files taken up while running
+
+
+class Running(FakeCollection):
+    """One running container of ours with the spec hash ``labels[LABEL_HASH]``."""
+
+    def __init__(self, name: str, spec_hash: str) -> None:
+        self.object = FakeObject(name)
+        self.object.labels.update({ctr.LABEL_ROLE: "app", ctr.LABEL_HASH: spec_hash})
+
+    def get(self, name: str):
+        if name == self.object.name:
+            return self.object
+        raise NotFound(f"no {name}")
+
+
+class ReloadRecorder:
+    """A Reload's hooks that record their calls; validate refuses when ``refuse`` is set."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.staged: dict[str, bytes] = {}
+        self.applied: list[tuple] = []
+
+    def validate(self, cli, stage: str) -> None:
+        for root, _dirs, names in os.walk(stage):
+            for name in names:
+                path = os.path.join(root, name)
+                self.staged[os.path.relpath(path, stage)] = Path(path).read_bytes()
+        if self.refuse:
+            raise engine.Failure("refused")
+
+    def apply(self, cli, changed, removed, check_mode: bool) -> list[str]:
+        self.applied.append(
+            (
+                [(f.path, f.before, f.data) for f in changed],
+                removed,
+                [os.path.exists(p) for p in removed],
+                check_mode,
+            )
+        )
+        return ["reloaded"]
+
+
+def reload_deployment(data_dir: Path, conf: bytes, env: bytes, recorder: ReloadRecorder, stale: list[str]):
+    """A deployment of one container reading ``env`` (hash) and taking ``conf/app.conf`` (and a stale ``old.conf``) up by a reload."""
+    spec = {"service": "test", "name": "gh-app", "labels": {ctr.LABEL_ROLE: "app"}}
+    container = engine.Container(
+        spec,
+        reload=engine.Reload(
+            apply=recorder.apply, validate=recorder.validate, files=("app.conf", "old.conf")
+        ),
+    )
+    return engine.Deployment(
+        str(data_dir),
+        [
+            files.PlannedFile(str(data_dir / "conf" / "app.conf"), conf, 0o644),
+            files.PlannedFile(str(data_dir / "env"), env, 0o600),
+        ],
+        [files.PlannedDir(str(data_dir), 0o755), files.PlannedDir(str(data_dir / "conf"), 0o750)],
+        [container],
+        {"test": "sha256:image"},
+        [],
+        stale_files=[(path, "<removed>\n") for path in stale],
+        compose=False,
+    )
+
+
+@pytest.fixture
+def running_app(tmp_path: Path):
+    """data_dir with conf/app.conf (old), env and a stale conf/old.conf; a running container of that state."""
+    data_dir = tmp_path / "app"
+    (data_dir / "conf").mkdir(parents=True)
+    (data_dir / "conf" / "app.conf").write_bytes(b"old\n")
+    (data_dir / "conf" / "old.conf").write_bytes(b"stale\n")
+    (data_dir / "env").write_bytes(b"A=1\n")
+    os.chmod(data_dir, 0o755)
+    os.chmod(data_dir / "conf", 0o750)
+    os.chmod(data_dir / "conf" / "app.conf", 0o644)
+    os.chmod(data_dir / "env", 0o600)
+    current = reload_deployment(data_dir, b"old\n", b"A=1\n", ReloadRecorder(), [])
+    current.plan(FakeClient())
+    client = FakeClient()
+    client.containers = Running("gh-app", current.containers[0].hash)
+    return data_dir, client
+
+
+@pytest.mark.parametrize("check_mode", [False, True])
+def test_a_reloaded_file_keeps_the_container_and_is_validated_staged_first(running_app, check_mode) -> None:
+    data_dir, client = running_app
+    recorder = ReloadRecorder()
+    stale = str(data_dir / "conf" / "old.conf")
+    deployment = reload_deployment(data_dir, b"new\n", b"A=1\n", recorder, [stale])
+    deployment.plan(client)
+    container = deployment.containers[0]
+    assert container.action == "none" and deployment.changed
+    assert container.reloads == [str(data_dir / "conf" / "app.conf"), stale]
+
+    deployment.apply(client, check_mode, None)
+    # The staged copy has the new files and no compose file; the stage is gone afterwards.
+    assert recorder.staged == {"conf/app.conf": b"new\n", "env": b"A=1\n"}
+    changed = [(str(data_dir / "conf" / "app.conf"), b"old\n", b"new\n")]
+    # The stale file is removed only after the reload (the old configuration may still name it).
+    assert recorder.applied == [(changed, [stale], [True], check_mode)]
+    assert container.reloaded == ["reloaded"]
+    on_disk = (data_dir / "conf" / "app.conf").read_bytes()
+    assert on_disk == (b"old\n" if check_mode else b"new\n")
+    assert os.path.exists(stale) == check_mode
+    assert [d["before"] for d in deployment.diff] == ["old\n", "<removed>\n"]
+
+
+def test_a_refused_validation_changes_nothing(running_app) -> None:
+    data_dir, client = running_app
+    recorder = ReloadRecorder(refuse=True)
+    deployment = reload_deployment(
+        data_dir, b"bad\n", b"A=1\n", recorder, [str(data_dir / "conf" / "old.conf")]
+    )
+    deployment.plan(client)
+    with pytest.raises(engine.Failure, match="refused"):
+        deployment.apply(client, False, None)
+    assert recorder.staged["conf/app.conf"] == b"bad\n" and recorder.applied == []
+    assert (data_dir / "conf" / "app.conf").read_bytes() == b"old\n"
+    assert (data_dir / "conf" / "old.conf").exists()
+
+
+def test_a_file_outside_the_reload_still_recreates(running_app) -> None:
+    data_dir, client = running_app
+    recorder = ReloadRecorder()
+    deployment = reload_deployment(data_dir, b"old\n", b"A=2\n", recorder, [])
+    deployment.plan(client)
+    assert deployment.containers[0].action == "recreate" and deployment.containers[0].reloads == []
+    # An unchanged reloaded file: no validation either.
+    deployment.apply(client, True, None)
+    assert recorder.staged == {} and recorder.applied == []
