@@ -46,8 +46,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
     PlannedDir,
