@@ -25,10 +25,12 @@ of a new container, so these files stay out of its spec hash.
 Invariants:
 
 - Nothing is changed before every check passed. A module raises its errors before it builds a
-  Deployment, and apply() runs every Reload's validation hook before it writes anything; resolve_images() loads or pulls an image only when no error was found (with
-  errors it looks as in check mode, so that its problems are reported too).
+  Deployment, and apply() runs every Reload's validation hook before it writes anything;
+  resolve_images() loads or pulls an image only when no error was found (with errors it looks
+  as in check mode, so that its problems are reported too).
 - Check mode computes the same plan, ``changed`` flag and diff as a real run: plan() only reads,
-  apply() in check mode does nothing, and the diff is taken before anything is written.
+  apply() in check mode only validates and asks the reload hooks what they would do, and the
+  diff is taken before anything is written.
 - Directories are set up first, then every changed file is written atomically (a temporary file
   with its mode and owner, renamed over the old one: PlannedFile.apply).
 - A container's spec hash covers its spec, its image id, the contents of the files it reads and
