@@ -1,8 +1,8 @@
 """The module layer keeps the shape docs/architecture.md draws.
 
 plugins/module_utils has one subpackage per concern, in layers: modules and lookups on top, then
-the deployment families (_deploy, _halb, _broker_api, _ops), then the shared backends (_docker,
-_crypto), then _common. A file imports only from its own subpackage or from a lower layer, no
+the deployment modules on the engine (_deploy), then the product back-ends and operations (_halb,
+_broker_api, _ops), then the shared backends (_docker, _crypto), then _common. A file imports only from its own subpackage or from a lower layer, no
 subpackage imports in a cycle, and nothing sits flat in module_utils. The services under
 files/services never import Ansible, and the plugins never import the services (they run on
 managed hosts where the services are not installed).
