@@ -510,11 +510,11 @@ failover_estimate:
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import finish  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._deploy.halb import run_absent, run_present  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._docker.containers import (  # noqa: E402
     CONTAINER_LIMITS_OPTION,
     DOCKER_HOST_OPTION,
 )
-from ansible_collections.gatehouse.access.plugins.module_utils._halb.node import run_absent, run_present  # noqa: E402
 
 TIMEOUTS = dict(
     connect=dict(type="str", default="5s"),

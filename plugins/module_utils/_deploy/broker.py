@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
     MASK,
+    SECRET_TEXT,
     PlannedDir,
     PlannedFile,
     mask_env_values,
@@ -846,7 +847,7 @@ def install(module, cli, params: dict, warnings: list[str]) -> dict:
         [engine.Container(spec)],
         ids,
         loaded,
-        stale_files=[(path, not path.endswith(".pem")) for path in stale],
+        stale_files=[(path, None if path.endswith(".pem") else SECRET_TEXT) for path in stale],
     )
     deployment.plan(cli)
     result: dict = {}

@@ -2,7 +2,7 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
-"""The deploy engine of the deployment modules cmsg and broker (private to the collection).
+"""The deploy engine of the deployment modules cmsg, broker, monitoring and halb (private to the collection).
 
 A module checks its options, reads what it needs from the host and describes the state it
 wants as a ``Deployment``: the files and directories of its data directory, its containers
@@ -14,22 +14,30 @@ for every module::
     deployment.apply(cli, check_mode, timeout)  change the host (nothing in check mode)
     deployment.result(config, warnings)         the module's result
 
-``uninstall()`` removes what a deployment made. The data directory has the same layout for
-every module: ``docker-compose.yaml``, ``data/`` (configuration, state) and ``certs/`` (TLS).
+``uninstall()`` removes what a deployment made. The data directory of the modules built on
+``resolve_images`` and ``data_dirs`` has the same layout: ``docker-compose.yaml``, ``data/``
+(configuration, state) and ``certs/`` (TLS). A deployment may do without the compose file.
+
+A container may take some of its files up while it runs (a ``Reload``): a change of them is
+checked on staged copies before anything is written and then applied by a reload hook instead
+of a new container, so these files stay out of its spec hash.
 
 Invariants:
 
 - Nothing is changed before every check passed. A module raises its errors before it builds a
-  Deployment; resolve_images() loads or pulls an image only when no error was found (with
-  errors it looks as in check mode, so that its problems are reported too).
+  Deployment, and apply() runs every Reload's validation hook before it writes anything;
+  resolve_images() loads or pulls an image only when no error was found (with errors it looks
+  as in check mode, so that its problems are reported too).
 - Check mode computes the same plan, ``changed`` flag and diff as a real run: plan() only reads,
-  apply() in check mode does nothing, and the diff is taken before anything is written.
+  apply() in check mode only validates and asks the reload hooks what they would do, and the
+  diff is taken before anything is written.
 - Directories are set up first, then every changed file is written atomically (a temporary file
   with its mode and owner, renamed over the old one: PlannedFile.apply).
 - A container's spec hash covers its spec, its image id, the contents of the files it reads and
-  the module's further inputs; the container is (re)created exactly when the hash differs from
-  its label or it is missing, and started when it is stopped. The compose file is read by no
-  container: it documents what runs.
+  the module's further inputs, not the files of its Reload; the container is (re)created exactly
+  when the hash differs from its label or it is missing, and started when it is stopped. A
+  running container whose reloaded files changed (content, or a removed stale file) gets its
+  reload hook instead. The compose file is read by no container: it documents what runs.
 - A replaced network recreates its containers (Docker cannot keep them without it).
 - A file that no configuration names any more is removed only after the containers that could
   read it are converged.
@@ -38,15 +46,18 @@ Invariants:
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
-    SECRET_TEXT,
     PlannedDir,
     PlannedFile,
     read_bytes,
     remove_paths,
     sha256,
+    write_atomic,
 )
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import common as dep
@@ -124,19 +135,53 @@ def data_dirs(data_dir: str, uid: int | None, gid: int | None) -> list[PlannedDi
 
 
 @dataclass
+class Reload:
+    """Files a running container takes up by a reload, so that changing them keeps the container.
+
+    ``files`` names them by base name, like Container.reads (None: every file of the deployment);
+    they never enter the spec hash. A stale file with such a name counts as changed too.
+
+    ``validate(cli, stage)`` runs when one of them changed, in check mode too, before anything is
+    written: ``stage`` is a private copy of the deployment's planned directories (with their
+    modes) and files, laid out like the data directory and removed afterwards. It raises Failure
+    to refuse; then nothing on the host has changed.
+
+    ``apply(cli, changed, removed, check_mode)`` runs when the container is kept (action none)
+    and one of them changed, after the files are written: ``changed`` are the PlannedFiles whose
+    content changed (``before`` is the old content), ``removed`` the stale paths. It returns what
+    it did, or in check mode would do (for the module's result); it raises ContainerError.
+    """
+
+    apply: Callable
+    validate: Callable | None = None
+    files: tuple[str, ...] | None = None
+
+    def covers(self, path: str) -> bool:
+        return self.files is None or os.path.basename(path) in self.files
+
+
+@dataclass
 class Container:
     """One container of a deployment and the inputs of its spec hash.
 
     ``reads`` names the files the container reads by their base name (``cert.pem``); None means
     every file of the deployment. ``inputs`` are further hash inputs (a rendered configuration,
-    the network). ``hash`` and ``action`` (none, create, recreate, start) are set by plan().
+    the network). ``reload`` takes some of its files up while it runs (they leave the hash);
+    ``ready`` is a readiness test of a (re)started container (see converge_container). ``hash``,
+    ``action`` (none, create, recreate, start) and ``reloads`` (the changed files of its Reload:
+    a reload when the action is none) are set by plan(); ``reloaded`` (what the reload hook did)
+    by apply().
     """
 
     spec: dict
     reads: tuple[str, ...] | None = None
     inputs: dict = field(default_factory=dict)
+    reload: Reload | None = None
+    ready: Callable | None = None
     hash: str = field(default="", init=False)
     action: str = field(default="none", init=False)
+    reloads: list[str] = field(default_factory=list, init=False)
+    reloaded: list[str] = field(default_factory=list, init=False)
 
     @property
     def name(self) -> str:
@@ -153,8 +198,9 @@ class Deployment:
     network (dict: key, name, subnets, labels) or None; ``network_name`` names the deployment's
     network in the result, and when ``network`` is None such a network is removed. ``retired``
     names containers of other configurations, removed when present. ``stale_files`` lists
-    (path, secret) of files to remove; a secret one never shows its content in the diff.
-    The fields after them are set by plan().
+    (path, shown) of files to remove: the diff shows ``shown`` as the removed content, or the
+    content itself when it is None. ``compose`` False: no compose file. The fields after them
+    are set by plan().
     """
 
     data_dir: str
@@ -166,7 +212,8 @@ class Deployment:
     network: dict | None = None
     network_name: str | None = None
     retired: list[str] = field(default_factory=list)
-    stale_files: list[tuple[str, bool]] = field(default_factory=list)
+    stale_files: list[tuple[str, str | None]] = field(default_factory=list)
+    compose: bool = True
     network_action: str = field(default="none", init=False)
     stale_network: bool = field(default=False, init=False)
     stale_containers: list[str] = field(default_factory=list, init=False)
@@ -175,14 +222,23 @@ class Deployment:
     changed: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        compose = dep.render_compose([c.spec for c in self.containers], self.network)
-        self.files = [PlannedFile(os.path.join(self.data_dir, COMPOSE), compose, 0o644), *self.files]
+        if self.compose:
+            compose = dep.render_compose([c.spec for c in self.containers], self.network)
+            self.files = [PlannedFile(os.path.join(self.data_dir, COMPOSE), compose, 0o644), *self.files]
 
     def plan(self, cli) -> None:
         """Compare with the host: container hashes and actions, the network, what is stale, the diff."""
-        read = {os.path.basename(f.path): f for f in self.files[1:]}
+        compose = os.path.join(self.data_dir, COMPOSE) if self.compose else None
+        read = {os.path.basename(f.path): f for f in self.files if f.path != compose}
+        stale_paths = [path for path, _shown in self.stale_files]
         for container in self.containers:
+            reload = container.reload
             names = read if container.reads is None else [n for n in container.reads if n in read]
+            if reload is not None:
+                names = [n for n in names if not reload.covers(n)]
+                container.reloads = [
+                    f.path for f in read.values() if reload.covers(f.path) and f.content_changed
+                ] + [path for path in stale_paths if reload.covers(path)]
             inputs = {name: sha256(read[name].data) for name in names}
             inputs["image"] = self.image_ids.get(container.spec["service"])
             inputs.update(container.inputs)
@@ -198,12 +254,11 @@ class Deployment:
         elif self.network_name:
             self.stale_network = ctr.find_network(cli, self.network_name) is not None
         self.stale_containers = [n for n in self.retired if ctr.find_container(cli, n) is not None]
-        stale_paths = [path for path, _secret in self.stale_files]
         self.changed_files = (
             [f.path for f in self.files if f.changed] + [d.path for d in self.dirs if d.changed] + stale_paths
         )
         self.diff = [f.diff() for f in self.files if f.changed]
-        self.diff += [_removed_diff(path, secret) for path, secret in self.stale_files]
+        self.diff += [_removed_diff(path, shown) for path, shown in self.stale_files]
         self.changed = bool(
             self.changed_files
             or self.container_changes()
@@ -217,8 +272,20 @@ class Deployment:
         return changes + [{"name": n, "action": "removed"} for n in self.stale_containers]
 
     def apply(self, cli, check_mode: bool, wait_timeout: int | None) -> None:
-        """Carry out the plan; raises Failure (changed, changed_files) when Docker refuses."""
-        if check_mode or not self.changed:
+        """Validate, then carry out the plan; raises Failure (changed, changed_files) when Docker refuses.
+
+        A refusal of a validation hook is raised as it is (nothing was changed). In check mode
+        only the validation hooks run, and the reload hooks say what they would do.
+        """
+        if not self.changed:
+            return
+        for container in self.containers:
+            if container.reloads and container.reload.validate is not None:
+                self._validate(cli, container.reload.validate)
+        if check_mode:
+            for container in self.containers:
+                if container.reloads and container.action == "none":
+                    container.reloaded = self._reload(cli, container, True)
             return
         for planned_dir in self.dirs:
             if planned_dir.changed:
@@ -241,13 +308,41 @@ class Deployment:
                     if action in ("none", "start"):
                         actions[name] = "create"
             for container in self.containers:
+                action = actions[container.name]
                 ctr.converge_container(
-                    cli, container.spec, container.hash, actions[container.name], wait_timeout
+                    cli, container.spec, container.hash, action, wait_timeout, container.ready
                 )
+                if container.reloads and action == "none":
+                    container.reloaded = self._reload(cli, container, False)
         except ctr.ContainerError as exc:
             raise Failure(str(exc), changed=True, changed_files=self.changed_files) from None
-        for path, _secret in self.stale_files:
+        for path, _shown in self.stale_files:
             os.unlink(path)
+
+    def _validate(self, cli, validate: Callable) -> None:
+        """Run ``validate`` on a private staged copy of the planned directories and files."""
+        stage = tempfile.mkdtemp(prefix="gatehouse-stage-")
+        try:
+            for planned_dir in sorted(self.dirs, key=lambda d: d.path):
+                target = os.path.normpath(
+                    os.path.join(stage, os.path.relpath(planned_dir.path, self.data_dir))
+                )
+                if target != stage:  # the stage itself stays private (0700)
+                    os.makedirs(target, mode=0o700, exist_ok=True)
+                    os.chmod(target, planned_dir.mode)
+            for planned in self.files:
+                target = os.path.join(stage, os.path.relpath(planned.path, self.data_dir))
+                os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+                write_atomic(target, planned.data, planned.mode)
+            validate(cli, stage)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def _reload(self, cli, container: Container, check_mode: bool) -> list[str]:
+        stale = [path for path, _shown in self.stale_files]
+        changed = [f for f in self.files if f.path in container.reloads]
+        removed = [path for path in container.reloads if path in stale]
+        return container.reload.apply(cli, changed, removed, check_mode)
 
     def result(self, config: dict, warnings: list[str]) -> dict:
         """The module result; ``network`` only for a deployment that has one."""
@@ -266,8 +361,8 @@ class Deployment:
         return result
 
 
-def _removed_diff(path: str, secret: bool) -> dict:
-    before = SECRET_TEXT if secret else (read_bytes(path) or b"").decode("utf-8", "replace")
+def _removed_diff(path: str, shown: str | None) -> dict:
+    before = shown if shown is not None else (read_bytes(path) or b"").decode("utf-8", "replace")
     return {"before_header": path, "after_header": path, "before": before, "after": ""}
 
 

@@ -400,7 +400,7 @@ def install(module, cli, params: dict) -> dict:
         [engine.Container(container_spec(params, refs[SERVICE], host_label))],
         ids,
         loaded,
-        stale_files=[(stale, False)] if params["alert_rules"] is None and os.path.exists(stale) else [],
+        stale_files=[(stale, None)] if params["alert_rules"] is None and os.path.exists(stale) else [],
     )
     deployment.plan(cli)
     container = deployment.containers[0]

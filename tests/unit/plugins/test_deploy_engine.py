@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,190 @@ def test_ensure_image_on_a_failing_run_asks_only_the_engine() -> None:
     assert client.images.asked == [ref] and pulled == []
     with pytest.raises(ctr.ContainerError, match="is not present on the Docker host"):
         ctr.ensure_image(client, ref, False, False, failing=True)
+
+
+# ------------------------------------------------------------------ the HALB node
+
+halb_module = importlib.import_module("ansible_collections.gatehouse.access.plugins.modules.halb")
+halb_node = importlib.import_module(_UTILS + "_deploy.halb")
+halb_runtime = importlib.import_module(_UTILS + "_halb.runtime")
+
+HALB_BASE = {
+    "config_dir": DATA_DIR % "halb",
+    "node_name": "lb1",
+    "network_mode": "gh-halb-net",
+    "ipv4_address": "10.199.7.11",
+    "virtual_servers": [
+        {
+            "name": "cm",
+            "vip": "10.199.7.100",
+            "port": 443,
+            "backend_tls_verify": "none",
+            "backends": [
+                {"name": "cm1", "address": "10.199.7.21", "port": 443},
+                {"name": "cm2", "address": "10.199.7.22", "port": 443, "state": "drain"},
+            ],
+        }
+    ],
+    "vrrp": {"router_id": 51, "priority": 150, "peers": ["10.199.7.12"], "vips": ["10.199.7.100"]},
+}
+# Computed by the halb module before it ran on the deploy engine (commit 244aeb8), same inputs.
+HALB_CASES = {
+    "bridge network": (
+        {},
+        {"gatehouse-halb": "741a1c42188880cb833e83ac4b01acec45fe9fe5b54bdb10f06cddae4897e4bf"},
+    ),
+    "no metrics, limits, own image": (
+        {"metrics_port": 0, "container_limits": {"memory": "512m"}, "image": "gh/halb:test"},
+        {"gatehouse-halb": "473ac87b042357387ca4a369d3e708f32efc9d4afd6f4bfba236db5bbea89d08"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HALB_CASES))
+def test_halb_spec_hashes_are_unchanged(hashes, monkeypatch, case: str) -> None:
+    """Moving the node onto the engine must not recreate the HALB containers already running."""
+    monkeypatch.setattr(halb_runtime, "validate", lambda *args: (True, ""))
+    logic = types.SimpleNamespace(
+        ARGUMENT_SPEC=halb_module.ARGUMENT_SPEC,
+        REQUIRED_IF=[("state", "present", ["node_name", "virtual_servers", "vrrp"])],
+        run=halb_node.run_present,
+    )
+    options, expected = HALB_CASES[case]
+    assert hashes(logic, dict(HALB_BASE, **options)) == expected
+
+
+# ------------------------------------------------------------------ Reload: files taken up while running
+
+
+class Running(FakeCollection):
+    """One running container of ours with the spec hash ``labels[LABEL_HASH]``."""
+
+    def __init__(self, name: str, spec_hash: str) -> None:
+        self.object = FakeObject(name)
+        self.object.labels.update({ctr.LABEL_ROLE: "app", ctr.LABEL_HASH: spec_hash})
+
+    def get(self, name: str):
+        if name == self.object.name:
+            return self.object
+        raise NotFound(f"no {name}")
+
+
+class ReloadRecorder:
+    """A Reload's hooks that record their calls; validate refuses when ``refuse`` is set."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.staged: dict[str, bytes] = {}
+        self.applied: list[tuple] = []
+
+    def validate(self, cli, stage: str) -> None:
+        for root, _dirs, names in os.walk(stage):
+            for name in names:
+                path = os.path.join(root, name)
+                self.staged[os.path.relpath(path, stage)] = Path(path).read_bytes()
+        if self.refuse:
+            raise engine.Failure("refused")
+
+    def apply(self, cli, changed, removed, check_mode: bool) -> list[str]:
+        self.applied.append(
+            (
+                [(f.path, f.before, f.data) for f in changed],
+                removed,
+                [os.path.exists(p) for p in removed],
+                check_mode,
+            )
+        )
+        return ["reloaded"]
+
+
+def reload_deployment(data_dir: Path, conf: bytes, env: bytes, recorder: ReloadRecorder, stale: list[str]):
+    """A deployment of one container reading ``env`` (hash) and taking ``conf/app.conf`` (and a stale ``old.conf``) up by a reload."""
+    spec = {"service": "test", "name": "gh-app", "labels": {ctr.LABEL_ROLE: "app"}}
+    container = engine.Container(
+        spec,
+        reload=engine.Reload(
+            apply=recorder.apply, validate=recorder.validate, files=("app.conf", "old.conf")
+        ),
+    )
+    return engine.Deployment(
+        str(data_dir),
+        [
+            files.PlannedFile(str(data_dir / "conf" / "app.conf"), conf, 0o644),
+            files.PlannedFile(str(data_dir / "env"), env, 0o600),
+        ],
+        [files.PlannedDir(str(data_dir), 0o755), files.PlannedDir(str(data_dir / "conf"), 0o750)],
+        [container],
+        {"test": "sha256:image"},
+        [],
+        stale_files=[(path, "<removed>\n") for path in stale],
+        compose=False,
+    )
+
+
+@pytest.fixture
+def running_app(tmp_path: Path):
+    """data_dir with conf/app.conf (old), env and a stale conf/old.conf; a running container of that state."""
+    data_dir = tmp_path / "app"
+    (data_dir / "conf").mkdir(parents=True)
+    (data_dir / "conf" / "app.conf").write_bytes(b"old\n")
+    (data_dir / "conf" / "old.conf").write_bytes(b"stale\n")
+    (data_dir / "env").write_bytes(b"A=1\n")
+    os.chmod(data_dir, 0o755)
+    os.chmod(data_dir / "conf", 0o750)
+    os.chmod(data_dir / "conf" / "app.conf", 0o644)
+    os.chmod(data_dir / "env", 0o600)
+    current = reload_deployment(data_dir, b"old\n", b"A=1\n", ReloadRecorder(), [])
+    current.plan(FakeClient())
+    client = FakeClient()
+    client.containers = Running("gh-app", current.containers[0].hash)
+    return data_dir, client
+
+
+@pytest.mark.parametrize("check_mode", [False, True])
+def test_a_reloaded_file_keeps_the_container_and_is_validated_staged_first(running_app, check_mode) -> None:
+    data_dir, client = running_app
+    recorder = ReloadRecorder()
+    stale = str(data_dir / "conf" / "old.conf")
+    deployment = reload_deployment(data_dir, b"new\n", b"A=1\n", recorder, [stale])
+    deployment.plan(client)
+    container = deployment.containers[0]
+    assert container.action == "none" and deployment.changed
+    assert container.reloads == [str(data_dir / "conf" / "app.conf"), stale]
+
+    deployment.apply(client, check_mode, None)
+    # The staged copy has the new files and no compose file; the stage is gone afterwards.
+    assert recorder.staged == {"conf/app.conf": b"new\n", "env": b"A=1\n"}
+    changed = [(str(data_dir / "conf" / "app.conf"), b"old\n", b"new\n")]
+    # The stale file is removed only after the reload (the old configuration may still name it).
+    assert recorder.applied == [(changed, [stale], [True], check_mode)]
+    assert container.reloaded == ["reloaded"]
+    on_disk = (data_dir / "conf" / "app.conf").read_bytes()
+    assert on_disk == (b"old\n" if check_mode else b"new\n")
+    assert os.path.exists(stale) == check_mode
+    assert [d["before"] for d in deployment.diff] == ["old\n", "<removed>\n"]
+
+
+def test_a_refused_validation_changes_nothing(running_app) -> None:
+    data_dir, client = running_app
+    recorder = ReloadRecorder(refuse=True)
+    deployment = reload_deployment(
+        data_dir, b"bad\n", b"A=1\n", recorder, [str(data_dir / "conf" / "old.conf")]
+    )
+    deployment.plan(client)
+    with pytest.raises(engine.Failure, match="refused"):
+        deployment.apply(client, False, None)
+    assert recorder.staged["conf/app.conf"] == b"bad\n" and recorder.applied == []
+    assert (data_dir / "conf" / "app.conf").read_bytes() == b"old\n"
+    assert (data_dir / "conf" / "old.conf").exists()
+
+
+def test_a_file_outside_the_reload_still_recreates(running_app) -> None:
+    data_dir, client = running_app
+    recorder = ReloadRecorder()
+    deployment = reload_deployment(data_dir, b"old\n", b"A=2\n", recorder, [])
+    deployment.plan(client)
+    assert deployment.containers[0].action == "recreate" and deployment.containers[0].reloads == []
+    # An unchanged reloaded file: no validation either.
+    deployment.apply(client, True, None)
+    assert recorder.staged == {} and recorder.applied == []

@@ -1,8 +1,8 @@
 """The module layer keeps the shape docs/architecture.md draws.
 
 plugins/module_utils has one subpackage per concern, in layers: modules and lookups on top, then
-the deployment families (_deploy, _halb, _broker_api, _ops), then the shared backends (_docker,
-_crypto), then _common. A file imports only from its own subpackage or from a lower layer, no
+the deployment modules on the engine (_deploy), then the product back-ends and operations (_halb,
+_broker_api, _ops), then the shared backends (_docker, _crypto), then _common. A file imports only from its own subpackage or from a lower layer, no
 subpackage imports in a cycle, and nothing sits flat in module_utils. The services under
 files/services never import Ansible, and the plugins never import the services (they run on
 managed hosts where the services are not installed).
@@ -25,12 +25,12 @@ LAYERS = {
     "_common": 0,
     "_docker": 1,
     "_crypto": 1,
-    "_deploy": 2,
+    "_deploy": 3,
     "_halb": 2,
     "_broker_api": 2,
     "_ops": 2,
 }
-TOP = 3  # plugins/modules, plugins/lookup
+TOP = 4  # plugins/modules, plugins/lookup
 
 
 def _imports(path: Path) -> list[str]:

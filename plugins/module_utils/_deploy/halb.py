@@ -2,27 +2,28 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
-"""Converging one HALB node: plan files, validate, write, then start/reload (private).
+"""Converging one HALB node on the deploy engine (private to the collection).
 
-Order of a run, so a refused configuration never reaches the node: render -> compare with
-disk -> validate the candidate files in a throwaway container -> (not in check mode) write
-atomically -> create/start the container, or reload HAProxy / keepalived, or apply backend
-states through the runtime API when nothing else changed.
+The node is a Deployment without a compose file: the files in config_dir and one container whose
+files are all taken up by a Reload, so that a configuration change never recreates it. Order of
+a run, so a refused configuration never reaches the node: render -> compare with disk (plan) ->
+validate the staged files in a throwaway container (haproxy -c, keepalived -t) -> (not in check
+mode) write atomically -> create/start the container, or reload HAProxy / keepalived, or apply
+backend states through the runtime API when nothing else of haproxy.cfg changed.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
     PlannedDir,
     PlannedFile,
     remove_paths,
 )
-from ansible_collections.gatehouse.access.plugins.module_utils._common.result import fail
+from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure, fail
+from ansible_collections.gatehouse.access.plugins.module_utils._deploy import engine
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
 from ansible_collections.gatehouse.access.plugins.module_utils._halb import runtime as hd
 from ansible_collections.gatehouse.access.plugins.module_utils._halb.render import (
@@ -102,23 +103,6 @@ def plan(module, config: dict, config_dir: str) -> tuple[list[PlannedDir], list[
     return dirs, files, stale
 
 
-def _write_candidate(files: list[PlannedFile], config_dir: str) -> str:
-    """Copy of the planned files in a private temporary tree laid out like config_dir."""
-    root = tempfile.mkdtemp(prefix="gatehouse-halb-candidate-")
-    os.chmod(root, 0o700)
-    for planned in files:
-        rel = os.path.relpath(planned.path, config_dir)
-        target = os.path.join(root, rel)
-        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-        with open(target, "wb") as handle:
-            handle.write(planned.data)
-        os.chmod(target, planned.mode)
-    for sub in ("haproxy", "keepalived"):
-        os.makedirs(os.path.join(root, sub), mode=0o755, exist_ok=True)
-        os.chmod(os.path.join(root, sub), 0o755)  # noqa: S103 - read by the validation container
-    return root
-
-
 def run_present(module) -> dict:
     p = module.params
     try:
@@ -134,7 +118,7 @@ def run_present(module) -> dict:
         fail(module, str(exc))
     try:
         return _converge(module, config, config_dir, dirs, files, stale)
-    except ctr.ContainerError as exc:
+    except (ctr.ContainerError, Failure) as exc:
         fail(module, str(exc))
     raise AssertionError("unreachable")
 
@@ -148,9 +132,18 @@ def image_ref(params: dict) -> str:
     return "gatehouse/halb:%s" % tag
 
 
+# What the diff shows for a removed certificate file instead of its content.
+REMOVED_BUNDLE = "<certificate bundle>\n"
+CREATE_ACTIONS = {
+    "none": [],
+    "create": ["created container"],
+    "recreate": ["removed outdated container", "created container"],
+    "start": ["started container"],
+}
+
+
 def _converge(module, config, config_dir, dirs, files, stale) -> dict:
     p = module.params
-    actions: list[str] = []
     try:
         image = image_ref(p)
     except HalbConfigError as exc:
@@ -161,11 +154,6 @@ def _converge(module, config, config_dir, dirs, files, stale) -> dict:
         fail(module, "vrrp.interface: the host has no interface %r (network_mode host)" % interface)
     client = ctr.client(p["docker_host"])
     image_id = hd.require_image(client, image)
-    haproxy_file, keepalived_file = files[0], files[1]
-    changed_files = [f for f in files if f.changed]
-    changed_dirs = [d for d in dirs if d.changed]
-    content_changed = any(f.content_changed for f in files) or bool(stale)
-
     spec = hd.container_spec(
         name=p["container_name"],
         image=image,
@@ -175,87 +163,55 @@ def _converge(module, config, config_dir, dirs, files, stale) -> dict:
         ipv4_address=p["ipv4_address"],
         container_limits=p.get("container_limits"),
     )
-    if content_changed:
-        candidate = _write_candidate(files, config_dir)
-        try:
-            ok, message = hd.validate(
-                client,
-                spec,
-                os.path.join(candidate, "haproxy"),
-                os.path.join(candidate, "keepalived"),
-                interface,
-            )
-        finally:
-            shutil.rmtree(candidate, ignore_errors=True)
+
+    def validate(cli, stage: str) -> None:
+        ok, message = hd.validate(
+            cli, spec, os.path.join(stage, "haproxy"), os.path.join(stage, "keepalived"), interface
+        )
         if not ok:
-            fail(module, "the rendered configuration was refused; nothing was changed.\n" + message)
-        actions.append("validated")
+            raise Failure("the rendered configuration was refused; nothing was changed.\n" + message)
 
-    # The files are not part of the hash: a change of them is a reload, not a new container.
-    desired_hash = ctr.spec_hash(spec, {"image": image_id})
-    action = ctr.container_plan(client, spec, desired_hash)
-    container = ctr.find_container(client, p["container_name"])
+    def reload(cli, changed, removed, check_mode: bool) -> list[str]:
+        return _reload(module, config, config_dir, cli, spec["name"], changed, removed, check_mode)
 
-    old_haproxy = (haproxy_file.before or b"").decode("utf-8", "replace")
-    new_haproxy = haproxy_file.data.decode()
-    certs_changed = any(f.content_changed for f in files[2:]) or bool(stale)
-    states_only = (
-        haproxy_file.content_changed
-        and not certs_changed
-        and layout_of(old_haproxy) is not None
-        and layout_of(old_haproxy) == layout_of(new_haproxy)
+    # Every file is taken up by a reload: the spec hash is the spec and the image alone.
+    node = engine.Container(
+        spec,
+        reads=(),
+        reload=engine.Reload(apply=reload, validate=validate),
+        ready=hd.admin_socket_ready,
     )
+    deployment = engine.Deployment(
+        config_dir,
+        files,
+        dirs,
+        [node],
+        {spec["service"]: image_id},
+        [],
+        stale_files=[(path, REMOVED_BUNDLE) for path in stale],
+        compose=False,
+    )
+    deployment.plan(client)
+    deployment.apply(client, module.check_mode, hd.READY_TIMEOUT)
 
-    changed = bool(changed_files or changed_dirs or stale or action != "none")
-    diff = [f.diff() for f in changed_files]
-    diff += [
-        {"before_header": path, "after_header": path, "before": "<certificate bundle>\n", "after": ""}
-        for path in stale
-    ]
-
+    changed_files = [f.path for f in files if f.changed]
+    actions = ["validated"] if node.reloads else []
     if not module.check_mode:
-        for planned_dir in changed_dirs:
-            planned_dir.apply()
-        if changed_dirs:
+        if any(d.changed for d in dirs):
             actions.append("set up directories")
-        for planned in changed_files:
-            planned.apply()
-        remove_paths(stale, [], False)
         if changed_files or stale:
             actions.append("wrote files")
-
-    if action != "none":
-        actions += {
-            "create": ["created container"],
-            "recreate": ["removed outdated container", "created container"],
-            "start": ["started container"],
-        }[action]
-        if not module.check_mode:
-            container = ctr.converge_container(
-                client, spec, desired_hash, action, hd.READY_TIMEOUT, ready=hd.admin_socket_ready
-            )
-    else:
-        if haproxy_file.content_changed or certs_changed:
-            if states_only:
-                actions.extend(_apply_states(module, config, config_dir, container, old_haproxy))
-            else:
-                actions.append("reloaded haproxy")
-                if not module.check_mode:
-                    hd.reload(container, "haproxy")
-        if keepalived_file.content_changed:
-            actions.append("reloaded keepalived")
-            if not module.check_mode:
-                hd.reload(container, "keepalived")
-
+    actions += CREATE_ACTIONS[node.action] + node.reloaded
     result = dict(
-        changed=changed,
+        changed=deployment.changed,
         config_dir=config_dir,
-        files_changed=[f.path for f in changed_files] + stale,
+        files_changed=changed_files + stale,
         actions=actions,
         failover_estimate=failover_estimate(config),
-        diff=diff,
+        diff=deployment.diff,
     )
-    if container is not None and not (module.check_mode and action in ("create", "recreate")):
+    container = ctr.find_container(client, p["container_name"])
+    if container is not None and not (module.check_mode and node.action in ("create", "recreate")):
         container.reload()
         result["container"] = dict(name=container.name, id=container.id, status=container.status)
         if container.status == "running":
@@ -266,7 +222,39 @@ def _converge(module, config, config_dir, dirs, files, stale) -> dict:
     return result
 
 
-def _apply_states(module, config: dict, config_dir: str, container, old_haproxy: str) -> list[str]:
+def _reload(module, config, config_dir, cli, name, changed, removed, check_mode: bool) -> list[str]:
+    """The Reload of a kept node: backend states through the runtime API, or reload HAProxy / keepalived."""
+    haproxy_path = os.path.join(config_dir, "haproxy", "haproxy.cfg")
+    keepalived_path = os.path.join(config_dir, "keepalived", "keepalived.conf")
+    by_path = {f.path: f for f in changed}
+    haproxy_file = by_path.get(haproxy_path)
+    certs_changed = bool(removed) or any(path not in (haproxy_path, keepalived_path) for path in by_path)
+    container = ctr.find_container(cli, name)
+    actions: list[str] = []
+    if haproxy_file is not None or certs_changed:
+        old_haproxy = (haproxy_file.before or b"").decode("utf-8", "replace") if haproxy_file else ""
+        states_only = (
+            haproxy_file is not None
+            and not certs_changed
+            and layout_of(old_haproxy) is not None
+            and layout_of(old_haproxy) == layout_of(haproxy_file.data.decode())
+        )
+        if states_only:
+            actions.extend(_apply_states(module, config, config_dir, container, old_haproxy, check_mode))
+        else:
+            actions.append("reloaded haproxy")
+            if not check_mode:
+                hd.reload(container, "haproxy")
+    if keepalived_path in by_path:
+        actions.append("reloaded keepalived")
+        if not check_mode:
+            hd.reload(container, "keepalived")
+    return actions
+
+
+def _apply_states(
+    module, config: dict, config_dir: str, container, old_haproxy: str, check_mode: bool
+) -> list[str]:
     """Backend state changes through the runtime API; a reload if the socket does not answer."""
     before = backend_states(old_haproxy)
     weights = backend_weights(config)
@@ -275,7 +263,7 @@ def _apply_states(module, config: dict, config_dir: str, container, old_haproxy:
         if before.get(key) != state:
             commands.extend(runtime_commands(key[0], key[1], state, weights[key]))
     actions = ["runtime: %s" % c for c in commands]
-    if module.check_mode:
+    if check_mode:
         return actions
     socket_path = os.path.join(config_dir, "run", "admin.sock")
     try:
