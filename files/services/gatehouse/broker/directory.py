@@ -457,6 +457,7 @@ def _as_user(
     dn = entry["dn"]
     name = next(iter(_values(entry, settings.user_attribute)), "")
     if admit is not None and not admit(name or dn):
+        # The work of a wrong password: the timing does not tell which names find an account.
         _decoy_bind(settings, server, password)
         return LoginResult(failure=REFUSED, detail="refused for the account the name resolves to")
     # A fresh connection for the user's bind: the service connection keeps its own identity.
