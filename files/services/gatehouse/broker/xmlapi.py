@@ -469,6 +469,7 @@ class BrokerEndpoint:
         def admit(name: str) -> bool:
             key = throttle.account_key(domain, name)
             if resolution.key:  # a retry on another server: the account found before, no other
+                resolution.refusal = throttle.DELAY  # servers that disagree: try again later
                 return key == resolution.key
             reason = self.throttle.check_resolved(account, key, source, time.monotonic())
             if reason is not None:
