@@ -12,7 +12,8 @@ The directory (suffix dc=corp,dc=example, see files/images/identity-test/directo
 - ``cn=gatehouse-svc,ou=services,dc=corp,dc=example``: the service account, the only one that
   reads the directory (anonymous reads nothing, a user only their own entry);
 - users ``uid=<name>,ou=people,dc=corp,dc=example``: alice (group engineering, and through it,
-  nested, desktop-users), bob (desktop-users), carol (admins), dave (posixGroup lab-users by
+  nested, desktop-users), bob (desktop-users; also found by ``userPrincipalName``
+  :data:`BOB_UPN`, Active Directory's second name of a user), carol (admins), dave (posixGroup lab-users by
   memberUid, so no memberOf);
 - ``memberOf`` is maintained by the memberof overlay and holds direct groups only: OpenLDAP has
   no transitive membership, so the ``ad-nested`` group mode needs Active Directory; tests
@@ -67,6 +68,12 @@ VERSION = str(yaml.safe_load((REPO_ROOT / "galaxy.yml").read_text())["version"])
 IMAGE = f"gatehouse/identity-test:{VERSION}"
 RADIUS_CONFIG = REPO_ROOT / "files/images/identity-test/radius/radiusd.conf"
 RADIUS_CONFIG_IN_IMAGE = "/etc/gatehouse-identity/radius/radiusd.conf"
+# The directory's configuration and seed, mounted from the tree like radiusd.conf.
+DIRECTORY_FILES = {
+    REPO_ROOT / "files/images/identity-test" / name: f"/usr/local/share/gatehouse-identity/{name}"
+    for name in ("slapd-config.ldif", "directory.ldif")
+}
+DIRECTORY_MOUNTS = {str(src): {"bind": dst, "mode": "ro"} for src, dst in DIRECTORY_FILES.items()}
 LABEL = "gatehouse.test"
 
 BASE_DN = "dc=corp,dc=example"
@@ -83,6 +90,7 @@ ALL_GROUPS = {
     "dave": {"lab-users"},
 }
 
+BOB_UPN = "bob.baker@corp.example"
 ALICE_PASSCODE = "123456"
 CAROL_CODE = "654321"
 CAROL_PROMPT = "Enter the code sent to your phone"
@@ -393,7 +401,7 @@ def running(
             name=f"{prefix}-slapd",
             network=prefix,
             labels=labels,
-            volumes=volumes,
+            volumes={**volumes, **DIRECTORY_MOUNTS},
         )
         radius_ports = {"1812/udp": 0}
         # Requests reach it through the engine's port forwarding, from the network's gateway.

@@ -35,7 +35,7 @@ import pyotp
 import pytest
 import slowhttp
 import stack as hardened
-from identity_servers import ALICE_PASSCODE, ERIN_PROMPT, IdentityServers
+from identity_servers import ALICE_PASSCODE, BOB_UPN, ERIN_PROMPT, IdentityServers
 
 from gatehouse import protocol as p
 from gatehouse import tls
@@ -97,16 +97,18 @@ class IdentityStack:
     async def metrics(self) -> dict[str, float]:
         return await slowhttp.scrape(f"http://127.0.0.1:{self.st.procs['broker'].config['AdminPort']}")
 
-    async def session(self, user: str, domain: str, *, source: str = "127.0.0.1", **kwargs: object) -> None:
-        """A whole legitimate session through the CM; the password is the directory's, or the
-        stack's for its local CORP users."""
+    async def session(
+        self, user: str, domain: str, *, source: str = "127.0.0.1", name: str = "", **kwargs: object
+    ) -> None:
+        """A whole legitimate session through the CM, ``user`` logging in as ``name`` (default:
+        ``user``); the password is the directory's, or the stack's for its local CORP users."""
         password = hardened.USER_PW if domain == "CORP" else self.password(user)
         # With SecondFactorFirst the client offers a passcode before it knows the domain; a
         # domain without the second factor asks for the password instead, checking nothing.
         kwargs.setdefault("passcode", lambda: "not-asked")
         report = await run_session(
             self.st.cm_url,
-            user,
+            name or user,
             password,
             domain=domain,
             ssl_context=self.st.client_ctx(),
@@ -532,3 +534,70 @@ async def test_other_spellings_of_a_directory_name_share_its_throttle(tst: Ident
     assert delta(after, before, 'gatehouse_broker_login_lockouts_total{scope="account_source"}') == 1
     assert delta(after, before, auth("throttled")) == len(answers) - PAIR_LOCKOUT
     await tst.session("alice", "DIR", passcode=enrolled.next_code)
+
+
+# One directory account under two names the directory tells apart and no normalisation makes one:
+# the uid and the user principal name (the lookup matches userPrincipalName for a name with @).
+BOB_NAMES = ("bob", BOB_UPN)
+
+
+def user_binds(st: IdentityStack, uid: str) -> int:
+    """Binds as ``uid``'s entry that slapd has logged so far."""
+    dn = identity_servers.user_dn(uid)
+    return st.identity.directory.container.logs().decode(errors="replace").count(f'BIND dn="{dn}"')
+
+
+async def test_a_second_directory_name_shares_the_throttle_of_the_account(tst: IdentityStack) -> None:
+    """The directory finds bob as "bob" and as his user principal name. The attacker alternates
+    the names: guessing his password from one address, then, with the password, guessing his TOTP
+    code from several. Failures count against the directory account the lookup resolved, so the
+    pair lockout and the account lockout come as early as under one name, and a name the address
+    has not been refused under yet is refused before the directory bind; bob still logs in from
+    his own address, under either name."""
+    password = tst.password("bob")
+    enrolled = enroll(tst.st, "DIR", "bob")
+    tst.st.admin("PUT", "/entitlements/user/DIR/bob/desktop/desk-a")
+    # bob's usual address (a login makes it known); both names pass the password step.
+    await tst.session("bob", "DIR", passcode=enrolled.next_code)
+    for name in BOB_NAMES:
+        reply = await BrokerPeer(tst.st, "198.18.4.1").login(p.Authenticate(name, password, "DIR"))
+        assert outcome(reply) == p.AUTH_INCOMPLETE, (name, reply)
+
+    # Password guessing from one address, the names in turn.
+    before = await tst.metrics()
+    binds_before = user_binds(tst, "bob")
+    answers = [
+        await guess_through_the_cm(tst.st, "127.0.0.100", name, f"wrong-{n}", "DIR", "000000")
+        for n in range(PAIR_LOCKOUT + 2)
+        for name in BOB_NAMES
+    ]
+    assert set(answers) == {p.AUTH_FAILED}, answers
+    after = await tst.metrics()
+    assert delta(after, before, auth("failure")) == PAIR_LOCKOUT
+    assert delta(after, before, auth("throttled")) == len(answers) - PAIR_LOCKOUT
+    assert delta(after, before, 'gatehouse_broker_login_lockouts_total{scope="account_source"}') == 1
+    # The principal name's own pair was not locked: its refusals came after the lookup, before
+    # any bind as bob (slapd's log of binds).
+    assert user_binds(tst, "bob") - binds_before == PAIR_LOCKOUT
+
+    # TOTP guessing with the password, from several addresses, the names in turn.
+    before = await tst.metrics()
+    guesses = enrolled.wrong_codes()
+    sources = [f"127.0.0.{110 + i}" for i in range(ACCOUNT_LOCKOUT // PAIR_LOCKOUT + 1)]
+    answers = [
+        await guess_through_the_cm(tst.st, source, name, password, "DIR", next(guesses))
+        for source in sources
+        for _n in range(PAIR_LOCKOUT + 2)
+        for name in BOB_NAMES
+    ]
+    assert set(answers) == {p.AUTH_FAILED}, answers
+    after = await tst.metrics()
+    # The password guesses above count too: the account lockout comes at ACCOUNT_LOCKOUT in all.
+    assert delta(after, before, auth("failure")) == ACCOUNT_LOCKOUT - PAIR_LOCKOUT
+    assert delta(after, before, 'gatehouse_broker_login_lockouts_total{scope="account"}') == 1
+    assert delta(after, before, 'gatehouse_broker_login_throttled_total{reason="account_lockout"}') >= 1
+    # bob, from his known address, under both names.
+    await tst.session("bob", "DIR", passcode=enrolled.next_code)
+    # A third code in one 30 s step would be ahead of the accepted window: the next step first.
+    await asyncio.sleep(max(0.0, enrolled.last_step * 30 - time.time()))
+    await tst.session("bob", "DIR", name=BOB_UPN, passcode=enrolled.next_code)

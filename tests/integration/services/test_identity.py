@@ -17,11 +17,13 @@ and no password, passcode, bind password or shared secret reaches a log or the c
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -43,11 +45,13 @@ from identity_helpers import (
 from identity_servers import (
     ALICE_PASSCODE,
     BIND_DN,
+    BOB_UPN,
     CAROL_CODE,
     CAROL_PROMPT,
     Directory,
     IdentityServers,
     group_dn,
+    user_dn,
 )
 from pki import TestPKI
 from services import (
@@ -339,6 +343,39 @@ def test_wrong_password_and_unknown_user(stack: Stack, directory: Directory) -> 
         assert isinstance(client.send(p.GetResourceList()), p.ErrorResp)
     assert_ok(client.login("alice", directory.passwords["alice"]))
     assert client.resources() == {"desk-eng", "desk-all"}
+
+
+async def test_the_lookup_asks_for_the_account_found_before_the_bind(directory: Directory) -> None:
+    """bob's user principal name finds his entry: the login asks ``admit`` (on the event loop)
+    about the account by its uid, before the bind; refused, no bind as bob reaches slapd and the
+    login ends "refused". A name that finds no entry asks nothing."""
+    values = {key: str(value) for key, value in ldap_domain(directory, "CORP").items()}
+    pool = broker_directory.Directory(DirectorySettings.from_config(Config(values, environ={}), "CORP"))
+    asked: list[tuple[str, bool]] = []
+    allow = True
+
+    def admit(name: str) -> bool:
+        asked.append((name, threading.current_thread() is threading.main_thread()))
+        return allow
+
+    def binds() -> int:
+        return directory.container.logs().decode(errors="replace").count(f'BIND dn="{user_dn("bob")}"')
+
+    try:
+        ok = await pool.authenticate(BOB_UPN, directory.passwords["bob"], admit)
+        assert ok.user is not None and ok.user.name == "bob"
+        assert asked == [("bob", True)]
+        allow = False
+        before = binds()
+        refused = await pool.authenticate(BOB_UPN.upper(), directory.passwords["bob"], admit)
+        assert (refused.user, refused.failure) == (None, broker_directory.REFUSED)
+        assert asked == [("bob", True)] * 2
+        await asyncio.sleep(0.5)  # slapd's log of the last operations
+        assert binds() == before
+        unknown = await pool.authenticate("nobody@corp.example", directory.passwords["bob"], admit)
+        assert unknown.failure == broker_directory.INVALID and len(asked) == 2
+    finally:
+        pool.close()
 
 
 def test_filter_injection_matches_nobody(stack: Stack, directory: Directory) -> None:

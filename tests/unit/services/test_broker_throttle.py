@@ -163,6 +163,76 @@ def test_every_spelling_a_directory_matches_is_one_account() -> None:
     assert len(account_key("CORP", " " * 1000 + "x" * 1000)) == len("corp\\") + 256
 
 
+UPN = account_key("CORP", "alice.archer@corp.example")  # a second name of alice's directory entry
+
+
+def fail_as(t: LoginThrottle, typed: str, source: str, now: float) -> list[str]:
+    """A failed check of ``typed`` whose lookup found alice's entry (resolved to ALICE)."""
+    assert t.check(typed, source, now) is None
+    assert t.check_resolved(typed, ALICE, source, now) is None
+    return t.failure(typed, source, now, resolved=ALICE)
+
+
+def test_every_name_of_one_directory_account_shares_its_counters() -> None:
+    t = LoginThrottle(POLICY)
+    started: list[str] = []
+    for n in range(POLICY.lockout_after_failures):
+        started += fail_as(t, (ALICE, UPN)[n % 2], "198.51.100.7", 9.0 * n)
+    # The resolved pair locks at the lockout count, though neither name alone reached it...
+    assert started == ["account_source"]
+    now = 9.0 * POLICY.lockout_after_failures
+    assert t.check(ALICE, "198.51.100.7", now) == LOCKOUT
+    assert t.check(UPN, "198.51.100.7", now) is None  # the name alone is not throttled:
+    assert t.check_resolved(UPN, ALICE, "198.51.100.7", now) == LOCKOUT  # its account is
+    t.release(UPN, "198.51.100.7")
+    assert not t.in_flight
+    # ...and from another address alice's account is checked as usual.
+    assert t.check(UPN, "203.0.113.5", now) is None
+    assert t.check_resolved(UPN, ALICE, "203.0.113.5", now) is None
+    assert set(t.in_flight) == {(UPN, "203.0.113.5"), (ALICE, "203.0.113.5")}
+    t.success(UPN, "203.0.113.5", now, ALICE)
+    assert not t.in_flight
+
+
+def test_a_name_counts_once_when_it_is_the_account_it_resolves_to() -> None:
+    t = LoginThrottle(POLICY)
+    for _n in range(POLICY.delay_after_failures - 1):
+        fail_as(t, ALICE, "198.51.100.7", 0.0)
+    assert t.check(ALICE, "198.51.100.7", 0.0) is None  # not delayed: two failures, not four
+    t.release(ALICE, "198.51.100.7", ALICE)
+    assert not t.in_flight
+
+
+def test_the_account_lockout_counts_every_name_and_spares_known_sources() -> None:
+    t = LoginThrottle(POLICY)
+    t.success(ALICE, "192.0.2.10", 0.0, ALICE)  # alice's own address, her uid typed
+    started: list[str] = []
+    now = 10.0
+    for n in range(POLICY.account_lockout_after_failures):
+        now += 9.0
+        started += fail_as(t, (ALICE, UPN)[n % 2], f"198.51.100.{n // 5}", now)
+    assert started.count("account") == 1
+    # Refused under either name from a new address, resolved or not: the account is locked.
+    assert t.check(ALICE, "203.0.113.99", now + 1) == ACCOUNT_LOCKOUT
+    assert t.check(UPN, "203.0.113.99", now + 1, resolved=ALICE) == ACCOUNT_LOCKOUT
+    assert t.check(UPN, "203.0.113.99", now + 1) is None
+    assert t.check_resolved(UPN, ALICE, "203.0.113.99", now + 1) == ACCOUNT_LOCKOUT
+    t.release(UPN, "203.0.113.99")
+    # alice's address is spared under both names.
+    assert t.check(UPN, "192.0.2.10", now + 1, resolved=ALICE) is None
+    t.release(UPN, "192.0.2.10", ALICE)
+    assert t.check(ALICE, "192.0.2.10", now + 1) is None
+
+
+def test_a_name_that_resolves_to_nothing_keeps_its_own_counters() -> None:
+    t = LoginThrottle(POLICY)
+    ghost = account_key("CORP", "ghost@corp.example")
+    for n in range(POLICY.lockout_after_failures):
+        fail(t, ghost, "198.51.100.7", 9.0 * n)
+    assert t.check(ghost, "198.51.100.7", 100.0) == LOCKOUT
+    assert t.check(ALICE, "198.51.100.7", 100.0) is None
+
+
 # ---------------------------------------------------------------- hashing
 
 

@@ -6,20 +6,24 @@ Public functions (the integration tests call them against a real slapd):
   escaped with ``ldap3.utils.conv.escape_filter_chars`` (RFC 4515).
 - :func:`login`: ``login(settings, username, password)`` checks one login and blocks; it returns
   a :class:`LoginResult`: a :class:`DirectoryUser`, or the failure ``invalid`` (wrong user or
-  password: counted like a wrong password) or ``unavailable`` (no server answered, TLS failed,
-  the service account was refused: the user is not to blame).
-- :class:`Directory`: one per domain, ``await directory.authenticate(username, password)`` runs
-  :func:`login` on its own ``LdapPoolSize`` threads; at most :data:`WAIT_PER_THREAD` checks per
-  thread wait, a check beyond that raises :class:`DirectoryBusy` at once (answered "busy").
+  password: counted like a wrong password), ``unavailable`` (no server answered, TLS failed,
+  the service account was refused: the user is not to blame) or ``refused`` (``admit`` refused
+  the account the name resolved to: nothing was checked).
+- :class:`Directory`: one per domain, ``await directory.authenticate(username, password, admit)``
+  runs :func:`login` on its own ``LdapPoolSize`` threads; at most :data:`WAIT_PER_THREAD` checks
+  per thread wait, a check beyond that raises :class:`DirectoryBusy` at once (answered "busy").
 - :func:`check`: the deploy-time check, a service bind (and a read of ``LdapBaseDn``) on every
   server, one :class:`CheckLine` each.
 
 A login: (a) an empty password is refused before any LDAP request (a simple bind with an empty
 password is an unauthenticated bind that servers answer with success); (b) bind with the service
 account and search ``LdapBaseDn`` for exactly one entry matching ``(&<LdapUserFilter>(<attr>=<name>))``
-(``(|(<attr>=<name>)(userPrincipalName=<name>))`` when the name holds ``@``); (c) bind as that
-entry's DN with the password on a new connection (the service connection never carries the
-user's bind); (d) read the groups as ``LdapGroupMode`` says. Bound service connections are kept
+(``(|(<attr>=<name>)(userPrincipalName=<name>))`` when the name holds ``@``); (c) ask ``admit``
+(when given) whether the account found, by its ``<attr>`` value (its DN without one), may be
+checked: several names can find one entry, and the login throttle counts the account, not the
+name; refused, the login ends with a decoy bind, the same work as a wrong password; (d) bind as
+that entry's DN with the password on a new connection (the service connection never carries the
+user's bind); (e) read the groups as ``LdapGroupMode`` says. Bound service connections are kept
 for the next logins (:class:`ServicePool`); one the server closed meanwhile is replaced once. Group names are kept lower-case, as
 full DNs and as CNs, for the case-insensitive match of directory-group entitlements.
 
@@ -34,6 +38,8 @@ Nothing here logs or returns the password or the bind password.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import re
@@ -55,6 +61,7 @@ from gatehouse.broker.workers import BoundedPool, Busy
 
 INVALID = "invalid"
 UNAVAILABLE = "unavailable"
+REFUSED = "refused"
 DOWN_FOR = 30.0
 POOL_IDLE = 60.0  # seconds an idle service connection is kept for reuse
 WAIT_PER_THREAD = 8
@@ -83,7 +90,7 @@ class DirectoryUser:
 @dataclass(frozen=True)
 class LoginResult:
     user: DirectoryUser | None = None
-    failure: str = ""  # INVALID or UNAVAILABLE when user is None
+    failure: str = ""  # INVALID, UNAVAILABLE or REFUSED when user is None
     detail: str = ""  # for the log: what failed, never a secret
 
     @property
@@ -344,6 +351,7 @@ def login(
     password: str,
     health: ServerHealth | None = None,
     pool: ServicePool | None = None,
+    admit: Callable[[str], bool] | None = None,
 ) -> LoginResult:
     """Check one login against the directory (blocking; see the module docstring for the steps)."""
     refused = precheck(username, password)
@@ -353,7 +361,7 @@ def login(
     reasons: list[str] = []
     for server in health.order(settings.servers):
         try:
-            result = _login_on(settings, server, username, password, pool)
+            result = _login_on(settings, server, username, password, pool, admit)
         except _ServerDown as exc:
             health.failed(server)
             if pool is not None:
@@ -371,6 +379,7 @@ def _login_on(
     username: str,
     password: str,
     pool: ServicePool | None = None,
+    admit: Callable[[str], bool] | None = None,
 ) -> LoginResult:
     """The login on one server, with a pooled service connection when there is one.
 
@@ -395,7 +404,7 @@ def _login_on(
                     )
                 raise _ServerDown(f"service bind refused (LDAP result {code})")
         try:
-            result = _as_user(settings, server, service, username, password)
+            result = _as_user(settings, server, service, username, password, admit)
         except _ServerDown:
             _close(service)
             if pooled:
@@ -412,9 +421,15 @@ def _login_on(
 
 
 def _as_user(
-    settings: DirectorySettings, server: LdapServer, service: Connection, username: str, password: str
+    settings: DirectorySettings,
+    server: LdapServer,
+    service: Connection,
+    username: str,
+    password: str,
+    admit: Callable[[str], bool] | None = None,
 ) -> LoginResult:
-    """Search the user with the (bound) service connection, bind as the user, read the groups."""
+    """Search the user with the (bound) service connection, ask ``admit``, bind as the user, read
+    the groups."""
     attributes = [settings.user_attribute, "displayName", "cn"]
     if settings.group_mode == "memberof":
         attributes.append("memberOf")
@@ -440,6 +455,11 @@ def _as_user(
         return LoginResult(failure=INVALID, detail=f"{what} matches the user name")
     entry = entries[0]
     dn = entry["dn"]
+    name = next(iter(_values(entry, settings.user_attribute)), "")
+    if admit is not None and not admit(name or dn):
+        # The work of a wrong password: the timing does not tell which names find an account.
+        _decoy_bind(settings, server, password)
+        return LoginResult(failure=REFUSED, detail="refused for the account the name resolves to")
     # A fresh connection for the user's bind: the service connection keeps its own identity.
     user_conn = _open(settings, server, dn, password)
     try:
@@ -450,7 +470,7 @@ def _as_user(
         if code in _SERVER_TROUBLE:
             raise _ServerDown(f"user bind failed (LDAP result {code})")
         return LoginResult(failure=INVALID, detail=f"user bind refused (LDAP result {code})")
-    account = next(iter(_values(entry, settings.user_attribute)), username)
+    account = name or username
     display = next(iter(_values(entry, "displayName") or _values(entry, "cn")), "")
     groups = _groups(service, settings, entry, dn, account)
     return LoginResult(DirectoryUser(dn, account, display, group_names(groups)))
@@ -532,15 +552,47 @@ class Directory(BoundedPool):
         self.connections = ServicePool(pool)
         self._login = login_fn
 
-    async def authenticate(self, username: str, password: str) -> LoginResult:
+    async def authenticate(
+        self, username: str, password: str, admit: Callable[[str], bool] | None = None
+    ) -> LoginResult:
+        """:func:`login` on a thread of the domain; ``admit`` runs on the caller's event loop (the
+        thread waits for it), so the state it reads needs no lock."""
         refused = precheck(username, password)
         if refused is not None:
             return refused
-        return await self.run(self._login, self.settings, username, password, self.health, self.connections)
+        gate = None if admit is None else _on_loop(admit, asyncio.get_running_loop(), self.settings.timeout)
+        return await self.run(
+            self._login, self.settings, username, password, self.health, self.connections, gate
+        )
 
     def close(self) -> None:
         super().close()
         self.connections.drop()
+
+
+def _on_loop(
+    admit: Callable[[str], bool], loop: asyncio.AbstractEventLoop, timeout: float
+) -> Callable[[str], bool]:
+    """``admit`` called from a directory thread, run on ``loop``; no answer in time refuses."""
+
+    def gate(name: str) -> bool:
+        answer: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+        def ask() -> None:
+            if answer.set_running_or_notify_cancel():
+                try:
+                    answer.set_result(admit(name))
+                except BaseException as exc:
+                    answer.set_exception(exc)
+
+        loop.call_soon_threadsafe(ask)
+        try:
+            return answer.result(timeout)
+        except concurrent.futures.TimeoutError:
+            # Cancelled before it ran, admit never runs; if it is running, wait for its answer.
+            return False if answer.cancel() else answer.result()
+
+    return gate
 
 
 # ---------------------------------------------------------------- deploy-time check

@@ -17,6 +17,14 @@ Three failure counters, each over ``LoginFailureWindow`` seconds from its first 
   successfully before (remembered for :data:`KNOWN_SOURCE_TTL`), so even a distributed attack
   does not lock the user out from a known address.
 
+An account is the name as typed (normalised: :func:`account_key`) and, once a directory lookup
+has found the entry, also the account it resolved to (``resolved``: the key of the entry's user
+attribute, so every name that finds one entry — ``alice``, ``alice@corp.example`` as
+userPrincipalName — counts against one (account, source) pair and one account-wide counter). A
+failure counts against both (once when they are the same); an attempt is refused when either is
+throttled. A name that resolves to nothing has only its typed key, so unknown names are throttled
+as before. Sources known for either key are spared the account-wide lockout of that key.
+
 Checks running at the same time for one (account, source) count against its lockout, so a burst
 of parallel guesses gets no more checks than sequential ones; once the pair is delayed, its checks
 run one at a time. The source and account counters do not hold checks back (several users behind
@@ -154,26 +162,45 @@ class LoginThrottle:
         seen = self.known.get((account, source))
         return seen is not None and now - seen <= KNOWN_SOURCE_TTL
 
-    def check(self, account: str, source: str, now: float, *, per_source: bool = True) -> str | None:
+    def check(
+        self, account: str, source: str, now: float, *, per_source: bool = True, resolved: str = ""
+    ) -> str | None:
         """Why this attempt must be refused unchecked, or None when it may be checked.
 
-        None marks the pair in flight until :meth:`failure`, :meth:`success` or :meth:`release`.
+        ``resolved``: the account an earlier step of the login resolved the name to. None marks
+        the pairs in flight until :meth:`failure`, :meth:`success` or :meth:`release`.
         """
         self._sweep(now)
         reason = self._refusal(account, source, now, per_source)
         if reason is None:
-            key = (account, source)
-            self.in_flight[key] = self.in_flight.get(key, 0) + 1
+            reason = self.check_resolved(account, resolved, source, now)
+            if reason is None:
+                self._enter(account, source)
         return reason
 
-    def release(self, account: str, source: str) -> None:
-        """The check ended (also: did not run to a result, e.g. a busy hashing pool)."""
+    def check_resolved(self, account: str, resolved: str, source: str, now: float) -> str | None:
+        """During a check admitted for ``account``: why it must end unchecked now that its name
+        resolved to ``resolved``, or None (then that pair is in flight too, released with it)."""
+        if not resolved or resolved == account:
+            return None
+        reason = self._refusal(resolved, source, now, per_source=False)
+        if reason is None:
+            self._enter(resolved, source)
+        return reason
+
+    def _enter(self, account: str, source: str) -> None:
         key = (account, source)
-        left = self.in_flight.get(key, 0) - 1
-        if left > 0:
-            self.in_flight[key] = left
-        else:
-            self.in_flight.pop(key, None)
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+
+    def release(self, account: str, source: str, resolved: str = "") -> None:
+        """The check ended (also: did not run to a result, e.g. a busy hashing pool)."""
+        for name in _keys(account, resolved):
+            key = (name, source)
+            left = self.in_flight.get(key, 0) - 1
+            if left > 0:
+                self.in_flight[key] = left
+            else:
+                self.in_flight.pop(key, None)
 
     def _refusal(self, account: str, source: str, now: float, per_source: bool) -> str | None:
         p = self.policy
@@ -193,37 +220,47 @@ class LoginThrottle:
             return ACCOUNT_LOCKOUT
         return None
 
-    def failure(self, account: str, source: str, now: float, *, per_source: bool = True) -> list[str]:
-        """Count a checked, failed attempt; the scopes of the lockouts it starts."""
-        self.release(account, source)
+    def failure(
+        self, account: str, source: str, now: float, *, per_source: bool = True, resolved: str = ""
+    ) -> list[str]:
+        """Count a checked, failed attempt (against ``resolved`` too); the scopes of the lockouts
+        it starts, each once."""
+        self.release(account, source, resolved)
         p = self.policy
         started: list[str] = []
 
         def count(table: _Table[K], key: K, lock_at: int, scope: str) -> _Count:
             entry = table.add_failure(key, now)
             if entry.failures >= lock_at:
-                if entry.blocked_until <= now:
+                if entry.blocked_until <= now and scope not in started:
                     started.append(scope)
                 entry.blocked_until = now + p.lockout_seconds
             return entry
 
-        pair = count(self.pairs, (account, source), p.lockout_after_failures, PAIR_SCOPE)
-        if p.delay_after_failures <= pair.failures < p.lockout_after_failures:
-            pair.blocked_until = now + min(p.max_delay, 2.0 ** (pair.failures - p.delay_after_failures))
+        for name in _keys(account, resolved):
+            pair = count(self.pairs, (name, source), p.lockout_after_failures, PAIR_SCOPE)
+            if p.delay_after_failures <= pair.failures < p.lockout_after_failures:
+                pair.blocked_until = now + min(p.max_delay, 2.0 ** (pair.failures - p.delay_after_failures))
+            count(self.accounts, name, p.account_lockout_after_failures, ACCOUNT_SCOPE)
         if per_source:
             count(self.sources, source, p.source_lockout_after_failures, SOURCE_SCOPE)
-        count(self.accounts, account, p.account_lockout_after_failures, ACCOUNT_SCOPE)
         return started
 
-    def success(self, account: str, source: str, now: float) -> None:
-        """A checked, successful login: the pair starts over and the source becomes known.
+    def success(self, account: str, source: str, now: float, resolved: str = "") -> None:
+        """A checked, successful login: the pairs start over and the source becomes known.
 
         The source and account counters stay: a valid login of the attacker's own must not wipe
         the evidence of spraying from that source.
         """
-        self.release(account, source)
-        self.pairs.items.pop((account, source), None)
-        self.known[(account, source)] = now
-        self.known.move_to_end((account, source))
+        self.release(account, source, resolved)
+        for name in _keys(account, resolved):
+            self.pairs.items.pop((name, source), None)
+            self.known[(name, source)] = now
+            self.known.move_to_end((name, source))
         while len(self.known) > MAX_ENTRIES:
             self.known.popitem(last=False)
+
+
+def _keys(account: str, resolved: str) -> tuple[str, ...]:
+    """The accounts an attempt counts against: the typed name's and, when other, the resolved one."""
+    return (account, resolved) if resolved and resolved != account else (account,)

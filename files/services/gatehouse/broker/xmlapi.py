@@ -30,6 +30,7 @@ import secrets
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -64,6 +65,7 @@ class AuthProgress:
     """The steps of one login passed so far. Invariant: every step is for ``account``."""
 
     account: str  # the throttle's account key: domain and user name as the client sent them
+    resolved: str = ""  # the throttle's key of the directory account the name resolved to
     done: list[str] = field(default_factory=list)
     user: UserRecord | None = None
     groups: frozenset[str] = frozenset()
@@ -83,7 +85,17 @@ class StepOutcome:
     detail: str = ""
 
 
-OK, FAILED, UNAVAILABLE, CHALLENGE = "ok", "failed", "unavailable", "challenge"
+OK, FAILED, UNAVAILABLE, CHALLENGE, THROTTLED = "ok", "failed", "unavailable", "challenge", "throttled"
+
+
+@dataclass
+class Resolution:
+    """The directory account one attempt's name resolved to (its throttle key), and why the
+    throttle refused it (a :mod:`throttle` reason), if it did. Invariant: ``key`` is in flight in
+    the throttle for the attempt's source exactly when it is set and not the typed account."""
+
+    key: str = ""
+    refusal: str = ""
 
 
 @dataclass
@@ -344,8 +356,12 @@ class BrokerEndpoint:
             # nothing is checked, the password is asked for.
             return p.AuthenticateResp(p.AUTH_INCOMPLETE, PROMPTS[p.AUTH_PASSWORD], [p.AUTH_PASSWORD])
         source, per_source = session.source, session.source_trusted
+        # An earlier step of this login found the directory account: it counts as well.
+        resolution = Resolution(
+            progress.resolved if progress is not None and progress.account == account else ""
+        )
         now = time.monotonic()
-        reason = self.throttle.check(account, source, now, per_source=per_source)
+        reason = self.throttle.check(account, source, now, per_source=per_source, resolved=resolution.key)
         if reason is not None:
             # The same answer as a wrong password, and no check: nothing to learn, little to spend.
             # One line per attempt, like "authentication failed"; the lockout itself is a warning.
@@ -358,12 +374,13 @@ class BrokerEndpoint:
             if method != expected or (progress is not None and progress.account != account):
                 outcome = StepOutcome(FAILED, detail="not the step or the user this login expects")
             elif method == p.AUTH_PASSWORD:
-                outcome = await self._password_step(session, domain, username, auth.password, progress)
+                admit = self._admit(account, source, domain or "", resolution)
+                outcome = await self._password_step(session, domain, username, auth.password, progress, admit)
             else:
                 outcome = await self._passcode_step(domain, username, auth.passcode, progress)
         except (passwords.HasherBusy, directory.DirectoryBusy, factors.FactorBusy) as exc:
             session.progress = None  # every answer but a passed step starts the steps over
-            self.throttle.release(account, source)
+            self.throttle.release(account, source, resolution.key)
             self.metrics.auth.labels("busy").inc()
             if isinstance(exc, passwords.HasherBusy):
                 self.metrics.password_hash_busy.inc()
@@ -372,16 +389,26 @@ class BrokerEndpoint:
             session.log.warning("authentication refused: busy", extra={**extra, "reason": str(exc)})
             raise p.ProtocolError(p.E_BUSY, "the broker is busy; try again later") from None
         except BaseException:
-            self.throttle.release(account, source)
+            self.throttle.release(account, source, resolution.key)
             raise
         now = time.monotonic()
         if outcome.kind == CHALLENGE and progress is not None and progress.challenges >= MAX_CHALLENGES:
             # A server that keeps challenging ends the login like a wrong passcode, counted: else
             # a client could start the steps over and over without the throttle ever seeing one.
             outcome = StepOutcome(FAILED, detail="too many challenges")
+        if outcome.kind == THROTTLED:
+            # Refused for the account the name resolved to, before the bind: as at the check above.
+            session.progress = None
+            self.throttle.release(account, source, resolution.key)
+            self.metrics.auth.labels("throttled").inc()
+            self.metrics.login_throttled.labels(resolution.refusal).inc()
+            session.log.info("authentication throttled", extra={**extra, "reason": resolution.refusal})
+            return failed
         if outcome.kind == FAILED:
             session.progress = None
-            for scope in self.throttle.failure(account, source, now, per_source=per_source):
+            for scope in self.throttle.failure(
+                account, source, now, per_source=per_source, resolved=resolution.key
+            ):
                 self.metrics.login_lockouts.labels(scope).inc()
                 session.log.warning(
                     "login lockout started",
@@ -393,7 +420,7 @@ class BrokerEndpoint:
         if outcome.kind == UNAVAILABLE:
             # Not the user's fault: not counted, and the steps start over.
             session.progress = None
-            self.throttle.release(account, source)
+            self.throttle.release(account, source, resolution.key)
             self.metrics.auth.labels("unavailable").inc()
             session.log.warning(
                 "authentication impossible: the identity source is unavailable",
@@ -401,9 +428,10 @@ class BrokerEndpoint:
             )
             raise p.ProtocolError(p.E_INTERNAL, BROKER_ERROR_TEXT)
         progress = progress or AuthProgress(account)
+        progress.resolved = resolution.key
         session.progress = progress
         if outcome.kind == CHALLENGE:
-            self.throttle.release(account, source)
+            self.throttle.release(account, source, resolution.key)
             progress.challenges += 1
             progress.radius_state = outcome.state
             self.metrics.auth.labels("incomplete").inc()
@@ -415,7 +443,7 @@ class BrokerEndpoint:
             progress.user = outcome.user
             progress.groups = outcome.groups
         if len(progress.done) < len(methods):
-            self.throttle.release(account, source)
+            self.throttle.release(account, source, resolution.key)
             following = methods[len(progress.done)]
             prompt = TOTP_PROMPT if following == p.AUTH_PASSCODE and self.totp else PROMPTS[following]
             self.metrics.auth.labels("incomplete").inc()
@@ -424,14 +452,33 @@ class BrokerEndpoint:
         record = progress.user
         session.progress = None
         if record is None:  # every method list ends with or holds a password step: unreachable
-            self.throttle.release(account, source)
+            self.throttle.release(account, source, resolution.key)
             raise p.ProtocolError(p.E_INTERNAL, "internal error")
-        self.throttle.success(account, source, now)
+        self.throttle.success(account, source, now, resolution.key)
         session.user = record
         session.directory_groups = progress.groups
         self.metrics.auth.labels("success").inc()
         session.log.info("authentication succeeded", extra=extra)
         return p.AuthenticateResp(p.AUTH_OK, "authenticated")
+
+    def _admit(self, account: str, source: str, domain: str, resolution: Resolution) -> Callable[[str], bool]:
+        """Whether the check of ``account`` from ``source`` may go on to the directory bind, now
+        that the lookup found the account ``name``; records it in ``resolution``. Runs on the
+        event loop (:meth:`directory.Directory.authenticate`)."""
+
+        def admit(name: str) -> bool:
+            key = throttle.account_key(domain, name)
+            if resolution.key:  # a retry on another server: the account found before, no other
+                resolution.refusal = throttle.DELAY  # servers that disagree: try again later
+                return key == resolution.key
+            reason = self.throttle.check_resolved(account, key, source, time.monotonic())
+            if reason is not None:
+                resolution.refusal = reason
+                return False
+            resolution.key = key
+            return True
+
+        return admit
 
     async def _password_step(
         self,
@@ -440,12 +487,15 @@ class BrokerEndpoint:
         username: str,
         password: str,
         progress: AuthProgress | None,
+        admit: Callable[[str], bool],
     ) -> StepOutcome:
         """The password step, in the domain's source; the same user as an earlier step."""
         if domain is not None and self.settings.source(domain) == SOURCE_LDAP:
-            result = await self.directories[domain].authenticate(username, password)
+            result = await self.directories[domain].authenticate(username, password, admit)
             if result.failure == directory.UNAVAILABLE:
                 return StepOutcome(UNAVAILABLE, detail=result.detail)
+            if result.failure == directory.REFUSED:
+                return StepOutcome(THROTTLED, detail=result.detail)
             if result.user is None:
                 return StepOutcome(FAILED, detail=result.detail)
             with self.store.db.transaction():
