@@ -28,16 +28,24 @@ if TYPE_CHECKING:
     from pki import CertFiles, TestPKI
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A port free for both TCP and UDP on 127.0.0.1 (the SG and agent use the same number for both).
 
     Picked below the kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768 and up by
     default): a port the kernel handed out with bind(0) can be handed out again to another
-    process's outgoing connection before the service under test binds it.
+    process's outgoing connection before the service under test binds it. A port is not handed
+    out twice in one process: a caller may take several before it binds any.
     """
     rng = random.SystemRandom()
+    if len(_HANDED_OUT) > 6000:  # half the range: start over rather than search a crowded range
+        _HANDED_OUT.clear()
     while True:
         port = rng.randrange(20000, 32000)
+        if port in _HANDED_OUT:  # free now, but a caller may not have bound it yet
+            continue
         try:
             with (
                 socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
@@ -47,6 +55,7 @@ def free_port() -> int:
                 udp.bind(("127.0.0.1", port))
         except OSError:
             continue
+        _HANDED_OUT.add(port)
         return port
 
 

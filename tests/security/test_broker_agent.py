@@ -395,7 +395,13 @@ async def test_a_desktop_cannot_report_for_another_or_fill_the_report_table(make
     assert set(statuses) == {403} and len(statuses) == 155
     hardened.assert_session_ok(during)
 
+    # The real agents report every ReportInterval (2 s); a report sent before the stack registered
+    # its desktop was refused, so wait for one accepted report of each (bounded), then count rows.
+    deadline = time.monotonic() + 30
     agents = st.admin("GET", "/agents")["agents"]
+    while {a["desktop"] for a in agents} != {"desk-a", "desk-b"} and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        agents = st.admin("GET", "/agents")["agents"]
     assert sorted(a["desktop"] for a in agents) == ["desk-a", "desk-b"]  # one row per desktop, no more
     assert all(a["capacity"] == 50 for a in agents)
     m = metrics(st, "broker")
