@@ -85,6 +85,20 @@ COMMON_REQUIRED_TOGETHER = [("ssl_cert", "ssl_key")]
 COMMON_REQUIRED_IF = [("image_source", "registry", ["registry"])]
 
 
+def check_container_options(params: dict, service: str, errors: list[str]) -> None:
+    """network_mode and container_limits, the options of every deployed container."""
+    mode = params["network_mode"]
+    if mode not in ("bridge", "host") and not (
+        mode.startswith("container:") and len(mode) > len("container:")
+    ):
+        errors.append("network_mode must be bridge, host or container:<name>, got %r" % mode)
+    if params.get("container_limits"):
+        try:
+            hardening(service, params["container_limits"])
+        except ContainerError as exc:
+            errors.append(str(exc))
+
+
 def check_common(params: dict, errors: list[str]) -> None:
     """Checks of the shared options that the argument spec cannot express."""
     if params["state"] == "present" and not params["self_signed"] and not params["ssl_cert"]:
@@ -95,16 +109,7 @@ def check_common(params: dict, errors: list[str]) -> None:
         errors.append("self_signed=true and ssl_cert/ssl_key exclude each other; choose one")
     if params["ca_cert"] and not params["ssl_cert"]:
         errors.append("ca_cert is the CA chain of ssl_cert; it cannot be used without ssl_cert")
-    mode = params["network_mode"]
-    if mode not in ("bridge", "host") and not (
-        mode.startswith("container:") and len(mode) > len("container:")
-    ):
-        errors.append("network_mode must be bridge, host or container:<name>, got %r" % mode)
-    if params.get("container_limits"):
-        try:
-            hardening("broker", params["container_limits"])
-        except ContainerError as exc:
-            errors.append(str(exc))
+    check_container_options(params, "broker", errors)
     if not re.match(r"^[a-z0-9][a-z0-9_.-]{0,40}$", params["name_prefix"]):
         errors.append(
             "name_prefix must be lower-case letters, digits, '.', '_' or '-' (at most 41 characters)"

@@ -151,16 +151,7 @@ def validate(params: dict) -> None:
     dep.port_option(params["port"], "port", errors)
     if params["alert_rules"] is not None and "groups:" not in params["alert_rules"]:
         errors.append("alert_rules is not a Prometheus rules file (it has no groups:)")
-    mode = params["network_mode"]
-    if mode not in ("bridge", "host") and not (
-        mode.startswith("container:") and len(mode) > len("container:")
-    ):
-        errors.append("network_mode must be bridge, host or container:<name>, got %r" % mode)
-    if params.get("container_limits"):
-        try:
-            ctr.hardening(SERVICE, params["container_limits"])
-        except ctr.ContainerError as exc:
-            errors.append(str(exc))
+    dep.check_container_options(params, SERVICE, errors)
     if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", params["image_tag"]):
         errors.append("image_tag %r is not a valid Docker tag" % params["image_tag"])
     if params["registry"] and params["image_source"] != "registry":
