@@ -99,12 +99,13 @@ async def test_password_then_totp(broker: BrokerEndpoint) -> None:
     assert isinstance(first, p.AuthenticateResp)
     assert (first.result_id, first.next_methods) == (p.AUTH_INCOMPLETE, [p.AUTH_PASSCODE])
     assert s.user is None and s.progress is not None
-    assert result(await broker._authenticate(s, passcode(totp.now()))) == p.AUTH_OK
+    code = totp.now()
+    assert result(await broker._authenticate(s, passcode(code))) == p.AUTH_OK
     assert s.user is not None and s.user.name == "alice" and s.progress is None
     # The same code again, in a new session: refused (codes work once).
     again = session()
     assert result(await broker._authenticate(again, password())) == p.AUTH_INCOMPLETE
-    assert result(await broker._authenticate(again, passcode(totp.now()))) == p.AUTH_FAILED
+    assert result(await broker._authenticate(again, passcode(code))) == p.AUTH_FAILED
     assert again.progress is None  # a failed step starts over
 
 
