@@ -40,6 +40,11 @@ METRICS_LUA_NAME = "gatehouse-metrics.lua"
 METRICS_LUA = HAPROXY_DIR + "/" + METRICS_LUA_NAME
 METRICS_FRONTEND = "gatehouse_metrics"
 DEFAULT_METRICS_PORT = 8405
+# The metrics frontend's own connection cap and request deadline: a scraper needs one connection
+# per node, so a few Prometheus servers fit; a client that floods or trickles the port holds at
+# most this many of the node's global maxconn slots, each for at most the deadline.
+METRICS_MAXCONN = 16
+METRICS_REQUEST_TIMEOUT = "5s"
 # gatehouse_halb_vrrp_master{router_id} at /vrrp of the metrics frontend (the halb module writes it
 # next to haproxy.cfg). Lua, because only it can read a file that changes while HAProxy runs.
 METRICS_LUA_SOURCE = r"""-- Managed by the gatehouse.access.halb module; local changes are overwritten.
@@ -692,7 +697,8 @@ def _metrics_frontend(config: dict) -> list[str]:
     """Prometheus' view of the node: HAProxy's own exporter at /metrics, the VRRP state at /vrrp.
 
     Plain HTTP on every address of the node (never only the VIP, which moves): the firewall role
-    opens the port to the monitoring hosts only.
+    opens the port to the monitoring hosts only, and its own maxconn and request deadline keep a
+    client that reaches it anyway from taking the virtual servers' connection slots.
     """
     return [
         "# Metrics for the monitoring (docs/monitoring.md)",
@@ -700,7 +706,10 @@ def _metrics_frontend(config: dict) -> list[str]:
         "    bind :%d" % config["metrics_port"],
         "    mode http",
         "    no log",
+        "    maxconn %d" % METRICS_MAXCONN,
         "    timeout client 10s",
+        "    timeout http-request %s" % METRICS_REQUEST_TIMEOUT,
+        "    timeout http-keep-alive %s" % METRICS_REQUEST_TIMEOUT,
         "    http-request set-var(txn.gatehouse_router_id) str(%d)" % config["vrrp"]["router_id"],
         "    http-request use-service prometheus-exporter if { path /metrics }",
         "    http-request use-service lua.gatehouse_vrrp if { path /vrrp }",

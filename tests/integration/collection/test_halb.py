@@ -16,6 +16,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from collection_helpers import ensure_importable
 from tls_probe import OLD_VERSIONS, assert_probe_offers, handshake, probe_context
 
 docker = pytest.importorskip("docker")
@@ -137,6 +139,61 @@ def test_metrics_frontend_shows_each_nodes_vrrp_state_and_the_backends(pair: Pai
     with pytest.raises(urllib.error.HTTPError) as missing:
         scrape("halb1", "/")
     assert missing.value.code == 404
+
+
+def _metrics_sessions(pair: Pair, node: str) -> int:
+    """Current sessions of the metrics frontend, from HAProxy's runtime API inside the node."""
+    script = (
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/haproxy/admin.sock'); "
+        "s.sendall(b'show stat\\n'); import sys; "
+        "sys.stdout.write(b''.join(iter(lambda: s.recv(65536), b'')).decode())"
+    )
+    container = pair.client.containers.get(pair.container_name(node))
+    code, out = container.exec_run(["python3", "-c", script])
+    assert code == 0, out
+    for row in out.decode().splitlines():
+        fields = row.split(",")
+        if fields[:2] == ["gatehouse_metrics", "FRONTEND"]:
+            return int(fields[4])  # scur
+    raise AssertionError("no gatehouse_metrics frontend in show stat:\n" + out.decode())
+
+
+def test_slow_clients_on_the_metrics_port_hold_few_slots_briefly_and_the_vip_serves(pair: Pair):
+    """Attack: 60 clients open the metrics port and trickle a request header they never finish.
+
+    The frontend's maxconn holds them to 16 sessions (with its listen backlog of the same size, the
+    kernel drops the connection attempts beyond), its request deadline closes each within 5 s,
+    traffic through the VIP is served meanwhile, and a scrape succeeds once they are gone.
+    """
+    ensure_importable()
+    from ansible_collections.gatehouse.access.plugins.module_utils._halb import render
+
+    node = pair.node_ip["halb1"]
+    slow = []
+    for _i in range(60):
+        try:
+            sock = socket.create_connection((node, 8405), timeout=0.5)
+        except OSError:
+            continue  # dropped at the full backlog
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never the final empty line
+        slow.append(sock)
+    try:
+        assert len(slow) >= render.METRICS_MAXCONN
+        time.sleep(1.0)
+        held = _metrics_sessions(pair, "halb1")
+        assert 0 < held <= render.METRICS_MAXCONN, held
+        assert {pair.via_vip(4444) for _i in range(10)} == {"be1", "be2"}
+        # Every slow client is closed by the server, in batches of maxconn, at most 5 s each.
+        deadline = time.monotonic() + 30
+        for sock in slow:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            while sock.recv(4096):  # HAProxy answers 408, then closes
+                pass
+    finally:
+        for sock in slow:
+            sock.close()
+    with urllib.request.urlopen(f"http://{node}:8405/vrrp", timeout=5) as response:
+        assert b"gatehouse_halb_vrrp_master" in response.read()
 
 
 def _tls12_cipher_names() -> list[str]:
