@@ -108,6 +108,18 @@ options:
     description: How long the time series are kept (C(--storage.tsdb.retention.time)).
     type: str
     default: 15d
+  max_connections:
+    description:
+      - Most simultaneous connections to the web UI and HTTP API (C(--web.max-connections)); further ones wait.
+      - Bounds what slow or idle clients can hold. Prometheus' own default is 512.
+    type: int
+    default: 64
+  read_timeout:
+    description:
+      - Deadline to read a whole request, and for an idle keep-alive connection (C(--web.read-timeout)).
+      - A client that sends its request slower is disconnected. Prometheus' own default is 5m.
+    type: str
+    default: 10s
   listen_address:
     description: Address of Prometheus' web UI and HTTP API (plain HTTP, no authentication; firewall it).
     type: str

@@ -60,6 +60,8 @@ ARGUMENT_SPEC: dict = {
     "scrape_interval": {"type": "str", "default": "15s"},
     "evaluation_interval": {"type": "str", "default": "15s"},
     "retention": {"type": "str", "default": "15d"},
+    "max_connections": {"type": "int", "default": 64},
+    "read_timeout": {"type": "str", "default": "10s"},
     "listen_address": {"type": "str", "default": "0.0.0.0"},
     "port": {"type": "int", "default": PORT},
     "data_dir": {"type": "path", "default": "/opt/gatehouse/monitoring"},
@@ -141,7 +143,9 @@ def validate(params: dict) -> None:
             parse_target(value)
         except ValueError as exc:
             errors.append("alertmanagers: %r %s" % (value, exc))
-    for name in ("scrape_interval", "evaluation_interval", "retention"):
+    if not 1 <= params["max_connections"] <= 4096:
+        errors.append("max_connections must be between 1 and 4096, got %d" % params["max_connections"])
+    for name in ("scrape_interval", "evaluation_interval", "retention", "read_timeout"):
         if not _DURATION_RE.match(params[name]):
             errors.append("%s %r is not a Prometheus duration (like 15s, 1m or 15d)" % (name, params[name]))
     if dep.parse_ip(params["listen_address"].strip()) is None:
@@ -228,6 +232,10 @@ def container_spec(params: dict, image: str, host_label: str) -> dict:
             "--storage.tsdb.path=%s" % TSDB_DIR,
             "--storage.tsdb.retention.time=%s" % params["retention"],
             "--web.listen-address=%s" % listen(params),
+            # Prometheus' own defaults (512 connections, 5 minutes to send a request) let a few
+            # slow clients hold the API for minutes; these bound what one client can hold.
+            "--web.max-connections=%d" % params["max_connections"],
+            "--web.read-timeout=%s" % params["read_timeout"],
         ],
         "labels": {ctr.LABEL_ROLE: SERVICE, ctr.LABEL_HOST: host_label, ctr.LABEL_MANAGED: MANAGED_BY},
         "mounts": [

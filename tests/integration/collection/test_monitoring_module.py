@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import sys
 import time
 import urllib.parse
@@ -50,11 +51,11 @@ def env(tmp_path: Path):
         cleanup(cli, prefix)
 
 
-def api(port: int, path: str, **query: str) -> dict:
+def api(port: int, path: str, timeout: float = 5, **query: str) -> dict:
     url = f"http://127.0.0.1:{port}/api/v1/{path}"
     if query:
         url += "?" + urllib.parse.urlencode(query)
-    with urllib.request.urlopen(url, timeout=5) as response:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         body = json.loads(response.read())
     assert body["status"] == "success", body
     return body["data"]
@@ -115,6 +116,9 @@ def test_cycle(env, pki, processes) -> None:
         "data_dir": str(data_dir),
         "name_prefix": prefix,
         "host_label": "mon1",
+        # Small, so the slow-client attack below needs few connections and little time.
+        "max_connections": 8,
+        "read_timeout": "2s",
     }
     check = run_module("monitoring", args, check=True, diff=True)
     assert check.changed and not check.failed, check.result
@@ -162,6 +166,27 @@ def test_cycle(env, pki, processes) -> None:
         ("GatehouseCertificateExpiresSoon", "firing")
     ]
     assert firing[0]["labels"]["instance"] == sg_target
+
+    # Attack: 24 clients (3x max_connections) open the API and trickle a request they never finish.
+    # Each is disconnected within read_timeout; the API answers a real query meanwhile, and the
+    # scraping (outgoing connections) never stops.
+    slow = []
+    for _i in range(24):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"GET /api/v1/query?query=up HTTP/1.1\r\nHost: x\r\n")
+        slow.append(sock)
+    try:
+        started = time.monotonic()
+        assert api(port, "query", query='up{job="gatehouse-sg"}', timeout=20)["result"][0]["value"][1] == "1"
+        answered = time.monotonic() - started
+        for sock in slow:
+            sock.settimeout(20)
+            while sock.recv(4096):
+                pass
+        print(f"API answered after {answered:.1f} s with 24 slow clients held")
+    finally:
+        for sock in slow:
+            sock.close()
 
     # The SG stops: its alert is pending within seconds (for: 30s keeps it from firing at once).
     sg.stop()

@@ -97,6 +97,8 @@ def test_every_problem_is_listed_at_once():
         port=0,
         listen_address="any",
         purge=True,
+        max_connections=0,
+        read_timeout="ten seconds",
     )
     with pytest.raises(dep.ValidationError) as caught:
         mon.validate(bad)
@@ -108,6 +110,8 @@ def test_every_problem_is_listed_at_once():
         "port must be between 1 and 65535",
         "listen_address 'any'",
         "purge is only used with state=absent",
+        "max_connections must be between 1 and 4096",
+        "read_timeout 'ten seconds'",
     ):
         assert any(fragment in e for e in errors), (fragment, errors)
 
@@ -123,3 +127,13 @@ def test_bridge_mode_publishes_the_port_and_listens_inside_on_9090():
         ("/etc/prometheus", True),
         ("/prometheus", False),
     ]
+
+
+def test_the_web_ui_and_api_bound_connections_and_the_time_to_send_a_request():
+    spec = mon.container_spec(params(), "gatehouse/prometheus:0.1.0", "m1")
+    assert "--web.max-connections=64" in spec["command"]
+    assert "--web.read-timeout=10s" in spec["command"]
+    tuned = mon.container_spec(
+        params(max_connections=8, read_timeout="3s"), "gatehouse/prometheus:0.1.0", "m1"
+    )
+    assert {"--web.max-connections=8", "--web.read-timeout=3s"} <= set(tuned["command"])
