@@ -91,8 +91,16 @@ options:
         HTTP). When not set the broker keeps its default, V(127.0.0.1), reachable only from its own network
         namespace. V(0.0.0.0) lets a Prometheus on another host scrape it with O(network_mode=host) or
         V(container:<name>) (the role P(gatehouse.access.firewall#role) opens 9181 to the monitoring hosts only);
-        with O(network_mode=bridge) the port is not published.
+        with O(network_mode=bridge) see O(admin_host_port).
     type: str
+  admin_host_port:
+    description:
+      - With O(network_mode=bridge), publish the management listener (C(/health), C(/metrics)) on the host's
+        V(127.0.0.1) at this port, for a Prometheus on the same host; the listener then takes every address of
+        the container's network (unless O(admin_address) says otherwise). V(0) publishes nothing.
+      - Only with O(network_mode=bridge).
+    type: int
+    default: 0
   purge:
     description:
       - With O(state=absent), also delete the database and the TOTP key C(secrets/totp.key) that encrypts the

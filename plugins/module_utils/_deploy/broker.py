@@ -46,6 +46,8 @@ from ansible_collections.gatehouse.access.plugins.module_utils._deploy import en
 from ansible_collections.gatehouse.access.plugins.module_utils._docker import containers as ctr
 
 TOKEN_KEYS = {"GATEHOUSE_ADMINTOKEN"}
+# The broker's management listener (/health, /metrics), inside its container (its settings' admin_port).
+ADMIN_PORT = 9181
 CLIENT_CA = "client-ca.pem"
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -105,6 +107,7 @@ ARGUMENT_SPEC: dict = dict(
     data_dir={"type": "path", "default": "/opt/gatehouse/broker"},
     https_port={"type": "int", "default": 443},
     admin_address={"type": "str"},
+    admin_host_port={"type": "int", "default": 0},
     purge={"type": "bool", "default": False},
     directories={"type": "list", "elements": "dict", "options": DIRECTORY_SPEC, "default": []},
     second_factor={
@@ -155,6 +158,17 @@ def validate(params: dict) -> list[str]:
                 "admin_address %r must be an IP address (0.0.0.0 = every address of the container or host)"
                 % params["admin_address"]
             )
+        if params["admin_host_port"]:
+            dep.port_option(params["admin_host_port"], "admin_host_port", errors)
+            if params["network_mode"] != "bridge":
+                errors.append(
+                    "admin_host_port is only used with network_mode=bridge (otherwise the listener is on the "
+                    "host or container network already: set admin_address)"
+                )
+            elif params["admin_host_port"] == params["https_port"]:
+                errors.append(
+                    "admin_host_port %d is https_port as well; choose another" % params["https_port"]
+                )
         if params["domains"]:
             validate_directories(params, errors, warnings)
             validate_second_factor(params, errors)
@@ -664,9 +678,20 @@ def broker_properties(params: dict) -> bytes:
             ("LogLevel", params["log_level"]),
             *identity_properties(params),
             # Unset keeps the service's default, 127.0.0.1 (and the file of earlier versions unchanged).
-            *([("AdminAddress", params["admin_address"].strip())] if params["admin_address"] else []),
+            *([("AdminAddress", admin_address(params))] if admin_address(params) else []),
         ],
     )
+
+
+def admin_address(params: dict) -> str:
+    """AdminAddress of the broker.properties, or "" for the service's default (127.0.0.1).
+
+    A port published from a bridge network reaches the container's own address, never its
+    loopback: with admin_host_port the listener takes every address of the container's namespace.
+    """
+    if params["admin_address"]:
+        return params["admin_address"].strip()
+    return "0.0.0.0" if params["admin_host_port"] and params["network_mode"] == "bridge" else ""
 
 
 def broker_env(params: dict) -> bytes:
@@ -700,7 +725,22 @@ def container_spec(params: dict, image: str, host_label: str) -> dict:
         ),
         "network_mode": mode,
         "network": None,
-        "ports": [{"host": params["https_port"], "container": 8443, "protocol": "tcp"}]
+        "ports": (
+            [{"host": params["https_port"], "container": 8443, "protocol": "tcp"}]
+            + (
+                # The management listener on the host's loopback only, for a Prometheus on this host.
+                [
+                    {
+                        "host": params["admin_host_port"],
+                        "container": ADMIN_PORT,
+                        "protocol": "tcp",
+                        "host_ip": "127.0.0.1",
+                    }
+                ]
+                if params.get("admin_host_port")
+                else []
+            )
+        )
         if mode == "bridge"
         else [],
         "restart_policy": "unless-stopped",

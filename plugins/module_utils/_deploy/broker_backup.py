@@ -66,7 +66,7 @@ TOTP_KEY = broker_deploy.TOTP_KEY
 # Both end in .key: support bundles list such files by name and never read them.
 KEY_SUFFIX = ".totp.key"
 PREVIOUS_KEY = "totp.before-restore.key"
-HEALTH_ADDRESS = ("127.0.0.1", 9181)  # the broker's management listener (/health), inside its container
+HEALTH_ADDRESS = ("127.0.0.1", broker_deploy.ADMIN_PORT)  # /health, inside the broker container
 _CHUNK = 1024 * 1024
 
 # Runs in the broker container as the service user: argv[1] the live database, argv[2] the copy.

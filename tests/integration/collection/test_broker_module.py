@@ -138,13 +138,27 @@ def test_cycle(env) -> None:
     assert (data_dir / "data" / "broker.db").exists()
 
     # A change: check mode predicts exactly what the real run then does (diff, files, containers).
-    changed_args = dict(args, log_level="debug")
+    # The management listener published on the host's loopback (bridge mode): /metrics answers there.
+    metrics_port = free_port()
+    changed_args = dict(args, log_level="debug", admin_host_port=metrics_port)
     predicted = run_module("broker", changed_args, check=True, diff=True)
     applied = run_module("broker", changed_args, diff=True)
     assert predicted.changed and applied.changed and not applied.failed, applied.result
     assert predicted.result["diff"], predicted.result
     for key in ("diff", "changed_files", "containers"):
         assert predicted.result[key] == applied.result[key], key
+    assert applied.result["config"]["broker_properties"]["AdminAddress"] == "0.0.0.0"
+    bindings = cli.containers.get(f"{prefix}-broker").attrs["HostConfig"]["PortBindings"]["9181/tcp"]
+    assert bindings == [{"HostIp": "127.0.0.1", "HostPort": str(metrics_port)}]
+    metrics = ""
+    for _attempt in range(40):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+                metrics = response.read().decode()
+            break
+        except OSError:
+            time.sleep(0.5)
+    assert "gatehouse_tls_certificate_expiry_timestamp_seconds" in metrics
 
     absent = {"state": "absent", "data_dir": str(data_dir), "name_prefix": prefix}
     gone = run_module("broker", absent)
@@ -171,3 +185,15 @@ def test_admin_address_is_rendered_only_when_set(env) -> None:
     assert opened.result["config"]["broker_properties"]["AdminAddress"] == "0.0.0.0"
     bad = run_module("broker", dict(args, admin_address="everywhere"), check=True)
     assert bad.failed and any("admin_address 'everywhere'" in e for e in bad.result["errors"])
+    published = run_module("broker", dict(args, admin_host_port=19181), check=True)
+    assert published.result["config"]["broker_properties"]["AdminAddress"] == "0.0.0.0"
+    for wrong, message in (
+        (
+            {"admin_host_port": 19181, "network_mode": "host"},
+            "admin_host_port is only used with network_mode=bridge",
+        ),
+        ({"admin_host_port": 443}, "admin_host_port 443 is https_port as well"),
+        ({"admin_host_port": 70000}, "admin_host_port must be between 1 and 65535"),
+    ):
+        refused = run_module("broker", dict(args, **wrong), check=True)
+        assert refused.failed and any(message in e for e in refused.result["errors"]), refused.result
