@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -400,3 +403,77 @@ async def test_guessing_codes_ends_the_guessers_session_while_a_real_code_works(
     )
     unknown = 'gatehouse_cm_invitations_refused_total{reason="unknown"}'
     assert after[unknown] == before[unknown] + 3
+
+
+async def test_client_command_line_invites_and_joins(stack: Stack) -> None:
+    """``--invite`` prints the code once the owner's channel is up and holds the session;
+    ``--invitation-code-env`` joins with it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEHOUSE_")}
+    env.update(GH_OWNER_PW=ALICE_PW, GH_COLLAB_PW=BOB_PW)
+    common = ["--domain", "CORP", "--ca-cert", str(stack.pki.ca), "--bytes", "4096", "--udp", "2", "--json"]
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gatehouse.client",
+        "--url",
+        stack.cms["cm"],
+        "--user",
+        "alice",
+        "--password-env",
+        "GH_OWNER_PW",
+        "--resource",
+        "desk-a",
+        "--invite",
+        "--hold",
+        "8",
+        *common,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert owner.stderr is not None and owner.stdout is not None
+    try:
+        line = (await asyncio.wait_for(owner.stderr.readline(), 60)).decode()
+        assert line.startswith("invitation-code: "), line
+        code = line.split(": ", 1)[1].strip()
+        env["GH_CODE"] = code
+        collaborator = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "gatehouse.client",
+                "--url",
+                stack.cms["cm"],
+                "--user",
+                "bob",
+                "--password-env",
+                "GH_COLLAB_PW",
+                "--invitation-code-env",
+                "GH_CODE",
+                "--source-address",
+                COLLABORATOR_IP,
+                *common,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert collaborator.returncode == 0, collaborator.stdout + collaborator.stderr
+        report = json.loads(collaborator.stdout)
+        assert report["ok"] is True
+        assert [s["name"] for s in report["steps"]] == COLLABORATOR_STEPS
+        assert code not in collaborator.stdout + collaborator.stderr
+        # The owner's session ends by itself after --hold, with bye.
+        out, _err = await asyncio.wait_for(owner.communicate(), 60)
+    finally:
+        if owner.returncode is None:
+            owner.terminate()
+            await owner.wait()
+    assert owner.returncode == 0, out
+    report = json.loads(out)
+    assert report["ok"] is True
+    assert [s["name"] for s in report["steps"]][-4:] == ["tcp-echo", "udp-echo", "invite", "bye"]
+    assert code not in out.decode()  # the report never holds the code, only the printed line does
