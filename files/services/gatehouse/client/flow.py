@@ -463,10 +463,6 @@ class OpenChannel:
             self.address[0], self.address[1], local_ip, count, self.target.connect_tag, self.udp_binds
         )
 
-    @property
-    def closed(self) -> bool:
-        return self.reader.at_eof() or self.writer.is_closing()
-
     async def close(self) -> None:
         self.writer.close()
         with contextlib.suppress(OSError, ssl.SSLError):
