@@ -123,7 +123,14 @@ options:
     type: bool
     default: true
   enable_collaboration:
-    description: Allow several clients to collaborate on one agent.
+    description:
+      - Allow multiple PCoIP clients to collaborate on a PCoIP agent (C(EnableCollaboration)).
+      - The owner of a running desktop session asks the connection manager for an invitation; another user
+        logs in and joins that same session with the invitation's code, through the security gateway when it
+        is enabled. A code is single use, valid five minutes, bound to the owner's session and forgotten
+        when that session ends; see docs/protocol.md, "Collaboration".
+      - With V(false) the connection manager refuses both invitations and joins
+        (C(FAILED_COLLABORATION_DISABLED)).
     type: bool
     default: true
   enable_ipv6:

@@ -23,7 +23,7 @@ from services import ServiceProcess, free_port, start_cm
 
 from gatehouse import protocol as p
 from gatehouse import tls
-from gatehouse.client.flow import CmConnection, run_session
+from gatehouse.client.flow import CmConnection, join_session, run_session
 from gatehouse.config import parse_kv
 
 ENV = "pcoip-client"
@@ -470,3 +470,69 @@ async def test_a_dead_sg_takes_the_cm_out_of_rotation(st: hardened.Stack) -> Non
         await asyncio.sleep(0.05)
     await session_ok(st)
     st.assert_no_secrets_logged()
+
+
+# ------------------------------------------------------------------ collaboration invitation codes
+
+
+async def test_guessing_invitation_codes_ends_the_guessers_sessions_and_spares_the_owner(
+    st: hardened.Stack,
+) -> None:
+    """A logged-in user guesses codes (random ones, and near misses of a real one) over several
+    sessions: each session ends after MaxInvitationAttempts unknown codes, no guess joins, and the
+    owner's session and the real code keep working."""
+    before = await metrics(st)
+    attempts = 5  # MaxInvitationAttempts default
+    logins = 3
+    seen: dict[str, int] = {}
+
+    async def guesser(code: str, source: str) -> None:
+        async with raw_client(st, source, cookies=True) as http:
+            for round_ in range(logins):
+                _status, reply = await post(http, st, p.Hello())
+                assert isinstance(reply, p.HelloResp)
+                _status, reply = await post(
+                    http, st, p.Authenticate(hardened.OTHER, hardened.OTHER_PW, "CORP")
+                )
+                assert result_of(reply) == p.AUTH_OK
+                for i in range(attempts + 1):
+                    near_miss = code[:-1] + ("A" if code[-1] != "A" else "B")
+                    guess = near_miss if i == 0 else f"guess{round_}x{i}" + "Q" * 20
+                    _status, reply = await post(http, st, p.RedeemInvitation(guess))
+                    seen[result_of(reply)] = seen.get(result_of(reply), 0) + 1
+
+    async def hold(owner) -> None:  # a gatehouse.client.flow.Holding
+        code = await owner.invite()
+        assert code
+        await asyncio.gather(guesser(code, "127.0.0.52"), guesser(code, "127.0.0.53"))
+        # Every guess was refused; the attempt after the last allowed one found no session.
+        assert seen == {p.JOIN_UNKNOWN: 2 * logins * attempts, p.E_USER_AUTH: 2 * logins}
+        assert await owner.echo(8192, 2, 10.0, "-after-guessing")
+        joined = await join_session(
+            st.cm_url,
+            hardened.OTHER,
+            hardened.OTHER_PW,
+            code,
+            domain="CORP",
+            ssl_context=st.client_ctx(),
+            tcp_bytes=8192,
+            source_address="127.0.0.54",
+        )
+        assert joined.ok, joined.steps
+        replay = await join_session(
+            st.cm_url, hardened.OTHER, hardened.OTHER_PW, code, domain="CORP", ssl_context=st.client_ctx()
+        )
+        assert (replay.step("redeem-invitation") or replay.steps[-1]).result == p.JOIN_USED
+        st.assert_no_secrets_logged(code)
+
+    report = await st.session(tcp_bytes=8192, hold=hold)
+    assert report.ok, report.steps
+    after = await metrics(st)
+    exceeded = "gatehouse_cm_invitation_attempts_exceeded_total"
+    assert after[exceeded] - before.get(exceeded, 0.0) == 2 * logins
+    assert (
+        after["gatehouse_cm_invitations_redeemed_total"]
+        - before.get("gatehouse_cm_invitations_redeemed_total", 0.0)
+        == 1
+    )
+    await session_ok(st)

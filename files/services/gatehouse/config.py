@@ -105,7 +105,7 @@ class Config:
             raise ConfigError(f"{key} must be at most {maximum}, got {number}")
         return number
 
-    def float(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+    def float(self, key: str, default: float, *, minimum: float = 0.0, maximum: float | None = None) -> float:
         value = self.raw(key)
         if value is None or value == "":
             return default
@@ -115,6 +115,9 @@ class Config:
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
         if number < minimum:
             raise ConfigError(f"{key} must be at least {minimum}, got {number}")
+        # "not <=" also refuses nan and inf, which compare false with anything.
+        if maximum is not None and not number <= maximum:
+            raise ConfigError(f"{key} must be at most {maximum}, got {number}")
         return number
 
     def bool(self, key: str, default: bool) -> bool:

@@ -65,6 +65,21 @@ ALLOC_UNAVAILABLE = "ALLOC_FAILED_NO_RESOURCE_AVAILABLE"
 ALLOC_FAILED = "ALLOC_FAILED_OTHER"
 LAUNCH_OK = "SUCCESSFUL"
 LAUNCH_FAILED = "FAILED"
+NO_SUCH_SESSION = "FAILED_NO_SUCH_SESSION"  # join-session: the owner's session is not running there
+# Collaboration (docs/protocol.md, "Collaboration"): the owner's create-invitation, the
+# collaborator's redeem-invitation, and the refusals a client can tell apart.
+INVITE_OK = "INVITATION_CREATED"
+INVITE_LIMIT = "INVITATION_FAILED_TOO_MANY"
+COLLAB_DISABLED = "FAILED_COLLABORATION_DISABLED"
+JOIN_OK = "JOIN_SUCCESSFUL"
+JOIN_UNKNOWN = "JOIN_FAILED_UNKNOWN_INVITATION"
+JOIN_USED = "JOIN_FAILED_INVITATION_USED"
+JOIN_EXPIRED = "JOIN_FAILED_INVITATION_EXPIRED"
+JOIN_ENDED = "JOIN_FAILED_SESSION_ENDED"
+JOIN_FAILED = "JOIN_FAILED_OTHER"
+# An invitation code on the wire: secrets.token_urlsafe output, bounded before anything looks it up.
+MAX_INVITATION_CODE = 64
+_INVITATION_CODE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 # The CM -> agent launch-session, element for element as real PCoIP agents take it (docs/protocol.md
@@ -607,6 +622,97 @@ class ErrorResp(Message):
         return cls(text(el, "result-id", E_INTERNAL), text(el, "result-str"))
 
 
+@dataclass
+class CreateInvitation(Message):
+    """Client -> CM: the owner of an allocated session asks for a collaboration invitation."""
+
+    tag: ClassVar[str] = "create-invitation"
+
+    def to_xml(self) -> ET.Element:
+        return ET.Element(self.tag)
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> CreateInvitation:
+        return cls()
+
+
+@dataclass
+class CreateInvitationResp(Message):
+    """CM -> owner: the single-use code, its lifetime in seconds and the CM that holds it."""
+
+    tag: ClassVar[str] = "create-invitation-resp"
+    result_id: str = INVITE_OK
+    result_str: str = ""
+    invitation_code: str = field(default="", repr=False)
+    expires_in: int = 0
+    hostname: str = ""
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        _result(el, self.result_id, self.result_str)
+        if self.invitation_code:
+            sub(el, "invitation-code", self.invitation_code)
+            sub(el, "expires-in", self.expires_in)
+            sub(el, "hostname", self.hostname)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> CreateInvitationResp:
+        result_id, result_str = _read_result(el)
+        return cls(
+            result_id,
+            result_str,
+            text(el, "invitation-code"),
+            _int(text(el, "expires-in", "0"), "expires-in"),
+            text(el, "hostname"),
+        )
+
+
+@dataclass
+class RedeemInvitation(Message):
+    """Client -> CM: an authenticated collaborator joins the owner's session with the code."""
+
+    tag: ClassVar[str] = "redeem-invitation"
+    invitation_code: str = field(default="", repr=False)
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        sub(el, "invitation-code", self.invitation_code)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> RedeemInvitation:
+        code = required(el, "invitation-code")
+        if not _INVITATION_CODE.match(code):
+            raise ProtocolError(
+                E_MALFORMED, f"<invitation-code> must be 1-{MAX_INVITATION_CODE} URL-safe base64 characters"
+            )
+        return cls(code)
+
+
+@dataclass
+class RedeemInvitationResp(Message):
+    """CM -> collaborator: JOIN_SUCCESSFUL with the target (as allocate-resource-resp), or a refusal."""
+
+    tag: ClassVar[str] = "redeem-invitation-resp"
+    result_id: str = JOIN_OK
+    result_str: str = ""
+    target: Target | None = None
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        _result(el, self.result_id, self.result_str)
+        if self.target:
+            self.target.to_xml(el)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> RedeemInvitationResp:
+        result_id, result_str = _read_result(el)
+        target = el.find("target")
+        return cls(result_id, result_str, Target.from_xml(target) if target is not None else None)
+
+
 def exact_children(el: ET.Element, names: tuple[str, ...]) -> None:
     """Refuse a missing, renamed, repeated or extra child element (order is not checked)."""
     seen = [child.tag for child in el]
@@ -743,7 +849,53 @@ class LaunchSessionResp(Message):
         )
 
 
-_AGENT_MESSAGES = (LaunchSession, LaunchSessionResp, ErrorResp)
+@dataclass
+class JoinSession(Message):
+    """CM -> agent (pcoip-agent envelope): admit a collaborator to the running session ``session_id``.
+
+    ``session_id`` is the agent's own session-id from the owner's launch-session-resp;
+    ``session_log_id`` the collaborator's CM session id. No credentials: the collaborator joins the
+    owner's logged-on desktop session and never logs on to Windows.
+    """
+
+    tag: ClassVar[str] = "join-session"
+    session_id: str = ""
+    session_log_id: str = ""
+    client_ip: str = ""
+    client_name: str = ""
+    username: str = ""
+    domain: str = ""
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element(self.tag)
+        sub(el, "session-id", self.session_id)
+        sub(el, "client-ip", self.client_ip)
+        sub(el, "client-name", self.client_name)
+        sub(el, "username", self.username)
+        sub(el, "domain", self.domain)
+        sub(el, "session-log-id", self.session_log_id)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> JoinSession:
+        return cls(
+            session_id=required(el, "session-id"),
+            session_log_id=text(el, "session-log-id"),
+            client_ip=text(el, "client-ip"),
+            client_name=text(el, "client-name"),
+            username=text(el, "username"),
+            domain=text(el, "domain"),
+        )
+
+
+@dataclass
+class JoinSessionResp(LaunchSessionResp):
+    """Agent -> CM: as launch-session-resp; the session-info names the owner's session-id."""
+
+    tag: ClassVar[str] = "join-session-resp"
+
+
+_AGENT_MESSAGES = (LaunchSession, LaunchSessionResp, JoinSession, JoinSessionResp, ErrorResp)
 _BROKER_MESSAGES = (
     Hello,
     HelloResp,
@@ -757,10 +909,18 @@ _BROKER_MESSAGES = (
     ByeResp,
     ErrorResp,
 )
-MESSAGES: dict[str, type[Message]] = {cls.tag: cls for cls in (*_BROKER_MESSAGES, *_AGENT_MESSAGES)}
+# Collaboration is between a client and its CM only: a broker never sees these.
+_CLIENT_MESSAGES = (
+    *_BROKER_MESSAGES,
+    CreateInvitation,
+    CreateInvitationResp,
+    RedeemInvitation,
+    RedeemInvitationResp,
+)
+MESSAGES: dict[str, type[Message]] = {cls.tag: cls for cls in (*_CLIENT_MESSAGES, *_AGENT_MESSAGES)}
 # Which messages each envelope carries: a launch-session sent to a broker is an unknown message there.
 ENVELOPE_MESSAGES: dict[str, dict[str, type[Message]]] = {
-    "pcoip-client": {cls.tag: cls for cls in _BROKER_MESSAGES},
+    "pcoip-client": {cls.tag: cls for cls in _CLIENT_MESSAGES},
     "pcoip-broker": {cls.tag: cls for cls in _BROKER_MESSAGES},
     "pcoip-agent": {cls.tag: cls for cls in _AGENT_MESSAGES},
 }

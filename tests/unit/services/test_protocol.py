@@ -56,7 +56,49 @@ MESSAGES: list[tuple[str, p.Message]] = [
         p.LaunchSessionResp(p.LAUNCH_OK, "ok", p.SessionInfo("10.0.0.5", 4172, SID, "stag", "desk5")),
     ),
     ("pcoip-agent", p.LaunchSessionResp(p.LAUNCH_FAILED, "busy")),
+    ("pcoip-client", p.CreateInvitation()),
+    ("pcoip-client", p.CreateInvitationResp(p.INVITE_OK, "", "Zx-_9aB3" * 4, 300, "cm1.example")),
+    ("pcoip-client", p.CreateInvitationResp(p.COLLAB_DISABLED, "off")),
+    ("pcoip-client", p.RedeemInvitation("Zx-_9aB3" * 4)),
+    (
+        "pcoip-client",
+        p.RedeemInvitationResp(p.JOIN_OK, "", p.Target("203.0.113.5", 4172, SID, "tag-xyz", "sg1", "sg1")),
+    ),
+    ("pcoip-client", p.RedeemInvitationResp(p.JOIN_USED, "the invitation has been used")),
+    ("pcoip-agent", p.JoinSession(SID, SID, "192.0.2.8", "laptop2", "bob", "CORP")),
+    (
+        "pcoip-agent",
+        p.JoinSessionResp(p.LAUNCH_OK, "", p.SessionInfo("10.0.0.5", 4172, SID, "stag2", "desk5")),
+    ),
 ]
+
+
+@pytest.mark.parametrize("code", ["", "a" * (p.MAX_INVITATION_CODE + 1), "abc def", "abc+/=", "<x>"])
+def test_an_invitation_code_that_cannot_be_one_is_malformed(code: str) -> None:
+    body = (
+        b'<pcoip-client version="2.1"><redeem-invitation><invitation-code>'
+        + code.replace("<", "&lt;").replace(">", "&gt;").encode()
+        + b"</invitation-code></redeem-invitation></pcoip-client>"
+    )
+    with pytest.raises(p.ProtocolError) as caught:
+        p.parse(body, "pcoip-client")
+    assert caught.value.result_id == p.E_MALFORMED
+
+
+def test_collaboration_messages_are_the_clients_only() -> None:
+    """A broker never sees invitations, and the agent's join-session is not a client's message."""
+    for message in (p.CreateInvitation(), p.RedeemInvitation("abc")):
+        with pytest.raises(p.ProtocolError) as caught:
+            p.parse(p.render("pcoip-broker", message), "pcoip-broker")
+        assert caught.value.result_id == p.E_UNKNOWN
+    with pytest.raises(p.ProtocolError):
+        p.parse(p.render("pcoip-agent", p.JoinSession("s")), "pcoip-client")
+
+
+def test_no_invitation_code_in_a_repr() -> None:
+    code = "Zx-_9aB3" * 4
+    assert code not in repr(p.RedeemInvitation(code))
+    assert code not in repr(p.CreateInvitationResp(p.INVITE_OK, "", code, 300))
 
 
 @pytest.mark.parametrize(("envelope", "message"), MESSAGES, ids=lambda v: getattr(v, "tag", v))

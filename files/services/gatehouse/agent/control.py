@@ -8,6 +8,9 @@ So a CM that drifts from the real format fails against the stand-in as it would 
 Only a connection manager may launch a session: with ``ClientTlsVerify`` (the default) the peer
 must present a certificate verified against ``ClientCaCert`` with role ``cm``; anyone else gets
 HTTP 403 and no session-tag is issued. The logon password is never logged or kept.
+
+``join-session`` (collaboration, same peer check) issues a collaborator's session-tag for a session
+whose owner channel is up, or answers FAILED_NO_SUCH_SESSION; it carries no credentials.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ async def launch(request: web.Request) -> web.Response:
     except protocol.ProtocolError as exc:
         log.info("bad request: %s", exc.message)
         return _error(exc.result_id, str(exc))
+    if isinstance(message, protocol.JoinSession):
+        return _join(settings, endpoint, message)
     if not isinstance(message, protocol.LaunchSession):
         return _error(protocol.E_UNKNOWN, f"the agent does not handle <{message.tag}>")
     # One id follows the session through CM, SG and agent logs.
@@ -97,6 +102,42 @@ async def launch(request: web.Request) -> web.Response:
         },
     )
     return _xml(protocol.render(ENVELOPE, protocol.LaunchSessionResp(protocol.LAUNCH_OK, "", info)))
+
+
+def _join(settings: AgentSettings, endpoint: Endpoint, message: protocol.JoinSession) -> web.Response:
+    """A collaborator's session-tag for the running session ``message.session_id``."""
+
+    def refuse(result_id: str, reason: str) -> web.Response:
+        body = protocol.JoinSessionResp(result_id, reason)
+        return _xml(protocol.render(ENVELOPE, body))
+
+    session_id = message.session_id[:64]
+    slog = SessionLogger(log, session_id)
+    if not endpoint.running(session_id):
+        slog.info("join refused: the session is not running", extra={"client": message.client_ip[:64]})
+        return refuse(protocol.NO_SUCH_SESSION, "the session is not running on this desktop")
+    endpoint.tags.prune()
+    if endpoint.active + len(endpoint.tags) >= settings.capacity:
+        slog.warning("join refused: at capacity", extra={"capacity": settings.capacity})
+        return refuse(protocol.LAUNCH_FAILED, "the agent is at capacity")
+    tag = endpoint.tags.issue(session_id, message.client_ip, collaborator=True)
+    info = protocol.SessionInfo(
+        ip_address=settings.advertise_address,
+        port=settings.session_port,
+        session_id=session_id,
+        session_tag=tag,
+        sni=settings.hostname,
+    )
+    slog.info(
+        "collaborator admitted",
+        extra={
+            "client": message.client_ip[:64],
+            "client_name": message.client_name[:64],
+            "user": message.username[:128],
+            "collaborator_session_id": _log_id(message.session_log_id),
+        },
+    )
+    return _xml(protocol.render(ENVELOPE, protocol.JoinSessionResp(protocol.LAUNCH_OK, "", info)))
 
 
 async def not_allowed(_request: web.Request) -> web.Response:

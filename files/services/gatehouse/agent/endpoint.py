@@ -1,4 +1,9 @@
-"""The agent's session endpoint: TLS ``CONNECT <session-tag>`` then echo; UDP echo for live peers."""
+"""The agent's session endpoint: TLS ``CONNECT <session-tag>`` then echo; UDP echo for live peers.
+
+A session is the owner's channel (its tag came from launch-session) and the collaborators'
+channels (tags from join-session for that session id). Collaborators are admitted only while an
+owner channel of the session is up, and their channels are closed when the last one goes.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ class Endpoint:
         self.tags = tags
         self.channels: set[_Channel] = set()
         self.peers: Counter[str] = Counter()  # peer IP -> open channels (gates UDP)
+        self.owners: Counter[str] = Counter()  # session id -> owner channels up
         self.refused = 0
         self.udp_echoed = 0
         self.udp_dropped = 0
@@ -31,6 +37,13 @@ class Endpoint:
     @property
     def active(self) -> int:
         return len(self.channels)
+
+    def running(self, session_id: str) -> bool:
+        """An owner channel of ``session_id`` is up: collaborators may join it."""
+        return self.owners[session_id] > 0
+
+    def collaborators(self, session_id: str) -> list[_Channel]:
+        return [c for c in self.channels if c.collaborator and c.session_id == session_id]
 
     def protocol(self) -> _Channel:
         return _Channel(self)
@@ -56,6 +69,8 @@ class _Channel(asyncio.Protocol):
         self.buf = b""
         self.echoing = False
         self.peer_ip = ""
+        self.session_id = ""
+        self.collaborator = False
         self.slog: SessionLogger | None = None
         self.timer: asyncio.TimerHandle | None = None
 
@@ -90,11 +105,18 @@ class _Channel(asyncio.Protocol):
         if issued is None:
             self._refuse("unknown, used or expired session-tag")
             return
+        if issued.collaborator and not self.endpoint.running(issued.session_id):
+            self._refuse("the session the collaborator was invited to has ended")
+            return
         self.echoing = True
+        self.session_id = issued.session_id
+        self.collaborator = issued.collaborator
         self.endpoint.channels.add(self)
         self.endpoint.peers[self.peer_ip] += 1
+        if not self.collaborator:
+            self.endpoint.owners[self.session_id] += 1
         self.slog = SessionLogger(log, issued.session_id)
-        self.slog.info("session channel up", extra={"peer": self.peer_ip})
+        self.slog.info("session channel up", extra={"peer": self.peer_ip, "collaborator": self.collaborator})
         self.transport.write(OK)
         if rest:
             self.transport.write(rest)
@@ -129,7 +151,15 @@ class _Channel(asyncio.Protocol):
             if self.endpoint.peers[self.peer_ip] <= 0:
                 del self.endpoint.peers[self.peer_ip]
             if self.slog:
-                self.slog.info("session channel closed")
+                self.slog.info("session channel closed", extra={"collaborator": self.collaborator})
+            if not self.collaborator:
+                self.endpoint.owners[self.session_id] -= 1
+                if self.endpoint.owners[self.session_id] <= 0:
+                    del self.endpoint.owners[self.session_id]
+                    # The owner left: the session ends for its collaborators too.
+                    for channel in self.endpoint.collaborators(self.session_id):
+                        if channel.transport:
+                            channel.transport.close()
 
 
 class _Datagrams(asyncio.DatagramProtocol):

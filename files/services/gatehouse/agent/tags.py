@@ -12,6 +12,8 @@ class Issued:
     session_id: str
     client_ip: str
     expires: float
+    # Issued by join-session: the channel joins the owner's session and ends with it.
+    collaborator: bool = False
 
 
 class TagStore:
@@ -22,11 +24,13 @@ class TagStore:
     def __len__(self) -> int:
         return len(self._tags)
 
-    def issue(self, session_id: str, client_ip: str, now: float | None = None) -> str:
+    def issue(
+        self, session_id: str, client_ip: str, now: float | None = None, *, collaborator: bool = False
+    ) -> str:
         now = time.monotonic() if now is None else now
         self.prune(now)
         tag = secrets.token_urlsafe(32)
-        self._tags[tag] = Issued(session_id, client_ip, now + self.ttl)
+        self._tags[tag] = Issued(session_id, client_ip, now + self.ttl, collaborator)
         return tag
 
     def consume(self, tag: str, now: float | None = None) -> Issued | None:

@@ -7,6 +7,12 @@ for (``--passcode-env``, ``--passcode-file``), or it is computed from a TOTP sec
 a passcode with a challenge wants a second passcode: ``--challenge-passcode-env VAR`` (read when
 the challenge comes, so a wrapper may set it from another token); without it, the challenge's
 prompt is reported and the session fails.
+
+Collaboration: ``--invite`` (the owner) creates an invitation once the session channel is up,
+prints its code on a line of its own (``invitation-code: CODE``, on standard error with
+``--json``) and holds the session ``--hold`` seconds (default 300) for the collaborator.
+``--invitation-code-env VAR`` or ``--invitation-code-file FILE`` (the collaborator) logs in as
+``--user`` and joins the owner's session with that code instead of allocating a resource.
 """
 
 from __future__ import annotations
@@ -19,11 +25,19 @@ import os
 import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 import pyotp
 
 from gatehouse import tls
-from gatehouse.client.flow import PasscodeSource, SessionReport, endpoint, run_session
+from gatehouse.client.flow import (
+    Holding,
+    PasscodeSource,
+    SessionReport,
+    endpoint,
+    join_session,
+    run_session,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +70,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="answer a RADIUS challenge with the passcode in this environment variable",
     )
     parser.add_argument("--resource", help="resource name or id (default: the first one listed)")
+    collab = parser.add_mutually_exclusive_group()
+    collab.add_argument(
+        "--invite",
+        action="store_true",
+        help="owner: create a collaboration invitation once connected, print its code, hold the session",
+    )
+    collab.add_argument(
+        "--invitation-code-env", metavar="VAR", help="collaborator: join with the code in this variable"
+    )
+    collab.add_argument(
+        "--invitation-code-file", metavar="FILE", help="collaborator: join with the code in this file"
+    )
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=300.0,
+        help="with --invite: seconds to keep the session up for the collaborator (default 300)",
+    )
     trust = parser.add_mutually_exclusive_group()
     trust.add_argument("--ca-cert", metavar="FILE", help="CA bundle for the CM and the gateway/agent")
     trust.add_argument("--insecure", action="store_true", help="do not verify certificates")
@@ -71,6 +103,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.bytes < 0 or args.udp < 0:
         parser.error("--bytes and --udp must not be negative")
+    if args.hold < 0:
+        parser.error("--hold must not be negative")
+    if args.invite and args.no_connect:
+        parser.error("--invite needs the session channel: drop --no-connect")
     return args
 
 
@@ -125,6 +161,15 @@ def passcode_source(args: argparse.Namespace) -> PasscodeSource | None:
     return None
 
 
+def invitation_code(args: argparse.Namespace) -> str | None:
+    """The collaborator's code, or None for an owner's session."""
+    if args.invitation_code_env:
+        return _env(args.invitation_code_env, "the invitation code")()
+    if args.invitation_code_file:
+        return _first_line(args.invitation_code_file, "invitation code")
+    return None
+
+
 def ssl_context(args: argparse.Namespace) -> ssl.SSLContext:
     if args.insecure:
         return tls.client_context(verify=False, role="sg")
@@ -152,26 +197,41 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(f"gatehouse-client: --url: {exc}") from None
     password = read_password(args)
-    report = asyncio.run(
-        run_session(
-            args.url,
-            args.user,
-            password,
-            domain=args.domain,
-            resource=args.resource,
-            ssl_context=ssl_context(args),
-            tcp_bytes=args.bytes,
-            udp_datagrams=args.udp,
-            source_address=args.source_address,
-            prefer_ipv6=args.ipv6,
-            step_timeout=args.timeout,
-            connect=not args.no_connect,
-            passcode=passcode_source(args),
-            challenge_passcode=_env(args.challenge_passcode_env, "the challenge passcode")
-            if args.challenge_passcode_env
-            else None,
+    code = invitation_code(args)
+    common: dict[str, Any] = {
+        "domain": args.domain,
+        "ssl_context": ssl_context(args),
+        "tcp_bytes": args.bytes,
+        "udp_datagrams": args.udp,
+        "source_address": args.source_address,
+        "prefer_ipv6": args.ipv6,
+        "step_timeout": args.timeout,
+        "connect": not args.no_connect,
+        "passcode": passcode_source(args),
+        "challenge_passcode": _env(args.challenge_passcode_env, "the challenge passcode")
+        if args.challenge_passcode_env
+        else None,
+    }
+
+    async def invite(holding: Holding) -> None:
+        got = await holding.invite()
+        if got is not None:
+            print(f"invitation-code: {got}", file=sys.stderr if args.json else sys.stdout, flush=True)
+            await asyncio.sleep(args.hold)
+
+    if code is not None:
+        report = asyncio.run(join_session(args.url, args.user, password, code, **common))
+    else:
+        report = asyncio.run(
+            run_session(
+                args.url,
+                args.user,
+                password,
+                resource=args.resource,
+                hold=invite if args.invite else None,
+                **common,
+            )
         )
-    )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

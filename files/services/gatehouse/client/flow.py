@@ -9,6 +9,11 @@ Multi-step authentication: the first method is the first one hello-resp lists; e
 ``authenticate``, a passcode step as ``passcode``, and a passcode asked for again right after one
 (a RADIUS Access-Challenge) as ``challenge``, with the server's prompt in the step's detail. The
 passcodes come from callables, read when the step is sent (a TOTP code is computed then).
+
+Collaboration: an owner's ``run_session(..., hold=...)`` keeps its session channel open while
+``hold`` runs, which may ask for invitations (:meth:`Holding.invite`, step ``invite``) and echo again;
+a collaborator's :func:`join_session` logs in, redeems the code (step ``redeem-invitation``) and
+runs connect, tcp-echo and udp-echo on the owner's desktop session. A report never holds a code.
 """
 
 from __future__ import annotations
@@ -205,11 +210,13 @@ def _mac_address() -> str:
     return ":".join(f"{node >> shift & 0xFF:02x}" for shift in range(40, -8, -8))
 
 
-async def _udp_bind(transport: asyncio.DatagramTransport, proto: _UdpEcho, connect_tag: str) -> None:
+async def _udp_bind(
+    transport: asyncio.DatagramTransport, proto: _UdpEcho, connect_tag: str, counter: int = 1
+) -> None:
     """Bind our UDP address to the session (docs/architecture.md, "UDP"): send the bind datagram
-    until the SG acknowledges it. An agent reached directly echoes it instead: nothing to bind."""
+    until the SG acknowledges it. An agent reached directly echoes it instead: nothing to bind.
+    Each new address of the session (a new UDP socket) binds with a higher ``counter``."""
     key, key_id = linechan.udp_bind_key(connect_tag)
-    counter = 1  # one address per session here; a client that changes address sends a higher one
     bind = linechan.bind_datagram(key, key_id, counter)
 
     def acknowledges(data: bytes) -> bool:
@@ -222,7 +229,9 @@ async def _udp_bind(transport: asyncio.DatagramTransport, proto: _UdpEcho, conne
         raise StepFailed("NO_BIND_ACK", "the UDP bind datagram was not acknowledged")
 
 
-async def _udp_echo(host: str, port: int, local_ip: str, count: int, connect_tag: str) -> int:
+async def _udp_echo(
+    host: str, port: int, local_ip: str, count: int, connect_tag: str, counter: int = 1
+) -> int:
     """Bind, then send ``count`` datagrams from our TCP source IP; each must come back unchanged."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -230,7 +239,7 @@ async def _udp_echo(host: str, port: int, local_ip: str, count: int, connect_tag
         _UdpEcho, local_addr=(local_ip, 0), remote_addr=(host, port), family=family
     )
     try:
-        await _udp_bind(transport, proto, connect_tag)
+        await _udp_bind(transport, proto, connect_tag, counter)
         for seq in range(count):
             payload = seq.to_bytes(4, "big") + os.urandom(60)
             if not await _exchange(transport, proto, payload, payload.__eq__):
@@ -258,50 +267,17 @@ def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 1)
 
 
-async def run_session(
-    url: str,
+async def authenticate(
+    cm: CmConnection,
+    report: SessionReport,
+    methods: list[str],
     username: str,
     password: str,
-    *,
-    domain: str = "",
-    resource: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    tcp_bytes: int = 65536,
-    udp_datagrams: int = 3,
-    source_address: str | None = None,
-    use_cookie: bool = True,
-    log_id: str | None = None,
-    prefer_ipv6: bool = False,
-    step_timeout: float = 30.0,
-    connect_to: tuple[str, int] | None = None,
-    connect: bool = True,
-    passcode: PasscodeSource | None = None,
-    challenge_passcode: PasscodeSource | None = None,
-) -> SessionReport:
-    """Run the whole session; never raises for a failed step (it is in the report).
-
-    ``passcode`` gives the passcode step's code, ``challenge_passcode`` the answer to a RADIUS
-    challenge; a step the broker asks for without its source fails as NO_PASSCODE.
-
-    ``connect=False`` stops after allocate-resource (and says bye): the broker-protocol part only.
-
-    ``connect_to`` replaces the target address (e.g. to reach an SG that advertises an external
-    address through a local port); the TLS name still comes from the target.
-    """
-    report = SessionReport(url=url)
-    cm = CmConnection(
-        url,
-        ssl_context,
-        use_cookie=use_cookie,
-        log_id=log_id,
-        source_address=source_address,
-        timeout=step_timeout,
-    )
-
-    async def hello() -> tuple[p.HelloResp, str, str]:
-        info = p.ClientInfo(hostname=socket.gethostname(), mac_address=_mac_address())
-        reply = _expect(await cm.send(p.Hello(client_info=info)), p.HelloResp, None)
-        return reply, "OK", ""
+    domain: str,
+    passcode: PasscodeSource | None,
+    challenge_passcode: PasscodeSource | None,
+) -> bool:
+    """Every step the broker asks for, from the first method of hello-resp; True at the end."""
 
     async def auth_step(method: str, challenged: bool) -> tuple[p.AuthenticateResp, str, str]:
         if method == p.AUTH_PASSCODE:
@@ -323,31 +299,83 @@ async def run_session(
             raise StepFailed(reply.result_id or "FAILED", reply.result_str)
         return reply, p.AUTH_OK, ""
 
-    async def authenticate(methods: list[str]) -> bool:
-        """Every step the broker asks for, from the first method of hello-resp; True at the end."""
-        method = next((m for m in methods if m in p.AUTH_METHODS), p.AUTH_PASSWORD)
-        challenged = False
-        for _attempt in range(MAX_AUTH_STEPS):
-            name = "authenticate" if method == p.AUTH_PASSWORD else "challenge" if challenged else "passcode"
+    method = next((m for m in methods if m in p.AUTH_METHODS), p.AUTH_PASSWORD)
+    challenged = False
+    for _attempt in range(MAX_AUTH_STEPS):
+        name = "authenticate" if method == p.AUTH_PASSWORD else "challenge" if challenged else "passcode"
 
-            async def action(m: str = method, c: bool = challenged) -> tuple[p.AuthenticateResp, str, str]:
-                return await auth_step(m, c)
+        async def action(m: str = method, c: bool = challenged) -> tuple[p.AuthenticateResp, str, str]:
+            return await auth_step(m, c)
 
-            ok, reply = await _step(report, name, action)
-            if not ok or reply is None:
-                return False
-            if reply.result_id == p.AUTH_OK:
-                return True
-            following = next(iter(reply.next_methods), "")
-            if following not in p.AUTH_METHODS:
-                report.steps.append(
-                    Step(name, False, "BAD_ANSWER", 0.0, "no known next authentication method")
-                )
-                return False
-            challenged = following == p.AUTH_PASSCODE and method == p.AUTH_PASSCODE
-            method = following
-        report.steps.append(Step("authenticate", False, "TOO_MANY_STEPS", 0.0, f"more than {MAX_AUTH_STEPS}"))
-        return False
+        ok, reply = await _step(report, name, action)
+        if not ok or reply is None:
+            return False
+        if reply.result_id == p.AUTH_OK:
+            return True
+        following = next(iter(reply.next_methods), "")
+        if following not in p.AUTH_METHODS:
+            report.steps.append(Step(name, False, "BAD_ANSWER", 0.0, "no known next authentication method"))
+            return False
+        challenged = following == p.AUTH_PASSCODE and method == p.AUTH_PASSCODE
+        method = following
+    report.steps.append(Step("authenticate", False, "TOO_MANY_STEPS", 0.0, f"more than {MAX_AUTH_STEPS}"))
+    return False
+
+
+async def _hello(cm: CmConnection) -> tuple[p.HelloResp, str, str]:
+    info = p.ClientInfo(hostname=socket.gethostname(), mac_address=_mac_address())
+    reply = _expect(await cm.send(p.Hello(client_info=info)), p.HelloResp, None)
+    return reply, "OK", ""
+
+
+async def _bye(cm: CmConnection) -> tuple[None, str, str]:
+    _expect(await cm.send(p.Bye()), p.ByeResp, None)
+    return None, "OK", ""
+
+
+async def run_session(
+    url: str,
+    username: str,
+    password: str,
+    *,
+    domain: str = "",
+    resource: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    tcp_bytes: int = 65536,
+    udp_datagrams: int = 3,
+    source_address: str | None = None,
+    use_cookie: bool = True,
+    log_id: str | None = None,
+    prefer_ipv6: bool = False,
+    step_timeout: float = 30.0,
+    connect_to: tuple[str, int] | None = None,
+    connect: bool = True,
+    passcode: PasscodeSource | None = None,
+    challenge_passcode: PasscodeSource | None = None,
+    hold: Callable[[Holding], Awaitable[None]] | None = None,
+) -> SessionReport:
+    """Run the whole session; never raises for a failed step (it is in the report).
+
+    ``hold`` runs after udp-echo with the session channel still open (the owner's side of
+    collaboration: :meth:`Holding.invite`); the channel closes and bye follows when it returns.
+
+    ``passcode`` gives the passcode step's code, ``challenge_passcode`` the answer to a RADIUS
+    challenge; a step the broker asks for without its source fails as NO_PASSCODE.
+
+    ``connect=False`` stops after allocate-resource (and says bye): the broker-protocol part only.
+
+    ``connect_to`` replaces the target address (e.g. to reach an SG that advertises an external
+    address through a local port); the TLS name still comes from the target.
+    """
+    report = SessionReport(url=url)
+    cm = CmConnection(
+        url,
+        ssl_context,
+        use_cookie=use_cookie,
+        log_id=log_id,
+        source_address=source_address,
+        timeout=step_timeout,
+    )
 
     async def resource_list() -> tuple[p.Resource, str, str]:
         reply = _expect(await cm.send(p.GetResourceList()), p.GetResourceListResp, p.LIST_OK)
@@ -365,14 +393,16 @@ async def run_session(
         report.target = f"{_host(reply.target, prefer_ipv6)}:{reply.target.port}"
         return reply.target, p.ALLOC_OK, report.target
 
-    async def bye() -> tuple[None, str, str]:
-        _expect(await cm.send(p.Bye()), p.ByeResp, None)
-        return None, "OK", ""
-
     said_hello = False
     try:
-        said_hello, hello_resp = await _step(report, "hello", hello)
-        if not said_hello or hello_resp is None or not await authenticate(hello_resp.methods):
+        said_hello, hello_resp = await _step(report, "hello", lambda: _hello(cm))
+        if (
+            not said_hello
+            or hello_resp is None
+            or not await authenticate(
+                cm, report, hello_resp.methods, username, password, domain, passcode, challenge_passcode
+            )
+        ):
             return report
         ok, found = await _step(report, "get-resource-list", resource_list)
         if not ok or found is None:
@@ -391,10 +421,11 @@ async def run_session(
             source_address,
             step_timeout,
             connect_to,
+            (lambda channel: hold(Holding(cm, channel, report))) if hold else None,
         )
     finally:
         if said_hello:
-            await _step(report, "bye", bye)
+            await _step(report, "bye", lambda: _bye(cm))
         await cm.close()
         done = report.step("tcp-echo" if connect else "allocate-resource") is not None
         report.ok = done and all(s.ok for s in report.steps)
@@ -403,6 +434,109 @@ async def run_session(
 
 def _host(target: p.Target, prefer_ipv6: bool) -> str:
     return target.ipv6_address if prefer_ipv6 and target.ipv6_address else target.ip_address
+
+
+class OpenChannel:
+    """A session channel that is up (``CONNECT`` answered ``200 OK``): echo on it, then close it."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        target: p.Target,
+        address: tuple[str, int],
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.target = target
+        self.address = address
+        self.udp_binds = 0  # each udp_echo binds a new socket: its bind counter is one higher
+
+    async def tcp_echo(self, size: int) -> None:
+        await _tcp_echo(self.reader, self.writer, size)
+
+    async def udp_echo(self, count: int) -> int:
+        # From the TCP channel's source address: the SG relays datagrams only for that address.
+        local_ip = self.writer.get_extra_info("sockname")[0]
+        self.udp_binds += 1
+        return await _udp_echo(
+            self.address[0], self.address[1], local_ip, count, self.target.connect_tag, self.udp_binds
+        )
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+
+async def open_channel(
+    target: p.Target,
+    host: str,
+    ssl_context: ssl.SSLContext | None,
+    source_address: str | None,
+    step_timeout: float,
+    connect_to: tuple[str, int] | None = None,
+) -> OpenChannel:
+    """TLS to the target and ``CONNECT <connect-tag>``; raises StepFailed unless ``200 OK``."""
+    address = connect_to or (host, target.port)
+    where = f"{address[0]}:{address[1]}"
+    ctx = ssl_context or ssl.create_default_context()
+    try:
+        async with asyncio.timeout(step_timeout):
+            reader, writer = await asyncio.open_connection(
+                address[0],
+                address[1],
+                ssl=ctx,
+                server_hostname=target.sni or target.hostname or host,
+                local_addr=(source_address, 0) if source_address else None,
+            )
+            writer.write(linechan.connect_line(target.connect_tag))
+            await writer.drain()
+            line = await reader.readline()
+    except TimeoutError:
+        raise StepFailed("TIMEOUT", f"no answer from {where}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise StepFailed("CONNECTION_FAILED", f"{type(exc).__name__}: {exc}") from None
+    if line != linechan.OK:
+        writer.close()
+        answer = line.decode("ascii", "replace").strip() or "CLOSED"
+        raise StepFailed(answer, "the session channel was refused")
+    return OpenChannel(reader, writer, target, address)
+
+
+async def echo_steps(
+    report: SessionReport,
+    channel: OpenChannel,
+    tcp_bytes: int,
+    udp_datagrams: int,
+    step_timeout: float,
+    suffix: str = "",
+) -> bool:
+    """The tcp-echo and udp-echo steps (named with ``suffix``) on an open channel; True when both pass."""
+
+    async def tcp_echo() -> tuple[None, str, str]:
+        try:
+            async with asyncio.timeout(step_timeout):
+                await channel.tcp_echo(tcp_bytes)
+        except TimeoutError:
+            raise StepFailed("TIMEOUT", "the echo did not come back") from None
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise StepFailed("CONNECTION_LOST", type(exc).__name__) from None
+        return None, "OK", f"{tcp_bytes} bytes"
+
+    async def udp_echo() -> tuple[None, str, str]:
+        try:
+            count = await channel.udp_echo(udp_datagrams)
+        except OSError as exc:
+            raise StepFailed("UDP_ERROR", f"{type(exc).__name__}: {exc}") from None
+        return None, "OK", f"{count} datagrams"
+
+    # The TCP channel stays up while datagrams flow.
+    if not (await _step(report, "tcp-echo" + suffix, tcp_echo))[0]:
+        return False
+    if udp_datagrams > 0:
+        return (await _step(report, "udp-echo" + suffix, udp_echo))[0]
+    return True
 
 
 async def session_channel(
@@ -415,64 +549,118 @@ async def session_channel(
     source_address: str | None,
     step_timeout: float,
     connect_to: tuple[str, int] | None = None,
+    hold: Callable[[OpenChannel], Awaitable[None]] | None = None,
 ) -> None:
-    """connect (TLS + ``CONNECT <connect-tag>``), tcp-echo and udp-echo steps on the target."""
-    address = connect_to or (host, target.port)
-    where = f"{address[0]}:{address[1]}"
-    ctx = ssl_context or ssl.create_default_context()
+    """connect (TLS + ``CONNECT <connect-tag>``), tcp-echo and udp-echo steps on the target; then
+    ``hold``, when given and the echoes passed, with the channel still open."""
+    where = "{}:{}".format(*(connect_to or (host, target.port)))
 
-    async def connect() -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], str, str]:
-        try:
-            async with asyncio.timeout(step_timeout):
-                reader, writer = await asyncio.open_connection(
-                    address[0],
-                    address[1],
-                    ssl=ctx,
-                    server_hostname=target.sni or target.hostname or host,
-                    local_addr=(source_address, 0) if source_address else None,
-                )
-                writer.write(linechan.connect_line(target.connect_tag))
-                await writer.drain()
-                line = await reader.readline()
-        except TimeoutError:
-            raise StepFailed("TIMEOUT", f"no answer from {where}") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise StepFailed("CONNECTION_FAILED", f"{type(exc).__name__}: {exc}") from None
-        if line != linechan.OK:
-            writer.close()
-            answer = line.decode("ascii", "replace").strip() or "CLOSED"
-            raise StepFailed(answer, "the session channel was refused")
-        return (reader, writer), "200 OK", where
+    async def connect() -> tuple[OpenChannel, str, str]:
+        opened = await open_channel(target, host, ssl_context, source_address, step_timeout, connect_to)
+        return opened, "200 OK", where
 
-    ok, streams = await _step(report, "connect", connect)
-    if not ok or streams is None:
+    ok, channel = await _step(report, "connect", connect)
+    if not ok or channel is None:
         return
-    reader, writer = streams
-
-    async def tcp_echo() -> tuple[None, str, str]:
-        try:
-            async with asyncio.timeout(step_timeout):
-                await _tcp_echo(reader, writer, tcp_bytes)
-        except TimeoutError:
-            raise StepFailed("TIMEOUT", "the echo did not come back") from None
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            raise StepFailed("CONNECTION_LOST", type(exc).__name__) from None
-        return None, "OK", f"{tcp_bytes} bytes"
-
-    async def udp_echo() -> tuple[None, str, str]:
-        # From the TCP channel's source address: the SG relays datagrams only for that address.
-        local_ip = writer.get_extra_info("sockname")[0]
-        try:
-            count = await _udp_echo(address[0], address[1], local_ip, udp_datagrams, target.connect_tag)
-        except OSError as exc:
-            raise StepFailed("UDP_ERROR", f"{type(exc).__name__}: {exc}") from None
-        return None, "OK", f"{count} datagrams"
-
     try:
-        # The TCP channel stays up while datagrams flow.
-        if (await _step(report, "tcp-echo", tcp_echo))[0] and udp_datagrams > 0:
-            await _step(report, "udp-echo", udp_echo)
+        if await echo_steps(report, channel, tcp_bytes, udp_datagrams, step_timeout) and hold:
+            await hold(channel)
     finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
+        await channel.close()
+
+
+class Holding:
+    """The owner's session while ``run_session``'s ``hold`` runs: its CM conversation and its open
+    channel. Steps it takes go into the owner's report."""
+
+    def __init__(self, cm: CmConnection, channel: OpenChannel, report: SessionReport) -> None:
+        self.cm = cm
+        self.channel = channel
+        self.report = report
+
+    async def invite(self) -> str | None:
+        """One ``invite`` step: a collaboration invitation's code, or None when refused (the step
+        holds the result-id). The code is a bearer secret: it is not put in the report."""
+
+        async def action() -> tuple[str, str, str]:
+            reply = _expect(await self.cm.send(p.CreateInvitation()), p.CreateInvitationResp, p.INVITE_OK)
+            if not reply.invitation_code:
+                raise StepFailed("BAD_ANSWER", "create-invitation-resp holds no code")
+            where = f" at {reply.hostname}" if reply.hostname else ""
+            return reply.invitation_code, p.INVITE_OK, f"valid {reply.expires_in} s{where}"
+
+        _ok, code = await _step(self.report, "invite", action)
+        return code
+
+    async def echo(self, tcp_bytes: int, udp_datagrams: int, step_timeout: float, suffix: str) -> bool:
+        """Echo again on the owner's channel (steps ``tcp-echo<suffix>``, ``udp-echo<suffix>``)."""
+        return await echo_steps(self.report, self.channel, tcp_bytes, udp_datagrams, step_timeout, suffix)
+
+
+async def join_session(
+    url: str,
+    username: str,
+    password: str,
+    invitation_code: str,
+    *,
+    domain: str = "",
+    ssl_context: ssl.SSLContext | None = None,
+    tcp_bytes: int = 65536,
+    udp_datagrams: int = 3,
+    source_address: str | None = None,
+    prefer_ipv6: bool = False,
+    step_timeout: float = 30.0,
+    connect_to: tuple[str, int] | None = None,
+    connect: bool = True,
+    passcode: PasscodeSource | None = None,
+    challenge_passcode: PasscodeSource | None = None,
+    hold: Callable[[OpenChannel], Awaitable[None]] | None = None,
+) -> SessionReport:
+    """A collaborator's session: hello, authenticate (any user), redeem-invitation with the owner's
+    code, then connect, tcp-echo, udp-echo on the owner's desktop session, and bye. Never raises
+    for a failed step. ``report.session_id`` is the collaborator's own session id."""
+    report = SessionReport(url=url)
+    cm = CmConnection(url, ssl_context, source_address=source_address, timeout=step_timeout)
+
+    async def redeem() -> tuple[p.Target, str, str]:
+        request = p.RedeemInvitation(invitation_code)
+        reply = _expect(await cm.send(request), p.RedeemInvitationResp, p.JOIN_OK)
+        if reply.target is None:
+            raise StepFailed("NO_TARGET", "redeem-invitation-resp holds no target")
+        report.session_id = reply.target.session_id
+        report.target = f"{_host(reply.target, prefer_ipv6)}:{reply.target.port}"
+        return reply.target, p.JOIN_OK, report.target
+
+    said_hello = False
+    try:
+        said_hello, hello_resp = await _step(report, "hello", lambda: _hello(cm))
+        if (
+            not said_hello
+            or hello_resp is None
+            or not await authenticate(
+                cm, report, hello_resp.methods, username, password, domain, passcode, challenge_passcode
+            )
+        ):
+            return report
+        ok, target = await _step(report, "redeem-invitation", redeem)
+        if not ok or target is None or not connect:
+            return report
+        await session_channel(
+            report,
+            target,
+            _host(target, prefer_ipv6),
+            ssl_context,
+            tcp_bytes,
+            udp_datagrams,
+            source_address,
+            step_timeout,
+            connect_to,
+            hold,
+        )
+    finally:
+        if said_hello:
+            await _step(report, "bye", lambda: _bye(cm))
+        await cm.close()
+        done = report.step("tcp-echo" if connect else "redeem-invitation") is not None
+        report.ok = done and all(s.ok for s in report.steps)
+    return report

@@ -9,6 +9,8 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 AGENT_FAILURES = ("error", "timeout", "invalid", "unverified")
+# Why a create-invitation or redeem-invitation was refused (docs/protocol.md, "Collaboration").
+INVITATION_REFUSALS = ("disabled", "limit", "unknown", "used", "expired", "ended", "agent")
 
 
 class _Evictions(Collector):
@@ -32,6 +34,7 @@ class CmMetrics:
         pre_auth: Callable[[], float] = lambda: 0.0,
         evictions: Callable[[], float] = lambda: 0.0,
         sg_up: Callable[[], float] = lambda: 1.0,
+        invitations: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.registry = CollectorRegistry()
         Gauge(
@@ -77,6 +80,34 @@ class CmMetrics:
             "gatehouse_cm_busy_refusals",
             "Requests refused with FAILED_SERVER_BUSY by limit",
             ["limit"],
+            registry=self.registry,
+        )
+        Gauge(
+            "gatehouse_cm_invitations_outstanding",
+            "Collaboration invitations created, not yet used and not expired",
+            registry=self.registry,
+        ).set_function(invitations)
+        self.invitations_created = Counter(
+            "gatehouse_cm_invitations_created",
+            "Collaboration invitations created by session owners",
+            registry=self.registry,
+        )
+        self.invitations_redeemed = Counter(
+            "gatehouse_cm_invitations_redeemed",
+            "Collaboration invitations redeemed: a collaborator joined an owner's session",
+            registry=self.registry,
+        )
+        self.invitations_refused = Counter(
+            "gatehouse_cm_invitations_refused",
+            "create-invitation and redeem-invitation requests refused, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in INVITATION_REFUSALS:
+            self.invitations_refused.labels(reason)
+        self.invitation_attempts_exceeded = Counter(
+            "gatehouse_cm_invitation_attempts_exceeded",
+            "Sessions ended after MaxInvitationAttempts unknown invitation codes",
             registry=self.registry,
         )
         for upstream, kinds in (("broker", ("error", "timeout")), ("agent", AGENT_FAILURES)):

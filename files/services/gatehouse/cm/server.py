@@ -24,6 +24,7 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 from gatehouse import protocol as p
 from gatehouse import tls
 from gatehouse.cm import agent as agent_call
+from gatehouse.cm.invitations import InvitationBook, InvitationRefused, owner_refusal
 from gatehouse.cm.metrics import CmMetrics
 from gatehouse.cm.sessions import (
     EstablishmentLimiter,
@@ -45,6 +46,7 @@ ENVELOPE = "pcoip-client"
 COOKIE = "JSESSIONID"
 LOG_ID_HEADER = "Client-Log-Id"
 AUTH_FAILED_TEXT = "Unknown username or password"
+COLLAB_DISABLED_TEXT = "collaboration is disabled on this connection manager (EnableCollaboration=false)"
 CM_KEY = web.AppKey("cm", "ConnectionManager")
 # The SG health poll: every half second, each answer within half a second, so a dead SG takes the
 # CM out of the HALB's rotation within about a second (the HALB then needs its own fall count).
@@ -96,6 +98,7 @@ class ConnectionManager:
         )
         self.limiter = EstablishmentLimiter(settings.max_concurrent_establishments)
         self.sealer = GrantSealer(settings.grant_secret) if settings.grant_secret else None
+        self.invitations = InvitationBook(settings.invitation_ttl, settings.max_invitations_per_session)
         self.gateway_sni = gateway_name(settings.host_address, settings.ssl_cert)
         self.hostname = next(iter(settings.host_address), "") or socket.gethostname()
         # Unknown until the first poll when an SG health URL is set; no URL: nothing to follow.
@@ -106,6 +109,7 @@ class ConnectionManager:
             pre_auth=lambda: self.table.pre_auth_count,
             evictions=lambda: self.table.evictions,
             sg_up=lambda: 1.0 if self.sg_up else 0.0,
+            invitations=lambda: self.invitations.outstanding(),
         )
         self.upstream: Upstream | None = None
         self.domains: list[str] = []  # last domains the broker offered, for probes
@@ -358,6 +362,10 @@ class ConnectionManager:
                     return await self.resource_list(message, session)
                 if isinstance(message, p.AllocateResource):
                     return await self.allocate(message, session)
+                if isinstance(message, p.CreateInvitation):
+                    return self.create_invitation(session)
+                if isinstance(message, p.RedeemInvitation):
+                    return await self.redeem_invitation(message, session)
         except UpstreamError as exc:
             self._upstream_failed(session, exc)
             return Outcome(p.ErrorResp(p.E_INTERNAL, exc.text), session=session)
@@ -548,6 +556,8 @@ class ConnectionManager:
                 self.gateway_sni,
             )
             session.state = State.ALLOCATED
+            session.agent = reply.agent
+            session.agent_session_id = info.session_id
             details.update(
                 agent=reply.agent.ip_address,
                 agent_hostname=reply.agent.hostname,
@@ -570,6 +580,116 @@ class ConnectionManager:
             self.limiter.release()
             if session.state is State.ALLOCATING:
                 session.state = previous
+
+    # ------------------------------------------------------------ collaboration
+
+    def create_invitation(self, session: Session) -> Outcome:
+        """The owner of an allocated desktop session gets a single-use code for one collaborator."""
+        if not self.settings.enable_collaboration:
+            self.metrics.invitations_refused.labels("disabled").inc()
+            return Outcome(p.CreateInvitationResp(p.COLLAB_DISABLED, COLLAB_DISABLED_TEXT), session=session)
+        if session.joined or session.agent is None:
+            raise p.ProtocolError(
+                p.E_OUT_OF_STATE, "only the owner of a desktop session invites collaborators"
+            )
+        try:
+            code = self.invitations.create(session, session.agent, session.agent_session_id)
+        except InvitationRefused as exc:
+            self.metrics.invitations_refused.labels(exc.reason).inc()
+            return Outcome(p.CreateInvitationResp(exc.result_id, str(exc)), session=session)
+        self.metrics.invitations_created.inc()
+        ttl = int(self.settings.invitation_ttl)
+        return Outcome(
+            p.CreateInvitationResp(p.INVITE_OK, "", code, ttl, self.hostname),
+            session=session,
+            details={"agent": session.agent.ip_address, "expires_in": ttl},
+        )
+
+    async def redeem_invitation(self, message: p.RedeemInvitation, session: Session) -> Outcome:
+        """An authenticated collaborator joins the owner's desktop session with the owner's code.
+
+        The code is consumed first (a failed join still used it); the owner's CM session must be
+        alive and still on the invited agent session, and the agent must still run it. The grant
+        is for the owner's agent session and this client's own address.
+        """
+        if not self.settings.enable_collaboration:
+            self.metrics.invitations_refused.labels("disabled").inc()
+            return Outcome(p.RedeemInvitationResp(p.COLLAB_DISABLED, COLLAB_DISABLED_TEXT), session=session)
+        # A busy CM refuses before the code is looked at, so the code is not spent on a refusal.
+        if not self.limiter.try_acquire():
+            raise Busy(
+                "max_establishments",
+                f"{self.limiter.limit} session establishments are in progress; try again later",
+            )
+        previous = session.state
+        try:
+            try:
+                invitation = self.invitations.redeem(message.invitation_code)
+                refusal = owner_refusal(invitation, self.table.alive(invitation.owner))
+                if refusal is not None:
+                    raise refusal
+            except InvitationRefused as exc:
+                return self._refuse_invitation(session, exc)
+            owner = invitation.owner
+            session.state = State.ALLOCATING
+            details: dict[str, object] = {
+                "owner_session_id": owner.session_id,
+                "agent": invitation.agent.ip_address,
+            }
+            try:
+                info = await self._upstream().join(session, invitation.agent, invitation.agent_session_id)
+                target = build_target(
+                    self.settings,
+                    self.sealer,
+                    session.session_id,
+                    session.client_ip,
+                    invitation.agent,
+                    info,
+                    self.gateway_sni,
+                )
+            except UpstreamError as exc:
+                self._upstream_failed(session, exc)
+                if exc.result_id == p.NO_SUCH_SESSION:
+                    ended = "the owner's desktop session has ended"
+                    refused = InvitationRefused("ended", p.JOIN_ENDED, ended)
+                else:
+                    refused = InvitationRefused("agent", p.JOIN_FAILED, exc.text)
+                return self._refuse_invitation(session, refused, details)
+        finally:
+            self.limiter.release()
+            if session.state is State.ALLOCATING:
+                session.state = previous
+        session.state = State.ALLOCATED
+        session.agent = invitation.agent
+        session.agent_session_id = invitation.agent_session_id
+        session.joined = owner.session_id
+        self.metrics.invitations_redeemed.inc()
+        SessionLogger(log, owner.session_id).info(
+            "collaborator joined", extra={"collaborator_session_id": session.session_id}
+        )
+        details["target"] = f"{target.ip_address}:{target.port}"
+        return Outcome(p.RedeemInvitationResp(p.JOIN_OK, "", target), session=session, details=details)
+
+    def _refuse_invitation(
+        self, session: Session, exc: InvitationRefused, details: dict[str, object] | None = None
+    ) -> Outcome:
+        """The refusal on the wire; unknown codes count toward MaxInvitationAttempts, which ends the
+        session (guessing costs a new hello and login every few attempts, as MaxAuthAttempts does)."""
+        self.metrics.invitations_refused.labels(exc.reason).inc()
+        outcome = Outcome(
+            p.RedeemInvitationResp(exc.result_id, str(exc)),
+            session=session,
+            details={**(details or {}), "refused": exc.reason},
+        )
+        if exc.reason == "unknown":
+            session.invitation_failures += 1
+            if session.invitation_failures >= self.settings.max_invitation_attempts:
+                if self.table.remove(session):
+                    self._broker_bye(session)
+                self.metrics.invitation_attempts_exceeded.inc()
+                outcome.clear_cookie = True
+                outcome.details = {**(outcome.details or {}), "ended": "MaxInvitationAttempts reached"}
+        return outcome
 
 
 async def expect_continue(request: web.Request) -> None:

@@ -35,9 +35,21 @@ _ALLOWED: dict[str, frozenset[State]] = {
     p.Authenticate.tag: frozenset({State.HELLO}),
     p.GetResourceList.tag: frozenset({State.AUTHENTICATED, State.LISTED}),
     p.AllocateResource.tag: frozenset({State.AUTHENTICATED, State.LISTED}),
+    # The owner invites once its desktop session is allocated; a collaborator joins instead of
+    # allocating a desktop of its own.
+    p.CreateInvitation.tag: frozenset({State.ALLOCATED}),
+    p.RedeemInvitation.tag: frozenset({State.AUTHENTICATED, State.LISTED}),
 }
-_NEEDS_AUTH = {p.GetResourceList.tag, p.AllocateResource.tag}
-REQUESTS = {p.Hello.tag, p.Authenticate.tag, p.GetResourceList.tag, p.AllocateResource.tag, p.Bye.tag}
+_NEEDS_AUTH = {p.GetResourceList.tag, p.AllocateResource.tag, p.CreateInvitation.tag, p.RedeemInvitation.tag}
+REQUESTS = {
+    p.Hello.tag,
+    p.Authenticate.tag,
+    p.GetResourceList.tag,
+    p.AllocateResource.tag,
+    p.CreateInvitation.tag,
+    p.RedeemInvitation.tag,
+    p.Bye.tag,
+}
 
 
 def check_transition(state: State | None, tag: str) -> None:
@@ -81,6 +93,13 @@ class Session:
     # A cookie-less client's session, once authenticated, is bound to the connection that carried
     # the password (an opaque object, compared by identity): see SessionTable.find.
     bound_connection: object | None = field(default=None, repr=False)
+    # The desktop session this client is in (set with state ALLOCATED): the agent and the agent's
+    # session-id. A collaborator's names the owner's agent session; ``joined`` is then the owner's
+    # CM session id, for the logs.
+    agent: p.AgentInfo | None = None
+    agent_session_id: str = ""
+    joined: str = ""
+    invitation_failures: int = 0
 
     @property
     def authenticated(self) -> bool:
@@ -242,6 +261,12 @@ class SessionTable:
         self.evictions += 1
         self._evicted.append(oldest)
         self.remove(oldest)
+
+    def alive(self, session: Session, now: float | None = None) -> bool:
+        """``session`` is still in the table and within its lifetimes (it is not touched)."""
+        if self._by_cookie.get(session.cookie) is not session:
+            return False
+        return not self._expired(session, time.monotonic() if now is None else now)
 
     def check_room(self, now: float | None = None) -> None:
         """Raise SessionsFull when no authenticated session can be added (before asking the broker)."""

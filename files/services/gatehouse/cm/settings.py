@@ -21,6 +21,10 @@ HTTP_DEFAULTS = {
     "keepalive_timeout": 75.0,
 }
 
+# An invitation code is a bearer secret: it lives minutes, not hours (InvitationTtl's bounds).
+MIN_INVITATION_TTL = 1.0
+MAX_INVITATION_TTL = 3600.0
+
 
 @dataclass(frozen=True)
 class CmSettings:
@@ -59,6 +63,14 @@ class CmSettings:
     security_gateway_health_url: str = ""
     trusted_proxies: tuple[Network, ...] = ()
     enable_ipv6: bool = False
+    # Collaboration (docs/protocol.md, "Collaboration"): an owner's invitation lets another
+    # authenticated client join the owner's desktop session. Codes live invitation_ttl seconds
+    # (bounded by MAX_INVITATION_TTL), at most max_invitations_per_session are outstanding per
+    # owner session, and a session ends after max_invitation_attempts unknown codes.
+    enable_collaboration: bool = True
+    invitation_ttl: float = 300.0
+    max_invitations_per_session: int = 5
+    max_invitation_attempts: int = 5
     host_address: tuple[str, ...] = ()
     license_server_url: str = ""
     log_level: str = "info"
@@ -123,6 +135,12 @@ class CmSettings:
             security_gateway_health_url=sg_health,
             trusted_proxies=trusted,
             enable_ipv6=cfg.bool("EnableIpv6", False),
+            enable_collaboration=cfg.bool("EnableCollaboration", True),
+            invitation_ttl=cfg.float(
+                "InvitationTtl", 300.0, minimum=MIN_INVITATION_TTL, maximum=MAX_INVITATION_TTL
+            ),
+            max_invitations_per_session=cfg.int("MaxInvitationsPerSession", 5, minimum=1, maximum=100),
+            max_invitation_attempts=cfg.int("MaxInvitationAttempts", 5, minimum=1, maximum=100),
             host_address=tuple(cfg.list("HostAddress")),
             license_server_url=cfg.str("LicenseServerUrl"),
             log_level=cfg.log_level(),

@@ -41,9 +41,11 @@ UPSTREAM_IDLE = 5.0
 class UpstreamError(Exception):
     """The broker or an agent failed or timed out; ``text`` is the seed's message for clients."""
 
-    def __init__(self, upstream: str, kind: str, detail: str) -> None:
+    def __init__(self, upstream: str, kind: str, detail: str, result_id: str = "") -> None:
         super().__init__(detail)
         self.upstream = upstream
+        # An agent's refusal: its result-id (join-session's NO_SUCH_SESSION tells "session ended").
+        self.result_id = result_id
         # "timeout", "error", or for agents "invalid" (an answer that cannot become a grant) and
         # "unverified" (credentials withheld from an agent whose certificate is not verified).
         self.kind = kind
@@ -222,15 +224,53 @@ class Upstream:
             None,
         )
         del body
+        return self._session_info(raw, p.LaunchSessionResp, "launch-session")
+
+    async def join(self, session: Session, agent: p.AgentInfo, agent_session_id: str) -> p.SessionInfo:
+        """The agent's join-session for a collaborator: a new session-tag for the running session
+        ``agent_session_id``. No credentials go: the collaborator joins the owner's logged-on
+        desktop. The agent is verified as for launch (the owner's AgentInfo, pins and CA included)."""
+        ssl_context, _verified = self.agent_context(agent)
+        body = p.render(
+            "pcoip-agent",
+            p.JoinSession(
+                session_id=agent_session_id,
+                session_log_id=session.session_id,
+                client_ip=session.client_ip,
+                client_name=session.client_name,
+                username=session.username,
+                domain=session.domain,
+            ),
+        )
+        raw = await self._post(
+            AGENT,
+            agent_url(agent.ip_address, agent.agent_port),
+            body,
+            {"Content-Type": p.CONTENT_TYPE},
+            ssl_context,
+            self.settings.agent_timeout,
+            None,
+        )
+        info = self._session_info(raw, p.JoinSessionResp, "join-session")
+        if info.session_id != agent_session_id:
+            raise UpstreamError(AGENT, "invalid", "agent answered join-session for another session")
+        return info
+
+    def _session_info(self, raw: bytes, expected: type[p.LaunchSessionResp], request: str) -> p.SessionInfo:
+        """The checked session-info of a launch-session-resp or join-session-resp."""
         reply = self._parse(AGENT, raw, "pcoip-agent")
         if isinstance(reply, p.ErrorResp):
             raise UpstreamError(AGENT, "error", f"agent answered error-resp {reply.result_id}")
-        if not isinstance(reply, p.LaunchSessionResp):
-            raise UpstreamError(AGENT, "invalid", f"agent answered <{reply.tag}> to launch-session")
+        if type(reply) is not expected:
+            raise UpstreamError(AGENT, "invalid", f"agent answered <{reply.tag}> to {request}")
+        assert isinstance(reply, p.LaunchSessionResp)  # JoinSessionResp is one too
         if reply.result_id != p.LAUNCH_OK:
             reason = agent_call.printable(reply.fail_reason)  # it goes to the log
             raise UpstreamError(
-                AGENT, "error", f"agent refused launch-session: {reply.result_id[:64]} {reason}"
+                AGENT,
+                "error",
+                f"agent refused {request}: {reply.result_id[:64]} {reason}",
+                reply.result_id[:64],
             )
         if reply.session_info is None:
             raise UpstreamError(AGENT, "invalid", "agent answered SUCCESSFUL without session-info")
