@@ -33,7 +33,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from gatehouse.sg import proxyproto
 from gatehouse.sg.settings import (
@@ -180,8 +180,7 @@ class ClientConn(asyncio.Protocol):
     # ------------------------------------------------------------ the client side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are no asyncio.Transport subclass
         fw = self.fw
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
@@ -240,7 +239,7 @@ class ClientConn(asyncio.Protocol):
             return
         # A TLS record of type handshake, record version 3.x (x ≤ 4): anything else is no client.
         if buf[0] != _TLS_HANDSHAKE or (len(buf) > 1 and buf[1] != 3) or (len(buf) > 2 and buf[2] > 4):
-            self._refuse("not-tls", "refused: not a TLS handshake")
+            self._refuse("not-tls", "refused: not a TLS handshake", level=logging.INFO)
             return
         if len(buf) < 3:
             return
@@ -290,8 +289,8 @@ class ClientConn(asyncio.Protocol):
             if not fw.accepting and not fw.conns:
                 fw.drained.set()
 
-    def _refuse(self, reason: str, message: str, *args: object) -> None:
-        self.fw.refusals.refuse(reason, self.client[0], logging.WARNING, message, *args)
+    def _refuse(self, reason: str, message: str, *args: object, level: int = logging.WARNING) -> None:
+        self.fw.refusals.refuse(reason, self.client[0], level, message, *args)
         self.state = _CLOSED
         if self.inner and self.inner.transport:
             self.inner.transport.abort()
@@ -316,7 +315,10 @@ class ClientConn(asyncio.Protocol):
                     transport, _proto = await loop.create_connection(lambda: InnerConn(self), *target)
             except (OSError, TimeoutError) as exc:
                 fw.inners.failed(target)
-                log.warning("inner gateway %s:%d unreachable: %s", target[0], target[1], type(exc).__name__)
+                if fw.refusals.allow("inner-down"):  # at a bounded rate, like refusals
+                    log.warning(
+                        "inner gateway %s:%d unreachable: %s", target[0], target[1], type(exc).__name__
+                    )
                 continue
             if self.state != _CONNECTING:  # the client left meanwhile
                 transport.abort()
@@ -375,8 +377,7 @@ class InnerConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         self.client.inner = self
 
     def data_received(self, data: bytes) -> None:
