@@ -385,3 +385,32 @@ def test_no_grant_or_tag_in_any_log(dmz: Dmz) -> None:
         logs = proc.logs()
         for secret in [SECRET, *SEEN]:
             assert secret not in logs, name
+
+
+def test_a_forwarder_behind_a_halb_takes_the_client_address_from_its_header(dmz: Dmz, tmp_path: Path) -> None:
+    """HAProxy in front of the forwarder (send-proxy-v2, here played from 127.0.0.9): the forwarder
+    reads the HALB's header and passes the client's address on; without it, the HALB's connection
+    is refused."""
+    halb_ip = "127.0.0.9"
+    fwd = start_forwarder(
+        tmp_path / "outer-halb",
+        [("127.0.0.1", dmz.inner_port)],
+        ProxyProtocolSources=f"{halb_ip}/32",
+        RequestTimeout=REQUEST_TIMEOUT,
+    )
+    try:
+        port = _port(fwd, "Port")
+        grant = grant_for(dmz, USER_IP)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(halb_ip, 0))
+        raw.sendall(proxyproto.build((USER_IP, 45000), ("127.0.0.1", port)))
+        with client_ctx().wrap_socket(raw) as sock:
+            sock.sendall(linechan.connect_line(grant))
+            assert read_line(sock) == linechan.OK
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(halb_ip, 0))
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            with client_ctx().wrap_socket(raw):  # TLS without the header: refused
+                pass
+        m = metrics(_port(fwd, "AdminPort"))
+        assert refused(m, "proxy-malformed") == 1
+    finally:
+        fwd.stop()
