@@ -423,6 +423,7 @@ class UdpForwarder:
         self.per_source: dict[str, int] = {}
         self.client_side: asyncio.DatagramTransport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.local: tuple[Any, ...] = ("", 0)  # the client-side socket's address (the header's destination)
         self._sweeper: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
