@@ -55,7 +55,8 @@ options:
   broker_url:
     description:
       - URL of the broker, C(https://host:port), C(https://ip:port) or C(https://[ipv6]:port), optionally
-        followed by C(/pcoip-broker/xml). Required with O(state=present).
+        followed by C(/pcoip-broker/xml). Required with O(state=present), except on a forwarding security
+        gateway (O(forward_to)), which runs no connection manager.
     type: str
   broker_ca_cert:
     description: CA bundle on the target to verify the broker, copied to C(certs/broker-ca.pem). Default is the
@@ -186,6 +187,32 @@ options:
     type: list
     elements: str
     default: []
+  forward_to:
+    description:
+      - Makes this host a forwarding security gateway in the outer perimeter of a double-hop DMZ
+        (C(ForwardTo) in C(SecurityGateway.conf)); see C(docs/dmz.md). Each entry is C(host:port) (C([IPv6]:port))
+        of an inner security gateway; new connections go round-robin to them, the next one when one does not
+        answer within 3 seconds, and a client's UDP follows its TCP.
+      - The forwarder passes the clients' TLS through to the inner gateway with a PROXY v2 header naming the
+        client; it runs the security gateway container only (no connection manager), holds no grant secret
+        (C(cmsg.env) without it) and no certificate or key, and reaches no agent. O(ssl_cert), O(self_signed),
+        O(broker_url) and O(agent_ca_cert) are not needed and not used.
+      - List this host's address in O(proxy_protocol_sources) of every inner gateway, and set O(external_pcoip_ip)
+        of the connection managers to this host's (or its HALB virtual server's) external address.
+    type: list
+    elements: str
+    default: []
+  proxy_protocol_sources:
+    description:
+      - Addresses or CIDRs of the forwarding security gateways (O(forward_to)) in front of this security
+        gateway (C(ProxyProtocolSources) in C(SecurityGateway.conf)). Connections and datagrams from them must
+        start with a PROXY v2 header, whose client address is then the one the grant is checked against; a
+        connection from them without a valid header within the request timeout is dropped. A header from any
+        other address is never read (it fails the TLS handshake).
+      - List the forwarders only, never a network that clients connect from.
+    type: list
+    elements: str
+    default: []
   data_dir:
     description: The data directory (the seed's C(/opt/teradici/pcoipcm_data)).
     type: path
@@ -276,6 +303,20 @@ EXAMPLES = r"""
     agent_ca_cert: /opt/gatehouse/pki/ca.pem
     bundle_path: /root/gatehouse-bundle
 
+- name: Double-hop DMZ, outer perimeter - a forwarding security gateway (no CM, no secret, no key)
+  gatehouse.access.cmsg:
+    accept_policies: true
+    forward_to: ["10.20.0.11:4172", "10.20.0.12:4172"]
+
+- name: Double-hop DMZ, second perimeter - CM and inner security gateway behind the forwarders
+  gatehouse.access.cmsg:
+    accept_policies: true
+    broker_url: https://broker.corp.internal:443
+    external_pcoip_ip: [203.0.113.20]  # the forwarders' HALB virtual server
+    self_signed: true
+    agent_ca_cert: /opt/gatehouse/pki/ca.pem
+    proxy_protocol_sources: [10.10.0.11, 10.10.0.12]
+
 - name: A second deployment on the same host (bridge mode), beside the default one
   gatehouse.access.cmsg:
     accept_policies: true
@@ -326,7 +367,7 @@ config:
   type: dict
   contains:
     config_properties:
-      description: Keys and values of C(data/config.properties).
+      description: Keys and values of C(data/config.properties); null on a forwarding security gateway.
       type: dict
     security_gateway_conf:
       description: Keys and values of C(data/SecurityGateway.conf).

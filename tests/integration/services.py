@@ -242,6 +242,28 @@ def start_sg(
     ).start()
 
 
+def start_forwarder(workdir: Path, forward_to: list[tuple[str, int]], **config: object) -> ServiceProcess:
+    """A forwarding SG (double-hop DMZ outer gateway) on 127.0.0.1 passing clients on to the inner
+    SGs ``forward_to``: no grant secret (no cmsg.env), no certificate or key, no agent CA."""
+    admin = free_port()
+    values: dict[str, object] = {
+        "ListenAddress": "127.0.0.1",
+        "Port": free_port(),
+        "ForwardTo": ",".join(f"{host}:{port}" for host, port in forward_to),
+        "AdminAddress": "127.0.0.1",
+        "AdminPort": admin,
+        "LogLevel": "debug",
+        **config,
+    }
+    return ServiceProcess(
+        "sg",
+        workdir,
+        values,
+        config_name="SecurityGateway.conf",
+        health_url=f"http://127.0.0.1:{admin}/health",
+    ).start()
+
+
 def broker_admin(
     broker_url: str, token: str, ctx: ssl.SSLContext, method: str, path: str, body: object | None = None
 ) -> dict:

@@ -63,6 +63,8 @@ ARGUMENT_SPEC: dict = dict(
     max_concurrent_establishments={"type": "int", "default": 40},
     max_clients={"type": "int", "default": 400},
     trusted_proxies={"type": "list", "elements": "str", "default": []},
+    forward_to={"type": "list", "elements": "str", "default": []},
+    proxy_protocol_sources={"type": "list", "elements": "str", "default": []},
     data_dir={"type": "path", "default": "/opt/gatehouse/cmsg"},
     https_port={"type": "int", "default": 443},
     http_port={"type": "int", "default": 80},
@@ -89,7 +91,14 @@ CM_OPTION_KEYS = {
     "license_server_url": "LicenseServerUrl",
     "log_level": "LogLevel",
 }
-REQUIRED_IF = [*dep.COMMON_REQUIRED_IF, ("state", "present", ["broker_url"])]
+# The SG options of a double-hop DMZ and their SecurityGateway.conf keys (the SG's settings fields
+# have the options' names). Written only when set, so that other deployments keep their files.
+SG_OPTION_KEYS = {
+    "forward_to": "ForwardTo",
+    "proxy_protocol_sources": "ProxyProtocolSources",
+}
+# broker_url is required with state=present unless forward_to makes the host a forwarder (validate).
+REQUIRED_IF = list(dep.COMMON_REQUIRED_IF)
 REQUIRED_TOGETHER = [*dep.COMMON_REQUIRED_TOGETHER, ("identity_cert", "identity_key")]
 
 
@@ -150,18 +159,31 @@ def validate(params: dict, used_networks) -> dict:
     ``used_networks`` is called (only in bridge mode) for the (owner, CIDR) pairs in use on the host.
     """
     errors: list[str] = []
-    dep.check_common(params, errors)
+    forwarder = bool(params["forward_to"]) and params["state"] == "present"
+    dep.check_common(params, errors, tls_required=not forwarder)
     values: dict = {}
     if params["state"] == "absent":
         if errors:
             raise dep.ValidationError(errors)
         return values
+    values["forward_to"] = forward_to_entries(params["forward_to"], errors)
+    values["proxy_protocol_sources"] = networks_of(params, "proxy_protocol_sources", errors)
+    if forwarder:
+        return validate_forwarder(params, values, errors)
+    if not params["broker_url"]:
+        errors.append(
+            "broker_url is required with state=present (unless forward_to makes this host a forwarding "
+            "security gateway)"
+        )
     if not params["accept_policies"]:
         errors.append(
             "accept_policies must be true: installing the connection manager and security gateway requires "
             "accepting the EULA and privacy policy (the installer's --accept-policies)"
         )
-    dep.validate_https_url(params["broker_url"], "broker_url", errors, require_port=True, paths=BROKER_PATHS)
+    if params["broker_url"]:
+        dep.validate_https_url(
+            params["broker_url"], "broker_url", errors, require_port=True, paths=BROKER_PATHS
+        )
     if params["license_server_url"]:
         url = params["license_server_url"]
         if not url.startswith(("http://", "https://")) or not dep.urlsplit(url).hostname:
@@ -180,13 +202,7 @@ def validate(params: dict, used_networks) -> dict:
     values["external_pcoip_ip"] = [ip for ip in (v4, v6) if ip]
     host_ip, host_fqdn = split_host_address(params["host_address"], errors)
     values["host_address"] = [a for a in (host_fqdn, host_ip) if a]
-    proxies = []
-    for cidr in params["trusted_proxies"]:
-        try:
-            proxies.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
-        except ValueError:
-            errors.append("trusted_proxies entry %r is not an address or CIDR (like 10.0.0.0/24)" % cidr)
-    values["trusted_proxies"] = proxies
+    values["trusted_proxies"] = networks_of(params, "trusted_proxies", errors)
     values["warnings"] = tls_verify_checks(params, errors)
     admin = dep.parse_ip(params["admin_address"].strip())
     if admin is None:
@@ -245,6 +261,93 @@ def validate(params: dict, used_networks) -> dict:
                     "%s %s overlaps networks of this host: %s; choose another private range with %s"
                     % (name, network, ", ".join(clashes), name)
                 )
+    if errors:
+        raise dep.ValidationError(errors)
+    return values
+
+
+def networks_of(params: dict, name: str, errors: list[str]) -> list[str]:
+    """The entries of a list option of addresses or CIDRs, normalised to networks."""
+    nets = []
+    for cidr in params[name]:
+        try:
+            nets.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
+        except ValueError:
+            errors.append("%s entry %r is not an address or CIDR (like 10.0.0.0/24)" % (name, cidr))
+    return nets
+
+
+def forward_to_entries(entries: list[str], errors: list[str]) -> list[str]:
+    """forward_to as ``host:port`` (``[v6]:port``): an IP address or FQDN and a port, each once."""
+    result: list[str] = []
+    for entry in entries:
+        text = entry.strip()
+        host, sep, port = text.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        name = host[1:-1] if bracketed else host
+        address = dep.parse_ip(name)
+        ok = (
+            sep
+            and port.isdigit()
+            and 1 <= int(port) <= 65535
+            and (address is not None or (dep.is_fqdn(name) and not bracketed))
+            and (bracketed == (address is not None and address.version == 6))
+        )
+        if not ok:
+            errors.append(
+                "forward_to entry %r must be host:port of an inner security gateway (an IPv4 address or "
+                "FQDN, or [IPv6 address]:port, like 10.20.0.5:4172)" % entry
+            )
+            continue
+        normal = "%s:%d" % (
+            "[%s]" % address if bracketed else (str(address) if address else name.lower()),
+            int(port),
+        )
+        if normal in result:
+            errors.append("forward_to lists %s twice" % normal)
+        result.append(normal)
+    return result
+
+
+def validate_forwarder(params: dict, values: dict, errors: list[str]) -> dict:
+    """A forwarding SG (docs/dmz.md): the SG container alone, no CM, no grant secret, no TLS
+    material (the clients' TLS passes through to the inner gateways), no agent CA."""
+    if not params["enable_security_gateway"]:
+        errors.append(
+            "forward_to makes this host a forwarding security gateway; it needs enable_security_gateway=true"
+        )
+    if not params["accept_policies"]:
+        errors.append(
+            "accept_policies must be true: installing the security gateway requires accepting the EULA and "
+            "privacy policy (the installer's --accept-policies)"
+        )
+    values["warnings"] = [
+        "%s is not used on a forwarding security gateway (forward_to): it holds no %s" % (name, what)
+        for name, what in (
+            ("ssl_cert", "certificate or key; the clients' TLS passes through to the inner gateways"),
+            ("self_signed", "certificate or key; the clients' TLS passes through to the inner gateways"),
+            ("broker_url", "connection manager"),
+            ("identity_cert", "connection manager"),
+            ("agent_ca_cert", "connection to an agent"),
+        )
+        if params[name]
+    ]
+    admin = dep.parse_ip(params["admin_address"].strip())
+    if admin is None:
+        errors.append(
+            "admin_address %r must be an IP address (0.0.0.0 = every address of the container or host)"
+            % params["admin_address"]
+        )
+    values["management_urls"] = management_urls(params, admin)
+    values["sg_health_url"] = ""
+    values["external_pcoip_ip"] = []
+    values["host_address"] = []
+    if not 1 <= params["max_connections"] <= MAX_SG_CONNECTIONS:
+        errors.append("max_connections must be between 1 and %d" % MAX_SG_CONNECTIONS)
+    for name in ("pcoip_port", "sg_admin_host_port"):
+        dep.port_option(params[name], name, errors)
+    if params["network_mode"] == "bridge":
+        dep.check_private_cidr(params["docker_network_cidr"], "docker_network_cidr", errors)
     if errors:
         raise dep.ValidationError(errors)
     return values
@@ -348,7 +451,7 @@ def management_urls(params: dict, admin) -> dict:
     else:
         host, cm_port, sg_port = _admin_host(admin), CM_ADMIN_PORT, SG_ADMIN_PORT
     return {
-        "cm": "http://%s:%d" % (host, cm_port),
+        "cm": None if params["forward_to"] else "http://%s:%d" % (host, cm_port),
         "sg": "http://%s:%d" % (host, sg_port) if params["enable_security_gateway"] else None,
     }
 
@@ -401,7 +504,23 @@ def config_properties(params: dict, values: dict) -> bytes:
     )
 
 
-def security_gateway_conf(params: dict) -> bytes:
+def security_gateway_conf(params: dict, values: dict | None = None) -> bytes:
+    values = values or {}
+    sources = values.get("proxy_protocol_sources") or []
+    if values.get("forward_to"):
+        return dep.render_properties(
+            "Forwarding security gateway (double-hop DMZ): no grant secret, no TLS key, no agents",
+            [
+                ("ListenAddress", listen_address(params)),
+                ("Port", 4172),
+                (SG_OPTION_KEYS["forward_to"], values["forward_to"]),
+                ("MaxConnections", params["max_connections"]),
+                *([(SG_OPTION_KEYS["proxy_protocol_sources"], sources)] if sources else []),
+                ("AdminAddress", params["admin_address"].strip()),
+                ("AdminPort", SG_ADMIN_PORT),
+                ("LogLevel", params["log_level"]),
+            ],
+        )
     return dep.render_properties(
         "Security gateway (SG) configuration; GrantSecret comes from cmsg.env",
         [
@@ -413,6 +532,8 @@ def security_gateway_conf(params: dict) -> bytes:
             ("SslKey", "/certs/key.pem"),
             ("AgentCaCert", _in_certs(params["agent_ca_cert"], AGENT_CA)),
             ("AgentTlsVerify", params["agent_tls_verify"]),
+            # An inner SG of a double-hop DMZ; absent otherwise (earlier files stay the same).
+            *([(SG_OPTION_KEYS["proxy_protocol_sources"], sources)] if sources else []),
             ("AdminAddress", params["admin_address"].strip()),
             ("AdminPort", SG_ADMIN_PORT),
             ("LogLevel", params["log_level"]),
@@ -456,7 +577,10 @@ def existing_secret(path: str) -> str | None:
     return None
 
 
-def cmsg_env(secret: str, log_level: str) -> bytes:
+def cmsg_env(secret: str | None, log_level: str) -> bytes:
+    """The env file; a forwarder's (``secret`` None) holds no grant secret."""
+    if secret is None:
+        return ("GATEHOUSE_LOGLEVEL=%s\n" % log_level).encode("ascii")
     return ("%s=%s\nGATEHOUSE_LOGLEVEL=%s\n" % (SECRET_KEY, secret, log_level)).encode("ascii")
 
 
@@ -479,7 +603,7 @@ def container_specs(params: dict, names: Names, image_refs: dict, host_label: st
     # node to drain on them, and a Prometheus on the host scrapes them; nothing outside reaches them.
     # Their host ports are options so that two deployments (name_prefix, data_dir) fit on one host.
     cm_ports.append(_loopback(params["cm_admin_host_port"], CM_ADMIN_PORT))
-    roles = [("cm", names.cm, cm_ports, "config.properties")]
+    roles = [] if params["forward_to"] else [("cm", names.cm, cm_ports, "config.properties")]
     if params["enable_security_gateway"]:
         sg_ports = [
             {"host": params["pcoip_port"], "container": 4172, "protocol": "tcp"},
@@ -571,27 +695,41 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
     errors: list[str] = []
     warnings: list[str] = []
 
-    # The self-signed certificate names the host as clients reach it: host_address first.
-    common_name = dep.certificate_name(values["host_address"][0] if values["host_address"] else host_label)
-    sans = [*values["host_address"], *values["external_pcoip_ip"]]
-    tls, tls_info = dep.tls_files(params, certs_dir, common_name, sans, errors, warnings)
+    forwarder = bool(values["forward_to"])
+    tls: list = []
+    tls_info: dict = {"source": None}
+    extra: list = []
+    if not forwarder:  # a forwarder holds no TLS material: the clients' TLS passes through
+        # The self-signed certificate names the host as clients reach it: host_address first.
+        common_name = dep.certificate_name(
+            values["host_address"][0] if values["host_address"] else host_label
+        )
+        sans = [*values["host_address"], *values["external_pcoip_ip"]]
+        tls, tls_info = dep.tls_files(params, certs_dir, common_name, sans, errors, warnings)
+        extra = [
+            dep.extra_file(
+                params["broker_ca_cert"], os.path.join(certs_dir, BROKER_CA), "broker_ca_cert", errors
+            ),
+            dep.extra_file(
+                params["agent_ca_cert"], os.path.join(certs_dir, AGENT_CA), "agent_ca_cert", errors
+            ),
+            *identity_files(params, certs_dir, errors, warnings),
+        ]
     warnings.extend(values["warnings"])
-    extra = [
-        dep.extra_file(
-            params["broker_ca_cert"], os.path.join(certs_dir, BROKER_CA), "broker_ca_cert", errors
-        ),
-        dep.extra_file(params["agent_ca_cert"], os.path.join(certs_dir, AGENT_CA), "agent_ca_cert", errors),
-        *identity_files(params, certs_dir, errors, warnings),
-    ]
     engine.check_network_target(cli, params, errors)
-    services = ["cm", "sg"] if params["enable_security_gateway"] else ["cm"]
+    if forwarder:
+        services = ["sg"]
+    else:
+        services = ["cm", "sg"] if params["enable_security_gateway"] else ["cm"]
     refs, ids, loaded = engine.resolve_images(cli, params, services, check_mode, errors)
     if errors:
         raise dep.ValidationError(errors)
 
     env_path = os.path.join(data, "cmsg.env")
-    secret = existing_secret(env_path) or base64.b64encode(secrets.token_bytes(32)).decode("ascii")
-    module.no_log_values.add(secret)
+    secret = None
+    if not forwarder:  # a forwarder's cmsg.env holds no grant secret (an earlier one is dropped)
+        secret = existing_secret(env_path) or base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+        module.no_log_values.add(secret)
     uid, gid = engine.service_owner()
     if uid is None:
         warnings.append(engine.NOT_ROOT % "the services run")
@@ -605,17 +743,23 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
             "labels": {ctr.LABEL_MANAGED: "gatehouse.access.cmsg", ctr.LABEL_HOST: host_label},
         }
     configs = {
-        "cm": PlannedFile(
-            os.path.join(data, CONFIG_FILES["cm"]), config_properties(params, values), 0o644, uid, gid
-        ),
         "sg": PlannedFile(
-            os.path.join(data, CONFIG_FILES["sg"]), security_gateway_conf(params), 0o644, uid, gid
+            os.path.join(data, CONFIG_FILES["sg"]), security_gateway_conf(params, values), 0o644, uid, gid
         ),
     }
+    if not forwarder:
+        configs["cm"] = PlannedFile(
+            os.path.join(data, CONFIG_FILES["cm"]), config_properties(params, values), 0o644, uid, gid
+        )
     env = PlannedFile(
         env_path, cmsg_env(secret, params["log_level"]), 0o600, uid, gid, mask=mask_env_values({SECRET_KEY})
     )
-    files = [configs["cm"], configs["sg"], env, *tls, *(f for f in extra if f is not None)]
+    files = [
+        *(configs[k] for k in ("cm", "sg") if k in configs),
+        env,
+        *tls,
+        *(f for f in extra if f is not None),
+    ]
     containers = [
         engine.Container(
             spec,
@@ -627,6 +771,10 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
         )
         for spec in container_specs(params, names, refs, host_label)
     ]
+    if forwarder:
+        retired = [names.cm]
+    else:
+        retired = [] if params["enable_security_gateway"] else [names.sg]
     deployment = engine.Deployment(
         data_dir,
         files,
@@ -636,7 +784,7 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
         loaded,
         network=network,
         network_name=names.network,
-        retired=[] if params["enable_security_gateway"] else [names.sg],
+        retired=retired,
     )
     deployment.plan(cli)
     deployment.apply(cli, check_mode, params["wait_timeout"])
@@ -645,7 +793,7 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
             "%s belongs to earlier certificates and is not used with self_signed" % tls_info["stale_ca"]
         )
     effective = {
-        "config_properties": dep.parse_properties(configs["cm"].data),
+        "config_properties": dep.parse_properties(configs["cm"].data) if "cm" in configs else None,
         "security_gateway_conf": dep.parse_properties(configs["sg"].data),
         "data_dir": data_dir,
         "network_mode": params["network_mode"],

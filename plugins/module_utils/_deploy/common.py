@@ -99,9 +99,10 @@ def check_container_options(params: dict, service: str, errors: list[str]) -> No
             errors.append(str(exc))
 
 
-def check_common(params: dict, errors: list[str]) -> None:
-    """Checks of the shared options that the argument spec cannot express."""
-    if params["state"] == "present" and not params["self_signed"] and not params["ssl_cert"]:
+def check_common(params: dict, errors: list[str], tls_required: bool = True) -> None:
+    """Checks of the shared options that the argument spec cannot express (``tls_required``: False
+    for a deployment that serves no TLS of its own, a forwarding security gateway)."""
+    if tls_required and params["state"] == "present" and not params["self_signed"] and not params["ssl_cert"]:
         errors.append(
             "TLS material is required: set ssl_cert and ssl_key (PEM files on the target) or self_signed=true"
         )

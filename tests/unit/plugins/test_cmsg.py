@@ -743,3 +743,76 @@ def test_broker_properties_and_env() -> None:
     assert off["ClientCaCert"] == "" and off["ClientTlsVerify"] == "false"
     env = broker.broker_env(broker_params()).decode()
     assert "GATEHOUSE_ADMINTOKEN=" in env and "AGENTTOKEN" not in env
+
+
+# ---------------------------------------------------------------- double-hop DMZ
+
+
+def test_inner_gateway_lists_its_forwarders_and_others_keep_their_file() -> None:
+    plain = cmsg.security_gateway_conf(params(), cmsg.validate(params(), no_networks))
+    assert plain == cmsg.security_gateway_conf(params())  # nothing new unless set
+    assert b"ProxyProtocolSources" not in plain and b"ForwardTo" not in plain
+    p = params(proxy_protocol_sources=["10.10.0.11", "10.10.0.0/28"])
+    parsed = parse_kv(cmsg.security_gateway_conf(p, cmsg.validate(p, no_networks)).decode())
+    assert parsed["ProxyProtocolSources"] == "10.10.0.11/32,10.10.0.0/28"
+    assert "GrantSecret" not in parsed and parsed["AgentCaCert"] == "/certs/agent-ca.pem"
+    assert set(parsed) <= set(architecture_keys("SecurityGateway.conf (SG)"))
+    errors = errors_of(params(proxy_protocol_sources=["not-a-net"]))
+    assert errors == ["proxy_protocol_sources entry 'not-a-net' is not an address or CIDR (like 10.0.0.0/24)"]
+
+
+def forwarder(**overrides) -> dict:
+    """A forwarder as an operator writes it: forward_to, accept_policies and nothing for a CM."""
+    base = {
+        "forward_to": ["10.20.0.11:4172", "[2001:db8::12]:4172", "Inner3.Corp.Example:4173"],
+        "broker_url": None,
+        "external_pcoip_ip": [],
+        "self_signed": False,
+        "agent_ca_cert": None,
+    }
+    return params(**{**base, **overrides})
+
+
+def test_a_forwarder_needs_no_broker_tls_material_or_agent_ca() -> None:
+    values = cmsg.validate(forwarder(), no_networks)
+    assert values["forward_to"] == ["10.20.0.11:4172", "[2001:db8::12]:4172", "inner3.corp.example:4173"]
+    assert values["warnings"] == [] and values["management_urls"]["cm"] is None
+    parsed = parse_kv(cmsg.security_gateway_conf(forwarder(), values).decode())
+    assert parsed["ForwardTo"] == "10.20.0.11:4172,[2001:db8::12]:4172,inner3.corp.example:4173"
+    for key in ("SslCert", "SslKey", "AgentCaCert", "AgentTlsVerify", "AgentUdpSourcePort", "GrantSecret"):
+        assert key not in parsed
+    assert set(parsed) <= set(architecture_keys("SecurityGateway.conf (SG)"))
+    assert cmsg.cmsg_env(None, "info") == b"GATEHOUSE_LOGLEVEL=info\n"
+    specs = cmsg.container_specs(forwarder(), cmsg.Names("gh"), {"cm": "cm:1", "sg": "sg:1"}, "dmz1")
+    assert [s["service"] for s in specs] == ["sg"]
+    # Material for a CM or for TLS is named as unused.
+    values = cmsg.validate(forwarder(self_signed=True), no_networks)
+    assert values["warnings"] and "self_signed is not used" in values["warnings"][0]
+
+
+def test_a_gateway_still_needs_its_broker() -> None:
+    errors = errors_of(params(broker_url=None))
+    assert any("broker_url is required with state=present" in e for e in errors)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "10.20.0.11",
+        "10.20.0.11:0",
+        "10.20.0.11:99999",
+        "2001:db8::12:4172",
+        "[inner.example]:4172",
+        "bad host:1",
+    ],
+)
+def test_bad_forward_to_entries(entry: str) -> None:
+    errors = errors_of(forwarder(forward_to=[entry]))
+    assert any(f"forward_to entry {entry!r}" in e for e in errors), errors
+
+
+def test_a_forwarder_is_a_security_gateway() -> None:
+    errors = errors_of(forwarder(enable_security_gateway=False))
+    assert any("needs enable_security_gateway=true" in e for e in errors)
+    errors = errors_of(forwarder(forward_to=["10.20.0.11:4172", "10.20.0.11:4172"]))
+    assert errors == ["forward_to lists 10.20.0.11:4172 twice"]

@@ -17,6 +17,7 @@ import pytest
 from gatehouse.cm.settings import CmSettings
 from gatehouse.config import Config, parse_kv
 from gatehouse.grant import generate_secret
+from gatehouse.sg.settings import SgSettings
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
@@ -83,3 +84,23 @@ def test_retired_names_do_not_come_back(tree: str) -> None:
         if name in path.read_text(encoding="utf-8")
     ]
     assert found == []
+
+
+SG_VALUES = {"forward_to": ["10.20.0.11:4172"], "proxy_protocol_sources": ["10.10.0.11/32"]}
+
+
+@pytest.mark.parametrize("option", sorted(cmsg.SG_OPTION_KEYS))
+def test_sg_option_reaches_the_sg_settings_field_of_its_own_name(option: str) -> None:
+    assert option in cmsg.ARGUMENT_SPEC, f"{option} is not a cmsg option"
+    assert option in {f.name for f in fields(SgSettings)}, f"SgSettings has no field {option}"
+    p = params(**{option: SG_VALUES[option]})
+    text = cmsg.security_gateway_conf(p, cmsg.validate(p, lambda: [])).decode()
+    env = {} if option == "forward_to" else {"GATEHOUSE_GRANTSECRET": generate_secret()}
+    settings = SgSettings.from_config(Config(parse_kv(text), env))
+    default = SgSettings.from_config(
+        Config(
+            parse_kv(cmsg.security_gateway_conf(params()).decode()),
+            {"GATEHOUSE_GRANTSECRET": generate_secret()},
+        )
+    )
+    assert getattr(settings, option) != getattr(default, option)

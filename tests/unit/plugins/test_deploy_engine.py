@@ -227,6 +227,18 @@ def test_cmsg_spec_hashes_are_those_of_0_1_0(hashes, case: str) -> None:
     assert hashes(cmsg, dict(CMSG_BASE, **options)) == expected
 
 
+def test_a_forwarder_deploys_the_security_gateway_alone(hashes) -> None:
+    """forward_to: one container (the SG), no CM; other deployments keep their hashes above."""
+    options = {
+        "accept_policies": True,
+        "forward_to": ["10.20.0.11:4172", "10.20.0.12:4172"],
+        "host_label": "dmz1",
+        "name_prefix": "gh",
+        "data_dir": DATA_DIR % "cmsg",
+    }
+    assert set(hashes(cmsg, options)) == {"gh-sg"}
+
+
 @pytest.mark.parametrize("case", sorted(BROKER_CASES))
 def test_broker_spec_hashes_are_those_of_0_1_0(hashes, case: str) -> None:
     options, expected = BROKER_CASES[case]

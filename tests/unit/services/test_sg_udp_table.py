@@ -240,3 +240,27 @@ async def test_agent_side_sockets_are_opened_at_the_first_bind_and_counted_once_
     assert b.sock is not None and b.client_addr == ("127.0.0.1", 2222) and relay.pool.in_use() == 1
     relay.remove(b)
     assert relay.pool.in_use() == 0 and b.sock is None
+
+
+FORWARDER = ("10.10.0.5", 41000)
+
+
+def test_through_a_forwarder_the_header_address_is_checked_and_replies_go_to_the_forwarder() -> None:
+    table = UdpTable()
+    s = session()
+    table.add(s)
+    # The forwarder's own address is not the client's: refused as from any other address.
+    assert table.bind(bind(s, 1), FORWARDER) == (None, "bind-wrong-client")
+    # A header naming another client: refused exactly as a direct datagram from it.
+    assert table.bind(bind(s, 1), FORWARDER, client=("203.0.113.9", 5000)) == (None, "bind-wrong-client")
+    assert table.bind(bind(s, 1), FORWARDER, client=(CLIENT_IP, 5000)) == (s, "")
+    assert s.client_addr == (FORWARDER, (CLIENT_IP, 5000)) and s.reply_addr == FORWARDER
+    # Never bound as the forwarder's plain address, nor as the client's own.
+    assert table.from_client(FORWARDER) is None and table.from_client((CLIENT_IP, 5000)) is None
+    assert table.from_client((FORWARDER, (CLIENT_IP, 5000))) is s
+    # The same bind again (lost ack) changes nothing; a direct replay from the client's address
+    # is a replay.
+    assert table.bind(bind(s, 1), FORWARDER, client=(CLIENT_IP, 5000)) == (s, "")
+    assert table.bind(bind(s, 1), (CLIENT_IP, 5000)) == (None, "bind-replayed")
+    table.remove(s)
+    assert table.from_client((FORWARDER, (CLIENT_IP, 5000))) is None

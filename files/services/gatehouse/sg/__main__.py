@@ -8,7 +8,7 @@ import sys
 
 from gatehouse import logs, tls
 from gatehouse.config import Config, ConfigError
-from gatehouse.sg.server import agent_context, serve
+from gatehouse.sg.server import agent_context, serve, serve_forwarder
 from gatehouse.sg.settings import SgSettings
 from gatehouse.web import install_uvloop, raise_nofile_limit
 
@@ -23,8 +23,11 @@ def main(argv: list[str] | None = None) -> int:
         logs.register_secret(cfg.str("GrantSecret"))
         settings = SgSettings.from_config(cfg)
         log = logs.setup("sg", settings.log_level)
-        server_ctx = tls.server_context(settings.ssl_cert, settings.ssl_key, role="sg")
-        agent_ctx = agent_context(settings)
+        if settings.forwarding:  # passes the client's TLS through: no key, no agents
+            run = serve_forwarder(settings)
+        else:
+            server_ctx = tls.server_context(settings.ssl_cert, settings.ssl_key, role="sg")
+            run = serve(settings, server_ctx, agent_context(settings))
     except (ConfigError, tls.CertificateError) as exc:
         print(f"gatehouse-sg: {exc}", file=sys.stderr)
         return 2
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile_limit()
     install_uvloop()
     try:
-        asyncio.run(serve(settings, server_ctx, agent_ctx))
+        asyncio.run(run)
     except OSError as exc:
         log.error("cannot start: %s", exc)
         print(f"gatehouse-sg: cannot start: {exc}", file=sys.stderr)

@@ -10,6 +10,11 @@ RequestTimeout of accept, so that idle or slow sockets cannot pin slots. Refusal
 full and logged at a bounded rate. Nothing reaches an agent before the grant is authenticated,
 unexpired, bound to this client address and seen for the first time, and the agent's
 certificate is verified (AgentCaCert, its address) before the agent's session-tag is sent.
+
+Through a forwarder of a double-hop DMZ (ProxyProtocolSources, docs/dmz.md) the client address
+is the one its PROXY v2 header names (read by the listener before the TLS handshake): admission,
+the per-source count, the grant's client check, the UDP bind and the logs all use it, and the
+connection is admitted when the header has arrived (within RequestTimeout of accept).
 """
 
 from __future__ import annotations

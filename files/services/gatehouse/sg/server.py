@@ -1,16 +1,19 @@
-"""Run the SG: TLS listener, UDP relay and the plain-HTTP admin site, until SIGTERM."""
+"""Run the SG until SIGTERM: TLS listener, UDP relay and the plain-HTTP admin site, or, with
+ForwardTo set, the forwarder's TCP listener and UDP flows (forward.py) and the admin site."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import socket
 import ssl
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gatehouse import tls
+from gatehouse.sg.forward import Forwarder, UdpForwarder
 from gatehouse.sg.relay import Gateway
 from gatehouse.sg.settings import SHUTDOWN_GRACE, SgSettings
 from gatehouse.sg.stats import Stats, StatsCollector
@@ -33,8 +36,13 @@ def agent_context(settings: SgSettings) -> ssl.SSLContext:
 async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl.SSLContext) -> None:
     loop = asyncio.get_running_loop()
     stats = Stats()
-    udp = UdpRelay(UdpTable(), stats, settings.agent_udp_ports)
+    proxy_source = settings.proxy_source if settings.proxy_protocol_sources else None
+    udp = UdpRelay(UdpTable(), stats, settings.agent_udp_ports, proxy_source)
     gateway = Gateway(settings, agent_ctx, stats, udp)
+
+    def proxy_refused(reason: str, peer: str) -> None:
+        gateway.refusals.refuse(reason, peer, logging.WARNING, "refused: %s from a forwarder", reason)
+
     ready = False
     if not settings.agent_tls_verify:
         log.warning(
@@ -55,7 +63,15 @@ async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl
 
     await udp.start(settings.listen_address, settings.port)  # before any session can need it
     server = TlsListener(
-        loop, settings.listen_address, settings.port, server_ctx, gateway.handler, settings.request_timeout
+        loop,
+        settings.listen_address,
+        settings.port,
+        server_ctx,
+        gateway.handler,
+        settings.request_timeout,
+        proxy_source=proxy_source,
+        proxy_refused=proxy_refused,
+        max_pending=settings.max_connections,
     )
 
     stop = asyncio.Event()
@@ -71,6 +87,7 @@ async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl
             "max_connections": settings.max_connections,
             "max_connections_per_source": settings.max_connections_per_source,
             "agent_tls_verify": settings.agent_tls_verify,
+            "proxy_protocol_sources": ",".join(str(n) for n in settings.proxy_protocol_sources),
             "admin": f"{settings.admin_address}:{settings.admin_port}",
         },
     )
@@ -81,5 +98,58 @@ async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl
     server.close()
     udp.close()
     await gateway.close_all(SHUTDOWN_GRACE)
+    await runner.cleanup()
+    log.info("stopped")
+
+
+async def serve_forwarder(settings: SgSettings) -> None:
+    """The forwarder: no TLS key, no grant secret, no agent; client ↔ an inner SG (forward.py)."""
+    loop = asyncio.get_running_loop()
+    stats = Stats()
+    forwarder = Forwarder(settings, stats)
+    udp = UdpForwarder(settings, stats, lambda: forwarder.inners)
+    forwarder.udp = udp
+    ready = False
+
+    registry = CollectorRegistry()
+    registry.register(
+        StatsCollector(stats, settings.max_connections, lambda: forwarder.relaying, lambda: len(udp))
+    )
+    app = web.Application()
+    add_health_and_metrics(app, registry, lambda: ready)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    await web.TCPSite(runner, settings.admin_address, settings.admin_port, reuse_address=True).start()
+
+    await udp.start(settings.listen_address, settings.port)
+    dualstack = settings.listen_address == "::" and socket.has_dualstack_ipv6()
+    family = socket.AF_INET6 if ":" in settings.listen_address else socket.AF_INET
+    sock = socket.create_server(
+        (settings.listen_address, settings.port), family=family, backlog=4096, dualstack_ipv6=dualstack
+    )
+    server = await loop.create_server(forwarder.protocol, sock=sock)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready = True
+    log.info(
+        "forwarding",
+        extra={
+            "address": f"{settings.listen_address}:{settings.port}",
+            "forward_to": ",".join(f"{h}:{p}" for h, p in settings.forward_to),
+            "max_connections": settings.max_connections,
+            "max_connections_per_source": settings.max_connections_per_source,
+            "proxy_protocol_sources": ",".join(str(n) for n in settings.proxy_protocol_sources),
+            "admin": f"{settings.admin_address}:{settings.admin_port}",
+        },
+    )
+    await stop.wait()
+
+    ready = False
+    log.info("stopping: no new connections; closing %d connections", len(forwarder.conns))
+    server.close()
+    udp.close()
+    await forwarder.close_all(SHUTDOWN_GRACE)
     await runner.cleanup()
     log.info("stopped")

@@ -1,7 +1,15 @@
-"""SecurityGateway.conf (and GatehouseGrantSecret from cmsg.env), validated once at start."""
+"""SecurityGateway.conf (and GatehouseGrantSecret from cmsg.env), validated once at start.
+
+Two modes (docs/dmz.md): a gateway (the default) checks grants and relays to agents; with
+ForwardTo set, the SG is a forwarder for a double-hop DMZ that passes each client connection and
+datagram to one of the inner SGs listed there with a PROXY v2 header naming the client, and holds
+no grant secret, no TLS key and no agent settings. ProxyProtocolSources (either mode) lists the
+peers whose connections and datagrams must start with a PROXY v2 header naming the client.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from gatehouse.config import Config, ConfigError, env_name
@@ -11,6 +19,27 @@ from gatehouse.grant import decode_secret
 AGENT_TIMEOUT = 10.0  # TCP + TLS + "200 OK" from the agent
 SHUTDOWN_GRACE = 5.0  # seconds given to closing transports on SIGTERM
 REFUSAL_LOG_RATE = 10  # log lines per second and refusal reason; the counters keep the total
+FORWARD_CONNECT_TIMEOUT = 3.0  # forwarder: TCP connect to one inner SG before trying the next
+FORWARD_RETRY_AFTER = 10.0  # forwarder: an inner SG that refused a connect is tried last this long
+UDP_FLOW_IDLE = 120.0  # forwarder: a client's UDP flow without datagrams either way is closed
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_host_port(item: str, key: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` of a list entry; the error names ``key``."""
+    host, sep, port_text = item.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address needs its brackets
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = 0
+    if not sep or not host or not 1 <= port <= 65535:
+        raise ConfigError(f"{key}: {item!r} is not host:port ([address]:port for IPv6)")
+    return host, port
 
 
 @dataclass(frozen=True)
@@ -30,6 +59,25 @@ class SgSettings:
     admin_port: int
     log_level: str
     grant_secret: bytes = field(repr=False)
+    forward_to: tuple[tuple[str, int], ...] = ()
+    proxy_protocol_sources: tuple[Network, ...] = ()
+
+    @property
+    def forwarding(self) -> bool:
+        """A forwarder of a double-hop DMZ (ForwardTo set), not a gateway."""
+        return bool(self.forward_to)
+
+    def proxy_source(self, ip: str) -> bool:
+        """Whether connections and datagrams from ``ip`` must carry a PROXY v2 header."""
+        if not self.proxy_protocol_sources:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.proxy_protocol_sources)
 
     @property
     def agent_udp_ports(self) -> range:
@@ -38,11 +86,22 @@ class SgSettings:
 
     @classmethod
     def from_config(cls, cfg: Config) -> SgSettings:
-        secret_text = cfg.str("GrantSecret", required=True)
-        try:
-            secret = decode_secret(secret_text)
-        except ValueError as exc:
-            raise ConfigError(f"GrantSecret ({env_name('GrantSecret')} in cmsg.env): {exc}") from None
+        forward_to = tuple(parse_host_port(item, "ForwardTo") for item in cfg.list("ForwardTo"))
+        if len(set(forward_to)) != len(forward_to):
+            raise ConfigError("ForwardTo: an inner SG is listed twice")
+        if forward_to:
+            if cfg.str("GrantSecret"):
+                raise ConfigError(
+                    f"ForwardTo: a forwarder holds no grant secret; remove GrantSecret "
+                    f"({env_name('GrantSecret')} in cmsg.env) from this host"
+                )
+            secret = b""
+        else:
+            secret_text = cfg.str("GrantSecret", required=True)
+            try:
+                secret = decode_secret(secret_text)
+            except ValueError as exc:
+                raise ConfigError(f"GrantSecret ({env_name('GrantSecret')} in cmsg.env): {exc}") from None
         max_connections = cfg.int("MaxConnections", 5000, minimum=1)
         source_port = cfg.int("AgentUdpSourcePort", 55000, minimum=1, maximum=65535)
         # One agent-side port per relayed session; by default as many as MaxConnections allows.
@@ -50,7 +109,7 @@ class SgSettings:
         port_count = cfg.int("AgentUdpPortCount", min(max_connections, room), minimum=1, maximum=room)
         agent_tls_verify = cfg.bool("AgentTlsVerify", True)
         agent_ca_cert = cfg.str("AgentCaCert")
-        if agent_tls_verify and not agent_ca_cert:
+        if agent_tls_verify and not agent_ca_cert and not forward_to:  # a forwarder reaches no agent
             raise ConfigError(
                 "AgentTlsVerify=true needs AgentCaCert (the deployment CA that signs the agents' "
                 "certificates); set AgentTlsVerify=false only to accept any agent certificate"
@@ -71,4 +130,6 @@ class SgSettings:
             admin_port=cfg.int("AdminPort", 9172, minimum=0, maximum=65535),
             log_level=cfg.log_level(),
             grant_secret=secret,
+            forward_to=forward_to,
+            proxy_protocol_sources=tuple(cfg.networks("ProxyProtocolSources")),
         )

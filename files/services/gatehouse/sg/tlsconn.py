@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from gatehouse.sg import proxyproto
 from gatehouse.web import norm_ip
 
 log = logging.getLogger("gatehouse.sg.tls")
@@ -69,19 +70,27 @@ class TlsConn:
         "state",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, handler: Handler) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: ssl.SSLSocket,
+        handler: Handler,
+        peer: tuple[str, int] | None = None,
+    ) -> None:
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
         self.handler = handler
         self.state = _HANDSHAKE
-        try:
-            peer = sock.getpeername()
-            # A dual-stack listener ("::") sees IPv4 clients as ::ffff:a.b.c.d: logs, caps and
-            # grant checks use the plain IPv4 address.
-            self.peer: tuple[str, int] = (norm_ip(peer[0]), peer[1])
-        except OSError:
-            self.peer = ("", 0)
+        if peer is None:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                peer = ("", 0)
+        # A dual-stack listener ("::") sees IPv4 clients as ::ffff:a.b.c.d: logs, caps and grant
+        # checks use the plain IPv4 address. ``peer`` given: the client that a trusted forwarder's
+        # PROXY v2 header names (the socket's peer is the forwarder).
+        self.peer: tuple[str, int] = (norm_ip(peer[0]), peer[1]) if peer[0] else ("", 0)
         self._out: deque[bytes] | None = None
         self._out_size = 0
         self._reading = True
@@ -317,6 +326,12 @@ class TlsListener:
 
     ``handler_factory(peer)`` is called at accept, before any TLS work: it returns the client's
     handler, or None to refuse the connection (it is closed at once, no handshake is spent on it).
+
+    A connection from an address for which ``proxy_source(ip)`` is true (a trusted forwarder)
+    must first send a PROXY v2 header, within ``handshake_timeout`` of accept; the factory is then
+    called with the client's address from the header, and the TLS handshake follows. Without a
+    valid header in time it is closed and ``proxy_refused(reason, ip)`` is called. At most
+    ``max_pending`` such connections wait for their header at once.
     """
 
     def __init__(
@@ -328,11 +343,19 @@ class TlsListener:
         handler_factory: Callable[[tuple[str, int]], Handler | None],
         handshake_timeout: float,
         backlog: int = 4096,
+        *,
+        proxy_source: Callable[[str], bool] | None = None,
+        proxy_refused: Callable[[str, str], None] = lambda _reason, _ip: None,
+        max_pending: int = 1024,
     ) -> None:
         self.loop = loop
         self.ctx = ctx
         self.factory = handler_factory
         self.handshake_timeout = handshake_timeout
+        self.proxy_source = proxy_source
+        self.proxy_refused = proxy_refused
+        self.max_pending = max_pending
+        self.pending: set[ProxyHeaderReader] = set()
         family = _family(host)
         # "::" serves IPv4 clients too (as mapped addresses; grants and the UDP table normalise them).
         dualstack = host == "::" and socket.has_dualstack_ipv6()
@@ -348,6 +371,8 @@ class TlsListener:
             self.accepting = False
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
+        for reader in list(self.pending):
+            reader.close()
 
     def _resume(self) -> None:
         if self.accepting:
@@ -366,19 +391,89 @@ class TlsListener:
                     self.loop.remove_reader(self.sock.fileno())
                     self.loop.call_later(0.5, self._resume)
                 return
-            handler = self.factory((addr[0], addr[1]))
-            if handler is None:
-                raw.close()
+            if self.proxy_source is not None and self.proxy_source(addr[0]):
+                if len(self.pending) >= self.max_pending:
+                    raw.close()
+                    self.proxy_refused("proxy-busy", norm_ip(addr[0]))
+                    continue
+                self.pending.add(ProxyHeaderReader(self, raw, norm_ip(addr[0])))
                 continue
-            try:
-                raw.setblocking(False)
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                tls = self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-            except OSError as exc:
-                raw.close()
-                handler.handshake_failed(None, exc)  # gives back what the factory counted
-                continue
-            TlsConn(self.loop, tls, handler).start(self.handshake_timeout)
+            self.start(raw, (addr[0], addr[1]))
+
+    def start(self, raw: socket.socket, peer: tuple[str, int], client: tuple[str, int] | None = None) -> None:
+        """Admit ``raw`` (from ``peer``, or for ``client`` named by a PROXY header) and start TLS."""
+        handler = self.factory(client or peer)
+        if handler is None:
+            raw.close()
+            return
+        try:
+            raw.setblocking(False)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            raw.close()
+            handler.handshake_failed(None, exc)  # gives back what the factory counted
+            return
+        TlsConn(self.loop, tls, handler, client).start(self.handshake_timeout)
+
+
+class ProxyHeaderReader:
+    """Reads the PROXY v2 header of a trusted forwarder's connection byte-exactly (the client's TLS
+    bytes after it stay in the socket for the handshake), then hands the socket to the listener."""
+
+    __slots__ = ("buf", "listener", "peer_ip", "raw", "timer")
+
+    def __init__(self, listener: TlsListener, raw: socket.socket, peer_ip: str) -> None:
+        self.listener = listener
+        self.raw = raw
+        self.peer_ip = peer_ip
+        self.buf = b""
+        raw.setblocking(False)
+        loop = listener.loop
+        self.timer = loop.call_later(listener.handshake_timeout, self._fail, "proxy-timeout")
+        loop.add_reader(raw.fileno(), self._read)
+
+    def _read(self) -> None:
+        try:
+            want = proxyproto.needed(self.buf)
+            chunk = self.raw.recv(want)
+        except (BlockingIOError, InterruptedError):
+            return
+        except proxyproto.ProxyError as exc:
+            self._fail(exc.reason)
+            return
+        except OSError:
+            self._fail("proxy-missing")
+            return
+        if not chunk:
+            self._fail("proxy-missing")  # closed before a whole header
+            return
+        self.buf += chunk
+        try:
+            if proxyproto.needed(self.buf):
+                return
+            client, _length = proxyproto.parse(self.buf, proxyproto.STREAM)
+        except proxyproto.ProxyError as exc:
+            self._fail(exc.reason)
+            return
+        self.listener.start(self._detach(), (self.peer_ip, 0), client)
+
+    def _detach(self) -> socket.socket:
+        listener = self.listener
+        self.timer.cancel()
+        listener.loop.remove_reader(self.raw.fileno())
+        listener.pending.discard(self)
+        return self.raw
+
+    def _fail(self, reason: str) -> None:
+        if self not in self.listener.pending:
+            return
+        self._detach().close()
+        self.listener.proxy_refused(reason, self.peer_ip)
+
+    def close(self) -> None:
+        if self in self.listener.pending:
+            self._detach().close()
 
 
 async def open_tls(

@@ -6,6 +6,11 @@ counted by reason. Agent side: each relayed session has its own socket from its 
 bind until it ends (a session that never binds holds none), bound to a port of
 AgentUdpSourcePort .. +AgentUdpPortCount-1 and connected to its agent, so the kernel delivers that
 agent's replies to that socket only and they go back to that session's client address only.
+
+Datagrams from a ProxyProtocolSources address (a forwarder, docs/dmz.md) must each start with a
+PROXY v2 header naming the client; the rest is handled as if it came from that client, and
+replies go back to the forwarder's socket, which it keeps for that client alone. A datagram from
+such an address without a valid header is dropped (``proxy-malformed``).
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import errno
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from gatehouse import linechan
+from gatehouse.sg import proxyproto
 from gatehouse.sg.stats import Stats
-from gatehouse.sg.udp_table import Addr, UdpSession, UdpTable
+from gatehouse.sg.udp_table import Addr, UdpSession, UdpTable, forwarded_key
 
 log = logging.getLogger("gatehouse.sg.udp")
 # The default socket buffer (about 200 KiB, ~90 datagrams) overflows whenever the loop is busy
@@ -29,6 +36,7 @@ SESSION_BUFFER = 1024 * 1024  # per-session agent-side socket: one session's bur
 MAX_DATAGRAM = 65535
 _READS_PER_WAKE = 64  # fairness between busy sessions
 _BIND_ATTEMPTS = 64  # ports tried per session before giving up (others may hold some of the range)
+_TRUST_CACHE = 4096  # source addresses whose ProxyProtocolSources membership is remembered
 
 
 def _set_buffers(sock: socket.socket, size: int) -> None:
@@ -74,10 +82,18 @@ class PortPool:
 
 
 class UdpRelay:
-    def __init__(self, table: UdpTable, stats: Stats, ports: range) -> None:
+    def __init__(
+        self,
+        table: UdpTable,
+        stats: Stats,
+        ports: range,
+        proxy_source: Callable[[str], bool] | None = None,
+    ) -> None:
         self.table = table
         self.stats = stats
         self.pool = PortPool(ports)
+        self.proxy_source = proxy_source  # None: no ProxyProtocolSources
+        self._trusted: dict[str, bool] = {}
         self.client_side: asyncio.DatagramTransport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -164,10 +180,45 @@ class UdpRelay:
                 return
             self.stats.udp_relayed["to_agent"] += 1
             return
+        if self.proxy_source is not None and self._is_forwarder(addr[0]):
+            self._forwarded(data, addr)
+            return
         self._bind(data, addr)
 
-    def _bind(self, data: bytes, addr: Addr) -> None:
-        session, reason = self.table.bind(data, addr, self._open_socket)
+    def _is_forwarder(self, ip: str) -> bool:
+        trusted = self._trusted.get(ip)
+        if trusted is None:
+            assert self.proxy_source is not None
+            if len(self._trusted) >= _TRUST_CACHE:
+                self._trusted.clear()
+            trusted = self._trusted[ip] = self.proxy_source(ip)
+        return trusted
+
+    def _forwarded(self, data: bytes, addr: Addr) -> None:
+        """A datagram through a forwarder: its PROXY v2 header names the client (never bound as a
+        plain address, so ``from_client``'s first lookup always misses for a forwarder)."""
+        try:
+            client, length = proxyproto.parse(data, proxyproto.DGRAM)
+        except proxyproto.ProxyError as exc:
+            self.stats.udp_dropped[exc.reason] += 1
+            return
+        payload = data[length:]
+        session = self.table.by_client.get(forwarded_key(addr, client))
+        if session is not None and (len(payload) != linechan.BIND_LEN or payload[:4] != linechan.BIND_MAGIC):
+            try:
+                session.sock.send(payload)
+            except BlockingIOError:
+                self.stats.udp_dropped["agent-busy"] += 1
+                return
+            except OSError:
+                self.stats.udp_dropped["agent-unreachable"] += 1
+                return
+            self.stats.udp_relayed["to_agent"] += 1
+            return
+        self._bind(payload, addr, client)
+
+    def _bind(self, data: bytes, addr: Addr, client: Addr | None = None) -> None:
+        session, reason = self.table.bind(data, addr, self._open_socket, client)
         if session is None:
             self.stats.udp_dropped[reason] += 1
             return
@@ -176,7 +227,7 @@ class UdpRelay:
             "udp address bound",
             extra={
                 "session_id": session.session_id,
-                "client": f"{addr[0]}:{addr[1]}",
+                "client": f"{(client or addr)[0]}:{(client or addr)[1]}",
                 "counter": session.counter,
             },
         )
@@ -185,7 +236,7 @@ class UdpRelay:
 
     def _from_agent(self, session: UdpSession) -> None:
         # The socket exists only once the session has bound a client address (_open_socket).
-        sock, addr, client_side = session.sock, session.client_addr, self.client_side
+        sock, addr, client_side = session.sock, session.reply_addr, self.client_side
         if sock is None:
             return
         assert client_side is not None

@@ -10,6 +10,9 @@ Invariants (docs/architecture.md, "UDP"):
   same datagram resent from the address it bound is answered again (lost ack) and changes nothing.
 - Replies need no lookup here: each session has its own agent-side socket (see udp.py). A session
   is bound to its first address only once that socket is open (``admit``).
+- Through a trusted forwarder (docs/dmz.md) the client address checked is the one its PROXY v2
+  header names; the session is then bound to the pair (forwarder socket, client address), and
+  replies go to the forwarder socket (``reply_addr``), which passes them to that client only.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ class UdpSession:
     agent_addr: tuple[str, int]
     key: bytes = field(repr=False)
     key_id: bytes = field(repr=False)
-    client_addr: Addr | None = None
+    client_addr: Addr | None = None  # the bound key: the client's address, or (forwarder, client)
+    reply_addr: Addr | None = None  # where replies go: the client, or the forwarder's socket for it
     counter: int = 0  # of the last bind datagram accepted
     local_ip: str = ""  # the SG's address on the session's TCP connection to the agent (udp.py)
     port: int = 0  # agent-side source port (udp.py)
@@ -63,11 +67,19 @@ class UdpTable:
         return self.by_client.get(addr)
 
     def bind(
-        self, data: bytes, addr: Addr, admit: Callable[[UdpSession], bool] = lambda _s: True
+        self,
+        data: bytes,
+        addr: Addr,
+        admit: Callable[[UdpSession], bool] = lambda _s: True,
+        client: Addr | None = None,
     ) -> tuple[UdpSession | None, str]:
-        """Check a bind datagram from ``addr``: ``(session, "")`` when bound (acknowledge it), or
-        ``(None, reason)`` with the drop reason. ``admit(session)`` is asked last, before anything
-        changes: False leaves the session as it was (``agent-ports-exhausted``)."""
+        """Check a bind datagram from ``addr``: ``(session, "")`` when bound (acknowledge it to
+        ``session.reply_addr``), or ``(None, reason)`` with the drop reason. ``admit(session)`` is
+        asked last, before anything changes: False leaves the session as it was
+        (``agent-ports-exhausted``). ``client``: the client's address that a trusted forwarder's
+        PROXY v2 header names when the datagram came through that forwarder's socket ``addr``."""
+        reply, key = addr, (addr if client is None else forwarded_key(addr, client))
+        addr = key
         parts = linechan.split_signed(data, linechan.BIND_MAGIC)
         if parts is None:
             return None, "unbound"  # not a bind datagram, from an address no session has bound
@@ -77,7 +89,7 @@ class UdpTable:
             return None, "bind-unknown"
         if not linechan.mac_ok(session.key, data):
             return None, "bind-forged"
-        if norm_ip(addr[0]) != session.client_ip:
+        if norm_ip((client or reply)[0]) != session.client_ip:
             return None, "bind-wrong-client"
         if counter < session.counter or (counter == session.counter and addr != session.client_addr):
             return None, "bind-replayed"
@@ -91,6 +103,12 @@ class UdpTable:
         if session.client_addr is not None and self.by_client.get(session.client_addr) is session:
             del self.by_client[session.client_addr]  # NAT rebinding: the old address is released
         session.client_addr = addr
+        session.reply_addr = reply
         session.counter = counter
         self.by_client[addr] = session
         return session, ""
+
+
+def forwarded_key(forwarder: Addr, client: Addr) -> Addr:
+    """The bound key of a client reached through a forwarder's socket (never a plain address)."""
+    return (forwarder, (norm_ip(client[0]), client[1]))
