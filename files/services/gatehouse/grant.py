@@ -4,6 +4,11 @@ A grant is sealed with AES-256-GCM under a key derived from the secret that the 
 one host share (cmsg.env). Sealing rather than only MAC-ing keeps the agent's session-tag out of
 the client's hands. A grant binds the session id, the agent address, the agent's session-tag, the
 client address and an expiry of at most 60 s; the SG's :class:`ReplayCache` accepts each once.
+
+Multi-site (docs/multisite.md): the key is derived from the secret *and the site* of the SG that
+is to accept the grant, so one secret shared by the CMs and SGs of every site still gives each
+site its own key: a grant minted for site B's gateway is refused as forged by site A's SGs, and
+the reverse. The empty site (single-site deployments) derives the key it always did.
 """
 
 from __future__ import annotations
@@ -60,8 +65,9 @@ def decode_secret(text: str) -> bytes:
     return raw
 
 
-def _key(secret: bytes) -> AESGCM:
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"gatehouse grant key").derive(secret)
+def _key(secret: bytes, site: str = "") -> AESGCM:
+    info = b"gatehouse grant key" + (b"\x00site=" + site.encode("ascii") if site else b"")
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
     return AESGCM(key)
 
 
@@ -73,10 +79,12 @@ def _norm_ip(ip: str) -> str:
 
 
 class GrantSealer:
-    """Mints and opens grants with one derived key (derive once; it is on the hot path)."""
+    """Mints and opens grants with one derived key (derive once; it is on the hot path): the key of
+    ``site``'s gateways (empty: no site)."""
 
-    def __init__(self, secret: bytes) -> None:
-        self._aead = _key(secret)
+    def __init__(self, secret: bytes, site: str = "") -> None:
+        self.site = site
+        self._aead = _key(secret, site)
 
     def mint(
         self,

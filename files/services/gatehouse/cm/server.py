@@ -35,10 +35,11 @@ from gatehouse.cm.sessions import (
     check_transition,
 )
 from gatehouse.cm.settings import CmSettings
-from gatehouse.cm.target import build_target, gateway_name
+from gatehouse.cm.target import NoSiteGateway, build_target, gateway_name, site_gateway
 from gatehouse.cm.upstream import Upstream, UpstreamError
 from gatehouse.grant import GrantSealer
 from gatehouse.logs import SessionLogger
+from gatehouse.sites import Gateway
 from gatehouse.web import add_health, client_ip
 
 log = logging.getLogger("gatehouse.cm")
@@ -97,7 +98,10 @@ class ConnectionManager:
             exempt=settings.trusted_proxies,
         )
         self.limiter = EstablishmentLimiter(settings.max_concurrent_establishments)
-        self.sealer = GrantSealer(settings.grant_secret) if settings.grant_secret else None
+        secret = settings.grant_secret
+        self.sealer = GrantSealer(secret, settings.site) if secret else None
+        # One key per other site's gateways (docs/multisite.md); the settings require the secret.
+        self.site_sealers = {site: GrantSealer(secret, site) for site, _gw in settings.site_gateways}
         self.invitations = InvitationBook(settings.invitation_ttl, settings.max_invitations_per_session)
         self.gateway_sni = gateway_name(settings.host_address, settings.ssl_cert)
         self.hostname = next(iter(settings.host_address), "") or socket.gethostname()
@@ -523,6 +527,12 @@ class ConnectionManager:
             session.state = State.LISTED
         return Outcome(reply, session=session)
 
+    def _site_route(self, agent: p.AgentInfo) -> tuple[Gateway, GrantSealer] | None:
+        """Another site's gateway and that site's sealer for ``agent``'s desktop, or None when this
+        CM's own way serves it (docs/multisite.md); raises NoSiteGateway for an unknown site."""
+        gateway = site_gateway(self.settings, agent.site)
+        return (gateway, self.site_sealers[agent.site]) if gateway else None
+
     async def allocate(self, message: p.AllocateResource, session: Session) -> Outcome:
         if not self.limiter.try_acquire():
             raise Busy(
@@ -545,6 +555,17 @@ class ConnectionManager:
                 )
             if reply.agent is None:
                 raise UpstreamError("broker", "error", "broker allocated no agent")
+            try:
+                remote = self._site_route(reply.agent)
+            except NoSiteGateway as exc:
+                details.update(site=exc.site, refused=str(exc))
+                return Outcome(
+                    p.AllocateResourceResp(
+                        p.ALLOC_FAILED, "the desktop's site cannot be reached from here", message.resource_id
+                    ),
+                    session=session,
+                    details=details,
+                )
             info = await self._upstream().launch(session, reply.agent)
             target = build_target(
                 self.settings,
@@ -554,6 +575,7 @@ class ConnectionManager:
                 reply.agent,
                 info,
                 self.gateway_sni,
+                remote,
             )
             session.state = State.ALLOCATED
             session.agent = reply.agent
@@ -562,7 +584,8 @@ class ConnectionManager:
                 agent=reply.agent.ip_address,
                 agent_hostname=reply.agent.hostname,
                 target=f"{target.ip_address}:{target.port}",
-                gateway=self.settings.enable_security_gateway,
+                gateway=self.settings.enable_security_gateway or remote is not None,
+                site=reply.agent.site,
             )
             return Outcome(
                 p.AllocateResourceResp(p.ALLOC_OK, "", message.resource_id, message.protocol, target=target),
@@ -646,6 +669,8 @@ class ConnectionManager:
                     invitation.agent,
                     info,
                     self.gateway_sni,
+                    # The owner's route: its allocation here found the desktop's site gateway.
+                    self._site_route(invitation.agent),
                 )
             except UpstreamError as exc:
                 self._upstream_failed(session, exc)

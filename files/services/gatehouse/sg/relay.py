@@ -63,7 +63,7 @@ class Gateway:
         self.stats = stats
         self.udp = udp
         self.refusals = Refusals(stats, log)
-        self.sealer = GrantSealer(settings.grant_secret)
+        self.sealer = GrantSealer(settings.grant_secret, settings.site)
         self.replay = ReplayCache()
         self.sessions: set[ClientSide] = set()  # past the TLS handshake
         self.per_source: dict[str, int] = {}  # open connections per source_key()

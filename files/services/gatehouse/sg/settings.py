@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from gatehouse.config import Config, ConfigError, env_name
 from gatehouse.grant import decode_secret
+from gatehouse.sites import check_site
 
 # Not configuration keys.
 AGENT_TIMEOUT = 10.0  # TCP + TLS + "200 OK" from the agent
@@ -61,6 +62,9 @@ class SgSettings:
     grant_secret: bytes = field(repr=False)
     forward_to: tuple[tuple[str, int], ...] = ()
     proxy_protocol_sources: tuple[Network, ...] = ()
+    # The site this gateway serves ("" = none): it accepts only grants sealed for this site's key
+    # (gatehouse.grant, docs/multisite.md). A forwarder opens no grants: there it has no effect.
+    site: str = ""
 
     @property
     def forwarding(self) -> bool:
@@ -102,6 +106,10 @@ class SgSettings:
                 secret = decode_secret(secret_text)
             except ValueError as exc:
                 raise ConfigError(f"GrantSecret ({env_name('GrantSecret')} in cmsg.env): {exc}") from None
+        try:
+            site = check_site(cfg.str("Site"), "Site")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         max_connections = cfg.int("MaxConnections", 5000, minimum=1)
         source_port = cfg.int("AgentUdpSourcePort", 55000, minimum=1, maximum=65535)
         # One agent-side port per relayed session; by default as many as MaxConnections allows.
@@ -132,4 +140,5 @@ class SgSettings:
             grant_secret=secret,
             forward_to=forward_to,
             proxy_protocol_sources=tuple(cfg.networks("ProxyProtocolSources")),
+            site=site,
         )
