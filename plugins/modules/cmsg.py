@@ -268,9 +268,12 @@ options:
   site_gateways:
     description:
       - Where the clients of each other site's desktops connect (C(SiteGateways)) - site name to the address of
-        that site's gateway, C(host:port), C([ipv6]:port) or a host alone (port 4172); the host is an IP address
-        or an FQDN, normally the site's HALB virtual address. A client that logs in here and is allocated a
-        desktop of another site is sent there with a grant for that site.
+        a security gateway of that site (its O(external_pcoip_ip) and O(pcoip_port)), C(host:port),
+        C([ipv6]:port) or a host alone (port 4172); the host is an IP address or an FQDN that resolves to one
+        address. A client that logs in here and is allocated a desktop of another site is sent there with a
+        grant for that site, which every security gateway of that site accepts. Security gateways are not put
+        behind a HALB virtual address (UDP and the grant's client address need the client to reach the
+        gateway directly).
       - This node's own O(site) may be listed (every node can get the same map) and is not used. A desktop of a
         site that is neither this node's nor listed is refused.
       - Needs the same O(grant_secret) on every node of every site.

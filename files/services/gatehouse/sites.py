@@ -1,6 +1,6 @@
 """Sites of a multi-site deployment: their names and the gateway address of each.
 
-A site is one location with its CMs, SGs (behind a HALB pair) and desktops (docs/multisite.md).
+A site is one location with its CMs (behind a HALB pair), SGs and desktops (docs/multisite.md).
 Invariants: a site name is 1 to 63 characters of lower-case letters, digits, ``-`` and ``_``,
 starting with a letter or digit, so that it compares equal byte for byte everywhere (broker
 database, CM and SG configuration, the grant key); the empty name means "no site" (a
@@ -31,7 +31,7 @@ def check_site(name: str, what: str = "site") -> str:
 
 @dataclass(frozen=True)
 class Gateway:
-    """Where the clients of a site's desktops connect: its HALB VIP (or SG) on the PCoIP port.
+    """Where the clients of a site's desktops connect: one of its SGs' external address and port.
 
     ``host`` is an IP address (IPv6 without brackets) or a DNS name.
     """
