@@ -379,10 +379,10 @@ def test_a_site_whose_agents_stopped_reporting_is_down_and_its_desktops_are_not_
         refused = session(sites, "cm-b", "desk-a2", connect=False)
         step = refused.step("allocate-resource")
         assert step is not None and step.result == p.ALLOC_UNAVAILABLE
-        for _ in range(2):  # the pool spans both sites: only site B's member is placed
+        for attempt in range(2):  # the pool spans both sites: only site B's member is placed
             report = session(sites, "cm-a", "global")
             assert_ok(report)
-            assert report.target == f"127.0.0.1:{sites.sg_port('sg-b')}"
+            assert report.target == f"127.0.0.1:{sites.sg_port('sg-b')}", attempt
         assert sites.site_state("site-b") == "up"
     finally:
         agent.start()
