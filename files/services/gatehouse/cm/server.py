@@ -113,7 +113,7 @@ class ConnectionManager:
             pre_auth=lambda: self.table.pre_auth_count,
             evictions=lambda: self.table.evictions,
             sg_up=lambda: 1.0 if self.sg_up else 0.0,
-            invitations=lambda: self.invitations.outstanding(),
+            invitations=self.invitations.outstanding,
         )
         self.upstream: Upstream | None = None
         self.domains: list[str] = []  # last domains the broker offered, for probes
