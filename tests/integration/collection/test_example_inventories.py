@@ -85,7 +85,8 @@ def _read_names(inventory: str) -> str:
 
 
 def test_every_example_inventory_is_found() -> None:
-    assert {"demo", "wan", "lan", "ha", "mixed", "dmz", "identity-ad", "identity-openldap"} <= set(INVENTORIES)
+    expected = {"demo", "wan", "lan", "ha", "mixed", "dmz", "identity-ad", "identity-openldap"}
+    assert expected <= set(INVENTORIES)
 
 
 def test_role_variables_pass_the_role_argument_specs(
