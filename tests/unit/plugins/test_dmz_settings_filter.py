@@ -37,8 +37,10 @@ HOSTVARS = {
 }
 
 
-def settings(host: str, groups=GROUPS, hostvars=HOSTVARS) -> dict:
-    return flt.dmz_settings(groups, hostvars, host)
+def settings(host: str, groups: dict | None = None, hostvars: dict | None = None) -> dict:
+    return flt.dmz_settings(
+        GROUPS if groups is None else groups, HOSTVARS if hostvars is None else hostvars, host
+    )
 
 
 def test_forwarders_pair_with_the_inner_gateways_by_position_or_by_name() -> None:
