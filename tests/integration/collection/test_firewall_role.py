@@ -250,3 +250,84 @@ def test_metrics_ports_only_to_the_monitoring_host_and_prometheus_only_to_manage
     assert rule(monitor, 8406) in found["h1"]["rich_rules"]
     assert [r for r in found["h1"]["rich_rules"] if "8406" in r] == [rule(monitor, 8406)]
     assert "8406/tcp" not in found["h1"]["public_ports"]
+
+
+def test_double_hop_dmz_rules_per_tier(tmp_path) -> None:
+    """Forwarder f1 (outer DMZ, also the HALB node of the CM's virtual server) -> inner CM/SG c1 ->
+    broker b1 and desktop d1. The forwarder opens 4172 to the world and reaches only c1's 4172; c1's
+    4172 is open to the forwarder only; the broker and the agents accept the inner tier only."""
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {
+        "all": {
+            "vars": {
+                "gatehouse_manage_firewall": True,
+                "gatehouse_secrets_dir": str(tmp_path / "secrets"),
+                "gatehouse_firewall_admin_sources": ["198.51.100.0/24"],
+                **local,
+            },
+            "children": {
+                "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.2.10"}}},
+                "cmsg": {
+                    "hosts": {"c1": {"gatehouse_address": "10.0.2.21", "gatehouse_dmz_address": "10.0.1.21"}}
+                },
+                "desktops": {"hosts": {"d1": {"gatehouse_address": "10.0.2.31"}}},
+                "sg_forwarders": {
+                    "hosts": {
+                        "f1": {"gatehouse_address": "203.0.113.21", "gatehouse_dmz_address": "10.0.1.11"}
+                    }
+                },
+                "halb": {
+                    "vars": {"halb_virtual_servers": [{"name": "cm", "vip": "203.0.113.40", "port": 443}]},
+                    "hosts": {"f1": {}},
+                },
+            },
+        }
+    }
+    inventory_path = tmp_path / "hosts.yml"
+    inventory_path.write_text(yaml.safe_dump(inventory))
+    run = run_playbook(
+        "-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--tags", "firewall"
+    )
+    assert run.returncode == 0, run.stdout[-5000:]
+    found = {
+        host: result["msg"]
+        for play in run.report["plays"]
+        for task in play["tasks"]
+        if task["task"]["name"].endswith("The firewall rules of this node")
+        for host, result in task["hosts"].items()
+    }
+    assert set(found) == {"b1", "c1", "d1", "f1"}, found
+    admin, outer = "198.51.100.0/24", ("203.0.113.21", "10.0.1.11")
+    # Outer tier: 4172 for the world (and the HALB's virtual server), SG admin to management only;
+    # its one connection out is its inner SG's 4172.
+    forwarder = found["f1"]
+    assert sorted(forwarder["public_ports"]) == ["4172/tcp", "4172/udp", "443/tcp"]
+    assert rule(admin, 9172) in forwarder["rich_rules"]
+    assert not any(
+        f'source address="{s}" port port="9172"' in r for s in outer for r in forwarder["rich_rules"]
+    )
+    assert forwarder["outbound"] == [
+        {"destination": "10.0.1.21", "port": 4172, "protocol": "tcp", "purpose": "inner security gateway"},
+        {"destination": "10.0.1.21", "port": 4172, "protocol": "udp", "purpose": "inner security gateway"},
+    ]
+    # Inner SG: 4172 from the forwarder only (no longer public); admin ports never from the outer tier.
+    inner = found["c1"]
+    assert sorted(inner["public_ports"]) == ["443/tcp", "80/tcp"]
+    assert sorted(inner["rich_rules"]) == sorted(
+        [rule(admin, 9180), rule(admin, 9172)] + [rule(s, 4172, p) for s in outer for p in ("tcp", "udp")]
+    )
+    assert {"4172/tcp", "4172/udp"} <= set(inner["closed_ports"])
+    # Broker: the inner tier and management only, not the forwarder (although it is a HALB node).
+    assert sorted(found["b1"]["rich_rules"]) == sorted(
+        rule(s, 443) for s in ("10.0.2.21", "10.0.2.31", admin)
+    )
+    # Agents: control and session ports from the inner CM/SG only; nothing public.
+    desk = found["d1"]
+    assert desk["public_ports"] == []
+    assert sorted(desk["rich_rules"]) == sorted(
+        [rule("10.0.2.21", 60443)] + [rule("10.0.2.21", 4172, p) for p in ("tcp", "udp")]
+    )
+    for host in ("b1", "c1", "d1"):
+        assert not any(s in r for s in outer for r in found[host]["rich_rules"] if 'port="4172"' not in r), (
+            host
+        )

@@ -1,0 +1,128 @@
+"""The dmz_settings filter (plugins/filter/dmz_settings.py): double-hop DMZ settings from the inventory."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+from ansible.errors import AnsibleFilterError
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+importlib.import_module("collection_helpers").ensure_importable()
+flt = importlib.import_module("ansible_collections.gatehouse.access.plugins.filter.dmz_settings")
+
+GROUPS = {
+    "brokers": ["broker1"],
+    "cmsg": ["cmsg1", "cmsg2", "lan1"],
+    "sg_forwarders": ["fwd1", "fwd2", "fwd3"],
+}
+HOSTVARS = {
+    "broker1": {"gatehouse_address": "10.2.0.10"},
+    "cmsg1": {"gatehouse_address": "10.2.0.21", "gatehouse_dmz_address": "10.1.0.21"},
+    # published on another port (bridge mode), no separate dmz address, IPv6 enabled
+    "cmsg2": {"ansible_host": "10.2.0.22", "cmsg_pcoip_port": 14172, "cmsg_enable_ipv6": "true"},
+    # no security gateway: never an inner gateway
+    "lan1": {"gatehouse_address": "10.2.0.23", "cmsg_enable_security_gateway": "false"},
+    "fwd1": {"gatehouse_address": "203.0.113.11", "gatehouse_dmz_address": "10.1.0.11"},
+    "fwd2": {"gatehouse_address": "203.0.113.12", "gatehouse_dmz_address": "10.1.0.12"},
+    # names its inner gateway; reached by the clients over IPv6 (cmsg2 has IPv6)
+    "fwd3": {
+        "gatehouse_address": "2001:db8::13",
+        "gatehouse_dmz_address": "fd00::13",
+        "gatehouse_forward_to_host": "cmsg2",
+    },
+}
+
+
+def settings(host: str, groups: dict | None = None, hostvars: dict | None = None) -> dict:
+    return flt.dmz_settings(
+        GROUPS if groups is None else groups, HOSTVARS if hostvars is None else hostvars, host
+    )
+
+
+def test_forwarders_pair_with_the_inner_gateways_by_position_or_by_name() -> None:
+    assert settings("fwd1")["forward_to"] == ["10.1.0.21:4172"]
+    # cmsg2 has no gatehouse_dmz_address: its gatehouse_address (here ansible_host), its own pcoip port
+    assert settings("fwd2")["forward_to"] == ["10.2.0.22:14172"]
+    assert settings("fwd3")["forward_to"] == ["10.2.0.22:14172"]
+
+
+def test_inner_gateways_hand_out_their_forwarders_and_read_their_headers() -> None:
+    inner1 = settings("cmsg1")
+    assert inner1["forwarders"] == ["fwd1"]
+    assert inner1["proxy_protocol_sources"] == ["10.1.0.11"]
+    assert inner1["external_pcoip_ip"] == ["203.0.113.11"]
+    assert inner1["forward_to"] == []
+    inner2 = settings("cmsg2")
+    assert inner2["forwarders"] == ["fwd2", "fwd3"]
+    assert inner2["proxy_protocol_sources"] == ["10.1.0.12", "fd00::13"]
+    # one IPv4 and (with cmsg_enable_ipv6) one IPv6 address, as external_pcoip_ip takes them
+    assert inner2["external_pcoip_ip"] == ["203.0.113.12", "2001:db8::13"]
+
+
+def test_ipv6_inner_address_is_bracketed() -> None:
+    hostvars = {**HOSTVARS, "cmsg1": {"gatehouse_address": "fd00:2::21"}}
+    assert settings("fwd1", hostvars=hostvars)["forward_to"] == ["[fd00:2::21]:4172"]
+
+
+def test_other_hosts_get_nothing_but_the_outer_addresses() -> None:
+    for host in ("broker1", "lan1"):
+        out = settings(host)
+        assert out["forward_to"] == out["forwarders"] == out["proxy_protocol_sources"] == []
+        assert out["external_pcoip_ip"] == []
+        assert out["outer_addresses"] == [
+            "203.0.113.11",
+            "10.1.0.11",
+            "203.0.113.12",
+            "10.1.0.12",
+            "2001:db8::13",
+            "fd00::13",
+        ]
+
+
+def test_without_forwarders_nothing_changes() -> None:
+    groups = {"cmsg": ["cmsg1"], "brokers": ["broker1"]}
+    out = settings("cmsg1", groups=groups)
+    assert out == {
+        "forward_to": [],
+        "forwarders": [],
+        "proxy_protocol_sources": [],
+        "external_pcoip_ip": [],
+        "outer_addresses": [],
+    }
+
+
+def test_a_forwarder_without_a_dmz_address_uses_its_address() -> None:
+    hostvars = {**HOSTVARS, "fwd1": {"gatehouse_address": "10.1.0.11"}}
+    out = settings("cmsg1", hostvars=hostvars)
+    assert out["proxy_protocol_sources"] == out["external_pcoip_ip"] == ["10.1.0.11"]
+
+
+@pytest.mark.parametrize(
+    ("groups", "hostvars", "message"),
+    [
+        # a named inner gateway that is not one
+        (GROUPS, {**HOSTVARS, "fwd1": {"gatehouse_forward_to_host": "lan1"}}, "not a host of the cmsg group"),
+        (
+            GROUPS,
+            {**HOSTVARS, "fwd1": {"gatehouse_forward_to_host": "broker1"}},
+            "not a host of the cmsg group",
+        ),
+        # no inner gateway at all
+        ({"sg_forwarders": ["fwd1"], "cmsg": ["lan1"]}, HOSTVARS, "no inner security gateway"),
+        # a host in both groups
+        ({"sg_forwarders": ["cmsg1"], "cmsg": ["cmsg1"]}, HOSTVARS, "in both"),
+    ],
+)
+def test_inconsistent_inventories_are_refused(groups, hostvars, message) -> None:
+    with pytest.raises(AnsibleFilterError, match=message):
+        settings("broker1", groups=groups, hostvars=hostvars)
+
+
+def test_inner_gateway_behind_ipv6_forwarders_only_is_refused() -> None:
+    groups = {"cmsg": ["cmsg2"], "sg_forwarders": ["fwd3"]}
+    with pytest.raises(AnsibleFilterError, match="no IPv4"):
+        settings("cmsg2", groups=groups)
