@@ -4,6 +4,12 @@ A grant is sealed with AES-256-GCM under a key derived from the secret that the 
 one host share (cmsg.env). Sealing rather than only MAC-ing keeps the agent's session-tag out of
 the client's hands. A grant binds the session id, the agent address, the agent's session-tag, the
 client address and an expiry of at most 60 s; the SG's :class:`ReplayCache` accepts each once.
+
+Tenants (docs/tenants.md): a tenant's grants are sealed under a key derived (HKDF, info naming the
+tenant) from the same secret, carry the tenant's name in clear after the prefix (``g1t.<name>.``)
+and in the AEAD's associated data. A sealer opens only its own tenant's grants (``wrong-tenant``
+otherwise, and a grant relabelled with another name fails authentication); a sealer without a
+tenant opens only tenant-less grants, so deployments without tenants keep the ``g1.`` format.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MAX_TTL = 60.0
 PREFIX = "g1."
+TENANT_PREFIX = "g1t."
 _AAD = b"gatehouse connect-tag v1"
 MAX_TOKEN_LENGTH = 1024
 
 
 class GrantError(Exception):
-    """The grant is refused; ``reason`` is one of forged, expired, replayed, wrong-client, malformed."""
+    """The grant is refused; ``reason`` is one of forged, expired, replayed, wrong-client, malformed,
+    wrong-tenant."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -44,6 +52,7 @@ class Grant:
     client_ip: str
     expires: float
     nonce: bytes
+    tenant: str = ""
 
 
 def generate_secret() -> str:
@@ -60,8 +69,11 @@ def decode_secret(text: str) -> bytes:
     return raw
 
 
-def _key(secret: bytes) -> AESGCM:
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"gatehouse grant key").derive(secret)
+def _key(secret: bytes, tenant: str = "") -> AESGCM:
+    info = b"gatehouse grant key"
+    if tenant:
+        info += b" tenant " + tenant.encode("ascii")
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
     return AESGCM(key)
 
 
@@ -73,10 +85,16 @@ def _norm_ip(ip: str) -> str:
 
 
 class GrantSealer:
-    """Mints and opens grants with one derived key (derive once; it is on the hot path)."""
+    """Mints and opens grants with one derived key (derive once; it is on the hot path).
 
-    def __init__(self, secret: bytes) -> None:
-        self._aead = _key(secret)
+    ``tenant`` (a tenant name, see gatehouse.tenants) selects the tenant's own key and label.
+    """
+
+    def __init__(self, secret: bytes, tenant: str = "") -> None:
+        self.tenant = tenant
+        self._aead = _key(secret, tenant)
+        self._prefix = f"{TENANT_PREFIX}{tenant}." if tenant else PREFIX
+        self._aad = _AAD + (b" tenant " + tenant.encode("ascii") if tenant else b"")
 
     def mint(
         self,
@@ -103,14 +121,18 @@ class GrantSealer:
             separators=(",", ":"),
         ).encode()
         nonce = os.urandom(12)
-        sealed = self._aead.encrypt(nonce, payload, _AAD)
-        return PREFIX + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode("ascii")
+        sealed = self._aead.encrypt(nonce, payload, self._aad)
+        return self._prefix + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode("ascii")
 
     def open(self, token: str, client_ip: str, now: float | None = None) -> Grant:
         """Authenticate and check a grant; raises GrantError. Replay is the caller's ReplayCache."""
-        if not token.startswith(PREFIX) or len(token) > MAX_TOKEN_LENGTH:
+        if len(token) > MAX_TOKEN_LENGTH:
             raise GrantError("malformed")
-        body = token[len(PREFIX) :]
+        if not token.startswith(self._prefix):
+            if token.startswith((PREFIX, TENANT_PREFIX)):
+                raise GrantError("wrong-tenant")
+            raise GrantError("malformed")
+        body = token[len(self._prefix) :]
         try:
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         except (binascii.Error, ValueError):
@@ -119,7 +141,7 @@ class GrantSealer:
             raise GrantError("malformed")
         nonce, sealed = raw[:12], raw[12:]
         try:
-            payload = json.loads(self._aead.decrypt(nonce, sealed, _AAD))
+            payload = json.loads(self._aead.decrypt(nonce, sealed, self._aad))
             grant = Grant(
                 session_id=str(payload["s"]),
                 agent_host=str(payload["a"]),
@@ -128,6 +150,7 @@ class GrantSealer:
                 client_ip=str(payload["c"]),
                 expires=float(payload["e"]),
                 nonce=nonce,
+                tenant=self.tenant,
             )
         except InvalidTag:
             raise GrantError("forged") from None
