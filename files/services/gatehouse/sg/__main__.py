@@ -10,6 +10,7 @@ from gatehouse import logs, tls
 from gatehouse.config import Config, ConfigError
 from gatehouse.sg.server import agent_context, serve, serve_forwarder
 from gatehouse.sg.settings import SgSettings
+from gatehouse.tenants import remember_sni
 from gatehouse.web import install_uvloop, raise_nofile_limit
 
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
             run = serve_forwarder(settings)
         else:
             server_ctx = tls.server_context(settings.ssl_cert, settings.ssl_key, role="sg")
+            # With tenants the TLS server name picks the tenant whose grants are accepted.
+            server_ctx.sni_callback = remember_sni
             run = serve(settings, server_ctx, agent_context(settings))
     except (ConfigError, tls.CertificateError) as exc:
         print(f"gatehouse-sg: {exc}", file=sys.stderr)

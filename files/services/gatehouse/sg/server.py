@@ -77,6 +77,9 @@ async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if settings.tenants_file:
+        # Tenants are added and removed by rewriting TenantsFile and sending SIGHUP: no restart.
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_tenants)
     ready = True
     ports = settings.agent_udp_ports
     log.info(
@@ -88,6 +91,7 @@ async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl
             "max_connections_per_source": settings.max_connections_per_source,
             "agent_tls_verify": settings.agent_tls_verify,
             "proxy_protocol_sources": ",".join(str(n) for n in settings.proxy_protocol_sources),
+            "tenants": ",".join(t.name for t in settings.tenants.tenants),
             "admin": f"{settings.admin_address}:{settings.admin_port}",
         },
     )
@@ -141,6 +145,7 @@ async def serve_forwarder(settings: SgSettings) -> None:
             "max_connections": settings.max_connections,
             "max_connections_per_source": settings.max_connections_per_source,
             "proxy_protocol_sources": ",".join(str(n) for n in settings.proxy_protocol_sources),
+            "tenants": ",".join(t.name for t in settings.tenants.tenants),
             "admin": f"{settings.admin_address}:{settings.admin_port}",
         },
     )
