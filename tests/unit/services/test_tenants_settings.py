@@ -98,7 +98,9 @@ def test_bad_files_are_config_errors(tmp_path: Path) -> None:
 
 def test_a_forwarder_takes_no_tenants(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="forwarder"):
-        SgSettings.from_config(Config({"ForwardTo": "10.0.0.1:4172", "TenantsFile": write(tmp_path, [A])}, {}))
+        SgSettings.from_config(
+            Config({"ForwardTo": "10.0.0.1:4172", "TenantsFile": write(tmp_path, [A])}, {})
+        )
 
 
 # ---------------------------------------------------------------- grants
