@@ -113,3 +113,30 @@ def test_adding_and_removing_tenants_keeps_the_containers(hashes) -> None:  # no
 def test_the_tenants_file_is_reloaded_not_hashed() -> None:
     """Each container's Reload covers tenants.json (SIGHUP), and no container reads it for its hash."""
     assert all(cmsg.TENANTS_FILE not in names for names in cmsg.READS.values())
+
+
+class Signalled:
+    def __init__(self, status: str = "running") -> None:
+        self.status = status
+        self.signals: list[str] = []
+
+    def kill(self, signal: str) -> None:
+        self.signals.append(signal)
+
+
+class OneContainer:
+    def __init__(self, container: Signalled) -> None:
+        self.container = container
+
+    def get(self, name: str) -> Signalled:
+        return self.container
+
+
+@pytest.mark.parametrize("check_mode", [False, True])
+def test_the_reload_hook_sends_sighup(check_mode: bool) -> None:
+    """The CM or SG kept with a changed tenants.json gets SIGHUP (in check mode: only said)."""
+    container = Signalled()
+    cli = type("Cli", (), {"containers": OneContainer(container)})()
+    done = cmsg._sighup("gh-cm")(cli, [], [], check_mode)
+    assert done == ["reloaded the tenants of gh-cm (SIGHUP)"]
+    assert container.signals == ([] if check_mode else ["SIGHUP"])
