@@ -268,6 +268,36 @@ async def test_grant_of_a_is_refused_for_b(stack: Stack) -> None:
     assert target.connect_tag not in logs
 
 
+async def test_an_invitation_of_a_is_no_code_on_b(stack: Stack) -> None:
+    """alice@A's collaboration code, redeemed by alice@B on b.example: an unknown invitation."""
+    cm_b = connection(stack, "b.example")
+    results: list[str] = []
+
+    async def hold(owner: Holding) -> None:
+        code = await owner.invite()
+        assert code is not None
+        await login(cm_b, "b")
+        _status, reply = await send(cm_b, p.RedeemInvitation(code))
+        assert isinstance(reply, p.RedeemInvitationResp), reply
+        results.append(reply.result_id)
+
+    try:
+        report = await run_session(
+            stack.cm_url,
+            "alice",
+            PASSWORDS["a"],
+            domain="CORP",
+            ssl_context=stack.ctx,
+            server_name="a.example",
+            hold=hold,
+        )
+        assert report.ok, report.to_dict()
+        assert results == [p.JOIN_UNKNOWN]
+    finally:
+        await send(cm_b, p.Bye())
+        await cm_b.close()
+
+
 async def test_cookie_of_a_is_refused_on_b(stack: Stack) -> None:
     """A's session cookie presented on B's name: 421 and an error-resp; A's session is untouched."""
     cm_a = connection(stack, "a.example")
