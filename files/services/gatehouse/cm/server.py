@@ -502,9 +502,10 @@ class ConnectionManager:
 
     def _upstream_failed(self, session: Session, exc: UpstreamError) -> None:
         self.metrics.upstream_failures.labels(exc.upstream, exc.kind).inc()
-        SessionLogger(log, session.session_id).warning(
-            exc.text, extra={"upstream": exc.upstream, "reason": exc.detail, "client_ip": session.client_ip}
-        )
+        extra = {"upstream": exc.upstream, "reason": exc.detail, "client_ip": session.client_ip}
+        if session.tenant is not None:
+            extra["tenant"] = session.tenant.name
+        SessionLogger(log, session.session_id).warning(exc.text, extra=extra)
 
     def _upstream(self) -> Upstream:
         if self.upstream is None:
