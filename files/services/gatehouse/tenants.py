@@ -6,13 +6,17 @@ SecurityGateway.conf) is a JSON list; each tenant has::
     {"name": "a", "host_names": ["desktops.a.example"],
      "broker_url": "https://broker.a.internal:443",      # the CM only
      "broker_ca_cert": "/certs/tenant-a-broker-ca.pem",   # optional, the CM only
-     "agent_networks": ["10.20.0.0/16"]}                  # optional, CM and SG
+     "agent_networks": ["10.20.0.0/16"],                  # optional, CM and SG
+     "ssl_cert": "/certs/tenant-a.pem",                   # optional, CM and SG: the
+     "ssl_key": "/certs/tenant-a-key.pem"}                #   tenant's own certificate (SNI)
 
 Invariants:
 
 - A tenant name is 1-32 characters of ``a-z0-9-`` (it appears in grants and logs); names and
   host names are unique, a host name belongs to one tenant only, host names are lowercase.
 - ``agent_networks`` empty means "any address" (the tenant's broker alone decides).
+- ``ssl_cert`` and ``ssl_key`` go together; without them the service's own certificate (SslCert)
+  is presented for the tenant's names, and it must carry them.
 - Loading never half-succeeds: any problem raises :class:`TenantsError` listing the first one, and
   the caller keeps the tenants it had.
 """
@@ -22,29 +26,63 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
+
+from gatehouse import tls
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 _LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 MAX_TENANTS = 1000
-_KEYS = {"name", "host_names", "broker_url", "broker_ca_cert", "agent_networks"}
+_KEYS = {"name", "host_names", "broker_url", "broker_ca_cert", "agent_networks", "ssl_cert", "ssl_key"}
 
 
-# The attribute remember_sni leaves on a connection's SSL object (SSLObject or SSLSocket).
+# The attribute ServerNames leaves on a connection's SSL object (SSLObject or SSLSocket).
 SNI_ATTRIBUTE = "gatehouse_sni"
 
 
-def remember_sni(ssl_object: object, server_name: str | None, _context: object) -> None:
-    """A server context's ``sni_callback``: keep the name the client asked for (None: no SNI).
+class ServerNames:
+    """A server context's ``sni_callback``: keep the name the client asked for, and present a
+    tenant's own certificate.
 
-    Read back with ``getattr(ssl_object, SNI_ATTRIBUTE, None)``; the handshake goes on with the
-    context's certificate whatever the name (unknown names are refused after it, in the protocol,
-    with a readable answer).
+    The name (None: no SNI) is read back with ``getattr(ssl_object, SNI_ATTRIBUTE, None)``. When
+    it is a host name of a tenant with ``ssl_cert`` the handshake switches to that tenant's
+    context; otherwise it goes on with the service's certificate whatever the name (unknown
+    names are refused after it, with a readable answer). :meth:`use` replaces the contexts (a
+    reload).
     """
-    setattr(ssl_object, SNI_ATTRIBUTE, server_name)
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    def contexts_for(self, tenants: Tenants) -> dict[str, ssl.SSLContext]:
+        """Each host name of a tenant with its own certificate → its context; raises TenantsError."""
+        contexts: dict[str, ssl.SSLContext] = {}
+        for tenant in tenants.tenants:
+            if not tenant.ssl_cert:
+                continue
+            try:
+                ctx = tls.server_context(tenant.ssl_cert, tenant.ssl_key, self.role)
+            except tls.CertificateError as exc:
+                raise TenantsError(f"tenant {tenant.name}: ssl_cert: {exc}") from None
+            contexts.update(dict.fromkeys(tenant.host_names, ctx))
+        return contexts
+
+    def use(self, contexts: dict[str, ssl.SSLContext]) -> None:
+        self._contexts = contexts
+
+    def __call__(
+        self, ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _ctx: object
+    ) -> None:
+        setattr(ssl_object, SNI_ATTRIBUTE, server_name)
+        if server_name:
+            ctx = self._contexts.get(normal_host(server_name))
+            if ctx is not None:
+                ssl_object.context = ctx
 
 
 class TenantsError(ValueError):
@@ -58,6 +96,8 @@ class Tenant:
     broker_url: str = ""
     broker_ca_cert: str = ""
     agent_networks: tuple[Network, ...] = ()
+    ssl_cert: str = ""
+    ssl_key: str = ""
 
     def owns_agent(self, address: str) -> bool:
         """Whether a desktop at ``address`` may belong to this tenant (always, without networks)."""
@@ -157,7 +197,10 @@ def parse(data: object, *, need_broker: bool) -> Tenants:
                 nets.append(ipaddress.ip_network(str(cidr).strip(), strict=False))
             except ValueError:
                 raise TenantsError(f"{where}: agent_networks entry {cidr!r} is not a CIDR") from None
-        tenants.append(Tenant(name, tuple(names), broker_url, broker_ca, tuple(nets)))
+        cert, key = item.get("ssl_cert", ""), item.get("ssl_key", "")
+        if not isinstance(cert, str) or not isinstance(key, str) or bool(cert) != bool(key):
+            raise TenantsError(f"{where}: ssl_cert and ssl_key go together: give both paths or neither")
+        tenants.append(Tenant(name, tuple(names), broker_url, broker_ca, tuple(nets), cert, key))
     return Tenants(tuple(tenants))
 
 

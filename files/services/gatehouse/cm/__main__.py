@@ -13,7 +13,7 @@ from gatehouse import logs, tls, web
 from gatehouse.cm.server import ConnectionManager
 from gatehouse.cm.settings import CmSettings
 from gatehouse.config import Config, ConfigError
-from gatehouse.tenants import remember_sni
+from gatehouse.tenants import ServerNames, TenantsError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,9 +35,12 @@ def check_ca(key: str, path: str) -> None:
 async def serve(settings: CmSettings) -> None:
     nofile = web.raise_nofile_limit()
     ssl_context = tls.server_context(settings.ssl_cert, settings.ssl_key, "cm")
-    # The tenant of a request is chosen by the name the client asked for in TLS (and in Host).
-    ssl_context.sni_callback = remember_sni
-    cm = ConnectionManager(settings)
+    # The tenant of a request is chosen by the name the client asked for in TLS (and in Host); a
+    # tenant with its own certificate gets it presented (checked in main()).
+    names = ServerNames("cm")
+    names.use(names.contexts_for(settings.tenants))
+    ssl_context.sni_callback = names
+    cm = ConnectionManager(settings, names)
     if settings.tenants_file:
         # Tenants are added and removed by rewriting TenantsFile and sending SIGHUP: no restart.
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, cm.reload_tenants)
@@ -95,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             check_ca(key, path)
         for tenant in settings.tenants.tenants:
             check_ca(f"TenantsFile: tenant {tenant.name}: broker_ca_cert", tenant.broker_ca_cert)
+        try:
+            ServerNames("cm").contexts_for(settings.tenants)
+        except TenantsError as exc:
+            raise ConfigError(f"TenantsFile: {exc}") from None
         if settings.identity_cert:
             try:
                 tls.client_context(None, False, cert=settings.identity_cert, key=settings.identity_key)

@@ -40,7 +40,7 @@ from gatehouse.cm.upstream import Upstream, UpstreamError
 from gatehouse.config import ConfigError
 from gatehouse.grant import GrantSealer
 from gatehouse.logs import SessionLogger
-from gatehouse.tenants import SNI_ATTRIBUTE, Tenant, Tenants, normal_host
+from gatehouse.tenants import SNI_ATTRIBUTE, ServerNames, Tenant, Tenants, TenantsError, normal_host
 from gatehouse.web import add_health, client_ip
 
 log = logging.getLogger("gatehouse.cm")
@@ -62,6 +62,15 @@ class Misdirected(Exception):
     Answered with HTTP 421 and an ``<error-resp>`` (FAILED_MALFORMED_REQUEST) naming the problem;
     the session of another tenant is neither used nor touched.
     """
+
+
+def same_broker(old: Tenant, new: Tenant) -> bool:
+    """Whether a tenant's sessions survive a reload: the same broker, CA and agent networks."""
+    return (old.broker_url, old.broker_ca_cert, old.agent_networks) == (
+        new.broker_url,
+        new.broker_ca_cert,
+        new.agent_networks,
+    )
 
 
 def request_host(request: web.Request) -> str:
@@ -103,8 +112,10 @@ class Outcome:
 
 
 class ConnectionManager:
-    def __init__(self, settings: CmSettings) -> None:
+    def __init__(self, settings: CmSettings, server_names: ServerNames | None = None) -> None:
         self.settings = settings
+        # The TLS server name callback of the client-facing context (tenants' own certificates).
+        self.server_names = server_names
         self.table = SessionTable(
             settings.max_clients,
             settings.idle_timeout,
@@ -167,8 +178,15 @@ class ConnectionManager:
         except ConfigError as exc:
             log.error("tenants not reloaded, the current ones stay: %s", exc)
             return False
+        contexts = None
+        if self.server_names is not None:
+            try:
+                contexts = self.server_names.contexts_for(new)
+            except TenantsError as exc:
+                log.error("tenants not reloaded, the current ones stay: TenantsFile: %s", exc)
+                return False
         old = {t.name: t for t in self.tenants.tenants}
-        kept = {t.name for t in new.tenants if old.get(t.name) == t}
+        kept = {t.name for t in new.tenants if t.name in old and same_broker(old[t.name], t)}
         ended = 0
         for session in self.table.sessions():
             if session.tenant is not None and session.tenant.name not in kept:
@@ -182,6 +200,8 @@ class ConnectionManager:
         for name in set(self.domains) - kept:
             self.domains.pop(name, None)
         self._set_tenants(new)
+        if self.server_names is not None and contexts is not None:
+            self.server_names.use(contexts)
         if self.upstream is not None:
             self.upstream.forget_broker_contexts()
         log.info(

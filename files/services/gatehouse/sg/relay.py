@@ -40,7 +40,7 @@ from gatehouse.sg.stats import Refusals, Stats
 from gatehouse.sg.tlsconn import TlsConn, open_tls
 from gatehouse.sg.udp import UdpRelay
 from gatehouse.sg.udp_table import UdpSession
-from gatehouse.tenants import SNI_ATTRIBUTE, Tenants
+from gatehouse.tenants import SNI_ATTRIBUTE, ServerNames, Tenants, TenantsError
 from gatehouse.tls import CertificateError, check_peer
 from gatehouse.web import source_key
 
@@ -59,8 +59,16 @@ class AgentRefused(Exception):
 class Gateway:
     """State shared by every session: settings, grant checks, counters, admission, the UDP relay."""
 
-    def __init__(self, settings: SgSettings, agent_ctx: ssl.SSLContext, stats: Stats, udp: UdpRelay) -> None:
+    def __init__(
+        self,
+        settings: SgSettings,
+        agent_ctx: ssl.SSLContext,
+        stats: Stats,
+        udp: UdpRelay,
+        server_names: ServerNames | None = None,
+    ) -> None:
         self.settings = settings
+        self.server_names = server_names  # the client-facing TLS server name callback
         self.agent_ctx = agent_ctx
         self.stats = stats
         self.udp = udp
@@ -91,10 +99,13 @@ class Gateway:
             return False
         try:
             tenants = read_tenants(self.settings.tenants_file)
-        except ConfigError as exc:
+            contexts = self.server_names.contexts_for(tenants) if self.server_names else None
+        except (ConfigError, TenantsError) as exc:
             log.error("tenants not reloaded, the current ones stay: %s", exc)
             return False
         self.set_tenants(tenants)
+        if self.server_names is not None and contexts is not None:
+            self.server_names.use(contexts)
         log.info("tenants reloaded", extra={"tenants": ",".join(t.name for t in tenants.tenants)})
         return True
 
@@ -189,7 +200,7 @@ class ClientSide:
 
     @property
     def server_name(self) -> str | None:
-        """The name the client asked for in its TLS handshake (SNI; see remember_sni), or None."""
+        """The name the client asked for in its TLS handshake (SNI; see ServerNames), or None."""
         return getattr(self.conn.sock, SNI_ATTRIBUTE, None) if self.conn else None
 
     # ------------------------------------------------------------ client connection callbacks

@@ -20,6 +20,7 @@ from gatehouse.sg.stats import Stats, StatsCollector
 from gatehouse.sg.tlsconn import TlsListener
 from gatehouse.sg.udp import UdpRelay
 from gatehouse.sg.udp_table import UdpTable
+from gatehouse.tenants import ServerNames
 from gatehouse.web import add_health_and_metrics
 
 log = logging.getLogger("gatehouse.sg")
@@ -33,12 +34,17 @@ def agent_context(settings: SgSettings) -> ssl.SSLContext:
     return tls.client_context(verify=False, role="sg")
 
 
-async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl.SSLContext) -> None:
+async def serve(
+    settings: SgSettings,
+    server_ctx: ssl.SSLContext,
+    agent_ctx: ssl.SSLContext,
+    server_names: ServerNames | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
     stats = Stats()
     proxy_source = settings.proxy_source if settings.proxy_protocol_sources else None
     udp = UdpRelay(UdpTable(), stats, settings.agent_udp_ports, proxy_source)
-    gateway = Gateway(settings, agent_ctx, stats, udp)
+    gateway = Gateway(settings, agent_ctx, stats, udp, server_names)
 
     def proxy_refused(reason: str, peer: str) -> None:
         gateway.refusals.refuse(reason, peer, logging.WARNING, "refused: %s from a forwarder", reason)
