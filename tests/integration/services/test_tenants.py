@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import pki as pkimod
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from services import ServiceProcess, broker_admin, cm_config, start_agent, start_broker, start_cm, start_sg
 
 from gatehouse import linechan, tls
@@ -46,6 +49,8 @@ class Stack:
     tenants_file: Path
     broker_urls: dict[str, str]
     procs: dict[str, ServiceProcess] = field(default_factory=dict)
+    # Tenant b presents its own certificate (b.example only); a and c the shared one.
+    own_certs: dict[str, pkimod.CertFiles] = field(default_factory=dict)
 
     @property
     def ctx(self) -> ssl.SSLContext:
@@ -61,15 +66,18 @@ class Stack:
     def tenants(self, *names: str) -> list[dict[str, object]]:
         """The tenants file's entries; tenant c (added at run time) uses b's broker process."""
         brokers = {"a": "a", "b": "b", "c": "b"}
-        return [
-            {
+        entries: list[dict[str, object]] = []
+        for name in names:
+            entry: dict[str, object] = {
                 "name": name,
                 "host_names": [f"{name}.example"],
                 "broker_url": self.broker_urls[brokers[name]],
                 "agent_networks": [f"{AGENT_ADDRESS[brokers[name]]}/32"],
             }
-            for name in names
-        ]
+            if name in self.own_certs:
+                entry.update(ssl_cert=str(self.own_certs[name].cert), ssl_key=str(self.own_certs[name].key))
+            entries.append(entry)
+        return entries
 
 
 def _port(proc: ServiceProcess, key: str) -> int:
@@ -111,6 +119,7 @@ def stack(pki: pkimod.TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 broker_admin(brokers[tenant], ADMIN_TOKEN, ctx, "PUT", path, body)
         tenants_file = root / "tenants.json"
         st = Stack(pki, "", 0, tenants_file, brokers, procs)
+        st.own_certs["b"] = pki.issue("tenants-b-own", ["b.example"], role="sg")
         tenants_file.write_text(json.dumps(st.tenants("a", "b")), encoding="utf-8")
         # One certificate with every tenant's name, on the CM and on the SG (docs/tenants.md).
         names = ["a.example", "b.example", "c.example", "localhost", "127.0.0.1"]
@@ -335,6 +344,23 @@ async def test_unknown_or_mismatched_name_is_refused(
         assert why in reply.result_str
     finally:
         await cm.close()
+
+
+def peer_certificate(port: int, server_name: str, ctx: ssl.SSLContext) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=server_name) as conn:
+            return conn.getpeercert(binary_form=True) or b""
+
+
+@pytest.mark.parametrize("service", ["cm", "sg"])
+def test_a_tenant_with_its_own_certificate_gets_it_by_name(stack: Stack, service: str) -> None:
+    """SNI b.example: b's own certificate (b.example only); a.example: the shared one."""
+    port = _port(stack.procs["cm"], "ListenPort") if service == "cm" else stack.sg_port
+    own = x509.load_pem_x509_certificate(Path(stack.own_certs["b"].cert).read_bytes())
+    assert peer_certificate(port, "b.example", stack.ctx) == own.public_bytes(serialization.Encoding.DER)
+    shared = x509.load_der_x509_certificate(peer_certificate(port, "a.example", stack.ctx))
+    names = shared.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "c.example" in names.get_values_for_type(x509.DNSName)
 
 
 # ---------------------------------------------------------------- add and remove tenants

@@ -11,7 +11,7 @@ from gatehouse.cm.settings import CmSettings
 from gatehouse.config import Config, ConfigError
 from gatehouse.grant import GrantError, GrantSealer, decode_secret, generate_secret
 from gatehouse.sg.settings import SgSettings
-from gatehouse.tenants import Tenants, TenantsError, parse
+from gatehouse.tenants import ServerNames, Tenants, TenantsError, parse
 
 SECRET = generate_secret()
 A = {"name": "a", "host_names": ["Desktops.A.example."], "broker_url": "https://broker-a:8443"}
@@ -126,3 +126,14 @@ def test_tenantless_grants_keep_their_format() -> None:
     sealer = GrantSealer(decode_secret(SECRET))
     token = sealer.mint("s" * 36, "10.1.0.5", 4172, "tag", "192.0.2.7")
     assert token.startswith("g1.") and sealer.open(token, "192.0.2.7").tenant == ""
+
+
+def test_a_tenants_own_certificate_needs_both_files_and_must_load(tmp_path: Path) -> None:
+    with pytest.raises(TenantsError, match="ssl_cert and ssl_key go together"):
+        parse([{**A, "ssl_cert": "/certs/a.pem"}], need_broker=True)
+    missing = parse(
+        [{**A, "ssl_cert": str(tmp_path / "a.pem"), "ssl_key": str(tmp_path / "a.key")}], need_broker=True
+    )
+    with pytest.raises(TenantsError, match="tenant a: ssl_cert"):
+        ServerNames("cm").contexts_for(missing)
+    assert ServerNames("cm").contexts_for(parse([A], need_broker=True)) == {}
