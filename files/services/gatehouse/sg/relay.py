@@ -74,7 +74,7 @@ class Gateway:
         self.udp = udp
         self.refusals = Refusals(stats, log)
         self.sealer = GrantSealer(settings.grant_secret)
-        # With tenants: the tenants and each one's sealer (its own derived key); see grant_for.
+        # With tenants: the tenants and each one's sealer (its own derived key); see open_grant.
         self.tenants: Tenants = settings.tenants
         self.tenant_sealers: dict[str, GrantSealer] = {}
         self.set_tenants(settings.tenants)

@@ -151,7 +151,6 @@ async def serve_forwarder(settings: SgSettings) -> None:
             "max_connections": settings.max_connections,
             "max_connections_per_source": settings.max_connections_per_source,
             "proxy_protocol_sources": ",".join(str(n) for n in settings.proxy_protocol_sources),
-            "tenants": ",".join(t.name for t in settings.tenants.tenants),
             "admin": f"{settings.admin_address}:{settings.admin_port}",
         },
     )
