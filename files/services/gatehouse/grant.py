@@ -69,10 +69,8 @@ def decode_secret(text: str) -> bytes:
     return raw
 
 
-def _key(secret: bytes, tenant: str = "") -> AESGCM:
-    info = b"gatehouse grant key"
-    if tenant:
-        info += b" tenant " + tenant.encode("ascii")
+def _key(secret: bytes, *, tenant: str = "") -> AESGCM:
+    info = b"gatehouse grant key" + (b"\x00tenant=" + tenant.encode("ascii") if tenant else b"")
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
     return AESGCM(key)
 
@@ -90,11 +88,11 @@ class GrantSealer:
     ``tenant`` (a tenant name, see gatehouse.tenants) selects the tenant's own key and label.
     """
 
-    def __init__(self, secret: bytes, tenant: str = "") -> None:
+    def __init__(self, secret: bytes, *, tenant: str = "") -> None:
         self.tenant = tenant
-        self._aead = _key(secret, tenant)
+        self._aead = _key(secret, tenant=tenant)
         self._prefix = f"{TENANT_PREFIX}{tenant}." if tenant else PREFIX
-        self._aad = _AAD + (b" tenant " + tenant.encode("ascii") if tenant else b"")
+        self._aad = _AAD + (b"\x00tenant=" + tenant.encode("ascii") if tenant else b"")
 
     def mint(
         self,

@@ -257,7 +257,7 @@ async def test_grant_of_a_is_refused_for_b(stack: Stack) -> None:
         assert target.sni == "a.example" and target.connect_tag.startswith("g1t.a.")
         assert await present(stack, "b.example", target.connect_tag) == linechan.FORBIDDEN
         assert await present(stack, "zz.example", target.connect_tag) == linechan.FORBIDDEN
-        sealer = GrantSealer(decode_secret(SECRET), "a")
+        sealer = GrantSealer(decode_secret(SECRET), tenant="a")
         desk_b = stack.procs["agent-b"]
         forged = sealer.mint(
             target.session_id, AGENT_ADDRESS["b"], _port(desk_b, "SessionPort"), "tag", "127.0.0.1"

@@ -108,7 +108,7 @@ def test_a_forwarder_takes_no_tenants(tmp_path: Path) -> None:
 
 def test_a_tenants_grant_opens_only_under_its_tenant() -> None:
     secret = decode_secret(SECRET)
-    a, b, none = GrantSealer(secret, "a"), GrantSealer(secret, "b"), GrantSealer(secret)
+    a, b, none = GrantSealer(secret, tenant="a"), GrantSealer(secret, tenant="b"), GrantSealer(secret)
     token = a.mint("s" * 36, "10.1.0.5", 4172, "tag", "192.0.2.7")
     assert token.startswith("g1t.a.")
     assert a.open(token, "192.0.2.7").tenant == "a"

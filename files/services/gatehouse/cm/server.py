@@ -158,7 +158,8 @@ class ConnectionManager:
     def _set_tenants(self, tenants: Tenants) -> None:
         if self.settings.grant_secret:
             self.tenant_sealers = {
-                t.name: self.tenant_sealers.get(t.name) or GrantSealer(self.settings.grant_secret, t.name)
+                t.name: self.tenant_sealers.get(t.name)
+                or GrantSealer(self.settings.grant_secret, tenant=t.name)
                 for t in tenants.tenants
             }
         self.tenants = tenants

@@ -87,7 +87,7 @@ class Gateway:
     def set_tenants(self, tenants: Tenants) -> None:
         """Serve ``tenants`` from now on (sessions already relaying are not affected)."""
         self.tenant_sealers = {
-            t.name: self.tenant_sealers.get(t.name) or GrantSealer(self.settings.grant_secret, t.name)
+            t.name: self.tenant_sealers.get(t.name) or GrantSealer(self.settings.grant_secret, tenant=t.name)
             for t in tenants.tenants
         }
         self.tenants = tenants
