@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_deploy_engine import CMSG_BASE, hashes  # noqa: F401 - the fixture
+import test_deploy_engine as engine_tests
 
 from gatehouse.cm.settings import CmSettings
 from gatehouse.config import Config, parse_kv
@@ -27,6 +27,8 @@ helpers = importlib.import_module("collection_helpers")
 helpers.ensure_importable()
 cmsg = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._deploy.cmsg")
 dep = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._deploy.common")
+CMSG_BASE = engine_tests.CMSG_BASE
+hashes = engine_tests.hashes  # the fixture: spec hashes of a check-mode run on an empty Docker host
 
 A = {
     "name": "tenant-a",
@@ -99,7 +101,7 @@ def test_broker_url_is_still_required_without_tenants() -> None:
     assert any("broker_url is required" in e for e in exc.value.errors)
 
 
-def test_adding_and_removing_tenants_keeps_the_containers(hashes) -> None:  # noqa: F811
+def test_adding_and_removing_tenants_keeps_the_containers(hashes) -> None:
     """Spec hashes: the same for {A, B}, {A, C} and {A}; another (once) without tenants."""
     full = [{"agent_networks": [], **t} for t in (A, B, C)]
     by_set = {
