@@ -2,8 +2,9 @@
 
 The agent stand-in echoes, which ties both directions together; a throughput figure needs a sink
 (one way) and a source. The tag chooses the mode: ``sink-*`` reads and discards, ``duplex-*``
-reads and writes at the same time, ``echo-*`` echoes. One thread per connection with blocking
-sockets: OpenSSL runs without the GIL, so the backend costs the same on both paths and little.
+reads and writes at the same time (from its one thread, bench.duplex), ``echo-*`` echoes. One
+thread per connection: OpenSSL runs without the GIL, so the backend costs the same on both paths
+and little. ``tls`` on stdin answers the protocol and cipher of the newest relay connection.
 UDP datagrams to the same port are counted (and echoed with ``--udp-echo``).
 
     python -m bench.backend --port P --cert C --key K   (prints "ready", then answers "udp" on stdin)
@@ -17,13 +18,15 @@ import ssl
 import sys
 import threading
 
+from bench.duplex import CHUNK, pump
 from gatehouse import tls
 
-CHUNK = 64 * 1024
 udp_count = 0
+last_tls = ""
 
 
 def _serve(raw: socket.socket, ctx: ssl.SSLContext) -> None:
+    global last_tls
     try:
         conn = ctx.wrap_socket(raw, server_side=True)
         line = b""
@@ -34,10 +37,12 @@ def _serve(raw: socket.socket, ctx: ssl.SSLContext) -> None:
             line += data
         tag = line.decode().split()[1]
         conn.sendall(b"200 OK\r\n")
+        cipher = conn.cipher()
+        last_tls = f"{cipher[1]} {cipher[0]}" if cipher else ""
         mode = tag.split("-", 1)[0]
         if mode == "duplex":
-            threading.Thread(target=_source, args=(conn,), daemon=True).start()
-        if mode == "echo":
+            pump(conn, lambda: True)
+        elif mode == "echo":
             while data := conn.recv(CHUNK):
                 conn.sendall(data)
         else:
@@ -47,15 +52,6 @@ def _serve(raw: socket.socket, ctx: ssl.SSLContext) -> None:
         pass
     finally:
         raw.close()
-
-
-def _source(conn: ssl.SSLSocket) -> None:
-    block = b"d" * CHUNK
-    try:
-        while True:
-            conn.sendall(block)
-    except (OSError, ValueError):
-        pass
 
 
 def _udp(port: int, echo: bool) -> None:
@@ -94,6 +90,8 @@ def main() -> None:
     for command in sys.stdin:  # the parent's commands; EOF (parent gone) ends the backend
         if command.strip() == "udp":
             print(udp_count, flush=True)
+        elif command.strip() == "tls":
+            print(last_tls, flush=True)
 
 
 if __name__ == "__main__":

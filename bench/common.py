@@ -22,7 +22,7 @@ sys.path[:0] = [
 ]
 
 from pki import CertFiles, TestPKI  # noqa: E402
-from services import ServiceProcess, free_port  # noqa: E402
+from services import ServiceProcess, free_port, write_kv  # noqa: E402
 
 from gatehouse import tls  # noqa: E402
 from gatehouse.grant import generate_secret  # noqa: E402
@@ -30,6 +30,7 @@ from gatehouse.grant import generate_secret  # noqa: E402
 __all__ = ["CertFiles", "ServiceProcess", "TestPKI", "free_port"]
 
 HALB_IMAGE = os.environ.get("GATEHOUSE_HALB_IMAGE", "gatehouse/halb:0.1.0")
+SG_IMAGE = os.environ.get("GATEHOUSE_SG_IMAGE", "gatehouse/sg:0.1.0")
 PREFIX = "gh-bench-"  # every Docker object a benchmark creates starts with this
 
 
@@ -89,11 +90,37 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (recorded with every figure: other load skews ratios)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (and its waited-for children) so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = sum(int(x) for x in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def sg_config(
+    port: int, admin: int, cert: str, key: str, ca: str, overrides: dict[str, object]
+) -> dict[str, object]:
+    """The bench SG's configuration, whether it runs as a process or in its image."""
+    config: dict[str, object] = {
+        "ListenAddress": "127.0.0.1",
+        "Port": port,
+        "AgentUdpSourcePort": free_port(),
+        "SslCert": cert,
+        "SslKey": key,
+        "AdminAddress": "127.0.0.1",
+        "AdminPort": admin,
+        "MaxConnections": 20000,
+        "MaxConnectionsPerSource": 20000,  # every benchmark client comes from 127.0.0.1
+        "AgentCaCert": ca,
+        "LogLevel": "warn",
+    }
+    config.update(overrides)
+    return config
 
 
 class Bench:
@@ -138,20 +165,7 @@ class Bench:
 
     def start_sg(self, **overrides: object) -> tuple[ServiceProcess, int]:
         port, admin = free_port(), free_port()
-        config: dict[str, object] = {
-            "ListenAddress": "127.0.0.1",
-            "Port": port,
-            "AgentUdpSourcePort": free_port(),
-            "SslCert": self.cert.cert,
-            "SslKey": self.cert.key,
-            "AdminAddress": "127.0.0.1",
-            "AdminPort": admin,
-            "MaxConnections": 20000,
-            "MaxConnectionsPerSource": 20000,  # every benchmark client comes from 127.0.0.1
-            "AgentCaCert": self.pki.ca,
-            "LogLevel": "warn",
-        }
-        config.update(overrides)
+        config = sg_config(port, admin, str(self.cert.cert), str(self.cert.key), str(self.pki.ca), overrides)
         proc = ServiceProcess(
             "sg",
             self.work / "sg",
@@ -164,6 +178,32 @@ class Bench:
         return proc, port
 
     @contextmanager
+    def sg_container(self, **overrides: object) -> Iterator[tuple[int, int]]:
+        """The SG of the gatehouse/sg image on the host network, as HAProxy runs (yields port, pid).
+
+        Subject and reference then share a process model: each a container of its own (its own
+        cgroup) on the host network, started the same way; only the program differs.
+        """
+        port, admin = free_port(), free_port()
+        data = self.work / f"sg-ctr-{uuid.uuid4().hex[:6]}"
+        data.mkdir(mode=0o755)
+        for name, source in (
+            ("cert.pem", self.cert.cert),
+            ("key.pem", self.cert.key),
+            ("ca.pem", self.pki.ca),
+        ):
+            (data / name).write_bytes(Path(source).read_bytes())
+            (data / name).chmod(0o644)  # the image's service user reads them (a throwaway bench key)
+        config = sg_config(port, admin, "/data/cert.pem", "/data/key.pem", "/data/ca.pem", overrides)
+        write_kv(data / "SecurityGateway.conf", config)
+        write_kv(data / "cmsg.env", {"GATEHOUSE_GRANTSECRET": self.secret})
+        for name in ("SecurityGateway.conf", "cmsg.env"):
+            (data / name).chmod(0o644)
+        with self._container("sg", SG_IMAGE, ["-v", f"{data}:/data:ro"], []) as name:
+            wait_port(port, name)
+            yield port, service_pid(name)
+
+    @contextmanager
     def haproxy(self, config: str, files: dict[str, bytes] | None = None) -> Iterator[str]:
         """HAProxy of the halb image on the host network with ``config`` (container name yielded)."""
         cfg = self.work / f"haproxy-{uuid.uuid4().hex[:6]}"
@@ -171,7 +211,18 @@ class Bench:
         (cfg / "haproxy.cfg").write_text(config)
         for name, data in (files or {}).items():
             (cfg / name).write_bytes(data)
-        name = f"{PREFIX}haproxy-{uuid.uuid4().hex[:8]}"
+        with self._container(
+            "haproxy",
+            HALB_IMAGE,
+            ["-v", f"{cfg}:/cfg:ro", "--entrypoint", "haproxy"],
+            ["-db", "-f", "/cfg/haproxy.cfg"],
+        ) as name:
+            yield name
+
+    @contextmanager
+    def _container(self, what: str, image: str, options: list[str], args: list[str]) -> Iterator[str]:
+        """``docker run`` of a relay on the host network with the bench's open-files limit (name yielded)."""
+        name = f"{PREFIX}{what}-{uuid.uuid4().hex[:8]}"
         started = subprocess.run(
             [
                 "docker",
@@ -184,15 +235,10 @@ class Bench:
                 "--ulimit",
                 "nofile=16384:16384",
                 "--label",
-                "gatehouse.bench=haproxy",
-                "-v",
-                f"{cfg}:/cfg:ro",
-                "--entrypoint",
-                "haproxy",
-                HALB_IMAGE,
-                "-db",
-                "-f",
-                "/cfg/haproxy.cfg",
+                f"gatehouse.bench={what}",
+                *options,
+                image,
+                *args,
             ],
             check=False,
             capture_output=True,
@@ -200,7 +246,7 @@ class Bench:
             timeout=60,
         )
         if started.returncode != 0:
-            raise RuntimeError(f"HAProxy ({HALB_IMAGE}) did not start: {started.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{what} ({image}) did not start: {started.stderr.strip()[-500:]}")
         self.containers.append(name)
         try:
             yield name
@@ -228,6 +274,13 @@ def container_pid(name: str) -> int:
         ["docker", "inspect", "-f", "{{.State.Pid}}", name], capture_output=True, text=True, check=True
     )
     return int(out.stdout.strip())
+
+
+def service_pid(name: str) -> int:
+    """The program's pid in a container: the child of its init (tini) where there is one."""
+    pid = container_pid(name)
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(children[0]) if children else pid
 
 
 def wait_port(port: int, container: str | None = None, timeout: float = 20.0) -> None:

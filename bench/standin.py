@@ -60,7 +60,9 @@ def make_apps(agent_port: int) -> tuple[web.Application, web.Application]:
     async def agent(request: web.Request) -> web.Response:
         msg = p.parse(await request.read(), "pcoip-agent")
         assert isinstance(msg, p.LaunchSession)
-        info = p.SessionInfo("127.0.0.1", 4172, msg.session_id, secrets.token_urlsafe(24))
+        info = p.SessionInfo(
+            "127.0.0.1", 4172, msg.session_log_id or str(uuid.uuid4()), secrets.token_urlsafe(24)
+        )
         body = p.render("pcoip-agent", p.LaunchSessionResp(session_info=info))
         return web.Response(body=body, content_type="application/xml")
 

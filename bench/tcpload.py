@@ -2,8 +2,9 @@
 
 Reads JSON on stdin: host, port, lines (one CONNECT line per stream), mode ("up" or "duplex"),
 seconds, warmup. Prints JSON: bytes sent/received inside the measured window, its length, the
-negotiated TLS version and cipher, and this process's CPU seconds. Blocking sockets in threads:
-OpenSSL encrypts without the GIL, so several streams use several cores.
+negotiated TLS version and cipher, and this process's CPU seconds. One thread per stream (OpenSSL
+encrypts without the GIL, so several streams use several cores); a both-ways stream pumps both
+directions from its one thread (bench.duplex), never one SSL socket from two threads.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 
-CHUNK = 64 * 1024
+from bench.duplex import CHUNK, pump
 
 
 def main() -> None:
@@ -61,21 +62,19 @@ def main() -> None:
         except OSError:
             pass
 
-    def receive(conn: ssl.SSLSocket) -> None:
+    def both(conn: ssl.SSLSocket) -> None:
         try:
-            while time.monotonic() < end:
-                n = len(conn.recv(CHUNK))
-                if not n:
-                    return
-                count("received", n)
+            pump(
+                conn,
+                lambda: time.monotonic() < end,
+                lambda n: count("sent", n),
+                lambda n: count("received", n),
+            )
         except OSError:
             pass
 
-    threads = []
-    for conn in streams:
-        threads.append(threading.Thread(target=send, args=(conn,)))
-        if job["mode"] == "duplex":
-            threads.append(threading.Thread(target=receive, args=(conn,)))
+    target = both if job["mode"] == "duplex" else send
+    threads = [threading.Thread(target=target, args=(conn,)) for conn in streams]
     cpu0 = os.times()
     for thread in threads:
         thread.start()

@@ -94,6 +94,15 @@ options:
         certificate, checked before anything is sent.
       - An empty string removes it. Stored as 64 lower-case digits.
     type: str
+  site:
+    description:
+      - The site the desktop belongs to in a multi-site deployment (1 to 63 lower-case letters, digits, V(-) or
+        V(_), starting with a letter or digit), the connection managers' C(site) of the same location. A client
+        allocated this desktop is sent to that site's gateway, wherever it logged in, and the desktop is not
+        offered while its site is down (no agent of the site reported within the broker's C(AgentStaleAfter)).
+      - An empty string takes the desktop out of any site. New desktops have no site.
+      - See the C(docs/multisite.md) page of the collection.
+    type: str
   state:
     description:
       - V(present) creates or updates the desktop.
@@ -143,6 +152,14 @@ EXAMPLES = r"""
     address: kiosk1.corp.example
     logon: none
 
+- name: A desktop of site 2 in a multi-site deployment
+  gatehouse.access.broker_desktop:
+    broker_url: https://broker.example.com:443
+    admin_token: "{{ vault_broker_admin_token }}"
+    name: site2-desk1
+    address: 10.2.0.21
+    site: site2
+
 - name: Take a desktop out of placement for maintenance
   gatehouse.access.broker_desktop:
     broker_url: https://broker.example.com:443
@@ -181,6 +198,7 @@ desktop:
     logon: windows-password
     agent_ca_pem: ""
     agent_cert_sha256: ""
+    site: ""
   contains:
     name:
       description: Desktop name, in its stored spelling.
@@ -211,6 +229,9 @@ desktop:
       type: str
     agent_cert_sha256:
       description: The pinned SHA-256 of the agent certificate (64 lower-case hexadecimal digits), or an empty string.
+      type: str
+    site:
+      description: The desktop's site, or an empty string.
       type: str
 diff:
   description: The desktop before and after, when run with C(--diff).

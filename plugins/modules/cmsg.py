@@ -254,6 +254,39 @@ options:
         O(pcoip_port), O(cm_admin_host_port)).
     type: int
     default: 9172
+  site:
+    description:
+      - The site of this node in a multi-site deployment (C(Site) of the connection manager and the security
+        gateway), the same name as the desktops' O(gatehouse.access.broker_desktop#module:site) - 1 to 63
+        lower-case letters, digits, V(-) or V(_), starting with a letter or digit. Empty (the default) is a
+        single-site deployment.
+      - The security gateway accepts only grants sealed for its site; the connection manager mints grants for
+        its own site's desktops for its own security gateway (or sends the client straight to the desktop with
+        O(enable_security_gateway=false)).
+      - See the C(docs/multisite.md) page of the collection.
+    type: str
+    default: ""
+  site_gateways:
+    description:
+      - Where the clients of each other site's desktops connect (C(SiteGateways)) - site name to the address of
+        a security gateway of that site (its O(external_pcoip_ip) and O(pcoip_port)), C(host:port),
+        C([ipv6]:port) or a host alone (port 4172); the host is an IP address or an FQDN that resolves to one
+        address. A client that logs in here and is allocated a desktop of another site is sent there with a
+        grant for that site, which every security gateway of that site accepts. Security gateways are not put
+        behind a HALB virtual address (UDP and the grant's client address need the client to reach the
+        gateway directly).
+      - This node's own O(site) may be listed (every node can get the same map) and is not used. A desktop of a
+        site that is neither this node's nor listed is refused.
+      - Needs the same O(grant_secret) on every node of every site.
+    type: dict
+    default: {}
+  grant_secret:
+    description:
+      - The grant secret (C(GATEHOUSE_GRANTSECRET) in C(cmsg.env)), 32 random bytes in base64
+        (C(openssl rand -base64 32)). Without it the secret is generated once per node and kept.
+      - A multi-site deployment gives every connection manager and security gateway of every site the same
+        secret (from a vault); each site still gets its own grant key, derived from the secret and the site.
+    type: str
   tenants:
     description:
       - Tenants sharing this connection manager and security gateway, each with its own broker (its users,
@@ -370,6 +403,20 @@ EXAMPLES = r"""
     pcoip_port: 14172
     cm_admin_host_port: 19180
     sg_admin_host_port: 19172
+
+- name: A node of site 1 in a multi-site deployment (clients of site 2's desktops go to site 2's HALB)
+  gatehouse.access.cmsg:
+    accept_policies: true
+    broker_url: https://broker.example.com:443
+    external_pcoip_ip: [203.0.113.10]
+    ssl_cert: /root/certs/cmsg1.pem
+    ssl_key: /root/certs/cmsg1.key
+    agent_ca_cert: /opt/gatehouse/pki/ca.pem
+    site: site1
+    site_gateways:
+      site1: 203.0.113.100:4172
+      site2: 198.51.100.100:4172
+    grant_secret: "{{ vault_gatehouse_grant_secret }}"
 
 - name: Shared CM and security gateway for two tenants, each with its own broker and host name
   gatehouse.access.cmsg:

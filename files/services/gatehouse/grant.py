@@ -5,6 +5,11 @@ one host share (cmsg.env). Sealing rather than only MAC-ing keeps the agent's se
 the client's hands. A grant binds the session id, the agent address, the agent's session-tag, the
 client address and an expiry of at most 60 s; the SG's :class:`ReplayCache` accepts each once.
 
+Multi-site (docs/multisite.md): the key is derived from the secret *and the site* of the SG that
+is to accept the grant, so one secret shared by the CMs and SGs of every site still gives each
+site its own key: a grant minted for site B's gateway is refused as forged by site A's SGs, and
+the reverse. The empty site (single-site deployments) derives the key it always did.
+
 Tenants (docs/tenants.md): a tenant's grants are sealed under a key derived (HKDF, info naming the
 tenant) from the same secret, carry the tenant's name in clear after the prefix (``g1t.<name>.``)
 and in the AEAD's associated data. A sealer opens only its own tenant's grants (``wrong-tenant``
@@ -69,8 +74,9 @@ def decode_secret(text: str) -> bytes:
     return raw
 
 
-def _key(secret: bytes, *, tenant: str = "") -> AESGCM:
-    info = b"gatehouse grant key" + (b"\x00tenant=" + tenant.encode("ascii") if tenant else b"")
+def _key(secret: bytes, site: str = "", *, tenant: str = "") -> AESGCM:
+    info = b"gatehouse grant key" + (b"\x00site=" + site.encode("ascii") if site else b"")
+    info += (b"\x00tenant=" + tenant.encode("ascii")) if tenant else b""
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
     return AESGCM(key)
 
@@ -83,14 +89,15 @@ def _norm_ip(ip: str) -> str:
 
 
 class GrantSealer:
-    """Mints and opens grants with one derived key (derive once; it is on the hot path).
-
-    ``tenant`` (a tenant name, see gatehouse.tenants) selects the tenant's own key and label.
+    """Mints and opens grants with one derived key (derive once; it is on the hot path): the key of
+    ``site``'s gateways (empty: no site) and of ``tenant`` (a tenant name, see gatehouse.tenants;
+    empty: no tenant), which also gives the grants their label.
     """
 
-    def __init__(self, secret: bytes, *, tenant: str = "") -> None:
+    def __init__(self, secret: bytes, site: str = "", *, tenant: str = "") -> None:
+        self.site = site
         self.tenant = tenant
-        self._aead = _key(secret, tenant=tenant)
+        self._aead = _key(secret, site, tenant=tenant)
         self._prefix = f"{TENANT_PREFIX}{tenant}." if tenant else PREFIX
         self._aad = _AAD + (b"\x00tenant=" + tenant.encode("ascii") if tenant else b"")
 

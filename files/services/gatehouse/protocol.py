@@ -472,7 +472,8 @@ class AgentInfo:
 
     ``logon`` says whether the desktop needs the user's password (``windows-password``) or none
     (pre-logged-on, kiosk). ``agent_ca_pem`` / ``agent_cert_sha256`` let the CM verify this one
-    agent's certificate when the deployment CA did not sign it.
+    agent's certificate when the deployment CA did not sign it. ``site`` is the desktop's site
+    (empty: none); the CM sends the client to that site's gateway (docs/multisite.md).
     """
 
     ip_address: str
@@ -482,6 +483,7 @@ class AgentInfo:
     logon: str = LOGON_WINDOWS_PASSWORD
     agent_ca_pem: str = field(default="", repr=False)
     agent_cert_sha256: str = ""
+    site: str = ""
 
     def to_xml(self, parent: ET.Element) -> None:
         el = sub(parent, "agent-info")
@@ -494,6 +496,8 @@ class AgentInfo:
             sub(el, "agent-ca-pem", self.agent_ca_pem)
         if self.agent_cert_sha256:
             sub(el, "agent-cert-sha256", self.agent_cert_sha256)
+        if self.site:
+            sub(el, "site", self.site)
 
     @classmethod
     def from_xml(cls, el: ET.Element) -> AgentInfo:
@@ -508,6 +512,7 @@ class AgentInfo:
             logon,
             text(el, "agent-ca-pem"),
             text(el, "agent-cert-sha256"),
+            text(el, "site"),
         )
 
 

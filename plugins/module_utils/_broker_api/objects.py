@@ -68,6 +68,7 @@ DESKTOP_ARGSPEC = dict(
     logon={"type": "str", "choices": ["windows-password", "none"]},
     agent_ca_pem={"type": "str"},
     agent_cert_sha256={"type": "str"},
+    site={"type": "str"},
     state=STATE_OPTION,
 )
 # What a desktop PUT may carry: every desktop option but the connection, the name and the state.

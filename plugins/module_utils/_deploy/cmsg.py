@@ -13,6 +13,7 @@ atomically and converges the network and the containers.
 from __future__ import annotations
 
 import base64
+import binascii
 import ipaddress
 import json
 import os
@@ -73,6 +74,9 @@ ARGUMENT_SPEC: dict = dict(
     pcoip_port={"type": "int", "default": 4172},
     cm_admin_host_port={"type": "int", "default": CM_ADMIN_PORT},
     sg_admin_host_port={"type": "int", "default": SG_ADMIN_PORT},
+    site={"type": "str", "default": ""},
+    site_gateways={"type": "dict", "default": {}},
+    grant_secret={"type": "str", "no_log": True},
     tenants={
         "type": "list",
         "elements": "dict",
@@ -110,6 +114,8 @@ CM_OPTION_KEYS = {
     "host_address": "HostAddress",
     "license_server_url": "LicenseServerUrl",
     "log_level": "LogLevel",
+    "site": "Site",
+    "site_gateways": "SiteGateways",
 }
 # The SG options of a double-hop DMZ and their SecurityGateway.conf keys (the SG's settings fields
 # have the options' names). Written only when set, so that other deployments keep their files.
@@ -119,7 +125,14 @@ SG_OPTION_KEYS = {
 }
 # broker_url is required with state=present unless forward_to makes the host a forwarder (validate).
 REQUIRED_IF = list(dep.COMMON_REQUIRED_IF)
+# Paired options written only when set: a single-site node keeps the files (and so the containers'
+# spec hashes) of the releases before multi-site.
+CM_KEYS_WHEN_SET = ("site", "site_gateways")
 REQUIRED_TOGETHER = [*dep.COMMON_REQUIRED_TOGETHER, ("identity_cert", "identity_key")]
+
+
+# Multi-site (docs/multisite.md): the services' rule for site names (gatehouse/sites.py).
+SITE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class Names:
@@ -173,6 +186,54 @@ def split_host_address(values: list[str], errors: list[str]) -> tuple[str | None
     return (ips[0] if ips else None), (names[0] if names else None)
 
 
+def site_options(params: dict, errors: list[str]) -> tuple[str, list[str]]:
+    """``site`` and ``site_gateways`` as the CM and SG take them: the site, and sorted
+    ``site=host:port`` items (IPv6 in brackets, port 4172 when not given)."""
+    site = (params["site"] or "").strip()
+    if site and not SITE_RE.match(site):
+        errors.append(
+            "site %r is not a site name: 1 to 63 lower-case letters, digits, '-' or '_', starting with a "
+            "letter or digit" % site
+        )
+    gateways = []
+    for name, address in sorted((params["site_gateways"] or {}).items()):
+        if not SITE_RE.match(str(name)):
+            errors.append(
+                "site_gateways: %r is not a site name (lower-case letters, digits, '-', '_')" % name
+            )
+            continue
+        text = str(address).strip()
+        host, port = text, "4172"
+        if text.startswith("["):
+            host, _sep, rest = text[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ("" if rest else "4172")
+        elif text.count(":") == 1:
+            host, _sep, port = text.partition(":")
+        ip = dep.parse_ip(host)
+        if ip is None and not dep.is_fqdn(host):
+            errors.append("site_gateways: %s: %r is neither an IP address nor an FQDN" % (name, host))
+            continue
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            errors.append("site_gateways: %s: %r needs a port from 1 to 65535" % (name, text))
+            continue
+        shown = ("[%s]" % ip if ip.version == 6 else str(ip)) if ip is not None else host.rstrip(".").lower()
+        gateways.append("%s=%s:%d" % (name, shown, int(port)))
+    return site, gateways
+
+
+def check_grant_secret(params: dict, errors: list[str]) -> None:
+    """``grant_secret``, when given, is base64 of 32 bytes (``openssl rand -base64 32``)."""
+    secret = params["grant_secret"]
+    if secret is None:
+        return
+    try:
+        if len(base64.b64decode(secret.strip(), validate=True)) == 32:
+            return
+    except (binascii.Error, ValueError):
+        pass
+    errors.append("grant_secret must be 32 random bytes in base64 (openssl rand -base64 32)")
+
+
 def validate(params: dict, used_networks) -> dict:
     """Check every option; returns normalised values or raises dep.ValidationError listing all problems.
 
@@ -224,6 +285,8 @@ def validate(params: dict, used_networks) -> dict:
     host_ip, host_fqdn = split_host_address(params["host_address"], errors)
     values["host_address"] = [a for a in (host_fqdn, host_ip) if a]
     values["trusted_proxies"] = networks_of(params, "trusted_proxies", errors)
+    values["site"], values["site_gateways"] = site_options(params, errors)
+    check_grant_secret(params, errors)
     values["warnings"] = tls_verify_checks(params, errors)
     admin = dep.parse_ip(params["admin_address"].strip())
     if admin is None:
@@ -398,6 +461,8 @@ def validate_forwarder(params: dict, values: dict, errors: list[str]) -> dict:
             ("broker_url", "connection manager"),
             ("identity_cert", "connection manager"),
             ("agent_ca_cert", "connection to an agent"),
+            ("grant_secret", "grant secret"),
+            ("site_gateways", "connection manager"),
             ("tenants", "grant check; give the tenants to the inner gateways"),
         )
         if params[name]
@@ -572,7 +637,8 @@ def config_properties(params: dict, values: dict) -> bytes:
             ("AdminAddress", params["admin_address"].strip()),
             ("AdminPort", CM_ADMIN_PORT),
             option("log_level"),
-        ],
+        ]
+        + [option(name) for name in CM_KEYS_WHEN_SET if values.get(name)],
     )
 
 
@@ -610,7 +676,9 @@ def security_gateway_conf(params: dict, values: dict | None = None) -> bytes:
             ("AdminAddress", params["admin_address"].strip()),
             ("AdminPort", SG_ADMIN_PORT),
             ("LogLevel", params["log_level"]),
-        ],
+        ]
+        # Only when set, as in config.properties (CM_KEYS_WHEN_SET).
+        + ([("Site", params["site"].strip())] if (params["site"] or "").strip() else []),
     )
 
 
@@ -648,6 +716,16 @@ def existing_secret(path: str) -> str | None:
             except ValueError:
                 return None
     return None
+
+
+def grant_secret_for(params: dict, env_path: str) -> str:
+    """The node's grant secret: the ``grant_secret`` option (a multi-site deployment gives every
+    node the same one, docs/multisite.md), else the one cmsg.env holds, else a new random one."""
+    return (
+        (params["grant_secret"] or "").strip()
+        or existing_secret(env_path)
+        or base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+    )
 
 
 def cmsg_env(secret: str | None, log_level: str) -> bytes:
@@ -819,7 +897,7 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
     env_path = os.path.join(data, "cmsg.env")
     secret = None
     if not forwarder:  # a forwarder's cmsg.env holds no grant secret (an earlier one is dropped)
-        secret = existing_secret(env_path) or base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+        secret = grant_secret_for(params, env_path)
         module.no_log_values.add(secret)
     uid, gid = engine.service_owner()
     if uid is None:

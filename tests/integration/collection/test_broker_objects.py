@@ -288,6 +288,7 @@ def test_desktop_and_pool(broker: Broker) -> None:
         "logon": "windows-password",
         "agent_ca_pem": "",
         "agent_cert_sha256": "",
+        "site": "",
     }
     assert real["desktop"] == get(broker, "/desktops/dp-desk1")
     cycle(

@@ -32,6 +32,8 @@ OTHER_VALUE = {
     "host_address": ["cmsg1.example.test"],
     "license_server_url": "https://licence.example.test:7070/request",
     "log_level": "debug",
+    "site": "site2",
+    "site_gateways": {"site2": "203.0.113.20:4172"},
 }
 # Names that the concepts above had before; none may come back.
 RETIRED = ("external_ipv4", "external_ipv6", "external_v4", "external_v6", "external_ips", "gateway_port")
@@ -60,7 +62,11 @@ def other(name: str, value: object) -> object:
 
 def test_every_paired_key_is_written() -> None:
     written = parse_kv(cmsg.config_properties(params(), cmsg.validate(params(), lambda: [])).decode())
-    assert set(cmsg.CM_OPTION_KEYS.values()) <= set(written)
+    when_set = {cmsg.CM_OPTION_KEYS[name] for name in cmsg.CM_KEYS_WHEN_SET}
+    assert set(cmsg.CM_OPTION_KEYS.values()) - when_set <= set(written)
+    assert not when_set & set(written)  # a single-site node's file is that of earlier releases
+    p = params(**{name: OTHER_VALUE[name] for name in cmsg.CM_KEYS_WHEN_SET})
+    assert when_set <= set(parse_kv(cmsg.config_properties(p, cmsg.validate(p, lambda: [])).decode()))
 
 
 @pytest.mark.parametrize("option", sorted(cmsg.CM_OPTION_KEYS))

@@ -109,7 +109,7 @@ def test_codes_are_unguessable_and_only_their_digest_is_kept() -> None:
     book = InvitationBook(ttl=300, max_per_session=100)
     table = SessionTable(10, 900)
     who = owner(table)
-    codes = [book.create(who, AGENT, who.agent_session_id, now=0) for _ in range(50)]
+    codes = [book.create(who, AGENT, who.agent_session_id, now=0) for _n in range(50)]
     assert len(set(codes)) == 50
     assert all(len(code) >= CODE_BYTES * 4 // 3 for code in codes)
     stored = repr(book.__dict__)

@@ -33,8 +33,8 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gatehouse import protocol, tls
-from gatehouse.broker import factors, passwords
+from gatehouse import protocol, sites, tls
+from gatehouse.broker import factors, passwords, placement
 from gatehouse.broker.metrics import BrokerMetrics
 from gatehouse.broker.settings import FACTOR_TOTP, SOURCE_LDAP, BrokerSettings
 from gatehouse.broker.store import DIRECTORY_GROUP, Obj, Store
@@ -46,7 +46,7 @@ _NAME = re.compile(r"^[^\x00-\x1f\x7f/\\]{1,128}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DESKTOP_FIELDS = frozenset(
     {"address", "hostname", "agent_port", "session_port", "enabled", "pool"}
-    | {"logon", "agent_ca_pem", "agent_cert_sha256"}
+    | {"logon", "agent_ca_pem", "agent_cert_sha256", "site"}
 )
 MAX_PASSWORD = 1024
 MAX_DIRECTORY_GROUP = 512  # a group's CN or full DN
@@ -240,6 +240,7 @@ class AdminApi:
         r.add_get(f"{PREFIX}/assignments/{{pool}}/{{domain}}/{{user}}", self.get_assignment)
         r.add_delete(f"{PREFIX}/assignments/{{pool}}/{{domain}}/{{user}}", self.delete_assignment)
         r.add_get(f"{PREFIX}/agents", self.list_agents)
+        r.add_get(f"{PREFIX}/sites", self.list_sites)
         r.add_post(f"{PREFIX}/agents/report", self.agent_report)
 
     @web.middleware
@@ -517,6 +518,11 @@ class AdminApi:
             fields["agent_ca_pem"] = _ca_pem(body, "agent_ca_pem")
         if "agent_cert_sha256" in body:
             fields["agent_cert_sha256"] = _sha256(body, "agent_cert_sha256")
+        if "site" in body:
+            try:
+                fields["site"] = sites.check_site(_type(body, "site", str, "a site name or ''"))
+            except ValueError as exc:
+                raise ApiError(400, str(exc), "site") from None
         current = self.store.get_desktop(name) or {}
         if all(fields.get(k, current.get(k)) for k in ("agent_ca_pem", "agent_cert_sha256")):
             raise ApiError(
@@ -678,6 +684,24 @@ class AdminApi:
                 {**report, "age_seconds": round(age, 1), "stale": age > self.settings.agent_stale_after}
             )
         return web.json_response({"agents": agents})
+
+    async def list_sites(self, request: web.Request) -> web.Response:
+        """Each site named by a desktop: ``up``, ``down`` (placement.down_sites) or ``unknown``
+        (none of its desktops ever reported), with the age of its latest report."""
+        now = time.time()
+        listed = self.store.list_sites()
+        down = placement.down_sites(
+            {s["name"]: s["last_report"] for s in listed if s["last_report"] is not None},
+            now,
+            self.settings.agent_stale_after,
+        )
+        answer = []
+        for site in listed:
+            last = site.pop("last_report")
+            state = "unknown" if last is None else "down" if site["name"] in down else "up"
+            age = None if last is None else round(max(0.0, now - last), 1)
+            answer.append({**site, "state": state, "last_report_age_seconds": age})
+        return web.json_response({"sites": answer})
 
     def _refuse_report(
         self, request: web.Request, reason: str, message: str, **extra: object

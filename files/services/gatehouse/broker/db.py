@@ -138,6 +138,12 @@ MIGRATIONS: list[list[str]] = [
         """CREATE UNIQUE INDEX directory_entitlements_unique ON directory_entitlements (
             domain_id, principal, COALESCE(desktop_id, 0), COALESCE(pool_id, 0))""",
     ],
+    # 6: multi-site: the site a desktop belongs to ('' = none); a site whose agents all went
+    # silent is down and its desktops are not offered (placement.py)
+    [
+        "ALTER TABLE desktops ADD COLUMN site TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX desktops_site ON desktops (site)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -13,10 +13,17 @@ Rules (also in docs/broker-api.md):
   member (capacity does not matter: the user's own session counts in it). Otherwise the
   least-loaded healthy member; without reports, the member with the fewest placements so far.
   Ties go to the lower name, then the lower id, so the choice is deterministic.
+- Sites (docs/multisite.md): a site is *down* when at least one of its desktops has ever reported
+  and no desktop of the site has reported within ``stale_after`` seconds (its agents went silent
+  together: the site, its network or its link is gone). A desktop of a down site is never placed,
+  even one that never reports itself; the rules above then apply to the remaining members. A site
+  none of whose desktops ever reported is not down (it does not use reports), and desktops
+  without a site are never excluded this way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -30,6 +37,7 @@ class Member:
     reported_at: float | None = None
     placed_since_report: int = 0
     placed_total: int = 0
+    site: str = ""
 
     @property
     def has_reported(self) -> bool:
@@ -45,15 +53,23 @@ class Member:
         return ((self.active_sessions or 0) + self.placed_since_report) / self.capacity
 
 
+def down_sites(last_reports: Mapping[str, float], now: float, stale_after: float) -> frozenset[str]:
+    """The sites whose latest report (``last_reports``: site -> time) is over ``stale_after`` old."""
+    return frozenset(site for site, last in last_reports.items() if site and now - last > stale_after)
+
+
 def healthy(member: Member, now: float, stale_after: float, *, reports_used: bool) -> bool:
     if not member.enabled:
         return False
     return member.fresh(now, stale_after) if reports_used else True
 
 
-def choose_desktop(member: Member | None, now: float, stale_after: float) -> Member | None:
-    """A named desktop: placed when enabled and (if it ever reported) fresh and under capacity."""
-    if member is None or not member.enabled:
+def choose_desktop(
+    member: Member | None, now: float, stale_after: float, *, down: frozenset[str] = frozenset()
+) -> Member | None:
+    """A named desktop: placed when enabled, its site not ``down``, and (if it ever reported) fresh
+    and under capacity."""
+    if member is None or not member.enabled or member.site in down:
         return None
     if member.has_reported and (not member.fresh(now, stale_after) or member.load() >= 1):
         return None
@@ -66,8 +82,11 @@ def choose_from_pool(
     stale_after: float,
     *,
     assigned_id: int | None = None,
+    down: frozenset[str] = frozenset(),
 ) -> Member | None:
-    """The member to place a pool session on, or None (nothing available)."""
+    """The member to place a pool session on, or None (nothing available); members of ``down``
+    sites are left out first."""
+    members = [m for m in members if m.site not in down]
     reports_used = any(m.has_reported for m in members)
     usable = [m for m in members if healthy(m, now, stale_after, reports_used=reports_used)]
     if assigned_id is not None:

@@ -42,6 +42,7 @@ class DesktopRecord:
     logon: str
     agent_ca_pem: str
     agent_cert_sha256: str
+    site: str = ""
 
 
 class Store:
@@ -351,6 +352,7 @@ class Store:
             row["logon"],
             row["agent_ca_pem"],
             row["agent_cert_sha256"],
+            row["site"],
         )
 
     def desktop_record(self, name: str) -> DesktopRecord | None:
@@ -376,6 +378,7 @@ class Store:
             "logon": row["logon"],
             "agent_ca_pem": row["agent_ca_pem"],
             "agent_cert_sha256": row["agent_cert_sha256"],
+            "site": row["site"],
         }
 
     def get_desktop(self, name: str) -> Obj | None:
@@ -580,7 +583,7 @@ class Store:
         """Placement view of a pool's desktops (or of one desktop) with their latest load report."""
         where, param = ("d.pool_id = ?", pool_id) if desktop_id is None else ("d.id = ?", desktop_id)
         sql = (
-            "SELECT d.id, d.name, d.enabled, r.active_sessions, r.capacity, r.reported_at, "
+            "SELECT d.id, d.name, d.enabled, d.site, r.active_sessions, r.capacity, r.reported_at, "
             "COALESCE(l.placed_since_report, 0) AS placed_since_report, "
             "COALESCE(l.placed_total, 0) AS placed_total "
             "FROM desktops d LEFT JOIN desktop_load l ON l.desktop_id = d.id "
@@ -600,6 +603,7 @@ class Store:
                 reported_at=r["reported_at"],
                 placed_since_report=r["placed_since_report"],
                 placed_total=r["placed_total"],
+                site=r["site"],
             )
             best[member.desktop_id] = member
         return list(best.values())
@@ -688,6 +692,24 @@ class Store:
             conn.execute(
                 "UPDATE desktop_load SET placed_since_report = 0 WHERE desktop_id = ?", (desktop_id,)
             )
+
+    def site_last_reports(self) -> dict[str, float]:
+        """The latest load report of any desktop of each site, for the sites with a report."""
+        rows = self.db.query(
+            "SELECT d.site, MAX(r.reported_at) AS last FROM desktops d "
+            "JOIN agent_reports r ON r.desktop_id = d.id WHERE d.site <> '' GROUP BY d.site"
+        )
+        return {r["site"]: float(r["last"]) for r in rows}
+
+    def list_sites(self) -> list[Obj]:
+        """Every site named by a desktop: its desktops and the time of its latest report (or None)."""
+        last = self.site_last_reports()
+        rows = self.db.query(
+            "SELECT site, COUNT(*) AS desktops FROM desktops WHERE site <> '' GROUP BY site ORDER BY site"
+        )
+        return [
+            {"name": r["site"], "desktops": r["desktops"], "last_report": last.get(r["site"])} for r in rows
+        ]
 
     def list_reports(self) -> list[Obj]:
         rows = self.db.query(

@@ -565,27 +565,33 @@ class BrokerEndpoint:
             raise p.ProtocolError(p.E_USER_AUTH, "the account is no longer allowed; authenticate again")
         return record
 
-    def _desktop_available(self, desktop: DesktopRecord) -> bool:
+    def _down_sites(self, now: float) -> frozenset[str]:
+        return placement.down_sites(self.store.site_last_reports(), now, self.settings.agent_stale_after)
+
+    def _desktop_available(self, desktop: DesktopRecord, down: frozenset[str]) -> bool:
         members = self.store.members(desktop_id=desktop.id)
         member = members[0] if members else None
-        return placement.choose_desktop(member, time.time(), self.settings.agent_stale_after) is not None
+        stale = self.settings.agent_stale_after
+        return placement.choose_desktop(member, time.time(), stale, down=down) is not None
 
-    def _pool_available(self, pool_id: int) -> bool:
+    def _pool_available(self, pool_id: int, down: frozenset[str]) -> bool:
         members = self.store.members(pool_id=pool_id)
-        return placement.choose_from_pool(members, time.time(), self.settings.agent_stale_after) is not None
+        stale = self.settings.agent_stale_after
+        return placement.choose_from_pool(members, time.time(), stale, down=down) is not None
 
     def _list(self, session: BrokerSession) -> p.Message:
         user = self._current_user(session)
         desktops, pools = self.store.entitled(user.id, user.domain, session.directory_groups)
+        down = self._down_sites(time.time())
         resources = [
-            p.Resource(f"d-{d.id}", d.name, state="ONLINE" if self._desktop_available(d) else "OFFLINE")
+            p.Resource(f"d-{d.id}", d.name, state="ONLINE" if self._desktop_available(d, down) else "OFFLINE")
             for d in desktops
         ]
         resources += [
             p.Resource(
                 f"p-{pool['id']}",
                 pool["name"],
-                state="ONLINE" if self._pool_available(pool["id"]) else "OFFLINE",
+                state="ONLINE" if self._pool_available(pool["id"], down) else "OFFLINE",
             )
             for pool in pools
         ]
@@ -604,15 +610,16 @@ class BrokerEndpoint:
         stale = self.settings.agent_stale_after
         # Choose and record in one transaction with no await in between: placements cannot interleave.
         with self.store.db.transaction():
+            down = self._down_sites(now)
             if kind == "d":
                 found = self.store.members(desktop_id=number)
-                chosen = placement.choose_desktop(found[0] if found else None, now, stale)
+                chosen = placement.choose_desktop(found[0] if found else None, now, stale, down=down)
             else:
                 pool = self.store.pool_by_id(number)
                 persistent = bool(pool and pool["persistent"])
                 assigned = self.store.assignment(user.id, number) if persistent else None
                 chosen = placement.choose_from_pool(
-                    self.store.members(pool_id=number), now, stale, assigned_id=assigned
+                    self.store.members(pool_id=number), now, stale, assigned_id=assigned, down=down
                 )
                 if chosen is not None and persistent and chosen.desktop_id != assigned:
                     self.store.set_assignment(user.id, number, chosen.desktop_id)
@@ -629,10 +636,16 @@ class BrokerEndpoint:
             desktop.logon,
             desktop.agent_ca_pem,
             desktop.agent_cert_sha256,
+            desktop.site,
         )
         session.log.info(
             "resource allocated",
-            extra={"resource_id": alloc.resource_id, "desktop": desktop.name, "agent": desktop.address},
+            extra={
+                "resource_id": alloc.resource_id,
+                "desktop": desktop.name,
+                "agent": desktop.address,
+                "site": desktop.site,
+            },
         )
         self.metrics.allocations.labels(p.ALLOC_OK).inc()
         return p.AllocateResourceResp(p.ALLOC_OK, "allocated", alloc.resource_id, agent=agent)

@@ -13,6 +13,10 @@ prints its code on a line of its own (``invitation-code: CODE``, on standard err
 ``--json``) and holds the session ``--hold`` seconds (default 300) for the collaborator.
 ``--invitation-code-env VAR`` or ``--invitation-code-file FILE`` (the collaborator) logs in as
 ``--user`` and joins the owner's session with that code instead of allocating a resource.
+
+Primary and secondary connections: ``--url`` may be given several times, or hold a comma-separated
+list; the CMs are tried in that order and the first that answers hello within
+``--attempt-timeout`` seconds serves the session (the report says which one).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from gatehouse.client.flow import (
     SessionReport,
     endpoint,
     join_session,
-    run_session,
+    run_failover,
 )
 
 
@@ -44,7 +48,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="gatehouse-client", description="Run one Gatehouse session end to end and report each step."
     )
-    parser.add_argument("--url", required=True, help="the CM, https://HOST[:PORT]")
+    parser.add_argument(
+        "--url",
+        required=True,
+        action="append",
+        help="the CM, https://HOST[:PORT]; repeat it or give a comma-separated list for secondary "
+        "connections, tried in order",
+    )
+    parser.add_argument(
+        "--attempt-timeout",
+        type=float,
+        default=10.0,
+        help="seconds for each CM to answer hello before the next one is tried (default 10)",
+    )
     parser.add_argument("--user", default="", help="user name")
     parser.add_argument("--domain", default="", help="domain (default: the broker's)")
     secret = parser.add_mutually_exclusive_group()
@@ -113,6 +129,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--hold must not be negative")
     if args.invite and args.no_connect:
         parser.error("--invite needs the session channel: drop --no-connect")
+    if args.attempt_timeout <= 0:
+        parser.error("--attempt-timeout must be positive")
+    args.url = [url.strip() for item in args.url for url in item.split(",") if url.strip()]
+    if not args.url:
+        parser.error("--url names no connection manager")
     return args
 
 
@@ -186,6 +207,10 @@ def ssl_context(args: argparse.Namespace) -> ssl.SSLContext:
 
 
 def print_human(report: SessionReport) -> None:
+    for attempt in report.attempts:
+        if not attempt.ok:
+            detail = f"  {attempt.detail}" if attempt.detail else ""
+            print(f"unreachable {attempt.url}: {attempt.result} after {attempt.ms:.1f} ms{detail}")
     print(f"session to {report.url}")
     for step in report.steps:
         mark = "ok  " if step.ok else "FAIL"
@@ -198,13 +223,15 @@ def print_human(report: SessionReport) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        endpoint(args.url)
-    except ValueError as exc:
-        raise SystemExit(f"gatehouse-client: --url: {exc}") from None
+    for url in args.url:
+        try:
+            endpoint(url)
+        except ValueError as exc:
+            raise SystemExit(f"gatehouse-client: --url: {exc}") from None
     password = read_password(args)
     code = invitation_code(args)
     common: dict[str, Any] = {
+        "attempt_timeout": args.attempt_timeout,
         "domain": args.domain,
         "ssl_context": ssl_context(args),
         "tcp_bytes": args.bytes,
@@ -227,10 +254,12 @@ def main(argv: list[str] | None = None) -> int:
             await asyncio.sleep(args.hold)
 
     if code is not None:
-        report = asyncio.run(join_session(args.url, args.user, password, code, **common))
+        report = asyncio.run(
+            run_failover(args.url, args.user, password, code, session=join_session, **common)
+        )
     else:
         report = asyncio.run(
-            run_session(
+            run_failover(
                 args.url,
                 args.user,
                 password,

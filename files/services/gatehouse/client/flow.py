@@ -14,6 +14,11 @@ Collaboration: an owner's ``run_session(..., hold=...)`` keeps its session chann
 ``hold`` runs, which may ask for invitations (:meth:`Holding.invite`, step ``invite``) and echo again;
 a collaborator's :func:`join_session` logs in, redeems the code (step ``redeem-invitation``) and
 runs connect, tcp-echo and udp-echo on the owner's desktop session. A report never holds a code.
+
+Primary and secondary connections (:func:`run_failover`): an ordered list of CM URLs; the first
+whose ``hello`` is answered within the per-attempt deadline serves the whole session, and the
+report names it and every attempt before it. Failover happens only at ``hello``: once a CM has
+started a session, a later failure is the session's, not a reason to log in elsewhere.
 """
 
 from __future__ import annotations
@@ -53,6 +58,17 @@ class Step:
 
 
 @dataclass
+class Attempt:
+    """One CM tried at hello: its URL, the hello step's result and how long it took."""
+
+    url: str
+    ok: bool
+    result: str
+    ms: float
+    detail: str = ""
+
+
+@dataclass
 class SessionReport:
     url: str
     ok: bool = False
@@ -63,6 +79,8 @@ class SessionReport:
     target: str = ""
     mode: str = ""
     steps: list[Step] = field(default_factory=list)
+    # With a list of CM URLs (run_failover): each CM tried, in order; the last one served.
+    attempts: list[Attempt] = field(default_factory=list)
 
     def step(self, name: str) -> Step | None:
         return next((s for s in self.steps if s.name == name), None)
@@ -334,9 +352,15 @@ async def authenticate(
     return False
 
 
-async def _hello(cm: CmConnection) -> tuple[p.HelloResp, str, str]:
+async def _hello(cm: CmConnection, deadline: float | None = None) -> tuple[p.HelloResp, str, str]:
+    """hello, within ``deadline`` seconds when given (the per-attempt deadline of run_failover)."""
     info = p.ClientInfo(hostname=socket.gethostname(), mac_address=_mac_address())
-    reply = _expect(await cm.send(p.Hello(client_info=info)), p.HelloResp, None)
+    try:
+        async with asyncio.timeout(deadline):
+            answer = await cm.send(p.Hello(client_info=info))
+    except TimeoutError:
+        raise StepFailed("TIMEOUT", "no answer from the connection manager") from None
+    reply = _expect(answer, p.HelloResp, None)
     return reply, "OK", ""
 
 
@@ -365,9 +389,13 @@ async def run_session(
     passcode: PasscodeSource | None = None,
     challenge_passcode: PasscodeSource | None = None,
     hold: Callable[[Holding], Awaitable[None]] | None = None,
+    hello_timeout: float | None = None,
     server_name: str | None = None,
 ) -> SessionReport:
     """Run the whole session; never raises for a failed step (it is in the report).
+
+    ``hello_timeout`` bounds the hello step (the per-attempt deadline of :func:`run_failover`);
+    by default it has ``step_timeout`` like every step.
 
     ``hold`` runs after udp-echo with the session channel still open (the owner's side of
     collaboration: :meth:`Holding.invite`); the channel closes and bye follows when it returns.
@@ -412,7 +440,7 @@ async def run_session(
 
     said_hello = False
     try:
-        said_hello, hello_resp = await _step(report, "hello", lambda: _hello(cm))
+        said_hello, hello_resp = await _step(report, "hello", lambda: _hello(cm, hello_timeout))
         if (
             not said_hello
             or hello_resp is None
@@ -446,6 +474,39 @@ async def run_session(
         await cm.close()
         done = report.step("tcp-echo" if connect else "allocate-resource") is not None
         report.ok = done and all(s.ok for s in report.steps)
+    return report
+
+
+async def run_failover(
+    urls: list[str],
+    username: str,
+    password: str,
+    *args: Any,
+    attempt_timeout: float = 10.0,
+    session: Callable[..., Awaitable[SessionReport]] = run_session,
+    **options: Any,
+) -> SessionReport:
+    """The session at the first CM of ``urls`` (primary, then the secondaries in order) that
+    answers hello within ``attempt_timeout`` seconds: ``session`` (:func:`run_session`, or
+    :func:`join_session` with the code in ``args``) with ``args`` and ``options``.
+
+    The report is the serving CM's (or, when none answered, the last one's), with ``attempts``
+    listing every CM tried. Any failed hello moves on: refused connection, timeout, TLS failure,
+    an answer that is not a hello-resp (a load balancer with no backend left, a busy CM).
+    """
+    if not urls:
+        raise ValueError("no connection manager URL")
+    attempts: list[Attempt] = []
+    report = SessionReport(url=urls[0])
+    for url in urls:
+        report = await session(url, username, password, *args, hello_timeout=attempt_timeout, **options)
+        hello = report.step("hello")
+        if hello is None:  # not reached: a session always records hello
+            break
+        attempts.append(Attempt(url, hello.ok, hello.result, hello.ms, hello.detail))
+        if hello.ok:
+            break
+    report.attempts = attempts
     return report
 
 
@@ -632,11 +693,13 @@ async def join_session(
     passcode: PasscodeSource | None = None,
     challenge_passcode: PasscodeSource | None = None,
     hold: Callable[[OpenChannel], Awaitable[None]] | None = None,
+    hello_timeout: float | None = None,
     server_name: str | None = None,
 ) -> SessionReport:
     """A collaborator's session: hello, authenticate (any user), redeem-invitation with the owner's
     code, then connect, tcp-echo, udp-echo on the owner's desktop session, and bye. Never raises
-    for a failed step. ``report.session_id`` is the collaborator's own session id."""
+    for a failed step. ``report.session_id`` is the collaborator's own session id; ``hello_timeout``
+    as for :func:`run_session`."""
     report = SessionReport(url=url)
     cm = CmConnection(
         url, ssl_context, source_address=source_address, timeout=step_timeout, server_name=server_name
@@ -653,7 +716,7 @@ async def join_session(
 
     said_hello = False
     try:
-        said_hello, hello_resp = await _step(report, "hello", lambda: _hello(cm))
+        said_hello, hello_resp = await _step(report, "hello", lambda: _hello(cm, hello_timeout))
         if (
             not said_hello
             or hello_resp is None

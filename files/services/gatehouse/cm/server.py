@@ -35,11 +35,12 @@ from gatehouse.cm.sessions import (
     check_transition,
 )
 from gatehouse.cm.settings import CmSettings, read_tenants
-from gatehouse.cm.target import build_target, gateway_name
+from gatehouse.cm.target import NoSiteGateway, build_target, gateway_name, site_gateway
 from gatehouse.cm.upstream import Upstream, UpstreamError
 from gatehouse.config import ConfigError
 from gatehouse.grant import GrantSealer
 from gatehouse.logs import SessionLogger
+from gatehouse.sites import Gateway
 from gatehouse.tenants import SNI_ATTRIBUTE, ServerNames, Tenant, Tenants, TenantsError, normal_host
 from gatehouse.web import add_health, client_ip
 
@@ -126,9 +127,12 @@ class ConnectionManager:
             exempt=settings.trusted_proxies,
         )
         self.limiter = EstablishmentLimiter(settings.max_concurrent_establishments)
-        self.sealer = GrantSealer(settings.grant_secret) if settings.grant_secret else None
+        secret = settings.grant_secret
+        self.sealer = GrantSealer(secret, settings.site) if secret else None
+        # One key per other site's gateways (docs/multisite.md); the settings require the secret.
+        self.site_sealers = {site: GrantSealer(secret, site) for site, _gw in settings.site_gateways}
         # Tenants (docs/tenants.md): replaced as a whole by reload_tenants(); each has its own
-        # grant key, derived from the shared secret.
+        # grant key, derived from the shared secret (and this CM's site).
         self.tenants: Tenants = settings.tenants
         self.tenant_sealers: dict[str, GrantSealer] = {}
         self._set_tenants(settings.tenants)
@@ -143,7 +147,7 @@ class ConnectionManager:
             pre_auth=lambda: self.table.pre_auth_count,
             evictions=lambda: self.table.evictions,
             sg_up=lambda: 1.0 if self.sg_up else 0.0,
-            invitations=lambda: self.invitations.outstanding(),
+            invitations=self.invitations.outstanding,
         )
         self.upstream: Upstream | None = None
         # The domains each broker (by tenant name, "" without tenants) last offered, for probes.
@@ -159,7 +163,7 @@ class ConnectionManager:
         if self.settings.grant_secret:
             self.tenant_sealers = {
                 t.name: self.tenant_sealers.get(t.name)
-                or GrantSealer(self.settings.grant_secret, tenant=t.name)
+                or GrantSealer(self.settings.grant_secret, self.settings.site, tenant=t.name)
                 for t in tenants.tenants
             }
         self.tenants = tenants
@@ -681,6 +685,12 @@ class ConnectionManager:
             session.state = State.LISTED
         return Outcome(reply, session=session)
 
+    def _site_route(self, agent: p.AgentInfo) -> tuple[Gateway, GrantSealer] | None:
+        """Another site's gateway and that site's sealer for ``agent``'s desktop, or None when this
+        CM's own way serves it (docs/multisite.md); raises NoSiteGateway for an unknown site."""
+        gateway = site_gateway(self.settings, agent.site)
+        return (gateway, self.site_sealers[agent.site]) if gateway else None
+
     async def allocate(self, message: p.AllocateResource, session: Session) -> Outcome:
         if not self.limiter.try_acquire():
             raise Busy(
@@ -704,6 +714,17 @@ class ConnectionManager:
             if reply.agent is None:
                 raise UpstreamError("broker", "error", "broker allocated no agent")
             self._check_tenant_agent(session, reply.agent.ip_address)
+            try:
+                remote = self._site_route(reply.agent)
+            except NoSiteGateway as exc:
+                details.update(site=exc.site, refused=str(exc))
+                return Outcome(
+                    p.AllocateResourceResp(
+                        p.ALLOC_FAILED, "the desktop's site cannot be reached from here", message.resource_id
+                    ),
+                    session=session,
+                    details=details,
+                )
             info = await self._upstream().launch(session, reply.agent)
             self._check_tenant_agent(session, info.ip_address)
             target = build_target(
@@ -714,6 +735,7 @@ class ConnectionManager:
                 reply.agent,
                 info,
                 session.host_name or self.gateway_sni,
+                remote,
             )
             session.state = State.ALLOCATED
             session.agent = reply.agent
@@ -722,7 +744,8 @@ class ConnectionManager:
                 agent=reply.agent.ip_address,
                 agent_hostname=reply.agent.hostname,
                 target=f"{target.ip_address}:{target.port}",
-                gateway=self.settings.enable_security_gateway,
+                gateway=self.settings.enable_security_gateway or remote is not None,
+                site=reply.agent.site,
             )
             return Outcome(
                 p.AllocateResourceResp(p.ALLOC_OK, "", message.resource_id, message.protocol, target=target),
@@ -810,6 +833,8 @@ class ConnectionManager:
                     invitation.agent,
                     info,
                     session.host_name or self.gateway_sni,
+                    # The owner's route: its allocation here found the desktop's site gateway.
+                    self._site_route(invitation.agent),
                 )
             except UpstreamError as exc:
                 self._upstream_failed(session, exc)

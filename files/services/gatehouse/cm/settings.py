@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit, urlunsplit
 
-from gatehouse import grant
+from gatehouse import grant, sites
 from gatehouse.config import Config, ConfigError
 from gatehouse.protocol import PATH_BROKER
 from gatehouse.tenants import Tenants, TenantsError, load_tenants
@@ -78,6 +78,11 @@ class CmSettings:
     license_server_url: str = ""
     log_level: str = "info"
     grant_secret: bytes = field(default=b"", repr=False)
+    # Multi-site (docs/multisite.md): this CM's site ("" = none) and the gateway of each other site,
+    # where the clients of that site's desktops are sent (sorted by site; this CM's own site may be
+    # listed, so every CM can get the same map, and is not used: its own SG or direct mode serve it).
+    site: str = ""
+    site_gateways: tuple[tuple[str, sites.Gateway], ...] = ()
     # Tenants sharing this CM (docs/tenants.md): read from tenants_file at start and on SIGHUP.
     # Empty tenants_file: no tenants, the CM serves every host name with broker_url.
     tenants_file: str = ""
@@ -103,6 +108,19 @@ class CmSettings:
                 secret = grant.decode_secret(secret_text)
             except ValueError as exc:
                 raise ConfigError(f"GrantSecret: {exc}") from None
+        try:
+            site = sites.check_site(cfg.str("Site"), "Site")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            site_gateways = sites.parse_site_gateways(cfg.list("SiteGateways"))
+        except ValueError as exc:
+            raise ConfigError(f"SiteGateways: {exc}") from None
+        if site_gateways and not secret_text:
+            raise ConfigError(
+                "GrantSecret is required with SiteGateways (the grants for other sites' gateways; "
+                "set GATEHOUSE_GRANTSECRET in cmsg.env, the same on every site)"
+            )
         identity_cert = cfg.str("IdentityCert")
         identity_key = cfg.str("IdentityKey")
         if bool(identity_cert) != bool(identity_key):
@@ -155,10 +173,16 @@ class CmSettings:
             license_server_url=cfg.str("LicenseServerUrl"),
             log_level=cfg.log_level(),
             grant_secret=secret,
+            site=site,
+            site_gateways=tuple(sorted(site_gateways.items())),
             tenants_file=tenants_file,
             tenants=tenants,
             http=HttpLimits.from_config(cfg, **HTTP_DEFAULTS, trusted_proxies=trusted),
         )
+
+    def site_gateway(self, site: str) -> sites.Gateway | None:
+        """The gateway of another ``site`` (None: not configured)."""
+        return dict(self.site_gateways).get(site)
 
     def external_pcoip_ip_of(self, version: int) -> str:
         """The external address of IP ``version`` (4 or 6), or "" when there is none."""

@@ -1,4 +1,10 @@
-"""Where a client goes after allocate-resource: the SG with a grant, or the agent itself."""
+"""Where a client goes after allocate-resource: the SG with a grant, or the agent itself.
+
+Multi-site (docs/multisite.md): a desktop of this CM's own site, or of no site, is reached as
+before (this host's SG, or directly); a desktop of another site through that site's gateway
+(``SiteGateways``), with a grant sealed for that site's key. A desktop of a site without a
+configured gateway is refused before the agent is asked to launch anything.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,30 @@ from cryptography.x509.oid import NameOID
 from gatehouse import protocol as p
 from gatehouse.cm.settings import CmSettings
 from gatehouse.grant import GrantSealer
+from gatehouse.sites import Gateway
 
 GRANT_TTL = 30.0
+
+
+class NoSiteGateway(Exception):
+    """The desktop belongs to another site whose gateway this CM does not know."""
+
+    def __init__(self, site: str) -> None:
+        super().__init__(f"no gateway is configured for site {site!r} (SiteGateways)")
+        self.site = site
+
+
+def site_gateway(settings: CmSettings, site: str) -> Gateway | None:
+    """The other site's gateway for a desktop of ``site``, or None: this CM's own way serves it.
+
+    Raises NoSiteGateway for another site that SiteGateways does not name.
+    """
+    if not site or site == settings.site:
+        return None
+    gateway = settings.site_gateway(site)
+    if gateway is None:
+        raise NoSiteGateway(site)
+    return gateway
 
 
 def _is_ip(value: str) -> bool:
@@ -53,8 +81,27 @@ def build_target(
     agent: p.AgentInfo,
     info: p.SessionInfo,
     gateway_sni: str = "",
+    remote: tuple[Gateway, GrantSealer] | None = None,
 ) -> p.Target:
-    """Gateway mode: the SG's external address and a grant; direct mode: the agent and its session-tag."""
+    """Gateway mode: the SG's external address and a grant; direct mode: the agent and its session-tag.
+
+    ``remote``: another site's gateway and the sealer of its site's key (:func:`site_gateway`),
+    in either mode; the TLS name is the gateway's DNS name, if it has one.
+    """
+    if remote is not None:
+        gateway, site_sealer = remote
+        connect_tag = site_sealer.mint(
+            session_id, info.ip_address, info.port, info.session_tag, client_ip, ttl=GRANT_TTL
+        )
+        name = "" if gateway.is_ip else gateway.host
+        return p.Target(
+            ip_address=gateway.host,
+            port=gateway.port,
+            session_id=session_id,
+            connect_tag=connect_tag,
+            hostname=name,
+            sni=name,
+        )
     if settings.enable_security_gateway:
         if sealer is None:
             raise ValueError("the security gateway is enabled but no grant secret is configured")

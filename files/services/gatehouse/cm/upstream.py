@@ -293,7 +293,7 @@ class Upstream:
         reply = self._parse(AGENT, raw, "pcoip-agent")
         if isinstance(reply, p.ErrorResp):
             raise UpstreamError(AGENT, "error", f"agent answered error-resp {reply.result_id}")
-        if type(reply) is not expected:
+        if reply.tag != expected.tag:
             raise UpstreamError(AGENT, "invalid", f"agent answered <{reply.tag}> to {request}")
         assert isinstance(reply, p.LaunchSessionResp)  # JoinSessionResp is one too
         if reply.result_id != p.LAUNCH_OK:

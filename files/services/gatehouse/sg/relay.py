@@ -73,7 +73,7 @@ class Gateway:
         self.stats = stats
         self.udp = udp
         self.refusals = Refusals(stats, log)
-        self.sealer = GrantSealer(settings.grant_secret)
+        self.sealer = GrantSealer(settings.grant_secret, settings.site)
         # With tenants: the tenants and each one's sealer (its own derived key); see open_grant.
         self.tenants: Tenants = settings.tenants
         self.tenant_sealers: dict[str, GrantSealer] = {}
@@ -87,7 +87,8 @@ class Gateway:
     def set_tenants(self, tenants: Tenants) -> None:
         """Serve ``tenants`` from now on (sessions already relaying are not affected)."""
         self.tenant_sealers = {
-            t.name: self.tenant_sealers.get(t.name) or GrantSealer(self.settings.grant_secret, tenant=t.name)
+            t.name: self.tenant_sealers.get(t.name)
+            or GrantSealer(self.settings.grant_secret, self.settings.site, tenant=t.name)
             for t in tenants.tenants
         }
         self.tenants = tenants

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from gatehouse.config import Config, ConfigError, env_name
 from gatehouse.grant import decode_secret
+from gatehouse.sites import check_site
 from gatehouse.tenants import Tenants, TenantsError, load_tenants
 
 # Not configuration keys.
@@ -62,6 +63,9 @@ class SgSettings:
     grant_secret: bytes = field(repr=False)
     forward_to: tuple[tuple[str, int], ...] = ()
     proxy_protocol_sources: tuple[Network, ...] = ()
+    # The site this gateway serves ("" = none): it accepts only grants sealed for this site's key
+    # (gatehouse.grant, docs/multisite.md). A forwarder opens no grants: there it has no effect.
+    site: str = ""
     # Tenants sharing this SG (docs/tenants.md), from TenantsFile at start and on SIGHUP: the TLS
     # server name picks the tenant whose grant key opens the grant, and the grant's agent must be
     # within the tenant's agent_networks. Empty tenants_file: no tenants (g1. grants only).
@@ -108,6 +112,10 @@ class SgSettings:
                 secret = decode_secret(secret_text)
             except ValueError as exc:
                 raise ConfigError(f"GrantSecret ({env_name('GrantSecret')} in cmsg.env): {exc}") from None
+        try:
+            site = check_site(cfg.str("Site"), "Site")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         max_connections = cfg.int("MaxConnections", 5000, minimum=1)
         source_port = cfg.int("AgentUdpSourcePort", 55000, minimum=1, maximum=65535)
         # One agent-side port per relayed session; by default as many as MaxConnections allows.
@@ -144,6 +152,7 @@ class SgSettings:
             grant_secret=secret,
             forward_to=forward_to,
             proxy_protocol_sources=tuple(cfg.networks("ProxyProtocolSources")),
+            site=site,
             tenants_file=tenants_file,
             tenants=tenants,
         )
