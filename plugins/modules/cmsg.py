@@ -56,7 +56,8 @@ options:
     description:
       - URL of the broker, C(https://host:port), C(https://ip:port) or C(https://[ipv6]:port), optionally
         followed by C(/pcoip-broker/xml). Required with O(state=present), except on a forwarding security
-        gateway (O(forward_to)), which runs no connection manager.
+        gateway (O(forward_to)), which runs no connection manager, and with O(tenants), where every tenant
+        names its own broker.
     type: str
   broker_ca_cert:
     description: CA bundle on the target to verify the broker, copied to C(certs/broker-ca.pem). Default is the
@@ -286,6 +287,43 @@ options:
       - A multi-site deployment gives every connection manager and security gateway of every site the same
         secret (from a vault); each site still gets its own grant key, derived from the secret and the site.
     type: str
+  tenants:
+    description:
+      - Tenants sharing this connection manager and security gateway, each with its own broker (its users,
+        directory and desktops) and its own public host name(s); several names may resolve to one address
+        (a HALB VIP). See docs/tenants.md.
+      - The client's TLS server name (SNI) and HTTP C(Host) pick the tenant; an unknown name is refused. A
+        client session, a grant and an invitation are bound to their tenant. The certificate (O(ssl_cert) or
+        O(self_signed)) must carry every tenant host name (SAN entries or a wildcard).
+      - Written to C(data/tenants.json) and named as C(TenantsFile) in C(config.properties) and
+        C(SecurityGateway.conf). Going from no tenants to some (or back) recreates the containers; adding,
+        changing or removing a tenant afterwards only rewrites C(tenants.json) and signals both services
+        (C(SIGHUP)), which keeps the containers and the other tenants' sessions. The sessions of a removed or
+        changed tenant end.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      name:
+        description: The tenant's name, 1 to 32 characters of C(a-z), C(0-9) and C(-) (in grants and logs).
+        type: str
+        required: true
+      host_names:
+        description: The tenant's public host names (FQDNs); each belongs to one tenant only.
+        type: list
+        elements: str
+        required: true
+      broker_url:
+        description: The tenant's broker, C(https://host:port) as for O(broker_url), verified with O(broker_ca_cert).
+        type: str
+        required: true
+      agent_networks:
+        description:
+          - Addresses or CIDRs of the tenant's desktops. When set, the connection manager refuses a desktop its
+            broker allocates outside them and the security gateway refuses a grant whose agent is outside them.
+        type: list
+        elements: str
+        default: []
 seealso:
   - module: gatehouse.access.certificate
   - module: gatehouse.access.broker
@@ -379,6 +417,24 @@ EXAMPLES = r"""
       site1: 203.0.113.100:4172
       site2: 198.51.100.100:4172
     grant_secret: "{{ vault_gatehouse_grant_secret }}"
+
+- name: Shared CM and security gateway for two tenants, each with its own broker and host name
+  gatehouse.access.cmsg:
+    accept_policies: true
+    external_pcoip_ip: [203.0.113.30]
+    ssl_cert: /root/certs/tenants.pem  # SANs: desktops.tenant-a.example, desktops.tenant-b.example
+    ssl_key: /root/certs/tenants.key
+    broker_ca_cert: /opt/gatehouse/pki/ca.pem
+    agent_ca_cert: /opt/gatehouse/pki/ca.pem
+    tenants:
+      - name: tenant-a
+        host_names: [desktops.tenant-a.example]
+        broker_url: https://broker.tenant-a.internal:443
+        agent_networks: [10.31.0.0/16]
+      - name: tenant-b
+        host_names: [desktops.tenant-b.example]
+        broker_url: https://broker.tenant-b.internal:443
+        agent_networks: [10.32.0.0/16]
 
 - name: Uninstall
   gatehouse.access.cmsg:

@@ -9,6 +9,12 @@ Multi-site (docs/multisite.md): the key is derived from the secret *and the site
 is to accept the grant, so one secret shared by the CMs and SGs of every site still gives each
 site its own key: a grant minted for site B's gateway is refused as forged by site A's SGs, and
 the reverse. The empty site (single-site deployments) derives the key it always did.
+
+Tenants (docs/tenants.md): a tenant's grants are sealed under a key derived (HKDF, info naming the
+tenant) from the same secret, carry the tenant's name in clear after the prefix (``g1t.<name>.``)
+and in the AEAD's associated data. A sealer opens only its own tenant's grants (``wrong-tenant``
+otherwise, and a grant relabelled with another name fails authentication); a sealer without a
+tenant opens only tenant-less grants, so deployments without tenants keep the ``g1.`` format.
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MAX_TTL = 60.0
 PREFIX = "g1."
+TENANT_PREFIX = "g1t."
 _AAD = b"gatehouse connect-tag v1"
 MAX_TOKEN_LENGTH = 1024
 
 
 class GrantError(Exception):
-    """The grant is refused; ``reason`` is one of forged, expired, replayed, wrong-client, malformed."""
+    """The grant is refused; ``reason`` is one of forged, expired, replayed, wrong-client, malformed,
+    wrong-tenant."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -49,6 +57,7 @@ class Grant:
     client_ip: str
     expires: float
     nonce: bytes
+    tenant: str = ""
 
 
 def generate_secret() -> str:
@@ -65,8 +74,9 @@ def decode_secret(text: str) -> bytes:
     return raw
 
 
-def _key(secret: bytes, site: str = "") -> AESGCM:
+def _key(secret: bytes, site: str = "", *, tenant: str = "") -> AESGCM:
     info = b"gatehouse grant key" + (b"\x00site=" + site.encode("ascii") if site else b"")
+    info += (b"\x00tenant=" + tenant.encode("ascii")) if tenant else b""
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
     return AESGCM(key)
 
@@ -80,11 +90,16 @@ def _norm_ip(ip: str) -> str:
 
 class GrantSealer:
     """Mints and opens grants with one derived key (derive once; it is on the hot path): the key of
-    ``site``'s gateways (empty: no site)."""
+    ``site``'s gateways (empty: no site) and of ``tenant`` (a tenant name, see gatehouse.tenants;
+    empty: no tenant), which also gives the grants their label.
+    """
 
-    def __init__(self, secret: bytes, site: str = "") -> None:
+    def __init__(self, secret: bytes, site: str = "", *, tenant: str = "") -> None:
         self.site = site
-        self._aead = _key(secret, site)
+        self.tenant = tenant
+        self._aead = _key(secret, site, tenant=tenant)
+        self._prefix = f"{TENANT_PREFIX}{tenant}." if tenant else PREFIX
+        self._aad = _AAD + (b"\x00tenant=" + tenant.encode("ascii") if tenant else b"")
 
     def mint(
         self,
@@ -111,14 +126,18 @@ class GrantSealer:
             separators=(",", ":"),
         ).encode()
         nonce = os.urandom(12)
-        sealed = self._aead.encrypt(nonce, payload, _AAD)
-        return PREFIX + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode("ascii")
+        sealed = self._aead.encrypt(nonce, payload, self._aad)
+        return self._prefix + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode("ascii")
 
     def open(self, token: str, client_ip: str, now: float | None = None) -> Grant:
         """Authenticate and check a grant; raises GrantError. Replay is the caller's ReplayCache."""
-        if not token.startswith(PREFIX) or len(token) > MAX_TOKEN_LENGTH:
+        if len(token) > MAX_TOKEN_LENGTH:
             raise GrantError("malformed")
-        body = token[len(PREFIX) :]
+        if not token.startswith(self._prefix):
+            if token.startswith((PREFIX, TENANT_PREFIX)):
+                raise GrantError("wrong-tenant")
+            raise GrantError("malformed")
+        body = token[len(self._prefix) :]
         try:
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         except (binascii.Error, ValueError):
@@ -127,7 +146,7 @@ class GrantSealer:
             raise GrantError("malformed")
         nonce, sealed = raw[:12], raw[12:]
         try:
-            payload = json.loads(self._aead.decrypt(nonce, sealed, _AAD))
+            payload = json.loads(self._aead.decrypt(nonce, sealed, self._aad))
             grant = Grant(
                 session_id=str(payload["s"]),
                 agent_host=str(payload["a"]),
@@ -136,6 +155,7 @@ class GrantSealer:
                 client_ip=str(payload["c"]),
                 expires=float(payload["e"]),
                 nonce=nonce,
+                tenant=self.tenant,
             )
         except InvalidTag:
             raise GrantError("forged") from None

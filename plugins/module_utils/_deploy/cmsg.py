@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -76,7 +77,25 @@ ARGUMENT_SPEC: dict = dict(
     site={"type": "str", "default": ""},
     site_gateways={"type": "dict", "default": {}},
     grant_secret={"type": "str", "no_log": True},
+    tenants={
+        "type": "list",
+        "elements": "dict",
+        "default": [],
+        "options": {
+            "name": {"type": "str", "required": True},
+            "host_names": {"type": "list", "elements": "str", "required": True},
+            "broker_url": {"type": "str", "required": True},
+            "agent_networks": {"type": "list", "elements": "str", "default": []},
+        },
+    },
 )
+# Tenants (docs/tenants.md): the option is written to data/tenants.json, which config.properties
+# and SecurityGateway.conf name as TenantsFile only when there are tenants (other deployments keep
+# their files and containers). The services take a changed tenants.json up on SIGHUP, so adding
+# or removing a tenant keeps the containers and the other tenants' sessions.
+TENANTS_FILE = "tenants.json"
+TENANTS_KEY = "TenantsFile"
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 # The options that reach the CM's config.properties as they are (after validation), and their keys.
 # The keys are the seed-style ones; the CM's settings field of each has the option's name, which
 # tests/unit/plugins/test_cmsg_names.py holds equal, so a concept keeps one name.
@@ -232,10 +251,11 @@ def validate(params: dict, used_networks) -> dict:
     values["proxy_protocol_sources"] = networks_of(params, "proxy_protocol_sources", errors)
     if forwarder:
         return validate_forwarder(params, values, errors)
-    if not params["broker_url"]:
+    values["tenants"] = tenant_entries(params["tenants"], errors)
+    if not params["broker_url"] and not values["tenants"]:
         errors.append(
             "broker_url is required with state=present (unless forward_to makes this host a forwarding "
-            "security gateway)"
+            "security gateway, or tenants gives every tenant its broker_url)"
         )
     if not params["accept_policies"]:
         errors.append(
@@ -330,6 +350,54 @@ def validate(params: dict, used_networks) -> dict:
     return values
 
 
+def tenant_entries(tenants: list[dict], errors: list[str]) -> list[dict]:
+    """The tenants option, checked and normalised as tenants.json holds it (docs/tenants.md)."""
+    result: list[dict] = []
+    owner: dict = {}
+    for tenant in tenants:
+        name = tenant["name"]
+        if not TENANT_NAME.match(name or ""):
+            errors.append("tenants: name %r must be 1-32 characters of a-z, 0-9 and '-'" % name)
+            continue
+        if any(t["name"] == name for t in result):
+            errors.append("tenants: %s is listed twice" % name)
+            continue
+        hosts = []
+        for host in tenant["host_names"] or []:
+            host_name = host.strip().rstrip(".").lower()
+            if not dep.is_fqdn(host_name):
+                errors.append("tenants: %s: host name %r is not a fully qualified domain name" % (name, host))
+            elif host_name in owner:
+                errors.append(
+                    "tenants: %s: host name %s is already tenant %s's" % (name, host_name, owner[host_name])
+                )
+            else:
+                owner[host_name] = name
+                hosts.append(host_name)
+        if not tenant["host_names"]:
+            errors.append("tenants: %s: host_names needs the tenant's public host name(s)" % name)
+        dep.validate_https_url(
+            tenant["broker_url"],
+            "tenants: %s: broker_url" % name,
+            errors,
+            require_port=True,
+            paths=BROKER_PATHS,
+        )
+        entry = {
+            "name": name,
+            "host_names": hosts,
+            "broker_url": tenant["broker_url"],
+            "agent_networks": networks_of(tenant, "agent_networks", errors),
+        }
+        result.append(entry)
+    return result
+
+
+def tenants_json(values: dict) -> bytes:
+    """data/tenants.json: the tenants in option order, one stable rendering (no needless rewrite)."""
+    return (json.dumps(values["tenants"], indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
 def networks_of(params: dict, name: str, errors: list[str]) -> list[str]:
     """The entries of a list option of addresses or CIDRs, normalised to networks."""
     nets = []
@@ -395,6 +463,7 @@ def validate_forwarder(params: dict, values: dict, errors: list[str]) -> dict:
             ("agent_ca_cert", "connection to an agent"),
             ("grant_secret", "grant secret"),
             ("site_gateways", "connection manager"),
+            ("tenants", "grant check; give the tenants to the inner gateways"),
         )
         if params[name]
     ]
@@ -563,6 +632,8 @@ def config_properties(params: dict, values: dict) -> bytes:
             option("enable_collaboration"),
             option("host_address"),
             option("license_server_url"),
+            # Only with tenants: earlier files (and their containers) stay the same without.
+            *([(TENANTS_KEY, "/data/" + TENANTS_FILE)] if values.get("tenants") else []),
             ("AdminAddress", params["admin_address"].strip()),
             ("AdminPort", CM_ADMIN_PORT),
             option("log_level"),
@@ -601,6 +672,7 @@ def security_gateway_conf(params: dict, values: dict | None = None) -> bytes:
             ("AgentTlsVerify", params["agent_tls_verify"]),
             # An inner SG of a double-hop DMZ; absent otherwise (earlier files stay the same).
             *([(SG_OPTION_KEYS["proxy_protocol_sources"], sources)] if sources else []),
+            *([(TENANTS_KEY, "/data/" + TENANTS_FILE)] if values.get("tenants") else []),
             ("AdminAddress", params["admin_address"].strip()),
             ("AdminPort", SG_ADMIN_PORT),
             ("LogLevel", params["log_level"]),
@@ -743,6 +815,24 @@ def _used_networks(cli, names: Names):
     return probe
 
 
+def _sighup(name: str):
+    """The Reload of a kept CM or SG whose tenants.json changed: SIGHUP, which re-reads it."""
+
+    def apply(cli, changed, removed, check_mode: bool) -> list:
+        if not check_mode:
+            container = ctr.find_container(cli, name)
+            if container is not None and container.status == "running":
+                try:
+                    container.kill(signal="SIGHUP")
+                except Exception as exc:  # the SDK's APIError, wrapped as the engine expects
+                    raise ctr.ContainerError(
+                        "cannot signal %s to reload its tenants: %s" % (name, exc)
+                    ) from None
+        return ["reloaded the tenants of %s (SIGHUP)" % name]
+
+    return apply
+
+
 def run(module) -> dict:
     params = module.params
     names = Names(params["name_prefix"])
@@ -759,7 +849,7 @@ def uninstall(cli, params: dict, names: Names, check_mode: bool) -> dict:
         check_mode,
         params["data_dir"],
         [names.sg, names.cm],
-        data_files=(*CONFIG_FILES.values(), "cmsg.env"),
+        data_files=(*CONFIG_FILES.values(), "cmsg.env", TENANTS_FILE),
         cert_files=(BROKER_CA, AGENT_CA, IDENTITY_CERT, IDENTITY_KEY),
         managed_by="gatehouse.access.cmsg",
         network_name=names.network,
@@ -833,8 +923,12 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
     env = PlannedFile(
         env_path, cmsg_env(secret, params["log_level"]), 0o600, uid, gid, mask=mask_env_values({SECRET_KEY})
     )
+    if values.get("tenants"):
+        configs["tenants"] = PlannedFile(
+            os.path.join(data, TENANTS_FILE), tenants_json(values), 0o644, uid, gid
+        )
     files = [
-        *(configs[k] for k in ("cm", "sg") if k in configs),
+        *(configs[k] for k in ("cm", "sg", "tenants") if k in configs),
         env,
         *tls,
         *(f for f in extra if f is not None),
@@ -847,6 +941,7 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
                 "config": sha256(configs[spec["service"]].data),
                 "network": network["subnets"] if network else None,
             },
+            reload=engine.Reload(apply=_sighup(spec["name"]), files=(TENANTS_FILE,)),
         )
         for spec in container_specs(params, names, refs, host_label)
     ]

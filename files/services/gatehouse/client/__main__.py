@@ -114,6 +114,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--ipv6", action="store_true", help="use the target's IPv6 address when it has one")
     parser.add_argument("--source-address", metavar="IP", help="local address to connect from")
+    parser.add_argument(
+        "--server-name",
+        metavar="HOST",
+        help="host name to ask the CM for (TLS SNI and Host) while connecting to the --url address: "
+        "a tenant's name",
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per step (default 30)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
@@ -231,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "tcp_bytes": args.bytes,
         "udp_datagrams": args.udp,
         "source_address": args.source_address,
+        "server_name": args.server_name,
         "prefer_ipv6": args.ipv6,
         "step_timeout": args.timeout,
         "connect": not args.no_connect,

@@ -116,8 +116,16 @@ class CmConnection:
         log_id: str | None = None,
         source_address: str | None = None,
         timeout: float = 30.0,
+        server_name: str | None = None,
     ) -> None:
+        """``server_name``: the host name to ask for (TLS SNI and Host) while connecting to the
+        URL's address, as a client does whose DNS resolves a tenant's name to the CM (or VIP)."""
         self.url = endpoint(url)
+        self.server_name = server_name
+        self._host_header = ""
+        if server_name:
+            port = urlsplit(self.url).port
+            self._host_header = server_name if port in (None, 443) else f"{server_name}:{port}"
         jar: aiohttp.abc.AbstractCookieJar = (
             aiohttp.CookieJar(unsafe=True) if use_cookie else aiohttp.DummyCookieJar()
         )
@@ -137,7 +145,11 @@ class CmConnection:
 
     async def post_raw(self, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         send = {"Content-Type": p.CONTENT_TYPE, **(headers or {})}
-        async with self.http.post(self.url, data=body, headers=send) as resp:
+        if self._host_header:
+            send.setdefault("Host", self._host_header)
+        async with self.http.post(
+            self.url, data=body, headers=send, server_hostname=self.server_name
+        ) as resp:
             return resp.status, await resp.read()
 
     async def send(self, message: p.Message) -> p.Message:
@@ -378,6 +390,7 @@ async def run_session(
     challenge_passcode: PasscodeSource | None = None,
     hold: Callable[[Holding], Awaitable[None]] | None = None,
     hello_timeout: float | None = None,
+    server_name: str | None = None,
 ) -> SessionReport:
     """Run the whole session; never raises for a failed step (it is in the report).
 
@@ -394,6 +407,9 @@ async def run_session(
 
     ``connect_to`` replaces the target address (e.g. to reach an SG that advertises an external
     address through a local port); the TLS name still comes from the target.
+
+    ``server_name`` is the CM's host name to ask for (SNI and Host) while connecting to ``url``'s
+    address: a tenant's name (docs/tenants.md).
     """
     report = SessionReport(url=url)
     cm = CmConnection(
@@ -403,6 +419,7 @@ async def run_session(
         log_id=log_id,
         source_address=source_address,
         timeout=step_timeout,
+        server_name=server_name,
     )
 
     async def resource_list() -> tuple[p.Resource, str, str]:
@@ -677,13 +694,16 @@ async def join_session(
     challenge_passcode: PasscodeSource | None = None,
     hold: Callable[[OpenChannel], Awaitable[None]] | None = None,
     hello_timeout: float | None = None,
+    server_name: str | None = None,
 ) -> SessionReport:
     """A collaborator's session: hello, authenticate (any user), redeem-invitation with the owner's
     code, then connect, tcp-echo, udp-echo on the owner's desktop session, and bye. Never raises
     for a failed step. ``report.session_id`` is the collaborator's own session id; ``hello_timeout``
     as for :func:`run_session`."""
     report = SessionReport(url=url)
-    cm = CmConnection(url, ssl_context, source_address=source_address, timeout=step_timeout)
+    cm = CmConnection(
+        url, ssl_context, source_address=source_address, timeout=step_timeout, server_name=server_name
+    )
 
     async def redeem() -> tuple[p.Target, str, str]:
         request = p.RedeemInvitation(invitation_code)

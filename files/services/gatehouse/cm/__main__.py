@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import ssl
 import sys
 
@@ -12,6 +13,7 @@ from gatehouse import logs, tls, web
 from gatehouse.cm.server import ConnectionManager
 from gatehouse.cm.settings import CmSettings
 from gatehouse.config import Config, ConfigError
+from gatehouse.tenants import ServerNames, TenantsError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +35,15 @@ def check_ca(key: str, path: str) -> None:
 async def serve(settings: CmSettings) -> None:
     nofile = web.raise_nofile_limit()
     ssl_context = tls.server_context(settings.ssl_cert, settings.ssl_key, "cm")
-    cm = ConnectionManager(settings)
+    # The tenant of a request is chosen by the name the client asked for in TLS (and in Host); a
+    # tenant with its own certificate gets it presented (checked in main()).
+    names = ServerNames("cm")
+    names.use(names.contexts_for(settings.tenants))
+    ssl_context.sni_callback = names
+    cm = ConnectionManager(settings, names)
+    if settings.tenants_file:
+        # Tenants are added and removed by rewriting TenantsFile and sending SIGHUP: no restart.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, cm.reload_tenants)
     cm.metrics.registry.register(tls.CertificateExpiry.of_files(settings.ssl_cert, settings.identity_cert))
     hosts = [settings.listen_address]
     if settings.enable_ipv6 and settings.listen_address == "0.0.0.0":
@@ -67,6 +77,7 @@ async def serve(settings: CmSettings) -> None:
                 "redirect_port": settings.redirect_port,
                 "admin_port": settings.http.admin_port,
                 "broker": settings.broker_url,
+                "tenants": ",".join(t.name for t in settings.tenants.tenants),
                 "gateway": settings.enable_security_gateway,
                 "nofile": nofile,
             },
@@ -85,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         tls.server_context(settings.ssl_cert, settings.ssl_key, "cm")
         for key, path in (("BrokerCaCert", settings.broker_ca_cert), ("AgentCaCert", settings.agent_ca_cert)):
             check_ca(key, path)
+        for tenant in settings.tenants.tenants:
+            check_ca(f"TenantsFile: tenant {tenant.name}: broker_ca_cert", tenant.broker_ca_cert)
+        try:
+            ServerNames("cm").contexts_for(settings.tenants)
+        except TenantsError as exc:
+            raise ConfigError(f"TenantsFile: {exc}") from None
         if settings.identity_cert:
             try:
                 tls.client_context(None, False, cert=settings.identity_cert, key=settings.identity_key)

@@ -34,12 +34,14 @@ from gatehouse.cm.sessions import (
     State,
     check_transition,
 )
-from gatehouse.cm.settings import CmSettings
+from gatehouse.cm.settings import CmSettings, read_tenants
 from gatehouse.cm.target import NoSiteGateway, build_target, gateway_name, site_gateway
 from gatehouse.cm.upstream import Upstream, UpstreamError
+from gatehouse.config import ConfigError
 from gatehouse.grant import GrantSealer
 from gatehouse.logs import SessionLogger
 from gatehouse.sites import Gateway
+from gatehouse.tenants import SNI_ATTRIBUTE, ServerNames, Tenant, Tenants, TenantsError, normal_host
 from gatehouse.web import add_health, client_ip
 
 log = logging.getLogger("gatehouse.cm")
@@ -53,6 +55,31 @@ CM_KEY = web.AppKey("cm", "ConnectionManager")
 # CM out of the HALB's rotation within about a second (the HALB then needs its own fall count).
 SG_POLL_INTERVAL = 0.5
 SG_POLL_TIMEOUT = 0.5
+
+
+class Misdirected(Exception):
+    """With tenants: the request's host name (SNI, Host) names no tenant, or another tenant's session.
+
+    Answered with HTTP 421 and an ``<error-resp>`` (FAILED_MALFORMED_REQUEST) naming the problem;
+    the session of another tenant is neither used nor touched.
+    """
+
+
+def same_broker(old: Tenant, new: Tenant) -> bool:
+    """Whether a tenant's sessions survive a reload: the same broker, CA and agent networks."""
+    return (old.broker_url, old.broker_ca_cert, old.agent_networks) == (
+        new.broker_url,
+        new.broker_ca_cert,
+        new.agent_networks,
+    )
+
+
+def request_host(request: web.Request) -> str:
+    """The Host header's name, without the port, as tenants compare it."""
+    host = request.headers.get("Host", "")
+    if host.startswith("["):
+        return normal_host(host[1 : host.find("]")] if "]" in host else host[1:])
+    return normal_host(host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
 
 
 class Busy(Exception):
@@ -86,8 +113,10 @@ class Outcome:
 
 
 class ConnectionManager:
-    def __init__(self, settings: CmSettings) -> None:
+    def __init__(self, settings: CmSettings, server_names: ServerNames | None = None) -> None:
         self.settings = settings
+        # The TLS server name callback of the client-facing context (tenants' own certificates).
+        self.server_names = server_names
         self.table = SessionTable(
             settings.max_clients,
             settings.idle_timeout,
@@ -102,6 +131,11 @@ class ConnectionManager:
         self.sealer = GrantSealer(secret, settings.site) if secret else None
         # One key per other site's gateways (docs/multisite.md); the settings require the secret.
         self.site_sealers = {site: GrantSealer(secret, site) for site, _gw in settings.site_gateways}
+        # Tenants (docs/tenants.md): replaced as a whole by reload_tenants(); each has its own
+        # grant key, derived from the shared secret (and this CM's site).
+        self.tenants: Tenants = settings.tenants
+        self.tenant_sealers: dict[str, GrantSealer] = {}
+        self._set_tenants(settings.tenants)
         self.invitations = InvitationBook(settings.invitation_ttl, settings.max_invitations_per_session)
         self.gateway_sni = gateway_name(settings.host_address, settings.ssl_cert)
         self.hostname = next(iter(settings.host_address), "") or socket.gethostname()
@@ -116,11 +150,97 @@ class ConnectionManager:
             invitations=self.invitations.outstanding,
         )
         self.upstream: Upstream | None = None
-        self.domains: list[str] = []  # last domains the broker offered, for probes
+        # The domains each broker (by tenant name, "" without tenants) last offered, for probes.
+        self.domains: dict[str, list[str]] = {}
         self.ready = False
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._sg_poller: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ tenants
+
+    def _set_tenants(self, tenants: Tenants) -> None:
+        if self.settings.grant_secret:
+            self.tenant_sealers = {
+                t.name: self.tenant_sealers.get(t.name)
+                or GrantSealer(self.settings.grant_secret, self.settings.site, tenant=t.name)
+                for t in tenants.tenants
+            }
+        self.tenants = tenants
+
+    def reload_tenants(self) -> bool:
+        """Read TenantsFile again (SIGHUP): added tenants are served, removed ones' sessions end.
+
+        A tenant whose broker_url, broker CA or agent networks changed also has its sessions ended
+        (they belong to the old broker); the other tenants' sessions are untouched. A file that
+        cannot be used changes nothing (logged). Returns whether the new file was taken up.
+        """
+        if not self.settings.tenants_file:
+            log.warning("SIGHUP: no TenantsFile is configured; nothing to reload")
+            return False
+        try:
+            new = read_tenants(self.settings.tenants_file)
+        except ConfigError as exc:
+            log.error("tenants not reloaded, the current ones stay: %s", exc)
+            return False
+        contexts = None
+        if self.server_names is not None:
+            try:
+                contexts = self.server_names.contexts_for(new)
+            except TenantsError as exc:
+                log.error("tenants not reloaded, the current ones stay: TenantsFile: %s", exc)
+                return False
+        old = {t.name: t for t in self.tenants.tenants}
+        kept = {t.name for t in new.tenants if t.name in old and same_broker(old[t.name], t)}
+        ended = 0
+        for session in self.table.sessions():
+            if session.tenant is not None and session.tenant.name not in kept:
+                if self.table.remove(session):
+                    ended += 1
+                    SessionLogger(log, session.session_id).info(
+                        "session ended: its tenant was removed or changed",
+                        extra={"tenant": session.tenant.name},
+                    )
+                    self._broker_bye(session)
+        for name in set(self.domains) - kept:
+            self.domains.pop(name, None)
+        self._set_tenants(new)
+        if self.server_names is not None and contexts is not None:
+            self.server_names.use(contexts)
+        if self.upstream is not None:
+            self.upstream.forget_broker_contexts()
+        log.info(
+            "tenants reloaded",
+            extra={
+                "tenants": ",".join(t.name for t in new.tenants),
+                "added": ",".join(sorted({t.name for t in new.tenants} - set(old))),
+                "removed": ",".join(sorted(set(old) - {t.name for t in new.tenants})),
+                "sessions_ended": ended,
+            },
+        )
+        return True
+
+    def tenant_of(self, request: web.Request) -> Tenant | None:
+        """The request's tenant (None without tenants); raises Misdirected.
+
+        The TLS server name (SNI) and the Host header must both be host names of one tenant: a
+        client that reaches a tenant's name by TLS and asks for another's in HTTP is refused.
+        """
+        if not self.settings.tenants_file:
+            return None
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        sni = getattr(ssl_object, SNI_ATTRIBUTE, None)
+        if not sni:
+            raise Misdirected(
+                "this connection manager serves tenants: connect with a tenant's host name (TLS SNI)"
+            )
+        tenant = self.tenants.by_host(sni)
+        if tenant is None:
+            raise Misdirected(f"unknown host name {normal_host(sni)[:253]!r}: no tenant is served under it")
+        host = request_host(request)
+        if self.tenants.by_host(host) != tenant:
+            raise Misdirected("the Host header and the TLS server name (SNI) name different tenants")
+        return tenant
 
     def healthy(self) -> bool:
         """/health: serving, and the co-located SG (when followed) answers its own /health."""
@@ -189,6 +309,7 @@ class ConnectionManager:
         redirect. It is kept only when it names the CM (HostAddress or a specific ListenAddress).
         """
         own = [h for h in self.settings.host_address if h]
+        own.extend(self.tenants.host_names)
         listen = self.settings.listen_address
         if listen and listen not in ("0.0.0.0", "::"):
             own.append(listen)
@@ -288,6 +409,8 @@ class ConnectionManager:
         except Busy as exc:
             self.metrics.busy.labels(exc.limit).inc()
             outcome = Outcome(p.ErrorResp(p.E_BUSY, str(exc)), 503)
+        except Misdirected as exc:
+            outcome = Outcome(p.ErrorResp(p.E_MALFORMED, str(exc)), 421, details={"refused": "tenant"})
         except UpstreamError as exc:
             outcome = Outcome(p.ErrorResp(p.E_INTERNAL, exc.text), 200)
         except Exception:
@@ -328,6 +451,8 @@ class ConnectionManager:
         }
         if outcome.session is not None:
             extra["session_id"] = outcome.session.session_id
+            if outcome.session.tenant is not None:
+                extra["tenant"] = outcome.session.tenant.name
         if isinstance(outcome.message, p.ErrorResp):
             extra["reason"] = outcome.message.result_str
         if outcome.details:
@@ -342,13 +467,17 @@ class ConnectionManager:
 
     async def dispatch(self, request: web.Request, message: p.Message, ip: str) -> Outcome:
         log_id = request.headers.get(LOG_ID_HEADER, "")[:128]
+        tenant = self.tenant_of(request)
         # The connection object identifies the TLS connection (see SessionTable.find).
         connection = request.transport
         session = self.table.find(request.cookies.get(COOKIE), log_id, ip, connection=connection)
+        if session is not None and session.tenant_name != (tenant.name if tenant is not None else ""):
+            # Another tenant's cookie (or log id): refused, and that session is left as it was.
+            raise Misdirected("this session belongs to another host name; send <hello> on this one")
         if session is not None:
             session.touch()
         if isinstance(message, p.Hello):
-            return await self.hello(message, session, ip, log_id)
+            return await self.hello(message, session, ip, log_id, tenant, request_host(request))
         if isinstance(message, p.Bye):
             return self.bye(session)
         try:
@@ -380,21 +509,48 @@ class ConnectionManager:
             return Outcome(p.ErrorResp(p.E_BUSY, str(exc)), 503, session=session)
         raise p.ProtocolError(p.E_UNKNOWN, f"<{message.tag}> is not a request a client can send")
 
+    def _sealer(self, session: Session) -> GrantSealer | None:
+        """The grant sealer of the session's tenant (its own derived key), or the CM's."""
+        if session.tenant is None:
+            return self.sealer
+        return self.tenant_sealers.get(session.tenant.name)
+
+    def _check_tenant_agent(self, session: Session, address: str) -> None:
+        """A tenant's desktop must be within its agent_networks (when it has any)."""
+        tenant = session.tenant
+        if tenant is not None and not tenant.owns_agent(address):
+            raise UpstreamError(
+                "broker",
+                "error",
+                f"the broker of tenant {tenant.name} allocated {address}, outside its agent_networks",
+            )
+
     def _upstream_failed(self, session: Session, exc: UpstreamError) -> None:
         self.metrics.upstream_failures.labels(exc.upstream, exc.kind).inc()
-        SessionLogger(log, session.session_id).warning(
-            exc.text, extra={"upstream": exc.upstream, "reason": exc.detail, "client_ip": session.client_ip}
-        )
+        extra = {"upstream": exc.upstream, "reason": exc.detail, "client_ip": session.client_ip}
+        if session.tenant is not None:
+            extra["tenant"] = session.tenant.name
+        SessionLogger(log, session.session_id).warning(exc.text, extra=extra)
 
     def _upstream(self) -> Upstream:
         if self.upstream is None:
             raise p.ProtocolError(p.E_INTERNAL, "the connection manager is starting")
         return self.upstream
 
-    async def hello(self, message: p.Hello, old: Session | None, ip: str, log_id: str) -> Outcome:
+    async def hello(
+        self,
+        message: p.Hello,
+        old: Session | None,
+        ip: str,
+        log_id: str,
+        tenant: Tenant | None = None,
+        host_name: str = "",
+    ) -> Outcome:
+        key = tenant.name if tenant is not None else ""
         if message.is_query:
             # A probe (QueryBrokerClient): answered from what the CM knows; no session, no cookie.
-            return Outcome(p.HelloResp(hostname=self.hostname, domains=list(self.domains)), quiet=True)
+            domains = list(self.domains.get(key, []))
+            return Outcome(p.HelloResp(hostname=self.hostname, domains=domains), quiet=True)
         if old is not None:
             # A new hello restarts the client's flow: the old session and its broker session end.
             self.table.remove(old)
@@ -404,6 +560,8 @@ class ConnectionManager:
             session = self.table.create(ip, log_id)
         except SessionsFull as exc:
             raise Busy.full(exc) from None
+        session.tenant = tenant
+        session.host_name = host_name if tenant is not None else ""
         session.client_name = agent_call.client_name(message.client_info.hostname)
         session.client_mac = agent_call.client_mac(message.client_info.mac_address)
         upstream_hello = p.Hello(
@@ -420,7 +578,7 @@ class ConnectionManager:
         if not isinstance(reply, p.HelloResp):
             self.table.remove(session)
             return Outcome(self._unexpected(session, reply, "hello"), session=session)
-        self.domains = reply.domains
+        self.domains[key] = reply.domains
         resp = p.HelloResp(
             hostname=self.hostname, methods=reply.methods or [p.AUTH_PASSWORD], domains=reply.domains
         )
@@ -555,6 +713,7 @@ class ConnectionManager:
                 )
             if reply.agent is None:
                 raise UpstreamError("broker", "error", "broker allocated no agent")
+            self._check_tenant_agent(session, reply.agent.ip_address)
             try:
                 remote = self._site_route(reply.agent)
             except NoSiteGateway as exc:
@@ -567,14 +726,15 @@ class ConnectionManager:
                     details=details,
                 )
             info = await self._upstream().launch(session, reply.agent)
+            self._check_tenant_agent(session, info.ip_address)
             target = build_target(
                 self.settings,
-                self.sealer,
+                self._sealer(session),
                 session.session_id,
                 session.client_ip,
                 reply.agent,
                 info,
-                self.gateway_sni,
+                session.host_name or self.gateway_sni,
                 remote,
             )
             session.state = State.ALLOCATED
@@ -648,6 +808,9 @@ class ConnectionManager:
         try:
             try:
                 invitation = self.invitations.redeem(message.invitation_code)
+                if invitation.owner.tenant_name != session.tenant_name:
+                    # Another tenant's code is no code here (and gives away nothing about it).
+                    raise InvitationRefused("unknown", p.JOIN_UNKNOWN, "no such invitation")
                 refusal = owner_refusal(invitation, self.table.alive(invitation.owner))
                 if refusal is not None:
                     raise refusal
@@ -661,14 +824,15 @@ class ConnectionManager:
             }
             try:
                 info = await self._upstream().join(session, invitation.agent, invitation.agent_session_id)
+                self._check_tenant_agent(session, info.ip_address)
                 target = build_target(
                     self.settings,
-                    self.sealer,
+                    self._sealer(session),
                     session.session_id,
                     session.client_ip,
                     invitation.agent,
                     info,
-                    self.gateway_sni,
+                    session.host_name or self.gateway_sni,
                     # The owner's route: its allocation here found the desktop's site gateway.
                     self._site_route(invitation.agent),
                 )

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gatehouse import protocol as p
+from gatehouse.tenants import Tenant
 from gatehouse.web import Network, in_networks
 
 
@@ -100,6 +101,15 @@ class Session:
     agent_session_id: str = ""
     joined: str = ""
     invitation_failures: int = 0
+    # The tenant whose host name the session was opened on (None: a CM without tenants), and that
+    # host name: every later request must come through one of this tenant's host names, and the
+    # session's broker is this tenant's (docs/tenants.md).
+    tenant: Tenant | None = field(default=None, repr=False)
+    host_name: str = ""
+
+    @property
+    def tenant_name(self) -> str:
+        return self.tenant.name if self.tenant is not None else ""
 
     @property
     def authenticated(self) -> bool:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit, urlunsplit
 
 from gatehouse import grant, sites
 from gatehouse.config import Config, ConfigError
 from gatehouse.protocol import PATH_BROKER
+from gatehouse.tenants import Tenants, TenantsError, load_tenants
 from gatehouse.web import HttpLimits, Network
 
 # The CM's defaults for the shared HTTP limits (common to CM, broker and agent; see gatehouse.web).
@@ -28,6 +29,8 @@ MAX_INVITATION_TTL = 3600.0
 
 @dataclass(frozen=True)
 class CmSettings:
+    # Without tenants, the one broker of every client. With tenants (TenantsFile) each tenant's
+    # own broker_url serves its clients and BrokerUrl may be left out (docs/tenants.md).
     broker_url: str
     listen_address: str = "0.0.0.0"
     listen_port: int = 8443
@@ -80,6 +83,10 @@ class CmSettings:
     # listed, so every CM can get the same map, and is not used: its own SG or direct mode serve it).
     site: str = ""
     site_gateways: tuple[tuple[str, sites.Gateway], ...] = ()
+    # Tenants sharing this CM (docs/tenants.md): read from tenants_file at start and on SIGHUP.
+    # Empty tenants_file: no tenants, the CM serves every host name with broker_url.
+    tenants_file: str = ""
+    tenants: Tenants = field(default_factory=Tenants)
     http: HttpLimits = field(default_factory=lambda: HttpLimits(**HTTP_DEFAULTS))
 
     @classmethod
@@ -124,8 +131,11 @@ class CmSettings:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError(f"SecurityGatewayHealthUrl must be an http(s):// URL, got {sg_health!r}")
         trusted = tuple(cfg.networks("TrustedProxies"))
+        tenants_file = cfg.str("TenantsFile")
+        tenants = read_tenants(tenants_file) if tenants_file else Tenants()
+        broker_url = cfg.str("BrokerUrl", required=not tenants_file)
         return cls(
-            broker_url=broker_endpoint(cfg.str("BrokerUrl", required=True)),
+            broker_url=broker_endpoint(broker_url) if broker_url else "",
             listen_address=cfg.str("ListenAddress", "0.0.0.0"),
             listen_port=cfg.int("ListenPort", 8443, minimum=1, maximum=65535),
             redirect_port=cfg.int("RedirectPort", 8080, minimum=0, maximum=65535),
@@ -165,6 +175,8 @@ class CmSettings:
             grant_secret=secret,
             site=site,
             site_gateways=tuple(sorted(site_gateways.items())),
+            tenants_file=tenants_file,
+            tenants=tenants,
             http=HttpLimits.from_config(cfg, **HTTP_DEFAULTS, trusted_proxies=trusted),
         )
 
@@ -180,17 +192,31 @@ class CmSettings:
         return ""
 
 
-def broker_endpoint(url: str) -> str:
+def broker_endpoint(url: str, key: str = "BrokerUrl") -> str:
     """``https://host:port[/path]`` → the full URL of the broker protocol endpoint."""
     parts = urlsplit(url.strip())
     if parts.scheme != "https" or not parts.hostname:
-        raise ConfigError(f"BrokerUrl must be an https://host[:port][/path] URL, got {url!r}")
+        raise ConfigError(f"{key} must be an https://host[:port][/path] URL, got {url!r}")
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise ConfigError(f"BrokerUrl has an invalid port: {url!r}") from None
+        raise ConfigError(f"{key} has an invalid port: {url!r}") from None
     path = parts.path if parts.path not in ("", "/") else PATH_BROKER
     return urlunsplit(("https", parts.netloc, path, "", ""))
+
+
+def read_tenants(path: str) -> Tenants:
+    """The CM's tenants from the TenantsFile ``path``, each broker_url made a full endpoint URL."""
+    try:
+        tenants = load_tenants(path, need_broker=True)
+        return Tenants(
+            tuple(
+                replace(t, broker_url=broker_endpoint(t.broker_url, f"tenant {t.name}: broker_url"))
+                for t in tenants.tenants
+            )
+        )
+    except (TenantsError, ConfigError) as exc:
+        raise ConfigError(f"TenantsFile: {exc}") from None
 
 
 def split_external_pcoip_ip(items: list[str]) -> tuple[str, ...]:

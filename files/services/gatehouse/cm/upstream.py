@@ -119,6 +119,8 @@ class Upstream:
             settings.agent_ca_cert or None, settings.agent_tls_verify, **self.identity
         )
         self._agent_contexts: dict[tuple[str, str], ssl.SSLContext] = {}
+        # Tenants' brokers with their own CA bundle (by path), made on first use.
+        self._broker_contexts: dict[str, ssl.SSLContext] = {}
         self.connector = connector = KeyCheckingConnector(
             limit=1024, limit_per_host=UPSTREAM_CONNECTIONS, ttl_dns_cache=60, keepalive_timeout=UPSTREAM_IDLE
         )
@@ -132,17 +134,47 @@ class Upstream:
     async def close(self) -> None:
         await self.http.close()
 
+    def broker_of(self, session: Session) -> tuple[str, ssl.SSLContext]:
+        """The broker endpoint and TLS context of the session: its tenant's broker, or BrokerUrl.
+
+        A tenant's broker is verified with the tenant's broker_ca_cert, else with BrokerCaCert.
+        """
+        tenant = session.tenant
+        if tenant is None:
+            return self.settings.broker_url, self.broker_ssl
+        if not tenant.broker_ca_cert:
+            return tenant.broker_url, self.broker_ssl
+        ctx = self._broker_contexts.get(tenant.broker_ca_cert)
+        if ctx is None:
+            try:
+                ctx = tls.client_context(
+                    tenant.broker_ca_cert, self.settings.broker_tls_verify, **self.identity
+                )
+            except tls.CertificateError as exc:
+                raise UpstreamError(BROKER, "error", f"tenant {tenant.name}: broker_ca_cert: {exc}") from None
+            self._broker_contexts[tenant.broker_ca_cert] = ctx
+        return tenant.broker_url, ctx
+
+    def forget_broker_contexts(self) -> None:
+        """Drop the tenants' broker contexts (after a tenants reload: a CA file may have changed)."""
+        self._broker_contexts.clear()
+
     async def broker(self, session: Session, message: p.Message) -> p.Message:
-        """Send one message on the client's broker session; returns the reply (maybe an ErrorResp)."""
+        """Send one message on the client's broker session; returns the reply (maybe an ErrorResp).
+
+        With tenants, the session's tenant's broker and no other: a client of tenant A is never
+        sent to tenant B's broker, whatever it asks.
+        """
         headers = {"Content-Type": p.CONTENT_TYPE}
         if session.broker_cookies:
             headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in session.broker_cookies.items())
+        url, ssl_context = self.broker_of(session)
         body = await self._post(
             BROKER,
-            self.settings.broker_url,
+            url,
             p.render("pcoip-broker", message),
             headers,
-            self.broker_ssl,
+            ssl_context,
             self.settings.broker_timeout,
             session,
         )

@@ -10,6 +10,7 @@ from gatehouse import logs, tls
 from gatehouse.config import Config, ConfigError
 from gatehouse.sg.server import agent_context, serve, serve_forwarder
 from gatehouse.sg.settings import SgSettings
+from gatehouse.tenants import ServerNames, TenantsError
 from gatehouse.web import install_uvloop, raise_nofile_limit
 
 
@@ -27,7 +28,15 @@ def main(argv: list[str] | None = None) -> int:
             run = serve_forwarder(settings)
         else:
             server_ctx = tls.server_context(settings.ssl_cert, settings.ssl_key, role="sg")
-            run = serve(settings, server_ctx, agent_context(settings))
+            # With tenants the TLS server name picks the tenant whose grants are accepted (and the
+            # certificate of a tenant that has its own).
+            names = ServerNames("sg")
+            try:
+                names.use(names.contexts_for(settings.tenants))
+            except TenantsError as exc:
+                raise ConfigError(f"TenantsFile: {exc}") from None
+            server_ctx.sni_callback = names
+            run = serve(settings, server_ctx, agent_context(settings), names)
     except (ConfigError, tls.CertificateError) as exc:
         print(f"gatehouse-sg: {exc}", file=sys.stderr)
         return 2

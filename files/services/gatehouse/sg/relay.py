@@ -23,6 +23,7 @@ import asyncio
 import logging
 import ssl
 
+from gatehouse.config import ConfigError
 from gatehouse.grant import Grant, GrantError, GrantSealer, ReplayCache
 from gatehouse.linechan import (
     BAD_GATEWAY,
@@ -34,11 +35,12 @@ from gatehouse.linechan import (
     parse_connect_line,
 )
 from gatehouse.logs import SessionLogger
-from gatehouse.sg.settings import AGENT_TIMEOUT, SHUTDOWN_GRACE, SgSettings
+from gatehouse.sg.settings import AGENT_TIMEOUT, SHUTDOWN_GRACE, SgSettings, read_tenants
 from gatehouse.sg.stats import Refusals, Stats
 from gatehouse.sg.tlsconn import TlsConn, open_tls
 from gatehouse.sg.udp import UdpRelay
 from gatehouse.sg.udp_table import UdpSession
+from gatehouse.tenants import SNI_ATTRIBUTE, ServerNames, Tenants, TenantsError
 from gatehouse.tls import CertificateError, check_peer
 from gatehouse.web import source_key
 
@@ -57,18 +59,75 @@ class AgentRefused(Exception):
 class Gateway:
     """State shared by every session: settings, grant checks, counters, admission, the UDP relay."""
 
-    def __init__(self, settings: SgSettings, agent_ctx: ssl.SSLContext, stats: Stats, udp: UdpRelay) -> None:
+    def __init__(
+        self,
+        settings: SgSettings,
+        agent_ctx: ssl.SSLContext,
+        stats: Stats,
+        udp: UdpRelay,
+        server_names: ServerNames | None = None,
+    ) -> None:
         self.settings = settings
+        self.server_names = server_names  # the client-facing TLS server name callback
         self.agent_ctx = agent_ctx
         self.stats = stats
         self.udp = udp
         self.refusals = Refusals(stats, log)
         self.sealer = GrantSealer(settings.grant_secret, settings.site)
+        # With tenants: the tenants and each one's sealer (its own derived key); see open_grant.
+        self.tenants: Tenants = settings.tenants
+        self.tenant_sealers: dict[str, GrantSealer] = {}
+        self.set_tenants(settings.tenants)
         self.replay = ReplayCache()
         self.sessions: set[ClientSide] = set()  # past the TLS handshake
         self.per_source: dict[str, int] = {}  # open connections per source_key()
         self.accepting = True
         self.drained = asyncio.Event()
+
+    def set_tenants(self, tenants: Tenants) -> None:
+        """Serve ``tenants`` from now on (sessions already relaying are not affected)."""
+        self.tenant_sealers = {
+            t.name: self.tenant_sealers.get(t.name)
+            or GrantSealer(self.settings.grant_secret, self.settings.site, tenant=t.name)
+            for t in tenants.tenants
+        }
+        self.tenants = tenants
+
+    def reload_tenants(self) -> bool:
+        """Read TenantsFile again (SIGHUP); a file that cannot be used changes nothing (logged)."""
+        if not self.settings.tenants_file:
+            log.warning("SIGHUP: no TenantsFile is configured; nothing to reload")
+            return False
+        try:
+            tenants = read_tenants(self.settings.tenants_file)
+            contexts = self.server_names.contexts_for(tenants) if self.server_names else None
+        except (ConfigError, TenantsError) as exc:
+            log.error("tenants not reloaded, the current ones stay: %s", exc)
+            return False
+        self.set_tenants(tenants)
+        if self.server_names is not None and contexts is not None:
+            self.server_names.use(contexts)
+        log.info("tenants reloaded", extra={"tenants": ",".join(t.name for t in tenants.tenants)})
+        return True
+
+    def open_grant(self, tag: str, client_ip: str, server_name: str | None) -> Grant:
+        """The checked grant of a CONNECT line; raises GrantError.
+
+        Without tenants: the SG's own key. With tenants: the TLS server name (SNI) must be a
+        tenant's host name (``unknown-tenant``), the grant that tenant's (``wrong-tenant``: a
+        grant minted for another tenant, or none), and its agent within the tenant's
+        agent_networks (``wrong-tenant-agent``).
+        """
+        if not self.settings.tenants_file:
+            return self.sealer.open(tag, client_ip)
+        tenant = self.tenants.by_host(server_name)
+        sealer = self.tenant_sealers.get(tenant.name) if tenant is not None else None
+        if tenant is None or sealer is None:
+            raise GrantError("unknown-tenant")
+        grant = sealer.open(tag, client_ip)
+        if not tenant.owns_agent(grant.agent_host):
+            raise GrantError("wrong-tenant-agent")
+        return grant
 
     def handler(self, peer: tuple[str, int]) -> ClientSide | None:
         """Admit a connection at accept (counted from here), or None to close it at once."""
@@ -139,6 +198,11 @@ class ClientSide:
     @property
     def client_ip(self) -> str:
         return self.conn.peer[0] if self.conn else ""
+
+    @property
+    def server_name(self) -> str | None:
+        """The name the client asked for in its TLS handshake (SNI; see ServerNames), or None."""
+        return getattr(self.conn.sock, SNI_ATTRIBUTE, None) if self.conn else None
 
     # ------------------------------------------------------------ client connection callbacks
 
@@ -256,7 +320,7 @@ class ClientSide:
             self._refuse("malformed")
             return
         try:
-            grant = gw.sealer.open(tag, self.client_ip)
+            grant = gw.open_grant(tag, self.client_ip, self.server_name)
         except GrantError as exc:
             self._refuse(exc.reason)
             return

@@ -20,6 +20,7 @@ from gatehouse.sg.stats import Stats, StatsCollector
 from gatehouse.sg.tlsconn import TlsListener
 from gatehouse.sg.udp import UdpRelay
 from gatehouse.sg.udp_table import UdpTable
+from gatehouse.tenants import ServerNames
 from gatehouse.web import add_health_and_metrics
 
 log = logging.getLogger("gatehouse.sg")
@@ -33,12 +34,17 @@ def agent_context(settings: SgSettings) -> ssl.SSLContext:
     return tls.client_context(verify=False, role="sg")
 
 
-async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl.SSLContext) -> None:
+async def serve(
+    settings: SgSettings,
+    server_ctx: ssl.SSLContext,
+    agent_ctx: ssl.SSLContext,
+    server_names: ServerNames | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
     stats = Stats()
     proxy_source = settings.proxy_source if settings.proxy_protocol_sources else None
     udp = UdpRelay(UdpTable(), stats, settings.agent_udp_ports, proxy_source)
-    gateway = Gateway(settings, agent_ctx, stats, udp)
+    gateway = Gateway(settings, agent_ctx, stats, udp, server_names)
 
     def proxy_refused(reason: str, peer: str) -> None:
         gateway.refusals.refuse(reason, peer, logging.WARNING, "refused: %s from a forwarder", reason)
@@ -77,6 +83,9 @@ async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if settings.tenants_file:
+        # Tenants are added and removed by rewriting TenantsFile and sending SIGHUP: no restart.
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_tenants)
     ready = True
     ports = settings.agent_udp_ports
     log.info(
@@ -88,6 +97,7 @@ async def serve(settings: SgSettings, server_ctx: ssl.SSLContext, agent_ctx: ssl
             "max_connections_per_source": settings.max_connections_per_source,
             "agent_tls_verify": settings.agent_tls_verify,
             "proxy_protocol_sources": ",".join(str(n) for n in settings.proxy_protocol_sources),
+            "tenants": ",".join(t.name for t in settings.tenants.tenants),
             "admin": f"{settings.admin_address}:{settings.admin_port}",
         },
     )

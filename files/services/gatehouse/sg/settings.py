@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from gatehouse.config import Config, ConfigError, env_name
 from gatehouse.grant import decode_secret
 from gatehouse.sites import check_site
+from gatehouse.tenants import Tenants, TenantsError, load_tenants
 
 # Not configuration keys.
 AGENT_TIMEOUT = 10.0  # TCP + TLS + "200 OK" from the agent
@@ -65,6 +66,11 @@ class SgSettings:
     # The site this gateway serves ("" = none): it accepts only grants sealed for this site's key
     # (gatehouse.grant, docs/multisite.md). A forwarder opens no grants: there it has no effect.
     site: str = ""
+    # Tenants sharing this SG (docs/tenants.md), from TenantsFile at start and on SIGHUP: the TLS
+    # server name picks the tenant whose grant key opens the grant, and the grant's agent must be
+    # within the tenant's agent_networks. Empty tenants_file: no tenants (g1. grants only).
+    tenants_file: str = ""
+    tenants: Tenants = field(default_factory=Tenants)
 
     @property
     def forwarding(self) -> bool:
@@ -122,6 +128,12 @@ class SgSettings:
                 "AgentTlsVerify=true needs AgentCaCert (the deployment CA that signs the agents' "
                 "certificates); set AgentTlsVerify=false only to accept any agent certificate"
             )
+        tenants_file = cfg.str("TenantsFile")
+        if tenants_file and forward_to:
+            raise ConfigError(
+                "TenantsFile: a forwarder checks no grant; give the tenants to the inner gateways"
+            )
+        tenants = read_tenants(tenants_file) if tenants_file else Tenants()
         return cls(
             listen_address=cfg.str("ListenAddress", "0.0.0.0"),
             port=cfg.int("Port", 4172, minimum=1, maximum=65535),
@@ -141,4 +153,14 @@ class SgSettings:
             forward_to=forward_to,
             proxy_protocol_sources=tuple(cfg.networks("ProxyProtocolSources")),
             site=site,
+            tenants_file=tenants_file,
+            tenants=tenants,
         )
+
+
+def read_tenants(path: str) -> Tenants:
+    """The SG's tenants from the TenantsFile ``path`` (broker_url is the CM's and not needed here)."""
+    try:
+        return load_tenants(path, need_broker=False)
+    except TenantsError as exc:
+        raise ConfigError(f"TenantsFile: {exc}") from None
