@@ -84,14 +84,7 @@ async def launch(request: web.Request) -> web.Response:
     if endpoint.active + len(endpoint.tags) >= settings.capacity:
         slog.warning("launch refused: at capacity", extra={"capacity": settings.capacity})
         return _error(protocol.LAUNCH_FAILED, "the agent is at capacity")
-    tag = endpoint.tags.issue(session_id, message.client_ip)
-    info = protocol.SessionInfo(
-        ip_address=settings.advertise_address,
-        port=settings.session_port,
-        session_id=session_id,
-        session_tag=tag,
-        sni=settings.hostname,
-    )
+    info = _session_info(settings, session_id, endpoint.tags.issue(session_id, message.client_ip))
     slog.info(
         "session launched",
         extra={
@@ -102,6 +95,17 @@ async def launch(request: web.Request) -> web.Response:
         },
     )
     return _xml(protocol.render(ENVELOPE, protocol.LaunchSessionResp(protocol.LAUNCH_OK, "", info)))
+
+
+def _session_info(settings: AgentSettings, session_id: str, tag: str) -> protocol.SessionInfo:
+    """Where the client connects with ``tag`` for ``session_id`` (this agent's session endpoint)."""
+    return protocol.SessionInfo(
+        ip_address=settings.advertise_address,
+        port=settings.session_port,
+        session_id=session_id,
+        session_tag=tag,
+        sni=settings.hostname,
+    )
 
 
 def _join(settings: AgentSettings, endpoint: Endpoint, message: protocol.JoinSession) -> web.Response:
@@ -120,13 +124,8 @@ def _join(settings: AgentSettings, endpoint: Endpoint, message: protocol.JoinSes
     if endpoint.active + len(endpoint.tags) >= settings.capacity:
         slog.warning("join refused: at capacity", extra={"capacity": settings.capacity})
         return refuse(protocol.LAUNCH_FAILED, "the agent is at capacity")
-    tag = endpoint.tags.issue(session_id, message.client_ip, collaborator=True)
-    info = protocol.SessionInfo(
-        ip_address=settings.advertise_address,
-        port=settings.session_port,
-        session_id=session_id,
-        session_tag=tag,
-        sni=settings.hostname,
+    info = _session_info(
+        settings, session_id, endpoint.tags.issue(session_id, message.client_ip, collaborator=True)
     )
     slog.info(
         "collaborator admitted",

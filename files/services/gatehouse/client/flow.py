@@ -279,6 +279,22 @@ async def _udp_echo(
         transport.close()
 
 
+async def _logged_in(
+    cm: CmConnection,
+    report: SessionReport,
+    hello_resp: p.HelloResp | None,
+    username: str,
+    password: str,
+    domain: str,
+    passcode: PasscodeSource | None,
+    challenge_passcode: PasscodeSource | None,
+) -> bool:
+    """Whether the user is logged in: authenticate after an answered hello (none sent without one)."""
+    return hello_resp is not None and await authenticate(
+        cm, report, hello_resp.methods, username, password, domain, passcode, challenge_passcode
+    )
+
+
 async def _step(
     report: SessionReport, name: str, action: Callable[[], Awaitable[tuple[T, str, str]]]
 ) -> tuple[bool, T | None]:
@@ -441,12 +457,8 @@ async def run_session(
     said_hello = False
     try:
         said_hello, hello_resp = await _step(report, "hello", lambda: _hello(cm, hello_timeout))
-        if (
-            not said_hello
-            or hello_resp is None
-            or not await authenticate(
-                cm, report, hello_resp.methods, username, password, domain, passcode, challenge_passcode
-            )
+        if not await _logged_in(
+            cm, report, hello_resp, username, password, domain, passcode, challenge_passcode
         ):
             return report
         ok, found = await _step(report, "get-resource-list", resource_list)
@@ -717,12 +729,8 @@ async def join_session(
     said_hello = False
     try:
         said_hello, hello_resp = await _step(report, "hello", lambda: _hello(cm, hello_timeout))
-        if (
-            not said_hello
-            or hello_resp is None
-            or not await authenticate(
-                cm, report, hello_resp.methods, username, password, domain, passcode, challenge_passcode
-            )
+        if not await _logged_in(
+            cm, report, hello_resp, username, password, domain, passcode, challenge_passcode
         ):
             return report
         ok, target = await _step(report, "redeem-invitation", redeem)

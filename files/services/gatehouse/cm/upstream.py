@@ -246,15 +246,7 @@ class Upstream:
             agent_call.launch_request(session, agent, password, self.settings.license_server_url),
         )
         del password
-        raw = await self._post(
-            AGENT,
-            agent_url(agent.ip_address, agent.agent_port),
-            body,
-            {"Content-Type": p.CONTENT_TYPE},
-            ssl_context,
-            self.settings.agent_timeout,
-            None,
-        )
+        raw = await self._post_agent(agent, body, ssl_context)
         del body
         return self._session_info(raw, p.LaunchSessionResp, "launch-session")
 
@@ -274,7 +266,15 @@ class Upstream:
                 domain=session.domain,
             ),
         )
-        raw = await self._post(
+        raw = await self._post_agent(agent, body, ssl_context)
+        info = self._session_info(raw, p.JoinSessionResp, "join-session")
+        if info.session_id != agent_session_id:
+            raise UpstreamError(AGENT, "invalid", "agent answered join-session for another session")
+        return info
+
+    async def _post_agent(self, agent: p.AgentInfo, body: bytes, ssl_context: ssl.SSLContext) -> bytes:
+        """One request of the agent envelope to ``agent``, within AgentTimeout."""
+        return await self._post(
             AGENT,
             agent_url(agent.ip_address, agent.agent_port),
             body,
@@ -283,10 +283,6 @@ class Upstream:
             self.settings.agent_timeout,
             None,
         )
-        info = self._session_info(raw, p.JoinSessionResp, "join-session")
-        if info.session_id != agent_session_id:
-            raise UpstreamError(AGENT, "invalid", "agent answered join-session for another session")
-        return info
 
     def _session_info(self, raw: bytes, expected: type[p.LaunchSessionResp], request: str) -> p.SessionInfo:
         """The checked session-info of a launch-session-resp or join-session-resp."""
