@@ -45,7 +45,8 @@ demo-down: ## Remove everything the demo created (hack/demo.sh down)
 	@if [[ -x hack/demo.sh ]]; then hack/demo.sh down; \
 	else echo "make demo-down: not yet implemented (hack/demo.sh is missing)" >&2; exit 2; fi
 
-test: lint pytest molecule ## The whole suite: lint, pytest, Molecule
+test: venv images ## The whole suite: lint, then pytest and Molecule side by side (hack/test.sh)
+	hack/test.sh $(PYTEST_ARGS)
 
 lint: venv ## ruff, antsibull-changelog, ansible-lint, ansible-test sanity
 	hack/lint.sh

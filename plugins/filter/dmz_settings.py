@@ -66,17 +66,15 @@ from collections.abc import Mapping  # noqa: E402
 from ansible.errors import AnsibleFilterError  # noqa: E402
 from ansible.module_utils.parsing.convert_bool import boolean  # noqa: E402
 
+from ansible_collections.gatehouse.access.plugins.module_utils._ops.inventory import node_address  # noqa: E402
+
 FORWARDERS = "sg_forwarders"
 INNER = "cmsg"
 PCOIP_PORT = 4172
 
 
-def _address(host: str, node: Mapping) -> str:
-    return str(node.get("gatehouse_address", node.get("ansible_host", host)))
-
-
 def _dmz_address(host: str, node: Mapping) -> str:
-    return str(node.get("gatehouse_dmz_address") or _address(host, node))
+    return str(node.get("gatehouse_dmz_address") or node_address(host, node))
 
 
 def _inner_of(forwarder: str, index: int, inner: list[str], hostvars: Mapping) -> str:
@@ -122,7 +120,7 @@ def dmz_settings(groups: Mapping, hostvars: Mapping, inventory_hostname: str):
     }
     for host in forwarders:
         node = hostvars[host]
-        out["outer_addresses"].extend([_address(host, node), _dmz_address(host, node)])
+        out["outer_addresses"].extend([node_address(host, node), _dmz_address(host, node)])
     for forwarder, target in pairs:
         if forwarder == inventory_hostname:
             node = hostvars[target]
@@ -135,7 +133,7 @@ def dmz_settings(groups: Mapping, hostvars: Mapping, inventory_hostname: str):
             out["forwarders"].append(forwarder)
             out["proxy_protocol_sources"].append(_dmz_address(forwarder, hostvars[forwarder]))
     if out["forwarders"]:
-        external = [_address(host, hostvars[host]) for host in out["forwarders"]]
+        external = [node_address(host, hostvars[host]) for host in out["forwarders"]]
         ipv4 = [a for a in external if ":" not in a]
         ipv6 = [a for a in external if ":" in a]
         if not ipv4:

@@ -65,14 +65,7 @@ from ansible.module_utils.parsing.convert_bool import boolean  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import broker, cmsg  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy.monitoring import TARGET_KINDS  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._halb.render import DEFAULT_METRICS_PORT  # noqa: E402
-
-
-def _address(host: str, node: Mapping) -> str:
-    return str(node.get("gatehouse_address", node.get("ansible_host", host)))
-
-
-def _bridged(node: Mapping) -> bool:
-    return node.get("gatehouse_network_mode", "") in ("", "bridge")
+from ansible_collections.gatehouse.access.plugins.module_utils._ops.inventory import bridged, node_address  # noqa: E402
 
 
 def monitoring_targets(
@@ -91,26 +84,26 @@ def monitoring_targets(
         if host == inventory_hostname:
             # bridge mode: site.yml publishes it on the loopback at gatehouse_broker_admin_host_port
             port = broker.ADMIN_PORT
-            if _bridged(node):
+            if bridged(node):
                 port = int(node.get("gatehouse_broker_admin_host_port", broker.ADMIN_PORT))
             if port > 0:
                 out["broker"].append("127.0.0.1:%d" % port)
-        elif not _bridged(node):
-            out["broker"].append("%s:%d" % (_address(host, node), broker.ADMIN_PORT))
+        elif not bridged(node):
+            out["broker"].append("%s:%d" % (node_address(host, node), broker.ADMIN_PORT))
     for host in groups.get("cmsg", []):
         node = hostvars[host]
-        bridged, local = _bridged(node), host == inventory_hostname
-        if not (local or not bridged):
+        published, local = bridged(node), host == inventory_hostname
+        if not (local or not published):
             continue
-        address = "127.0.0.1" if local else _address(host, node)
+        address = "127.0.0.1" if local else node_address(host, node)
         cm_port = (
-            int(node.get("cmsg_cm_admin_host_port", cmsg.CM_ADMIN_PORT)) if bridged else cmsg.CM_ADMIN_PORT
+            int(node.get("cmsg_cm_admin_host_port", cmsg.CM_ADMIN_PORT)) if published else cmsg.CM_ADMIN_PORT
         )
         out["cm"].append("%s:%d" % (address, cm_port))
         if boolean(node.get("cmsg_enable_security_gateway", True), strict=False):
             sg_port = (
                 int(node.get("cmsg_sg_admin_host_port", cmsg.SG_ADMIN_PORT))
-                if bridged
+                if published
                 else cmsg.SG_ADMIN_PORT
             )
             out["sg"].append("%s:%d" % (address, sg_port))
@@ -118,7 +111,7 @@ def monitoring_targets(
         node = hostvars[host]
         port = int(node.get("halb_metrics_port", DEFAULT_METRICS_PORT))
         if port > 0:
-            out["halb"].append("%s:%d" % (_address(host, node), port))
+            out["halb"].append("%s:%d" % (node_address(host, node), port))
     for kind, found in (extra or {}).items():
         if isinstance(found, str) or not isinstance(found, (list, tuple)):
             raise AnsibleFilterError("monitoring_targets: extra.%s must be a list of host:port" % kind)

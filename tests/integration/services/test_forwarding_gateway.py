@@ -311,6 +311,51 @@ def test_the_forwarder_without_a_valid_header_is_dropped(dmz: Dmz) -> None:
         assert cut.recv(1) == b""
 
 
+def test_silent_connections_from_a_forwarder_wait_at_most_max_connections_and_briefly(
+    pki: pkimod.TestPKI, tmp_path: Path
+) -> None:
+    """A forwarder (or who took its address) opening connections that never send a header: at most
+    MaxConnections of them wait for their header, the rest are closed at once, every waiter is
+    closed at RequestTimeout, and then a real header and TLS handshake are served."""
+    limit = 8
+    inner = start_sg(
+        pki,
+        tmp_path / "inner",
+        "dmz-flooded",
+        SECRET,
+        ProxyProtocolSources="127.0.0.1/32",
+        RequestTimeout=REQUEST_TIMEOUT,
+        MaxConnections=limit,
+    )
+    port = _port(inner, "Port")
+    admin = _port(inner, "AdminPort")
+    silent: list[socket.socket] = []
+    try:
+        silent = [
+            socket.create_connection(("127.0.0.1", port), timeout=REQUEST_TIMEOUT + 3) for _n in range(limit)
+        ]
+        started = time.monotonic()
+        for _n in range(4):
+            with socket.create_connection(("127.0.0.1", port), timeout=REQUEST_TIMEOUT + 3) as extra:
+                assert closed_by_peer(extra)
+        assert time.monotonic() - started < REQUEST_TIMEOUT  # refused at accept, not at the deadline
+        for sock in silent:
+            assert closed_by_peer(sock)
+        assert time.monotonic() - started <= REQUEST_TIMEOUT + 2
+        m = metrics(admin)
+        assert refused(m, "proxy-busy") == 4
+        assert refused(m, "proxy-timeout") == limit
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(proxyproto.build((USER_IP, 40000), ("127.0.0.1", port)))
+            with client_ctx().wrap_socket(raw) as conn:
+                assert conn.version() is not None  # handshake done for the client the header names
+    finally:
+        for sock in silent:
+            sock.close()
+        inner.stop()
+    assert "proxy-busy" in inner.logs()
+
+
 def test_the_forwarder_holds_no_secret_and_refuses_one(dmz: Dmz, tmp_path: Path) -> None:
     outer = dmz.procs["outer"]
     assert outer.env_path is None  # no cmsg.env at all
