@@ -147,3 +147,76 @@ def test_a_grant_of_a_is_refused_for_b() -> None:
     assert result["own"] == "200 OK", result
     sg_logs = "".join(c.logs().decode("utf-8", "replace") for c in gv.services("gh-ten-cmsg1")["sg"])
     assert "refused: wrong-tenant" in sg_logs
+
+
+# alice@A's session, held open after its echoes until /tmp/go exists (the test writes it once the
+# tenant list changed), then echoed again on the same channel; prints the report.
+HELD_SESSION = r"""
+import asyncio, json, os, sys
+from gatehouse import tls
+from gatehouse.client.flow import run_session
+url, name = sys.argv[1:3]
+
+async def hold(holding):
+    print("holding", file=sys.stderr, flush=True)
+    for _ in range(1200):
+        if os.path.exists("/tmp/go"):
+            break
+        await asyncio.sleep(0.1)
+    await holding.echo(65536, 3, 10.0, "-after")
+
+report = asyncio.run(run_session(url, "alice", os.environ["GH_PASSWORD"], ssl_context=tls.client_context(verify=False),
+                                 server_name=name, hold=hold))
+print(json.dumps(report.to_dict()))
+"""
+
+
+def rerun_cmsg(*extra: str) -> None:
+    """site.yml on the CM/SG host only (the tenant list's change is the only one)."""
+    run = gv.run_playbook("site.yml", "--limit", "gh-ten-cmsg1", *extra, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def test_removing_and_adding_a_tenant_keeps_the_other_tenants_session() -> None:
+    """Tenant B removed (cmsg_tenants without it), then added back (the inventory's list): the
+    services reload (no container recreated) and alice@A's running session echoes on; meanwhile
+    B's name is refused, and afterwards alice@B gets a session again."""
+    cmsg = gv.services("gh-ten-cmsg1")
+    ids = {role: cmsg[role][0].id for role in ("cm", "sg")}
+    a = TENANTS["tenant-a"]["name"]
+    held = gv.engine().containers.run(
+        gv.CLIENT_IMAGE,
+        entrypoint=["python3", "-c", HELD_SESSION, f"https://{VIP}:443", a],
+        command=[],
+        environment={"GH_PASSWORD": password("tenant-a")},
+        network=NETWORK,
+        labels={"gatehouse.role": "client"},
+        detach=True,
+    )
+    try:
+        assert gv.wait_for(lambda: b"holding" in held.logs(stdout=False, stderr=True), attempts=120)
+        only_a = [
+            {
+                "name": "tenant-a",
+                "host_names": [a],
+                "broker_url": f"https://{gv.address(21, 10)}:8443",
+                "agent_networks": [f"{gv.address(21, 31)}/32"],
+            }
+        ]
+        rerun_cmsg("-e", json.dumps({"cmsg_tenants": only_a}))
+        refused = session("tenant-b", password("tenant-b"))
+        assert not refused["ok"], refused
+        rerun_cmsg()
+        held.exec_run(["touch", "/tmp/go"])  # noqa: S108 - inside the client container
+        held.wait(timeout=120)
+        output = held.logs(stdout=True, stderr=False).decode("utf-8", "replace")
+        errors = held.logs(stdout=False, stderr=True).decode("utf-8", "replace")
+    finally:
+        gv.remove_quietly(held)
+    assert output.strip(), errors[-2000:]
+    report = json.loads(output.strip().splitlines()[-1])
+    assert report["ok"], gv.client_failure(report)
+    steps = {s["name"]: s["ok"] for s in report["steps"]}
+    assert steps["tcp-echo-after"] and steps["udp-echo-after"] and steps["bye"], steps
+    assert {role: gv.services("gh-ten-cmsg1")[role][0].id for role in ids} == ids
+    gv.assert_session(session("tenant-b", password("tenant-b")), target_ip=SG)
