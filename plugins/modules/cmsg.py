@@ -300,6 +300,8 @@ options:
         changing or removing a tenant afterwards only rewrites C(tenants.json) and signals both services
         (C(SIGHUP)), which keeps the containers and the other tenants' sessions. The sessions of a removed or
         changed tenant end.
+      - A tenant's own files (O(tenants[].ssl_cert), O(tenants[].ssl_key), O(tenants[].broker_ca_cert)) are
+        copied into C(certs/) atomically and covered by the same reload; those of a removed tenant are removed.
     type: list
     elements: dict
     default: []
@@ -324,6 +326,26 @@ options:
         type: list
         elements: str
         default: []
+      broker_ca_cert:
+        description:
+          - CA bundle on the target that verifies this tenant's broker instead of O(broker_ca_cert), copied to
+            C(certs/tenant.<name>.broker-ca.pem) and named in the tenant's C(tenants.json) entry.
+          - A changed file is taken up by the same reload as C(tenants.json) (C(SIGHUP)); the tenant's sessions
+            are kept.
+        type: path
+      ssl_cert:
+        description:
+          - The tenant's own certificate (PEM) on the target, presented by the connection manager and the security
+            gateway to clients that ask for one of the tenant's O(tenants[].host_names) (TLS SNI); other names
+            get O(ssl_cert). Issued for the tenant's host names. Copied to C(certs/tenant.<name>.cert.pem).
+          - Needs O(tenants[].ssl_key); the pair is checked like O(ssl_cert) and O(ssl_key). Adding, renewing or
+            removing it is taken up by the same reload as C(tenants.json) (C(SIGHUP)); the containers and every
+            session are kept.
+        type: path
+      ssl_key:
+        description: Private key (PEM) on the target of O(tenants[].ssl_cert), copied to
+          C(certs/tenant.<name>.key.pem) (mode V(0600)).
+        type: path
 seealso:
   - module: gatehouse.access.certificate
   - module: gatehouse.access.broker
@@ -435,6 +457,25 @@ EXAMPLES = r"""
         host_names: [desktops.tenant-b.example]
         broker_url: https://broker.tenant-b.internal:443
         agent_networks: [10.32.0.0/16]
+
+- name: Tenant B with its own certificate and broker CA (reloaded, no container recreated)
+  gatehouse.access.cmsg:
+    accept_policies: true
+    external_pcoip_ip: [203.0.113.30]
+    ssl_cert: /root/certs/tenants.pem  # SAN: desktops.tenant-a.example
+    ssl_key: /root/certs/tenants.key
+    broker_ca_cert: /opt/gatehouse/pki/ca.pem
+    agent_ca_cert: /opt/gatehouse/pki/ca.pem
+    tenants:
+      - name: tenant-a
+        host_names: [desktops.tenant-a.example]
+        broker_url: https://broker.tenant-a.internal:443
+      - name: tenant-b
+        host_names: [desktops.tenant-b.example]
+        broker_url: https://broker.tenant-b.internal:443
+        broker_ca_cert: /root/certs/tenant-b-ca.pem
+        ssl_cert: /root/certs/tenant-b.pem
+        ssl_key: /root/certs/tenant-b.key
 
 - name: Uninstall
   gatehouse.access.cmsg:

@@ -21,6 +21,7 @@ import re
 import secrets
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
+    SECRET_TEXT,
     PlannedFile,
     mask_env_values,
     read_bytes,
@@ -86,7 +87,11 @@ ARGUMENT_SPEC: dict = dict(
             "host_names": {"type": "list", "elements": "str", "required": True},
             "broker_url": {"type": "str", "required": True},
             "agent_networks": {"type": "list", "elements": "str", "default": []},
+            "broker_ca_cert": {"type": "path"},
+            "ssl_cert": {"type": "path"},
+            "ssl_key": {"type": "path"},
         },
+        "required_together": [("ssl_cert", "ssl_key")],
     },
 )
 # Tenants (docs/tenants.md): the option is written to data/tenants.json, which config.properties
@@ -96,6 +101,17 @@ ARGUMENT_SPEC: dict = dict(
 TENANTS_FILE = "tenants.json"
 TENANTS_KEY = "TenantsFile"
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+# A tenant's own files, copied into certs/ under names derived from the tenant's name (unique, as
+# the name is; the dots, which no name holds, keep one tenant's names from another's): option ->
+# file name pattern. They are named in tenants.json by their container
+# path and taken up by the same SIGHUP as tenants.json (the services load them again on reload), so
+# they never enter a spec hash; the files of a removed tenant (or option) are removed after it.
+TENANT_FILES = {
+    "ssl_cert": "tenant.%s.cert.pem",
+    "ssl_key": "tenant.%s.key.pem",
+    "broker_ca_cert": "tenant.%s.broker-ca.pem",
+}
+TENANT_FILE_RE = re.compile(r"^tenant\.[a-z0-9][a-z0-9-]{0,31}\.(cert|key|broker-ca)\.pem$")
 # The options that reach the CM's config.properties as they are (after validation), and their keys.
 # The keys are the seed-style ones; the CM's settings field of each has the option's name, which
 # tests/unit/plugins/test_cmsg_names.py holds equal, so a concept keeps one name.
@@ -389,8 +405,60 @@ def tenant_entries(tenants: list[dict], errors: list[str]) -> list[dict]:
             "broker_url": tenant["broker_url"],
             "agent_networks": networks_of(tenant, "agent_networks", errors),
         }
+        if bool(tenant.get("ssl_cert")) != bool(tenant.get("ssl_key")):
+            errors.append("tenants: %s: ssl_cert and ssl_key go together: give both or neither" % name)
+        # Only the options given: a tenant without them keeps the entry (and file) of before.
+        for option, pattern in TENANT_FILES.items():
+            if tenant.get(option):
+                entry[option] = "/certs/" + pattern % name
         result.append(entry)
     return result
+
+
+def tenant_files(
+    tenants: list[dict], certs_dir: str, errors: list[str], warnings: list[str]
+) -> list[PlannedFile]:
+    """The tenants' own certificates, keys and broker CAs copied into certs/ (TENANT_FILES).
+
+    A certificate and its key are checked with the rules of the certificate module (the key must
+    match), a broker CA must hold certificates; on a problem the tenant's files are not planned
+    and the task fails (the services would refuse the reload and keep the tenants they have).
+    """
+    planned: list[PlannedFile] = []
+    for tenant in tenants:
+        name = tenant["name"]
+        if not TENANT_NAME.match(name or ""):
+            continue  # refused by tenant_entries
+        if tenant.get("ssl_cert") and tenant.get("ssl_key"):
+            pair, _material = dep.provided_files(
+                tenant,
+                ("ssl_cert", os.path.join(certs_dir, TENANT_FILES["ssl_cert"] % name)),
+                ("ssl_key", os.path.join(certs_dir, TENANT_FILES["ssl_key"] % name)),
+                None,
+                errors,
+                warnings,
+                prefix="tenants: %s: " % name,
+            )
+            planned.extend(pair)
+        ca = dep.extra_file(
+            tenant.get("broker_ca_cert"),
+            os.path.join(certs_dir, TENANT_FILES["broker_ca_cert"] % name),
+            "tenants: %s: broker_ca_cert" % name,
+            errors,
+        )
+        if ca is not None:
+            planned.append(ca)
+    return planned
+
+
+def stale_tenant_files(certs_dir: str, planned: list[PlannedFile]) -> list[str]:
+    """Tenant files in certs/ that no tenant names any more (removed tenants or options)."""
+    try:
+        present = sorted(os.listdir(certs_dir))
+    except OSError:
+        return []
+    kept = {os.path.basename(f.path) for f in planned}
+    return [os.path.join(certs_dir, n) for n in present if TENANT_FILE_RE.match(n) and n not in kept]
 
 
 def tenants_json(values: dict) -> bytes:
@@ -850,7 +918,16 @@ def uninstall(cli, params: dict, names: Names, check_mode: bool) -> dict:
         params["data_dir"],
         [names.sg, names.cm],
         data_files=(*CONFIG_FILES.values(), "cmsg.env", TENANTS_FILE),
-        cert_files=(BROKER_CA, AGENT_CA, IDENTITY_CERT, IDENTITY_KEY),
+        cert_files=(
+            BROKER_CA,
+            AGENT_CA,
+            IDENTITY_CERT,
+            IDENTITY_KEY,
+            *(
+                os.path.basename(p)
+                for p in stale_tenant_files(os.path.join(params["data_dir"], engine.CERTS), [])
+            ),
+        ),
         managed_by="gatehouse.access.cmsg",
         network_name=names.network,
     )
@@ -883,6 +960,7 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
                 params["agent_ca_cert"], os.path.join(certs_dir, AGENT_CA), "agent_ca_cert", errors
             ),
             *identity_files(params, certs_dir, errors, warnings),
+            *tenant_files(params["tenants"], certs_dir, errors, warnings),
         ]
     warnings.extend(values["warnings"])
     engine.check_network_target(cli, params, errors)
@@ -933,6 +1011,13 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
         *tls,
         *(f for f in extra if f is not None),
     ]
+    # The tenants' own files go with tenants.json: changed, added or removed, they are reloaded.
+    tenant_planned = [f for f in extra if f is not None and TENANT_FILE_RE.match(os.path.basename(f.path))]
+    stale = stale_tenant_files(certs_dir, tenant_planned) if not forwarder else []
+    reloaded = (
+        TENANTS_FILE,
+        *sorted({os.path.basename(p) for p in [f.path for f in tenant_planned] + stale}),
+    )
     containers = [
         engine.Container(
             spec,
@@ -941,7 +1026,7 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
                 "config": sha256(configs[spec["service"]].data),
                 "network": network["subnets"] if network else None,
             },
-            reload=engine.Reload(apply=_sighup(spec["name"]), files=(TENANTS_FILE,)),
+            reload=engine.Reload(apply=_sighup(spec["name"]), files=reloaded),
         )
         for spec in container_specs(params, names, refs, host_label)
     ]
@@ -959,6 +1044,7 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
         network=network,
         network_name=names.network,
         retired=retired,
+        stale_files=[(p, SECRET_TEXT if p.endswith(".key.pem") else None) for p in stale],
     )
     deployment.plan(cli)
     deployment.apply(cli, check_mode, params["wait_timeout"])

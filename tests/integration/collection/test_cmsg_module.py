@@ -6,11 +6,13 @@ containers, labels, network), a reconfiguration, LAN mode, and state=absent leav
 
 from __future__ import annotations
 
+import json
 import stat
 import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -301,3 +303,111 @@ def test_bundle_path_refuses_unverified_image_archives(env, tmp_path: Path) -> N
     finally:
         for image in cli.images.list(name=tag):
             cli.images.remove(image.id, force=True)
+
+
+def served_certificate(port: int, server_name: str) -> bytes:
+    """The DER certificate the service on 127.0.0.1:``port`` presents for ``server_name`` (SNI)."""
+    import socket
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=server_name) as conn:
+            return conn.getpeercert(binary_form=True)
+
+
+def test_tenant_files_are_reloaded_not_recreated(env) -> None:
+    """A tenant's own certificate, key and broker CA (docs/tenants.md): copied into certs/ and named
+    in tenants.json; renewing the certificate or removing the tenant rewrites the files and signals
+    both services (SIGHUP) - the containers stay, and the CM presents the renewed certificate."""
+    cli, prefix, tmp_path = env
+    require_service_images(cli, "cm", "sg")
+    data_dir = tmp_path / "cmsg"
+    b_name = "desktops.tenant-b.gatehouse.test"
+
+    def own_pair(slot: int) -> tuple[str, str, bytes]:
+        key = rsa_key(3072, slot=slot)
+        cert = certificate(key, b_name)
+        cert_path = write(tmp_path / f"b-{slot}.pem", pem(cert))
+        key_path = write(tmp_path / f"b-{slot}.key", key_pem(key), 0o600)
+        return str(cert_path), str(key_path), cert.public_bytes(serialization.Encoding.DER)
+
+    b_cert, b_key, b_der = own_pair(20)
+    broker_ca = write(tmp_path / "b-broker-ca.pem", pem(Chain().root))
+    a = {
+        "name": "tenant-a",
+        "host_names": ["desktops.tenant-a.gatehouse.test"],
+        "broker_url": "https://10.31.0.10:8443",
+    }
+    b = {
+        "name": "tenant-b",
+        "host_names": [b_name],
+        "broker_url": "https://10.32.0.10:8443",
+        "ssl_cert": b_cert,
+        "ssl_key": b_key,
+        "broker_ca_cert": str(broker_ca),
+    }
+    args = base_args(cli, prefix, tmp_path)
+    args.update(broker_url=None, tenants=[a, b])
+    first = run_module("cmsg", args)
+    assert first.changed and not first.failed, first.result
+    certs = data_dir / "certs"
+    assert (certs / "tenant.tenant-b.cert.pem").read_bytes() == Path(b_cert).read_bytes()
+    assert mode(certs / "tenant.tenant-b.key.pem") == 0o600
+    assert (certs / "tenant.tenant-b.broker-ca.pem").read_bytes() == broker_ca.read_bytes()
+    entry = {t["name"]: t for t in json.loads((data_dir / "data" / "tenants.json").read_text())}["tenant-b"]
+    assert (entry["ssl_cert"], entry["ssl_key"], entry["broker_ca_cert"]) == (
+        "/certs/tenant.tenant-b.cert.pem",
+        "/certs/tenant.tenant-b.key.pem",
+        "/certs/tenant.tenant-b.broker-ca.pem",
+    )
+    assert not run_module("cmsg", args).changed
+    ids = {role: cli.containers.get(f"{prefix}-{role}").id for role in ("cm", "sg")}
+    assert wait_until(lambda: served_certificate(args["https_port"], b_name) == b_der)
+    assert served_certificate(args["https_port"], a["host_names"][0]) != b_der
+
+    # Renewed: check mode predicts the two files and no container; the real run reloads.
+    renewed_cert, renewed_key, renewed_der = own_pair(21)
+    renewed = dict(args, tenants=[a, dict(b, ssl_cert=renewed_cert, ssl_key=renewed_key)])
+    predicted = run_module("cmsg", renewed, check=True, diff=True)
+    real = run_module("cmsg", renewed, diff=True)
+    assert real.changed and not real.failed, real.result
+    for key in ("changed_files", "containers", "diff"):
+        assert predicted.result[key] == real.result[key], key
+    assert sorted(real.result["changed_files"]) == [
+        str(certs / "tenant.tenant-b.cert.pem"),
+        str(certs / "tenant.tenant-b.key.pem"),
+    ]
+    assert real.result["containers"] == []
+    assert "PRIVATE KEY" not in real.stdout
+    assert {role: cli.containers.get(f"{prefix}-{role}").id for role in ids} == ids
+    assert wait_until(lambda: served_certificate(args["https_port"], b_name) == renewed_der)
+    assert not run_module("cmsg", renewed).changed
+
+    # Tenant B removed: its files go, the containers stay.
+    only_a = dict(args, tenants=[a])
+    removed = run_module("cmsg", only_a)
+    assert removed.changed and not removed.failed, removed.result
+    assert removed.result["containers"] == []
+    assert sorted(p.name for p in certs.glob("tenant.*")) == []
+    assert {role: cli.containers.get(f"{prefix}-{role}").id for role in ids} == ids
+    assert wait_until(lambda: served_certificate(args["https_port"], b_name) != renewed_der)
+    assert not run_module("cmsg", only_a).changed
+    for role in ("cm", "sg"):
+        assert "tenants reloaded" in cli.containers.get(f"{prefix}-{role}").logs().decode()
+
+
+def wait_until(predicate, attempts: int = 40, interval: float = 0.25) -> bool:
+    """Poll a state the services reach after a signal or a start (a bounded wait, not a timing check)."""
+    import time
+
+    for _ in range(attempts):
+        try:
+            if predicate():
+                return True
+        except OSError:
+            pass
+        time.sleep(interval)
+    return False

@@ -85,7 +85,7 @@ def _read_names(inventory: str) -> str:
 
 
 def test_every_example_inventory_is_found() -> None:
-    expected = {"demo", "wan", "lan", "ha", "mixed", "dmz", "identity-ad", "identity-openldap"}
+    expected = {"demo", "wan", "lan", "ha", "mixed", "dmz", "identity-ad", "identity-openldap", "tenants"}
     assert expected <= set(INVENTORIES)
 
 

@@ -142,3 +142,108 @@ def test_the_reload_hook_sends_sighup(check_mode: bool) -> None:
     done = cmsg._sighup("gh-cm")(cli, [], [], check_mode)
     assert done == ["reloaded the tenants of gh-cm (SIGHUP)"]
     assert container.signals == ([] if check_mode else ["SIGHUP"])
+
+
+# ------------------------------------------------------------------ a tenant's own files
+
+PKI = importlib.import_module("pki")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return PKI.TestPKI(tmp_path_factory.mktemp("tenant-pki"))
+
+
+def own_files(pki, name: str = "tenant-b") -> dict:
+    issued = pki.issue(name, ["desktops.tenant-b.example"])
+    return {"ssl_cert": str(issued.cert), "ssl_key": str(issued.key), "broker_ca_cert": str(issued.ca)}
+
+
+def test_own_files_are_named_in_tenants_json_by_their_container_path(pki, tmp_path: Path) -> None:
+    """Each option becomes certs/tenant.<name>.*.pem; the services' loader takes the entry."""
+    p = params(tenants=[A, {**B, **own_files(pki)}], broker_url=None)
+    values = cmsg.validate(p, lambda: [])
+    entries = {t["name"]: t for t in values["tenants"]}
+    assert entries["tenant-b"]["ssl_cert"] == "/certs/tenant.tenant-b.cert.pem"
+    assert entries["tenant-b"]["ssl_key"] == "/certs/tenant.tenant-b.key.pem"
+    assert entries["tenant-b"]["broker_ca_cert"] == "/certs/tenant.tenant-b.broker-ca.pem"
+    # A tenant without them keeps the entry it had (no needless rewrite, no reload).
+    assert set(entries["tenant-a"]) == {"name", "host_names", "broker_url", "agent_networks"}
+    (tmp_path / cmsg.TENANTS_FILE).write_bytes(cmsg.tenants_json(values))
+    loaded = importlib.import_module("gatehouse.tenants").load_tenants(
+        tmp_path / cmsg.TENANTS_FILE, need_broker=True
+    )
+    tenant = loaded.by_name("tenant-b")
+    assert (tenant.ssl_cert, tenant.ssl_key, tenant.broker_ca_cert) == (
+        "/certs/tenant.tenant-b.cert.pem",
+        "/certs/tenant.tenant-b.key.pem",
+        "/certs/tenant.tenant-b.broker-ca.pem",
+    )
+
+
+def test_own_files_are_copied_checked_and_the_key_is_private(pki, tmp_path: Path) -> None:
+    files = own_files(pki)
+    planned = cmsg.tenant_files([{**B, **files}], str(tmp_path), [], [])
+    by_name = {Path(f.path).name: f for f in planned}
+    assert sorted(by_name) == [
+        "tenant.tenant-b.broker-ca.pem",
+        "tenant.tenant-b.cert.pem",
+        "tenant.tenant-b.key.pem",
+    ]
+    assert by_name["tenant.tenant-b.cert.pem"].data == Path(files["ssl_cert"]).read_bytes()
+    assert by_name["tenant.tenant-b.key.pem"].mode == 0o600
+    assert by_name["tenant.tenant-b.broker-ca.pem"].data == Path(files["broker_ca_cert"]).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("mismatch", "tenants: tenant-b: "),
+        ("missing", "does not exist on the target"),
+        ("ca-not-pem", "tenants: tenant-b: broker_ca_cert"),
+    ],
+)
+def test_bad_own_files_are_refused(pki, tmp_path: Path, change: str, message: str) -> None:
+    files = own_files(pki)
+    if change == "mismatch":
+        files["ssl_key"] = str(pki.issue("other", ["other.example"]).key)
+    elif change == "missing":
+        files["ssl_cert"] = str(tmp_path / "absent.pem")
+    else:
+        (tmp_path / "not.pem").write_text("not a certificate\n")
+        files["broker_ca_cert"] = str(tmp_path / "not.pem")
+    errors: list[str] = []
+    cmsg.tenant_files([{**B, **files}], str(tmp_path), errors, [])
+    assert any(message in e for e in errors), errors
+
+
+def test_a_certificate_needs_its_key() -> None:
+    with pytest.raises(dep.ValidationError) as exc:
+        cmsg.validate(params(tenants=[{**B, "ssl_cert": "/pki/b.pem"}]), lambda: [])
+    assert any("ssl_cert and ssl_key go together" in e for e in exc.value.errors), exc.value.errors
+
+
+def test_files_no_tenant_names_are_stale(tmp_path: Path) -> None:
+    """A removed tenant's (or option's) files go; every other file of certs/ stays."""
+    for name in (
+        "tenant.old.cert.pem",
+        "tenant.old.key.pem",
+        "tenant.b.broker-ca.pem",
+        "tenant.b.cert.pem",
+        "tenant-b.pem",
+        "cert.pem",
+    ):
+        (tmp_path / name).write_text("x\n")
+    kept = [cmsg.PlannedFile(str(tmp_path / "tenant.b.cert.pem"), b"x\n", 0o644)]
+    stale = sorted(Path(p).name for p in cmsg.stale_tenant_files(str(tmp_path), kept))
+    assert stale == ["tenant.b.broker-ca.pem", "tenant.old.cert.pem", "tenant.old.key.pem"]
+
+
+def test_own_files_change_no_spec_hash(hashes) -> None:
+    """Adding a tenant's certificate and broker CA (or changing them) reloads: the hashes stay."""
+    plain = [{"agent_networks": [], **t} for t in (A, B)]
+    own = [
+        plain[0],
+        {**plain[1], "ssl_cert": "/pki/b.pem", "ssl_key": "/pki/b.key", "broker_ca_cert": "/pki/b-ca.pem"},
+    ]
+    assert hashes(cmsg, dict(CMSG_BASE, tenants=plain)) == hashes(cmsg, dict(CMSG_BASE, tenants=own))

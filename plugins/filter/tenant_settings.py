@@ -1,0 +1,161 @@
+# Copyright (c) Gatehouse contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+name: tenant_settings
+short_description: The multi-tenant settings of one host, from the inventory groups
+version_added: 0.1.0
+description:
+  - Works out, for one host, what a multi-tenant deployment (several brokers behind shared connection managers
+    and security gateways) needs; see C(docs/tenants.md).
+  - A tenant is a host of the C(brokers) group with C(gatehouse_tenant) (its name, 1-32 characters of
+    C(a-z0-9-)) and C(gatehouse_tenant_host_names) (its public FQDNs), optionally
+    C(gatehouse_tenant_agent_networks) (CIDRs of its desktops). The broker host's own variables hold the
+    tenant's users, groups, desktops, pools and entitlements (C(gatehouse_users) and the others), so the
+    same names in two tenants are two objects at two brokers.
+  - A host of the C(desktops) group with C(gatehouse_tenant) belongs to that tenant's broker; the others
+    belong to the first host of C(brokers) (as without tenants).
+  - Without C(gatehouse_tenant) on any broker host the results are those of a single-tenant deployment -
+    C(tenants) is empty, every desktop belongs to the first broker, which alone gets the access objects.
+options:
+  _input:
+    description: The inventory's C(groups).
+    type: dict
+    required: true
+  hostvars:
+    description: The inventory's C(hostvars).
+    type: dict
+    required: true
+  inventory_hostname:
+    description: The host to work out.
+    type: str
+    required: true
+  broker_port:
+    description: The brokers' TLS port as the other nodes reach it, where a broker host sets no
+      C(gatehouse_broker_port).
+    type: int
+    default: 443
+author:
+  - Gatehouse contributors (@gatehouse)
+"""
+
+EXAMPLES = r"""
+- name: Deploy a shared CM and SG for every tenant of the inventory
+  gatehouse.access.cmsg:
+    accept_policies: true
+    external_pcoip_ip: [203.0.113.30]
+    self_signed: true
+    tenants: "{{ (groups | gatehouse.access.tenant_settings(hostvars, inventory_hostname)).tenants }}"
+"""
+
+RETURN = r"""
+_value:
+  description:
+    - C(tenants) - every tenant in the order of the C(brokers) group, as the
+      O(gatehouse.access.cmsg#module:tenants) option takes them (C(name), C(host_names), C(broker_url) of its
+      broker host at its C(gatehouse_address) and C(gatehouse_broker_port), C(agent_networks)); empty without
+      tenants.
+    - C(tenant) - the tenant of this host (a broker or desktop host with C(gatehouse_tenant)); else empty.
+    - C(broker) - the broker host of this host - its own tenant's broker, itself on a broker host with a
+      tenant, else the first host of C(brokers) (empty without brokers).
+    - C(objects) - whether this host gets the access objects - a broker host with a tenant, or the first
+      broker host of a single-tenant inventory.
+    - C(desktops) - on such a host, the hosts of C(desktops) that belong to it; else empty.
+  type: dict
+  sample: {"tenants": [{"name": "tenant-a", "host_names": ["desktops.tenant-a.example"],
+           "broker_url": "https://10.31.0.10:443", "agent_networks": []}], "tenant": "tenant-a",
+           "broker": "broker-a", "objects": true, "desktops": ["desk-a"]}
+"""
+
+import re  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+
+from ansible.errors import AnsibleFilterError  # noqa: E402
+
+BROKERS = "brokers"
+DESKTOPS = "desktops"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def _address(host: str, node: Mapping) -> str:
+    return str(node.get("gatehouse_address", node.get("ansible_host", host)))
+
+
+def _broker_url(host: str, node: Mapping, port: int) -> str:
+    address = _address(host, node)
+    shown = "[%s]" % address if ":" in address else address
+    return "https://%s:%d" % (shown, int(node.get("gatehouse_broker_port", port)))
+
+
+def _tenant_brokers(groups: Mapping, hostvars: Mapping) -> dict[str, str]:
+    """Tenant name -> its broker host, in the order of the brokers group; refuses a bad inventory."""
+    out: dict[str, str] = {}
+    for host in groups.get(BROKERS, []):
+        name = hostvars[host].get("gatehouse_tenant")
+        if not name:
+            continue
+        if not NAME_RE.match(str(name)):
+            raise AnsibleFilterError(
+                "tenant_settings: gatehouse_tenant of %s is %r, not 1-32 characters of a-z, 0-9 and '-'"
+                % (host, name)
+            )
+        if name in out:
+            raise AnsibleFilterError(
+                "tenant_settings: tenant %s has two broker hosts (%s, %s); give each tenant one"
+                % (name, out[name], host)
+            )
+        if not hostvars[host].get("gatehouse_tenant_host_names"):
+            raise AnsibleFilterError(
+                "tenant_settings: broker %s of tenant %s needs gatehouse_tenant_host_names (the tenant's public "
+                "FQDNs)" % (host, name)
+            )
+        out[str(name)] = host
+    if out:
+        plain = [h for h in groups.get(BROKERS, []) if not hostvars[h].get("gatehouse_tenant")]
+        if plain:
+            raise AnsibleFilterError(
+                "tenant_settings: %s in the brokers group without gatehouse_tenant; once one broker host is a "
+                "tenant's, every one must be" % ", ".join(plain)
+            )
+    return out
+
+
+def tenant_settings(groups: Mapping, hostvars: Mapping, inventory_hostname: str, broker_port: int = 443):
+    """The settings of inventory_hostname (see RETURN); single-tenant inventories get today's values."""
+    brokers = _tenant_brokers(groups, hostvars)
+    first = (list(groups.get(BROKERS, [])) or [""])[0]
+    node = hostvars[inventory_hostname]
+    tenant = str(node.get("gatehouse_tenant") or "")
+    if tenant and inventory_hostname not in groups.get(BROKERS, []) and tenant not in brokers:
+        raise AnsibleFilterError(
+            "tenant_settings: gatehouse_tenant of %s is %s, which no host of the brokers group is (%s)"
+            % (inventory_hostname, tenant, ", ".join(sorted(brokers)) or "no tenants")
+        )
+    broker = brokers.get(tenant, first) if tenant else first
+    is_broker = inventory_hostname in groups.get(BROKERS, [])
+    objects = is_broker and (bool(tenant) if brokers else inventory_hostname == first)
+    desktops: list[str] = []
+    if objects:
+        desktops = [
+            host
+            for host in groups.get(DESKTOPS, [])
+            if str(hostvars[host].get("gatehouse_tenant") or "") == (tenant if brokers else "")
+        ]
+    tenants = [
+        {
+            "name": name,
+            "host_names": [str(h) for h in hostvars[host]["gatehouse_tenant_host_names"]],
+            "broker_url": _broker_url(host, hostvars[host], broker_port),
+            "agent_networks": [str(n) for n in hostvars[host].get("gatehouse_tenant_agent_networks") or []],
+        }
+        for name, host in brokers.items()
+    ]
+    return {"tenants": tenants, "tenant": tenant, "broker": broker, "objects": objects, "desktops": desktops}
+
+
+class FilterModule:
+    def filters(self):
+        return {"tenant_settings": tenant_settings}
