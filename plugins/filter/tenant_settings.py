@@ -75,17 +75,15 @@ from collections.abc import Mapping  # noqa: E402
 
 from ansible.errors import AnsibleFilterError  # noqa: E402
 
+from ansible_collections.gatehouse.access.plugins.module_utils._ops.inventory import node_address  # noqa: E402
+
 BROKERS = "brokers"
 DESKTOPS = "desktops"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 
 
-def _address(host: str, node: Mapping) -> str:
-    return str(node.get("gatehouse_address", node.get("ansible_host", host)))
-
-
 def _broker_url(host: str, node: Mapping, port: int) -> str:
-    address = _address(host, node)
+    address = node_address(host, node)
     shown = "[%s]" % address if ":" in address else address
     return "https://%s:%d" % (shown, int(node.get("gatehouse_broker_port", port)))
 
