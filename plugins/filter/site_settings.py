@@ -18,7 +18,7 @@ description:
   - With more than one site every C(cmsg) and C(halb) host must belong to a site, and every C(cmsg) host must
     have the same non-empty C(cmsg_grant_secret) (a grant sealed at one site is opened at another); the filter
     fails otherwise, naming the hosts, never the secret.
-  - Without any C(gatehouse_site) the result is empty (C(site) empty, no sites): single-site deployments get
+  - Without any C(gatehouse_site) the result is empty (C(site) empty, no sites), and single-site deployments get
     exactly what they got before.
 options:
   _input:
