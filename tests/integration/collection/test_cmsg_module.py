@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -401,9 +402,7 @@ def test_tenant_files_are_reloaded_not_recreated(env) -> None:
 
 def wait_until(predicate, attempts: int = 40, interval: float = 0.25) -> bool:
     """Poll a state the services reach after a signal or a start (a bounded wait, not a timing check)."""
-    import time
-
-    for _ in range(attempts):
+    for _attempt in range(attempts):
         try:
             if predicate():
                 return True

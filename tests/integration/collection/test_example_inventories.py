@@ -1,7 +1,7 @@
 """Every example inventory under inventories/ is valid input for the roles and playbooks it feeds.
 
-No test deploys the wan, lan, ha, mixed or dmz inventories (their addresses are documentation ranges),
-so a typo in one would reach a user first. Each inventory is read by ``ansible-inventory`` as
+No test deploys the wan, lan, ha, mixed, dmz or multisite inventories (their addresses are
+documentation ranges), so a typo in one would reach a user first. Each inventory is read by ``ansible-inventory`` as
 Ansible reads it (group_vars merged per host); then every role-prefixed variable must be an option
 of that role and pass the role's own argument spec (types, choices, element types), exactly as
 ``meta/argument_specs.yml`` checks it when the role starts, and every ``gatehouse_*`` variable must
@@ -85,7 +85,18 @@ def _read_names(inventory: str) -> str:
 
 
 def test_every_example_inventory_is_found() -> None:
-    expected = {"demo", "wan", "lan", "ha", "mixed", "dmz", "identity-ad", "identity-openldap", "tenants"}
+    expected = {
+        "demo",
+        "wan",
+        "lan",
+        "ha",
+        "mixed",
+        "dmz",
+        "multisite",
+        "tenants",
+        "identity-ad",
+        "identity-openldap",
+    }
     assert expected <= set(INVENTORIES)
 
 

@@ -331,3 +331,109 @@ def test_double_hop_dmz_rules_per_tier(tmp_path) -> None:
         assert not any(s in r for s in outer for r in found[host]["rich_rules"] if 'port="4172"' not in r), (
             host
         )
+
+
+def test_multisite_rules_per_site(tmp_path) -> None:
+    """Two sites (gatehouse_site on each site's group): every site's CMs reach every site's agent
+    control port, each site's HALB node only its own site's CMs and peers, and - where the session
+    ports are internal (a forwarder in front of site 1) - each site's desktops accept the session
+    ports from their own site's SG only."""
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    secret = {"cmsg_grant_secret": "x" * 40}
+    inventory = {
+        "all": {
+            "vars": {
+                "gatehouse_manage_firewall": True,
+                "gatehouse_secrets_dir": str(tmp_path / "secrets"),
+                **local,
+            },
+            "children": {
+                "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.0.10"}}},
+                "cmsg": {
+                    "hosts": {
+                        "c1": {"gatehouse_address": "10.1.0.21", **secret},
+                        "c2": {"gatehouse_address": "10.2.0.21", **secret},
+                    }
+                },
+                "desktops": {
+                    "hosts": {
+                        "d1": {"gatehouse_address": "10.1.0.31"},
+                        "d2": {"gatehouse_address": "10.2.0.31"},
+                    }
+                },
+                "halb": {
+                    "vars": {"halb_virtual_servers": [{"name": "cm", "vip": "10.0.0.40", "port": 443}]},
+                    "hosts": {
+                        "h1": {"gatehouse_address": "10.1.0.41"},
+                        "h2": {"gatehouse_address": "10.2.0.41"},
+                    },
+                },
+                "sg_forwarders": {"hosts": {"f1": {"gatehouse_address": "203.0.113.21"}}},
+                "site1": {"vars": {"gatehouse_site": "site1"}, "hosts": {"c1": {}, "d1": {}, "h1": {}}},
+                "site2": {"vars": {"gatehouse_site": "site2"}, "hosts": {"c2": {}, "d2": {}, "h2": {}}},
+            },
+        }
+    }
+    inventory_path = tmp_path / "hosts.yml"
+    inventory_path.write_text(yaml.safe_dump(inventory))
+    run = run_playbook(
+        "-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--tags", "firewall"
+    )
+    assert run.returncode == 0, run.stdout[-5000:]
+    found = {
+        host: result["msg"]
+        for play in run.report["plays"]
+        for task in play["tasks"]
+        if task["task"]["name"].endswith("The firewall rules of this node")
+        for host, result in task["hosts"].items()
+    }
+    assert set(found) == {"b1", "c1", "c2", "d1", "d2", "h1", "h2", "f1"}, found
+    # Agents: the control port from both sites' CMs; the session ports from their own site's SG.
+    for desk, own in (("d1", "10.1.0.21"), ("d2", "10.2.0.21")):
+        assert sorted(found[desk]["rich_rules"]) == sorted(
+            [rule("10.1.0.21", 60443), rule("10.2.0.21", 60443)]
+            + [rule(own, 4172, p) for p in ("tcp", "udp")]
+        ), desk
+    # CM/SG admin ports from their own site's HALB node only.
+    for cm, halb, other in (("c1", "10.1.0.41", "10.2.0.41"), ("c2", "10.2.0.41", "10.1.0.41")):
+        assert rule(halb, 9180) in found[cm]["rich_rules"]
+        assert rule(halb, 9172) in found[cm]["rich_rules"]
+        assert not any(f'source address="{other}"' in r for r in found[cm]["rich_rules"]), cm
+    # HALB nodes: peers and VRRP from their own site's node only.
+    for halb, own, other in (("h1", "10.1.0.41", "10.2.0.41"), ("h2", "10.2.0.41", "10.1.0.41")):
+        assert rule(own, 10000) in found[halb]["rich_rules"]
+        assert (
+            f'rule family="ipv4" source address="{own}" protocol value="vrrp" accept'
+            in found[halb]["rich_rules"]
+        )
+        assert not any(other in r for r in found[halb]["rich_rules"]), halb
+    # The broker: every site's CMs, desktops and HALB nodes.
+    assert sorted(found["b1"]["rich_rules"]) == sorted(
+        rule(s, 443) for s in ("10.1.0.21", "10.2.0.21", "10.1.0.31", "10.2.0.31", "10.1.0.41", "10.2.0.41")
+    )
+
+
+def test_multisite_without_a_shared_grant_secret_fails_early(tmp_path) -> None:
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {
+        "all": {
+            "vars": {"gatehouse_secrets_dir": str(tmp_path / "secrets"), **local},
+            "children": {
+                "cmsg": {
+                    "hosts": {
+                        "c1": {"gatehouse_address": "10.1.0.21"},
+                        "c2": {"gatehouse_address": "10.2.0.21"},
+                    }
+                },
+                "site1": {"vars": {"gatehouse_site": "site1"}, "hosts": {"c1": {}}},
+                "site2": {"vars": {"gatehouse_site": "site2"}, "hosts": {"c2": {}}},
+            },
+        }
+    }
+    inventory_path = tmp_path / "hosts.yml"
+    inventory_path.write_text(yaml.safe_dump(inventory))
+    run = run_playbook("-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "site.yml"), "--check")
+    assert run.returncode != 0
+    assert "need one grant secret shared by every CM/SG node" in run.stdout, run.stdout[-3000:]
+    # It stops in the first play, before anything is deployed.
+    assert "Check the sites" in run.stdout and "Connection broker" not in run.stdout, run.stdout[-3000:]
