@@ -18,7 +18,7 @@ jobs=${MOLECULE_JOBS:-2}
 scenarios=("$@")
 if ((${#scenarios[@]} == 0)); then
     # The longest first, so that the last ones to start are short and the slots end together.
-    for scenario in ha upgrade identity dmz lan default; do
+    for scenario in ha upgrade identity multisite tenants lan dmz default; do
         [[ -f molecule/$scenario/molecule.yml ]] && scenarios+=("$scenario")
     done
     for file in molecule/*/molecule.yml; do
@@ -56,8 +56,8 @@ report() {
     seconds=$(cat "build/molecule/$scenario.seconds" 2>/dev/null || echo "?")
     if [[ ${MOLECULE_SUMMARY:-0} == 1 && $status == 0 ]]; then
         log "molecule test -s $scenario (summary; whole output in build/molecule/$scenario.log)"
-        grep -E -A12 '^PLAY RECAP' "build/molecule/$scenario.log" | grep -E '^(PLAY RECAP|[^ ].* : ok=)' || true
-        grep -E '^=+ .*(passed|failed|error).* =+$' "build/molecule/$scenario.log" || true
+        sed 's/\x1b\[[0-9;]*m//g' "build/molecule/$scenario.log" |
+            grep -E 'PLAY RECAP| : ok=|INFO .*(Running|Executed)|=+ .*(passed|failed|error).* =+' || true
     else
         log "molecule test -s $scenario (output follows)"
         cat "build/molecule/$scenario.log"
