@@ -21,19 +21,8 @@ description:
     C(gatehouse_dmz_address) (its address on the inner firewall's side; default C(gatehouse_address)). An inner
     gateway is reached by the forwarders at its C(gatehouse_dmz_address) (default C(gatehouse_address)) on its
     C(cmsg_pcoip_port) (4172).
-options:
-  _input:
-    description: The inventory's C(groups).
-    type: dict
-    required: true
-  hostvars:
-    description: The inventory's C(hostvars).
-    type: dict
-    required: true
-  inventory_hostname:
-    description: The host to work out.
-    type: str
-    required: true
+extends_documentation_fragment:
+  - gatehouse.access.inventory
 author:
   - Gatehouse contributors (@gatehouse)
 """

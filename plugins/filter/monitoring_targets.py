@@ -21,14 +21,6 @@ description:
     their own host.
   - O(extra) adds endpoints of your own by kind; the result lists every endpoint once, in inventory order.
 options:
-  _input:
-    description: The inventory's C(groups).
-    type: dict
-    required: true
-  hostvars:
-    description: The inventory's C(hostvars).
-    type: dict
-    required: true
   inventory_hostname:
     description: The monitoring host.
     type: str
@@ -37,6 +29,8 @@ options:
     description: More endpoints by kind, as O(gatehouse.access.monitoring#module:targets) takes them.
     type: dict
     default: {}
+extends_documentation_fragment:
+  - gatehouse.access.inventory
 author:
   - Gatehouse contributors (@gatehouse)
 """

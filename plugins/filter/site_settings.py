@@ -20,19 +20,8 @@ description:
     fails otherwise, naming the hosts, never the secret.
   - Without any C(gatehouse_site) the result is empty (C(site) empty, no sites), and single-site deployments get
     exactly what they got before.
-options:
-  _input:
-    description: The inventory's C(groups).
-    type: dict
-    required: true
-  hostvars:
-    description: The inventory's C(hostvars).
-    type: dict
-    required: true
-  inventory_hostname:
-    description: The host to work out.
-    type: str
-    required: true
+extends_documentation_fragment:
+  - gatehouse.access.inventory
 author:
   - Gatehouse contributors (@gatehouse)
 """

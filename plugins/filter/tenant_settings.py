@@ -21,23 +21,13 @@ description:
   - Without C(gatehouse_tenant) on any broker host the results are those of a single-tenant deployment -
     C(tenants) is empty, every desktop belongs to the first broker, which alone gets the access objects.
 options:
-  _input:
-    description: The inventory's C(groups).
-    type: dict
-    required: true
-  hostvars:
-    description: The inventory's C(hostvars).
-    type: dict
-    required: true
-  inventory_hostname:
-    description: The host to work out.
-    type: str
-    required: true
   broker_port:
     description: The brokers' TLS port as the other nodes reach it, where a broker host sets no
       C(gatehouse_broker_port).
     type: int
     default: 443
+extends_documentation_fragment:
+  - gatehouse.access.inventory
 author:
   - Gatehouse contributors (@gatehouse)
 """

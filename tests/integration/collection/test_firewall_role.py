@@ -18,6 +18,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collection_helpers import REPO_ROOT, run_playbook
 
 
+def firewall_rules(directory: Path, inventory: dict) -> dict[str, dict]:
+    """Run site.yml's firewall part in check mode on ``inventory``: each host's planned rules."""
+    inventory_path = directory / "hosts.yml"
+    inventory_path.write_text(yaml.safe_dump(inventory))
+    run = run_playbook(
+        "-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--tags", "firewall"
+    )
+    assert run.returncode == 0, run.stdout[-5000:]
+    return {
+        host: result["msg"]
+        for play in run.report["plays"]
+        for task in play["tasks"]
+        if task["task"]["name"].endswith("The firewall rules of this node")
+        for host, result in task["hosts"].items()
+    }
+
+
 def rule(source: str, port: int, proto: str = "tcp") -> str:
     family = "ipv6" if ":" in source else "ipv4"
     return f'rule family="{family}" source address="{source}" port port="{port}" protocol="{proto}" accept'
@@ -97,19 +114,7 @@ def rules(tmp_path_factory) -> dict[str, dict]:
             },
         }
     }
-    inventory_path = tmp / "hosts.yml"
-    inventory_path.write_text(yaml.safe_dump(inventory))
-    run = run_playbook(
-        "-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--tags", "firewall"
-    )
-    report = run.report
-    assert run.returncode == 0, run.stdout[-5000:]
-    found: dict[str, dict] = {}
-    for play in report["plays"]:
-        for task in play["tasks"]:
-            if task["task"]["name"].endswith("The firewall rules of this node"):
-                for host, result in task["hosts"].items():
-                    found[host] = result["msg"]
+    found = firewall_rules(tmp, inventory)
     assert set(found) == {"b1", "c1", "c2", "c3", "d1", "h1", "h2"}, found
     return found
 
@@ -221,19 +226,7 @@ def test_metrics_ports_only_to_the_monitoring_host_and_prometheus_only_to_manage
             },
         }
     }
-    inventory_path = tmp_path / "hosts.yml"
-    inventory_path.write_text(yaml.safe_dump(inventory))
-    run = run_playbook(
-        "-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--tags", "firewall"
-    )
-    assert run.returncode == 0, run.stdout[-5000:]
-    found = {
-        host: result["msg"]
-        for play in run.report["plays"]
-        for task in play["tasks"]
-        if task["task"]["name"].endswith("The firewall rules of this node")
-        for host, result in task["hosts"].items()
-    }
+    found = firewall_rules(tmp_path, inventory)
     admin, monitor = "198.51.100.0/24", "10.0.0.50"
     # Prometheus' own port: management only, nothing public.
     assert found["m1"]["public_ports"] == []
@@ -283,19 +276,7 @@ def test_double_hop_dmz_rules_per_tier(tmp_path) -> None:
             },
         }
     }
-    inventory_path = tmp_path / "hosts.yml"
-    inventory_path.write_text(yaml.safe_dump(inventory))
-    run = run_playbook(
-        "-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--tags", "firewall"
-    )
-    assert run.returncode == 0, run.stdout[-5000:]
-    found = {
-        host: result["msg"]
-        for play in run.report["plays"]
-        for task in play["tasks"]
-        if task["task"]["name"].endswith("The firewall rules of this node")
-        for host, result in task["hosts"].items()
-    }
+    found = firewall_rules(tmp_path, inventory)
     assert set(found) == {"b1", "c1", "d1", "f1"}, found
     admin, outer = "198.51.100.0/24", ("203.0.113.21", "10.0.1.11")
     # Outer tier: 4172 for the world (and the HALB's virtual server), SG admin to management only;
@@ -374,19 +355,7 @@ def test_multisite_rules_per_site(tmp_path) -> None:
             },
         }
     }
-    inventory_path = tmp_path / "hosts.yml"
-    inventory_path.write_text(yaml.safe_dump(inventory))
-    run = run_playbook(
-        "-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--tags", "firewall"
-    )
-    assert run.returncode == 0, run.stdout[-5000:]
-    found = {
-        host: result["msg"]
-        for play in run.report["plays"]
-        for task in play["tasks"]
-        if task["task"]["name"].endswith("The firewall rules of this node")
-        for host, result in task["hosts"].items()
-    }
+    found = firewall_rules(tmp_path, inventory)
     assert set(found) == {"b1", "c1", "c2", "d1", "d2", "h1", "h2", "f1"}, found
     # Agents: the control port from both sites' CMs; the session ports from their own site's SG.
     for desk, own in (("d1", "10.1.0.21"), ("d2", "10.2.0.21")):
