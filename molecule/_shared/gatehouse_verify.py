@@ -329,6 +329,18 @@ def remove_quietly(container: Any) -> None:
         pass
 
 
+def wait_for_first_session(container: Any, timeout: float = 30.0) -> None:
+    """Until a start_session_loop() container has finished a session: a loaded machine may take
+    longer than usual to start the client, and a test that disturbs the service must not begin
+    before there is a session to compare with."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if b'"start"' in container.logs(stdout=True, stderr=False):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the session loop {container.name} finished no session in {timeout:.0f} s")
+
+
 def session_loop_results(container: Any, timeout: float) -> list[dict[str, Any]]:
     """The sessions a start_session_loop() container ran (waits for it to finish, then removes it)."""
     try:

@@ -84,7 +84,8 @@ def test_a_cm_whose_sg_dies_gets_no_new_clients_after_2_s_and_returns() -> None:
         gv.start_session_loop(NETWORK, f"https://{VIP}", secret, 40, name=f"gh-ha-sgloop{i}") for i in (1, 2)
     ]
     try:
-        time.sleep(6)
+        for loop in loops:
+            gv.wait_for_first_session(loop)
         killed_at = time.time()
         sg.kill()
         time.sleep(12)
