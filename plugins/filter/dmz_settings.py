@@ -21,6 +21,11 @@ description:
     C(gatehouse_dmz_address) (its address on the inner firewall's side; default C(gatehouse_address)). An inner
     gateway is reached by the forwarders at its C(gatehouse_dmz_address) (default C(gatehouse_address)) on its
     C(cmsg_pcoip_port) (4172).
+  - Forwarders with a C(gatehouse_forwarder_vip) (an IPv4 address with its prefix, like C(203.0.113.20/24)) form a
+    keepalived pair per VIP; the connection manager of their inner gateway hands out the VIP instead of their own
+    addresses. All forwarders of one VIP forward to the same inner gateway (the client reaches whichever holds the
+    VIP, and only its own connection manager's gateway accepts its grant), and all forwarders of one inner gateway
+    share its VIP; anything else stops the play.
 extends_documentation_fragment:
   - gatehouse.access.inventory
 author:
@@ -45,11 +50,16 @@ _value:
       C(cmsg_enable_ipv6); else empty (the host keeps its own C(cmsg_external_pcoip_ip)).
     - C(outer_addresses) - every forwarder's C(gatehouse_address) and C(gatehouse_dmz_address) (firewall sources
       of the inner gateways' 4172, and never a source of the broker, the agents or the admin ports).
+    - Only when a forwarder has a C(gatehouse_forwarder_vip) - C(forwarder_vip) (on a forwarder, its VIP with the
+      prefix; else empty), C(listen_address) (on a forwarder, the VIP's address: it listens there, so its UDP
+      answers leave from the VIP) and C(forwarder_vip_pairs) (every VIP's inventory group name, for the
+      keepalived pair, and its forwarders in inventory order).
   type: dict
   sample: {"forward_to": [], "forwarders": ["dmz-sg1"], "proxy_protocol_sources": ["10.10.0.11"],
            "external_pcoip_ip": ["203.0.113.21"], "outer_addresses": ["203.0.113.21", "10.10.0.11"]}
 """
 
+import ipaddress  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
 
 from ansible.errors import AnsibleFilterError  # noqa: E402
@@ -60,6 +70,8 @@ from ansible_collections.gatehouse.access.plugins.module_utils._ops.inventory im
 FORWARDERS = "sg_forwarders"
 INNER = "cmsg"
 PCOIP_PORT = 4172
+VIP_VARIABLE = "gatehouse_forwarder_vip"
+VIP_GROUP_PREFIX = "gatehouse_forwarder_vip_"
 
 
 def _dmz_address(host: str, node: Mapping) -> str:
@@ -83,6 +95,52 @@ def _inner_of(forwarder: str, index: int, inner: list[str], hostvars: Mapping) -
             "with the security gateway enabled)" % (forwarder, INNER)
         )
     return inner[index % len(inner)]
+
+
+def _vip_of(forwarder: str, node: Mapping) -> ipaddress.IPv4Interface | None:
+    value = node.get(VIP_VARIABLE)
+    if not value:
+        return None
+    try:
+        vip = ipaddress.ip_interface(str(value).strip())
+    except ValueError:
+        vip = None
+    if not isinstance(vip, ipaddress.IPv4Interface) or "/" not in str(value):
+        raise AnsibleFilterError(
+            "dmz_settings: %s of %s is %r, not an IPv4 address with its prefix (like 203.0.113.20/24)"
+            % (VIP_VARIABLE, forwarder, value)
+        )
+    return vip
+
+
+def _vip_pairs(pairs: list[tuple[str, str]], hostvars: Mapping) -> dict[str, dict]:
+    """Per VIP (as a string with its prefix): its forwarders and their one inner gateway.
+
+    Invariant: every forwarder of a VIP forwards to the same inner gateway, and every forwarder of an
+    inner gateway with a VIP has that same VIP.
+    """
+    vips: dict[str, dict] = {}
+    by_inner: dict[str, set[str]] = {}
+    for forwarder, target in pairs:
+        vip = _vip_of(forwarder, hostvars[forwarder])
+        by_inner.setdefault(target, set()).add(str(vip) if vip else "")
+        if vip is None:
+            continue
+        entry = vips.setdefault(str(vip), {"inner": target, "forwarders": []})
+        if entry["inner"] != target:
+            raise AnsibleFilterError(
+                "dmz_settings: the forwarders of %s %s forward to %s and %s; a VIP needs one inner security "
+                "gateway (each connection manager's grant opens a session at its own gateway only)"
+                % (VIP_VARIABLE, vip, entry["inner"], target)
+            )
+        entry["forwarders"].append(forwarder)
+    for target, found in by_inner.items():
+        if len(found) > 1:
+            raise AnsibleFilterError(
+                "dmz_settings: the forwarders of %s have different %s (%s); its connection manager hands out one"
+                % (target, VIP_VARIABLE, ", ".join(sorted(v or "none" for v in found)))
+            )
+    return vips
 
 
 def dmz_settings(groups: Mapping, hostvars: Mapping, inventory_hostname: str):
@@ -121,7 +179,11 @@ def dmz_settings(groups: Mapping, hostvars: Mapping, inventory_hostname: str):
         if target == inventory_hostname:
             out["forwarders"].append(forwarder)
             out["proxy_protocol_sources"].append(_dmz_address(forwarder, hostvars[forwarder]))
-    if out["forwarders"]:
+    vips = _vip_pairs(pairs, hostvars)
+    inner_vips = {entry["inner"]: vip for vip, entry in vips.items()}
+    if inventory_hostname in inner_vips:
+        out["external_pcoip_ip"].append(str(ipaddress.ip_interface(inner_vips[inventory_hostname]).ip))
+    elif out["forwarders"]:
         external = [node_address(host, hostvars[host]) for host in out["forwarders"]]
         ipv4 = [a for a in external if ":" not in a]
         ipv6 = [a for a in external if ":" in a]
@@ -133,7 +195,16 @@ def dmz_settings(groups: Mapping, hostvars: Mapping, inventory_hostname: str):
         out["external_pcoip_ip"].append(ipv4[0])
         if ipv6 and boolean(hostvars[inventory_hostname].get("cmsg_enable_ipv6", False), strict=False):
             out["external_pcoip_ip"].append(ipv6[0])
-    return {key: list(dict.fromkeys(values)) for key, values in out.items()}
+    result: dict = {key: list(dict.fromkeys(values)) for key, values in out.items()}
+    if vips:
+        own = [vip for vip, entry in vips.items() if inventory_hostname in entry["forwarders"]]
+        result["forwarder_vip"] = own
+        result["listen_address"] = [str(ipaddress.ip_interface(vip).ip) for vip in own]
+        result["forwarder_vip_pairs"] = {
+            VIP_GROUP_PREFIX + str(ipaddress.ip_interface(vip).ip).replace(".", "_"): entry["forwarders"]
+            for vip, entry in vips.items()
+        }
+    return result
 
 
 class FilterModule:

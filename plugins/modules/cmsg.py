@@ -203,6 +203,15 @@ options:
     type: list
     elements: str
     default: []
+  listen_address:
+    description:
+      - With O(forward_to) only - the address the forwarder listens on (4172/tcp and udp), the VIP of a
+        keepalived pair of forwarders (C(docs/dmz.md)). A socket on every address answers UDP from the host's own
+        address, which a client that sent to the VIP drops; one on the VIP answers from the VIP.
+      - The node that does not hold the VIP binds it too, so the host needs C(net.ipv4.ip_nonlocal_bind=1).
+      - Empty - every address (C(0.0.0.0), or C(::) with O(enable_ipv6)).
+    type: str
+    default: ""
   proxy_protocol_sources:
     description:
       - Addresses or CIDRs of the forwarding security gateways (O(forward_to)) in front of this security

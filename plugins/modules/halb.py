@@ -116,7 +116,9 @@ options:
   virtual_servers:
     description:
       - The virtual servers (a VIP and a port each), like the virtual servers of a Parallels RAS HALB.
-      - Required with O(state=present).
+      - Required with O(state=present). An empty list makes a keepalived-only pair - the VIPs move between the
+        nodes and services on the nodes that listen on every address answer on them; HAProxy runs with no
+        frontend but the metrics one, and the VRRP still tracks it, not those services.
     type: list
     elements: dict
     suboptions:

@@ -1,4 +1,4 @@
-"""dmz: a session from the internet through the forwarder to the inner SG; the outer tier reaches nothing else."""
+"""dmz: a session from the internet through the forwarders' VIP to the inner SG; the outer tier reaches nothing else."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pytest
 SCENARIO = "dmz"
 INTERNET = "gh-mol-dmz-internet"
 VIP = gv.address(11, 100)
-FORWARDER = gv.address(11, 21)  # the forwarder as the clients reach it (external_pcoip_ip)
+FORWARDER = gv.address(11, 21)
+FORWARDERS = ("gh-dmz-fwd1", "gh-dmz-fwd2")
+FORWARDER_VIP = gv.address(11, 200)  # the forwarders' keepalived VIP, the inner CM's external_pcoip_ip
 FORWARDER_DMZ = gv.address(12, 21)
 INNER_DMZ = gv.address(12, 31)
 INNER_LAN = gv.address(13, 31)
@@ -87,31 +89,62 @@ def test_the_vip_is_on_the_internet_side_of_one_forwarder_host() -> None:
     assert len(holders) == 1, holders
 
 
-def test_session_from_the_internet_through_both_hops() -> None:
+def test_the_forwarder_vip_is_on_the_internet_side_of_one_forwarder() -> None:
+    assert gv.wait_for(lambda: [gv.holds_vip(n, FORWARDER_VIP) for n in FORWARDERS].count(True) == 1, 20)
+
+
+def session_through_the_forwarder_vip() -> None:
     """The client on the internet network only: CM through the HALB VIP, PCoIP (TCP + UDP echo)
-    to the forwarder's address, which the inner CM handed out; the inner SG checks the grant
-    against the client's address from the forwarder's PROXY v2 header."""
-    for attempt in range(2):
-        report = gv.run_client(INTERNET, f"https://{VIP}:443", gv.password(SCENARIO))
-        assert report["ok"], f"session {attempt + 1}: {gv.client_failure(report)}"
-        gv.assert_session(report, target_ip=FORWARDER)
+    to the forwarders' VIP, which the inner CM handed out; the inner SG checks the grant against
+    the client's address from the forwarder's PROXY v2 header."""
+    report = gv.run_client(INTERNET, f"https://{VIP}:443", gv.password(SCENARIO))
+    gv.assert_session(report, target_ip=FORWARDER_VIP)
 
 
-def test_forwarder_passed_the_sessions_to_the_inner_sg() -> None:
-    """The sessions above went through the forwarder: its SG metrics count them."""
-    fwd = gv.engine().containers.get("gh-dmz-fwd1")
+def test_session_from_the_internet_through_both_hops() -> None:
+    for _attempt in range(2):
+        session_through_the_forwarder_vip()
+
+
+def sessions_accepted(name: str) -> float:
     read = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9172/metrics').read().decode())"
-    code, output = fwd.exec_run([PYTHON, "-c", read])
+    code, output = gv.engine().containers.get(name).exec_run([PYTHON, "-c", read])
     assert code == 0, output
     accepted = [
         line for line in output.decode().splitlines() if line.startswith("gatehouse_sg_sessions_accepted")
     ]
-    assert accepted and float(accepted[0].split()[-1]) >= 1, output.decode()[-2000:]
+    assert accepted, output.decode()[-2000:]
+    return float(accepted[0].split()[-1])
+
+
+def test_forwarder_passed_the_sessions_to_the_inner_sg() -> None:
+    """The sessions above went through the forwarder that holds the VIP: its SG metrics count them."""
+    holder = next(n for n in FORWARDERS if gv.holds_vip(n, FORWARDER_VIP))
+    assert sessions_accepted(holder) >= 2
+
+
+def test_sessions_move_with_the_forwarder_vip() -> None:
+    """Stopping the keepalived container of the forwarder that holds the VIP moves the VIP to the
+    other forwarder, which completes a new session (TCP and UDP) through it; then it is restored."""
+    holder = next(n for n in FORWARDERS if gv.holds_vip(n, FORWARDER_VIP))
+    other = next(n for n in FORWARDERS if n != holder)
+    before = sessions_accepted(other)
+    keepalived = gv.engine().containers.get(f"{holder}-forwarder-vip")
+    keepalived.stop(timeout=10)
+    try:
+        assert gv.wait_for(lambda: gv.holds_vip(other, FORWARDER_VIP)), f"{other} did not take the VIP"
+        assert not gv.holds_vip(holder, FORWARDER_VIP)
+        session_through_the_forwarder_vip()
+        assert sessions_accepted(other) >= before + 1
+    finally:
+        keepalived.start()
+    assert gv.wait_for(lambda: [gv.holds_vip(n, FORWARDER_VIP) for n in FORWARDERS].count(True) == 1, 40)
 
 
 def test_the_internet_reaches_no_inner_host() -> None:
     """A container on the internet network (where the clients are) has no way to the broker, the
-    agent or the inner CM/SG host, nor the forwarder's management port; it reaches the forwarder's 4172."""
+    agent or the inner CM/SG host, nor the forwarder's management port; it reaches the forwarders'
+    4172 on their VIP (the forwarders listen there only)."""
     targets = [
         (BROKER, 8443),
         (DESKTOP, 4172),
@@ -119,6 +152,7 @@ def test_the_internet_reaches_no_inner_host() -> None:
         (INNER_DMZ, 4172),
         (FORWARDER, 9172),
         (FORWARDER, 4172),
+        (FORWARDER_VIP, 4172),
     ]
     output = gv.engine().containers.run(
         gv.CLIENT_IMAGE,
@@ -131,7 +165,7 @@ def test_the_internet_reaches_no_inner_host() -> None:
     lines = output.decode().strip().splitlines()
     assert len(lines) == len(targets), lines
     for (address, port), line in zip(targets, lines, strict=True):
-        expected = "open" if (address, port) == (FORWARDER, 4172) else "closed"
+        expected = "open" if (address, port) == (FORWARDER_VIP, 4172) else "closed"
         assert line.split()[:3] == [address, str(port), expected], line
 
 

@@ -68,6 +68,7 @@ ARGUMENT_SPEC: dict = dict(
     max_clients={"type": "int", "default": 400},
     trusted_proxies={"type": "list", "elements": "str", "default": []},
     forward_to={"type": "list", "elements": "str", "default": []},
+    listen_address={"type": "str", "default": ""},
     proxy_protocol_sources={"type": "list", "elements": "str", "default": []},
     data_dir={"type": "path", "default": "/opt/gatehouse/cmsg"},
     https_port={"type": "int", "default": 443},
@@ -267,6 +268,8 @@ def validate(params: dict, used_networks) -> dict:
     values["proxy_protocol_sources"] = networks_of(params, "proxy_protocol_sources", errors)
     if forwarder:
         return validate_forwarder(params, values, errors)
+    if params["listen_address"]:
+        errors.append("listen_address is for a forwarding security gateway (forward_to) behind a VIP only")
     values["tenants"] = tenant_entries(params["tenants"], errors)
     if not params["broker_url"] and not values["tenants"]:
         errors.append(
@@ -543,6 +546,15 @@ def validate_forwarder(params: dict, values: dict, errors: list[str]) -> dict:
         )
     values["management_urls"] = management_urls(params, admin)
     values["sg_health_url"] = ""
+    values["listen_address"] = ""
+    if params["listen_address"]:
+        listen = dep.parse_ip(params["listen_address"].strip())
+        if listen is None:
+            errors.append(
+                "listen_address %r must be an IP address (the forwarders' VIP)" % params["listen_address"]
+            )
+        else:
+            values["listen_address"] = str(listen)
     values["external_pcoip_ip"] = []
     values["host_address"] = []
     if not 1 <= params["max_connections"] <= MAX_SG_CONNECTIONS:
@@ -717,7 +729,8 @@ def security_gateway_conf(params: dict, values: dict | None = None) -> bytes:
         return dep.render_properties(
             "Forwarding security gateway (double-hop DMZ): no grant secret, no TLS key, no agents",
             [
-                ("ListenAddress", listen_address(params)),
+                # A VIP on the forwarders: its UDP answers must leave from the address the client sent to.
+                ("ListenAddress", values.get("listen_address") or listen_address(params)),
                 ("Port", 4172),
                 (SG_OPTION_KEYS["forward_to"], values["forward_to"]),
                 ("MaxConnections", params["max_connections"]),

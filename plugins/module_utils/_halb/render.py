@@ -190,9 +190,9 @@ def normalize(params: dict) -> dict:
     vrrp = _normalize_vrrp(vrrp_in)
     vip_addresses = {str(i.ip) for i in vrrp["vip_interfaces"]}
 
+    # No virtual server is a keepalived-only pair: the VIPs move between the nodes, and services
+    # that listen on the node's addresses themselves answer on them (HAProxy keeps its peers).
     virtual_servers_in = params.get("virtual_servers") or []
-    if not virtual_servers_in:
-        raise HalbConfigError("virtual_servers: at least one virtual server is required")
     virtual_servers = [_normalize_vs(vs, index, vip_addresses) for index, vs in enumerate(virtual_servers_in)]
     _unique([vs["name"] for vs in virtual_servers], "virtual server name")
     _unique(

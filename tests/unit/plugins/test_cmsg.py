@@ -790,6 +790,25 @@ def test_a_forwarder_needs_no_broker_tls_material_or_agent_ca() -> None:
     assert values["warnings"] and "self_signed is not used" in values["warnings"][0]
 
 
+def test_a_forwarder_behind_a_vip_listens_on_the_vip_only() -> None:
+    """UDP answers leave from the socket's address: on the VIP, not every address of the host."""
+    assert (
+        parse_kv(cmsg.security_gateway_conf(forwarder(), cmsg.validate(forwarder(), no_networks)).decode())[
+            "ListenAddress"
+        ]
+        == "0.0.0.0"
+    )
+    behind_vip = forwarder(listen_address="203.0.113.20")
+    parsed = parse_kv(cmsg.security_gateway_conf(behind_vip, cmsg.validate(behind_vip, no_networks)).decode())
+    assert parsed["ListenAddress"] == "203.0.113.20"
+    assert errors_of(forwarder(listen_address="vip.example")) == [
+        "listen_address 'vip.example' must be an IP address (the forwarders' VIP)"
+    ]
+    assert errors_of(params(listen_address="203.0.113.20")) == [
+        "listen_address is for a forwarding security gateway (forward_to) behind a VIP only"
+    ]
+
+
 def test_a_gateway_still_needs_its_broker() -> None:
     errors = errors_of(params(broker_url=None))
     assert any("broker_url is required with state=present" in e for e in errors)

@@ -126,3 +126,59 @@ def test_inner_gateway_behind_ipv6_forwarders_only_is_refused() -> None:
     groups = {"cmsg": ["cmsg2"], "sg_forwarders": ["fwd3"]}
     with pytest.raises(AnsibleFilterError, match="no IPv4"):
         settings("cmsg2", groups=groups)
+
+
+VIP_GROUPS = {"cmsg": ["cmsg1", "cmsg2"], "sg_forwarders": ["fwd1", "fwd2"], "brokers": ["broker1"]}
+
+
+def with_vip(vip: str = "203.0.113.20/24", **more: dict) -> dict:
+    """fwd1 and fwd2 both forward to cmsg1 behind one VIP."""
+    hostvars = {**HOSTVARS}
+    for host in ("fwd1", "fwd2"):
+        hostvars[host] = {
+            **HOSTVARS[host],
+            "gatehouse_forward_to_host": "cmsg1",
+            "gatehouse_forwarder_vip": vip,
+        }
+    hostvars.update(more)
+    return hostvars
+
+
+def test_forwarders_behind_a_vip_are_one_pair_and_the_cm_hands_out_the_vip() -> None:
+    hostvars = with_vip()
+    inner = settings("cmsg1", groups=VIP_GROUPS, hostvars=hostvars)
+    assert inner["external_pcoip_ip"] == ["203.0.113.20"]
+    assert inner["forwarders"] == ["fwd1", "fwd2"]
+    assert inner["proxy_protocol_sources"] == ["10.1.0.11", "10.1.0.12"]
+    assert inner["forwarder_vip"] == inner["listen_address"] == []
+    for host in ("fwd1", "fwd2"):
+        out = settings(host, groups=VIP_GROUPS, hostvars=hostvars)
+        assert out["forward_to"] == ["10.1.0.21:4172"]
+        assert out["forwarder_vip"] == ["203.0.113.20/24"]
+        assert out["listen_address"] == ["203.0.113.20"]
+        assert out["forwarder_vip_pairs"] == {"gatehouse_forwarder_vip_203_0_113_20": ["fwd1", "fwd2"]}
+    # an inner gateway without forwarders keeps its own address (none from the filter)
+    assert settings("cmsg2", groups=VIP_GROUPS, hostvars=hostvars)["external_pcoip_ip"] == []
+
+
+@pytest.mark.parametrize(
+    ("hostvars", "message"),
+    [
+        (with_vip("203.0.113.20"), "not an IPv4 address with its prefix"),
+        (with_vip("2001:db8::20/64"), "not an IPv4 address with its prefix"),
+        (with_vip("vip.example/24"), "not an IPv4 address with its prefix"),
+        # one VIP in front of two inner gateways: half of the grants would be refused
+        (
+            with_vip(fwd2={**HOSTVARS["fwd2"], "gatehouse_forwarder_vip": "203.0.113.20/24"}),
+            "one inner security",
+        ),
+        # the forwarders of one inner gateway with and without the VIP
+        (
+            with_vip(fwd2={**HOSTVARS["fwd2"], "gatehouse_forward_to_host": "cmsg1"}),
+            "have different gatehouse_forwarder_vip",
+        ),
+    ],
+)
+def test_inconsistent_vips_are_refused(hostvars, message) -> None:
+    with pytest.raises(AnsibleFilterError, match=message):
+        settings("broker1", groups=VIP_GROUPS, hostvars=hostvars)

@@ -211,6 +211,24 @@ def test_keepalived_options_nopreempt_source_and_no_tracking():
     assert "vrrp_script" not in conf and "track_script" not in conf
 
 
+def test_without_virtual_servers_the_pair_holds_the_vips_only():
+    """A keepalived-only pair: VRRP with the VIPs, HAProxy with its peers and metrics, no frontend."""
+    params = base_params()
+    params["virtual_servers"] = []
+    haproxy_cfg, conf = render(params)
+    assert "virtual_ipaddress {\n        10.199.7.100/24 dev eth0\n    }" in conf
+    assert "track_script {\n        gatehouse_haproxy\n    }" in conf
+    assert section(haproxy_cfg, "peers gatehouse") == [
+        "peer halb1 10.199.7.11:10000",
+        "peer halb2 10.199.7.12:10000",
+    ]
+    frontends = [
+        line for line in haproxy_cfg.splitlines() if line.startswith(("frontend ", "backend ", "listen "))
+    ]
+    assert frontends == [f"frontend {halb.METRICS_FRONTEND}"]
+    assert halb.desired_states(halb.normalize(params)) == {}
+
+
 def test_failover_estimate_follows_rfc5798():
     config = halb.normalize(base_params())
     # 3 * 0.25 + (256 - 150) * 0.25 / 256
