@@ -51,7 +51,7 @@ _value:
     - C(outer_addresses) - every forwarder's C(gatehouse_address) and C(gatehouse_dmz_address) (firewall sources
       of the inner gateways' 4172, and never a source of the broker, the agents or the admin ports).
     - Only when a forwarder has a C(gatehouse_forwarder_vip) - C(forwarder_vip) (on a forwarder, its VIP with the
-      prefix; else empty), C(listen_address) (on a forwarder, the VIP's address: it listens there, so its UDP
+      prefix; else empty), C(listen_address) (on a forwarder, the VIP's address - it listens there, so its UDP
       answers leave from the VIP) and C(forwarder_vip_pairs) (every VIP's inventory group name, for the
       keepalived pair, and its forwarders in inventory order).
   type: dict
