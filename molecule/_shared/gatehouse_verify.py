@@ -306,19 +306,39 @@ for attempt in range(500):
 """
 
 
-def start_session_loop(
-    network: str, url: str, secret: str, seconds: float, name: str, period: float = 1.0
-) -> Any:
-    """A client container running sessions through ``url`` for ``seconds``; read it with session_loop_results."""
+def start_client_script(network: str, script: str, *args: str, secret: str, name: str | None = None) -> Any:
+    """A Python script with the client image's gatehouse package, in a container on the network
+    (detached). The password goes in through GH_PASSWORD, never on the command line."""
     return engine().containers.run(
         CLIENT_IMAGE,
-        entrypoint=["python3", "-c", SESSION_LOOP, url, str(seconds), str(period)],
+        entrypoint=["python3", "-c", script, *args],
         command=[],
         environment={"GH_PASSWORD": secret},
         network=network,
         name=name,
         labels={"gatehouse.role": "client"},
         detach=True,
+    )
+
+
+def client_script_result(container: Any, timeout: float = 120) -> dict[str, Any]:
+    """Wait for a start_client_script container, remove it, and parse its last line of output (JSON)."""
+    try:
+        container.wait(timeout=timeout)
+        output = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
+        errors = container.logs(stdout=False, stderr=True).decode("utf-8", "replace")
+    finally:
+        remove_quietly(container)
+    assert output.strip(), errors[-2000:]
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def start_session_loop(
+    network: str, url: str, secret: str, seconds: float, name: str, period: float = 1.0
+) -> Any:
+    """A client container running sessions through ``url`` for ``seconds``; read it with session_loop_results."""
+    return start_client_script(
+        network, SESSION_LOOP, url, str(seconds), str(period), secret=secret, name=name
     )
 
 

@@ -51,13 +51,15 @@ _value:
     - C(tenant) - the tenant of this host (a broker or desktop host with C(gatehouse_tenant)); else empty.
     - C(broker) - the broker host of this host - its own tenant's broker, itself on a broker host with a
       tenant, else the first host of C(brokers) (empty without brokers).
+    - C(broker_url) - that broker's URL as this host reaches it (C(https://address:port), an IPv6 address in
+      brackets), like a tenant's C(broker_url); empty without brokers.
     - C(objects) - whether this host gets the access objects - a broker host with a tenant, or the first
       broker host of a single-tenant inventory.
     - C(desktops) - on such a host, the hosts of C(desktops) that belong to it; else empty.
   type: dict
   sample: {"tenants": [{"name": "tenant-a", "host_names": ["desktops.tenant-a.example"],
            "broker_url": "https://10.31.0.10:443", "agent_networks": []}], "tenant": "tenant-a",
-           "broker": "broker-a", "objects": true, "desktops": ["desk-a"]}
+           "broker": "broker-a", "broker_url": "https://10.31.0.10:443", "objects": true, "desktops": ["desk-a"]}
 """
 
 import re  # noqa: E402
@@ -141,7 +143,14 @@ def tenant_settings(groups: Mapping, hostvars: Mapping, inventory_hostname: str,
         }
         for name, host in brokers.items()
     ]
-    return {"tenants": tenants, "tenant": tenant, "broker": broker, "objects": objects, "desktops": desktops}
+    return {
+        "tenants": tenants,
+        "tenant": tenant,
+        "broker": broker,
+        "broker_url": _broker_url(broker, hostvars[broker], broker_port) if broker else "",
+        "objects": objects,
+        "desktops": desktops,
+    }
 
 
 class FilterModule:

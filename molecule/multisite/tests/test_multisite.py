@@ -96,6 +96,40 @@ def test_a_client_at_site_1_gets_site_2s_desktop_through_site_2s_gateway() -> No
     gv.assert_session(session(f"https://{VIP_S1}", "desk-s1"), target_ip=SG_S1)
 
 
+def written_configs() -> dict[str, bytes]:
+    """The configuration files site.yml wrote for every CM/SG and HALB node of both sites."""
+    names = {"config.properties", "SecurityGateway.conf", "haproxy.cfg", "keepalived.conf"}
+    nodes = [*HALB_S1, *HALB_S2, "gh-ms-cmsg-s1", "gh-ms-cmsg-s2"]
+    found = {
+        str(path): path.read_bytes()
+        for node in nodes
+        for path in (gv.STATE_ROOT / SCENARIO / node).rglob("*")
+        if path.name in names and path.is_file()
+    }
+    assert len(found) >= 12, sorted(found)  # 2 files on each of the 6 nodes
+    return found
+
+
+def test_a_rolling_upgrade_keeps_each_nodes_site_and_pair() -> None:
+    """playbooks/upgrade.yml (to the version that runs) drains each node at its own site's HALB pair
+    and leaves every node as site.yml made it: the same files (Site, SiteGateways, each pair's own
+    peers and backends), no CM/SG container recreated, and sessions at both sites afterwards."""
+    before = written_configs()
+    ids = {
+        node: {role: c[0].id for role, c in gv.services(node).items()}
+        for node in ("gh-ms-cmsg-s1", "gh-ms-cmsg-s2")
+    }
+    run = gv.run_playbook("upgrade.yml", "-e", "gatehouse_upgrade_grace=0", timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    # Each node was drained at its own site's pair only.
+    assert "gatehouse_halb_site1: gh-ms-halb1-s1" in run.stdout, run.stdout[-4000:]
+    after = written_configs()
+    assert after == before, [path for path in before if after.get(path) != before[path]]
+    assert {node: {role: c[0].id for role, c in gv.services(node).items()} for node in ids} == ids
+    gv.assert_session(session(f"https://{VIP_S2}", "desk-s1"), target_ip=SG_S1)
+    gv.assert_session(session(f"https://{VIP_S1}", "desk-s2"), target_ip=SG_S2)
+
+
 def test_site_1_down_the_wan_list_fails_over_and_its_desktops_are_not_offered() -> None:
     """Every service container of site 1 stopped (its HALB pair, CM, SG, the desktop's agent): the WAN list
     [VIP s1, VIP s2] completes sessions through site 2, the broker shows site 1 down and places the

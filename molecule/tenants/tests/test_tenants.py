@@ -125,23 +125,10 @@ def test_a_grant_of_a_is_refused_for_b() -> None:
     """The SG opens tenant A's grant under A's name only: under B's it answers 403 (wrong-tenant),
     and the refusal does not spend the grant."""
     a, b = TENANTS["tenant-a"]["name"], TENANTS["tenant-b"]["name"]
-    container = gv.engine().containers.run(
-        gv.CLIENT_IMAGE,
-        entrypoint=["python3", "-c", GRANT_ACROSS_TENANTS, f"https://{VIP}:443", a, b],
-        command=[],
-        environment={"GH_PASSWORD": password("tenant-a")},
-        network=NETWORK,
-        labels={"gatehouse.role": "client"},
-        detach=True,
+    container = gv.start_client_script(
+        NETWORK, GRANT_ACROSS_TENANTS, f"https://{VIP}:443", a, b, secret=password("tenant-a")
     )
-    try:
-        container.wait(timeout=120)
-        output = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
-        errors = container.logs(stdout=False, stderr=True).decode("utf-8", "replace")
-    finally:
-        gv.remove_quietly(container)
-    assert output.strip(), errors[-2000:]
-    result = json.loads(output.strip().splitlines()[-1])
+    result = gv.client_script_result(container)
     assert result["tag"] == ["g1t", "tenant-a"] and result["sni"] == a, result
     assert result["other"] == "403 Forbidden", result
     assert result["own"] == "200 OK", result
@@ -184,15 +171,7 @@ def test_removing_and_adding_a_tenant_keeps_the_other_tenants_session() -> None:
     cmsg = gv.services("gh-ten-cmsg1")
     ids = {role: cmsg[role][0].id for role in ("cm", "sg")}
     a = TENANTS["tenant-a"]["name"]
-    held = gv.engine().containers.run(
-        gv.CLIENT_IMAGE,
-        entrypoint=["python3", "-c", HELD_SESSION, f"https://{VIP}:443", a],
-        command=[],
-        environment={"GH_PASSWORD": password("tenant-a")},
-        network=NETWORK,
-        labels={"gatehouse.role": "client"},
-        detach=True,
-    )
+    held = gv.start_client_script(NETWORK, HELD_SESSION, f"https://{VIP}:443", a, secret=password("tenant-a"))
     try:
         assert gv.wait_for(lambda: b"holding" in held.logs(stdout=False, stderr=True), attempts=120)
         only_a = [
@@ -208,13 +187,9 @@ def test_removing_and_adding_a_tenant_keeps_the_other_tenants_session() -> None:
         assert not refused["ok"], refused
         rerun_cmsg()
         held.exec_run(["touch", "/tmp/go"])  # noqa: S108 - inside the client container
-        held.wait(timeout=120)
-        output = held.logs(stdout=True, stderr=False).decode("utf-8", "replace")
-        errors = held.logs(stdout=False, stderr=True).decode("utf-8", "replace")
+        report = gv.client_script_result(held)
     finally:
         gv.remove_quietly(held)
-    assert output.strip(), errors[-2000:]
-    report = json.loads(output.strip().splitlines()[-1])
     assert report["ok"], gv.client_failure(report)
     steps = {s["name"]: s["ok"] for s in report["steps"]}
     assert steps["tcp-echo-after"] and steps["udp-echo-after"] and steps["bye"], steps

@@ -408,8 +408,6 @@ def tenant_entries(tenants: list[dict], errors: list[str]) -> list[dict]:
             "broker_url": tenant["broker_url"],
             "agent_networks": networks_of(tenant, "agent_networks", errors),
         }
-        if bool(tenant.get("ssl_cert")) != bool(tenant.get("ssl_key")):
-            errors.append("tenants: %s: ssl_cert and ssl_key go together: give both or neither" % name)
         # Only the options given: a tenant without them keeps the entry (and file) of before.
         for option, pattern in TENANT_FILES.items():
             if tenant.get(option):
@@ -958,6 +956,7 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
     tls: list = []
     tls_info: dict = {"source": None}
     extra: list = []
+    tenant_planned: list[PlannedFile] = []
     if not forwarder:  # a forwarder holds no TLS material: the clients' TLS passes through
         # The self-signed certificate names the host as clients reach it: host_address first.
         common_name = dep.certificate_name(
@@ -973,8 +972,10 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
                 params["agent_ca_cert"], os.path.join(certs_dir, AGENT_CA), "agent_ca_cert", errors
             ),
             *identity_files(params, certs_dir, errors, warnings),
-            *tenant_files(params["tenants"], certs_dir, errors, warnings),
         ]
+        # The tenants' own files go with tenants.json: changed, added or removed, they are reloaded.
+        tenant_planned = tenant_files(params["tenants"], certs_dir, errors, warnings)
+        extra.extend(tenant_planned)
     warnings.extend(values["warnings"])
     engine.check_network_target(cli, params, errors)
     if forwarder:
@@ -1024,8 +1025,6 @@ def install(module, cli, params: dict, values: dict, names: Names) -> dict:
         *tls,
         *(f for f in extra if f is not None),
     ]
-    # The tenants' own files go with tenants.json: changed, added or removed, they are reloaded.
-    tenant_planned = [f for f in extra if f is not None and TENANT_FILE_RE.match(os.path.basename(f.path))]
     stale = stale_tenant_files(certs_dir, tenant_planned) if not forwarder else []
     reloaded = (
         TENANTS_FILE,

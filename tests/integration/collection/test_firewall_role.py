@@ -405,39 +405,6 @@ def test_multisite_without_a_shared_grant_secret_fails_early(tmp_path) -> None:
     assert run.returncode != 0
     assert "need one grant secret shared by every CM/SG node" in run.stdout, run.stdout[-3000:]
     # It stops in the first play, before anything is deployed.
-    assert "Check the sites" in run.stdout and "Connection broker" not in run.stdout, run.stdout[-3000:]
-
-
-def test_upgrade_refuses_an_inventory_with_sites_before_any_node(tmp_path) -> None:
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-    inventory = {
-        "all": {
-            "vars": {
-                "gatehouse_secrets_dir": str(tmp_path / "secrets"),
-                "cmsg_grant_secret": "s" * 44,
-                **local,
-            },
-            "children": {
-                "cmsg": {
-                    "hosts": {
-                        "c1": {"gatehouse_address": "10.1.0.21"},
-                        "c2": {"gatehouse_address": "10.2.0.21"},
-                    }
-                },
-                "halb": {
-                    "hosts": {
-                        "h1": {"gatehouse_address": "10.1.0.41"},
-                        "h2": {"gatehouse_address": "10.2.0.41"},
-                    }
-                },
-                "site1": {"vars": {"gatehouse_site": "site1"}, "hosts": {"c1": {}, "h1": {}}},
-                "site2": {"vars": {"gatehouse_site": "site2"}, "hosts": {"c2": {}, "h2": {}}},
-            },
-        }
-    }
-    inventory_path = tmp_path / "hosts.yml"
-    inventory_path.write_text(yaml.safe_dump(inventory))
-    run = run_playbook("-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "upgrade.yml"), "--check")
-    assert run.returncode != 0
-    assert "upgrade.yml does not handle sites yet (sites: site1, site2)" in run.stdout, run.stdout[-3000:]
-    assert "Upgrade one node after the other" not in run.stdout, run.stdout[-3000:]
+    assert "Work out each host's tenant, site" in run.stdout and "Connection broker" not in run.stdout, (
+        run.stdout[-3000:]
+    )

@@ -93,6 +93,15 @@ def test_a_desktop_belongs_to_its_tenants_broker() -> None:
     assert settings("desk-a")["broker"] == "broker-a"
 
 
+def test_the_broker_url_of_a_host_is_its_brokers_own() -> None:
+    """One rule for every broker URL: a tenant's entry and a host's own broker_url agree (IPv6 in brackets)."""
+    assert settings("desk-b2", broker_port=443)["broker_url"] == "https://[fd00::10]:9443"
+    assert settings("desk-a", broker_port=8443)["broker_url"] == "https://10.31.0.10:8443"
+    for entry in settings("cmsg1")["tenants"]:
+        broker = "broker-a" if entry["name"] == "tenant-a" else "broker-b"
+        assert settings(broker)["broker_url"] == entry["broker_url"]
+
+
 def test_without_tenants_the_single_tenant_values() -> None:
     groups = {"brokers": ["broker1", "broker2"], "desktops": ["d1", "d2"], "cmsg": ["c1"]}
     hostvars = {h: {} for hs in groups.values() for h in hs}
@@ -101,6 +110,7 @@ def test_without_tenants_the_single_tenant_values() -> None:
         "tenants": [],
         "tenant": "",
         "broker": "broker1",
+        "broker_url": "https://broker1:443",
         "objects": True,
         "desktops": ["d1", "d2"],
     }
@@ -109,6 +119,7 @@ def test_without_tenants_the_single_tenant_values() -> None:
         settings("d2", groups, hostvars)["broker"] == settings("c1", groups, hostvars)["broker"] == "broker1"
     )
     assert settings("c1", {"cmsg": ["c1"]}, {"c1": {}})["broker"] == ""
+    assert settings("c1", {"cmsg": ["c1"]}, {"c1": {}})["broker_url"] == ""
 
 
 @pytest.mark.parametrize(
