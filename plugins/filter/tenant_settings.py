@@ -13,7 +13,9 @@ description:
     and security gateways) needs; see C(docs/tenants.md).
   - A tenant is a host of the C(brokers) group with C(gatehouse_tenant) (its name, 1-32 characters of
     C(a-z0-9-)) and C(gatehouse_tenant_host_names) (its public FQDNs), optionally
-    C(gatehouse_tenant_agent_networks) (CIDRs of its desktops). The broker host's own variables hold the
+    C(gatehouse_tenant_agent_networks) (CIDRs of its desktops), and the tenant's own certificate for the CM/SG
+    nodes - C(gatehouse_tenant_ssl_cert) and C(gatehouse_tenant_ssl_key) (both or neither), C(gatehouse_tenant_broker_ca_cert)
+    (paths on the CM/SG nodes, as the cmsg module's C(tenants) options take them). The broker host's own variables hold the
     tenant's users, groups, desktops, pools and entitlements (C(gatehouse_users) and the others), so the
     same names in two tenants are two objects at two brokers.
   - A host of the C(desktops) group with C(gatehouse_tenant) belongs to that tenant's broker; the others
@@ -46,8 +48,8 @@ _value:
   description:
     - C(tenants) - every tenant in the order of the C(brokers) group, as the
       O(gatehouse.access.cmsg#module:tenants) option takes them (C(name), C(host_names), C(broker_url) of its
-      broker host at its C(gatehouse_address) and C(gatehouse_broker_port), C(agent_networks)); empty without
-      tenants.
+      broker host at its C(gatehouse_address) and C(gatehouse_broker_port), C(agent_networks), and
+      C(ssl_cert), C(ssl_key), C(broker_ca_cert) where the broker host gives them); empty without tenants.
     - C(tenant) - the tenant of this host (a broker or desktop host with C(gatehouse_tenant)); else empty.
     - C(broker) - the broker host of this host - its own tenant's broker, itself on a broker host with a
       tenant, else the first host of C(brokers) (empty without brokers).
@@ -72,6 +74,12 @@ from ansible_collections.gatehouse.access.plugins.module_utils._ops.inventory im
 BROKERS = "brokers"
 DESKTOPS = "desktops"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+# The cmsg module's tenants options a tenant's broker host may give (paths on the CM/SG nodes).
+OWN_FILES = {
+    "ssl_cert": "gatehouse_tenant_ssl_cert",
+    "ssl_key": "gatehouse_tenant_ssl_key",
+    "broker_ca_cert": "gatehouse_tenant_broker_ca_cert",
+}
 
 
 def _broker_url(host: str, node: Mapping, port: int) -> str:
@@ -96,6 +104,13 @@ def _tenant_brokers(groups: Mapping, hostvars: Mapping) -> dict[str, str]:
             raise AnsibleFilterError(
                 "tenant_settings: tenant %s has two broker hosts (%s, %s); give each tenant one"
                 % (name, out[name], host)
+            )
+        if bool(hostvars[host].get("gatehouse_tenant_ssl_cert")) != bool(
+            hostvars[host].get("gatehouse_tenant_ssl_key")
+        ):
+            raise AnsibleFilterError(
+                "tenant_settings: broker %s of tenant %s needs gatehouse_tenant_ssl_cert and gatehouse_tenant_ssl_key "
+                "together (the tenant's own certificate and its key), or neither" % (host, name)
             )
         if not hostvars[host].get("gatehouse_tenant_host_names"):
             raise AnsibleFilterError(
@@ -140,6 +155,12 @@ def tenant_settings(groups: Mapping, hostvars: Mapping, inventory_hostname: str,
             "host_names": [str(h) for h in hostvars[host]["gatehouse_tenant_host_names"]],
             "broker_url": _broker_url(host, hostvars[host], broker_port),
             "agent_networks": [str(n) for n in hostvars[host].get("gatehouse_tenant_agent_networks") or []],
+            # Only the files given: an entry without them is what the cmsg module had before.
+            **{
+                option: str(hostvars[host][variable])
+                for option, variable in OWN_FILES.items()
+                if hostvars[host].get(variable)
+            },
         }
         for name, host in brokers.items()
     ]

@@ -88,6 +88,29 @@ def test_each_broker_gets_its_own_objects_and_desktops() -> None:
     assert (cm["tenant"], cm["objects"], cm["desktops"]) == ("", False, [])
 
 
+def test_a_tenants_own_certificate_from_its_broker_host() -> None:
+    """gatehouse_tenant_ssl_cert/_ssl_key/_broker_ca_cert of a broker host become its entry's files."""
+    own = {
+        "gatehouse_tenant_ssl_cert": "/etc/pki/b.pem",
+        "gatehouse_tenant_ssl_key": "/etc/pki/b.key",
+        "gatehouse_tenant_broker_ca_cert": "/etc/pki/b-ca.pem",
+    }
+    entries = settings("cmsg1", hostvars={**HOSTVARS, "broker-b": {**HOSTVARS["broker-b"], **own}})["tenants"]
+    assert "ssl_cert" not in entries[0] and "broker_ca_cert" not in entries[0]
+    assert (entries[1]["ssl_cert"], entries[1]["ssl_key"], entries[1]["broker_ca_cert"]) == (
+        "/etc/pki/b.pem",
+        "/etc/pki/b.key",
+        "/etc/pki/b-ca.pem",
+    )
+    cmsg = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._deploy.cmsg")
+    errors: list[str] = []
+    cmsg.tenant_entries(entries, errors)
+    assert errors == []
+    half = {"broker-b": {**HOSTVARS["broker-b"], "gatehouse_tenant_ssl_cert": "/etc/pki/b.pem"}}
+    with pytest.raises(AnsibleFilterError, match="gatehouse_tenant_ssl_cert and gatehouse_tenant_ssl_key"):
+        settings("cmsg1", hostvars={**HOSTVARS, **half})
+
+
 def test_a_desktop_belongs_to_its_tenants_broker() -> None:
     assert settings("desk-b2")["broker"] == "broker-b"
     assert settings("desk-a")["broker"] == "broker-a"
