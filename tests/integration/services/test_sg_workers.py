@@ -250,3 +250,22 @@ def test_one_worker_is_one_process_as_before(
         assert m["gatehouse_sg_sessions_active"] == 1
         assert not any(name.startswith(("gatehouse_sg_worker", "gatehouse_sg_workers")) for name in m)
     assert "supervising" not in sg.proc.logs()
+
+
+def test_a_dual_stack_listener_steers_both_families(
+    pki: PKI, tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    if not socket.has_dualstack_ipv6():
+        pytest.fail("this host has no IPv6 loopback")
+    sg = start_sg(pki, tmp_path, processes, Workers=WORKERS, ListenAddress="::", RequestTimeout=30)
+    held = []
+    expected = {"0": 0.0, "1": 0.0}
+    for ip in (*sources(0, 1), *sources(1, 1)):  # IPv4 packets on the IPv6 sockets
+        held.append(sg.open(ip))
+        expected[str(worker_for(ip, WORKERS))] += 1
+    raw = socket.create_connection(("::1", sg.port), timeout=10)
+    held.append(client_ctx().wrap_socket(raw))  # an IPv6 packet: the program's other branch
+    expected[str(worker_for("::1", WORKERS))] += 1
+    wait_for(lambda: per_worker(sg, "gatehouse_sg_worker_connections_open") == expected, f"{expected} open")
+    for sock in held:
+        sock.close()

@@ -5,7 +5,9 @@ The cross-worker behaviour with real processes is in tests/integration/services/
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import struct
 import time
 
 import pytest
@@ -14,7 +16,7 @@ from gatehouse.config import Config, ConfigError
 from gatehouse.grant import Grant, generate_secret
 from gatehouse.sg.settings import MAX_WORKERS, SgSettings
 from gatehouse.sg.shared import PROBE, ReplayTableFull, SharedState
-from gatehouse.sg.workers import steering_program, worker_for
+from gatehouse.sg.workers import SKF_NET_OFF, steering_program, worker_for
 
 ENV = {"GATEHOUSE_GRANTSECRET": generate_secret()}
 BASE = {"AgentCaCert": "/ca.pem"}
@@ -123,3 +125,50 @@ def test_steering_keeps_a_source_on_one_worker() -> None:
     # Addresses spread over all workers.
     assert {worker_for(f"192.0.2.{i}", 4) for i in range(1, 64)} == {0, 1, 2, 3}
     assert len(steering_program(4)) % 8 == 0
+
+
+def run_classic_bpf(program: bytes, network_header: bytes) -> int:
+    """A classic BPF interpreter for the instructions the steering program uses; loads at
+    SKF_NET_OFF + k read the packet's network header, as the kernel's do."""
+    insns = [struct.unpack("=HBBI", program[i : i + 8]) for i in range(0, len(program), 8)]
+    a = x = pc = 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        pc += 1
+        if code in (0x30, 0x20):  # ld b / ld w, absolute, below SKF_NET_OFF
+            offset = k - (SKF_NET_OFF & 0xFFFFFFFF)
+            size = 1 if code == 0x30 else 4
+            a = int.from_bytes(network_header[offset : offset + size], "big")
+        elif code == 0x74:
+            a >>= k
+        elif code == 0x15:
+            pc += jt if a == k else jf
+        elif code == 0x05:
+            pc += k
+        elif code == 0x07:
+            x = a
+        elif code == 0xAC:
+            a ^= x
+        elif code == 0x94:
+            a %= k
+        elif code == 0x16:
+            return a
+        else:
+            raise AssertionError(f"unexpected instruction {code:#x}")
+
+
+@pytest.mark.parametrize("workers", [2, 3, 8])
+def test_the_kernel_program_computes_worker_for(workers: int) -> None:
+    program = steering_program(workers)
+    for ip in ("127.0.0.1", "127.0.0.2", "192.0.2.77", "10.255.0.9", *(f"198.51.100.{i}" for i in range(40))):
+        header = bytes([0x45]) + bytes(11) + ipaddress.IPv4Address(ip).packed + bytes(4)
+        assert run_classic_bpf(program, header) == worker_for(ip, workers), ip
+    for ip in (
+        "::1",
+        "2001:db8::1",
+        "2001:db8:0:1::1",
+        "fd00:10:101::5",
+        *(f"2001:db8:{i:x}::9" for i in range(40)),
+    ):
+        header = bytes([0x60]) + bytes(7) + ipaddress.IPv6Address(ip).packed + bytes(16)
+        assert run_classic_bpf(program, header) == worker_for(ip, workers), ip
