@@ -182,6 +182,8 @@ options:
         MaxConnections and the once-only use of a grant hold across them, and a worker that ends is
         started again (counted in C(gatehouse_sg_worker_restarts_total)).
       - V(0) runs one per CPU available to the container; V(1) runs one process, as before.
+      - Each worker holds about 10 MiB of its own besides its sessions' memory, all within the SG
+        container's memory limit (O(container_limits)); raise it on hosts with many CPUs, or set a count.
       - A forwarding security gateway (O(forward_to)) runs one process; leave V(0) or V(1) there.
     type: int
     default: 0
