@@ -24,6 +24,7 @@ BENCHMARKS = {
     "sg-throughput": "bench.sg_throughput",
     "sg-memory": "bench.sg_memory",
     "sg-udp": "bench.sg_udp",
+    "sg-workers": "bench.sg_workers",
     "cm-keepalive": "bench.cm_load:run_keepalive",
     "cm-establish": "bench.cm_load:run_establish",
     "cm-handshakes": "bench.cm_load:run_handshakes",

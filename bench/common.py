@@ -102,6 +102,13 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """:func:`cpu_seconds` of a process and of its live children (an SG's supervisor and workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = children.read_text().split() if children.exists() else []
+    return cpu_seconds(pid) + sum(cpu_seconds(int(kid)) for kid in kids)
+
+
 def sg_config(
     port: int, admin: int, cert: str, key: str, ca: str, overrides: dict[str, object]
 ) -> dict[str, object]:
@@ -116,6 +123,9 @@ def sg_config(
         "AdminPort": admin,
         "MaxConnections": 20000,
         "MaxConnectionsPerSource": 20000,  # every benchmark client comes from 127.0.0.1
+        # One process (the SG's default is a worker per CPU): the relay figures compare it with a
+        # one-thread HAProxy. bench.sg_workers measures Workers above 1.
+        "Workers": 1,
         "AgentCaCert": ca,
         "LogLevel": "warn",
     }

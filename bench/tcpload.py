@@ -26,8 +26,11 @@ def main() -> None:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     streams: list[ssl.SSLSocket] = []
-    for line in job["lines"]:
-        raw = socket.create_connection((job["host"], job["port"]), timeout=20)
+    # "sources": the client address of each line (default: the kernel's choice).
+    sources = job.get("sources") or [None] * len(job["lines"])
+    for line, source in zip(job["lines"], sources, strict=True):
+        bind = (source, 0) if source else None
+        raw = socket.create_connection((job["host"], job["port"]), timeout=20, source_address=bind)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = ctx.wrap_socket(raw)
         conn.sendall(line.encode())

@@ -175,6 +175,18 @@ options:
         maximum per gateway; deploy more nodes behind a HALB pair for more).
     type: int
     default: 5000
+  workers:
+    description:
+      - Worker processes of the security gateway (C(Workers) in C(SecurityGateway.conf)), all serving
+        O(pcoip_port); each client address is served by one of them (its TCP and UDP together).
+        MaxConnections and the once-only use of a grant hold across them, and a worker that ends is
+        started again (counted in C(gatehouse_sg_worker_restarts_total)).
+      - V(0) runs one per CPU available to the container; V(1) runs one process, as before.
+      - Each worker holds about 10 MiB of its own besides its sessions' memory, all within the SG
+        container's memory limit (O(container_limits)); raise it on hosts with many CPUs, or set a count.
+      - A forwarding security gateway (O(forward_to)) runs one process; leave V(0) or V(1) there.
+    type: int
+    default: 0
   max_concurrent_establishments:
     description: Session establishments (allocate-resource calls) the connection manager runs at the same time.
     type: int

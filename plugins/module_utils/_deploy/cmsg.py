@@ -64,6 +64,7 @@ ARGUMENT_SPEC: dict = dict(
     docker_network_cidr={"type": "str", "default": DEFAULT_CIDR},
     docker_network_cidr_v6={"type": "str", "default": DEFAULT_CIDR_V6},
     max_connections={"type": "int", "default": MAX_SG_CONNECTIONS},
+    workers={"type": "int", "default": 0},
     max_concurrent_establishments={"type": "int", "default": 40},
     max_clients={"type": "int", "default": 400},
     trusted_proxies={"type": "list", "elements": "str", "default": []},
@@ -139,7 +140,9 @@ CM_OPTION_KEYS = {
 SG_OPTION_KEYS = {
     "forward_to": "ForwardTo",
     "proxy_protocol_sources": "ProxyProtocolSources",
+    "workers": "Workers",
 }
+MAX_WORKERS = 64  # gatehouse/sg/settings.py
 # broker_url is required with state=present unless forward_to makes the host a forwarder (validate).
 REQUIRED_IF = list(dep.COMMON_REQUIRED_IF)
 # Paired options written only when set: a single-site node keeps the files (and so the containers'
@@ -337,6 +340,11 @@ def validate(params: dict, used_networks) -> dict:
         errors.append(
             "max_connections must be between 1 and %d (a security gateway supports at most %d sessions; deploy "
             "more CM/SG nodes behind a load balancer for more)" % (MAX_SG_CONNECTIONS, MAX_SG_CONNECTIONS)
+        )
+    if not 0 <= params["workers"] <= MAX_WORKERS:
+        errors.append(
+            "workers must be between 0 (the CPUs available to the container) and %d, got %d"
+            % (MAX_WORKERS, params["workers"])
         )
     for name in ("max_concurrent_establishments", "max_clients"):
         if not 1 <= params[name] <= 1000000:
@@ -557,6 +565,8 @@ def validate_forwarder(params: dict, values: dict, errors: list[str]) -> dict:
     values["host_address"] = []
     if not 1 <= params["max_connections"] <= MAX_SG_CONNECTIONS:
         errors.append("max_connections must be between 1 and %d" % MAX_SG_CONNECTIONS)
+    if params["workers"] not in (0, 1):
+        errors.append("workers: a forwarding security gateway runs as one process; leave workers at 0 or 1")
     for name in ("pcoip_port", "sg_admin_host_port"):
         dep.port_option(params[name], name, errors)
     if params["network_mode"] == "bridge":
@@ -745,6 +755,9 @@ def security_gateway_conf(params: dict, values: dict | None = None) -> bytes:
             ("Port", 4172),
             ("AgentUdpSourcePort", 55000),
             ("MaxConnections", params["max_connections"]),
+            # 0 (the default) is the service's own default, the CPUs it may use: the key is then
+            # left out and earlier files stay the same.
+            *([(SG_OPTION_KEYS["workers"], params["workers"])] if params["workers"] else []),
             ("SslCert", "/certs/cert.pem"),
             ("SslKey", "/certs/key.pem"),
             ("AgentCaCert", _in_certs(params["agent_ca_cert"], AGENT_CA)),

@@ -92,7 +92,8 @@ def test_retired_names_do_not_come_back(tree: str) -> None:
     assert found == []
 
 
-SG_VALUES = {"forward_to": ["10.20.0.11:4172"], "proxy_protocol_sources": ["10.10.0.11/32"]}
+# workers: a count no machine here gives as its CPUs (the default, 0, means those).
+SG_VALUES = {"forward_to": ["10.20.0.11:4172"], "proxy_protocol_sources": ["10.10.0.11/32"], "workers": 63}
 
 
 @pytest.mark.parametrize("option", sorted(cmsg.SG_OPTION_KEYS))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from functools import partial
 
 from gatehouse import logs, tls
 from gatehouse.config import Config, ConfigError
 from gatehouse.sg.server import agent_context, serve, serve_forwarder
 from gatehouse.sg.settings import SgSettings
+from gatehouse.sg.workers import supervise
 from gatehouse.tenants import ServerNames, TenantsError
 from gatehouse.web import install_uvloop, raise_nofile_limit
 
@@ -23,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = Config.load(args.config, args.env_file)
         logs.register_secret(cfg.str("GrantSecret"))
         settings = SgSettings.from_config(cfg)
+        supervised = None
         log = logs.setup("sg", settings.log_level)
         if settings.forwarding:  # passes the client's TLS through: no key, no agents
             run = serve_forwarder(settings)
@@ -36,14 +39,21 @@ def main(argv: list[str] | None = None) -> int:
             except TenantsError as exc:
                 raise ConfigError(f"TenantsFile: {exc}") from None
             server_ctx.sni_callback = names
-            run = serve(settings, server_ctx, agent_context(settings), names)
+            agent_ctx = agent_context(settings)
+            if settings.workers > 1:
+                supervised = partial(serve, settings, server_ctx, agent_ctx, names)
+            else:
+                run = serve(settings, server_ctx, agent_ctx, names)
     except (ConfigError, tls.CertificateError) as exc:
         print(f"gatehouse-sg: {exc}", file=sys.stderr)
         return 2
     # Each relayed session holds two TCP sockets and one UDP socket.
     raise_nofile_limit()
-    install_uvloop()
     try:
+        if supervised is not None:  # Workers > 1: each worker runs serve(..., place)
+            supervise(settings, lambda place: supervised(place=place))
+            return 0
+        install_uvloop()
         asyncio.run(run)
     except OSError as exc:
         log.error("cannot start: %s", exc)

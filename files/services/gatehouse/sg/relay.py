@@ -35,7 +35,8 @@ from gatehouse.linechan import (
     parse_connect_line,
 )
 from gatehouse.logs import SessionLogger
-from gatehouse.sg.settings import AGENT_TIMEOUT, SHUTDOWN_GRACE, SgSettings, read_tenants
+from gatehouse.sg.settings import AGENT_TIMEOUT, REFUSAL_LOG_RATE, SHUTDOWN_GRACE, SgSettings, read_tenants
+from gatehouse.sg.shared import ReplayTableFull, SharedState
 from gatehouse.sg.stats import Refusals, Stats
 from gatehouse.sg.tlsconn import TlsConn, open_tls
 from gatehouse.sg.udp import UdpRelay
@@ -66,13 +67,22 @@ class Gateway:
         stats: Stats,
         udp: UdpRelay,
         server_names: ServerNames | None = None,
+        shared: SharedState | None = None,
+        worker: int = 0,
     ) -> None:
         self.settings = settings
+        # Workers > 1 (workers.py): MaxConnections and the once-only grants are counted in the
+        # state all workers share; this worker is number ``worker``. None: one process, as is.
+        self.shared = shared
+        self.worker = worker
         self.server_names = server_names  # the client-facing TLS server name callback
         self.agent_ctx = agent_ctx
         self.stats = stats
         self.udp = udp
-        self.refusals = Refusals(stats, log)
+        # The refusal log's rate (REFUSAL_LOG_RATE a second and reason) is shared out among the
+        # workers, so that all of them together log no more than one process would.
+        workers = shared.workers if shared is not None else 1
+        self.refusals = Refusals(stats, log, rate=max(1, REFUSAL_LOG_RATE // workers))
         self.sealer = GrantSealer(settings.grant_secret, settings.site)
         # With tenants: the tenants and each one's sealer (its own derived key); see open_grant.
         self.tenants: Tenants = settings.tenants
@@ -129,16 +139,36 @@ class Gateway:
             raise GrantError("wrong-tenant-agent")
         return grant
 
+    def accept_grant(self, grant: Grant) -> bool:
+        """Whether ``grant`` is presented for the first time (in any worker); raises GrantError."""
+        if self.shared is None:
+            return self.replay.accept(grant)
+        try:
+            return self.shared.accept_grant(grant)
+        except ReplayTableFull:
+            raise GrantError("replay-cache-full") from None
+
+    def _take_slot(self) -> bool:
+        """One connection more against MaxConnections (across workers), if below it."""
+        if self.shared is None:
+            return self.stats.open < self.settings.max_connections
+        return self.shared.take_slot(self.worker, self.settings.max_connections)
+
+    def give_slot(self) -> None:
+        if self.shared is not None:
+            self.shared.give_slot(self.worker)
+
     def handler(self, peer: tuple[str, int]) -> ClientSide | None:
         """Admit a connection at accept (counted from here), or None to close it at once."""
         stats = self.stats
         settings = self.settings
-        if not self.accepting or stats.open >= settings.max_connections:
+        if not self.accepting or not self._take_slot():
             self.refusals.refuse("busy", peer[0], logging.WARNING, "refused: MaxConnections reached")
             return None
         source = source_key(peer[0])
         count = self.per_source.get(source, 0)
         if count >= settings.max_connections_per_source:
+            self.give_slot()
             self.refusals.refuse(
                 "per-source", peer[0], logging.WARNING, "refused: MaxConnectionsPerSource reached"
             )
@@ -284,6 +314,7 @@ class ClientSide:
         self.source = None
         gw = self.gw
         gw.stats.open -= 1
+        gw.give_slot()
         left = gw.per_source[source] - 1
         if left:
             gw.per_source[source] = left
@@ -321,10 +352,11 @@ class ClientSide:
             return
         try:
             grant = gw.open_grant(tag, self.client_ip, self.server_name)
+            first = gw.accept_grant(grant)
         except GrantError as exc:
             self._refuse(exc.reason)
             return
-        if not gw.replay.accept(grant):
+        if not first:
             self._refuse("replayed", grant.session_id)
             return
         self.slog = SessionLogger(log, grant.session_id)

@@ -1,5 +1,8 @@
 """Run the SG until SIGTERM: TLS listener, UDP relay and the plain-HTTP admin site, or, with
-ForwardTo set, the forwarder's TCP listener and UDP flows (forward.py) and the admin site."""
+ForwardTo set, the forwarder's TCP listener and UDP flows (forward.py) and the admin site.
+
+With Workers > 1, :func:`serve` runs once in each worker process (workers.py), on the sockets
+and shared state the supervisor made, with its admin site on a Unix socket for the supervisor."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import logging
 import signal
 import socket
 import ssl
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -22,6 +26,9 @@ from gatehouse.sg.udp import UdpRelay
 from gatehouse.sg.udp_table import UdpTable
 from gatehouse.tenants import ServerNames
 from gatehouse.web import add_health_and_metrics
+
+if TYPE_CHECKING:
+    from gatehouse.sg.workers import WorkerPlace
 
 log = logging.getLogger("gatehouse.sg")
 
@@ -39,12 +46,24 @@ async def serve(
     server_ctx: ssl.SSLContext,
     agent_ctx: ssl.SSLContext,
     server_names: ServerNames | None = None,
+    place: WorkerPlace | None = None,
 ) -> None:
+    """The gateway; ``place``: as worker ``place.index`` of a supervisor (None: on its own)."""
     loop = asyncio.get_running_loop()
     stats = Stats()
     proxy_source = settings.proxy_source if settings.proxy_protocol_sources else None
-    udp = UdpRelay(UdpTable(), stats, settings.agent_udp_ports, proxy_source)
-    gateway = Gateway(settings, agent_ctx, stats, udp, server_names)
+    ports = settings.agent_udp_ports
+    pool_start = place.index * len(ports) // place.count if place else 0
+    udp = UdpRelay(UdpTable(), stats, ports, proxy_source, pool_start)
+    gateway = Gateway(
+        settings,
+        agent_ctx,
+        stats,
+        udp,
+        server_names,
+        place.shared if place else None,
+        place.index if place else 0,
+    )
 
     def proxy_refused(reason: str, peer: str) -> None:
         gateway.refusals.refuse(reason, peer, logging.WARNING, "refused: %s from a forwarder", reason)
@@ -65,9 +84,13 @@ async def serve(
     add_health_and_metrics(app, registry, lambda: ready)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
-    await web.TCPSite(runner, settings.admin_address, settings.admin_port, reuse_address=True).start()
+    if place is None:
+        await web.TCPSite(runner, settings.admin_address, settings.admin_port, reuse_address=True).start()
+    else:
+        await web.UnixSite(runner, place.admin_path).start()
 
-    await udp.start(settings.listen_address, settings.port)  # before any session can need it
+    # Before any session can need it.
+    await udp.start(settings.listen_address, settings.port, place.udp if place else None)
     server = TlsListener(
         loop,
         settings.listen_address,
@@ -78,6 +101,7 @@ async def serve(
         proxy_source=proxy_source,
         proxy_refused=proxy_refused,
         max_pending=settings.max_connections,
+        sock=place.tcp if place else None,
     )
 
     stop = asyncio.Event()
@@ -87,10 +111,10 @@ async def serve(
         # Tenants are added and removed by rewriting TenantsFile and sending SIGHUP: no restart.
         loop.add_signal_handler(signal.SIGHUP, gateway.reload_tenants)
     ready = True
-    ports = settings.agent_udp_ports
     log.info(
         "listening",
         extra={
+            "worker": place.index if place else 0,
             "address": f"{settings.listen_address}:{settings.port}",
             "agent_udp_ports": f"{ports.start}-{ports.stop - 1}",
             "max_connections": settings.max_connections,

@@ -10,6 +10,7 @@ peers whose connections and datagrams must start with a PROXY v2 header naming t
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 
 from gatehouse.config import Config, ConfigError, env_name
@@ -24,6 +25,7 @@ REFUSAL_LOG_RATE = 10  # log lines per second and refusal reason; the counters k
 FORWARD_CONNECT_TIMEOUT = 3.0  # forwarder: TCP connect to one inner SG before trying the next
 FORWARD_RETRY_AFTER = 10.0  # forwarder: an inner SG that refused a connect is tried last this long
 UDP_FLOW_IDLE = 120.0  # forwarder: a client's UDP flow without datagrams either way is closed
+MAX_WORKERS = 64
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -71,6 +73,9 @@ class SgSettings:
     # within the tenant's agent_networks. Empty tenants_file: no tenants (g1. grants only).
     tenants_file: str = ""
     tenants: Tenants = field(default_factory=Tenants)
+    # Gateway processes serving Port (workers.py); 1 = one process, no supervisor. Workers=0 in
+    # the file (the default) means the CPUs this process may run on. A forwarder runs one.
+    workers: int = 1
 
     @property
     def forwarding(self) -> bool:
@@ -134,6 +139,11 @@ class SgSettings:
                 "TenantsFile: a forwarder checks no grant; give the tenants to the inner gateways"
             )
         tenants = read_tenants(tenants_file) if tenants_file else Tenants()
+        workers = cfg.int("Workers", 0, minimum=0, maximum=MAX_WORKERS)
+        if workers > 1 and forward_to:
+            raise ConfigError("Workers: a forwarder runs as one process; set Workers=1 or leave it out")
+        if workers == 0:
+            workers = 1 if forward_to else available_cpus()
         return cls(
             listen_address=cfg.str("ListenAddress", "0.0.0.0"),
             port=cfg.int("Port", 4172, minimum=1, maximum=65535),
@@ -155,7 +165,13 @@ class SgSettings:
             site=site,
             tenants_file=tenants_file,
             tenants=tenants,
+            workers=workers,
         )
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a container's cpuset limits)."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
 def read_tenants(path: str) -> Tenants:

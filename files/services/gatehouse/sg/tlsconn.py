@@ -347,6 +347,7 @@ class TlsListener:
         proxy_source: Callable[[str], bool] | None = None,
         proxy_refused: Callable[[str, str], None] = lambda _reason, _ip: None,
         max_pending: int = 1024,
+        sock: socket.socket | None = None,
     ) -> None:
         self.loop = loop
         self.ctx = ctx
@@ -356,12 +357,14 @@ class TlsListener:
         self.proxy_refused = proxy_refused
         self.max_pending = max_pending
         self.pending: set[ProxyHeaderReader] = set()
-        family = _family(host)
-        # "::" serves IPv4 clients too (as mapped addresses; grants and the UDP table normalise them).
-        dualstack = host == "::" and socket.has_dualstack_ipv6()
-        self.sock = socket.create_server(
-            (host, port), family=family, backlog=backlog, dualstack_ipv6=dualstack
-        )
+        if sock is None:  # ``sock``: a listening socket made for this process (workers.py)
+            family = _family(host)
+            # "::" serves IPv4 clients too (as mapped addresses; grants and the UDP table normalise them).
+            dualstack = host == "::" and socket.has_dualstack_ipv6()
+            sock = socket.create_server(
+                (host, port), family=family, backlog=backlog, dualstack_ipv6=dualstack
+            )
+        self.sock = sock
         self.sock.setblocking(False)
         self.accepting = True
         loop.add_reader(self.sock.fileno(), self._accept)

@@ -51,9 +51,11 @@ class PortPool:
     """Agent-side source ports, handed out oldest-freed first so a port is reused as late as possible
     (a late reply to a closed session must not reach the next session on that port)."""
 
-    def __init__(self, ports: range) -> None:
+    def __init__(self, ports: range, start: int = 0) -> None:
         self.size = len(ports)
         self.free: deque[int] = deque(ports)
+        # Workers > 1 share the range: each starts at its own offset (EADDRINUSE moves on).
+        self.free.rotate(-start)
 
     def in_use(self) -> int:
         return self.size - len(self.free)
@@ -88,20 +90,26 @@ class UdpRelay:
         stats: Stats,
         ports: range,
         proxy_source: Callable[[str], bool] | None = None,
+        pool_start: int = 0,
     ) -> None:
         self.table = table
         self.stats = stats
-        self.pool = PortPool(ports)
+        self.pool = PortPool(ports, pool_start)
         self.proxy_source = proxy_source  # None: no ProxyProtocolSources
         self._trusted: dict[str, bool] = {}
         self.client_side: asyncio.DatagramTransport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self, listen: str, port: int) -> None:
+    async def start(self, listen: str, port: int, sock: socket.socket | None = None) -> None:
+        """Serve the client side on ``listen``:``port``, or on ``sock`` (bound for this worker)."""
         self.loop = asyncio.get_running_loop()
-        where: dict[str, Any] = (
-            {"sock": _dual_stack_socket(listen, port)} if ":" in listen else {"local_addr": (listen, port)}
-        )
+        where: dict[str, Any]
+        if sock is not None:
+            where = {"sock": sock}
+        elif ":" in listen:
+            where = {"sock": _dual_stack_socket(listen, port)}
+        else:
+            where = {"local_addr": (listen, port)}
         self.client_side, _protocol = await self.loop.create_datagram_endpoint(
             lambda: _ClientDatagrams(self), **where
         )
