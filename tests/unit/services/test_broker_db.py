@@ -88,10 +88,16 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         Database.open(path)
 
 
-def test_postgresql_url_is_refused_without_echoing_it(tmp_path: Path) -> None:
-    with pytest.raises(DatabaseError, match="not supported in this version") as info:
-        Database.open("postgresql://broker:Sup3rSecret@db:5432/broker")
-    assert "Sup3rSecret" not in str(info.value)
+def test_postgresql_url_with_a_password_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    for url in (
+        "postgresql://broker:Sup3rSecret@db:5432/broker",
+        "postgresql://broker@db1,db2/broker?password=Sup3rSecret",
+    ):
+        with pytest.raises(DatabaseError, match="holds a password; give it in DatabasePasswordFile") as info:
+            Database.open(url)
+        assert "Sup3rSecret" not in str(info.value)
+    with pytest.raises(DatabaseError, match="needs host") as info:
+        Database.open("postgresql:///broker")
 
 
 def test_missing_directory_and_garbage_file(tmp_path: Path) -> None:
