@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import threading
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
+from broker_helpers import ALICE_PW, WRONG_PW, running_broker
 from conftest import BrokerDatabase
+from pki import TestPKI
 from postgres_server import PostgresServer, running
 
+from gatehouse import protocol as p
 from gatehouse.broker import passwords
 from gatehouse.broker.db import MIGRATIONS, POSTGRESQL, SCHEMA_VERSION, Database, DatabaseError
 from gatehouse.broker.store import Store
@@ -344,3 +348,39 @@ def test_the_schema_uses_case_insensitive_text_and_8_byte_floats(postgres: Postg
     ]
     assert psycopg.__version__ == "3.3.9"
     assert POSTGRESQL == "postgresql"
+
+
+def test_two_broker_nodes_share_objects_sessions_state_and_lockouts(
+    postgres: PostgresServer, pki: TestPKI, tmp_path: Path
+) -> None:
+    """Two broker processes on one PostgreSQL database: what one node writes the other serves,
+    and a lockout started on one node refuses the login on the other."""
+    secret = tmp_path / "db.password"
+    secret.write_text(postgres.password + "\n")
+    secret.chmod(0o600)
+    config = {
+        "Database": postgres.url(postgres.create_database()),
+        "DatabasePasswordFile": secret,
+        "LoginDelayAfterFailures": 5,
+        "LoginLockoutAfterFailures": 2,
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        running_broker(pki, tmp_path / "a", [postgres.password, ALICE_PW, WRONG_PW], **config) as node_a,
+        running_broker(pki, tmp_path / "b", [postgres.password, ALICE_PW, WRONG_PW], **config) as node_b,
+    ):
+        node_a.admin.put("/users/CORP/alice", {"password": ALICE_PW})
+        node_a.admin.put("/users/CORP/bob", {"password": ALICE_PW})
+        assert node_b.admin.call("GET", "/users/CORP/ALICE")[1]["name"] == "alice"
+        assert node_b.client().login("alice", ALICE_PW) == p.AUTH_OK
+        # Two wrong passwords for bob through node A lock bob from that client address...
+        for _n in range(2):
+            assert node_a.client().login("bob", WRONG_PW) == p.AUTH_FAILED
+        assert 'gatehouse_broker_login_lockouts_total{scope="account_source"} 1.0' in node_a.metrics()
+        # ...on node B too: the right password is answered like a wrong one, unchecked.
+        assert node_b.client().login("bob", ALICE_PW) == p.AUTH_FAILED
+        assert 'gatehouse_broker_login_throttled_total{reason="lockout"} 1.0' in node_b.metrics()
+        assert node_b.client().login("alice", ALICE_PW) == p.AUTH_OK
+        for node in (node_a, node_b):
+            assert f"postgresql://broker@{postgres.host}/" in node.logs()
