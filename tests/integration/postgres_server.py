@@ -94,8 +94,9 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def running(*extra_args: str, password: str = "") -> Iterator[PostgresServer]:
-    """A new server; ``password``: :data:`USER`'s (a new one if empty)."""
+def running(*extra_args: str, password: str = "", tls_dir: str = "") -> Iterator[PostgresServer]:
+    """A new server; ``password``: :data:`USER`'s (a new one if empty); ``tls_dir``: a host
+    directory with server.crt and server.key, mounted where the image turns TLS on."""
     cli = docker_client()
     try:
         cli.images.get(IMAGE)
@@ -110,6 +111,7 @@ def running(*extra_args: str, password: str = "") -> Iterator[PostgresServer]:
         detach=True,
         ports={"5432/tcp": ("127.0.0.1", port)},
         environment={"POSTGRES_USER": USER, "POSTGRES_PASSWORD": password},
+        volumes={tls_dir: {"bind": "/etc/gatehouse-postgres/tls", "mode": "ro"}} if tls_dir else {},
     )
     try:
         server = PostgresServer(container, port, password)

@@ -321,6 +321,30 @@ def test_the_url_follows_the_writable_server() -> None:
             db.close()
 
 
+def test_tls_to_the_database_verifies_the_server(pki: TestPKI, tmp_path: Path) -> None:
+    certs = pki.issue("postgres", ["localhost", "127.0.0.1"])
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    # Readable by the image's user; the entrypoint copies the key into PGDATA with mode 0600.
+    for source, name in ((certs.cert, "server.crt"), (certs.key, "server.key")):
+        (tls / name).write_bytes(Path(source).read_bytes())
+        (tls / name).chmod(0o644)
+    tls.chmod(0o755)
+    with running(tls_dir=str(tls)) as server:
+        url = server.url() + f"&sslmode=verify-full&sslrootcert={pki.ca}"
+        db = Database.open(url, password=server.password)
+        try:
+            assert db.one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")[0] is True
+        finally:
+            db.close()
+        # Another CA (of the same name): the server is not trusted, no password is sent.
+        other = TestPKI(tmp_path / "other")
+        with pytest.raises(DatabaseError, match="SSL error"):
+            Database.open(
+                server.url() + f"&sslmode=verify-full&sslrootcert={other.ca}", password=server.password
+            )
+
+
 def test_a_wrong_password_or_no_server_is_one_clear_error(postgres: PostgresServer) -> None:
     with pytest.raises(DatabaseError, match="cannot connect to postgresql://broker@") as info:
         Database.open(postgres.url(), password="wrong-Secret-1")
