@@ -32,7 +32,9 @@ Failover invariant: a connection found lost (or, after a switchover, connected t
 when a transaction begins, or by a statement outside a transaction, is replaced once by a new
 connection to the current primary and the work runs there: a failover costs the broker one
 reconnect, not an error. A connection lost in the middle of a transaction fails that request
-(the server rolled its work back; nothing half-done remains) and the next one reconnects.
+(the server rolled its work back; nothing half-done remains) and the next one reconnects. The
+retry outside a transaction is safe because the store writes only inside transactions: what runs
+outside is a read.
 """
 
 from __future__ import annotations
@@ -129,8 +131,9 @@ def parse_url(url: str) -> tuple[dict[str, str], str]:
     for key, value in DEFAULTS.items():
         params.setdefault(key, value)
     hosts = str(params["host"]).split(",")
-    ports = str(params.get("port") or "5432").split(",")
-    where = ",".join(f"{h}:{ports[i] if i < len(ports) else ports[-1]}" for i, h in enumerate(hosts))
+    # libpq: one port for all hosts, or one per host (an empty one is the default, 5432).
+    ports = [p or "5432" for p in str(params.get("port") or "5432").split(",")]
+    where = ",".join(f"{h}:{ports[i] if len(ports) > 1 else ports[0]}" for i, h in enumerate(hosts))
     user = f"{params['user']}@" if params.get("user") else ""
     shown = (
         f"postgresql://{user}{where}/{params['dbname']}?target_session_attrs={params['target_session_attrs']}"
