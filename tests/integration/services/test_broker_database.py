@@ -270,6 +270,15 @@ def test_throttle_counters_are_shared_by_two_broker_nodes(broker_database: Broke
         # Swept once the window and the blocks have passed (a sweep runs at most once a minute).
         node1.check(ALICE, "192.0.2.10", t + 100_000)
         assert len(node2) == 1  # the known source stays for KNOWN_SOURCE_TTL
+        # At most ``cap`` rows per scope: the oldest go first.
+        node1.sources.cap = 3
+        with one.transaction():
+            for n in range(6):
+                node1.sources.add_failure(f"203.0.113.{n}", t + 100_000 + n)
+            node1.sources.sweep(t + 100_010)
+        assert len(node2.sources) == 3
+        assert node2.sources.get("203.0.113.5", t + 100_010) is not None
+        assert node2.sources.get("203.0.113.2", t + 100_010) is None
     finally:
         one.close()
         two.close()

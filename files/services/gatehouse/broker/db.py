@@ -159,7 +159,7 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE desktops ADD COLUMN site TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX desktops_site ON desktops (site)",
     ],
-    # 7: login throttling shared by the broker nodes of one database (throttle.DatabaseCounters):
+    # 7: login throttling shared by the broker nodes of one database (throttle._DbTable, _DbKnown):
     # failure counters per scope (account_source, source, account; '' for the part a scope has
     # not) and the sources each account logged in from. Times are wall-clock seconds.
     [

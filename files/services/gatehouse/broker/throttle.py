@@ -39,8 +39,8 @@ touched key is evicted first, and keys whose window and block have passed are sw
 IPv6 sources are counted per /64, the block one client usually holds.
 
 Where the counters live: in memory (one broker: SQLite, the default) or, given a Database, in
-its tables ``login_failures`` and ``login_known_sources`` (:class:`DatabaseCounters`, what the
-broker uses on PostgreSQL), so every broker node of one database counts against the same
+its tables ``login_failures`` and ``login_known_sources`` (:class:`_DbTable`, :class:`_DbKnown`:
+what the broker uses on PostgreSQL), so every broker node of one database counts against the same
 numbers and a lockout started on one node holds on all. A failure or success is counted in one
 write transaction (the writers' lock orders them across nodes); times are then wall-clock
 seconds (``clock``), which all nodes share, instead of this process's monotonic clock. The
@@ -241,7 +241,7 @@ class _DbTable(Generic[K]):
             (self.scope, now - self.failure_window, now),
         )
         conn.execute(
-            "DELETE FROM login_failures WHERE scope = ? AND first_at < (SELECT first_at FROM "
+            "DELETE FROM login_failures WHERE scope = ? AND first_at <= (SELECT first_at FROM "
             "login_failures WHERE scope = ? ORDER BY first_at DESC LIMIT 1 OFFSET ?)",
             (self.scope, self.scope, self.cap),
         )
@@ -274,7 +274,7 @@ class _DbKnown:
         conn = self.db.conn
         conn.execute("DELETE FROM login_known_sources WHERE seen_at < ?", (now - KNOWN_SOURCE_TTL,))
         conn.execute(
-            "DELETE FROM login_known_sources WHERE seen_at < (SELECT seen_at FROM login_known_sources "
+            "DELETE FROM login_known_sources WHERE seen_at <= (SELECT seen_at FROM login_known_sources "
             "ORDER BY seen_at DESC LIMIT 1 OFFSET ?)",
             (MAX_ENTRIES,),
         )
