@@ -1,5 +1,6 @@
-#!/bin/sh
-# gatehouse-postgres server [postgres options]|health: the PostgreSQL server of gatehouse/postgres (see README.md).
+#!/usr/bin/env bash
+# gatehouse-postgres server [postgres options] | health: the PostgreSQL server of
+# gatehouse/postgres (see README.md).
 #
 # server: at the first start (no $PGDATA/PG_VERSION) initdb (UTF-8, locale C.UTF-8, SCRAM), then
 # the role $POSTGRES_USER with the password of $POSTGRES_PASSWORD_FILE (or $POSTGRES_PASSWORD)
@@ -7,7 +8,7 @@
 # $POSTGRES_TLS_DIR (server.crt, server.key) when it holds one, so TLS is optional; remote
 # clients log in with their password (scram-sha-256) over TCP, the superuser only over the
 # socket. The password never appears in the output.
-set -eu
+set -euo pipefail
 bin=/usr/lib/postgresql/15/bin
 PGDATA=${PGDATA:-/var/lib/postgresql/data}
 sockets=/var/lib/postgresql
@@ -82,7 +83,8 @@ server)
     trap 'kill -INT "$pid" 2>/dev/null' TERM INT
     status=0
     while :; do
-        wait "$pid" || status=$?
+        # Interrupted by the trap (status > 128) while postgres shuts down: wait again.
+        if wait "$pid"; then status=0; else status=$?; fi
         kill -0 "$pid" 2>/dev/null || break
     done
     exit "$status"
