@@ -82,3 +82,4 @@ clean-images: ## Remove the gatehouse/* images of this version (and the base) an
 	docker image prune --force --filter label=gatehouse.registry-test.sha256 >/dev/null
 	docker image prune --force --filter label=gatehouse.firewalld-test.sha256 >/dev/null
 	docker image prune --force --filter label=gatehouse.ee-base.sha256 >/dev/null
+	docker image prune --force --filter label=gatehouse.postgres.sha256 >/dev/null

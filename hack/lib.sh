@@ -20,10 +20,11 @@ GATEHOUSE_IMAGES=(broker cm sg agent halb)
 # Images only the tests, the Molecule scenarios and the demo use (not shipped in the bundle).
 # identity-test (the directory and RADIUS server of the integration tests), registry-test (the
 # image registry of the image_source=registry tests), firewalld-test (the firewalld host of the
-# firewall role's test) and ee-base (the base of the ansible-builder test) are no Dockerfile
-# builds: hack/build-debian-image.sh imports them from Debian packages.
+# firewall role's test), ee-base (the base of the ansible-builder test) and postgres (the broker's
+# PostgreSQL of the database tests) are no Dockerfile builds: hack/build-debian-image.sh imports
+# them from Debian packages.
 # shellcheck disable=SC2034
-GATEHOUSE_TEST_IMAGES=(node identity-test registry-test firewalld-test ee-base)
+GATEHOUSE_TEST_IMAGES=(node identity-test registry-test firewalld-test ee-base postgres)
 # The monitoring server of the monitoring role (and the promtool of the rule tests), imported from
 # Debian's prometheus package by hack/build-debian-image.sh; not (yet) in the dark-site bundle.
 # shellcheck disable=SC2034

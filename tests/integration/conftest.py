@@ -1,10 +1,13 @@
 """Fixtures for integration tests: a test PKI, a registry of service processes stopped at the end,
-and the test directory and RADIUS server (identity_servers.py), started once per session."""
+the test directory and RADIUS server (identity_servers.py), started once per session, and the
+broker's database on each engine (``broker_database``: SQLite and PostgreSQL, the one place the
+engines are parametrized; postgres_server.py)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import identity_servers
+import postgres_server
 from pki import TestPKI
 from services import ServiceProcess
 
@@ -50,3 +54,40 @@ def directory(identity: identity_servers.IdentityServers) -> identity_servers.Di
 @pytest.fixture
 def radius(identity: identity_servers.IdentityServers) -> identity_servers.Radius:
     return identity.radius
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[postgres_server.PostgresServer]:
+    """A PostgreSQL server (gatehouse/postgres) shared by the session; tests take a database each."""
+    with postgres_server.running() as server:
+        yield server
+
+
+@dataclass
+class BrokerDatabase:
+    """One empty broker database of ``engine``: ``open()`` opens it (again) as the broker does."""
+
+    engine: str
+    target: str
+    password: str = ""
+
+    def open(self, upto: int | None = None):  # -> gatehouse.broker.db.Database
+        from gatehouse.broker.db import SCHEMA_VERSION, Database
+
+        return Database.open(
+            self.target, upto=SCHEMA_VERSION if upto is None else upto, password=self.password
+        )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def broker_database(request: pytest.FixtureRequest, tmp_path: Path) -> BrokerDatabase:
+    """The broker's database on each engine: SQLite (a file) and PostgreSQL (a new database on the
+    session's server, reached by a libpq multi-host URL whose first host does not answer)."""
+    if request.param == "sqlite":
+        return BrokerDatabase("sqlite", str(tmp_path / "broker.db"))
+    server: postgres_server.PostgresServer = request.getfixturevalue("postgres")
+    from services import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    url = server.url(server.create_database(), hosts=f"{dead},{server.host}")
+    return BrokerDatabase("postgresql", url, server.password)

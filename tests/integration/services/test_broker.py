@@ -521,7 +521,7 @@ def _run_broker(
                 "ClientTlsVerify": "false",
                 "Database": "postgresql://u:pw@db/broker",
             },
-            "not supported in this version",
+            "the URL holds a password; give it in DatabasePasswordFile",
         ),
         (
             {"AdminToken": ADMIN_TOKEN, "ClientTlsVerify": "false", "AgentStaleAfter": "soon"},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gatehouse.broker.settings import BrokerSettings
@@ -79,9 +81,16 @@ def test_verification_can_be_turned_off_without_a_ca() -> None:
         ({"AdminToken": ADMIN, "ClientCaCert": CA, "Domains": "a/b"}, "not a valid domain"),
         (
             {"AdminToken": ADMIN, "ClientCaCert": CA, "Database": "postgresql://u:p@h/db"},
-            "not supported in this version",
+            "the URL holds a password; give it in DatabasePasswordFile",
         ),
-        ({"AdminToken": ADMIN, "ClientCaCert": CA, "Database": "mysql://h/db"}, "only a SQLite file path"),
+        (
+            {"AdminToken": ADMIN, "ClientCaCert": CA, "Database": "mysql://h/db"},
+            "a SQLite file path or a postgresql:// URL",
+        ),
+        (
+            {"AdminToken": ADMIN, "ClientCaCert": CA, "DatabasePasswordFile": "/etc/hostname"},
+            "DatabasePasswordFile is only for a postgresql:// Database",
+        ),
         (
             {"AdminToken": ADMIN, "ClientCaCert": CA, "ListenPort": "99999"},
             "ListenPort must be at most 65535",
@@ -114,3 +123,25 @@ def test_invalid_settings(values: dict[str, str], message: str) -> None:
 )
 def test_parse_resource_id(resource_id: str, expected: tuple[str, int] | None) -> None:
     assert parse_resource_id(resource_id) == expected
+
+
+def test_postgresql_url_and_password_file(tmp_path: Path) -> None:
+    secret = tmp_path / "db.password"
+    secret.write_text("Db-Secret-9\n")
+    url = "postgresql://broker@db1:5432,db2:5432/broker?target_session_attrs=read-write"
+    s = settings(
+        {"AdminToken": ADMIN, "ClientCaCert": CA, "Database": url, "DatabasePasswordFile": str(secret)}
+    )
+    assert s.database == url and s.database_password == "Db-Secret-9"
+    assert "Db-Secret-9" in s.secrets() and "Db-Secret-9" not in repr(s)
+    # Without the file, libpq's own PGPASSWORD / PGPASSFILE may hold it.
+    assert settings({"AdminToken": ADMIN, "ClientCaCert": CA, "Database": url}).database_password == ""
+    with pytest.raises(ConfigError, match=f"DatabasePasswordFile: {tmp_path}/none does not exist"):
+        settings(
+            {
+                "AdminToken": ADMIN,
+                "ClientCaCert": CA,
+                "Database": url,
+                "DatabasePasswordFile": f"{tmp_path}/none",
+            }
+        )

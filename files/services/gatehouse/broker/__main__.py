@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         log = logs.setup("broker", settings.log_level)
         # Fail on a bad certificate or client CA before touching the database.
         server_context(settings)
-        db = Database.open(settings.database)
+        db = Database.open(settings.database, password=settings.database_password)
     except (ConfigError, tls.CertificateError) as exc:
         print(f"gatehouse-broker: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,6 @@ import ipaddress
 import json
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
@@ -271,7 +270,7 @@ class AdminApi:
             return error_response(404, f"no such endpoint: {request.method} {request.path}")
         except web.HTTPMethodNotAllowed:
             return error_response(405, f"method {request.method} not allowed on {request.path}")
-        except sqlite3.IntegrityError as exc:
+        except self.store.db.integrity_errors as exc:
             return error_response(409, f"conflicts with existing data: {exc}")
         except passwords.HasherBusy:
             self.metrics.password_hash_busy.inc()

@@ -100,7 +100,7 @@ async def serve(settings: BrokerSettings, db: Database) -> None:
                 "address": settings.listen_address,
                 "port": settings.listen_port,
                 "admin_port": settings.http.admin_port,
-                "database": str(db.path),
+                "database": db.name,
                 "client_tls_verify": settings.client_tls_verify,
                 "password_hash_workers": settings.password_hash_workers,
                 "nofile": nofile,

@@ -1,9 +1,23 @@
-"""The broker's SQLite store: connection set-up and versioned schema migrations.
+"""The broker's store: connection set-up and versioned schema migrations, SQLite or PostgreSQL.
 
-One connection in autocommit mode; writes go through :meth:`Database.transaction` (``BEGIN
-IMMEDIATE`` … ``COMMIT``), which can also roll back on purpose for the admin API's check mode.
-The schema version lives in ``schema_version``; :data:`MIGRATIONS` are applied in order, each in
-its own transaction, so an older database is brought forward on open and a newer one is refused.
+The ``Database`` key selects the engine: a file path is SQLite (the embedded default of a one-host
+install), a ``postgresql://`` URL is PostgreSQL (several broker nodes on one database, behind a
+primary that may fail over; :mod:`gatehouse.broker.pg`). Both engines offer the same API:
+``conn.execute`` (SQLite's SQL, ``?`` placeholders; rows read by position, by name and as
+``dict``), :meth:`Database.query`, :meth:`Database.one` and :meth:`Database.transaction`.
+
+One connection in autocommit mode; writes go through :meth:`Database.transaction`, which lets one
+writer at a time in (SQLite ``BEGIN IMMEDIATE``; PostgreSQL ``BEGIN`` and an advisory lock shared
+by all broker nodes) and can also roll back on purpose for the admin API's check mode.
+
+One schema: :data:`MIGRATIONS` is the single list for both engines, written in SQLite's dialect;
+PostgreSQL gets it through the small, fixed translation :func:`gatehouse.broker.pg.translate`
+documents (identity ids, ``COLLATE NOCASE`` columns as citext, REAL as DOUBLE PRECISION, BLOB as
+BYTEA, ``INSERT OR IGNORE`` as ``ON CONFLICT DO NOTHING``). A step must be written so that the
+translation gives the same meaning: no other SQLite-only construct. The schema version lives in
+``schema_version``; the steps are applied in order, each in its own transaction (holding the
+writers' lock, so two nodes starting together migrate once), so an older database is brought
+forward on open and a newer one is refused.
 """
 
 from __future__ import annotations
@@ -13,6 +27,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from gatehouse.config import ConfigError
 
@@ -144,35 +159,95 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE desktops ADD COLUMN site TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX desktops_site ON desktops (site)",
     ],
+    # 7: login throttling shared by the broker nodes of one database (throttle._DbTable, _DbKnown):
+    # failure counters per scope (account_source, source, account; '' for the part a scope has
+    # not) and the sources each account logged in from. Times are wall-clock seconds.
+    [
+        """CREATE TABLE login_failures (
+            scope TEXT NOT NULL,
+            account TEXT NOT NULL,
+            source TEXT NOT NULL,
+            failures INTEGER NOT NULL,
+            first_at REAL NOT NULL,
+            blocked_until REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (scope, account, source))""",
+        "CREATE INDEX login_failures_first ON login_failures (first_at)",
+        """CREATE TABLE login_known_sources (
+            account TEXT NOT NULL,
+            source TEXT NOT NULL,
+            seen_at REAL NOT NULL,
+            PRIMARY KEY (account, source))""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def check_url(database: str) -> Path:
-    """The SQLite path named by the ``Database`` key; other URL schemes are refused."""
-    lowered = database.strip().lower()
-    if lowered.startswith(("postgresql:", "postgres:")):
-        # Never echo the URL: it may carry a password.
-        raise DatabaseError(
-            "Database: PostgreSQL URLs are not supported in this version; use a SQLite file path"
-        )
-    if "://" in lowered:
-        raise DatabaseError("Database: only a SQLite file path is supported")
-    if not database.strip():
-        raise DatabaseError("Database is required (a SQLite file path)")
-    return Path(database.strip())
+SQLITE = "sqlite"
+POSTGRESQL = "postgresql"
+
+
+def engine_of(database: str) -> str:
+    """The engine the ``Database`` key selects; an unusable value is a DatabaseError."""
+    check_url(database)
+    return POSTGRESQL if _is_postgresql(database) else SQLITE
+
+
+def _is_postgresql(database: str) -> bool:
+    return database.strip().lower().startswith(("postgresql://", "postgres://"))
+
+
+def check_url(database: str) -> str:
+    """The ``Database`` key checked: a SQLite file path or a libpq ``postgresql://`` URL (no
+    password in it); returns what may be shown of it. Messages never echo a URL."""
+    value = database.strip()
+    if _is_postgresql(value):
+        from gatehouse.broker import pg
+
+        try:
+            return pg.parse_url(value)[1]
+        except ValueError as exc:
+            raise DatabaseError(f"Database: {exc}") from None
+    if "://" in value.lower():
+        raise DatabaseError("Database: a SQLite file path or a postgresql:// URL is required")
+    if not value:
+        raise DatabaseError("Database is required (a SQLite file path or a postgresql:// URL)")
+    return value
 
 
 class Database:
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    """The broker's database on either engine (``engine``: :data:`SQLITE` or :data:`POSTGRESQL`).
+
+    ``conn`` is the engine's connection (``sqlite3.Connection`` or ``pg.PgConnection``);
+    ``errors`` the engine's error classes (``ready`` and callers catch them), ``integrity_errors``
+    those of a violated constraint (the admin API answers 409). ``name`` is what may be logged.
+    """
+
+    def __init__(self, conn: Any, path: Path | None, *, engine: str = SQLITE, name: str = "") -> None:
         self.conn = conn
         self.path = path
+        self.engine = engine
+        self.name = name or str(path)
         self._in_tx = False
+        if engine == POSTGRESQL:
+            from gatehouse.broker import pg
+
+            self.errors: tuple[type[BaseException], ...] = (pg.Error,)
+            self.integrity_errors: tuple[type[BaseException], ...] = (pg.IntegrityError,)
+        else:
+            self.errors = (sqlite3.Error,)
+            self.integrity_errors = (sqlite3.IntegrityError,)
 
     @classmethod
-    def open(cls, database: str | os.PathLike[str], *, upto: int = SCHEMA_VERSION) -> Database:
-        """Open (creating if needed) and migrate to ``upto`` (tests use a lower one to build old DBs)."""
-        path = check_url(os.fspath(database))
+    def open(
+        cls, database: str | os.PathLike[str], *, upto: int = SCHEMA_VERSION, password: str = ""
+    ) -> Database:
+        """Open (creating if needed) and migrate to ``upto`` (tests use a lower one to build old DBs).
+
+        ``password``: PostgreSQL's (from ``DatabasePasswordFile``); SQLite has none.
+        """
+        if isinstance(database, str) and _is_postgresql(database):
+            return cls._open_postgresql(database, upto, password)
+        path = Path(check_url(os.fspath(database)))
         if not path.parent.is_dir():
             raise DatabaseError(f"Database: directory {path.parent} does not exist")
         if not path.exists():
@@ -205,71 +280,125 @@ class Database:
             raise
         return db
 
+    @classmethod
+    def _open_postgresql(cls, url: str, upto: int, password: str) -> Database:
+        from gatehouse.broker import pg
+
+        try:
+            params, shown = pg.parse_url(url)
+        except ValueError as exc:
+            raise DatabaseError(f"Database: {exc}") from None
+        try:
+            conn = pg.PgConnection(params, password)
+        except pg.Error as exc:
+            # libpq's message names hosts and users, never the password.
+            raise DatabaseError(f"Database: cannot connect to {shown}: {exc}") from None
+        db = cls(conn, None, engine=POSTGRESQL, name=shown)
+        try:
+            db.migrate(upto)
+        except pg.Error as exc:
+            conn.close()
+            raise DatabaseError(f"Database: {shown} is not usable: {exc}") from None
+        except DatabaseError:
+            conn.close()
+            raise
+        return db
+
     def close(self) -> None:
         self.conn.close()
 
     # ------------------------------------------------------------ schema
 
+    def _has_table(self, name: str) -> bool:
+        if self.engine == POSTGRESQL:
+            return bool(self.conn.table_exists(name))
+        return (
+            self.conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+            ).fetchone()
+            is not None
+        )
+
     def schema_version(self) -> int:
-        exists = self.conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-        ).fetchone()
-        if not exists:
+        if not self._has_table("schema_version"):
             return 0
         row = self.conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
         return int(row[0] or 0)
 
-    def migrate(self, upto: int = SCHEMA_VERSION) -> list[int]:
-        """Apply the missing steps; returns the versions applied."""
-        current = self.schema_version()
+    def _refuse_newer(self, current: int) -> None:
         if current > SCHEMA_VERSION:
             raise DatabaseError(
-                f"Database: {self.path} has schema version {current}, newer than this broker "
+                f"Database: {self.name} has schema version {current}, newer than this broker "
                 f"understands ({SCHEMA_VERSION}); run a newer broker or restore a backup"
             )
+
+    def migrate(self, upto: int = SCHEMA_VERSION) -> list[int]:
+        """Apply the missing steps; returns the versions applied.
+
+        Each step re-reads the version under the writers' lock: of two nodes starting together,
+        one applies a step and the other finds it applied.
+        """
+        self._refuse_newer(self.schema_version())
         applied = []
-        with self.transaction():
-            self.conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        for version in range(current + 1, upto + 1):
-            with self.transaction():
-                for statement in MIGRATIONS[version - 1]:
-                    self.conn.execute(statement)
-                self.conn.execute("DELETE FROM schema_version")
-                self.conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-            applied.append(version)
+        with self.transaction() as conn:
+            if self.engine == POSTGRESQL:
+                # citext: the COLLATE NOCASE columns (a trusted extension: the database owner may).
+                conn.execute("CREATE EXTENSION IF NOT EXISTS citext")
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        while True:
+            with self.transaction() as conn:
+                current = self.schema_version()
+                self._refuse_newer(current)
+                if current >= upto:
+                    break
+                for statement in MIGRATIONS[current]:
+                    conn.execute(statement)
+                conn.execute("DELETE FROM schema_version")
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (current + 1,))
+            applied.append(current + 1)
         return applied
 
     def ready(self) -> bool:
         try:
             return self.schema_version() == SCHEMA_VERSION
-        except sqlite3.Error:
+        except self.errors:
             return False
 
     # ------------------------------------------------------------ transactions
 
     @contextmanager
-    def transaction(self, *, rollback: bool = False) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT``; ``rollback=True`` runs the same work and undoes it."""
+    def transaction(self, *, rollback: bool = False) -> Iterator[Any]:
+        """One writer at a time … ``COMMIT``; ``rollback=True`` runs the same work and undoes it."""
         if self._in_tx:
             raise RuntimeError("nested transaction")
-        self.conn.execute("BEGIN IMMEDIATE")
+        postgresql = self.engine == POSTGRESQL
+        if postgresql:
+            self.conn.begin()
+        else:
+            self.conn.execute("BEGIN IMMEDIATE")
         self._in_tx = True
         try:
             yield self.conn
             if rollback:
                 raise _Rollback
         except _Rollback:
-            self.conn.execute("ROLLBACK")
+            self._end(commit=False)
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._end(commit=False)
             raise
         else:
-            self.conn.execute("COMMIT")
+            self._end(commit=True)
         finally:
             self._in_tx = False
 
-    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+    def _end(self, *, commit: bool) -> None:
+        if self.engine == POSTGRESQL:
+            self.conn.end(commit)
+        else:
+            self.conn.execute("COMMIT" if commit else "ROLLBACK")
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
         return self.conn.execute(sql, params).fetchall()
 
-    def one(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Row | None:
+    def one(self, sql: str, params: tuple[object, ...] = ()) -> Any:
         return self.conn.execute(sql, params).fetchone()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gatehouse.broker.db import check_url
+from gatehouse.broker.db import POSTGRESQL, engine_of
 from gatehouse.broker.throttle import ThrottlePolicy
 from gatehouse.config import Config, ConfigError
 from gatehouse.protocol import DNS_NAME as _DNS_NAME
@@ -311,6 +311,7 @@ class BrokerSettings:
     ssl_cert: str = "/certs/cert.pem"
     ssl_key: str = "/certs/key.pem"
     database: str = "/data/broker.db"
+    database_password: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
     client_ca_cert: str = ""
     client_tls_verify: bool = True
@@ -335,7 +336,7 @@ class BrokerSettings:
 
     def secrets(self) -> list[str | bytes]:
         """Every secret this configuration holds, to be scrubbed from logs."""
-        found: list[str | bytes] = [self.admin_token, self.factor.radius_secret]
+        found: list[str | bytes] = [self.admin_token, self.factor.radius_secret, self.database_password]
         found += [d.bind_password for d in self.directories.values()]
         if self.factor.totp_key:
             found.append(base64.b64encode(self.factor.totp_key).decode())
@@ -369,7 +370,13 @@ class BrokerSettings:
             if any(ch in domain for ch in "/\\@") or len(domain) > 64:
                 raise ConfigError(f"Domains: {domain!r} is not a valid domain name")
         database = cfg.str("Database", "/data/broker.db")
-        check_url(database)
+        # A postgresql:// URL (libpq, several hosts: the writable primary is used) holds no
+        # password: DatabasePasswordFile does (or libpq's PGPASSWORD / PGPASSFILE).
+        engine = engine_of(database)
+        password_file = cfg.str("DatabasePasswordFile")
+        if password_file and engine != POSTGRESQL:
+            raise ConfigError("DatabasePasswordFile is only for a postgresql:// Database")
+        database_password = read_secret_file("DatabasePasswordFile", password_file) if password_file else ""
         hostname = cfg.str("Hostname", "")
         sources: dict[str, str] = {}
         directories: dict[str, DirectorySettings] = {}
@@ -386,6 +393,7 @@ class BrokerSettings:
             ssl_cert=cfg.str("SslCert", "/certs/cert.pem"),
             ssl_key=cfg.str("SslKey", "/certs/key.pem"),
             database=database,
+            database_password=database_password,
             admin_token=admin_token,
             client_ca_cert=client_ca_cert,
             client_tls_verify=client_tls_verify,

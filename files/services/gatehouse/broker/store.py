@@ -3,6 +3,11 @@
 Readers return plain dicts in the admin API's shape (what ``GET`` answers), so the API can tell
 "changed" by comparing the shape before and after a write. Writers expect validated input and
 must run inside ``db.transaction()``. Names compare case-insensitively (``COLLATE NOCASE``).
+
+The SQL is SQLite's and runs on PostgreSQL too through :func:`gatehouse.broker.pg.translate`:
+keep to the constructs its rules cover (``COLLATE NOCASE`` only on columns declared so, ids read
+back by name rather than ``lastrowid``, ``lower()`` on both sides to compare such a column with
+a plain one).
 """
 
 from __future__ import annotations
@@ -127,7 +132,7 @@ class Store:
         existing = self.user_record(domain, name)
         conn = self.db.conn
         if existing is None:
-            cur = conn.execute(
+            conn.execute(
                 "INSERT INTO users (domain_id, name, display_name, enabled, password_hash, source) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (
@@ -139,7 +144,9 @@ class Store:
                     source,
                 ),
             )
-            user_id = int(cur.lastrowid or 0)
+            created = self.user_record(domain, name)
+            assert created is not None
+            user_id = created.id
         else:
             user_id = existing.id
             for column in ("display_name", "enabled"):
@@ -311,11 +318,11 @@ class Store:
         conn = self.db.conn
         pool_id = self.pool_id(name)
         if pool_id is None:
-            cur = conn.execute(
+            conn.execute(
                 "INSERT INTO pools (name, persistent, description) VALUES (?, ?, ?)",
                 (name, int(fields.get("persistent", False)), fields.get("description", "")),
             )
-            pool_id = int(cur.lastrowid or 0)
+            pool_id = self.pool_id(name)
         else:
             if "persistent" in fields:
                 conn.execute(
@@ -588,7 +595,7 @@ class Store:
             "COALESCE(l.placed_total, 0) AS placed_total "
             "FROM desktops d LEFT JOIN desktop_load l ON l.desktop_id = d.id "
             "LEFT JOIN agent_reports r ON r.desktop_id = d.id AND r.agent_port = d.agent_port "
-            "AND (r.address = d.address OR (r.hostname <> '' AND r.hostname = d.address COLLATE NOCASE)) "
+            "AND (lower(r.address) = lower(d.address) OR (r.hostname <> '' AND lower(r.hostname) = lower(d.address))) "
             "WHERE " + where + " ORDER BY d.id"
         )
         rows = self.db.query(sql, (param,))
@@ -611,8 +618,8 @@ class Store:
     def record_placement(self, desktop_id: int) -> None:
         self.db.conn.execute(
             "INSERT INTO desktop_load (desktop_id, placed_since_report, placed_total) VALUES (?, 1, 1) "
-            "ON CONFLICT (desktop_id) DO UPDATE SET placed_since_report = placed_since_report + 1, "
-            "placed_total = placed_total + 1",
+            "ON CONFLICT (desktop_id) DO UPDATE SET placed_since_report = desktop_load.placed_since_report + 1, "
+            "placed_total = desktop_load.placed_total + 1",
             (desktop_id,),
         )
 
@@ -660,8 +667,8 @@ class Store:
     def report_desktops(self, address: str, hostname: str, agent_port: int) -> list[DesktopRecord]:
         """Registered desktops an agent at ``address`` (or ``hostname``) and ``agent_port`` serves."""
         rows = self.db.query(
-            "SELECT * FROM desktops WHERE agent_port = ? AND (address = ? COLLATE NOCASE OR "
-            "(? <> '' AND address = ? COLLATE NOCASE)) ORDER BY id",
+            "SELECT * FROM desktops WHERE agent_port = ? AND (lower(address) = lower(?) OR "
+            "(? <> '' AND lower(address) = lower(?))) ORDER BY id",
             (agent_port, address, hostname, hostname),
         )
         return [self._desktop_record(r) for r in rows]

@@ -37,14 +37,31 @@ account names are counted like real ones, so the answers tell nothing about whic
 Memory is bounded: each table holds at most :data:`MAX_ENTRIES` keys; the least recently
 touched key is evicted first, and keys whose window and block have passed are swept.
 IPv6 sources are counted per /64, the block one client usually holds.
+
+Where the counters live: in memory (one broker: SQLite, the default) or, given a Database, in
+its tables ``login_failures`` and ``login_known_sources`` (:class:`_DbTable`, :class:`_DbKnown`:
+what the broker uses on PostgreSQL), so every broker node of one database counts against the same
+numbers and a lockout started on one node holds on all. A failure or success is counted in one
+write transaction (the writers' lock orders them across nodes); times are then wall-clock
+seconds (``clock``), which all nodes share, instead of this process's monotonic clock. The
+checks in flight stay per node (they only bound one node's parallel checks): with N nodes a
+burst of parallel guesses gets at most N times LoginLockoutAfterFailures checks before the shared
+counter locks the pair. The database tables are bounded like the memory ones (swept, and at
+most :data:`MAX_ENTRIES` rows per scope, the oldest dropped first).
 """
 
 from __future__ import annotations
 
+import time
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from gatehouse.broker.db import Database
 
 MAX_ENTRIES = 50_000
 MAX_NAME = 256  # characters of a user name that count in its key
@@ -114,9 +131,157 @@ class _Table(Generic[K]):
         self.items.move_to_end(key)
         return count
 
+    def block(self, key: K, until: float) -> None:
+        count = self.items.get(key)
+        if count is not None:
+            count.blocked_until = until
+
+    def forget(self, key: K) -> None:
+        self.items.pop(key, None)
+
     def sweep(self, now: float) -> None:
         for key in [k for k, c in self.items.items() if self._expired(c, now)]:
             del self.items[key]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class _Known:
+    """When each (account, source) last logged in successfully, at most MAX_ENTRIES of them."""
+
+    def __init__(self) -> None:
+        self.items: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def seen(self, account: str, source: str) -> float | None:
+        return self.items.get((account, source))
+
+    def remember(self, account: str, source: str, now: float) -> None:
+        self.items[(account, source)] = now
+        self.items.move_to_end((account, source))
+        while len(self.items) > MAX_ENTRIES:
+            self.items.popitem(last=False)
+
+    def sweep(self, now: float) -> None:
+        for key in [k for k, seen in self.items.items() if now - seen > KNOWN_SOURCE_TTL]:
+            del self.items[key]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _pair(key: tuple[str, str]) -> tuple[str, str]:
+    return key
+
+
+def _source(key: str) -> tuple[str, str]:
+    return ("", key)
+
+
+def _account(key: str) -> tuple[str, str]:
+    return (key, "")
+
+
+class _DbTable(Generic[K]):
+    """A :class:`_Table` in ``login_failures``: the rows of one scope. Writes (add_failure,
+    block, forget, sweep) run inside the caller's transaction."""
+
+    def __init__(
+        self, db: Database, scope: str, split: Callable[[K], tuple[str, str]], failure_window: float
+    ) -> None:
+        self.db = db
+        self.scope = scope
+        self.split = split
+        self.failure_window = failure_window
+        self.cap = MAX_ENTRIES
+
+    def _where(self, key: K) -> tuple[str, str, str]:
+        account, source = self.split(key)
+        return (self.scope, account, source)
+
+    def get(self, key: K, now: float) -> _Count | None:
+        row = self.db.one(
+            "SELECT failures, first_at, blocked_until FROM login_failures "
+            "WHERE scope = ? AND account = ? AND source = ?",
+            self._where(key),
+        )
+        if row is None:
+            return None
+        count = _Count(int(row[0]), float(row[1]), float(row[2]))
+        expired = now - count.first > self.failure_window and now >= count.blocked_until
+        return None if expired else count
+
+    def add_failure(self, key: K, now: float) -> _Count:
+        count = self.get(key, now) or _Count(0, now)
+        count.failures += 1
+        self.db.conn.execute(
+            "INSERT INTO login_failures (scope, account, source, failures, first_at, blocked_until) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (scope, account, source) DO UPDATE SET "
+            "failures = excluded.failures, first_at = excluded.first_at, "
+            "blocked_until = excluded.blocked_until",
+            (*self._where(key), count.failures, count.first, count.blocked_until),
+        )
+        return count
+
+    def block(self, key: K, until: float) -> None:
+        self.db.conn.execute(
+            "UPDATE login_failures SET blocked_until = ? WHERE scope = ? AND account = ? AND source = ?",
+            (until, *self._where(key)),
+        )
+
+    def forget(self, key: K) -> None:
+        self.db.conn.execute(
+            "DELETE FROM login_failures WHERE scope = ? AND account = ? AND source = ?", self._where(key)
+        )
+
+    def sweep(self, now: float) -> None:
+        conn = self.db.conn
+        conn.execute(
+            "DELETE FROM login_failures WHERE scope = ? AND first_at < ? AND blocked_until <= ?",
+            (self.scope, now - self.failure_window, now),
+        )
+        conn.execute(
+            "DELETE FROM login_failures WHERE scope = ? AND first_at <= (SELECT first_at FROM "
+            "login_failures WHERE scope = ? ORDER BY first_at DESC LIMIT 1 OFFSET ?)",
+            (self.scope, self.scope, self.cap),
+        )
+
+    def __len__(self) -> int:
+        row = self.db.one("SELECT COUNT(*) FROM login_failures WHERE scope = ?", (self.scope,))
+        return int(row[0]) if row else 0
+
+
+class _DbKnown:
+    """A :class:`_Known` in ``login_known_sources``; writes inside the caller's transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def seen(self, account: str, source: str) -> float | None:
+        row = self.db.one(
+            "SELECT seen_at FROM login_known_sources WHERE account = ? AND source = ?", (account, source)
+        )
+        return float(row[0]) if row else None
+
+    def remember(self, account: str, source: str, now: float) -> None:
+        self.db.conn.execute(
+            "INSERT INTO login_known_sources (account, source, seen_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (account, source) DO UPDATE SET seen_at = excluded.seen_at",
+            (account, source, now),
+        )
+
+    def sweep(self, now: float) -> None:
+        conn = self.db.conn
+        conn.execute("DELETE FROM login_known_sources WHERE seen_at < ?", (now - KNOWN_SOURCE_TTL,))
+        conn.execute(
+            "DELETE FROM login_known_sources WHERE seen_at <= (SELECT seen_at FROM login_known_sources "
+            "ORDER BY seen_at DESC LIMIT 1 OFFSET ?)",
+            (MAX_ENTRIES,),
+        )
+
+    def __len__(self) -> int:
+        row = self.db.one("SELECT COUNT(*) FROM login_known_sources")
+        return int(row[0]) if row else 0
 
 
 def account_key(domain: str, username: str) -> str:
@@ -134,12 +299,27 @@ def account_key(domain: str, username: str) -> str:
 
 
 class LoginThrottle:
-    def __init__(self, policy: ThrottlePolicy) -> None:
+    """The throttle; ``db`` given, its counters live in that database (module doc)."""
+
+    def __init__(self, policy: ThrottlePolicy, db: Database | None = None) -> None:
         self.policy = policy
-        self.pairs: _Table[tuple[str, str]] = _Table(policy.failure_window)
-        self.sources: _Table[str] = _Table(policy.failure_window)
-        self.accounts: _Table[str] = _Table(policy.failure_window)
-        self.known: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self.db = db
+        self.pairs: _Table[tuple[str, str]] | _DbTable[tuple[str, str]]
+        self.sources: _Table[str] | _DbTable[str]
+        self.accounts: _Table[str] | _DbTable[str]
+        self.known: _Known | _DbKnown
+        if db is None:
+            self.clock: Callable[[], float] = time.monotonic
+            self.pairs = _Table(policy.failure_window)
+            self.sources = _Table(policy.failure_window)
+            self.accounts = _Table(policy.failure_window)
+            self.known = _Known()
+        else:
+            self.clock = time.time
+            self.pairs = _DbTable(db, PAIR_SCOPE, _pair, policy.failure_window)
+            self.sources = _DbTable(db, SOURCE_SCOPE, _source, policy.failure_window)
+            self.accounts = _DbTable(db, ACCOUNT_SCOPE, _account, policy.failure_window)
+            self.known = _DbKnown(db)
         # Checks running per pair. They count as failures-to-be against the lockout, so parallel
         # guesses never get more than LoginLockoutAfterFailures checks; parallel logins of a pair
         # without failures (one user, several clients) are not held back.
@@ -147,19 +327,28 @@ class LoginThrottle:
         self._last_sweep = 0.0
 
     def __len__(self) -> int:
-        return len(self.pairs.items) + len(self.sources.items) + len(self.accounts.items) + len(self.known)
+        return len(self.pairs) + len(self.sources) + len(self.accounts) + len(self.known)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The counters' writes of one call: one transaction in the database, none in memory."""
+        if self.db is None:
+            yield
+        else:
+            with self.db.transaction():
+                yield
 
     def _sweep(self, now: float) -> None:
         if now - self._last_sweep < SWEEP_EVERY:
             return
         self._last_sweep = now
-        for table in (self.pairs, self.sources, self.accounts):
-            table.sweep(now)
-        for key in [k for k, seen in self.known.items() if now - seen > KNOWN_SOURCE_TTL]:
-            del self.known[key]
+        with self._writing():
+            for table in (self.pairs, self.sources, self.accounts):
+                table.sweep(now)
+            self.known.sweep(now)
 
     def _known(self, account: str, source: str, now: float) -> bool:
-        seen = self.known.get((account, source))
+        seen = self.known.seen(account, source)
         return seen is not None and now - seen <= KNOWN_SOURCE_TTL
 
     def check(
@@ -229,21 +418,26 @@ class LoginThrottle:
         p = self.policy
         started: list[str] = []
 
-        def count(table: _Table[K], key: K, lock_at: int, scope: str) -> _Count:
+        def count(table: _Table[K] | _DbTable[K], key: K, lock_at: int, scope: str) -> _Count:
             entry = table.add_failure(key, now)
             if entry.failures >= lock_at:
                 if entry.blocked_until <= now and scope not in started:
                     started.append(scope)
                 entry.blocked_until = now + p.lockout_seconds
+                table.block(key, entry.blocked_until)
             return entry
 
-        for name in _keys(account, resolved):
-            pair = count(self.pairs, (name, source), p.lockout_after_failures, PAIR_SCOPE)
-            if p.delay_after_failures <= pair.failures < p.lockout_after_failures:
-                pair.blocked_until = now + min(p.max_delay, 2.0 ** (pair.failures - p.delay_after_failures))
-            count(self.accounts, name, p.account_lockout_after_failures, ACCOUNT_SCOPE)
-        if per_source:
-            count(self.sources, source, p.source_lockout_after_failures, SOURCE_SCOPE)
+        with self._writing():
+            for name in _keys(account, resolved):
+                pair = count(self.pairs, (name, source), p.lockout_after_failures, PAIR_SCOPE)
+                if p.delay_after_failures <= pair.failures < p.lockout_after_failures:
+                    pair.blocked_until = now + min(
+                        p.max_delay, 2.0 ** (pair.failures - p.delay_after_failures)
+                    )
+                    self.pairs.block((name, source), pair.blocked_until)
+                count(self.accounts, name, p.account_lockout_after_failures, ACCOUNT_SCOPE)
+            if per_source:
+                count(self.sources, source, p.source_lockout_after_failures, SOURCE_SCOPE)
         return started
 
     def success(self, account: str, source: str, now: float, resolved: str = "") -> None:
@@ -253,12 +447,10 @@ class LoginThrottle:
         the evidence of spraying from that source.
         """
         self.release(account, source, resolved)
-        for name in _keys(account, resolved):
-            self.pairs.items.pop((name, source), None)
-            self.known[(name, source)] = now
-            self.known.move_to_end((name, source))
-        while len(self.known) > MAX_ENTRIES:
-            self.known.popitem(last=False)
+        with self._writing():
+            for name in _keys(account, resolved):
+                self.pairs.forget((name, source))
+                self.known.remember(name, source, now)
 
 
 def _keys(account: str, resolved: str) -> tuple[str, ...]:

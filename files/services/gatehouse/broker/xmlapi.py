@@ -38,6 +38,7 @@ from aiohttp import web
 from gatehouse import protocol as p
 from gatehouse import tls
 from gatehouse.broker import directory, factors, passwords, placement, throttle
+from gatehouse.broker.db import POSTGRESQL
 from gatehouse.broker.metrics import BrokerMetrics
 from gatehouse.broker.settings import FACTOR_RADIUS, FACTOR_TOTP, SOURCE_LDAP, BrokerSettings
 from gatehouse.broker.store import DesktopRecord, Store, UserRecord
@@ -159,7 +160,9 @@ class BrokerEndpoint:
         self.settings = settings
         self.metrics = metrics
         self.hasher = hasher
-        self.throttle = throttle.LoginThrottle(settings.login)
+        # Several broker nodes share a PostgreSQL database: their login counters live there too.
+        shared = store.db if store.db.engine == POSTGRESQL else None
+        self.throttle = throttle.LoginThrottle(settings.login, shared)
         metrics.login_throttle_entries.set_function(lambda: len(self.throttle))
         metrics.password_hash_pending.set_function(lambda: hasher.pending)
         self.sessions: dict[str, BrokerSession] = {}
@@ -360,7 +363,7 @@ class BrokerEndpoint:
         resolution = Resolution(
             progress.resolved if progress is not None and progress.account == account else ""
         )
-        now = time.monotonic()
+        now = self.throttle.clock()
         reason = self.throttle.check(account, source, now, per_source=per_source, resolved=resolution.key)
         if reason is not None:
             # The same answer as a wrong password, and no check: nothing to learn, little to spend.
@@ -391,7 +394,7 @@ class BrokerEndpoint:
         except BaseException:
             self.throttle.release(account, source, resolution.key)
             raise
-        now = time.monotonic()
+        now = self.throttle.clock()
         if outcome.kind == CHALLENGE and progress is not None and progress.challenges >= MAX_CHALLENGES:
             # A server that keeps challenging ends the login like a wrong passcode, counted: else
             # a client could start the steps over and over without the throttle ever seeing one.
@@ -471,7 +474,7 @@ class BrokerEndpoint:
             if resolution.key:  # a retry on another server: the account found before, no other
                 resolution.refusal = throttle.DELAY  # servers that disagree: try again later
                 return key == resolution.key
-            reason = self.throttle.check_resolved(account, key, source, time.monotonic())
+            reason = self.throttle.check_resolved(account, key, source, self.throttle.clock())
             if reason is not None:
                 resolution.refusal = reason
                 return False

@@ -1,0 +1,121 @@
+"""Real PostgreSQL servers for the broker's database tests: containers of gatehouse/postgres.
+
+The image (files/images/postgres, hack/build-debian-image.sh) runs initdb at the first start with
+the role and database :data:`USER` and the password given here. Each server publishes 5432 on
+127.0.0.1 at a free port, so the broker's code in the test process reaches it like a host on the
+network; no Docker network is created. :func:`running` starts one (``extra_args``: postgres
+settings, e.g. ``-c default_transaction_read_only=on`` for a server that does not take writes)
+and removes it afterwards, also when a test or the start fails. A missing Docker engine or
+image fails the test with the command that fixes it: never a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import pytest
+from deploy_helpers import docker_client
+from services import free_port
+
+IMAGE = "gatehouse/postgres:0.1.0"
+USER = "broker"
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class PostgresServer:
+    container: Any  # docker.models.containers.Container
+    port: int
+    password: str
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def url(self, dbname: str = USER, hosts: str = "") -> str:
+        """The broker's ``Database`` URL for ``dbname`` here (or on ``hosts``, a libpq host list)."""
+        return f"postgresql://{USER}@{hosts or self.host}/{dbname}?target_session_attrs=read-write"
+
+    def psql(self, sql: str, dbname: str = "postgres") -> str:
+        """Run ``sql`` as the superuser over the container's socket; its output (unaligned)."""
+        code, out = self.container.exec_run(
+            ["psql", "-h", "/var/lib/postgresql", "-U", "postgres", "-d", dbname, "-v", "ON_ERROR_STOP=1",
+             "-At", "-c", sql],
+        )  # fmt: skip
+        text = out.decode(errors="replace").strip()
+        assert code == 0, f"psql failed: {text}"
+        return text
+
+    def create_database(self, name: str = "") -> str:
+        """A new empty database owned by :data:`USER` (named ``name``, or a new name); its name."""
+        name = name or f"t{uuid.uuid4().hex[:12]}"
+        self.psql(f'CREATE DATABASE "{name}" OWNER "{USER}"')
+        return name
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            self.container.reload()
+            if self.container.status != "running":
+                logs = self.container.logs(tail=30).decode(errors="replace")
+                pytest.fail(f"{IMAGE} stopped while starting:\n{logs}")
+            code, _out = self.container.exec_run(["gatehouse-postgres", "health"])
+            if code == 0 and self._tcp_login():
+                return
+            time.sleep(0.3)
+        pytest.fail(f"{IMAGE} did not accept connections within {START_TIMEOUT:.0f} s")
+
+    def _tcp_login(self) -> bool:
+        import psycopg
+
+        try:
+            psycopg.connect(host="127.0.0.1", port=self.port, user=USER, password=self.password,
+                            dbname=USER, connect_timeout=2).close()  # fmt: skip
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    def set_read_only(self, read_only: bool) -> None:
+        """Take writes or not, like a primary and a standby to libpq's ``target_session_attrs``;
+        sessions already open follow from their next transaction on."""
+        self.psql(f"ALTER SYSTEM SET default_transaction_read_only = {'on' if read_only else 'off'}")
+        self.psql("SELECT pg_reload_conf()")
+
+    def restart(self) -> None:
+        """``docker restart``: the server shuts down (its connections end) and comes back."""
+        self.container.restart(timeout=10)
+        self.wait_ready()
+
+
+@contextlib.contextmanager
+def running(*extra_args: str, password: str = "", tls_dir: str = "") -> Iterator[PostgresServer]:
+    """A new server; ``password``: :data:`USER`'s (a new one if empty); ``tls_dir``: a host
+    directory with server.crt and server.key, mounted where the image turns TLS on."""
+    cli = docker_client()
+    try:
+        cli.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"image {IMAGE} is missing: run IMAGES=postgres hack/build-images.sh (or make images)")
+    port = free_port()
+    password = password or f"pw-{uuid.uuid4().hex}"
+    container = cli.containers.run(
+        IMAGE,
+        ["server", *extra_args],
+        name=f"ghtest-pg-{uuid.uuid4().hex[:8]}",
+        detach=True,
+        ports={"5432/tcp": ("127.0.0.1", port)},
+        environment={"POSTGRES_USER": USER, "POSTGRES_PASSWORD": password},
+        volumes={tls_dir: {"bind": "/etc/gatehouse-postgres/tls", "mode": "ro"}} if tls_dir else {},
+    )
+    try:
+        server = PostgresServer(container, port, password)
+        server.wait_ready()
+        yield server
+    finally:
+        container.remove(force=True, v=True)
