@@ -113,8 +113,8 @@ def ip_command(*argv: str) -> None:
 def client_with_vip(cidr: str, vip: str, tag: str) -> Iterator[Client]:
     """The client namespace on the first /30 of ``cidr``, the VIP on the host side of its veth pair;
     everything is removed on the way out (the veth pair with the namespace, the VIP with the veth)."""
-    net = next(ipaddress.ip_network(cidr).subnets(new_prefix=30))
-    host_side, inside = (str(a) for a in net.hosts())
+    first = ipaddress.ip_network(cidr).network_address  # the first /30: .1 the host's side, .2 the client's
+    host_side, inside = str(first + 1), str(first + 2)
     client = Client(f"{tag}-client", f"gh{tag[-8:]}v", inside, host_side, vip)
     try:
         ip_command("netns", "add", client.netns)
@@ -162,7 +162,9 @@ def clients_logged(text: str) -> set[str]:
             continue
         if isinstance(entry, dict) and entry.get("client"):
             value = str(entry["client"])
-            found.add(value.split(":")[0] if value.count(":") == 1 else value)  # IPv4 "address:port"
+            found.add(
+                value.split(":", maxsplit=1)[0] if value.count(":") == 1 else value
+            )  # IPv4 "address:port"
     return found
 
 
