@@ -221,6 +221,10 @@ options:
         keepalived pair of forwarders (C(docs/dmz.md)). A socket on every address answers UDP from the host's own
         address, which a client that sent to the VIP drops; one on the VIP answers from the VIP.
       - The node that does not hold the VIP binds it too, so the host needs C(net.ipv4.ip_nonlocal_bind=1).
+      - Only with O(network_mode) V(host) or C(container:<name>), where the SG shares a network namespace that
+        holds the VIP. With O(network_mode=bridge) the task fails before changing anything - the VIP is on the
+        host, not in the container, so the SG could not bind it; there the engine DNATs the published ports and
+        the answers leave from the address the client sent to (the VIP) while the SG listens on every address.
       - Empty - every address (C(0.0.0.0), or C(::) with O(enable_ipv6)).
     type: str
     default: ""

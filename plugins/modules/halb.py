@@ -22,7 +22,8 @@ description:
     running configuration stay untouched.
   - Changing only backend states (O(virtual_servers[].backends[].state)) applies them at once through the
     HAProxy runtime API (C(set server ... state drain|ready|maint)) and in the file, without a reload.
-  - keepalived tracks HAProxy - a node whose HAProxy is gone goes to FAULT and gives the VIPs up; the container
+  - keepalived tracks HAProxy (and with O(vrrp.track_url) a health URL) - a node whose HAProxy is gone (or whose URL
+    does not answer) goes to FAULT and gives the VIPs up; the container
     also stops when either daemon exits. A node that stops (SIGTERM, O(state=absent)) sends a priority 0
     advertisement so the peer takes over at once. Every node starts in BACKUP state, so a restarted node never
     holds a VIP that the other node holds.
@@ -118,7 +119,7 @@ options:
       - The virtual servers (a VIP and a port each), like the virtual servers of a Parallels RAS HALB.
       - Required with O(state=present). An empty list makes a keepalived-only pair - the VIPs move between the
         nodes and services on the nodes that listen on every address answer on them; HAProxy runs with no
-        frontend but the metrics one, and the VRRP still tracks it, not those services.
+        frontend but the metrics one, and the VRRP still tracks it, and those services only with O(vrrp.track_url).
     type: list
     elements: dict
     suboptions:
@@ -370,6 +371,18 @@ options:
         description: Go to FAULT (give up the VIPs) while no HAProxy process runs.
         type: bool
         default: true
+      track_url:
+        description:
+          - Also go to FAULT (give up the VIPs) while this URL does not answer C(200) - for a keepalived-only pair
+            (O(virtual_servers=[])) whose VIP serves a service on the nodes themselves, for example the C(/health) of
+            a forwarding security gateway (C(docs/dmz.md)). Checked from the HALB container's network namespace
+            (O(network_mode)) every 2 seconds with a 1.5 second timeout; two failures in a row give the VIPs up,
+            two good answers in a row make the node eligible again.
+          - Plain C(http://) with an IP address (no name to resolve), an optional port and path, for example
+            V(http://127.0.0.1:9172/health). The check runs the image's C(python3) and ignores proxy settings.
+          - Empty - no such check.
+        type: str
+        default: ""
       garp_master_refresh:
         description: Repeat gratuitous ARP every so many seconds while master (0 disables).
         type: int
@@ -605,6 +618,7 @@ ARGUMENT_SPEC = dict(
             nopreempt=dict(type="bool", default=False),
             vips=dict(type="list", elements="str", required=True),
             track_haproxy=dict(type="bool", default=True),
+            track_url=dict(type="str", default=""),
             garp_master_refresh=dict(type="int", default=60),
         ),
     ),

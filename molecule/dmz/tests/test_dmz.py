@@ -141,6 +141,43 @@ def test_sessions_move_with_the_forwarder_vip() -> None:
     assert gv.wait_for(lambda: [gv.holds_vip(n, FORWARDER_VIP) for n in FORWARDERS].count(True) == 1, 40)
 
 
+def test_the_forwarder_vip_follows_the_forwarder_sg() -> None:
+    """The keepalived pair tracks the forwarder SG's /health (halb vrrp.track_url): stopping only the
+    SG container of the forwarder that holds the VIP (its keepalived keeps running) moves the VIP to
+    the other forwarder, which completes a new session (TCP and UDP) through it; then the SG is
+    started again and the pair settles with one holder that serves sessions."""
+    holder = next(n for n in FORWARDERS if gv.holds_vip(n, FORWARDER_VIP))
+    other = next(n for n in FORWARDERS if n != holder)
+    conf = gv.STATE_ROOT / SCENARIO / holder / "forwarder-vip" / "keepalived" / "keepalived.conf"
+    assert "http://127.0.0.1:9172/health" in conf.read_text(encoding="utf-8")
+    before = sessions_accepted(other)
+    sg = gv.engine().containers.get(f"{holder}-sg")
+    sg.stop(timeout=10)
+    try:
+        assert gv.wait_for(lambda: gv.holds_vip(other, FORWARDER_VIP)), f"{other} did not take the VIP"
+        assert not gv.holds_vip(holder, FORWARDER_VIP)
+        keepalived = gv.engine().containers.get(f"{holder}-forwarder-vip")
+        assert keepalived.status == "running", "the VIP moved because keepalived stopped, not the SG check"
+        session_through_the_forwarder_vip()
+        assert sessions_accepted(other) >= before + 1
+    finally:
+        sg.start()
+    # Back to normal: the SG answers again, and the primary (the pair's first node, no nopreempt)
+    # holds the VIP once its check passed twice.
+    assert gv.wait_for(lambda: sessions_accepted_or_none(holder) is not None, 60)
+    assert gv.wait_for(lambda: gv.holds_vip(FORWARDERS[0], FORWARDER_VIP), 60)
+    assert not gv.holds_vip(FORWARDERS[1], FORWARDER_VIP)
+    session_through_the_forwarder_vip()
+
+
+def sessions_accepted_or_none(name: str) -> float | None:
+    """sessions_accepted() once the forwarder's SG answers again, else None."""
+    try:
+        return sessions_accepted(name)
+    except AssertionError:
+        return None
+
+
 def test_the_internet_reaches_no_inner_host() -> None:
     """A container on the internet network (where the clients are) has no way to the broker, the
     agent or the inner CM/SG host, nor the forwarder's management port; it reaches the forwarders'

@@ -559,6 +559,13 @@ def validate_forwarder(params: dict, values: dict, errors: list[str]) -> dict:
             errors.append(
                 "listen_address %r must be an IP address (the forwarders' VIP)" % params["listen_address"]
             )
+        elif params["network_mode"] == "bridge":
+            errors.append(
+                "listen_address %s cannot be used with network_mode=bridge: the VIP is on the host, not in the "
+                "forwarder's container, so the SG could not bind it; in bridge mode the engine DNATs the published "
+                "ports to the container and its answers leave from the address the client sent to (the VIP), so "
+                "leave listen_address empty (it is for network_mode host or container:<name>)" % listen
+            )
         else:
             values["listen_address"] = str(listen)
     values["external_pcoip_ip"] = []

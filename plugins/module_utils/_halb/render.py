@@ -33,6 +33,22 @@ ADMIN_SOCKET = RUN_DIR + "/admin.sock"
 PEERS_SECTION = "gatehouse"
 # keepalived runs this with enable_script_security: the binary is root-owned in the image.
 TRACK_SCRIPT = "/usr/bin/pgrep -x haproxy"
+# vrrp.track_url: the image's python3 (from gatehouse/base) GETs the URL, with no proxy from the
+# environment; exit status 0 only for a 200 answer within the timeout (an error status or a refused
+# connection raises). keepalived splits the script on unquoted spaces and keeps a single-quoted
+# argument whole; the code holds no double quote, no '#' or '!' (comments) and no braces.
+TRACK_URL_CODE = (
+    "import sys,urllib.request as u; "
+    "sys.exit(0 if u.build_opener(u.ProxyHandler(dict())).open(sys.argv[1],timeout=%s).status==200 else 1)"
+)
+TRACK_URL_INTERVAL = 2  # seconds between two checks; each may take at most this long
+TRACK_URL_FALL = 2  # failed checks in a row before the node gives the VIPs up
+TRACK_URL_RISE = 2  # good checks in a row before it may take them again
+# http://<IPv4 or [IPv6]>[:port][/path]: no name to resolve (the check runs every few seconds, and a
+# DNS outage must not move the VIPs), and only characters that keepalived's parser keeps as they are.
+TRACK_URL_RE = re.compile(
+    r"^http://(?P<host>[0-9.]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?(?P<path>/[A-Za-z0-9._~%/?=&+-]*)?$"
+)
 # The node's VRRP state for the monitoring: keepalived's notify commands create this file while the
 # node is master and remove it in every other state; the metrics frontend's Lua service reads it.
 VRRP_MASTER_FILE = RUN_DIR + "/vrrp-master"
@@ -364,8 +380,28 @@ def _normalize_vrrp(vrrp: dict) -> dict:
         "peers": peers,
         "unicast_src_ip": src or None,
         "track_haproxy": bool(vrrp.get("track_haproxy", True)),
+        "track_url": _track_url(vrrp.get("track_url")),
         "garp_master_refresh": garp_refresh,
     }
+
+
+def _track_url(value: object) -> str:
+    """vrrp.track_url: "" (none) or a plain-HTTP URL with an IP address (see TRACK_URL_RE)."""
+    if not value:
+        return ""
+    text = str(value).strip()
+    match = TRACK_URL_RE.match(text)
+    if match:
+        try:
+            ipaddress.ip_address(match.group("host").strip("[]"))
+        except ValueError:
+            match = None
+    if not match or (match.group("port") is not None and not 1 <= int(match.group("port")) <= 65535):
+        raise HalbConfigError(
+            "vrrp.track_url: %r must be http://<IP address>[:port][/path] (plain HTTP, an IPv4 address or an IPv6 "
+            "address in brackets, a port 1-65535, a path of letters, digits and ._~%%/?=&+-)" % (value,)
+        )
+    return text if match.group("path") else text + "/"
 
 
 def _normalize_vs(vs: dict, index: int, vip_addresses: set[str]) -> dict:
@@ -801,6 +837,20 @@ def render_keepalived(config: dict, managed: str = MANAGED_BY) -> str:
         add("    rise 2")
         add("}")
         add("")
+    if v["track_url"]:
+        add(
+            "# A node whose tracked service does not answer %s with 200 goes to FAULT and gives up the VIP."
+            % v["track_url"]
+        )
+        add("vrrp_script gatehouse_track_url {")
+        code = TRACK_URL_CODE % _seconds(TRACK_URL_INTERVAL * 0.75)
+        add("    script \"/usr/bin/python3 -I -c '%s' %s\"" % (code, v["track_url"]))
+        add("    interval %d" % TRACK_URL_INTERVAL)
+        add("    timeout %d" % TRACK_URL_INTERVAL)
+        add("    fall %d" % TRACK_URL_FALL)
+        add("    rise %d" % TRACK_URL_RISE)
+        add("}")
+        add("")
     add("vrrp_instance gatehouse_%d {" % v["router_id"])
     # Every node starts as BACKUP and becomes MASTER only after the advertisement timeout
     # (3 x advert_int + skew) without hearing a better master: a restarted node never holds
@@ -829,9 +879,13 @@ def render_keepalived(config: dict, managed: str = MANAGED_BY) -> str:
     add('    notify_master "/usr/bin/install -m 0644 /dev/null %s"' % VRRP_MASTER_FILE)
     for state in ("backup", "fault", "stop"):
         add('    notify_%s "/usr/bin/rm -f %s"' % (state, VRRP_MASTER_FILE))
-    if v["track_haproxy"]:
+    tracked = (["gatehouse_haproxy"] if v["track_haproxy"] else []) + (
+        ["gatehouse_track_url"] if v["track_url"] else []
+    )
+    if tracked:
         add("    track_script {")
-        add("        gatehouse_haproxy")
+        for name in tracked:
+            add("        %s" % name)
         add("    }")
     add("}")
     return "\n".join(out) + "\n"

@@ -10,6 +10,7 @@ be one that a playbook or role reads.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
@@ -28,7 +29,8 @@ ROLES = sorted(p.name for p in (REPO / "roles").iterdir() if (p / "meta" / "argu
 TEMPLATE = re.compile(r"{{|{%")
 
 
-def _hostvars(inventory: str) -> dict[str, dict[str, Any]]:
+def _listing(inventory: str) -> dict[str, Any]:
+    """``ansible-inventory --list`` of an example inventory (groups, and host variables in ``_meta``)."""
     out = subprocess.run(
         [
             str(Path(sys.executable).parent / "ansible-inventory"),
@@ -43,7 +45,11 @@ def _hostvars(inventory: str) -> dict[str, dict[str, Any]]:
         timeout=120,
     )
     assert "WARNING" not in out.stderr, out.stderr
-    return json.loads(out.stdout)["_meta"]["hostvars"]
+    return json.loads(out.stdout)
+
+
+def _hostvars(inventory: str) -> dict[str, dict[str, Any]]:
+    return _listing(inventory)["_meta"]["hostvars"]
 
 
 @pytest.fixture(scope="module", params=INVENTORIES)
@@ -142,3 +148,22 @@ def test_the_check_finds_a_typo(tmp_path: Path) -> None:
     spec["cmsg_enable_security_gateway"].pop("required", None)
     result = ArgumentSpecValidator(spec).validate({"cmsg_enable_security_gateway": "maybe"})
     assert result.error_messages
+
+
+def test_the_dmz_inventory_passes_the_dmz_settings_filter() -> None:
+    """inventories/dmz as site.yml reads it (the dmz_settings filter): each inner SG behind a pair of
+    forwarders with a VIP of their own, the CM handing out that VIP."""
+    importlib.import_module("collection_helpers").ensure_importable()
+    flt = importlib.import_module("ansible_collections.gatehouse.access.plugins.filter.dmz_settings")
+    listing = _listing("dmz")
+    hostvars = listing["_meta"]["hostvars"]
+    groups = {name: entry.get("hosts", []) for name, entry in listing.items() if name != "_meta"}
+    settings = {host: flt.dmz_settings(groups, hostvars, host) for host in hostvars}
+    assert settings["cmsg1"]["external_pcoip_ip"] == ["203.0.113.20"]
+    assert settings["cmsg2"]["external_pcoip_ip"] == ["203.0.113.30"]
+    assert settings["dmz-sg1"]["forwarder_vip_pairs"] == {
+        "gatehouse_forwarder_vip_203_0_113_20": ["dmz-sg1", "dmz-sg2"],
+        "gatehouse_forwarder_vip_203_0_113_30": ["dmz-sg3", "dmz-sg4"],
+    }
+    for host, vip in (("dmz-sg1", "203.0.113.20"), ("dmz-sg4", "203.0.113.30")):
+        assert settings[host]["listen_address"] == [vip]

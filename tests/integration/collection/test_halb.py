@@ -602,6 +602,39 @@ def test_config_changes_reload_without_dropping_connections_or_moving_the_vip(pa
             pair.deploy(node)
 
 
+def test_a_tracked_url_that_stops_answering_moves_the_vip(pair: Pair):
+    """vrrp.track_url: halb1 also tracks a URL in its own network namespace (here its metrics
+    frontend). Check mode shows the keepalived.conf change and writes nothing; while the URL answers
+    200 the VIP stays; a URL that answers 404 puts halb1 into FAULT and the VIP moves to halb2, which
+    serves; a second run changes nothing; without track_url the VIP comes back to halb1."""
+    pair.wait_master("halb1")
+    conf = pair.config_dir("halb1") / "keepalived" / "keepalived.conf"
+    params = pair.params("halb1")
+    params["vrrp"]["track_url"] = "http://127.0.0.1:8405/metrics"
+    before = _sha256(conf)
+    checked = pair.deploy("halb1", params, check=True)
+    assert checked["changed"] is True and "wrote files" not in checked["actions"], checked["actions"]
+    assert any("gatehouse_track_url" in d["after"] for d in checked["diff"])
+    assert _sha256(conf) == before
+    try:
+        applied = pair.deploy("halb1", params)
+        assert "reloaded keepalived" in applied["actions"], applied["actions"]
+        assert "http://127.0.0.1:8405/metrics" in conf.read_text()
+        assert pair.deploy("halb1", params)["changed"] is False
+        time.sleep(3 * 2)  # three checks (every 2 s): the URL answers, the VIP stays
+        assert pair.vip_holders() == ["halb1"]
+        params["vrrp"]["track_url"] = "http://127.0.0.1:8405/not-there"
+        pair.deploy("halb1", params)
+        moved = wait_for(lambda: pair.vip_holders() == ["halb2"], RECOVERY_BOUND, "the VIP on halb2")
+        print(f"\nHALB failover (tracked URL answers 404): the VIP on halb2 after {moved:.2f} s")
+        assert pair.via_vip(4444) in ("be1", "be2")
+        assert pair.client.containers.get(pair.container_name("halb1")).status == "running"
+    finally:
+        pair.deploy("halb1")
+    pair.wait_master("halb1")
+    assert "gatehouse_track_url" not in conf.read_text()
+
+
 def test_absent_removes_the_node_and_the_peer_serves(pair: Pair):
     pair.wait_master("halb1")
     params = {

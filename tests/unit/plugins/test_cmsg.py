@@ -791,22 +791,44 @@ def test_a_forwarder_needs_no_broker_tls_material_or_agent_ca() -> None:
 
 
 def test_a_forwarder_behind_a_vip_listens_on_the_vip_only() -> None:
-    """UDP answers leave from the socket's address: on the VIP, not every address of the host."""
+    """UDP answers leave from the socket's address: on the VIP, not every address of the host (in
+    the host's or a container's network namespace, which holds the VIP)."""
     assert (
         parse_kv(cmsg.security_gateway_conf(forwarder(), cmsg.validate(forwarder(), no_networks)).decode())[
             "ListenAddress"
         ]
         == "0.0.0.0"
     )
-    behind_vip = forwarder(listen_address="203.0.113.20")
-    parsed = parse_kv(cmsg.security_gateway_conf(behind_vip, cmsg.validate(behind_vip, no_networks)).decode())
-    assert parsed["ListenAddress"] == "203.0.113.20"
-    assert errors_of(forwarder(listen_address="vip.example")) == [
+    for mode in ("host", "container:dmz-sg1"):
+        behind_vip = forwarder(listen_address="203.0.113.20", network_mode=mode)
+        parsed = parse_kv(
+            cmsg.security_gateway_conf(behind_vip, cmsg.validate(behind_vip, no_networks)).decode()
+        )
+        assert parsed["ListenAddress"] == "203.0.113.20", mode
+    assert errors_of(forwarder(listen_address="vip.example", network_mode="host")) == [
         "listen_address 'vip.example' must be an IP address (the forwarders' VIP)"
     ]
     assert errors_of(params(listen_address="203.0.113.20")) == [
         "listen_address is for a forwarding security gateway (forward_to) behind a VIP only"
     ]
+
+
+def test_a_bridged_forwarder_refuses_listen_address_and_says_why() -> None:
+    """In bridge mode the VIP is on the host, not in the container: ListenAddress=<VIP> could not be
+    bound. The engine's DNAT of the published ports answers from the VIP anyway, so the module
+    refuses the option (in validate, before anything changes) rather than deploy an SG that fails."""
+    (error,) = errors_of(forwarder(listen_address="203.0.113.20"))  # network_mode: bridge, the default
+    assert error.startswith("listen_address 203.0.113.20 cannot be used with network_mode=bridge")
+    for why in (
+        "not in the forwarder's container",
+        "DNATs the published ports",
+        "leave listen_address empty",
+    ):
+        assert why in error
+    # Without it the bridged forwarder listens on every address of its container.
+    values = cmsg.validate(forwarder(), no_networks)
+    assert values["listen_address"] == ""
+    assert parse_kv(cmsg.security_gateway_conf(forwarder(), values).decode())["ListenAddress"] == "0.0.0.0"
 
 
 def test_a_gateway_still_needs_its_broker() -> None:

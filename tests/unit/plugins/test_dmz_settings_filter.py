@@ -182,3 +182,81 @@ def test_forwarders_behind_a_vip_are_one_pair_and_the_cm_hands_out_the_vip() -> 
 def test_inconsistent_vips_are_refused(hostvars, message) -> None:
     with pytest.raises(AnsibleFilterError, match=message):
         settings("broker1", groups=VIP_GROUPS, hostvars=hostvars)
+
+
+def site_vars(play: str, names: tuple[str, ...], **inventory: object) -> dict:
+    """``names`` as playbooks/site.yml's play ``play`` (its name's start) sets them for a host with
+    these ``inventory`` variables (plus vars/gatehouse.yml's), rendered by Ansible's own templar."""
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.template import Templar, trust_as_template
+
+    yaml = importlib.import_module("yaml")
+    plays = yaml.safe_load((REPO / "playbooks" / "site.yml").read_text())
+    (found,) = [entry for entry in plays if entry["name"].startswith(play)]
+    defined = {
+        **yaml.safe_load((REPO / "playbooks" / "vars" / "gatehouse.yml").read_text()),
+        **found["vars"],
+        **inventory,
+    }
+    trusted = {k: trust_as_template(v) if isinstance(v, str) else v for k, v in defined.items()}
+    templar = Templar(loader=DataLoader(), variables=trusted)
+    return {name: templar.template(trust_as_template("{{ " + name + " }}")) for name in names}
+
+
+@pytest.mark.parametrize(
+    ("network_mode", "listen"),
+    [("", ""), ("bridge", ""), ("host", "203.0.113.20"), ("container:fwd1", "203.0.113.20")],
+)
+def test_site_yml_gives_the_vip_as_listen_address_only_outside_bridge_mode(network_mode, listen) -> None:
+    """In bridge mode (the default) the forwarder's container does not hold the VIP and the cmsg
+    module refuses listen_address: the engine's DNAT answers from the VIP there."""
+    dmz = settings("fwd1", groups=VIP_GROUPS, hostvars=with_vip())
+    rendered = site_vars(
+        "Forwarding security gateways",
+        ("cmsg_listen_address", "cmsg_network_mode"),
+        gatehouse_network_mode=network_mode,
+        gatehouse__dmz=dmz,
+    )
+    assert rendered["cmsg_listen_address"] == listen
+    assert rendered["cmsg_network_mode"] == (network_mode or "bridge")
+    # Without a VIP nothing to listen on, in any mode.
+    plain = site_vars(
+        "Forwarding security gateways",
+        ("cmsg_listen_address",),
+        gatehouse_network_mode=network_mode,
+        gatehouse__dmz=settings("fwd1"),
+    )
+    assert plain["cmsg_listen_address"] == ""
+
+
+@pytest.mark.parametrize(
+    ("network_mode", "node", "halb_network_mode", "url"),
+    [
+        ("", {}, "host", "http://127.0.0.1:9172/health"),
+        ("bridge", {"cmsg_sg_admin_host_port": 19172}, "host", "http://127.0.0.1:19172/health"),
+        ("host", {}, "host", "http://127.0.0.1:9172/health"),
+        ("host", {"cmsg_admin_address": "::"}, "host", "http://[::1]:9172/health"),
+        ("host", {"cmsg_admin_address": "10.1.0.11"}, "host", "http://10.1.0.11:9172/health"),
+        (
+            "container:fwd1",
+            {"cmsg_admin_address": "127.0.0.1"},
+            "container:fwd1",
+            "http://127.0.0.1:9172/health",
+        ),
+    ],
+)
+def test_site_yml_has_the_forwarders_vip_track_their_sg(network_mode, node, halb_network_mode, url) -> None:
+    """The keepalived pair of the forwarders' VIP runs where the forwarder's SG is reachable and
+    gives the VIP up when the SG's /health does not answer (halb_track_url)."""
+    rendered = site_vars(
+        "Keepalived pair of the forwarders' VIP",
+        ("halb_network_mode", "halb_track_url", "halb_virtual_servers"),
+        gatehouse_network_mode=network_mode,
+        gatehouse__dmz=settings("fwd1", groups=VIP_GROUPS, hostvars=with_vip()),
+        **node,
+    )
+    assert rendered == {
+        "halb_network_mode": halb_network_mode,
+        "halb_track_url": url,
+        "halb_virtual_servers": [],
+    }

@@ -7,8 +7,15 @@
 from __future__ import annotations
 
 import copy
+import http.server
 import importlib.util
 import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -229,6 +236,92 @@ def test_without_virtual_servers_the_pair_holds_the_vips_only():
     assert halb.desired_states(halb.normalize(params)) == {}
 
 
+def track_url_script(conf: str) -> list[str]:
+    """The argv keepalived runs for the gatehouse_track_url vrrp_script (it splits on unquoted
+    spaces and keeps a single-quoted argument whole, as shlex does for this script)."""
+    block = conf[conf.index("vrrp_script gatehouse_track_url {") :]
+    (script,) = re.findall(r'^    script "(.*)"$', block[: block.index("\n}")], re.M)
+    return shlex.split(script)
+
+
+def test_a_keepalived_only_pair_can_track_a_health_url():
+    """vrrp.track_url: a second vrrp_script GETs the URL; the instance tracks it beside HAProxy."""
+    params = base_params()
+    params["virtual_servers"] = []
+    params["vrrp"]["track_url"] = "http://127.0.0.1:9172/health"
+    _haproxy_cfg, conf = render(params)
+    block = conf[conf.index("vrrp_script gatehouse_track_url {") :]
+    for line in ("interval 2", "timeout 2", "fall 2", "rise 2"):
+        assert f"\n    {line}\n" in block[: block.index("\n}") + 1]
+    argv = track_url_script(conf)
+    assert argv[:3] == ["/usr/bin/python3", "-I", "-c"] and argv[4:] == ["http://127.0.0.1:9172/health"]
+    # keepalived's parser ends a line at '#' or '!' and nests on braces: the code holds none.
+    assert not set(argv[3]) & set('#!{}"')
+    instance = conf[conf.index("vrrp_instance gatehouse_51 {") :]
+    assert "track_script {\n        gatehouse_haproxy\n        gatehouse_track_url\n    }" in instance
+    # Without HAProxy tracking the URL alone is tracked; a URL without a path checks "/".
+    params["vrrp"].update(track_haproxy=False, track_url="http://[::1]:9172")
+    _haproxy_cfg, conf = render(params)
+    assert "vrrp_script gatehouse_haproxy" not in conf
+    assert "track_script {\n        gatehouse_track_url\n    }" in conf
+    assert track_url_script(conf)[4:] == ["http://[::1]:9172/"]
+    # Empty (the default) renders no such script.
+    params["vrrp"]["track_url"] = ""
+    assert "gatehouse_track_url" not in render(params)[1]
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(self.server.status if self.path == "/health" else 404)  # type: ignore[attr-defined]
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_args) -> None:
+        pass
+
+
+def test_the_track_url_script_exits_0_only_for_a_200_answer():
+    """The rendered command itself against a real HTTP server: 200 → 0; 503, 404, a closed port,
+    a server that never answers → not 0 (keepalived counts those as failures)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    server.status = 200  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    port = server.server_address[1]
+
+    def exit_status(url: str) -> int:
+        params = base_params()
+        params["vrrp"]["track_url"] = url
+        argv = track_url_script(render(params)[1])
+        python = argv[0] if Path(argv[0]).exists() else sys.executable
+        # An http_proxy in the environment must not divert the check.
+        env = {"PATH": "/usr/bin:/bin", "http_proxy": f"http://127.0.0.1:{closed_port}"}
+        return subprocess.run(
+            [python, *argv[1:]], env=env, timeout=10, capture_output=True, check=False
+        ).returncode
+
+    try:
+        assert exit_status(f"http://127.0.0.1:{port}/health") == 0
+        assert exit_status(f"http://127.0.0.1:{port}/other") != 0
+        server.status = 503  # type: ignore[attr-defined]
+        assert exit_status(f"http://127.0.0.1:{port}/health") != 0
+        assert exit_status(f"http://127.0.0.1:{closed_port}/health") != 0
+        started = time.monotonic()
+        assert exit_status(f"http://127.0.0.1:{silent.getsockname()[1]}/health") != 0
+        assert time.monotonic() - started < halb.TRACK_URL_INTERVAL + 1
+    finally:
+        server.shutdown()
+        silent.close()
+
+
 def test_failover_estimate_follows_rfc5798():
     config = halb.normalize(base_params())
     # 3 * 0.25 + (256 - 150) * 0.25 / 256
@@ -297,6 +390,13 @@ def mutate(path: str, value) -> dict:
         ("vrrp.advert_int", 0.257, "steps of 0.01"),
         ("vrrp.advert_int", 50, "0.01-40.95"),
         ("vrrp.interface", "eth0; reboot", "not an interface name"),
+        ("vrrp.track_url", "https://127.0.0.1:9172/health", "must be http://<IP address>"),
+        ("vrrp.track_url", "http://localhost:9172/health", "must be http://<IP address>"),
+        ("vrrp.track_url", "http://127.0.0.1:99999/health", "a port 1-65535"),
+        ("vrrp.track_url", "http://999.0.0.1/health", "must be http://<IP address>"),
+        ("vrrp.track_url", "http://127.0.0.1/health' x", "must be http://<IP address>"),
+        ("vrrp.track_url", "http://127.0.0.1/health#x", "must be http://<IP address>"),
+        ("vrrp.track_url", 'http://127.0.0.1/"', "must be http://<IP address>"),
         ("stick_table_peers.0.name", "other", "must include this node"),
         ("stick_table_peers.1.address", "10.199.7.100", "is a VIP"),
         ("node_name", "bad name", "not a valid name"),
