@@ -124,13 +124,13 @@ def test_sources_spread_over_workers_and_limits_hold_across_them(
     assert m["gatehouse_sg_workers_running"] == WORKERS
     assert m["gatehouse_sg_max_connections"] == 5
 
-    held = [sg.open(a[0]) for _ in range(3)]  # worker 0, up to its per-source cap
+    held = [sg.open(a[0]) for _attempt in range(3)]  # worker 0, up to its per-source cap
     assert refused_at_accept(sg, a[0])  # the fourth from that source
     wait_for(
         lambda: sg.metrics().get('gatehouse_sg_sessions_refused_total{reason="per-source"}') == 1,
         "per-source",
     )
-    held += [sg.open(b[0]) for _ in range(2)]  # worker 1: five in all, MaxConnections
+    held += [sg.open(b[0]) for _attempt in range(2)]  # worker 1: five in all, MaxConnections
     wait_for(lambda: per_worker(sg, "gatehouse_sg_worker_connections_open") == {"0": 3, "1": 2}, "3 + 2 open")
     assert sg.metrics()["gatehouse_sg_connections_open"] == 5
 
