@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -63,31 +62,15 @@ def postgres() -> Iterator[postgres_server.PostgresServer]:
         yield server
 
 
-@dataclass
-class BrokerDatabase:
-    """One empty broker database of ``engine``: ``open()`` opens it (again) as the broker does."""
-
-    engine: str
-    target: str
-    password: str = ""
-
-    def open(self, upto: int | None = None):  # -> gatehouse.broker.db.Database
-        from gatehouse.broker.db import SCHEMA_VERSION, Database
-
-        return Database.open(
-            self.target, upto=SCHEMA_VERSION if upto is None else upto, password=self.password
-        )
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
-def broker_database(request: pytest.FixtureRequest, tmp_path: Path) -> BrokerDatabase:
+def broker_database(request: pytest.FixtureRequest, tmp_path: Path) -> postgres_server.BrokerDatabase:
     """The broker's database on each engine: SQLite (a file) and PostgreSQL (a new database on the
     session's server, reached by a libpq multi-host URL whose first host does not answer)."""
     if request.param == "sqlite":
-        return BrokerDatabase("sqlite", str(tmp_path / "broker.db"))
+        return postgres_server.BrokerDatabase("sqlite", str(tmp_path / "broker.db"))
     server: postgres_server.PostgresServer = request.getfixturevalue("postgres")
     from services import free_port
 
     dead = f"127.0.0.1:{free_port()}"
     url = server.url(server.create_database(), hosts=f"{dead},{server.host}")
-    return BrokerDatabase("postgresql", url, server.password)
+    return postgres_server.BrokerDatabase("postgresql", url, server.password)

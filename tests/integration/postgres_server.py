@@ -119,3 +119,19 @@ def running(*extra_args: str, password: str = "", tls_dir: str = "") -> Iterator
         yield server
     finally:
         container.remove(force=True, v=True)
+
+
+@dataclass
+class BrokerDatabase:
+    """One empty broker database of ``engine``: ``open()`` opens it (again) as the broker does."""
+
+    engine: str
+    target: str
+    password: str = ""
+
+    def open(self, upto: int | None = None):  # -> gatehouse.broker.db.Database
+        from gatehouse.broker.db import SCHEMA_VERSION, Database
+
+        return Database.open(
+            self.target, upto=SCHEMA_VERSION if upto is None else upto, password=self.password
+        )

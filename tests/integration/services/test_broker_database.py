@@ -1,6 +1,6 @@
 """The broker's database on both engines (SQLite file, PostgreSQL server): one schema, one API.
 
-``broker_database`` (tests/integration/conftest.py) runs each engine-neutral test on SQLite and on
+``broker_database`` (tests/integration/conftest.py; its BrokerDatabase is in postgres_server.py) runs each engine-neutral test on SQLite and on
 a real PostgreSQL (gatehouse/postgres) reached by a multi-host URL whose first host is down. The
 PostgreSQL-only tests start their own servers: a restart, and a switchover between two servers
 that libpq tells apart by whether they take writes.
@@ -15,9 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from broker_helpers import ALICE_PW, WRONG_PW, running_broker
-from conftest import BrokerDatabase
 from pki import TestPKI
-from postgres_server import PostgresServer, running
+from postgres_server import BrokerDatabase, PostgresServer, running
 
 from gatehouse import protocol as p
 from gatehouse.broker import passwords
