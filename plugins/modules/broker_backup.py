@@ -34,7 +34,10 @@ description:
     database and key are put back, the broker is started on them and the task fails.
   - A backup without a key (taken before the key was part of backups) restores the database only; the broker
     keeps its key and the module warns that TOTP secrets enrolled under another key cannot be decrypted.
-  - Only the broker's embedded SQLite database is supported.
+  - Only the broker's embedded SQLite database is supported. A broker deployed with
+    O(gatehouse.access.broker#module:database_url) (PostgreSQL) is refused, with O(state=present) and
+    O(state=restored), before anything is written or stopped - back up PostgreSQL with its own tooling
+    (C(pg_dump), pgBackRest), and keep the broker's TOTP key C(secrets/totp.key) with those backups.
 author:
   - Gatehouse contributors (@gatehouse)
 extends_documentation_fragment:

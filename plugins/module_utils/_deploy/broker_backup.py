@@ -17,8 +17,9 @@ so that support bundles never read it; its value is never returned, shown in a d
 The engine does the work that depends on the database: :class:`SqliteEngine` takes the copy with
 SQLite's online backup API inside the running broker container (one consistent snapshot while
 the broker keeps serving) and puts a copy in place while the broker is stopped. A PostgreSQL
-engine (pg_dump / pg_restore) plugs into :data:`ENGINES` with the same methods; the files,
-checksums, retention and the stop/start of the restore stay as they are.
+engine (pg_dump / pg_restore) would plug into :data:`ENGINES` with the same methods; until it
+does, a broker whose ``Database`` is a ``postgresql://`` URL is refused (backup and restore)
+before anything is written, stopped or replaced (:func:`refuse_postgresql`).
 
 Invariants: nothing is kept in check mode (the snapshot is taken and compared, then deleted);
 a restore verifies the checksums, the metadata and the files before it stops the broker, so a
@@ -178,6 +179,42 @@ def host_secrets_dir(container, data_dir: str) -> str:
     return os.path.join(os.path.dirname(data_dir.rstrip("/")), broker_deploy.SECRETS)
 
 
+POSTGRESQL_REFUSED = (
+    "the broker in %s keeps its state in PostgreSQL (Database=%s in %s), which this module does not back up or "
+    "restore. PostgreSQL backups: use your database's backup tooling, e.g. pg_dump / pgBackRest (the TOTP key "
+    "%s belongs with them). Nothing was changed"
+)
+
+
+def broker_database(data_dir: str) -> str:
+    """The ``Database`` of the broker's broker.properties in ``data_dir``; the SQLite default without one."""
+    data = read_bytes(os.path.join(data_dir, "broker.properties")) or b""
+    value = DATA_MOUNT + "/" + DATABASE
+    for line in data.decode("utf-8", "replace").splitlines():
+        key, sep, text = line.strip().partition("=")
+        if sep and key.strip() == "Database":
+            value = text.strip()
+    return value
+
+
+def refuse_postgresql(container) -> None:
+    """Failure when the broker's database is PostgreSQL: no engine of :data:`ENGINES` handles it."""
+    data_dir = host_data_dir(container)
+    database = broker_database(data_dir)
+    if database.lower().startswith(("postgresql://", "postgres://")):
+        # The URL holds no password: the broker module refuses one there, and so does the broker.
+        shown = database.split("?", 1)[0]
+        raise Failure(
+            POSTGRESQL_REFUSED
+            % (
+                container.name,
+                shown,
+                os.path.join(data_dir, "broker.properties"),
+                os.path.join(host_secrets_dir(container, data_dir), TOTP_KEY),
+            )
+        )
+
+
 class SqliteEngine:
     """The broker's embedded SQLite database, ``broker.db`` in its data directory."""
 
@@ -318,6 +355,7 @@ def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
     engine = engine or SqliteEngine()
     backup_dir = params["backup_dir"]
     container = broker_container(cli, params)
+    refuse_postgresql(container)
     container.reload()
     if not (container.attrs.get("State") or {}).get("Running"):
         raise Failure(
@@ -506,6 +544,9 @@ def restore(cli, params: dict, check_mode: bool) -> dict:
     is (with a warning). A restore always replaces the database: changed is true.
     """
     path = params["restore_from"]
+    found = ctr.find_container(cli, broker_deploy.container_name(params["name_prefix"]))
+    if found is not None:
+        refuse_postgresql(found)
     metadata, digest, key = verify_backup(path)
     engine = ENGINES[metadata["engine"]]()
     engine.verify(path)
