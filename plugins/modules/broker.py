@@ -282,8 +282,8 @@ notes:
   - Files of an earlier configuration that the options no longer name (the CA and password of a directory that
     was removed, the RADIUS secret, the database password and CA) are deleted once the new container runs. The
     TOTP key is kept.
-  - M(gatehouse.access.broker_backup) backs up the SQLite database only; back up a PostgreSQL database with its
-    own tools (C(pg_dump), pgBackRest).
+  - M(gatehouse.access.broker_backup) backs up and restores the database of either engine (PostgreSQL with
+    C(pg_dump) and C(pg_restore)).
 seealso:
   - module: gatehouse.access.cmsg
 """

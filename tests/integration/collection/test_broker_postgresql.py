@@ -10,14 +10,19 @@ A user made by the broker_user module logs in through the broker protocol (a CM'
 and the user is a row of the PostgreSQL database, read over TLS. The password is never in
 ansible's output, the broker's logs or its container's configuration. A URL with a password and
 one without a host are refused with nothing changed, on a first deployment and on a running
-one. broker_backup refuses the PostgreSQL broker, and changes nothing.
+one. broker_backup backs the database up with pg_dump while the broker serves (no new backup
+when nothing changed), restores a backup into it (a user made later is gone, alice logs in), and
+refuses an SQLite backup for it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import ssl
 import stat
+import subprocess
 import sys
 import time
 import uuid
@@ -38,6 +43,7 @@ from pki import TestPKI
 from services import free_port
 
 from gatehouse import protocol as p
+from gatehouse.broker.db import SCHEMA_VERSION
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]
 
@@ -279,25 +285,70 @@ def test_broker_on_postgresql(site: Site) -> None:
     )
     assert after == before
 
-    # broker_backup: a PostgreSQL broker is refused, nothing is written, the broker keeps running.
-    started = container.attrs["State"]["StartedAt"]
+    # broker_backup: pg_dump in a one-off container of the postgres image while the broker serves.
     backups = site.tmp / "backups"
-    backup = run_module("broker_backup", {"backup_dir": str(backups), "name_prefix": site.prefix})
-    assert backup.failed and "use your database's backup tooling" in backup.result["msg"], backup.result
-    assert "pg_dump" in backup.result["msg"] and not backups.exists()
-    restore = run_module(
-        "broker_backup",
-        {
-            "state": "restored",
-            "restore_from": str(site.tmp / "broker-20260101T000000Z.db"),
-            "name_prefix": site.prefix,
-        },
+    backup_args = {"backup_dir": str(backups), "name_prefix": site.prefix}
+    first = ok(run_module("broker_backup", backup_args, diff=True))
+    assert first["changed"] and first["backup"]["new"], first
+    dump = Path(first["backup"]["path"])
+    assert dump.parent == backups and dump.suffix == ".dump" and dump.read_bytes()[:5] == b"PGDMP"
+    assert sorted(x.name for x in backups.iterdir()) == sorted(
+        [dump.name, dump.name + ".sha256", dump.stem + ".json"]
     )
-    assert restore.failed and "use your database's backup tooling" in restore.result["msg"], restore.result
-    container.reload()
-    assert container.status == "running" and container.attrs["State"]["StartedAt"] == started
-    no_secret(backup)
-    no_secret(restore)
+    for item in backups.iterdir():
+        assert stat.S_IMODE(item.stat().st_mode) == 0o600, item
+    check = subprocess.run(
+        ["sha256sum", "-c", dump.name + ".sha256"], cwd=backups, capture_output=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    metadata = json.loads((backups / (dump.stem + ".json")).read_text())
+    assert metadata["engine"] == "postgresql" and metadata["schema_version"] == SCHEMA_VERSION
+    assert metadata["database"] == f"postgresql://broker@{site.postgres.name}:5432/broker"
+    assert len(metadata["content_sha256"]) == 64 and metadata["totp_key"] is None
+    # Nothing changed in the database: no new backup (a new dump differs only in its time).
+    same = ok(run_module("broker_backup", backup_args))
+    assert not same["changed"] and same["backup"]["path"] == str(dump) and not same["backup"]["new"], same
+    assert same["backup"]["sha256"] == first["backup"]["sha256"]
+    # A user more: a new backup.
+    ok(run_module("broker_user", site.connection(name="bob", domain="LAB", password=ALICE_PW + "b")))
+    second = ok(run_module("broker_backup", dict(backup_args, keep=2)))
+    assert (
+        second["changed"]
+        and second["backup"]["new"]
+        and second["backups"] == [str(dump), second["backup"]["path"]]
+    )
+
+    # Restore the first backup: the broker stops, the database is replaced in one transaction, the
+    # broker starts on it; bob (made after the backup) is gone, alice logs in.
+    restore_args = {"state": "restored", "restore_from": str(dump), "name_prefix": site.prefix}
+    predicted = ok(run_module("broker_backup", restore_args, check=True))
+    assert predicted["changed"] and site.psql("SELECT name FROM users ORDER BY name") == "alice\nbob"
+    restored = ok(run_module("broker_backup", restore_args))
+    assert restored["changed"] and restored["database"] == metadata["database"], restored
+    assert restored["previous"] == str(data_dir / "data" / "broker.before-restore.dump")
+    assert Path(restored["previous"]).read_bytes()[:5] == b"PGDMP"
+    assert site.psql("SELECT name FROM users ORDER BY name") == "alice"
+    assert BrokerClient(Http(site.port, site.cm)).login("alice", ALICE_PW, "LAB") == p.AUTH_OK
+    # The one-off containers are gone, and no password reached a log of the broker.
+    assert [
+        c.name for c in cli.containers.list(all=True) if c.name.startswith(f"{site.prefix}-broker-")
+    ] == []
+    logs = cli.containers.get(f"{site.prefix}-broker").logs().decode(errors="replace")
+    assert DB_PASSWORD not in logs and ALICE_PW not in logs
+
+    # An SQLite backup does not go into a broker on PostgreSQL: refused, nothing changed.
+    sqlite_backup = backups / "broker-20260101T000000Z.db"
+    sqlite_backup.write_bytes(b"SQLite format 3\x00")
+    digest = hashlib.sha256(sqlite_backup.read_bytes()).hexdigest()
+    (backups / (sqlite_backup.name + ".sha256")).write_text(f"{digest}  {sqlite_backup.name}\n")
+    (backups / (sqlite_backup.stem + ".json")).write_text(
+        json.dumps({"format": 2, "engine": "sqlite", "sha256": digest, "totp_key": None, "schema_version": 1})
+    )
+    started = cli.containers.get(f"{site.prefix}-broker").attrs["State"]["StartedAt"]
+    wrong = run_module("broker_backup", dict(restore_args, restore_from=str(sqlite_backup)))
+    assert wrong.failed and "uses postgresql" in wrong.result["msg"], wrong.result
+    assert cli.containers.get(f"{site.prefix}-broker").attrs["State"]["StartedAt"] == started
+    assert site.psql("SELECT name FROM users ORDER BY name") == "alice"
 
     gone = run_module("broker", {"state": "absent", "data_dir": str(data_dir), "name_prefix": site.prefix})
     assert gone.changed, ok(gone)
