@@ -330,7 +330,7 @@ PG_MAGIC = b"PGDMP"  # the first bytes of pg_dump's custom format
 PREVIOUS_DUMP = "broker.before-restore.dump"
 PG_STAGE_PREFIX = ".backup-pg-"
 PG_WORK = "/work"  # the stage directory in the one-off container
-PG_INPUT = "/input.dump"  # the dump a restore reads, mounted read-only
+PG_INPUT = PG_WORK + "/input.dump"  # the dump a restore reads: a copy in the stage, the broker user's
 # pg_dump's SQL carries a random key per run on these lines (psql's \restrict); not content.
 _RESTRICT_RE = re.compile(rb"^\\(?:un)?restrict\b")
 _COPY_VERSION_RE = re.compile(rb"^COPY public\.schema_version \(version\) FROM stdin;$")
@@ -389,8 +389,8 @@ class PostgresEngine(SqliteEngine):
     The client tools run in a one-off container of the ``gatehouse/postgres`` image, through the
     collection's Docker layer (hardened like the broker), in the broker container's network
     namespace while it runs (or its network mode while it is stopped), with the broker's mounts
-    read-only (the URL's ``sslrootcert`` is found where the broker finds it) and as this module's
-    user. The password is the broker's ``DatabasePasswordFile``, copied to a 0600 password file in
+    read-only (the URL's ``sslrootcert`` is found where the broker finds it) and as the broker's
+    user (the owner of its data directory). The password is the broker's ``DatabasePasswordFile``, copied to a 0600 password file in
     a stage directory of the data directory (``PGPASSFILE``): never on a command line or in the
     container's environment. The stage is removed afterwards.
 
@@ -455,10 +455,16 @@ class PostgresEngine(SqliteEngine):
             )
         stage = tempfile.mkdtemp(prefix=PG_STAGE_PREFIX, dir=data_dir)
         try:
+            # As the broker's user (the owner of its data directory): it may read what the broker
+            # reads (the certs/ directory is the service user's alone), and the stage is made its own.
+            owner = os.stat(data_dir)
+            uid, gid = (owner.st_uid, owner.st_gid) if os.getuid() == 0 else (os.getuid(), os.getgid())
+            if os.getuid() == 0:
+                os.chown(stage, uid, gid)
             environment = {}
             password = self._password(data_dir)
             if password:
-                write_atomic(os.path.join(stage, "pgpass"), pgpass_line(password), 0o600)
+                write_atomic(os.path.join(stage, "pgpass"), pgpass_line(password), 0o600, uid, gid)
                 environment["PGPASSFILE"] = PG_WORK + "/pgpass"
             mounts = [
                 {"source": m["Source"], "target": m["Destination"], "read_only": True}
@@ -467,7 +473,11 @@ class PostgresEngine(SqliteEngine):
             ]
             mounts.append({"source": stage, "target": PG_WORK, "read_only": False})
             if input_path:
-                mounts.append({"source": input_path, "target": PG_INPUT, "read_only": True})
+                with (
+                    open(input_path, "rb") as source,
+                    atomic_open(os.path.join(stage, os.path.basename(PG_INPUT)), 0o600, uid, gid) as target,
+                ):
+                    shutil.copyfileobj(source, target, _CHUNK)
             self.container.reload()
             running = (self.container.attrs.get("State") or {}).get("Running")
             spec = {
@@ -477,7 +487,7 @@ class PostgresEngine(SqliteEngine):
                 "entrypoint": ["/bin/sh", "-c", script, "sh"],
                 "command": [self.database],
                 "environment": environment,
-                "user": "%d:%d" % (os.getuid(), os.getgid()),
+                "user": "%d:%d" % (uid, gid),
                 "labels": dict(self.container.labels or {}),
                 "mounts": mounts,
                 # The broker's own network namespace while it runs; its network mode while it is stopped.

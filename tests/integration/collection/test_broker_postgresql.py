@@ -254,7 +254,7 @@ def test_broker_on_postgresql(site: Site) -> None:
         == "t"
     )
     # Same options once more with the user in the database: still no change.
-    assert not ok(run_module("broker", args)).changed
+    assert not ok(run_module("broker", args))["changed"]
 
     container.reload()
     logs = container.logs().decode(errors="replace")
