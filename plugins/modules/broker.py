@@ -14,6 +14,10 @@ description:
     C(certs/)) and converges the container C(<prefix>-broker).
   - The broker keeps users, desktops, pools and entitlements in the SQLite database C(data/broker.db). It is kept
     across upgrades and by O(state=absent) unless O(purge=true).
+  - With O(database_url) it keeps them in PostgreSQL instead, on a database that several brokers can share
+    (C(docs/broker-ha.md) in the collection). The password (O(database_password)) is written to
+    C(secrets/database.password) with mode V(0600) and mounted read-only at C(/secrets); the URL never holds it.
+    Without O(database_url) the files are exactly those of the SQLite broker.
   - The admin bearer token is an option (never logged) written to C(data/broker.env) with mode V(0600); the object
     modules (M(gatehouse.access.broker_user) and friends) need the same admin token, so keep it in a vault.
   - Connection managers and agents authenticate with certificates from the deployment CA (O(client_ca_cert)); the
@@ -45,8 +49,8 @@ attributes:
     support: full
     details:
       - The diff shows the configuration files before and after; the token is masked and private keys are shown
-        as a hash only. Secret files (bind passwords, RADIUS shared secret, TOTP key) show neither their value
-        nor a hash of it, only whether they change.
+        as a hash only. Secret files (bind passwords, RADIUS shared secret, TOTP key, database password) show
+        neither their value nor a hash of it, only whether they change.
   platform:
     platforms: posix
 requirements:
@@ -107,6 +111,33 @@ options:
         enrolled TOTP secrets in it.
     type: bool
     default: false
+  database_url:
+    description:
+      - Keep the broker's state in PostgreSQL - libpq's URL of the database (C(Database)), with every server of
+        the cluster, for example V(postgresql://broker@db1:5432,db2:5432/broker?target_session_attrs=read-write).
+        libpq tries the hosts in order and uses the first that takes writes. Other libpq parameters
+        (V(sslmode), V(connect_timeout), ...) pass through.
+      - Checked before anything is changed - the scheme V(postgresql://) or V(postgres://), at least one valid
+        host (and port), a database name, no fragment, no C(host), C(hostaddr), C(port) or C(dbname) parameter,
+        and no password (neither C(user:password@) nor a C(password) parameter - the URL is written to
+        C(broker.properties) and logged; give the password in O(database_password)).
+      - The database should exist with encoding UTF8, owned by the broker's role; the broker creates its tables
+        (and the C(citext) extension) when it first starts.
+      - When not set, the broker uses its SQLite database C(data/broker.db).
+    type: str
+  database_password:
+    description:
+      - With O(database_url), the password of its user; never logged or returned. Written to
+        C(secrets/database.password) with mode V(0600) (C(DatabasePasswordFile)). Keep it in a vault.
+      - Leave it out only when the server does not ask the broker for a password.
+    type: str
+  database_ca_cert:
+    description:
+      - With O(database_url), the CA bundle (PEM, a path on the target) that issued the database servers'
+        certificates, copied to C(certs/database-ca.pem). The URL gets C(sslrootcert) pointing at the copy and,
+        unless it sets C(sslmode), V(sslmode=verify-full); an C(sslmode) that does not verify the server
+        (other than V(verify-full) or V(verify-ca)) is refused, as is an C(sslrootcert) of the URL.
+    type: path
   directories:
     description:
       - LDAP or Active Directory behind domains of O(domains) (C(Domain.<D>.Source=ldap)). Users of such a domain
@@ -249,7 +280,10 @@ options:
         type: str
 notes:
   - Files of an earlier configuration that the options no longer name (the CA and password of a directory that
-    was removed, the RADIUS secret) are deleted once the new container runs. The TOTP key is kept.
+    was removed, the RADIUS secret, the database password and CA) are deleted once the new container runs. The
+    TOTP key is kept.
+  - M(gatehouse.access.broker_backup) backs up and restores the database of either engine (PostgreSQL with
+    C(pg_dump) and C(pg_restore)).
 seealso:
   - module: gatehouse.access.cmsg
 """
@@ -307,6 +341,16 @@ EXAMPLES = r"""
     second_factor:
       method: totp
 
+- name: Broker on a PostgreSQL primary and its standby, over TLS verified with the database's CA
+  gatehouse.access.broker:
+    admin_token: "{{ vault_broker_admin_token }}"
+    ssl_cert: /opt/gatehouse/pki/broker.pem
+    ssl_key: /opt/gatehouse/pki/broker.key
+    client_ca_cert: /opt/gatehouse/pki/ca.pem
+    database_url: postgresql://broker@db1.example.com:5432,db2.example.com:5432/broker?target_session_attrs=read-write
+    database_password: "{{ vault_broker_database_password }}"
+    database_ca_cert: /opt/gatehouse/pki/database-ca.pem
+
 - name: Remove the broker, keep the database
   gatehouse.access.broker:
     state: absent
@@ -345,7 +389,9 @@ config:
       description: Keys and values of C(data/broker.properties).
       type: dict
     database:
-      description: Path of the SQLite database on the target.
+      description:
+        - Path of the SQLite database on the target, or with O(database_url) the URL the broker uses (never with a
+          password).
       type: str
 identity_check:
   description:

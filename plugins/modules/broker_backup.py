@@ -11,14 +11,15 @@ short_description: Back up the connection broker's database and TOTP key, keep t
 version_added: 0.1.0
 description:
   - With O(state=present), takes a consistent online backup of the database of the broker container
-    C(<name_prefix>-broker) while it keeps serving, with SQLite's online backup API run inside the container,
+    C(<name_prefix>-broker) while it keeps serving, with SQLite's online backup API run inside the container
+    (PostgreSQL - see below),
     and writes it to O(backup_dir) as files of mode 0600 named after the UTC time -
     C(broker-<time>.db), C(broker-<time>.totp.key) (the broker's TOTP key C(secrets/totp.key), when it has
     one - it decrypts the enrolled TOTP secrets in the database), C(broker-<time>.json) (metadata - format,
     engine, time, schema version, collection version, image, size, sha256 of the database and of the key)
     and C(broker-<time>.db.sha256) (C(sha256sum -c) format, one line per file). Each file is written
     atomically, the checksum file last; a backup without it is incomplete and ignored.
-  - The copy passes SQLite's integrity check before it is kept. When the newest backup already holds the
+  - An SQLite copy passes SQLite's integrity check before it is kept. When the newest backup already holds the
     same database and the same key (same sha256), no new backup is written. Then only the newest O(keep)
     backups stay.
   - The key is never returned, shown in a diff or named in a message; only its path is. Its file name ends
@@ -34,7 +35,19 @@ description:
     database and key are put back, the broker is started on them and the task fails.
   - A backup without a key (taken before the key was part of backups) restores the database only; the broker
     keeps its key and the module warns that TOTP secrets enrolled under another key cannot be decrypted.
-  - Only the broker's embedded SQLite database is supported.
+  - A broker deployed with O(gatehouse.access.broker#module:database_url) keeps its state in PostgreSQL. Its
+    backup is C(broker-<time>.dump), written by C(pg_dump) in custom format, run in a one-off container of the
+    image C(gatehouse/postgres) (the broker's image has no client tools) in the broker container's network
+    namespace, with the broker's mounts read-only; the password reaches it in a 0600 password file
+    (C(PGPASSFILE)), never on a command line or in the container's environment. The metadata holds
+    C(content_sha256), the sha256 of the dump's SQL (a dump holds the time it was taken), which tells whether
+    the newest backup holds the same data. A restore keeps the current database as
+    C(data/broker.before-restore.dump) (until the next restore), then runs the backup's SQL
+    (C(pg_restore --no-owner --no-privileges)) in one transaction after C(DROP OWNED BY CURRENT_USER) - the
+    database is empty when the backup's objects are created, and an error leaves it as it was. The broker's
+    database role must own its objects (the broker creates them).
+  - A backup restores only into a broker of its engine (SQLite or PostgreSQL); another is refused with nothing
+    changed.
 author:
   - Gatehouse contributors (@gatehouse)
 extends_documentation_fragment:
@@ -66,6 +79,7 @@ attributes:
     platforms: posix
 requirements:
   - Docker SDK for Python (C(docker)) >= 6.0 on the managed host.
+  - For a broker on PostgreSQL, the image C(gatehouse/postgres) of the collection's version on the Docker host.
 options:
   state:
     description:
@@ -182,7 +196,7 @@ schema_version:
   returned: state=restored
   type: int
 database:
-  description: Path of the broker's database on the host.
+  description: Path of the broker's database on the host; for PostgreSQL its URL (no password, no parameters).
   returned: state=restored
   type: str
 previous:

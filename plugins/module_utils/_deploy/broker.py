@@ -5,7 +5,12 @@
 """Logic of the broker module: deploy, configure and remove a connection broker.
 
 The broker keeps its SQLite database in ``data/broker.db``; it survives upgrades and
-``state=absent`` unless ``purge`` is set. The admin token comes in as a (no_log) option and is
+``state=absent`` unless ``purge`` is set. With ``database_url`` it keeps its state in PostgreSQL
+instead (``Database`` is that libpq URL, never with a password in it): the password
+(``database_password``) is a 0600 file in ``secrets/`` named by ``DatabasePasswordFile``, and
+``database_ca_cert`` is copied to ``certs/database-ca.pem`` and named by the URL's
+``sslrootcert``. Without ``database_url`` nothing of this is rendered: broker.properties stays
+byte for byte what it was before these options, so an upgrade does not recreate the container. The admin token comes in as a (no_log) option and is
 written to ``data/broker.env`` (0600), which the broker reads with ``--env-file``. Connection
 managers and agents authenticate with their certificates from the deployment CA
 (``client_ca_cert``, copied to ``certs/client-ca.pem``), not with a token.
@@ -29,7 +34,7 @@ import os
 import re
 import shutil
 import tempfile
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
     MASK,
@@ -63,6 +68,12 @@ SECRETS = "secrets"
 TOTP_KEY = "totp.key"
 TOTP_KEY_BYTES = 32
 RADIUS_SECRET = "radius.secret"  # noqa: S105 - a file name
+DATABASE_PASSWORD = "database.password"  # noqa: S105 - a file name
+DATABASE_CA = "database-ca.pem"
+DATABASE_SCHEMES = ("postgresql", "postgres")
+POSTGRES_PORT = 5432
+# sslmode values that verify the server's certificate against database_ca_cert.
+VERIFYING_SSLMODES = ("verify-full", "verify-ca")
 CHECK_IDENTITY = "--check-identity"
 STAGE_PREFIX = ".identity-check-"
 
@@ -109,6 +120,9 @@ ARGUMENT_SPEC: dict = dict(
     admin_address={"type": "str"},
     admin_host_port={"type": "int", "default": 0},
     purge={"type": "bool", "default": False},
+    database_url={"type": "str"},
+    database_password={"type": "str", "no_log": True},
+    database_ca_cert={"type": "path"},
     directories={"type": "list", "elements": "dict", "options": DIRECTORY_SPEC, "default": []},
     second_factor={
         "type": "dict",
@@ -172,11 +186,162 @@ def validate(params: dict) -> list[str]:
         if params["domains"]:
             validate_directories(params, errors, warnings)
             validate_second_factor(params, errors)
+        validate_database(params, errors)
     if params["purge"] and params["state"] != "absent":
         errors.append("purge is only used with state=absent (it deletes the broker database)")
     if errors:
         raise dep.ValidationError(errors)
     return warnings
+
+
+# ------------------------------------------------------------------ database
+
+
+def uses_postgresql(params: dict) -> bool:
+    return bool(params.get("database_url"))
+
+
+def url_passwords(url: str | None) -> list[str]:
+    """Passwords a (wrong) database_url carries, to be masked wherever the URL would be shown."""
+    if not url or "://" not in url:
+        return []
+    rest = url.split("://", 1)[1]
+    found = []
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo = authority.rpartition("@")[0] if "@" in authority else ""
+    if ":" in userinfo:
+        found.append(userinfo.split(":", 1)[1])
+    query = rest.split("?", 1)[1] if "?" in rest else ""
+    found += [v for k, v in parse_qsl(query.split("#", 1)[0], keep_blank_values=True) if k == "password"]
+    found = [v for v in found if v]
+    return found + [unquote(v) for v in found if unquote(v) != v]
+
+
+def parse_database_url(url: str) -> dict:
+    """The parts of a libpq ``postgresql://`` URL: {user, hosts: [(host, port)], dbname, query: dict}.
+
+    ValueError says what is wrong without repeating the URL (it may hold a password). Checked:
+    the scheme, at least one valid host (and port), a database name, no password anywhere, no
+    fragment and no character the properties file cannot carry.
+    """
+    if _CONTROL_RE.search(url) or url != url.strip() or " " in url:
+        raise ValueError("must not contain spaces, line breaks or other control characters")
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in DATABASE_SCHEMES:
+        raise ValueError(
+            "must be a libpq URL postgresql://user@host[:port][,host2[:port]...]/database[?param=value&...]"
+        )
+    if "#" in rest:
+        raise ValueError("must not have a fragment (#...)")
+    authority, _sep, tail = rest.partition("/")
+    if "?" in authority:
+        authority, _sep, query_text = authority.partition("?")
+        path = ""
+    else:
+        path, _sep, query_text = tail.partition("?")
+    user = ""
+    if "@" in authority:
+        userinfo, _sep, authority = authority.rpartition("@")
+        if ":" in userinfo:
+            raise ValueError(
+                "holds a password: give it in database_password (the URL is written to broker.properties "
+                "and logged)"
+            )
+        user = unquote(userinfo)
+    query: dict[str, str] = {}
+    for key, value in parse_qsl(query_text, keep_blank_values=True):
+        if key == "password":
+            raise ValueError("holds a password parameter: give the password in database_password")
+        if key in ("host", "hostaddr", "port", "dbname"):
+            raise ValueError(
+                "gives %s as a parameter; write hosts, ports and the database in the URL itself" % key
+            )
+        if key in query:
+            raise ValueError("gives the parameter %s twice" % key)
+        query[key] = value
+    if not authority:
+        raise ValueError(
+            "names no host: list the database servers, postgresql://user@db1:5432,db2:5432/database"
+        )
+    hosts = []
+    for item in authority.split(","):
+        try:
+            hosts.append(_database_host(item))
+        except ValueError as exc:
+            raise ValueError("host %r %s" % (item, exc)) from None
+    dbname = unquote(path)
+    if not dbname or "/" in dbname:
+        raise ValueError("names no database: end the hosts with /<database>")
+    return {"user": user, "hosts": hosts, "dbname": dbname, "query": query}
+
+
+def _database_host(item: str) -> tuple[str, int]:
+    port_text = ""
+    if item.startswith("["):
+        host, sep, rest = item[1:].partition("]")
+        address = dep.parse_ip(host)
+        if not sep or address is None or address.version != 6 or (rest and not rest.startswith(":")):
+            raise ValueError("is not [IPv6 address][:port]")
+        port_text = rest[1:]
+    else:
+        host, _sep, port_text = item.partition(":")
+        if not _host_ok(host):
+            raise ValueError("is not a host name or address")
+    port = POSTGRES_PORT
+    if port_text or item.endswith(":"):
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError("has an invalid port %r" % port_text)
+        port = int(port_text)
+    return host, port
+
+
+def validate_database(params: dict, errors: list[str]) -> None:
+    url = params.get("database_url")
+    if not url:
+        for key in ("database_password", "database_ca_cert"):
+            if params.get(key):
+                errors.append("%s is only used with database_url (PostgreSQL)" % key)
+        return
+    try:
+        parts = parse_database_url(url)
+    except ValueError as exc:
+        errors.append("database_url %s" % exc)
+        return
+    if params.get("database_password") is not None:
+        _text_option(params["database_password"], "database_password", errors, secret=True)
+    query = parts["query"]
+    if params.get("database_ca_cert"):
+        if "sslrootcert" in query:
+            errors.append(
+                "database_url sets sslrootcert and database_ca_cert is given as well: leave sslrootcert out, the "
+                "module points it at the copy of database_ca_cert"
+            )
+        if query.get("sslmode", "verify-full") not in VERIFYING_SSLMODES:
+            errors.append(
+                "database_url has sslmode=%s, which does not verify the server against database_ca_cert: use "
+                "sslmode=verify-full (the default with database_ca_cert) or verify-ca" % query["sslmode"]
+            )
+
+
+def database_value(params: dict) -> str:
+    """The broker's ``Database``: the SQLite file, or the URL (with sslrootcert for database_ca_cert)."""
+    url = params.get("database_url")
+    if not url:
+        return DATA_MOUNT + "/" + DATABASE
+    if not params.get("database_ca_cert"):
+        return url
+    query = parse_database_url(url)["query"]
+    extra = [] if "sslmode" in query else ["sslmode=verify-full"]
+    extra.append("sslrootcert=/certs/" + DATABASE_CA)
+    return url + ("&" if "?" in url else "?") + "&".join(extra)
+
+
+def database_properties(params: dict) -> list[tuple[str, object]]:
+    """``Database`` and, with a password, ``DatabasePasswordFile``."""
+    values: list[tuple[str, object]] = [("Database", database_value(params))]
+    if uses_postgresql(params) and params.get("database_password"):
+        values.append(("DatabasePasswordFile", "/%s/%s" % (SECRETS, DATABASE_PASSWORD)))
+    return values
 
 
 # ------------------------------------------------------------------ enterprise identity
@@ -192,7 +357,11 @@ def second_factor(params: dict) -> dict:
 
 def uses_secrets(params: dict) -> bool:
     """Whether the configuration reads files from secrets/ (mounted at /secrets)."""
-    return bool(params.get("directories")) or second_factor(params)["method"] != "none"
+    return (
+        bool(params.get("directories"))
+        or second_factor(params)["method"] != "none"
+        or bool(uses_postgresql(params) and params.get("database_password"))
+    )
 
 
 def needs_identity_check(params: dict) -> bool:
@@ -503,6 +672,7 @@ def secret_values(params: dict, extra: tuple = ()) -> list[str]:
     values += [d["bind_password"] for d in params.get("directories") or []]
     factor = second_factor(params)
     values += [factor["totp_key"] or "", factor["radius_secret"] or "", *extra]
+    values += [params.get("database_password") or "", *url_passwords(params.get("database_url"))]
     return sorted({v for v in values if v}, key=len, reverse=True)
 
 
@@ -562,6 +732,25 @@ def identity_files(
     return planned, generated
 
 
+def database_files(
+    params: dict, certs_dir: str, secrets_dir: str, uid, gid, errors: list[str]
+) -> list[PlannedFile]:
+    """The PostgreSQL password (a secret file, 0600) and the copy of database_ca_cert; none for SQLite."""
+    planned: list[PlannedFile] = []
+    if not uses_postgresql(params):
+        return planned
+    if params.get("database_password"):
+        planned.append(
+            _secret_file(os.path.join(secrets_dir, DATABASE_PASSWORD), params["database_password"], uid, gid)
+        )
+    ca = dep.extra_file(
+        params.get("database_ca_cert"), os.path.join(certs_dir, DATABASE_CA), "database_ca_cert", errors
+    )
+    if ca is not None:
+        planned.append(ca)
+    return planned
+
+
 def _secret_file(path: str, value: str, uid, gid) -> PlannedFile:
     return PlannedFile(path, (value + "\n").encode("utf-8"), 0o600, uid, gid, secret=True)
 
@@ -573,7 +762,8 @@ def stale_identity_files(
     wanted = {f.path for f in planned}
     found = glob.glob(os.path.join(certs_dir, "ldap-*.pem"))
     found += glob.glob(os.path.join(secrets_dir, "ldap-*.password"))
-    found += [os.path.join(secrets_dir, RADIUS_SECRET)]
+    found += [os.path.join(secrets_dir, RADIUS_SECRET), os.path.join(secrets_dir, DATABASE_PASSWORD)]
+    found += [os.path.join(certs_dir, DATABASE_CA)]
     if purge_key:
         found.append(os.path.join(secrets_dir, TOTP_KEY))
     return sorted(p for p in found if p not in wanted and os.path.lexists(p))
@@ -673,7 +863,7 @@ def broker_properties(params: dict) -> bytes:
             ("SslKey", "/certs/key.pem"),
             ("ClientCaCert", "/certs/" + CLIENT_CA if params["client_ca_cert"] else ""),
             ("ClientTlsVerify", params["client_tls_verify"]),
-            ("Database", DATA_MOUNT + "/" + DATABASE),
+            *database_properties(params),
             ("Domains", params["domains"]),
             ("LogLevel", params["log_level"]),
             *identity_properties(params),
@@ -750,6 +940,9 @@ def container_spec(params: dict, image: str, host_label: str) -> dict:
 
 def run(module) -> dict:
     params = module.params
+    for value in url_passwords(params.get("database_url")):
+        # A password written into the URL by mistake is refused; it must not be shown either.
+        module.no_log_values.add(value)
     warnings = validate(params)
     cli = ctr.client(params["docker_host"])
     if params["state"] == "absent":
@@ -849,6 +1042,7 @@ def install(module, cli, params: dict, warnings: list[str]) -> dict:
     for value in generated:
         # Never returned; this makes Ansible mask it should it show up anywhere.
         module.no_log_values.add(value)
+    database = database_files(params, certs_dir, secrets_dir, uid, gid, errors)
     engine.check_network_target(cli, params, errors)
     refs, ids, loaded = engine.resolve_images(cli, params, ["broker"], check_mode, errors)
     if errors:
@@ -875,6 +1069,7 @@ def install(module, cli, params: dict, warnings: list[str]) -> dict:
     ]
     if client_ca is not None:
         files.append(client_ca)
+    files += database
     dirs = engine.data_dirs(data_dir, uid, gid)
     if uses_secrets(params):
         dirs.append(PlannedDir(secrets_dir, 0o700, uid, gid))
@@ -897,7 +1092,7 @@ def install(module, cli, params: dict, warnings: list[str]) -> dict:
     config = {
         "broker_properties": dep.parse_properties(properties.data),
         "data_dir": data_dir,
-        "database": os.path.join(data, DATABASE),
+        "database": database_value(params) if uses_postgresql(params) else os.path.join(data, DATABASE),
         "network_mode": params["network_mode"],
         "image": refs["broker"],
         "host_label": host_label,

@@ -14,11 +14,14 @@ checks them by hand). Each is written atomically, mode 0600, and the checksum fi
 without it is incomplete and is neither listed, kept nor restored. The key file ends in ``.key``
 so that support bundles never read it; its value is never returned, shown in a diff or a message.
 
-The engine does the work that depends on the database: :class:`SqliteEngine` takes the copy with
-SQLite's online backup API inside the running broker container (one consistent snapshot while
-the broker keeps serving) and puts a copy in place while the broker is stopped. A PostgreSQL
-engine (pg_dump / pg_restore) plugs into :data:`ENGINES` with the same methods; the files,
-checksums, retention and the stop/start of the restore stay as they are.
+The engine does the work that depends on the database, chosen by the broker's ``Database`` key:
+:class:`SqliteEngine` takes the copy with SQLite's online backup API inside the running broker
+container (one consistent snapshot while the broker keeps serving) and puts a copy in place while
+the broker is stopped. :class:`PostgresEngine` (``Database`` a ``postgresql://`` URL) runs
+pg_dump (custom format, ``broker-<time>.dump``) in a one-off container of the postgres image in
+the broker's network namespace, and restores with pg_restore's SQL run in one transaction on the
+emptied database. The files, checksums, retention and the stop/start of the restore are the same
+for both; a backup restores only into a broker of its engine.
 
 Invariants: nothing is kept in check mode (the snapshot is taken and compared, then deleted);
 a restore verifies the checksums, the metadata and the files before it stops the broker, so a
@@ -30,10 +33,12 @@ key was part of it) restores the database only; the broker keeps its own key.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfile import (
@@ -53,8 +58,10 @@ FORMAT = 2
 # 1: the database only; 2: the database and the broker's TOTP key (when it has one).
 FORMATS = (1, 2)
 PREFIX = "broker-"
-# broker-<UTC time>[-<n>].db: -<n> tells apart backups taken in the same second.
-_NAME_RE = re.compile(r"^broker-([0-9]{8}T[0-9]{6}Z)(?:-([0-9]+))?\.db$")
+# broker-<UTC time>[-<n>].db (SQLite) or .dump (PostgreSQL, pg_dump's custom format): -<n> tells
+# apart backups taken in the same second.
+_NAME_RE = re.compile(r"^broker-([0-9]{8}T[0-9]{6}Z)(?:-([0-9]+))?\.(?:db|dump)$")
+_SUFFIX_RE = re.compile(r"\.(?:db|dump)$")
 CHECKSUM_SUFFIX = ".sha256"
 PYTHON = "/opt/gatehouse/venv/bin/python"  # the services' interpreter in the images
 DATA_MOUNT = broker_deploy.DATA_MOUNT
@@ -103,11 +110,11 @@ def checksum_path(db_path: str) -> str:
 
 
 def metadata_path(db_path: str) -> str:
-    return db_path[: -len(".db")] + ".json"
+    return _SUFFIX_RE.sub("", db_path) + ".json"
 
 
 def key_path(db_path: str) -> str:
-    return db_path[: -len(".db")] + KEY_SUFFIX
+    return _SUFFIX_RE.sub("", db_path) + KEY_SUFFIX
 
 
 def read_checksums(db_path: str) -> dict[str, str] | None:
@@ -143,13 +150,16 @@ def list_backups(backup_dir: str) -> list[str]:
     return [path for _order, path in sorted(found)]
 
 
-def new_backup_path(backup_dir: str, now: datetime.datetime) -> str:
-    stem = PREFIX + now.strftime("%Y%m%dT%H%M%SZ")
-    path, n = os.path.join(backup_dir, stem + ".db"), 0
-    while any(os.path.exists(p) for p in (path, checksum_path(path), key_path(path))):
+def new_backup_path(backup_dir: str, now: datetime.datetime, suffix: str = ".db") -> str:
+    """A path for a backup taken ``now`` that no file of another backup (of either engine) uses."""
+    stem, n = PREFIX + now.strftime("%Y%m%dT%H%M%SZ"), 0
+    while True:
+        base = os.path.join(backup_dir, stem if n == 0 else "%s-%d" % (stem, n))
+        taken = [base + ".db", base + ".dump", base + KEY_SUFFIX, base + ".json"]
+        taken += [base + ".db" + CHECKSUM_SUFFIX, base + ".dump" + CHECKSUM_SUFFIX]
+        if not any(os.path.exists(p) for p in taken):
+            return base + suffix
         n += 1
-        path = os.path.join(backup_dir, "%s-%d.db" % (stem, n))
-    return path
 
 
 def broker_container(cli, params: dict):
@@ -178,10 +188,60 @@ def host_secrets_dir(container, data_dir: str) -> str:
     return os.path.join(os.path.dirname(data_dir.rstrip("/")), broker_deploy.SECRETS)
 
 
+def broker_settings(data_dir: str) -> dict:
+    """The keys of the broker's broker.properties in ``data_dir`` (empty without the file)."""
+    data = read_bytes(os.path.join(data_dir, "broker.properties")) or b""
+    found = {}
+    for line in data.decode("utf-8", "replace").splitlines():
+        key, sep, text = line.strip().partition("=")
+        if sep and not key.startswith(("#", "!")):
+            found[key.strip()] = text.strip()
+    return found
+
+
+def broker_database(data_dir: str) -> str:
+    """The ``Database`` of the broker's broker.properties in ``data_dir``; the SQLite default without one."""
+    return broker_settings(data_dir).get("Database") or DATA_MOUNT + "/" + DATABASE
+
+
+def is_postgresql(database: str) -> bool:
+    return database.lower().startswith(("postgresql://", "postgres://"))
+
+
+def engine_for(cli, container):
+    """The engine of the broker's database (its ``Database`` key): SqliteEngine or PostgresEngine."""
+    database = broker_database(host_data_dir(container))
+    if is_postgresql(database):
+        return PostgresEngine(cli, container, database)
+    return SqliteEngine(cli, container)
+
+
+def host_path(container, path: str) -> str | None:
+    """Where the file ``path`` of the container is on this host (through its mounts), or None."""
+    for mount in container.attrs.get("Mounts") or []:
+        target = (mount.get("Destination") or "").rstrip("/")
+        if target and mount.get("Source") and (path == target or path.startswith(target + "/")):
+            return mount["Source"] + path[len(target) :]
+    return None
+
+
 class SqliteEngine:
     """The broker's embedded SQLite database, ``broker.db`` in its data directory."""
 
     name = "sqlite"
+    suffix = ".db"
+
+    def __init__(self, cli=None, container=None) -> None:
+        self.cli = cli
+        self.container = container
+
+    def describe(self, data_dir: str) -> str:
+        """The live database, as results and messages name it."""
+        return os.path.join(data_dir, DATABASE)
+
+    def same(self, newest: str, digest: str, facts: dict) -> bool:
+        """Whether the backup ``newest`` holds the database just copied (its sha256 ``digest``)."""
+        return (read_checksums(newest) or {}).get("database") == digest
 
     def snapshot(self, container, data_dir: str) -> tuple[str, dict]:
         """A consistent copy of the live database in ``data_dir`` (host path) and what it holds."""
@@ -264,7 +324,224 @@ def _remove_journals(data_dir: str) -> None:
             remove_quietly(os.path.join(data_dir, name))
 
 
-ENGINES = {SqliteEngine.name: SqliteEngine}
+# The PostgreSQL client tools (pg_dump, pg_restore, psql) come from this image: the broker's has none.
+PG_IMAGE = "postgres"
+PG_MAGIC = b"PGDMP"  # the first bytes of pg_dump's custom format
+PREVIOUS_DUMP = "broker.before-restore.dump"
+PG_STAGE_PREFIX = ".backup-pg-"
+PG_WORK = "/work"  # the stage directory in the one-off container
+PG_INPUT = PG_WORK + "/input.dump"  # the dump a restore reads: a copy in the stage, the broker user's
+# pg_dump's SQL carries a random key per run on these lines (psql's \restrict); not content.
+_RESTRICT_RE = re.compile(rb"^\\(?:un)?restrict\b")
+_COPY_VERSION_RE = re.compile(rb"^COPY public\.schema_version \(version\) FROM stdin;$")
+
+# Backup, in a one-off container of PG_IMAGE; $1 is the broker's URL, the password in the password
+# file PGPASSFILE names. The dump, and its SQL as pg_restore writes it (to compare contents: a
+# custom dump holds the time it was taken), land in the stage directory.
+PG_BACKUP_SCRIPT = """set -eu
+umask 077
+pg_dump --format=custom --file=%(work)s/broker.dump --dbname="$1"
+pg_restore --file=%(work)s/content.sql %(work)s/broker.dump
+""" % {"work": PG_WORK}
+
+# Restore: the dump's SQL, after DROP OWNED BY CURRENT_USER (every object of the broker's role
+# in the database: tables, sequences, the citext extension), runs in ONE transaction. The
+# database is empty when the dump's objects are created, and an error anywhere leaves it as it
+# was. The SQL is written to a file first, so a pg_restore that fails never feeds psql a script
+# cut short.
+PG_RESTORE_SCRIPT = """set -eu
+umask 077
+{ echo 'DROP OWNED BY CURRENT_USER;'; pg_restore --no-owner --no-privileges --file=- %(input)s; } > %(work)s/restore.sql
+psql -X -q -v ON_ERROR_STOP=1 --single-transaction --dbname="$1" --file=%(work)s/restore.sql > /dev/null
+""" % {"work": PG_WORK, "input": PG_INPUT}
+
+
+def pgpass_line(password: str) -> bytes:
+    """A libpq password file line for any host, port, database and user."""
+    escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+    return ("*:*:*:*:%s\n" % escaped).encode("utf-8")
+
+
+def content_digest(sql_path: str) -> tuple[str, int | None]:
+    """(sha256 of the dump's SQL without its per-run lines, the schema version in it)."""
+    digest = hashlib.sha256()
+    version = None
+    in_version = False
+    with open(sql_path, "rb") as handle:
+        for line in handle:
+            if _RESTRICT_RE.match(line):
+                continue
+            digest.update(line)
+            stripped = line.rstrip(b"\n")
+            if in_version:
+                if stripped == b"\\.":
+                    in_version = False
+                elif stripped.strip().isdigit():
+                    version = max(version or 0, int(stripped))
+            elif _COPY_VERSION_RE.match(stripped):
+                in_version = True
+    return digest.hexdigest(), version
+
+
+class PostgresEngine(SqliteEngine):
+    """The broker's PostgreSQL database (``Database`` a ``postgresql://`` URL), with pg_dump/pg_restore.
+
+    The client tools run in a one-off container of the ``gatehouse/postgres`` image, through the
+    collection's Docker layer (hardened like the broker), in the broker container's network
+    namespace while it runs (or its network mode while it is stopped), with the broker's mounts
+    read-only (the URL's ``sslrootcert`` is found where the broker finds it) and as the broker's
+    user (the owner of its data directory). The password is the broker's ``DatabasePasswordFile``, copied to a 0600 password file in
+    a stage directory of the data directory (``PGPASSFILE``): never on a command line or in the
+    container's environment. The stage is removed afterwards.
+
+    A custom dump holds the time it was taken, so two dumps of the same data differ: whether the
+    newest backup holds the same data is told by ``content_sha256`` (the dump's SQL without its
+    per-run lines) in its metadata.
+    """
+
+    name = "postgresql"
+    suffix = ".dump"
+
+    def __init__(self, cli=None, container=None, database: str = "") -> None:
+        super().__init__(cli, container)
+        self.database = database
+        if container is not None and not database:
+            self.database = broker_database(host_data_dir(container))
+        if not is_postgresql(self.database):
+            raise Failure(
+                "the backup is of a broker on PostgreSQL but the broker in %s uses SQLite (Database=%s): "
+                "nothing was changed" % (getattr(container, "name", "?"), self.database)
+            )
+
+    def describe(self, data_dir: str) -> str:
+        # The URL holds no password (the broker module and the broker refuse one); no parameters.
+        return self.database.split("?", 1)[0]
+
+    def same(self, newest: str, digest: str, facts: dict) -> bool:
+        try:
+            with open(metadata_path(newest), encoding="utf-8") as handle:
+                metadata = json.load(handle)
+        except (OSError, ValueError):
+            return False
+        return isinstance(metadata, dict) and metadata.get("content_sha256") == facts["content_sha256"]
+
+    def verify(self, path: str) -> None:
+        with open(path, "rb") as handle:
+            if handle.read(len(PG_MAGIC)) != PG_MAGIC:
+                raise Failure("%s is not a dump of pg_dump's custom format" % path)
+
+    def _password(self, data_dir: str) -> str | None:
+        """The broker's database password (the first line of its DatabasePasswordFile), or None."""
+        name = broker_settings(data_dir).get("DatabasePasswordFile")
+        if not name:
+            return None
+        path = host_path(self.container, name)
+        data = read_bytes(path) if path else None
+        if data is None:
+            raise Failure(
+                "the broker's DatabasePasswordFile %s is not on this host (%s): nothing was changed"
+                % (name, path or "no mount holds it")
+            )
+        lines = data.decode("utf-8", "replace").splitlines()
+        return lines[0].strip() if lines else ""
+
+    def _run(self, data_dir: str, script: str, purpose: str, input_path: str | None = None):
+        """Run ``script`` in a one-off container; returns the stage directory (the caller removes it)."""
+        image = ctr.image_ref(PG_IMAGE, ctr.COLLECTION_VERSION, None)
+        if ctr.image_id(self.cli, image) is None:
+            raise Failure(
+                "the image %s (pg_dump, pg_restore, psql) is not on the Docker host: load it first "
+                "(make images, IMAGES=postgres hack/build-images.sh); nothing was changed" % image
+            )
+        stage = tempfile.mkdtemp(prefix=PG_STAGE_PREFIX, dir=data_dir)
+        try:
+            # As the broker's user (the owner of its data directory): it may read what the broker
+            # reads (the certs/ directory is the service user's alone), and the stage is made its own.
+            owner = os.stat(data_dir)
+            uid, gid = (owner.st_uid, owner.st_gid) if os.getuid() == 0 else (os.getuid(), os.getgid())
+            if os.getuid() == 0:
+                os.chown(stage, uid, gid)
+            environment = {}
+            password = self._password(data_dir)
+            if password:
+                write_atomic(os.path.join(stage, "pgpass"), pgpass_line(password), 0o600, uid, gid)
+                environment["PGPASSFILE"] = PG_WORK + "/pgpass"
+            mounts = [
+                {"source": m["Source"], "target": m["Destination"], "read_only": True}
+                for m in self.container.attrs.get("Mounts") or []
+                if m.get("Source") and m.get("Destination")
+            ]
+            mounts.append({"source": stage, "target": PG_WORK, "read_only": False})
+            if input_path:
+                with (
+                    open(input_path, "rb") as source,
+                    atomic_open(os.path.join(stage, os.path.basename(PG_INPUT)), 0o600, uid, gid) as target,
+                ):
+                    shutil.copyfileobj(source, target, _CHUNK)
+            self.container.reload()
+            running = (self.container.attrs.get("State") or {}).get("Running")
+            spec = {
+                "service": "broker",
+                "name": self.container.name + "-" + purpose,
+                "image": image,
+                "entrypoint": ["/bin/sh", "-c", script, "sh"],
+                "command": [self.database],
+                "environment": environment,
+                "user": "%d:%d" % (uid, gid),
+                "labels": dict(self.container.labels or {}),
+                "mounts": mounts,
+                # The broker's own network namespace while it runs; its network mode while it is stopped.
+                "network_mode": "container:" + self.container.id
+                if running
+                else (self.container.attrs.get("HostConfig") or {}).get("NetworkMode") or "bridge",
+                "network": None,
+            }
+            if spec["network_mode"] == "default":
+                spec["network_mode"] = "bridge"
+            status, output = ctr.run_once(self.cli, spec, spec["name"], [self.database], 3600)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if status != 0:
+            shutil.rmtree(stage, ignore_errors=True)
+            text = output.strip()
+            if password:
+                text = text.replace(password, "********")
+            raise Failure(
+                "%s of the broker's PostgreSQL database %s failed (exit code %s): %s"
+                % (purpose, self.describe(data_dir), status, text or "no output")
+            )
+        return stage
+
+    def snapshot(self, container, data_dir: str) -> tuple[str, dict]:
+        """pg_dump of the live database (the broker keeps serving) into ``data_dir``, and what it holds."""
+        stage = self._run(data_dir, PG_BACKUP_SCRIPT, "pg-dump")
+        try:
+            digest, version = content_digest(os.path.join(stage, "content.sql"))
+            tmp = os.path.join(data_dir, ".backup-%s.dump" % uuid.uuid4().hex)
+            os.rename(os.path.join(stage, "broker.dump"), tmp)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return tmp, {"schema_version": version, "content_sha256": digest}
+
+    def _replace(self, dump: str, data_dir: str) -> None:
+        stage = self._run(data_dir, PG_RESTORE_SCRIPT, "pg-restore", input_path=dump)
+        shutil.rmtree(stage, ignore_errors=True)
+
+    def put_in_place(self, backup: str, data_dir: str) -> str | None:
+        """With the broker stopped: dump the database as it is (kept as broker.before-restore.dump until
+        the next restore), then replace its content with ``backup`` in one transaction."""
+        tmp, _facts = self.snapshot(self.container, data_dir)
+        previous = os.path.join(data_dir, PREVIOUS_DUMP)
+        os.replace(tmp, previous)
+        self._replace(backup, data_dir)
+        return previous
+
+    def put_back(self, previous: str, data_dir: str) -> None:
+        self._replace(previous, data_dir)
+
+
+ENGINES = {SqliteEngine.name: SqliteEngine, PostgresEngine.name: PostgresEngine}
 
 
 def remove_quietly(path: str) -> None:
@@ -315,9 +592,9 @@ def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
 
     changed is true when a backup is (or would be) written or an old one removed.
     """
-    engine = engine or SqliteEngine()
     backup_dir = params["backup_dir"]
     container = broker_container(cli, params)
+    engine = engine or engine_for(cli, container)
     container.reload()
     if not (container.attrs.get("State") or {}).get("Running"):
         raise Failure(
@@ -334,23 +611,30 @@ def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
         digest = sha256_file(tmp)
         size = os.path.getsize(tmp)
         newest = before[-1] if before else None
-        same = newest is not None and read_checksums(newest) == {"database": digest, "totp_key": key_digest}
+        recorded = read_checksums(newest) if newest is not None else None
+        same = (
+            recorded is not None and recorded["totp_key"] == key_digest and engine.same(newest, digest, facts)
+        )
         written = None
         if same:
             after = list(before)
+            # The newest backup as it is (a dump differs from the last one only in its time).
+            digest, size = recorded["database"], os.path.getsize(newest)
+            facts = dict(facts, schema_version=_recorded_schema(newest, facts["schema_version"]))
         else:
             created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-            written = new_backup_path(backup_dir, created)
+            written = new_backup_path(backup_dir, created, engine.suffix)
             after = [*before, written]
             metadata = {
                 "format": FORMAT,
                 "engine": engine.name,
-                "database": DATABASE,
+                "database": DATABASE if engine.name == SqliteEngine.name else engine.describe(data_dir),
                 "file": os.path.basename(written),
                 "created": created.isoformat().replace("+00:00", "Z"),
                 "schema_version": facts["schema_version"],
                 "collection_version": ctr.COLLECTION_VERSION,
                 "image": container.attrs.get("Config", {}).get("Image"),
+                **({"content_sha256": facts["content_sha256"]} if "content_sha256" in facts else {}),
                 "container": container.name,
                 "size": size,
                 "sha256": digest,
@@ -398,13 +682,24 @@ def backup(cli, params: dict, check_mode: bool, engine=None) -> dict:
     }
 
 
+def _recorded_schema(path: str, default):
+    try:
+        with open(metadata_path(path), encoding="utf-8") as handle:
+            return json.load(handle).get("schema_version", default)
+    except (OSError, ValueError, AttributeError):
+        return default
+
+
 def verify_backup(path: str) -> tuple[dict, str, bytes | None]:
     """The metadata, the database's sha256 and the TOTP key (None without one) of the backup ``path``
     after checking them; Failure when they do not match. A message never holds the key."""
     if not os.path.isfile(path):
         raise Failure("backup %s does not exist" % path)
-    if not path.endswith(".db"):
-        raise Failure("backup %s is not the database file of a backup (broker-<time>.db)" % path)
+    if not _SUFFIX_RE.search(path):
+        raise Failure(
+            "backup %s is not the database file of a backup (broker-<time>.db, or broker-<time>.dump of "
+            "PostgreSQL)" % path
+        )
     recorded = read_checksums(path)
     if recorded is None:
         raise Failure("backup %s has no checksum file %s: it is incomplete" % (path, checksum_path(path)))
@@ -507,15 +802,26 @@ def restore(cli, params: dict, check_mode: bool) -> dict:
     """
     path = params["restore_from"]
     metadata, digest, key = verify_backup(path)
-    engine = ENGINES[metadata["engine"]]()
-    engine.verify(path)
     container = broker_container(cli, params)
+    engine = engine_for(cli, container)
+    if engine.name != metadata["engine"]:
+        raise Failure(
+            "backup %s is of a broker on %s, but the broker in %s uses %s (%s): refused, nothing was changed"
+            % (
+                path,
+                metadata["engine"],
+                container.name,
+                engine.name,
+                engine.describe(host_data_dir(container)),
+            )
+        )
+    engine.verify(path)
     data_dir = host_data_dir(container)
     secrets_dir = host_secrets_dir(container, data_dir)
     live_key = os.path.join(secrets_dir, TOTP_KEY)
     has_key = os.path.exists(live_key)
     engine.check_schema(container, metadata.get("schema_version"))
-    live = os.path.join(data_dir, DATABASE)
+    live = engine.describe(data_dir)
     warnings = []
     if key is None and (has_key or metadata["format"] < 2):
         warnings.append(
@@ -550,7 +856,7 @@ def restore(cli, params: dict, check_mode: bool) -> dict:
         placed = True
         if key is not None:
             result["totp_key"]["previous"] = put_key(key, secrets_dir, data_dir)
-    except (ctr.ContainerError, OSError) as exc:
+    except (ctr.ContainerError, OSError, Failure) as exc:
         if placed and result["previous"] is not None:
             engine.put_back(result["previous"], data_dir)  # the key was not replaced
             reported["previous"] = None

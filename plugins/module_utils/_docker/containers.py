@@ -383,7 +383,7 @@ def _create_args(spec: dict, labels: dict, engine_nofile: int | None = None) -> 
         "volumes": [m["target"] for m in spec["mounts"]],
         "host_config": host_config,
     }
-    for key in ("command", "entrypoint", "environment"):
+    for key in ("command", "entrypoint", "environment", "user"):
         if spec.get(key):
             args[key] = spec[key]
     if mode == "bridge" and spec.get("ports"):
