@@ -58,10 +58,13 @@ _value:
     - C(objects) - whether this host gets the access objects - a broker host with a tenant, or the first
       broker host of a single-tenant inventory.
     - C(desktops) - on such a host, the hosts of C(desktops) that belong to it; else empty.
+    - C(desktop_addresses) - the addresses of those desktop hosts as the other nodes reach them (a tenant
+      broker's firewall sources for the agents' load reports); empty where C(desktops) is.
   type: dict
   sample: {"tenants": [{"name": "tenant-a", "host_names": ["desktops.tenant-a.example"],
            "broker_url": "https://10.31.0.10:443", "agent_networks": []}], "tenant": "tenant-a",
-           "broker": "broker-a", "broker_url": "https://10.31.0.10:443", "objects": true, "desktops": ["desk-a"]}
+           "broker": "broker-a", "broker_url": "https://10.31.0.10:443", "objects": true, "desktops": ["desk-a"],
+           "desktop_addresses": ["10.31.0.31"]}
 """
 
 import re  # noqa: E402
@@ -171,6 +174,7 @@ def tenant_settings(groups: Mapping, hostvars: Mapping, inventory_hostname: str,
         "broker_url": _broker_url(broker, hostvars[broker], broker_port) if broker else "",
         "objects": objects,
         "desktops": desktops,
+        "desktop_addresses": list(dict.fromkeys(node_address(host, hostvars[host]) for host in desktops)),
     }
 
 

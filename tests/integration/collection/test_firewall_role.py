@@ -408,3 +408,53 @@ def test_multisite_without_a_shared_grant_secret_fails_early(tmp_path) -> None:
     assert "Work out each host's tenant, site" in run.stdout and "Connection broker" not in run.stdout, (
         run.stdout[-3000:]
     )
+
+
+def test_each_tenant_broker_takes_load_reports_from_its_own_desktops_only(tmp_path) -> None:
+    """Two tenants behind one CM/SG: each tenant's broker port is open to the CMs, the HALB and its
+    own tenant's desktops - never to the other tenant's desktops (docs/tenants.md)."""
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {
+        "all": {
+            "vars": {
+                "gatehouse_manage_firewall": True,
+                "gatehouse_secrets_dir": str(tmp_path / "secrets"),
+                **local,
+            },
+            "children": {
+                "brokers": {
+                    "hosts": {
+                        "b-a": {
+                            "gatehouse_address": "10.31.0.10",
+                            "gatehouse_tenant": "tenant-a",
+                            "gatehouse_tenant_host_names": ["desktops.a.example"],
+                        },
+                        "b-b": {
+                            "gatehouse_address": "10.32.0.10",
+                            "gatehouse_tenant": "tenant-b",
+                            "gatehouse_tenant_host_names": ["desktops.b.example"],
+                        },
+                    }
+                },
+                "cmsg": {"hosts": {"c1": {"gatehouse_address": "10.30.0.21"}}},
+                "desktops": {
+                    "hosts": {
+                        "d-a": {"gatehouse_address": "10.31.0.31", "gatehouse_tenant": "tenant-a"},
+                        "d-b": {"gatehouse_address": "10.32.0.31", "gatehouse_tenant": "tenant-b"},
+                    }
+                },
+                "halb": {
+                    "vars": {"halb_virtual_servers": [{"name": "cm", "vip": "10.30.0.40", "port": 443}]},
+                    "hosts": {"h1": {"gatehouse_address": "10.30.0.41"}},
+                },
+            },
+        }
+    }
+    found = firewall_rules(tmp_path, inventory)
+    for broker, own in (("b-a", "10.31.0.31"), ("b-b", "10.32.0.31")):
+        assert sorted(found[broker]["rich_rules"]) == sorted(
+            rule(s, 443) for s in ("10.30.0.21", own, "10.30.0.41")
+        ), broker
+    # The agents' control port is the shared CM's, whatever the tenant.
+    for desk in ("d-a", "d-b"):
+        assert rule("10.30.0.21", 60443) in found[desk]["rich_rules"], desk

@@ -111,6 +111,13 @@ def test_a_tenants_own_certificate_from_its_broker_host() -> None:
         settings("cmsg1", hostvars={**HOSTVARS, **half})
 
 
+def test_a_tenant_broker_knows_its_own_desktops_addresses() -> None:
+    hostvars = {**HOSTVARS, "desk-b": {"gatehouse_tenant": "tenant-b", "ansible_host": "10.32.0.31"}}
+    assert settings("broker-b", hostvars=hostvars)["desktop_addresses"] == ["10.32.0.31", "desk-b2"]
+    assert settings("broker-a")["desktop_addresses"] == ["desk-a"]
+    assert settings("cmsg1")["desktop_addresses"] == []
+
+
 def test_a_desktop_belongs_to_its_tenants_broker() -> None:
     assert settings("desk-b2")["broker"] == "broker-b"
     assert settings("desk-a")["broker"] == "broker-a"
@@ -136,6 +143,7 @@ def test_without_tenants_the_single_tenant_values() -> None:
         "broker_url": "https://broker1:443",
         "objects": True,
         "desktops": ["d1", "d2"],
+        "desktop_addresses": ["d1", "d2"],
     }
     assert (second["objects"], second["desktops"], second["broker"]) == (False, [], "broker1")
     assert (
