@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -214,6 +215,24 @@ def check_url(database: str) -> str:
     return value
 
 
+def _set_wal(conn: sqlite3.Connection, wait: float = 5.0) -> None:
+    """WAL mode, waiting for another connection that is switching the same new file at once.
+
+    Changing the journal mode needs an exclusive lock, and SQLite reports "database is locked"
+    at once instead of calling the busy handler (two brokers, or a tool, opening a new file
+    together); the change is idempotent, so it is tried again for up to ``wait`` seconds.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Database:
     """The broker's database on either engine (``engine``: :data:`SQLITE` or :data:`POSTGRESQL`).
 
@@ -263,7 +282,7 @@ class Database:
         try:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA busy_timeout = 5000")
-            conn.execute("PRAGMA journal_mode = WAL")
+            _set_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
