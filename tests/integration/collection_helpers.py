@@ -179,3 +179,29 @@ def cmsg_params(**overrides: Any) -> dict[str, Any]:
     )
     result.update(overrides)
     return result
+
+
+def broker_spec_check(**options: Any) -> Any:
+    """The broker module's argument spec validation (its ValidationResult) of a valid run's options
+    (admin token, self-signed, domains CORP and LAB) updated with ``options``."""
+    ensure_importable()
+    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+
+    broker = importlib.import_module(
+        "ansible_collections.gatehouse.access.plugins.module_utils._deploy.broker"
+    )
+    given = {
+        "admin_token": "a" * 24,
+        "self_signed": True,
+        "client_tls_verify": False,
+        "domains": ["CORP", "LAB"],
+    }
+    given.update(options)
+    return ArgumentSpecValidator(broker.ARGUMENT_SPEC, required_if=broker.REQUIRED_IF).validate(given)
+
+
+def broker_params(**options: Any) -> dict[str, Any]:
+    """Broker module parameters as AnsibleModule gives them (defaults of options and suboptions filled in)."""
+    result = broker_spec_check(**options)
+    assert not result.error_messages, result.error_messages
+    return result.validated_parameters

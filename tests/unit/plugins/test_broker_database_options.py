@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
 from gatehouse.broker.db import POSTGRESQL, check_url, engine_of
 from gatehouse.config import parse_kv
@@ -48,21 +47,8 @@ LogLevel=info
 """
 
 
-def spec_check(**options):
-    given = {
-        "admin_token": "a" * 24,
-        "self_signed": True,
-        "client_tls_verify": False,
-        "domains": ["CORP", "LAB"],
-    }
-    given.update(options)
-    return ArgumentSpecValidator(broker.ARGUMENT_SPEC, required_if=broker.REQUIRED_IF).validate(given)
-
-
-def params(**options) -> dict:
-    result = spec_check(**options)
-    assert not result.error_messages, result.error_messages
-    return result.validated_parameters
+spec_check = importlib.import_module("collection_helpers").broker_spec_check
+params = importlib.import_module("collection_helpers").broker_params
 
 
 def errors_of(p: dict, *secrets: str) -> list[str]:

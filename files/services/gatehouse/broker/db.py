@@ -288,16 +288,9 @@ class Database:
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise DatabaseError(f"Database: cannot open {path}: {exc}") from None
-        db = cls(conn, path)
-        try:
-            db.migrate(upto)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise DatabaseError(f"Database: {path} is not a usable SQLite database: {exc}") from None
-        except DatabaseError:
-            conn.close()
-            raise
-        return db
+        return cls(conn, path)._migrated(
+            upto, sqlite3.DatabaseError, f"Database: {path} is not a usable SQLite database"
+        )
 
     @classmethod
     def _open_postgresql(cls, url: str, upto: int, password: str) -> Database:
@@ -312,16 +305,22 @@ class Database:
         except pg.Error as exc:
             # libpq's message names hosts and users, never the password.
             raise DatabaseError(f"Database: cannot connect to {shown}: {exc}") from None
-        db = cls(conn, None, engine=POSTGRESQL, name=shown)
+        return cls(conn, None, engine=POSTGRESQL, name=shown)._migrated(
+            upto, pg.Error, f"Database: {shown} is not usable"
+        )
+
+    def _migrated(self, upto: int, engine_error: type[Exception], unusable: str) -> Database:
+        """This database migrated to ``upto``; on any failure the connection is closed and the
+        error is a DatabaseError (``unusable`` + the engine's message)."""
         try:
-            db.migrate(upto)
-        except pg.Error as exc:
-            conn.close()
-            raise DatabaseError(f"Database: {shown} is not usable: {exc}") from None
+            self.migrate(upto)
         except DatabaseError:
-            conn.close()
+            self.conn.close()
             raise
-        return db
+        except engine_error as exc:
+            self.conn.close()
+            raise DatabaseError(f"{unusable}: {exc}") from None
+        return self
 
     def close(self) -> None:
         self.conn.close()
