@@ -235,6 +235,27 @@ def test_a_killed_worker_is_replaced_and_sigterm_drains_both(
     assert logs.count('"msg": "stopped"') == WORKERS + 1  # each worker, then the supervisor
 
 
+def test_a_worker_that_misses_a_scrape_keeps_its_counters_in_the_sum(
+    pki: PKI, tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    agent = start_agent(pki, tmp_path, processes)
+    sg = start_sg(pki, tmp_path, processes, Workers=WORKERS)
+    c1 = sources(1, 1)[0]
+    sock, _grant = session(sg, agent, c1)
+    with sock:
+        assert per_worker(sg, "gatehouse_sg_worker_sessions_accepted_total") == {"0": 0, "1": 1}
+        pid = worker_pids(sg)[1]
+        os.kill(pid, signal.SIGSTOP)  # it cannot answer the supervisor's scrape
+        try:
+            m = sg.metrics()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # Its last numbers stand in: a counter that dropped would read as a reset to Prometheus.
+        assert m["gatehouse_sg_sessions_accepted_total"] == 1
+        assert m['gatehouse_sg_worker_sessions_accepted_total{worker="1"}'] == 1
+        assert echo_both_ways(sock, b"still relaying") == b"still relaying"
+
+
 def test_one_worker_is_one_process_as_before(
     pki: PKI, tmp_path: Path, processes: list[ServiceProcess]
 ) -> None:

@@ -58,6 +58,7 @@ SO_ATTACH_REUSEPORT_CBPF = 51
 SKF_NET_OFF = -0x100000
 RESTART_DELAY = 1.0  # a worker that lived shorter than this is restarted after this long
 SCRAPE_TIMEOUT = 3.0
+READY_TIMEOUT = 30.0  # the admin port opens once every worker serves its metrics (or after this)
 # Families that are the same in every worker: the supervisor gives its own, not a sum.
 _NOT_SUMMED = {"gatehouse_sg_max_connections", "gatehouse_tls_certificate_expiry_timestamp_seconds"}
 # Per-worker series (label ``worker``) of these worker families.
@@ -177,6 +178,9 @@ class _Slot:
     started: float = 0.0
     restarts: int = 0
     restart: asyncio.TimerHandle | None = field(default=None, repr=False)
+    # This process's last /metrics: a scrape it misses (busy, slow) repeats it rather than
+    # dropping its counters from the sum, which Prometheus would take for a reset.
+    metrics: str | None = field(default=None, repr=False)
 
 
 class _WorkerField(logging.Filter):
@@ -220,6 +224,11 @@ class Supervisor:
 
     def _spawn(self, slot: _Slot) -> None:
         slot.restart = None
+        slot.metrics = None  # a new process: its counters start again
+        try:
+            os.unlink(slot.place.admin_path)  # a killed worker leaves its socket file
+        except FileNotFoundError:
+            pass
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's loop
             code = 1
@@ -295,18 +304,31 @@ class Supervisor:
     # ------------------------------------------------------------ metrics
 
     async def _scrape(self) -> dict[int, str]:
-        async def one(slot: _Slot) -> tuple[int, str | None]:
+        """Each running worker's /metrics, or the last it gave when it does not answer in time."""
+
+        async def one(slot: _Slot) -> None:
             try:
                 connector = aiohttp.UnixConnector(path=slot.place.admin_path)
                 timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
                 async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
                     async with http.get("http://worker/metrics") as resp:
-                        return slot.place.index, await resp.text()
+                        slot.metrics = await resp.text()
             except (OSError, aiohttp.ClientError, TimeoutError):
-                return slot.place.index, None
+                pass
 
-        results = await asyncio.gather(*(one(s) for s in self.slots if s.pid))
-        return {index: text for index, text in results if text is not None}
+        running = [s for s in self.slots if s.pid]
+        await asyncio.gather(*(one(s) for s in running))
+        return {s.place.index: s.metrics for s in running if s.metrics is not None}
+
+    async def _wait_ready(self) -> None:
+        """Until every worker has answered a scrape: /health and /metrics then speak for all."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            await self._scrape()
+            if all(s.metrics is not None for s in self.slots if s.pid):
+                return
+            await asyncio.sleep(0.05)
+        log.error("workers not ready after %.0f s; serving the admin port anyway", READY_TIMEOUT)
 
     # ------------------------------------------------------------ run
 
@@ -321,6 +343,7 @@ class Supervisor:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._signal_workers, signal.SIGHUP)
 
+        await self._wait_ready()
         collector = WorkersCollector(self)
         registry = CollectorRegistry()
         registry.register(collector)
