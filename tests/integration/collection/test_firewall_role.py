@@ -35,6 +35,23 @@ def firewall_rules(directory: Path, inventory: dict) -> dict[str, dict]:
     }
 
 
+def inventory_of(tmp: Path, children: dict, **extra_vars: object) -> dict:
+    """An inventory of ``children`` on localhost with the firewall managed and management 198.51.100.0/24."""
+    return {
+        "all": {
+            "vars": {
+                "gatehouse_manage_firewall": True,
+                "gatehouse_secrets_dir": str(tmp / "secrets"),
+                "gatehouse_firewall_admin_sources": ["198.51.100.0/24"],
+                "ansible_connection": "local",
+                "ansible_python_interpreter": sys.executable,
+                **extra_vars,
+            },
+            "children": children,
+        }
+    }
+
+
 def rule(source: str, port: int, proto: str = "tcp") -> str:
     family = "ipv6" if ":" in source else "ipv4"
     return f'rule family="{family}" source address="{source}" port port="{port}" protocol="{proto}" accept'
@@ -43,77 +60,69 @@ def rule(source: str, port: int, proto: str = "tcp") -> str:
 @pytest.fixture(scope="module")
 def rules(tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("firewall")
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-    inventory = {
-        "all": {
-            "vars": {
-                "gatehouse_manage_firewall": True,
-                "gatehouse_secrets_dir": str(tmp / "secrets"),
-                "gatehouse_firewall_admin_sources": ["198.51.100.0/24"],
-                **local,
-            },
-            "children": {
-                "brokers": {
-                    "hosts": {
-                        "b1": {
-                            "gatehouse_address": "10.0.0.10",
-                            # Secrets are not needed to work out the connections (no module runs).
-                            "broker_directories": [
-                                {
-                                    "domain": "CORP",
-                                    "servers": ["ldaps://dc1.corp.example", "ldap://dc2.corp.example"],
-                                },
-                                {"domain": "LAB", "servers": ["ldaps://[fd00::389]:3269"]},
-                            ],
-                            "broker_second_factor": {
-                                "method": "radius",
-                                "radius_servers": [
-                                    "10.0.0.5",
-                                    "radius2.corp.example:1645",
-                                    "[fd00::5]:1812",
-                                    "fd00::6",
-                                ],
+    inventory = inventory_of(
+        tmp,
+        {
+            "brokers": {
+                "hosts": {
+                    "b1": {
+                        "gatehouse_address": "10.0.0.10",
+                        # Secrets are not needed to work out the connections (no module runs).
+                        "broker_directories": [
+                            {
+                                "domain": "CORP",
+                                "servers": ["ldaps://dc1.corp.example", "ldap://dc2.corp.example"],
                             },
-                        }
-                    }
-                },
-                "cmsg": {
-                    "hosts": {
-                        "c1": {"gatehouse_address": "10.0.0.21"},
-                        "c2": {"gatehouse_address": "10.0.0.22", "cmsg_enable_security_gateway": False},
-                        "c3": {
-                            "gatehouse_address": "10.0.0.23",
-                            "gatehouse_network_mode": "host",
-                            "firewall_enable_ipv6": True,
+                            {"domain": "LAB", "servers": ["ldaps://[fd00::389]:3269"]},
+                        ],
+                        "broker_second_factor": {
+                            "method": "radius",
+                            "radius_servers": [
+                                "10.0.0.5",
+                                "radius2.corp.example:1645",
+                                "[fd00::5]:1812",
+                                "fd00::6",
+                            ],
                         },
                     }
-                },
-                "desktops": {
-                    "hosts": {
-                        "d1": {
-                            "gatehouse_address": "10.0.0.31",
-                            "agent_instances": [{"name": "d1a"}, {"name": "d1b", "control_port": 60444}],
-                        }
+                }
+            },
+            "cmsg": {
+                "hosts": {
+                    "c1": {"gatehouse_address": "10.0.0.21"},
+                    "c2": {"gatehouse_address": "10.0.0.22", "cmsg_enable_security_gateway": False},
+                    "c3": {
+                        "gatehouse_address": "10.0.0.23",
+                        "gatehouse_network_mode": "host",
+                        "firewall_enable_ipv6": True,
+                    },
+                }
+            },
+            "desktops": {
+                "hosts": {
+                    "d1": {
+                        "gatehouse_address": "10.0.0.31",
+                        "agent_instances": [{"name": "d1a"}, {"name": "d1b", "control_port": 60444}],
                     }
+                }
+            },
+            "halb": {
+                "vars": {
+                    # A second virtual server (TLS passthrough to the gateways) and another peers port.
+                    "halb_virtual_servers": [
+                        {"name": "cm", "vip": "10.0.0.40", "port": 443},
+                        {"name": "sg", "vip": "10.0.0.40", "port": "4172", "mode": "tcp"},
+                    ],
+                    "halb_stick_table_peers_port": 10010,
                 },
-                "halb": {
-                    "vars": {
-                        # A second virtual server (TLS passthrough to the gateways) and another peers port.
-                        "halb_virtual_servers": [
-                            {"name": "cm", "vip": "10.0.0.40", "port": 443},
-                            {"name": "sg", "vip": "10.0.0.40", "port": "4172", "mode": "tcp"},
-                        ],
-                        "halb_stick_table_peers_port": 10010,
-                    },
-                    "hosts": {
-                        # VRRP and the stick-table peers use halb_address (here another interface).
-                        "h1": {"gatehouse_address": "10.0.0.41", "halb_address": "10.0.1.41"},
-                        "h2": {"ansible_host": "fd00::42"},
-                    },
+                "hosts": {
+                    # VRRP and the stick-table peers use halb_address (here another interface).
+                    "h1": {"gatehouse_address": "10.0.0.41", "halb_address": "10.0.1.41"},
+                    "h2": {"ansible_host": "fd00::42"},
                 },
             },
-        }
-    }
+        },
+    )
     found = firewall_rules(tmp, inventory)
     assert set(found) == {"b1", "c1", "c2", "c3", "d1", "h1", "h2"}, found
     return found
@@ -206,26 +215,18 @@ def test_broker_outbound_only_to_its_directories_and_radius_servers(rules) -> No
 
 def test_metrics_ports_only_to_the_monitoring_host_and_prometheus_only_to_management(tmp_path) -> None:
     """With a monitoring host m1 (its own host), every node opens its metrics endpoint to m1 only."""
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-    inventory = {
-        "all": {
-            "vars": {
-                "gatehouse_manage_firewall": True,
-                "gatehouse_secrets_dir": str(tmp_path / "secrets"),
-                "gatehouse_firewall_admin_sources": ["198.51.100.0/24"],
-                **local,
+    inventory = inventory_of(
+        tmp_path,
+        {
+            "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.0.10"}}},
+            "cmsg": {"hosts": {"c1": {"gatehouse_address": "10.0.0.21"}}},
+            "halb": {
+                "vars": {"halb_virtual_servers": [{"name": "cm", "vip": "10.0.0.40", "port": 443}]},
+                "hosts": {"h1": {"gatehouse_address": "10.0.0.41", "halb_metrics_port": 8406}},
             },
-            "children": {
-                "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.0.10"}}},
-                "cmsg": {"hosts": {"c1": {"gatehouse_address": "10.0.0.21"}}},
-                "halb": {
-                    "vars": {"halb_virtual_servers": [{"name": "cm", "vip": "10.0.0.40", "port": 443}]},
-                    "hosts": {"h1": {"gatehouse_address": "10.0.0.41", "halb_metrics_port": 8406}},
-                },
-                "monitoring": {"hosts": {"m1": {"gatehouse_address": "10.0.0.50", "monitoring_port": 9091}}},
-            },
-        }
-    }
+            "monitoring": {"hosts": {"m1": {"gatehouse_address": "10.0.0.50", "monitoring_port": 9091}}},
+        },
+    )
     found = firewall_rules(tmp_path, inventory)
     admin, monitor = "198.51.100.0/24", "10.0.0.50"
     # Prometheus' own port: management only, nothing public.
@@ -249,33 +250,23 @@ def test_double_hop_dmz_rules_per_tier(tmp_path) -> None:
     """Forwarder f1 (outer DMZ, also the HALB node of the CM's virtual server) -> inner CM/SG c1 ->
     broker b1 and desktop d1. The forwarder opens 4172 to the world and reaches only c1's 4172; c1's
     4172 is open to the forwarder only; the broker and the agents accept the inner tier only."""
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-    inventory = {
-        "all": {
-            "vars": {
-                "gatehouse_manage_firewall": True,
-                "gatehouse_secrets_dir": str(tmp_path / "secrets"),
-                "gatehouse_firewall_admin_sources": ["198.51.100.0/24"],
-                **local,
+    inventory = inventory_of(
+        tmp_path,
+        {
+            "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.2.10"}}},
+            "cmsg": {
+                "hosts": {"c1": {"gatehouse_address": "10.0.2.21", "gatehouse_dmz_address": "10.0.1.21"}}
             },
-            "children": {
-                "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.2.10"}}},
-                "cmsg": {
-                    "hosts": {"c1": {"gatehouse_address": "10.0.2.21", "gatehouse_dmz_address": "10.0.1.21"}}
-                },
-                "desktops": {"hosts": {"d1": {"gatehouse_address": "10.0.2.31"}}},
-                "sg_forwarders": {
-                    "hosts": {
-                        "f1": {"gatehouse_address": "203.0.113.21", "gatehouse_dmz_address": "10.0.1.11"}
-                    }
-                },
-                "halb": {
-                    "vars": {"halb_virtual_servers": [{"name": "cm", "vip": "203.0.113.40", "port": 443}]},
-                    "hosts": {"f1": {}},
-                },
+            "desktops": {"hosts": {"d1": {"gatehouse_address": "10.0.2.31"}}},
+            "sg_forwarders": {
+                "hosts": {"f1": {"gatehouse_address": "203.0.113.21", "gatehouse_dmz_address": "10.0.1.11"}}
             },
-        }
-    }
+            "halb": {
+                "vars": {"halb_virtual_servers": [{"name": "cm", "vip": "203.0.113.40", "port": 443}]},
+                "hosts": {"f1": {}},
+            },
+        },
+    )
     found = firewall_rules(tmp_path, inventory)
     assert set(found) == {"b1", "c1", "d1", "f1"}, found
     admin, outer = "198.51.100.0/24", ("203.0.113.21", "10.0.1.11")
@@ -319,42 +310,36 @@ def test_multisite_rules_per_site(tmp_path) -> None:
     control port, each site's HALB node only its own site's CMs and peers, and - where the session
     ports are internal (a forwarder in front of site 1) - each site's desktops accept the session
     ports from their own site's SG only."""
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     secret = {"cmsg_grant_secret": "x" * 40}
-    inventory = {
-        "all": {
-            "vars": {
-                "gatehouse_manage_firewall": True,
-                "gatehouse_secrets_dir": str(tmp_path / "secrets"),
-                **local,
+    inventory = inventory_of(
+        tmp_path,
+        {
+            "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.0.10"}}},
+            "cmsg": {
+                "hosts": {
+                    "c1": {"gatehouse_address": "10.1.0.21", **secret},
+                    "c2": {"gatehouse_address": "10.2.0.21", **secret},
+                }
             },
-            "children": {
-                "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.0.10"}}},
-                "cmsg": {
-                    "hosts": {
-                        "c1": {"gatehouse_address": "10.1.0.21", **secret},
-                        "c2": {"gatehouse_address": "10.2.0.21", **secret},
-                    }
-                },
-                "desktops": {
-                    "hosts": {
-                        "d1": {"gatehouse_address": "10.1.0.31"},
-                        "d2": {"gatehouse_address": "10.2.0.31"},
-                    }
-                },
-                "halb": {
-                    "vars": {"halb_virtual_servers": [{"name": "cm", "vip": "10.0.0.40", "port": 443}]},
-                    "hosts": {
-                        "h1": {"gatehouse_address": "10.1.0.41"},
-                        "h2": {"gatehouse_address": "10.2.0.41"},
-                    },
-                },
-                "sg_forwarders": {"hosts": {"f1": {"gatehouse_address": "203.0.113.21"}}},
-                "site1": {"vars": {"gatehouse_site": "site1"}, "hosts": {"c1": {}, "d1": {}, "h1": {}}},
-                "site2": {"vars": {"gatehouse_site": "site2"}, "hosts": {"c2": {}, "d2": {}, "h2": {}}},
+            "desktops": {
+                "hosts": {
+                    "d1": {"gatehouse_address": "10.1.0.31"},
+                    "d2": {"gatehouse_address": "10.2.0.31"},
+                }
             },
-        }
-    }
+            "halb": {
+                "vars": {"halb_virtual_servers": [{"name": "cm", "vip": "10.0.0.40", "port": 443}]},
+                "hosts": {
+                    "h1": {"gatehouse_address": "10.1.0.41"},
+                    "h2": {"gatehouse_address": "10.2.0.41"},
+                },
+            },
+            "sg_forwarders": {"hosts": {"f1": {"gatehouse_address": "203.0.113.21"}}},
+            "site1": {"vars": {"gatehouse_site": "site1"}, "hosts": {"c1": {}, "d1": {}, "h1": {}}},
+            "site2": {"vars": {"gatehouse_site": "site2"}, "hosts": {"c2": {}, "d2": {}, "h2": {}}},
+        },
+        gatehouse_firewall_admin_sources=[],
+    )
     found = firewall_rules(tmp_path, inventory)
     assert set(found) == {"b1", "c1", "c2", "d1", "d2", "h1", "h2", "f1"}, found
     # Agents: the control port from both sites' CMs; the session ports from their own site's SG.
@@ -413,43 +398,37 @@ def test_multisite_without_a_shared_grant_secret_fails_early(tmp_path) -> None:
 def test_each_tenant_broker_takes_load_reports_from_its_own_desktops_only(tmp_path) -> None:
     """Two tenants behind one CM/SG: each tenant's broker port is open to the CMs, the HALB and its
     own tenant's desktops - never to the other tenant's desktops (docs/tenants.md)."""
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-    inventory = {
-        "all": {
-            "vars": {
-                "gatehouse_manage_firewall": True,
-                "gatehouse_secrets_dir": str(tmp_path / "secrets"),
-                **local,
+    inventory = inventory_of(
+        tmp_path,
+        {
+            "brokers": {
+                "hosts": {
+                    "b-a": {
+                        "gatehouse_address": "10.31.0.10",
+                        "gatehouse_tenant": "tenant-a",
+                        "gatehouse_tenant_host_names": ["desktops.a.example"],
+                    },
+                    "b-b": {
+                        "gatehouse_address": "10.32.0.10",
+                        "gatehouse_tenant": "tenant-b",
+                        "gatehouse_tenant_host_names": ["desktops.b.example"],
+                    },
+                }
             },
-            "children": {
-                "brokers": {
-                    "hosts": {
-                        "b-a": {
-                            "gatehouse_address": "10.31.0.10",
-                            "gatehouse_tenant": "tenant-a",
-                            "gatehouse_tenant_host_names": ["desktops.a.example"],
-                        },
-                        "b-b": {
-                            "gatehouse_address": "10.32.0.10",
-                            "gatehouse_tenant": "tenant-b",
-                            "gatehouse_tenant_host_names": ["desktops.b.example"],
-                        },
-                    }
-                },
-                "cmsg": {"hosts": {"c1": {"gatehouse_address": "10.30.0.21"}}},
-                "desktops": {
-                    "hosts": {
-                        "d-a": {"gatehouse_address": "10.31.0.31", "gatehouse_tenant": "tenant-a"},
-                        "d-b": {"gatehouse_address": "10.32.0.31", "gatehouse_tenant": "tenant-b"},
-                    }
-                },
-                "halb": {
-                    "vars": {"halb_virtual_servers": [{"name": "cm", "vip": "10.30.0.40", "port": 443}]},
-                    "hosts": {"h1": {"gatehouse_address": "10.30.0.41"}},
-                },
+            "cmsg": {"hosts": {"c1": {"gatehouse_address": "10.30.0.21"}}},
+            "desktops": {
+                "hosts": {
+                    "d-a": {"gatehouse_address": "10.31.0.31", "gatehouse_tenant": "tenant-a"},
+                    "d-b": {"gatehouse_address": "10.32.0.31", "gatehouse_tenant": "tenant-b"},
+                }
             },
-        }
-    }
+            "halb": {
+                "vars": {"halb_virtual_servers": [{"name": "cm", "vip": "10.30.0.40", "port": 443}]},
+                "hosts": {"h1": {"gatehouse_address": "10.30.0.41"}},
+            },
+        },
+        gatehouse_firewall_admin_sources=[],
+    )
     found = firewall_rules(tmp_path, inventory)
     for broker, own in (("b-a", "10.31.0.31"), ("b-b", "10.32.0.31")):
         assert sorted(found[broker]["rich_rules"]) == sorted(
@@ -458,3 +437,70 @@ def test_each_tenant_broker_takes_load_reports_from_its_own_desktops_only(tmp_pa
     # The agents' control port is the shared CM's, whatever the tenant.
     for desk in ("d-a", "d-b"):
         assert rule("10.30.0.21", 60443) in found[desk]["rich_rules"], desk
+
+
+PG_URL = "postgresql://broker@10.0.0.61:5432,10.0.0.62:5432/broker"
+
+
+def two_brokers(second_url: str | None = PG_URL) -> dict:
+    """Brokers b1 and b2 behind the HALB's virtual server "broker" (port 8443) beside the CMs' one."""
+    return {
+        "brokers": {
+            "hosts": {
+                "b1": {"gatehouse_address": "10.0.0.10", "broker_database_url": PG_URL},
+                "b2": {"gatehouse_address": "10.0.0.11"}
+                | ({"broker_database_url": second_url} if second_url else {}),
+            }
+        },
+        "cmsg": {"hosts": {"c1": {"gatehouse_address": "10.0.0.21"}}},
+        "desktops": {"hosts": {"d1": {"gatehouse_address": "10.0.0.31"}}},
+        "halb": {
+            "vars": {
+                "halb_virtual_servers": [
+                    {
+                        "name": "cm",
+                        "vip": "10.0.0.40",
+                        "port": 443,
+                        "backends": "{{ gatehouse__halb_backends }}",
+                    },
+                    {
+                        "name": "broker",
+                        "vip": "10.0.0.40",
+                        "port": 8443,
+                        "backends": "{{ gatehouse__broker_backends }}",
+                    },
+                ]
+            },
+            "hosts": {"h1": {"gatehouse_address": "10.0.0.41"}},
+        },
+    }
+
+
+def test_the_brokers_virtual_server_is_internal_like_the_brokers_port(tmp_path) -> None:
+    found = firewall_rules(
+        tmp_path, inventory_of(tmp_path, two_brokers(), gatehouse_broker_url="https://10.0.0.40:8443")
+    )
+    halb = found["h1"]
+    # The CMs' virtual server is public; the brokers' is open to the CMs, the desktops and management only.
+    assert halb["public_ports"] == ["443/tcp"]
+    assert sorted(r for r in halb["rich_rules"] if "8443" in r) == sorted(
+        rule(s, 8443) for s in ("10.0.0.21", "10.0.0.31", "198.51.100.0/24")
+    )
+    # Each broker node takes the HALB's connections (its health checks and the balanced traffic).
+    for broker in ("b1", "b2"):
+        assert rule("10.0.0.41", 443) in found[broker]["rich_rules"]
+
+
+def test_several_brokers_without_a_shared_postgresql_database_are_refused(tmp_path) -> None:
+    inventory_path = tmp_path / "hosts.yml"
+    inventory_path.write_text(yaml.safe_dump(inventory_of(tmp_path, two_brokers(second_url=None))))
+    run = run_playbook(
+        "-i", str(inventory_path), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--tags", "firewall"
+    )
+    assert run.returncode != 0
+    assert "each needs broker_database_url" in run.stdout and "without it: b2." in run.stdout
+    assert not any(  # refused in the first play, before any host's firewall
+        task["task"]["name"].endswith("The firewall rules of this node")
+        for play in run.report["plays"]
+        for task in play["tasks"]
+    )
