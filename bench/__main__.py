@@ -29,6 +29,7 @@ BENCHMARKS = {
     "cm-establish": "bench.cm_load:run_establish",
     "cm-handshakes": "bench.cm_load:run_handshakes",
     "identity-login": "bench.identity_login",
+    "broker-database": "bench.broker_database",
     "halb-failover": "bench.halb_failover",
     "deploy": "bench.deploy",
 }

@@ -175,6 +175,34 @@ def _measure(bench: Bench) -> list[Figure]:
     return _figures(runs, per_round, elapsed, load_before, load_after)
 
 
+def login_stats(outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rate (median of the rounds'), p50 and p99 of bench.cmload ``logins`` rounds with their
+    ``server_cpu_s``, and a summary for results.json."""
+    lat = [x for o in outs for x in o["latencies_ms"]]
+    if not lat:
+        raise RuntimeError(f"no login succeeded: {outs[0]['error_kinds']}")
+    cpu = {k: round(sum(o["server_cpu_s"][k] for o in outs), 2) for k in outs[0]["server_cpu_s"]}
+    cpu["generator"] = round(sum(o["cpu"] for o in outs), 2)
+    return {
+        "rate": statistics.median(len(o["latencies_ms"]) / o["seconds"] for o in outs),
+        "p50": _pct(lat, 0.50),
+        "p99": _pct(lat, 0.99),
+        "summary": {
+            "logins_per_s_runs": [round(len(o["latencies_ms"]) / o["seconds"], 1) for o in outs],
+            "seconds_runs": [round(o["seconds"], 2) for o in outs],
+            "p50_ms": round(_pct(lat, 0.50), 1),
+            "p90_ms": round(_pct(lat, 0.90), 1),
+            "p99_ms": round(_pct(lat, 0.99), 1),
+            "max_ms": round(max(lat), 1),
+            "logins": len(lat),
+            "errors": sum(o["errors"] for o in outs),
+            "error_kinds": {k: v for o in outs for k, v in o["error_kinds"].items()},
+            "cpu_s": cpu,
+            "cpu_ms_per_login": {k: round(1000 * v / len(lat), 1) for k, v in cpu.items()},
+        },
+    }
+
+
 def _figures(
     runs: dict[str, list[dict[str, Any]]],
     per_round: int,
@@ -182,32 +210,7 @@ def _figures(
     load_before: tuple[float, float, float],
     load_after: tuple[float, float, float],
 ) -> list[Figure]:
-    stats: dict[str, dict[str, Any]] = {}
-    for kind, outs in runs.items():
-        lat = [x for o in outs for x in o["latencies_ms"]]
-        errors = sum(o["errors"] for o in outs)
-        if not lat:
-            raise RuntimeError(f"no {kind} login succeeded: {outs[0]['error_kinds']}")
-        cpu = {k: round(sum(o["server_cpu_s"][k] for o in outs), 2) for k in outs[0]["server_cpu_s"]}
-        cpu["generator"] = round(sum(o["cpu"] for o in outs), 2)
-        stats[kind] = {
-            "rate": statistics.median(len(o["latencies_ms"]) / o["seconds"] for o in outs),
-            "p50": _pct(lat, 0.50),
-            "p99": _pct(lat, 0.99),
-            "summary": {
-                "logins_per_s_runs": [round(len(o["latencies_ms"]) / o["seconds"], 1) for o in outs],
-                "seconds_runs": [round(o["seconds"], 2) for o in outs],
-                "p50_ms": round(_pct(lat, 0.50), 1),
-                "p90_ms": round(_pct(lat, 0.90), 1),
-                "p99_ms": round(_pct(lat, 0.99), 1),
-                "max_ms": round(max(lat), 1),
-                "logins": len(lat),
-                "errors": errors,
-                "error_kinds": {k: v for o in outs for k, v in o["error_kinds"].items()},
-                "cpu_s": cpu,
-                "cpu_ms_per_login": {k: round(1000 * v / len(lat), 1) for k, v in cpu.items()},
-            },
-        }
+    stats = {kind: login_stats(outs) for kind, outs in runs.items()}
     d, loc = stats["directory"], stats["local"]
     total = per_round * ROUNDS
     details = {

@@ -1,0 +1,146 @@
+"""Broker logins on PostgreSQL against SQLite, same run (reported: the ratio says what the database costs).
+
+Two brokers with the same settings, one on an SQLite file (the default) and one on a PostgreSQL
+server (tests/integration/postgres_server.py: gatehouse/postgres in a container, published on
+127.0.0.1, so each query crosses Docker's port relay as it would cross a network), each behind its
+own direct-mode CM. Four local users each, created through the admin API. The load is
+bench.cmload's ``logins`` mode as in bench.identity_login (a new TLS connection and CM session per
+login: hello, authenticate, bye), rounds alternating between the engines with the same number of
+logins. A login writes on the broker's database (the throttle's record of the source an account
+logged in from; on PostgreSQL the failure counters too), so the figure is the cost of the
+database under the scrypt check of each password, which dominates both.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench.common import Bench, Figure, not_measured, run_json, tree_cpu_seconds
+from bench.identity_login import CONCURRENCY, ROUNDS, login_stats
+
+NAME = "Broker logins, PostgreSQL against SQLite"
+USERS = ("db-ann", "db-ben", "db-cat", "db-dan")
+
+
+def run(bench: Bench) -> list[Figure]:
+    import postgres_server
+    import pytest  # the test helpers fail with pytest's outcome, a BaseException
+
+    if subprocess.run(
+        ["docker", "image", "inspect", postgres_server.IMAGE], capture_output=True, check=False
+    ).returncode:
+        return [not_measured(NAME, f"no {postgres_server.IMAGE} image (make images)")]
+    try:
+        return _measure(bench)
+    except pytest.fail.Exception as exc:
+        raise RuntimeError(str(exc)) from None
+
+
+def _measure(bench: Bench) -> list[Figure]:
+    import identity_helpers
+    import postgres_server
+    from services import cm_config, start_broker, start_cm
+
+    per_round = 24 if bench.quick else 80
+    with postgres_server.running() as server:
+        password_file = bench.work / "database.password"
+        password_file.write_text(server.password + "\n")
+        password_file.chmod(0o600)
+        engines = {
+            "sqlite": {},
+            "postgresql": {"Database": server.url(), "DatabasePasswordFile": password_file},
+        }
+        urls: dict[str, str] = {}
+        pids: dict[str, dict[str, int]] = {}
+        users: dict[str, list[list[str]]] = {}
+        for engine, database in engines.items():
+            broker = start_broker(
+                bench.pki,
+                bench.work / f"broker-{engine}",
+                f"bench-{engine}",
+                identity_helpers.ADMIN_TOKEN,
+                Domains="LAB",
+                LogLevel="warn",
+                **identity_helpers.NO_THROTTLE,
+                **database,
+            )
+            bench.procs.append(broker)
+            passwords = {user: f"{user}-{secrets.token_urlsafe(12)}" for user in USERS}
+            for user, password in passwords.items():
+                identity_helpers.admin(broker, bench.pki, "PUT", f"/users/LAB/{user}", {"password": password})
+            config = cm_config(
+                bench.pki,
+                bench.cert,
+                f"https://127.0.0.1:{broker.config['ListenPort']}",
+                MaxPreAuthSessionsPerSource=1000,  # every client comes from 127.0.0.1
+                MaxConnectionsPerSource=1000,
+                BrokerTimeout=30,
+                LogLevel="warn",
+            )
+            cm = start_cm(bench.work / f"cm-{engine}", config, bench.secret)
+            bench.procs.append(cm)
+            assert broker.proc is not None and cm.proc is not None
+            urls[engine] = f"https://127.0.0.1:{config['ListenPort']}/pcoip-broker/xml"
+            pids[engine] = {"broker": broker.proc.pid, "cm": cm.proc.pid}
+            users[engine] = [[u, pw, "LAB"] for u, pw in passwords.items()]
+        postgres_pid = int(server.container.attrs["State"]["Pid"])
+
+        def logins(engine: str, n: int) -> dict[str, Any]:
+            job = {
+                "mode": "logins",
+                "url": urls[engine],
+                "envelope": "pcoip-client",
+                "clients": CONCURRENCY,
+                "logins": [users[engine][i % len(USERS)] for i in range(n)],
+            }
+            meters = dict(pids[engine], **({"postgres": postgres_pid} if engine == "postgresql" else {}))
+            before = {name: tree_cpu_seconds(pid) for name, pid in meters.items()}
+            out = run_json([sys.executable, "-m", "bench.cmload"], job, timeout=600)
+            out["server_cpu_s"] = {name: tree_cpu_seconds(pid) - before[name] for name, pid in meters.items()}
+            return out
+
+        for engine in engines:  # not measured: connections warm up, the first rows are written
+            warm = logins(engine, 2 * CONCURRENCY)
+            if warm["errors"]:
+                raise RuntimeError(f"{engine} logins fail: {warm['error_kinds']}")
+        load_before = os.getloadavg()
+        started = time.monotonic()
+        runs: dict[str, list[dict[str, Any]]] = {engine: [] for engine in engines}
+        for _ in range(ROUNDS):
+            for engine in engines:
+                runs[engine].append(logins(engine, per_round))
+        elapsed = time.monotonic() - started
+        load_after = os.getloadavg()
+
+    pg, lite = login_stats(runs["postgresql"]), login_stats(runs["sqlite"])
+    details = {
+        "postgresql": pg["summary"],
+        "sqlite": lite["summary"],
+        "ratios_postgresql_to_sqlite": {
+            "logins_per_s": round(pg["rate"] / lite["rate"], 3),
+            "p50": round(pg["p50"] / lite["p50"], 3),
+            "p99": round(pg["p99"] / lite["p99"], 3),
+        },
+        "rounds": ROUNDS,
+        "logins_per_round": per_round,
+        "concurrency": CONCURRENCY,
+        "measured_seconds": round(elapsed, 1),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "postgresql_setup": "gatehouse/postgres (postgresql-15, Debian defaults), published on 127.0.0.1",
+    }
+    errors = pg["summary"]["errors"] + lite["summary"]["errors"]
+    note = f"{errors} failed logins" if errors else ""
+    name = f"{NAME} ({per_round * ROUNDS} each, {CONCURRENCY} at a time)"
+    reference = "the same broker on SQLite, same run"
+    return [
+        Figure(
+            f"{name}: logins/s", "logins/s", pg["rate"], lite["rate"], reference, note=note, details=details
+        ),
+        Figure(f"{name}: p99", "ms", pg["p99"], lite["p99"], reference, note=note),
+    ]
