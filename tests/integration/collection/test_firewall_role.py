@@ -504,3 +504,30 @@ def test_several_brokers_without_a_shared_postgresql_database_are_refused(tmp_pa
         for play in run.report["plays"]
         for task in play["tasks"]
     )
+
+
+def test_database_ports_only_between_the_hosts_that_need_them(tmp_path) -> None:
+    """Three database nodes (db1 shares broker b1's host address) and a monitoring host."""
+    children = two_brokers()
+    children["databases"] = {
+        "hosts": {
+            "db1": {"gatehouse_address": "10.0.0.61"},
+            "db2": {"gatehouse_address": "10.0.0.62"},
+            "db3": {"gatehouse_address": "10.0.0.63"},
+        }
+    }
+    children["monitoring"] = {"hosts": {"m1": {"gatehouse_address": "10.0.0.50"}}}
+    found = firewall_rules(
+        tmp_path, inventory_of(tmp_path, children, gatehouse_broker_url="https://10.0.0.40:8443")
+    )
+    admin, monitor = "198.51.100.0/24", "10.0.0.50"
+    nodes = ("10.0.0.61", "10.0.0.62", "10.0.0.63")
+    for db in ("db1", "db2", "db3"):
+        assert found[db]["public_ports"] == []
+        assert sorted(found[db]["rich_rules"]) == sorted(
+            [rule(s, 5432) for s in ("10.0.0.10", "10.0.0.11", *nodes, admin)]
+            + [rule(s, 8008) for s in (*nodes, monitor, admin)]
+            + [rule(s, p) for s in nodes for p in (2379, 2380)]
+        ), db
+    # Nothing of the database on the other hosts.
+    assert not any(str(p) in r for r in found["c1"]["rich_rules"] for p in (5432, 8008, 2379, 2380))
