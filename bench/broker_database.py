@@ -13,15 +13,13 @@ database under the scrypt check of each password, which dominates both.
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import sys
-import time
 from typing import Any
 
 from bench.common import Bench, Figure, not_measured, run_json, tree_cpu_seconds
-from bench.identity_login import CONCURRENCY, ROUNDS, login_stats
+from bench.identity_login import CONCURRENCY, ROUNDS, alternate_rounds, compare
 
 NAME = "Broker logins, PostgreSQL against SQLite"
 USERS = ("db-ann", "db-ben", "db-cat", "db-dan")
@@ -108,34 +106,12 @@ def _measure(bench: Bench) -> list[Figure]:
             warm = logins(engine, 2 * CONCURRENCY)
             if warm["errors"]:
                 raise RuntimeError(f"{engine} logins fail: {warm['error_kinds']}")
-        load_before = os.getloadavg()
-        started = time.monotonic()
-        runs: dict[str, list[dict[str, Any]]] = {engine: [] for engine in engines}
-        for _ in range(ROUNDS):
-            for engine in engines:
-                runs[engine].append(logins(engine, per_round))
-        elapsed = time.monotonic() - started
-        load_after = os.getloadavg()
+        measured = alternate_rounds(list(engines), logins, per_round)
 
-    pg, lite = login_stats(runs["postgresql"]), login_stats(runs["sqlite"])
-    details = {
-        "postgresql": pg["summary"],
-        "sqlite": lite["summary"],
-        "ratios_postgresql_to_sqlite": {
-            "logins_per_s": round(pg["rate"] / lite["rate"], 3),
-            "p50": round(pg["p50"] / lite["p50"], 3),
-            "p99": round(pg["p99"] / lite["p99"], 3),
-        },
-        "rounds": ROUNDS,
-        "logins_per_round": per_round,
-        "concurrency": CONCURRENCY,
-        "measured_seconds": round(elapsed, 1),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
-        "postgresql_setup": "gatehouse/postgres (postgresql-15, Debian defaults), published on 127.0.0.1",
-    }
-    errors = pg["summary"]["errors"] + lite["summary"]["errors"]
-    note = f"{errors} failed logins" if errors else ""
+    pg, lite, details, note = compare(measured, "postgresql", "sqlite")
+    details["postgresql_setup"] = (
+        "gatehouse/postgres (postgresql-15, Debian defaults), published on 127.0.0.1"
+    )
     name = f"{NAME} ({per_round * ROUNDS} each, {CONCURRENCY} at a time)"
     reference = "the same broker on SQLite, same run"
     return [

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,15 +165,8 @@ def _measure(bench: Bench) -> list[Figure]:
             warm = logins(kind, 2 * CONCURRENCY)
             if warm["errors"]:
                 raise RuntimeError(f"{kind} logins fail: {warm['error_kinds']}")
-        load_before = os.getloadavg()
-        started = time.monotonic()
-        runs: dict[str, list[dict[str, Any]]] = {"directory": [], "local": []}
-        for _ in range(ROUNDS):
-            for kind in ("directory", "local"):
-                runs[kind].append(logins(kind, per_round))
-        elapsed = time.monotonic() - started
-        load_after = os.getloadavg()
-    return _figures(runs, per_round, elapsed, load_before, load_after)
+        measured = alternate_rounds(["directory", "local"], logins, per_round)
+    return _figures(measured)
 
 
 def login_stats(outs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -203,37 +197,56 @@ def login_stats(outs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _figures(
-    runs: dict[str, list[dict[str, Any]]],
-    per_round: int,
-    elapsed: float,
-    load_before: tuple[float, float, float],
-    load_after: tuple[float, float, float],
-) -> list[Figure]:
-    stats = {kind: login_stats(outs) for kind, outs in runs.items()}
-    d, loc = stats["directory"], stats["local"]
-    total = per_round * ROUNDS
+def alternate_rounds(
+    kinds: list[str], logins: Callable[[str, int], dict[str, Any]], per_round: int
+) -> dict[str, Any]:
+    """ROUNDS rounds of ``per_round`` logins of each kind, alternating; the runs and the conditions."""
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+    for _ in range(ROUNDS):
+        for kind in kinds:
+            runs[kind].append(logins(kind, per_round))
+    return {
+        "runs": runs,
+        "per_round": per_round,
+        "elapsed": time.monotonic() - started,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+    }
+
+
+def compare(measured: dict[str, Any], subject: str, reference: str) -> tuple[dict, dict, dict[str, Any], str]:
+    """login_stats of ``subject`` and ``reference`` (kinds of ``measured``), the details both
+    figures share and the note on failed logins."""
+    sub, ref = login_stats(measured["runs"][subject]), login_stats(measured["runs"][reference])
     details = {
-        "directory": d["summary"],
-        "local": loc["summary"],
-        "ratios_directory_to_local": {
-            "logins_per_s": round(d["rate"] / loc["rate"], 3),
-            "p50": round(d["p50"] / loc["p50"], 3),
-            "p99": round(d["p99"] / loc["p99"], 3),
+        subject: sub["summary"],
+        reference: ref["summary"],
+        f"ratios_{subject}_to_{reference}": {
+            "logins_per_s": round(sub["rate"] / ref["rate"], 3),
+            "p50": round(sub["p50"] / ref["p50"], 3),
+            "p99": round(sub["p99"] / ref["p99"], 3),
         },
         "rounds": ROUNDS,
-        "logins_per_round": per_round,
+        "logins_per_round": measured["per_round"],
         "concurrency": CONCURRENCY,
-        "measured_seconds": round(elapsed, 1),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
+        "measured_seconds": round(measured["elapsed"], 1),
+        "load_average_before": [round(x, 2) for x in measured["load_before"]],
+        "load_average_after": [round(x, 2) for x in measured["load_after"]],
         "login": "new TLS connection to the CM, hello → authenticate (password) → bye; latency to the authenticate answer",
-        "directory_setup": "slapd (gatehouse/identity-test), LDAPS, LdapGroupMode memberof, LdapPoolSize 4 (default)",
-        "local_setup": "scrypt N=2^15 r=8 p=3, PasswordHashWorkers default (one per CPU, at most 4)",
     }
-    errors = d["summary"]["errors"] + loc["summary"]["errors"]
-    note = f"{errors} failed logins" if errors else ""
-    name = f"{NAME} ({total}, LDAPS, {CONCURRENCY} at a time)"
+    errors = sub["summary"]["errors"] + ref["summary"]["errors"]
+    return sub, ref, details, f"{errors} failed logins" if errors else ""
+
+
+def _figures(measured: dict[str, Any]) -> list[Figure]:
+    d, loc, details, note = compare(measured, "directory", "local")
+    details["directory_setup"] = (
+        "slapd (gatehouse/identity-test), LDAPS, LdapGroupMode memberof, LdapPoolSize 4 (default)"
+    )
+    details["local_setup"] = "scrypt N=2^15 r=8 p=3, PasswordHashWorkers default (one per CPU, at most 4)"
+    name = f"{NAME} ({measured['per_round'] * ROUNDS}, LDAPS, {CONCURRENCY} at a time)"
     reference = "local users (scrypt), same run"
     return [
         Figure(
