@@ -100,7 +100,7 @@ options:
       - Password of PostgreSQL's superuser C(postgres) (Patroni's own connections, C(pg_rewind)). At least 12
         characters; the same on every node. Required when O(patroni=true).
       - Written to C(secrets/superuser.password) (0600); never in the environment, a command line, the diff or the
-        output. Set at the bootstrap: changing it later takes C(ALTER ROLE) too.
+        output. Set at the bootstrap; changing it later takes C(ALTER ROLE) too.
     type: str
   replication_password:
     description: Password of the replication role C(replicator), like O(superuser_password).
