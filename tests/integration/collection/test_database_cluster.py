@@ -12,7 +12,9 @@ The broker's way in is a multi-host URL with target_session_attrs=read-write. Ro
 through it; the primary's Patroni container is killed (docker kill); a write through the same URL
 succeeds within 15 s, and every row committed before the kill is there (synchronous replication).
 The old primary, started again, rejoins as a replica (its REST API answers 200 on /replica and it
-has the rows written after its loss: pg_rewind). A second run of the module changes nothing.
+has the rows written after its loss: pg_rewind). A second run of the module changes nothing, and
+neither does the role on an inventory group databases of the three nodes (members from the
+inventory).
 Check mode changes nothing, the diff shows no password, and a bad option fails before any change.
 """
 
@@ -38,7 +40,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collection_helpers import AnsibleRun, run_module
+from collection_helpers import AnsibleRun, PlaybookRun, run_module, run_playbook
 from deploy_helpers import cleanup, docker_client, free_cidr
 from pki import TestPKI
 
@@ -336,3 +338,44 @@ def test_database_cluster_failover(cluster: Cluster) -> None:
         result = ok(run)
         assert not result["changed"], result
         assert result["containers"] == []
+
+    # The role on the group databases (members from the inventory) asks for the same: no change.
+    play = run_role(cluster, cluster.nodes[0].data_dir.parent)
+    assert not any(s in play.stdout or s in play.stderr for s in SECRETS)
+    assert play.returncode == 0, play.stdout[-3000:]
+    stats = play.report["stats"]
+    assert set(stats) == set(NAMES)
+    assert all(stats[name]["changed"] == 0 and stats[name]["failures"] == 0 for name in NAMES), stats
+
+
+def run_role(cluster: Cluster, workdir: Path) -> PlaybookRun:
+    """The role gatehouse.access.database on an inventory group databases of the three nodes."""
+    hosts = {}
+    for node in cluster.nodes:
+        params = cluster.params(node)
+        hosts[node.name] = {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": sys.executable,
+            "ansible_host": node.address,
+            "database_ssl_cert": params["ssl_cert"],
+            "database_ssl_key": params["ssl_key"],
+            "database_ca_cert": params["ca_cert"],
+            "database_data_dir": params["data_dir"],
+            "database_name_prefix": params["name_prefix"],
+            "database_network_mode": params["network_mode"],
+        }
+    group_vars = {
+        "database_superuser_password": SUPERUSER_PW,
+        "database_replication_password": REPLICATION_PW,
+        "database_broker_password": BROKER_PW,
+        "database_broker_database": "broker",
+        "database_broker_role": "broker",
+        "database_min_free_disk_gb": 0.5,
+    }
+    inventory = workdir / "inventory.yml"
+    inventory.write_text(json.dumps({"databases": {"hosts": hosts, "vars": group_vars}}))
+    playbook = workdir / "database.yml"
+    playbook.write_text(
+        json.dumps([{"hosts": "databases", "gather_facts": False, "roles": ["gatehouse.access.database"]}])
+    )
+    return run_playbook("-i", str(inventory), str(playbook), "--diff")
