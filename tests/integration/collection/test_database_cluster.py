@@ -20,9 +20,11 @@ Check mode changes nothing, the diff shows no password, and a bad option fails b
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import stat
 import sys
@@ -230,6 +232,18 @@ def test_database_cluster_failover(cluster: Cluster) -> None:
     # A bad option fails before anything is changed.
     bad = run_module("database", cluster.params(first, ttl=6, loop_wait=2, retry_timeout=4))
     assert bad.failed and "must not exceed ttl" in bad.result["msg"]
+    assert not first.data_dir.exists()
+    # So does the preflight: too little free disk, a host port taken (held here, or by another program).
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):
+            taken.bind(("0.0.0.0", 2380))
+            taken.listen()
+        bad = run_module("database", cluster.params(first, network_mode="host", min_free_disk_gb=1e6))
+    assert bad.failed
+    errors = bad.result["errors"]
+    assert any("GiB free on the file system" in e for e in errors), errors
+    assert any("already in use" in e and "2380" in e for e in errors), errors
     assert not first.data_dir.exists()
 
     # Check mode with diff: the plan, no change on the host, no password in the diff.
