@@ -14,7 +14,7 @@ succeeds within 15 s, and every row committed before the kill is there (synchron
 The old primary, started again, rejoins as a replica (its REST API answers 200 on /replica and it
 has the rows written after its loss: pg_rewind). A second run of the module changes nothing, and
 neither does the role on an inventory group databases of the three nodes (members from the
-inventory).
+inventory). state=absent removes a node and keeps its data unless purge is set.
 Check mode changes nothing, the diff shows no password, and a bad option fails before any change.
 """
 
@@ -360,6 +360,16 @@ def test_database_cluster_failover(cluster: Cluster) -> None:
     stats = play.report["stats"]
     assert set(stats) == set(NAMES)
     assert all(stats[name]["changed"] == 0 and stats[name]["failures"] == 0 for name in NAMES), stats
+
+    # state=absent removes a node's containers and files but keeps its data; purge deletes that too.
+    last = cluster.nodes[-1]
+    removal = run_module("database", {**cluster.params(last), "state": "absent"})
+    gone = ok(removal)
+    assert {c["name"] for c in gone["containers"]} == {f"{last.prefix}-etcd", last.patroni}
+    assert sorted(p.name for p in last.data_dir.iterdir()) == ["etcd", "pgdata"]
+    assert any("purge=true" in w for w in removal.warnings), removal.warnings
+    purged = ok(run_module("database", {**cluster.params(last), "state": "absent", "purge": True}))
+    assert purged["changed"] and not last.data_dir.exists()
 
 
 def run_role(cluster: Cluster, workdir: Path) -> PlaybookRun:
