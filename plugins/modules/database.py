@@ -75,7 +75,6 @@ options:
       - A member's data directory, once made, keeps its cluster; adding a member later takes etcd's C(member add).
     type: list
     elements: dict
-    default: []
     suboptions:
       name:
         description: The member's O(name).

@@ -69,7 +69,6 @@ ARGUMENT_SPEC: dict = {
     "members": {
         "type": "list",
         "elements": "dict",
-        "default": [],
         "options": {
             "name": {"type": "str", "required": True},
             "address": {"type": "str", "required": True},

@@ -67,6 +67,10 @@ def test_patroni_node_needs_passwords_but_a_witness_does_not():
     )
 
 
+def test_absent_needs_only_the_name():
+    db.validate(params(state="absent", address=None, members=None, superuser_password=None))
+
+
 def test_sql_names_and_reserved_roles():
     assert any("broker_role" in e for e in errors_of(broker_role="postgres"))
     assert any("broker_database" in e for e in errors_of(broker_database="Bad-Name"))
