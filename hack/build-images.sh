@@ -4,16 +4,17 @@
 # context that holds the wheels: the Python services (broker, cm, sg, agent) from the stage of that
 # name in files/images/services/Dockerfile (--target <name>), the others from
 # files/images/<name>/Dockerfile. The test images gatehouse/identity-test, gatehouse/registry-test,
-# gatehouse/firewalld-test, gatehouse/ee-base and gatehouse/postgres, and the monitoring server
-# gatehouse/prometheus, have no Dockerfile but an image.conf: hack/build-debian-image.sh imports
-# them from Debian packages (and skips the build when their packages and files did not change).
+# gatehouse/firewalld-test, gatehouse/ee-base and gatehouse/postgres, the monitoring server
+# gatehouse/prometheus and the database cluster's gatehouse/database have no Dockerfile but an
+# image.conf: hack/build-debian-image.sh imports them from Debian packages (and skips the build
+# when their packages and files did not change).
 #
 # Environment:
 #   BASE_IMAGE   base of all service images (default gatehouse/base:<version>, built here).
 #                Another base, e.g. python:3.11-slim, is used as is and the build then runs
 #                with the default network (the HALB image installs haproxy/keepalived by apt).
 #   IMAGES       images to build (default: broker cm sg agent halb node identity-test registry-test
-#                firewalld-test ee-base postgres prometheus)
+#                firewalld-test ee-base postgres prometheus database)
 #   REPOSITORY   repository prefix of the tags (default gatehouse/, giving gatehouse/<name>:<version>)
 #   PYTHON       the Python whose pip builds the wheels (default $VENV/bin/python); its
 #                version must match the base image's python3 (3.11 for Debian bookworm).
@@ -23,7 +24,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 version=$(gatehouse_version)
 python=${PYTHON:-$VENV_DIR/bin/python}
-read -r -a requested <<<"${IMAGES:-${GATEHOUSE_IMAGES[*]} ${GATEHOUSE_TEST_IMAGES[*]} ${GATEHOUSE_MONITORING_IMAGES[*]}}"
+read -r -a requested <<<"${IMAGES:-${GATEHOUSE_IMAGES[*]} ${GATEHOUSE_TEST_IMAGES[*]} ${GATEHOUSE_MONITORING_IMAGES[*]} ${GATEHOUSE_DATABASE_IMAGES[*]}}"
 wheels=$REPO_ROOT/build/wheels
 services=$REPO_ROOT/files/services
 total_start=$(now)

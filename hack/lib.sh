@@ -29,6 +29,11 @@ GATEHOUSE_TEST_IMAGES=(node identity-test registry-test firewalld-test ee-base p
 # Debian's prometheus package by hack/build-debian-image.sh; not (yet) in the dark-site bundle.
 # shellcheck disable=SC2034
 GATEHOUSE_MONITORING_IMAGES=(prometheus)
+# The broker's highly available database (Patroni, PostgreSQL 15 and etcd; the database module and
+# role), imported from Debian's packages by hack/build-debian-image.sh; not (yet) in the dark-site
+# bundle.
+# shellcheck disable=SC2034
+GATEHOUSE_DATABASE_IMAGES=(database)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

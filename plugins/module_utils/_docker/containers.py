@@ -90,6 +90,11 @@ SERVICE_HARDENING = {
     "agent": {"cap_add": [], "memory": "256m", "pids": 256, "tmpfs": [TMP]},
     # Prometheus (gatehouse/prometheus) runs as uid 10001 and listens on 9090; its data is a mount.
     "prometheus": {"cap_add": [], "memory": "1g", "pids": 512, "tmpfs": [TMP]},
+    # The database cluster (gatehouse/database) runs as uid 10001 on ports >= 1024. etcd writes
+    # only its data mount; Patroni its data mount and, in a private directory of /tmp, its
+    # configuration with the passwords, the pgpass file and PostgreSQL's socket.
+    "etcd": {"cap_add": [], "memory": "512m", "pids": 256, "tmpfs": [TMP]},
+    "patroni": {"cap_add": [], "memory": "2g", "pids": 1024, "tmpfs": [TMP]},
     "halb": {
         "cap_add": ["KILL", "NET_ADMIN", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_RAW", "SETGID", "SETUID"],
         "memory": "1g",
