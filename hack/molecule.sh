@@ -18,7 +18,7 @@ jobs=${MOLECULE_JOBS:-2}
 scenarios=("$@")
 if ((${#scenarios[@]} == 0)); then
     # The longest first, so that the last ones to start are short and the slots end together.
-    for scenario in ha upgrade identity multisite tenants lan dmz default; do
+    for scenario in broker-ha ha upgrade identity multisite tenants lan dmz default; do
         [[ -f molecule/$scenario/molecule.yml ]] && scenarios+=("$scenario")
     done
     for file in molecule/*/molecule.yml; do

@@ -61,6 +61,8 @@ def expected_roles(groups: list[str], gateway: bool = True) -> set[str]:
         roles.add("halb")
     if "monitoring" in groups:
         roles.add("prometheus")
+    if "databases" in groups:
+        roles |= {"database-etcd", "database-patroni"}
     return roles
 
 
