@@ -10,7 +10,9 @@ import yaml
 ROLES = Path(__file__).resolve().parents[3] / "roles"
 
 
-@pytest.mark.parametrize("role", ["docker", "firewall", "cmsg", "broker", "agent", "pki", "monitoring", "database"])
+@pytest.mark.parametrize(
+    "role", ["docker", "firewall", "cmsg", "broker", "agent", "pki", "monitoring", "database"]
+)
 def test_argument_specs_match_defaults(role: str) -> None:
     defaults = yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()) or {}
     specs = yaml.safe_load((ROLES / role / "meta" / "argument_specs.yml").read_text())
