@@ -11,9 +11,10 @@ version_added: 0.1.0
 description:
   - Returns the O(gatehouse.access.monitoring#module:targets) of a monitoring host, a dictionary by kind
     (V(broker), V(cm), V(sg), V(halb), V(postgresql)) of V(host:port) lists, from the inventory groups
-    C(brokers), C(cmsg) and C(halb).
+    C(brokers), C(cmsg), C(halb) and C(databases).
   - A broker is scraped on its management port 9181, a CM on 9180, an SG on 9172 (only where
-    C(cmsg_enable_security_gateway) is true) and a HALB node on its C(halb_metrics_port) (8405; V(0) means none).
+    C(cmsg_enable_security_gateway) is true), a HALB node on its C(halb_metrics_port) (8405; V(0) means none) and
+    a database node on Patroni's REST API, 8008 (not an etcd-only witness, C(database_patroni=false)).
   - A node in the monitoring host's own network namespace (the same inventory host) is scraped on V(127.0.0.1).
     In bridge mode (C(gatehouse_network_mode) unset or V(bridge)) a CM/SG node publishes its management ports on
     its host's loopback only (C(cmsg_cm_admin_host_port), C(cmsg_sg_admin_host_port)), and a broker on a monitoring
@@ -56,7 +57,7 @@ from collections.abc import Mapping  # noqa: E402
 from ansible.errors import AnsibleFilterError  # noqa: E402
 from ansible.module_utils.parsing.convert_bool import boolean  # noqa: E402
 
-from ansible_collections.gatehouse.access.plugins.module_utils._deploy import broker, cmsg  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._deploy import broker, cmsg, database  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy.monitoring import TARGET_KINDS  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._halb.render import DEFAULT_METRICS_PORT  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._ops.inventory import bridged, node_address  # noqa: E402
@@ -106,6 +107,10 @@ def monitoring_targets(
         port = int(node.get("halb_metrics_port", DEFAULT_METRICS_PORT))
         if port > 0:
             out["halb"].append("%s:%d" % (node_address(host, node), port))
+    for host in groups.get("databases", []):
+        node = hostvars[host]
+        if boolean(node.get("database_patroni", True), strict=False):  # an etcd-only witness has no Patroni
+            out["postgresql"].append("%s:%d" % (node_address(host, node), database.API_PORT))
     for kind, found in (extra or {}).items():
         if isinstance(found, str) or not isinstance(found, (list, tuple)):
             raise AnsibleFilterError("monitoring_targets: extra.%s must be a list of host:port" % kind)

@@ -91,6 +91,14 @@ options:
         P(gatehouse.access.monitoring#role) passes the collection's C(gatehouse-alerts.yml).
       - When not set, no rules are loaded (and an C(alerts.yml) of an earlier run is removed).
     type: str
+  ca_cert:
+    description:
+      - CA bundle (PEM, a path on the target) of the targets that speak HTTPS - the database nodes' Patroni REST API
+        (O(targets.postgresql)), as M(gatehouse.access.database) deploys it. With it the job C(gatehouse-postgresql)
+        scrapes over HTTPS and verifies the nodes' certificates (names included) against this CA; without it over
+        plain HTTP.
+      - Copied to C(data/ca.pem) beside the configuration.
+    type: path
   alertmanagers:
     description: Alertmanagers (V(host:port)) that Prometheus sends the firing alerts to. None by default.
     type: list

@@ -29,6 +29,7 @@ import tempfile
 from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (
     PlannedDir,
     PlannedFile,
+    read_bytes,
     write_atomic,
 )
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure
@@ -42,6 +43,9 @@ PORT = 9090
 # The kinds of targets, in the order of the scrape configuration; the job of a kind is "gatehouse-<kind>".
 TARGET_KINDS = ("broker", "cm", "sg", "halb", "postgresql")
 CONFIG, RULES = "prometheus.yml", "alerts.yml"
+# The CA of the HTTPS targets (ca_cert), beside the configuration; the kinds scraped over HTTPS with it.
+CA = "ca.pem"
+HTTPS_KINDS = ("postgresql",)
 TSDB = "tsdb"
 # Inside the container (gatehouse/prometheus).
 CONFIG_DIR, TSDB_DIR = "/etc/prometheus", "/prometheus"
@@ -56,6 +60,7 @@ ARGUMENT_SPEC: dict = {
         "options": {kind: {"type": "list", "elements": "str", "default": []} for kind in TARGET_KINDS},
     },
     "alert_rules": {"type": "str"},
+    "ca_cert": {"type": "path"},
     "alertmanagers": {"type": "list", "elements": "str", "default": []},
     "scrape_interval": {"type": "str", "default": "15s"},
     "evaluation_interval": {"type": "str", "default": "15s"},
@@ -173,21 +178,31 @@ def validate(params: dict) -> None:
 EXTRA_JOBS = {"halb": [("gatehouse-halb-vrrp", "/vrrp")]}
 
 
-def scrape_jobs(params: dict) -> list[tuple[str, str, list[str]]]:
-    """(job name, metrics path, targets) of the kinds that have targets, in TARGET_KINDS order."""
+def scrape_jobs(params: dict) -> list[tuple[str, str, list[str], bool]]:
+    """(job name, metrics path, targets, over HTTPS) of the kinds that have targets, in TARGET_KINDS
+    order. With ca_cert the HTTPS_KINDS are scraped over HTTPS, verified against it."""
     targets = params["targets"] or {}
     out = []
     for kind in TARGET_KINDS:
         found = [t.strip() for t in targets.get(kind) or []]
+        https = bool(params.get("ca_cert")) and kind in HTTPS_KINDS
         if found:
-            out.append(("gatehouse-%s" % kind, "/metrics", found))
-            out.extend((job, path, found) for job, path in EXTRA_JOBS.get(kind, []))
+            out.append(("gatehouse-%s" % kind, "/metrics", found, https))
+            out.extend((job, path, found, https) for job, path in EXTRA_JOBS.get(kind, []))
     return out
 
 
 def jobs(params: dict) -> dict:
     """{job name: [targets]} as the module returns them."""
-    return {job: targets for job, _path, targets in scrape_jobs(params)}
+    return {job: targets for job, _path, targets, _https in scrape_jobs(params)}
+
+
+def scrape_config(job: str, path: str, targets: list[str], https: bool) -> dict:
+    config: dict = {"job_name": job, "metrics_path": path, "static_configs": [{"targets": targets}]}
+    if https:
+        config["scheme"] = "https"
+        config["tls_config"] = {"ca_file": "%s/%s" % (CONFIG_DIR, CA)}
+    return config
 
 
 def prometheus_yml(params: dict) -> bytes:
@@ -203,10 +218,7 @@ def prometheus_yml(params: dict) -> bytes:
         document["alerting"] = {
             "alertmanagers": [{"static_configs": [{"targets": [a.strip() for a in params["alertmanagers"]]}]}]
         }
-    document["scrape_configs"] = [
-        {"job_name": job, "metrics_path": path, "static_configs": [{"targets": targets}]}
-        for job, path, targets in scrape_jobs(params)
-    ]
+    document["scrape_configs"] = [scrape_config(*job) for job in scrape_jobs(params)]
     header = (
         "# Prometheus configuration of Gatehouse (docs/monitoring.md).\n"
         "# Written by the gatehouse.access.monitoring module; changes here are overwritten.\n"
@@ -386,6 +398,12 @@ def install(module, cli, params: dict) -> dict:
         files.append(
             PlannedFile(os.path.join(data, RULES), params["alert_rules"].encode("utf-8"), 0o644, uid, gid)
         )
+    ca = os.path.join(data, CA)
+    if params["ca_cert"]:
+        pem = read_bytes(params["ca_cert"])
+        if not pem or b"-----BEGIN CERTIFICATE-----" not in pem:
+            raise dep.ValidationError(["ca_cert %s is not a readable PEM certificate" % params["ca_cert"]])
+        files.append(PlannedFile(ca, pem, 0o644, uid, gid))
     stale = os.path.join(data, RULES)
     dirs = [
         *engine.data_dirs(data_dir, uid, gid),
@@ -399,7 +417,11 @@ def install(module, cli, params: dict) -> dict:
         [engine.Container(container_spec(params, refs[SERVICE], host_label))],
         ids,
         loaded,
-        stale_files=[(stale, None)] if params["alert_rules"] is None and os.path.exists(stale) else [],
+        stale_files=[
+            (path, None)
+            for path, unused in ((stale, params["alert_rules"] is None), (ca, not params["ca_cert"]))
+            if unused and os.path.exists(path)
+        ],
     )
     deployment.plan(cli)
     container = deployment.containers[0]

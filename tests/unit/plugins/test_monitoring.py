@@ -137,3 +137,17 @@ def test_the_web_ui_and_api_bound_connections_and_the_time_to_send_a_request():
         params(max_connections=8, read_timeout="3s"), "gatehouse/prometheus:0.1.0", "m1"
     )
     assert {"--web.max-connections=8", "--web.read-timeout=3s"} <= set(tuned["command"])
+
+
+def test_the_database_nodes_are_scraped_over_https_with_the_ca_only_when_it_is_given():
+    targets = {kind: [] for kind in mon.TARGET_KINDS} | {
+        "postgresql": ["10.0.0.61:8008"],
+        "cm": ["10.0.0.21:9180"],
+    }
+    plain = yaml.safe_load(mon.prometheus_yml(params(targets=targets)))
+    assert all("scheme" not in j and "tls_config" not in j for j in plain["scrape_configs"])
+    tls = yaml.safe_load(mon.prometheus_yml(params(targets=targets, ca_cert="/opt/gatehouse/pki/ca.pem")))
+    jobs = {j["job_name"]: j for j in tls["scrape_configs"]}
+    assert jobs["gatehouse-postgresql"]["scheme"] == "https"
+    assert jobs["gatehouse-postgresql"]["tls_config"] == {"ca_file": "/etc/prometheus/ca.pem"}
+    assert "scheme" not in jobs["gatehouse-cm"]  # the Gatehouse services' management ports stay plain HTTP

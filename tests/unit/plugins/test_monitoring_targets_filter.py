@@ -94,3 +94,14 @@ def test_an_empty_inventory_gives_every_kind_empty():
 
 def test_the_filter_is_registered_under_its_documented_name():
     assert flt.FilterModule().filters() == {"monitoring_targets": flt.monitoring_targets}
+
+
+def test_the_database_nodes_patroni_api_but_not_an_etcd_only_witness():
+    groups = {"databases": ["db1", "db2", "db3"]}
+    hostvars = {
+        "db1": {"ansible_host": "10.0.0.61"},
+        "db2": {"ansible_host": "10.0.0.62", "gatehouse_address": "10.1.0.62"},
+        "db3": {"ansible_host": "10.0.0.63", "database_patroni": "false"},
+    }
+    found = flt.monitoring_targets(groups, hostvars, "m1")
+    assert found["postgresql"] == ["10.0.0.61:8008", "10.1.0.62:8008"]
