@@ -7,6 +7,7 @@ import json
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from typing import Any
@@ -111,6 +112,33 @@ def loop_results(loops: list[Any]) -> list[dict[str, Any]]:
             gv.remove_quietly(loop)
 
 
+PROMETHEUS = f"http://{gv.address(6, 12)}:9090"
+
+
+def prometheus(path: str, **query: str) -> Any:
+    url = f"{PROMETHEUS}/api/v1/{path}" + ("?" + urllib.parse.urlencode(query) if query else "")
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - the scenario's own Prometheus
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def test_prometheus_scrapes_the_database_nodes_over_https() -> None:
+    def all_up() -> bool:
+        found = prometheus("query", query='up{job="gatehouse-postgresql"}')["result"]
+        return len(found) == 3 and all(r["value"][1] == "1" for r in found)
+
+    assert gv.wait_for(all_up, 60, 1), prometheus("query", query='up{job="gatehouse-postgresql"}')["result"]
+    primaries = prometheus("query", query="sum(patroni_primary)")["result"]
+    assert primaries and primaries[0]["value"][1] == "1", primaries
+
+
+def failover_alerts() -> list[dict[str, Any]]:
+    return [
+        a for a in prometheus("alerts")["alerts"] if a["labels"]["alertname"] == "GatehouseDatabaseFailover"
+    ]
+
+
 def test_a_killed_database_primary_loses_no_user_and_logins_resume_within_15_s() -> None:
     old = primary()
     patroni_container = gv.services(old)["database-patroni"][0]
@@ -143,6 +171,8 @@ def test_a_killed_database_primary_loses_no_user_and_logins_resume_within_15_s()
     assert primary() != old
     for name in made:
         assert admin("GET", f"users/CORP/{name}") == 200, name
+    # Prometheus saw the primary change (GatehouseDatabaseFailover, no pending time).
+    assert gv.wait_for(lambda: bool(failover_alerts()), 60, 1), "no GatehouseDatabaseFailover alert"
     # The old primary, running again, rejoins as a replica.
     assert gv.wait_for(lambda: patroni(old, "replica") == 200, 120, 1), f"{old} did not rejoin as a replica"
 
