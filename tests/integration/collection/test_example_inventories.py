@@ -96,6 +96,7 @@ def test_every_example_inventory_is_found() -> None:
         "wan",
         "lan",
         "ha",
+        "broker-ha",
         "mixed",
         "dmz",
         "multisite",
