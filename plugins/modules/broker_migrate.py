@@ -68,10 +68,12 @@ options:
   database_url:
     description:
       - The PostgreSQL database, a libpq URL as for O(gatehouse.access.broker#module:database_url) (no password
-        in it). For O(to=postgresql) an empty database owned by the broker's role (the copy creates the schema),
-        or one that already holds the same rows.
+        in it). For O(to=postgresql) (required) an empty database owned by the broker's role (the copy creates the
+        schema), or one that already holds the same rows.
+      - For O(to=sqlite) it may be left out - the source is then the broker's own C(Database) and
+        C(DatabasePasswordFile), as its C(broker.properties) names them (O(database_password) and
+        O(database_ca_cert) are not used then).
     type: str
-    required: true
   database_password:
     description:
       - The password of the URL's role; written to a 0600 file of a stage directory that only the copy reads.
@@ -206,7 +208,7 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "to": {"type": "str", "choices": ["postgresql", "sqlite"], "default": "postgresql"},
-            "database_url": {"type": "str", "required": True},
+            "database_url": {"type": "str"},
             "database_password": {"type": "str", "no_log": True},
             "database_ca_cert": {"type": "path"},
             "sqlite_file": {"type": "str", "default": "broker.db"},

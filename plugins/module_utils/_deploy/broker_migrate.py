@@ -34,6 +34,7 @@ import shutil
 import tempfile
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfile import write_atomic
+from ansible_collections.gatehouse.access.plugins.module_utils._common.files import read_bytes
 from ansible_collections.gatehouse.access.plugins.module_utils._common.result import Failure
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import broker as broker_deploy
 from ansible_collections.gatehouse.access.plugins.module_utils._deploy import broker_backup
@@ -53,6 +54,8 @@ SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the database and SQLite's 
 def validate(params: dict) -> None:
     errors: list[str] = []
     broker_deploy.validate_database(params, errors)
+    if params["to"] == "postgresql" and not params.get("database_url"):
+        errors.append("to=postgresql needs database_url (the PostgreSQL database to copy to)")
     if not _FILE_RE.match(params["sqlite_file"] or "") or params["sqlite_file"] in (".", ".."):
         errors.append(
             "sqlite_file %r must be a file name in the broker's data directory" % params["sqlite_file"]
@@ -72,10 +75,9 @@ def _base(database: str) -> str:
     return database.split("?", 1)[0].rstrip("/")
 
 
-def sides(params: dict) -> tuple[str, str]:
+def sides(params: dict, url: str) -> tuple[str, str]:
     """(source, target) as the copy in the container names them (the URL without the CA's parameters)."""
     sqlite = DATA_MOUNT + "/" + params["sqlite_file"]
-    url = params["database_url"]
     return (sqlite, url) if params["to"] == "postgresql" else (url, sqlite)
 
 
@@ -95,6 +97,18 @@ class Copier:
         owner = os.stat(self.data_dir)
         self.uid, self.gid = (owner.st_uid, owner.st_gid) if os.getuid() == 0 else (os.getuid(), os.getgid())
         self.secrets = [params["database_password"]] if params.get("database_password") else []
+        settings = broker_backup.broker_settings(self.data_dir)
+        self.broker_database = settings.get("Database") or DATA_MOUNT + "/" + broker_deploy.DATABASE
+        # Back to SQLite without database_url: the broker's own URL and password file (as it reads them).
+        self.own = params["to"] == "sqlite" and not params.get("database_url")
+        self.url = self.broker_database if self.own else params["database_url"]
+        self.password_file = settings.get("DatabasePasswordFile") if self.own else None
+        if self.password_file:
+            path = broker_backup.host_path(container, self.password_file)
+            data = read_bytes(path) if path else None
+            lines = (data or b"").decode("utf-8", "replace").splitlines()
+            if lines and lines[0].strip():
+                self.secrets.append(lines[0].strip())
 
     def run(self, *extra: str) -> tuple[int | None, dict]:
         """One run of the copy with ``extra`` options; (exit code, its JSON report)."""
@@ -107,8 +121,8 @@ class Copier:
             if os.getuid() == 0:
                 os.chown(stage, self.uid, self.gid)
             inside = DATA_MOUNT + "/" + os.path.basename(stage)
-            source, target = sides(self.params)
-            url = self.params["database_url"]
+            source, target = sides(self.params, self.url)
+            url = self.url
             if self.params.get("database_ca_cert"):
                 with open(self.params["database_ca_cert"], "rb") as handle:
                     write_atomic(
@@ -135,6 +149,8 @@ class Copier:
                     else "--source-password-file"
                 )
                 command += [side, inside + "/password"]
+            elif self.password_file:
+                command += ["--source-password-file", self.password_file]
             self.container.reload()
             running = (self.container.attrs.get("State") or {}).get("Running")
             mode = (
@@ -209,8 +225,8 @@ def migrate(cli, params: dict, check_mode: bool) -> dict:
     """Check, stop the broker, copy and compare (module doc); the result with the per-table counts."""
     container = broker_backup.broker_container(cli, params)
     copier = Copier(cli, container, params)
-    database = broker_backup.broker_database(copier.data_dir)
-    source, target = sides(params)
+    database = copier.broker_database
+    source, target = sides(params, copier.url)
     result = {
         "changed": False,
         "source": shown(source),

@@ -38,7 +38,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker_helpers import Admin, BrokerClient, Http
-from collection_helpers import AnsibleRun, ansible_env, collection_tree, run_module, tool
+from collection_helpers import (
+    REPO_ROOT,
+    AnsibleRun,
+    PlaybookRun,
+    ansible_env,
+    collection_tree,
+    run_module,
+    run_playbook,
+    tool,
+)
 from deploy_helpers import cleanup, docker_client, free_cidr, require_service_images
 from pki import TestPKI
 from services import free_port
@@ -139,6 +148,33 @@ class Site:
                 pass
             assert time.monotonic() < deadline, "the broker does not answer"
             time.sleep(0.3)
+
+    def playbook(self, *args: str) -> PlaybookRun:
+        """playbooks/broker-migrate.yml on an inventory of this host that keeps the broker on SQLite."""
+        ca_dir = self.tmp / "ca"
+        ca_dir.mkdir(exist_ok=True)
+        (ca_dir / "ca.pem").write_bytes(Path(self.pki.ca).read_bytes())
+        certs = self.pki.issue(f"{self.prefix}-broker", ["localhost", "127.0.0.1"], role="broker")
+        host = {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": sys.executable,
+            "gatehouse_data_root": str(self.tmp),
+            "gatehouse_name_prefix": self.prefix,
+            "gatehouse_network_mode": f"container:{self.prefix}-host",
+            "gatehouse_version": IMAGE_TAG,
+            "gatehouse_admin_token": ADMIN,
+            "gatehouse_secrets_dir": str(self.tmp / "secrets"),
+            "gatehouse_ca_dir": str(ca_dir),
+            "gatehouse_broker_api_url": f"https://localhost:{self.port}",
+            "gatehouse_broker_ca_cert": str(self.pki.ca),
+            "broker_ssl_cert": str(certs.cert),
+            "broker_ssl_key": str(certs.key),
+            "broker_domains": ["CORP", "LAB"],
+            "broker_second_factor": {"method": "totp", "domains": ["CORP"]},
+        }
+        inventory = self.tmp / "inventory.json"
+        inventory.write_text(json.dumps({"all": {"children": {"brokers": {"hosts": {"localhost": host}}}}}))
+        return run_playbook("-i", str(inventory), str(REPO_ROOT / "playbooks" / "broker-migrate.yml"), *args)
 
     def broker_running(self) -> bool:
         return bool(self.cli.containers.get(f"{self.prefix}-broker").attrs["State"]["Running"])
@@ -345,20 +381,35 @@ def test_sqlite_to_postgresql_and_back(site: Site) -> None:
     assert site.broker_running()
 
     # Back to SQLite: the old file holds other rows and is refused (the broker keeps serving) ...
-    back = site.migrate_args(to="sqlite")
+    # Without database_url: the broker's own URL and password file (broker.properties, secrets/).
+    back = {"name_prefix": site.prefix, "to": "sqlite"}
     refused = run_module("broker_migrate", back)
     assert refused.failed and "other rows" in refused.result["msg"] and not refused.changed, refused.result
     no_secret(refused)
     assert site.broker_running()
-    # ... until replace moves it aside.
-    returned = ok(run_module("broker_migrate", dict(back, replace=True)))
+    # ... until replace moves it aside: playbooks/broker-migrate.yml with an inventory without
+    # broker_database_url copies, redeploys the broker on SQLite through the role and checks it.
+    playbook = site.playbook("-e", "gatehouse_migrate_replace=true", "-e", "gatehouse_migrate_backup=false")
+    assert playbook.returncode == 0, playbook.stdout[-4000:]
+    no_secret(playbook)
+    tasks = {t["task"]["name"]: t["hosts"]["localhost"] for t in playbook.report["plays"][0]["tasks"]}
+    returned = next(r for name, r in tasks.items() if name.startswith("Stop the broker, copy"))
     assert returned["changed"] and returned["status"] == "copied", returned
+    assert returned["source"] == site.url.split("?")[0] and returned["target"] == "/data/broker.db"
     assert returned["previous"] == str(site.sqlite) + ".before-migrate"
+    assert not tasks["Check that the broker serves the copied users"].get("failed")
     assert rows(returned["previous"]) == before
     on_postgresql = rows(site.local_url, DB_PASSWORD)
     assert on_postgresql[1]["login_failures"].rows > 0 and on_postgresql[1]["login_known_sources"].rows > 0
     assert_same_rows(on_postgresql, rows(str(site.sqlite)))
     assert oct(site.sqlite.stat().st_mode & 0o777) == "0o600" and site.sqlite.stat().st_uid == 10001
+    properties = (site.data_dir / "data" / "broker.properties").read_text()
+    assert "Database=/data/broker.db" in properties and "postgresql" not in properties
+    assert site.broker_running() and alice_desktop(site) == desktop
 
-    site.deploy(postgresql=False)
-    assert alice_desktop(site) == desktop
+    # Once more: the broker already uses SQLite, nothing moves.
+    again = site.playbook("-e", "gatehouse_migrate_backup=false")
+    assert again.returncode == 0, again.stdout[-4000:]
+    tasks = {t["task"]["name"]: t["hosts"]["localhost"] for t in again.report["plays"][0]["tasks"]}
+    moved = next(r for name, r in tasks.items() if name.startswith("Stop the broker, copy"))
+    assert moved["status"] == "in-use" and not moved["changed"], moved
