@@ -472,6 +472,14 @@ def _write(
         if replace:
             for table in reversed(tables):
                 conn.execute(f"DELETE FROM {table.name}")  # noqa: S608
+        else:
+            # Under the writers' lock: a broker node that wrote since the check is not overwritten.
+            for table in tables:
+                if conn.execute(f"SELECT 1 FROM {table.name} LIMIT 1").fetchone() is not None:  # noqa: S608
+                    raise Refused(
+                        f"{report.target} got rows in {table.name} since it was checked (is a broker running on "
+                        "it?); rolled back, nothing was written"
+                    )
         for table in tables:
             values = [
                 tuple(stored(kind, row[i]) for i, (_n, kind) in enumerate(table.columns))
