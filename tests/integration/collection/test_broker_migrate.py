@@ -13,8 +13,8 @@ next TOTP code, alice gets her assigned desktop again and a wrong password leave
 Back to SQLite with broker_migrate's defaults (the broker's own URL and password file): the old
 file is refused with the broker still serving; then playbooks/broker-migrate.yml, on an inventory
 without broker_database_url and with gatehouse_migrate_replace, moves it aside, copies the
-PostgreSQL rows (throttle rows included) to a new file that holds exactly them, deploys the broker
-on it through the role and checks it. No password reaches ansible's output.
+PostgreSQL rows (throttle rows included) to a new file that holds exactly them, after a pg_dump
+backup, deploys the broker on it through the role and checks it. No password reaches ansible's output.
 
 GATEHOUSE_TEST_BROKER_IMAGE_TAG picks the broker image's tag (default: the collection's version).
 """
@@ -167,6 +167,7 @@ class Site:
             "gatehouse_version": IMAGE_TAG,
             "gatehouse_admin_token": ADMIN,
             "gatehouse_secrets_dir": str(self.tmp / "secrets"),
+            "gatehouse_backup_dir": str(self.tmp / "backups"),
             "gatehouse_ca_dir": str(ca_dir),
             "gatehouse_broker_api_url": f"https://localhost:{self.port}",
             "gatehouse_broker_ca_cert": str(self.pki.ca),
@@ -392,7 +393,7 @@ def test_sqlite_to_postgresql_and_back(site: Site) -> None:
     assert site.broker_running()
     # ... until replace moves it aside: playbooks/broker-migrate.yml with an inventory without
     # broker_database_url copies, redeploys the broker on SQLite through the role and checks it.
-    playbook = site.playbook("-e", "gatehouse_migrate_replace=true", "-e", "gatehouse_migrate_backup=false")
+    playbook = site.playbook("-e", "gatehouse_migrate_replace=true")
     assert playbook.returncode == 0, playbook.stdout[-4000:]
     no_secret(playbook)
     tasks = {t["task"]["name"]: t["hosts"]["localhost"] for t in playbook.report["plays"][0]["tasks"]}
@@ -401,6 +402,12 @@ def test_sqlite_to_postgresql_and_back(site: Site) -> None:
     assert returned["source"] == site.url.split("?")[0] and returned["target"] == "/data/broker.db"
     assert returned["previous"] == str(site.sqlite) + ".before-migrate"
     assert not tasks["Check that the broker serves the copied users"].get("failed")
+    backup = tasks["Back up the broker's current database first"]["backup"]  # pg_dump, before the move
+    assert (
+        backup["new"]
+        and backup["path"].endswith(".dump")
+        and Path(backup["path"]).read_bytes()[:5] == b"PGDMP"
+    )
     assert rows(returned["previous"]) == before
     on_postgresql = rows(site.local_url, DB_PASSWORD)
     assert on_postgresql[1]["login_failures"].rows > 0 and on_postgresql[1]["login_known_sources"].rows > 0
