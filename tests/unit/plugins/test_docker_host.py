@@ -18,7 +18,16 @@ ctr = importlib.import_module("ansible_collections.gatehouse.access.plugins.modu
 dep = importlib.import_module("ansible_collections.gatehouse.access.plugins.module_utils._deploy.common")
 fragment = importlib.import_module("ansible_collections.gatehouse.access.plugins.doc_fragments.docker")
 
-MODULES = ("cmsg", "broker", "halb", "bundle", "support_bundle", "preflight", "broker_backup")
+MODULES = (
+    "cmsg",
+    "broker",
+    "halb",
+    "bundle",
+    "support_bundle",
+    "preflight",
+    "broker_backup",
+    "broker_migrate",
+)
 
 
 def _doc(source: str) -> dict:

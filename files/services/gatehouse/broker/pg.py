@@ -186,6 +186,11 @@ class PgConnection:
             self._discard()
             return self._live().execute(query, params)  # type: ignore[arg-type]
 
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement for many rows, inside the open transaction (psycopg pipelines them)."""
+        with self._current().cursor() as cursor:
+            cursor.executemany(translate(sql), rows)  # type: ignore[arg-type]
+
     def begin(self) -> None:
         """``BEGIN`` and the writers' lock; on a lost connection or a standby, once more on a new one."""
         for attempt in (1, 2):
