@@ -145,7 +145,7 @@ def test_a_killed_database_primary_loses_no_user_and_logins_resume_within_15_s()
     loops = loop_sessions(45)
     try:
         # Committed through the API just before the kill: synchronous replication keeps them.
-        made = [f"failover-{uuid.uuid4().hex[:8]}" for _ in range(5)]
+        made = [f"failover-{uuid.uuid4().hex[:8]}" for _n in range(5)]
         for name in made:
             assert admin("PUT", f"users/CORP/{name}", {"display_name": name}) == 200
         killed_at = time.time()

@@ -331,8 +331,10 @@ def test_sqlite_to_postgresql_and_back(site: Site) -> None:
             {"gatehouse.access.broker_pool": {**api, "name": "Pool One", "persistent": True}},
             {"gatehouse.access.broker_desktop": {**api, "name": "desk-1", "address": "192.0.2.41", "pool": "Pool One"}},
             {"gatehouse.access.broker_desktop": {**api, "name": "Desk-2", "address": "192.0.2.42", "site": "east"}},
-            {"gatehouse.access.broker_entitlement": {**api, "principal_type": "group", "principal": "staff", "domain": "LAB", "resource_type": "pool", "resource": "Pool One"}},
-            {"gatehouse.access.broker_entitlement": {**api, "principal_type": "user", "principal": "dave", "domain": "CORP", "resource_type": "desktop", "resource": "desk-2"}},
+            {"gatehouse.access.broker_entitlement": {**api, "principal_type": "group", "principal": "staff",
+                                                     "domain": "LAB", "resource_type": "pool", "resource": "Pool One"}},
+            {"gatehouse.access.broker_entitlement": {**api, "principal_type": "user", "principal": "dave",
+                                                     "domain": "CORP", "resource_type": "desktop", "resource": "desk-2"}},
         ]
     )  # fmt: skip
     assert made[2]["changed"]

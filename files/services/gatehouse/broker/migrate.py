@@ -95,7 +95,7 @@ class Table:
 
     def insert(self) -> str:
         columns = ", ".join(f'"{n}"' for n in self.names)
-        marks = ", ".join("?" for _ in self.columns)
+        marks = ", ".join("?" * len(self.columns))
         return f"INSERT INTO {self.name} ({columns}) VALUES ({marks})"  # noqa: S608
 
 
