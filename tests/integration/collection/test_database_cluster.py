@@ -4,7 +4,8 @@ Three "hosts" are holder containers with fixed addresses on a Docker network of 
 of GATEHOUSE_TEST_DATABASE_POOL, 10.231.1.0/24 by default); the module deploys each node's etcd
 member and Patroni node into its holder's network namespace (``network_mode:
 container:<holder>``, the way the collection's tests run several hosts on one engine), each
-node with its own name prefix and data directory. Every connection is TLS, verified against the
+node with its own name prefix and data directory (tests/integration/database_cluster.py builds
+it; bench/database_failover.py uses the same). Every connection is TLS, verified against the
 test CA: etcd's clients and peers with client certificates, PostgreSQL with sslmode=verify-full,
 Patroni's REST API over HTTPS.
 
