@@ -31,6 +31,7 @@ BENCHMARKS = {
     "identity-login": "bench.identity_login",
     "broker-database": "bench.broker_database",
     "halb-failover": "bench.halb_failover",
+    "database-failover": "bench.database_failover",
     "deploy": "bench.deploy",
 }
 RESULTS = Path(__file__).resolve().parent / "results.json"

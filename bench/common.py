@@ -31,7 +31,8 @@ __all__ = ["CertFiles", "ServiceProcess", "TestPKI", "free_port"]
 
 HALB_IMAGE = os.environ.get("GATEHOUSE_HALB_IMAGE", "gatehouse/halb:0.1.0")
 SG_IMAGE = os.environ.get("GATEHOUSE_SG_IMAGE", "gatehouse/sg:0.1.0")
-PREFIX = "gh-bench-"  # every Docker object a benchmark creates starts with this
+# Every Docker object a benchmark creates starts with this.
+PREFIX = os.environ.get("GATEHOUSE_BENCH_PREFIX", "gh-bench-")
 
 
 @dataclass

@@ -4,7 +4,8 @@ Three "hosts" are holder containers with fixed addresses on a Docker network of 
 of GATEHOUSE_TEST_DATABASE_POOL, 10.231.1.0/24 by default); the module deploys each node's etcd
 member and Patroni node into its holder's network namespace (``network_mode:
 container:<holder>``, the way the collection's tests run several hosts on one engine), each
-node with its own name prefix and data directory. Every connection is TLS, verified against the
+node with its own name prefix and data directory (tests/integration/database_cluster.py builds
+it; bench/database_failover.py uses the same). Every connection is TLS, verified against the
 test CA: etcd's clients and peers with client certificates, PostgreSQL with sslmode=verify-full,
 Patroni's REST API over HTTPS.
 
@@ -21,209 +22,44 @@ Check mode changes nothing, the diff shows no password, and a bad option fails b
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
-import os
 import socket
-import ssl
 import stat
 import sys
-import threading
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import docker
 import psycopg
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collection_helpers import AnsibleRun, PlaybookRun, run_module, run_playbook
-from deploy_helpers import cleanup, docker_client, free_cidr
+from collection_helpers import PlaybookRun, run_module, run_playbook
+from database_cluster import (
+    BROKER_PW,
+    NAMES,
+    PREFIX,
+    REPLICATION_PW,
+    SECRETS,
+    SUPERUSER_PW,
+    Cluster,
+    hosts,
+    ok,
+    run_all,
+)
 from pki import TestPKI
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]
 
-IMAGE = "gatehouse/database:0.1.0"
-SUPERUSER_PW = "Su-" + uuid.uuid4().hex
-REPLICATION_PW = "Rep-" + uuid.uuid4().hex
-BROKER_PW = "Brk-" + uuid.uuid4().hex
-SECRETS = (SUPERUSER_PW, REPLICATION_PW, BROKER_PW)
-NAMES = ("db1", "db2", "db3")
 FAILOVER_LIMIT = 15.0
-
-
-@dataclass
-class Node:
-    name: str
-    address: str
-    prefix: str
-    holder: Any
-    data_dir: Path
-    cert: Any
-
-    @property
-    def patroni(self) -> str:
-        return f"{self.prefix}-patroni"
-
-
-@dataclass
-class Cluster:
-    cli: Any
-    prefix: str
-    pki: TestPKI
-    nodes: list[Node]
-    ca: ssl.SSLContext
-
-    def params(self, node: Node, **extra: Any) -> dict[str, Any]:
-        return {
-            "name": node.name,
-            "address": node.address,
-            "members": [{"name": n.name, "address": n.address} for n in self.nodes],
-            "superuser_password": SUPERUSER_PW,
-            "replication_password": REPLICATION_PW,
-            "broker_password": BROKER_PW,
-            "broker_database": "broker",
-            "broker_role": "broker",
-            "ssl_cert": str(node.cert.cert),
-            "ssl_key": str(node.cert.key),
-            "ca_cert": str(node.cert.ca),
-            "data_dir": str(node.data_dir),
-            "name_prefix": node.prefix,
-            "network_mode": f"container:{node.holder.name}",
-            "host_label": node.name,
-            "min_free_disk_gb": 0.5,
-            **extra,
-        }
-
-    def url(self) -> str:
-        hosts = ",".join(f"{n.address}:5432" for n in self.nodes)
-        return (
-            f"postgresql://broker@{hosts}/broker?target_session_attrs=read-write&sslmode=verify-full"
-            f"&sslrootcert={self.pki.ca}&connect_timeout=2"
-        )
-
-    def connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.url(), password=BROKER_PW, autocommit=True)
-
-    def rest(self, node: Node, path: str) -> tuple[int, Any]:
-        """(status, JSON body) of GET https://<node>:8008<path>; (0, None) when it does not answer."""
-        try:
-            with urllib.request.urlopen(
-                f"https://{node.address}:8008{path}", context=self.ca, timeout=2
-            ) as r:
-                return r.status, json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, None
-        except (OSError, ValueError):
-            return 0, None
-
-    def cluster_state(self) -> list[dict]:
-        for node in self.nodes:
-            status, body = self.rest(node, "/cluster")
-            if status == 200 and body:
-                return body.get("members", [])
-        return []
-
-    def wait_healthy(self, timeout: float) -> dict[str, str]:
-        """Wait for a leader, a synchronous standby and a streaming replica; {name: role}."""
-        deadline = time.monotonic() + timeout
-        members: list[dict] = []
-        while time.monotonic() < deadline:
-            members = self.cluster_state()
-            roles = {m["name"]: m["role"] for m in members}
-            running = all(m.get("state") in ("running", "streaming") for m in members)
-            if (
-                len(members) == 3
-                and running
-                and sorted(roles.values()) == ["leader", "replica", "sync_standby"]
-                and all(m.get("lag", 0) == 0 for m in members if m["role"] != "leader")
-            ):
-                return roles
-            time.sleep(1)
-        logs = {
-            n.name: self.cli.containers.get(n.patroni).logs(tail=15).decode(errors="replace")
-            for n in self.nodes
-        }
-        pytest.fail(f"the cluster is not healthy within {timeout} s: {members}\n{logs}")
-
-
-def no_secret(run: AnsibleRun) -> None:
-    for secret in SECRETS:
-        assert secret not in run.stdout and secret not in run.stderr
-
-
-def ok(run: AnsibleRun) -> dict[str, Any]:
-    assert not run.failed, run.result.get("msg", run.stdout[-3000:])
-    no_secret(run)
-    return run.result
-
-
-def holder(cli: Any, name: str, network: str, address: str) -> Any:
-    """A container that stands for a host: a network namespace with a fixed address."""
-    host_config = cli.api.create_host_config(network_mode=network)
-    networking = cli.api.create_networking_config(
-        {network: cli.api.create_endpoint_config(ipv4_address=address)}
-    )
-    created = cli.api.create_container(
-        IMAGE,
-        entrypoint=["sleep", "infinity"],
-        name=name,
-        host_config=host_config,
-        networking_config=networking,
-        detach=True,
-    )
-    cli.api.start(created["Id"])
-    return cli.containers.get(created["Id"])
 
 
 @pytest.fixture
 def cluster(pki: TestPKI, tmp_path: Path):
-    cli = docker_client()
-    try:
-        cli.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        pytest.fail(f"image {IMAGE} is missing: run make images (IMAGES=database hack/build-images.sh)")
-    prefix = f"ghp-db-{uuid.uuid4().hex[:8]}"
-    try:
-        cidr = free_cidr(
-            cli, pool=os.environ.get("GATEHOUSE_TEST_DATABASE_POOL", "10.231.1.0/24"), prefixlen=26
-        )
-        hosts = list(ipaddress.ip_network(cidr).hosts())
-        ipam = docker.types.IPAMConfig(
-            pool_configs=[docker.types.IPAMPool(subnet=cidr, gateway=str(hosts[0]))]
-        )
-        network = cli.networks.create(f"{prefix}-net", driver="bridge", ipam=ipam)
-        nodes = []
-        for index, name in enumerate(NAMES):
-            address = str(hosts[10 + index])
-            node_prefix = f"{prefix}-{name}"
-            box = holder(cli, f"{node_prefix}-host", network.name, address)
-            cert = pki.issue(f"{node_prefix}", [address, name])
-            nodes.append(Node(name, address, node_prefix, box, tmp_path / name, cert))
-        context = ssl.create_default_context(cafile=str(pki.ca))
-        yield Cluster(cli, prefix, pki, nodes, context)
-    finally:
-        cleanup(cli, prefix)
-
-
-def run_all(cluster: Cluster, **kwargs: Any) -> list[AnsibleRun]:
-    """The module on every node at once (like a play on the group databases)."""
-    runs: list[AnsibleRun | None] = [None] * len(cluster.nodes)
-
-    def one(i: int) -> None:
-        runs[i] = run_module("database", cluster.params(cluster.nodes[i]), **kwargs)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cluster.nodes))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return [r for r in runs if r is not None]
+    with hosts(pki, tmp_path, f"{PREFIX}{uuid.uuid4().hex[:8]}") as built:
+        yield built
 
 
 def test_database_cluster_failover(cluster: Cluster) -> None:
