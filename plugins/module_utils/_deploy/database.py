@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 
 from ansible_collections.gatehouse.access.plugins.module_utils._common.files import PlannedDir, PlannedFile
@@ -489,9 +488,8 @@ def run(module) -> dict:
 def uninstall(cli, params: dict, check_mode: bool) -> dict:
     """Remove the containers and the files; the etcd and PostgreSQL data only with ``purge``."""
     data_dir = params["data_dir"]
-    kept = [os.path.join(data_dir, ETCD_DATA), os.path.join(data_dir, PG_DATA)]
     secrets = os.path.join(data_dir, SECRETS)
-    result = engine.uninstall(
+    return engine.uninstall(
         cli,
         check_mode,
         data_dir,
@@ -500,37 +498,13 @@ def uninstall(cli, params: dict, check_mode: bool) -> dict:
         cert_files=(),
         managed_by=MANAGED_BY,
         more_files=[os.path.join(secrets, "%s.password" % n) for n in PASSWORDS],
-        more_dirs=[secrets, *kept],
+        more_dirs=[secrets],
+        kept=(
+            [os.path.join(data_dir, ETCD_DATA), os.path.join(data_dir, PG_DATA)],
+            "etcd and PostgreSQL data in %s" % data_dir,
+            params["purge"],
+        ),
     )
-
-    def in_kept(path: str) -> bool:
-        return any(path == k or path.startswith(k + os.sep) for k in kept)
-
-    left = result["left_behind"]
-    if params["purge"]:
-        for path in kept:
-            if os.path.isdir(path):
-                if not check_mode:
-                    shutil.rmtree(path)
-                result["changed"] = True
-                result["changed_files"].append(path)
-        left = [p for p in left if not in_kept(p)]
-        if not left and os.path.isdir(data_dir):
-            if not check_mode and not os.listdir(data_dir):
-                os.rmdir(data_dir)
-            result["changed_files"].append(data_dir)
-    result["left_behind"] = left
-    result["warnings_list"] = (
-        ["kept the etcd and PostgreSQL data in %s; set purge=true to delete it" % data_dir]
-        if any(in_kept(p) for p in left)
-        else []
-    )
-    others = [p for p in left if not in_kept(p)]
-    if others:
-        result["warnings_list"].append(
-            "kept %s: files not written by %s are never deleted" % (", ".join(others), MANAGED_BY)
-        )
-    return result
 
 
 def install(module, cli, params: dict) -> dict:

@@ -380,13 +380,16 @@ def uninstall(
     more_files: list[str] | None = None,
     more_dirs: list[str] | None = None,
     network_name: str | None = None,
+    kept: tuple[list[str], str, bool] | None = None,
 ) -> dict:
     """Remove the containers, the network and the files a deployment wrote, then its empty directories.
 
     Files are named: the compose file, ``data_files`` in data/, the TLS files and ``cert_files``
     in certs/, and ``more_files``; the directories are data/, certs/, ``more_dirs`` and the data
     directory. A directory that still holds other files is kept (``left_behind``, warned about):
-    nothing of the operator's is deleted.
+    nothing of the operator's is deleted. ``kept`` is (directories, what they hold, purge): the
+    service's own data (a database, time series), deleted whole only with purge, once the
+    containers that write there are gone; otherwise kept with a warning of its own.
     """
     data, certs_dir = os.path.join(data_dir, DATA), os.path.join(data_dir, CERTS)
     removed_containers = [n for n in containers if ctr.remove_container(cli, n, check_mode)]
@@ -395,7 +398,25 @@ def uninstall(
     files += [os.path.join(data, n) for n in data_files]
     files += [os.path.join(certs_dir, n) for n in (*TLS_FILES, *cert_files)]
     files += more_files or []
-    removed, left = remove_paths(files, [data, certs_dir, *(more_dirs or []), data_dir], check_mode)
+    kept_dirs, kept_what, purge = kept or ([], "", False)
+    removed, left = remove_paths(
+        files, [data, certs_dir, *(more_dirs or []), *kept_dirs, data_dir], check_mode
+    )
+
+    def in_kept(path: str) -> bool:
+        return any(path == k or path.startswith(k + os.sep) for k in kept_dirs)
+
+    if purge:
+        for path in kept_dirs:
+            if os.path.isdir(path):
+                if not check_mode:
+                    shutil.rmtree(path)
+                removed.append(path)
+        left = [p for p in left if not in_kept(p)]
+        if not left and os.path.isdir(data_dir):
+            if not check_mode and not os.listdir(data_dir):
+                os.rmdir(data_dir)
+            removed.append(data_dir)
     result = {
         "changed": bool(removed_containers or network_removed or removed),
         "containers": [{"name": n, "action": "removed"} for n in removed_containers],
@@ -405,8 +426,11 @@ def uninstall(
     }
     if network_name:
         result["network"] = {"name": network_name, "action": "removed" if network_removed else "none"}
-    if left:
+    if any(in_kept(p) for p in left):
+        result["warnings_list"].append("kept the %s; set purge=true to delete it" % kept_what)
+    others = [p for p in left if not in_kept(p)]
+    if others:
         result["warnings_list"].append(
-            "kept %s: files not written by %s are never deleted" % (", ".join(left), managed_by)
+            "kept %s: files not written by %s are never deleted" % (", ".join(others), managed_by)
         )
     return result

@@ -336,44 +336,16 @@ def uninstall(cli, params: dict, check_mode: bool) -> dict:
     """Remove the container and the files; the time series database only with ``purge``."""
     data_dir = params["data_dir"]
     tsdb = os.path.join(data_dir, TSDB)
-    result = engine.uninstall(
+    return engine.uninstall(
         cli,
         check_mode,
         data_dir,
         [container_name(params["name_prefix"])],
-        data_files=(CONFIG, RULES),
+        data_files=(CONFIG, RULES, CA),
         cert_files=(),
         managed_by=MANAGED_BY,
-        more_dirs=[tsdb],
+        kept=([tsdb], "time series database in %s" % tsdb, params["purge"]),
     )
-
-    def in_tsdb(path: str) -> bool:
-        return path == tsdb or path.startswith(tsdb + os.sep)
-
-    left = result["left_behind"]
-    if params["purge"] and os.path.isdir(tsdb):
-        # The container is gone by now: nothing writes there any more.
-        if not check_mode:
-            shutil.rmtree(tsdb)
-        result["changed"] = True
-        result["changed_files"].append(tsdb)
-        left = [p for p in left if not in_tsdb(p)]
-        if not left:
-            if not check_mode and os.path.isdir(data_dir) and not os.listdir(data_dir):
-                os.rmdir(data_dir)
-            result["changed_files"].append(data_dir)
-    result["left_behind"] = left
-    result["warnings_list"] = (
-        ["kept the time series database in %s; set purge=true to delete it" % tsdb]
-        if any(in_tsdb(p) for p in left)
-        else []
-    )
-    others = [p for p in left if not in_tsdb(p)]
-    if others:
-        result["warnings_list"].append(
-            "kept %s: files not written by %s are never deleted" % (", ".join(others), MANAGED_BY)
-        )
-    return result
 
 
 def install(module, cli, params: dict) -> dict:
