@@ -28,6 +28,20 @@ USER = "broker"
 START_TIMEOUT = 60.0
 
 
+def wait_healthy(container: Any) -> None:
+    """Until a gatehouse/postgres container (started by a test, on a network of its own) takes
+    connections on its socket; fails the test with its log if it stops or takes over a minute."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        container.reload()
+        if container.status != "running":
+            pytest.fail(f"{IMAGE} stopped: {container.logs(tail=30).decode(errors='replace')}")
+        if container.exec_run(["gatehouse-postgres", "health"])[0] == 0:
+            return
+        time.sleep(0.3)
+    pytest.fail(f"{IMAGE} did not start within {START_TIMEOUT:.0f} s")
+
+
 @dataclass
 class PostgresServer:
     container: Any  # docker.models.containers.Container

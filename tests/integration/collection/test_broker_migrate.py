@@ -53,6 +53,8 @@ from collection_helpers import (
 )
 from deploy_helpers import cleanup, docker_client, free_cidr, require_service_images
 from pki import TestPKI
+from postgres_server import IMAGE as PG_IMAGE
+from postgres_server import wait_healthy
 from services import free_port
 
 from gatehouse import protocol as p
@@ -61,7 +63,6 @@ from gatehouse.broker.db import SCHEMA_VERSION
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]
 
-POSTGRES_IMAGE = "gatehouse/postgres:0.1.0"
 HOLDER_IMAGE = "gatehouse/base:0.1.0"
 IMAGE_TAG = os.environ.get("GATEHOUSE_TEST_BROKER_IMAGE_TAG", "0.1.0")
 ADMIN = "adm-mig-" + uuid.uuid4().hex
@@ -229,23 +230,11 @@ def rows(database: str, password: str = "") -> tuple[int, dict[str, migrate.Tabl
         reader.close()
 
 
-def wait_postgres(container: Any) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        container.reload()
-        if container.status != "running":
-            pytest.fail(f"{POSTGRES_IMAGE} stopped: {container.logs(tail=30).decode(errors='replace')}")
-        if container.exec_run(["gatehouse-postgres", "health"])[0] == 0:
-            return
-        time.sleep(0.3)
-    pytest.fail(f"{POSTGRES_IMAGE} did not start within 60 s")
-
-
 @pytest.fixture
 def site(pki: TestPKI, tmp_path: Path) -> Iterator[Site]:
     cli = docker_client()
     require_service_images(cli, "broker")
-    for image in (POSTGRES_IMAGE, HOLDER_IMAGE, f"gatehouse/broker:{IMAGE_TAG}"):
+    for image in (PG_IMAGE, HOLDER_IMAGE, f"gatehouse/broker:{IMAGE_TAG}"):
         try:
             cli.images.get(image)
         except docker.errors.ImageNotFound:
@@ -266,7 +255,7 @@ def site(pki: TestPKI, tmp_path: Path) -> Iterator[Site]:
         tls.chmod(0o755)
         pg_port = free_port()
         postgres = cli.containers.run(
-            POSTGRES_IMAGE,
+            PG_IMAGE,
             ["server"],
             name=f"{prefix}-pg",
             detach=True,
@@ -284,7 +273,7 @@ def site(pki: TestPKI, tmp_path: Path) -> Iterator[Site]:
             network=network.name,
             ports={"8443/tcp": ("127.0.0.1", port)},
         )
-        wait_postgres(postgres)
+        wait_healthy(postgres)
         cm = pki.issue(f"{prefix}-cm", ["localhost"], role="cm")
         context = ssl.create_default_context(cafile=str(pki.ca))
         context.load_cert_chain(str(cm.cert), str(cm.key))

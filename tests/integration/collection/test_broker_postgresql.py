@@ -40,6 +40,8 @@ from broker_helpers import Admin, BrokerClient, Http
 from collection_helpers import AnsibleRun, run_module
 from deploy_helpers import cleanup, docker_client, free_cidr, require_service_images, unique_prefix
 from pki import TestPKI
+from postgres_server import IMAGE as PG_IMAGE
+from postgres_server import wait_healthy
 from services import free_port
 
 from gatehouse import protocol as p
@@ -47,7 +49,6 @@ from gatehouse.broker.db import SCHEMA_VERSION
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]
 
-POSTGRES_IMAGE = "gatehouse/postgres:0.1.0"
 HOLDER_IMAGE = "gatehouse/base:0.1.0"
 ADMIN = "adm-pg-" + uuid.uuid4().hex
 DB_PASSWORD = "Db-" + uuid.uuid4().hex
@@ -135,23 +136,11 @@ def ok(run: AnsibleRun) -> dict[str, Any]:
     return run.result
 
 
-def wait_postgres(container: Any) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        container.reload()
-        if container.status != "running":
-            pytest.fail(f"{POSTGRES_IMAGE} stopped: {container.logs(tail=30).decode(errors='replace')}")
-        if container.exec_run(["gatehouse-postgres", "health"])[0] == 0:
-            return
-        time.sleep(0.3)
-    pytest.fail(f"{POSTGRES_IMAGE} did not start within 60 s")
-
-
 @pytest.fixture
 def site(pki: TestPKI, tmp_path: Path) -> Iterator[Site]:
     cli = docker_client()
     require_service_images(cli, "broker")
-    for image in (POSTGRES_IMAGE, HOLDER_IMAGE):
+    for image in (PG_IMAGE, HOLDER_IMAGE):
         try:
             cli.images.get(image)
         except docker.errors.ImageNotFound:
@@ -172,7 +161,7 @@ def site(pki: TestPKI, tmp_path: Path) -> Iterator[Site]:
             (tls / name).chmod(0o644)
         tls.chmod(0o755)
         postgres = cli.containers.run(
-            POSTGRES_IMAGE,
+            PG_IMAGE,
             ["server"],
             name=f"{prefix}-pg",
             detach=True,
@@ -189,7 +178,7 @@ def site(pki: TestPKI, tmp_path: Path) -> Iterator[Site]:
             network=network.name,
             ports={"8443/tcp": ("127.0.0.1", port)},
         )
-        wait_postgres(postgres)
+        wait_healthy(postgres)
         cm = pki.issue(f"{prefix}-cm", ["localhost"], role="cm")
         context = ssl.create_default_context(cafile=str(pki.ca))
         context.load_cert_chain(str(cm.cert), str(cm.key))
