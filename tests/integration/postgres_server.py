@@ -16,11 +16,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
-from deploy_helpers import docker_client
+from deploy_helpers import docker_client, free_cidr
 from services import free_port
 
 IMAGE = "gatehouse/postgres:0.1.0"
@@ -40,6 +41,64 @@ def wait_healthy(container: Any) -> None:
             return
         time.sleep(0.3)
     pytest.fail(f"{IMAGE} did not start within {START_TIMEOUT:.0f} s")
+
+
+HOLDER_IMAGE = "gatehouse/base:0.1.0"
+
+
+@dataclass
+class BrokerHost:
+    """A TLS PostgreSQL server and a host for a broker on a network of their own (start_broker_host)."""
+
+    postgres: Any  # the server's container, named <prefix>-pg (the host of the broker's URL)
+    holder: Any  # <prefix>-host, whose network namespace the broker joins
+    pg_port: int  # the server's 5432 on the host's loopback
+    port: int  # the holder's 8443 (the broker's) on the host's loopback
+
+
+def start_broker_host(
+    cli: Any, pki: Any, tmp_path: Path, prefix: str, password: str, pool: str
+) -> BrokerHost:
+    """A network (a /26 of ``pool``) with a gatehouse/postgres server over TLS (certificate of
+    ``pki`` naming its container; role and database :data:`USER` with ``password``) and a holder
+    container for a broker deployed with ``network_mode: container:<prefix>-host``. The caller
+    removes them (deploy_helpers.cleanup with ``prefix``)."""
+    for image in (IMAGE, HOLDER_IMAGE):
+        try:
+            cli.images.get(image)
+        except docker.errors.ImageNotFound:
+            pytest.fail(f"image {image} is missing: run make images")
+    cidr = free_cidr(cli, pool=pool, prefixlen=26)
+    ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=cidr)])
+    network = cli.networks.create(f"{prefix}-net", driver="bridge", ipam=ipam)
+    server = pki.issue(f"{prefix}-pg", [f"{prefix}-pg"])
+    tls = tmp_path / "pg-tls"
+    tls.mkdir()
+    for source, name in ((server.cert, "server.crt"), (server.key, "server.key")):
+        (tls / name).write_bytes(Path(source).read_bytes())
+        (tls / name).chmod(0o644)  # the image copies the key to its own 0600 file
+    tls.chmod(0o755)
+    pg_port, port = free_port(), free_port()
+    postgres = cli.containers.run(
+        IMAGE,
+        ["server"],
+        name=f"{prefix}-pg",
+        detach=True,
+        network=network.name,
+        ports={"5432/tcp": ("127.0.0.1", pg_port)},
+        environment={"POSTGRES_USER": USER, "POSTGRES_PASSWORD": password},
+        volumes={str(tls): {"bind": "/etc/gatehouse-postgres/tls", "mode": "ro"}},
+    )
+    holder = cli.containers.run(
+        HOLDER_IMAGE,
+        ["sleep", "infinity"],
+        name=f"{prefix}-host",
+        detach=True,
+        network=network.name,
+        ports={"8443/tcp": ("127.0.0.1", port)},
+    )
+    wait_healthy(postgres)
+    return BrokerHost(postgres, holder, pg_port, port)
 
 
 @dataclass

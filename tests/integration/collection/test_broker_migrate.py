@@ -51,11 +51,9 @@ from collection_helpers import (
     run_playbook,
     tool,
 )
-from deploy_helpers import cleanup, docker_client, free_cidr, require_service_images
+from deploy_helpers import cleanup, docker_client, require_service_images
 from pki import TestPKI
-from postgres_server import IMAGE as PG_IMAGE
-from postgres_server import wait_healthy
-from services import free_port
+from postgres_server import start_broker_host
 
 from gatehouse import protocol as p
 from gatehouse.broker import migrate
@@ -63,7 +61,6 @@ from gatehouse.broker.db import SCHEMA_VERSION
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]
 
-HOLDER_IMAGE = "gatehouse/base:0.1.0"
 IMAGE_TAG = os.environ.get("GATEHOUSE_TEST_BROKER_IMAGE_TAG", "0.1.0")
 ADMIN = "adm-mig-" + uuid.uuid4().hex
 DB_PASSWORD = "Db-" + uuid.uuid4().hex
@@ -234,50 +231,18 @@ def rows(database: str, password: str = "") -> tuple[int, dict[str, migrate.Tabl
 def site(pki: TestPKI, tmp_path: Path) -> Iterator[Site]:
     cli = docker_client()
     require_service_images(cli, "broker")
-    for image in (PG_IMAGE, HOLDER_IMAGE, f"gatehouse/broker:{IMAGE_TAG}"):
-        try:
-            cli.images.get(image)
-        except docker.errors.ImageNotFound:
-            pytest.fail(f"image {image} is missing: run make images")
+    try:
+        cli.images.get(f"gatehouse/broker:{IMAGE_TAG}")
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"image gatehouse/broker:{IMAGE_TAG} is missing: run make images")
     prefix = f"ghm-{uuid.uuid4().hex[:8]}"  # ghm: gatehouse migrate
     try:
-        cidr = free_cidr(
-            cli, pool=os.environ.get("GATEHOUSE_TEST_BROKER_MIGRATE_POOL", "10.231.2.0/24"), prefixlen=26
-        )
-        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=cidr)])
-        network = cli.networks.create(f"{prefix}-net", driver="bridge", ipam=ipam)
-        server = pki.issue(f"{prefix}-pg", [f"{prefix}-pg"])
-        tls = tmp_path / "pg-tls"
-        tls.mkdir()
-        for source, name in ((server.cert, "server.crt"), (server.key, "server.key")):
-            (tls / name).write_bytes(Path(source).read_bytes())
-            (tls / name).chmod(0o644)
-        tls.chmod(0o755)
-        pg_port = free_port()
-        postgres = cli.containers.run(
-            PG_IMAGE,
-            ["server"],
-            name=f"{prefix}-pg",
-            detach=True,
-            network=network.name,
-            ports={"5432/tcp": ("127.0.0.1", pg_port)},
-            environment={"POSTGRES_USER": "broker", "POSTGRES_PASSWORD": DB_PASSWORD},
-            volumes={str(tls): {"bind": "/etc/gatehouse-postgres/tls", "mode": "ro"}},
-        )
-        port = free_port()
-        cli.containers.run(
-            HOLDER_IMAGE,
-            ["sleep", "infinity"],
-            name=f"{prefix}-host",
-            detach=True,
-            network=network.name,
-            ports={"8443/tcp": ("127.0.0.1", port)},
-        )
-        wait_healthy(postgres)
+        pool = os.environ.get("GATEHOUSE_TEST_BROKER_MIGRATE_POOL", "10.231.2.0/24")
+        host = start_broker_host(cli, pki, tmp_path, prefix, DB_PASSWORD, pool)
         cm = pki.issue(f"{prefix}-cm", ["localhost"], role="cm")
         context = ssl.create_default_context(cafile=str(pki.ca))
         context.load_cert_chain(str(cm.cert), str(cm.key))
-        yield Site(cli, prefix, tmp_path, pki, postgres, pg_port, port, context)
+        yield Site(cli, prefix, tmp_path, pki, host.postgres, host.pg_port, host.port, context)
     finally:
         cleanup(cli, prefix)
 
