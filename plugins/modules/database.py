@@ -188,6 +188,17 @@ options:
       - V(container:<name>) shares the network namespace of another container (tests).
     type: str
     default: bridge
+  publish_address:
+    description:
+      - With O(network_mode=bridge), the IP address of the host on which the containers publish 5432, 8008, 2379
+        and 2380 - for a host with several addresses, where the database should answer on one of them only (or
+        where another service holds these ports on another address). Unset, they are published on every address
+        of the host.
+      - The host port check of the preflight then looks at this address only, and it must be an address of the
+        host. Refused with O(network_mode=host) or V(container:<name>), before anything is changed.
+      - O(address) stays what the other nodes and the broker connect to; normally it is this address (or a DNS name
+        of it).
+    type: str
   host_label:
     description: Value of the C(gatehouse.host) label of the containers. Defaults to the target's host name.
     type: str
@@ -224,6 +235,22 @@ EXAMPLES = r"""
     broker_password: "{{ vault_broker_database_password }}"
     ssl_cert: /etc/gatehouse/pki/db1.pem
     ssl_key: /etc/gatehouse/pki/db1.key
+    ca_cert: /etc/gatehouse/pki/ca.pem
+
+- name: A node on a host with several addresses, its ports published on the database network's only
+  gatehouse.access.database:
+    name: db2
+    address: 10.0.0.32
+    publish_address: 10.0.0.32
+    members:
+      - {name: db1, address: 10.0.0.31}
+      - {name: db2, address: 10.0.0.32}
+      - {name: db3, address: 10.0.0.33}
+    superuser_password: "{{ vault_database_superuser_password }}"
+    replication_password: "{{ vault_database_replication_password }}"
+    broker_password: "{{ vault_broker_database_password }}"
+    ssl_cert: /etc/gatehouse/pki/db2.pem
+    ssl_key: /etc/gatehouse/pki/db2.key
     ca_cert: /etc/gatehouse/pki/ca.pem
 
 - name: An etcd-only witness as the third member
@@ -281,6 +308,10 @@ config:
       description: This node's Patroni REST API (C(/primary), C(/replica), C(/health)), V(null) for a witness.
       type: str
       sample: https://10.0.0.31:8008
+    publish_address:
+      description: The host address the ports are published on (O(publish_address)); V(null) for every address.
+      type: str
+      sample: 10.0.0.31
     timings:
       description: ttl, loop_wait and retry_timeout of the bootstrap configuration.
       type: dict

@@ -8,6 +8,11 @@ container:<holder>``), each node with its own name prefix and data directory. Ev
 TLS, verified against the test CA. Shared by tests/integration/collection/test_database_cluster.py
 and bench/database_failover.py.
 
+:func:`bridged_hosts` builds the production layout instead: three addresses of this host (on the
+host side of a veth pair the test creates), each node in ``network_mode: bridge`` publishing its
+ports on its own address (``publish_address``); the nodes reach each other through the
+published ports (relayed by the engine's docker-proxy, whose address the certificates name too).
+
 Invariant: every Docker object of a cluster starts with its ``prefix``; :func:`deployed` removes
 them all when it ends, whatever happened.
 """
@@ -17,7 +22,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import ssl
+import subprocess
 import threading
 import time
 import urllib.error
@@ -52,7 +59,7 @@ class Node:
     name: str
     address: str
     prefix: str
-    holder: Any
+    holder: Any  # None: the node runs in bridge mode, publishing on ``address``
     data_dir: Path
     cert: Any
 
@@ -84,7 +91,11 @@ class Cluster:
             "ca_cert": str(node.cert.ca),
             "data_dir": str(node.data_dir),
             "name_prefix": node.prefix,
-            "network_mode": f"container:{node.holder.name}",
+            **(
+                {"network_mode": f"container:{node.holder.name}"}
+                if node.holder is not None
+                else {"network_mode": "bridge", "publish_address": node.address}
+            ),
             "host_label": node.name,
             "min_free_disk_gb": 0.5,
             **extra,
@@ -149,6 +160,22 @@ class Cluster:
         }
         pytest.fail(f"the cluster is not healthy within {timeout} s: {members}\n{logs}")
 
+    def write_after_kill(self, node: Node, table: str, row: int, limit: float) -> tuple[float, str]:
+        """Kill ``node``'s Patroni container; (seconds until a write through the broker's URL
+        succeeded, the host it went to). Fails the test after ``limit`` + 5 s."""
+        killed = time.monotonic()
+        self.cli.containers.get(node.patroni).kill()
+        last_error = ""
+        while time.monotonic() - killed < limit + 5:
+            try:
+                with self.connect() as conn:
+                    conn.execute(f"INSERT INTO {table} (id) VALUES (%s)", (row,))
+                    return time.monotonic() - killed, conn.info.host
+            except psycopg.Error as exc:
+                last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                time.sleep(0.2)
+        pytest.fail(f"no write succeeded within {limit + 5} s of the kill: {last_error}")
+
 
 def no_secret(run: AnsibleRun) -> None:
     for secret in SECRETS:
@@ -205,6 +232,72 @@ def hosts(pki: TestPKI, workdir: Path, prefix: str, pool: str = POOL) -> Iterato
         yield Cluster(cli, prefix, pki, nodes, context)
     finally:
         cleanup(cli, prefix)
+
+
+def require_image(cli: Any) -> None:
+    try:
+        cli.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"image {IMAGE} is missing: run make images (IMAGES=database hack/build-images.sh)")
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, text=True, timeout=10)
+
+
+@contextmanager
+def host_addresses(link: str, addresses: list[str]) -> Iterator[None]:
+    """``addresses`` (/32 each) as addresses of this host, on the host side ``link`` of a veth
+    pair made for them (a dummy interface needs a kernel module that may be missing); the pair,
+    and with it the addresses, is deleted at the end, whatever happened."""
+    try:
+        _ip("link", "add", link, "type", "veth", "peer", "name", f"{link}p")
+        for address in addresses:
+            _ip("addr", "add", f"{address}/32", "dev", link)
+        _ip("link", "set", f"{link}p", "up")
+        _ip("link", "set", link, "up")
+        yield
+    finally:
+        subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
+
+
+def proxy_source(cli: Any) -> str:
+    """The address the engine's docker-proxy connects to a container on the default bridge from."""
+    config = cli.networks.get("bridge").attrs["IPAM"]["Config"][0]
+    return config.get("Gateway") or str(next(ipaddress.ip_network(config["Subnet"]).hosts()))
+
+
+@contextmanager
+def bridged_hosts(pki: TestPKI, workdir: Path, prefix: str, addresses: list[str]) -> Iterator[Cluster]:
+    """A cluster of three bridge-mode nodes on this host, each publishing on one of ``addresses``
+    (made addresses of the host here, named by the node's certificate); at the end the
+    containers, the data directories and the addresses are removed, whatever happened."""
+    if os.geteuid() != 0:
+        pytest.skip("the host addresses of the bridge-mode nodes need root (ip link, ip addr)")
+    cli = docker_client()
+    require_image(cli)
+    try:
+        with host_addresses(f"{prefix[:11]}v", addresses):
+            # etcd accepts a peer only from an address its certificate names. On one engine a
+            # container's connection to another node's published port is relayed by the engine's
+            # docker-proxy, so every peer arrives from the default bridge's gateway: the
+            # certificates name it too, as a production certificate names the address its host's
+            # connections leave from (docs/broker-ha.md, "TLS").
+            source = proxy_source(cli)
+            nodes = []
+            for name, address in zip(NAMES, addresses, strict=True):
+                node_prefix = f"{prefix}-{name}"
+                cert = pki.issue(node_prefix, [address, name, source])
+                nodes.append(Node(name, address, node_prefix, None, workdir / name, cert))
+            context = ssl.create_default_context(cafile=str(pki.ca))
+            try:
+                yield Cluster(cli, prefix, pki, nodes, context)
+            finally:
+                cleanup(cli, prefix)
+    finally:
+        cleanup(cli, prefix)
+        for name in NAMES:
+            shutil.rmtree(workdir / name, ignore_errors=True)
 
 
 def run_all(cluster: Cluster, **kwargs: Any) -> list[AnsibleRun]:

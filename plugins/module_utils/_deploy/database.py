@@ -95,6 +95,7 @@ ARGUMENT_SPEC: dict = {
     "image_source": dep.COMMON_ARGUMENT_SPEC["image_source"],
     "registry": dep.COMMON_ARGUMENT_SPEC["registry"],
     "network_mode": {"type": "str", "default": "bridge"},
+    "publish_address": {"type": "str"},
     "host_label": dep.COMMON_ARGUMENT_SPEC["host_label"],
     "name_prefix": {"type": "str", "default": "gatehouse-db"},
     "docker_host": dep.COMMON_ARGUMENT_SPEC["docker_host"],
@@ -206,6 +207,15 @@ def validate(params: dict) -> None:
         mode.startswith("container:") and len(mode) > len("container:")
     ):
         errors.append("network_mode must be bridge, host or container:<name>, got %r" % mode)
+    publish = params.get("publish_address")
+    if publish:
+        if mode != "bridge":
+            errors.append(
+                "publish_address is only used with network_mode=bridge (the containers publish their ports "
+                "on it); with network_mode=%s the ports are not published" % mode
+            )
+        if dep.parse_ip(publish) is None:
+            errors.append("publish_address %r must be an IP address of the host" % publish)
     for service in (ETCD, PATRONI):
         if params.get("container_limits"):
             try:
@@ -368,8 +378,15 @@ def patroni_yml(params: dict) -> bytes:
     return (header + dep.to_yaml(document) + "\n").encode("utf-8")
 
 
-def published(mode: str, ports: tuple[int, ...]) -> list[dict]:
-    return [{"host": p, "container": p, "protocol": "tcp"} for p in ports] if mode == "bridge" else []
+def published(mode: str, ports: tuple[int, ...], address: str | None = None) -> list[dict]:
+    """The ports published in bridge mode: on every host address, or only on ``address``."""
+    if mode != "bridge":
+        return []
+    ports_spec = [{"host": p, "container": p, "protocol": "tcp"} for p in ports]
+    if address:
+        for port in ports_spec:
+            port["host_ip"] = address
+    return ports_spec
 
 
 def container_specs(params: dict, image: str, host_label: str) -> dict:
@@ -400,7 +417,7 @@ def container_specs(params: dict, image: str, host_label: str) -> dict:
             ],
             "network_mode": mode,
             "network": None,
-            "ports": published(mode, (CLIENT_PORT, PEER_PORT)),
+            "ports": published(mode, (CLIENT_PORT, PEER_PORT), params.get("publish_address")),
             "restart_policy": "unless-stopped",
             "container_limits": params.get("container_limits"),
             "stop_timeout": 15,
@@ -421,7 +438,7 @@ def container_specs(params: dict, image: str, host_label: str) -> dict:
             ],
             "network_mode": mode,
             "network": None,
-            "ports": published(mode, (PG_PORT, API_PORT)),
+            "ports": published(mode, (PG_PORT, API_PORT), params.get("publish_address")),
             "restart_policy": "unless-stopped",
             "container_limits": params.get("container_limits"),
             # Patroni stops PostgreSQL (fast shutdown, a checkpoint) and releases its leader key.
@@ -445,7 +462,15 @@ def preflight_checks(cli, params: dict, specs: dict, errors: list[str]) -> dict:
             % (free / GIB, where, params["min_free_disk_gb"])
         )
     busy: list[int] = []
-    if params["network_mode"] in ("bridge", "host"):
+    # Bridge mode with publish_address publishes on that address only: another node's or program's
+    # listener on another address of the host does not take the port.
+    address = params.get("publish_address") or "0.0.0.0"
+    if params.get("publish_address") and not address_local(address):
+        errors.append(
+            "publish_address %s is not an address of this host: Docker cannot publish the ports on it"
+            % address
+        )
+    elif params["network_mode"] in ("bridge", "host"):
         for spec in specs.values():
             if ctr.find_container(cli, spec["name"]) is not None:
                 continue  # its ports are its own
@@ -454,20 +479,38 @@ def preflight_checks(cli, params: dict, specs: dict, errors: list[str]) -> dict:
                 if params["network_mode"] == "bridge"
                 else ([CLIENT_PORT, PEER_PORT] if spec["service"] == ETCD else [PG_PORT, API_PORT])
             )
-            busy += [port for port in ports if not port_free(port)]
+            busy += [port for port in ports if not port_free(port, address)]
     if busy:
         errors.append(
-            "port(s) %s already in use on this host; the database node needs 5432, 8008, 2379 and 2380"
-            % ", ".join(str(p) for p in sorted(busy))
+            "port(s) %s already in use on %s; the database node needs 5432, 8008, 2379 and 2380"
+            % (
+                ", ".join(str(p) for p in sorted(busy)),
+                address if params.get("publish_address") else "this host",
+            )
         )
     return {"free_disk_gb": round(free / GIB, 1), "busy_ports": sorted(busy)}
 
 
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def address_local(address: str) -> bool:
+    """Whether ``address`` is an address of this host (a socket can be bound to it)."""
+    with socket.socket(_family(address), socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+def port_free(port: int, address: str = "0.0.0.0") -> bool:
+    """Whether a listener could bind ``address``:``port`` (0.0.0.0: every address of the host)."""
+    with socket.socket(_family(address), socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("0.0.0.0", port))
+            probe.bind((address, port))
         except OSError:
             return False
     return True
@@ -583,6 +626,7 @@ def install(module, cli, params: dict) -> dict:
         "data_dir": data_dir,
         "image": refs[IMAGE],
         "network_mode": params["network_mode"],
+        "publish_address": params.get("publish_address"),
         "name": params["name"],
         "address": params["address"],
         "members": members,

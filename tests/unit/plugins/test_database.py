@@ -123,3 +123,44 @@ def test_bridge_publishes_the_four_ports_and_a_witness_runs_etcd_only():
     assert host["etcd"]["ports"] == [] and host["patroni"]["ports"] == []
     witness = db.container_specs(params(patroni=False), "gatehouse/database:0.1.0", "db3")
     assert set(witness) == {"etcd"}
+
+
+def test_publish_address_publishes_the_four_ports_on_that_address_only():
+    specs = db.container_specs(params(publish_address="10.0.0.31"), "gatehouse/database:0.1.0", "db1")
+    assert specs["etcd"]["ports"] == [
+        {"host": 2379, "container": 2379, "protocol": "tcp", "host_ip": "10.0.0.31"},
+        {"host": 2380, "container": 2380, "protocol": "tcp", "host_ip": "10.0.0.31"},
+    ]
+    assert {(p["host_ip"], p["host"]) for p in specs["patroni"]["ports"]} == {
+        ("10.0.0.31", 5432),
+        ("10.0.0.31", 8008),
+    }
+    # Unset: every address, as before (no host_ip); the advertised address is the option address.
+    assert not any("host_ip" in p for p in db.container_specs(params(), "img", "db1")["etcd"]["ports"])
+    config = yaml.safe_load(db.patroni_yml(params(publish_address="10.0.0.31")))
+    assert config["postgresql"]["connect_address"] == "10.0.0.31:5432"
+    db.validate(params(publish_address="10.0.0.31"))
+    db.validate(params(publish_address="fd00::31"))
+
+
+def test_publish_address_is_refused_without_bridge_mode_or_when_not_an_ip():
+    for mode in ("host", "container:holder"):
+        (error,) = errors_of(network_mode=mode, publish_address="10.0.0.31")
+        assert "publish_address is only used with network_mode=bridge" in error
+        assert f"network_mode={mode}" in error
+    (error,) = errors_of(publish_address="db1.example.com")
+    assert "must be an IP address" in error
+
+
+def test_the_port_check_looks_at_the_publish_address_only():
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.2", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert not db.port_free(port, "127.0.0.2")
+        assert not db.port_free(port)  # every address includes 127.0.0.2
+        assert db.port_free(port, "127.0.0.3")  # another address of the host
+    assert db.address_local("127.0.0.1")
+    assert not db.address_local("192.0.2.77")  # TEST-NET-1, no address of this host
