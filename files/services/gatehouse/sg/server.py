@@ -28,7 +28,7 @@ from gatehouse.tenants import ServerNames
 from gatehouse.web import add_health_and_metrics
 
 if TYPE_CHECKING:
-    from gatehouse.sg.workers import WorkerPlace
+    from gatehouse.workers import WorkerPlace
 
 log = logging.getLogger("gatehouse.sg")
 
@@ -90,7 +90,7 @@ async def serve(
         await web.UnixSite(runner, place.admin_path).start()
 
     # Before any session can need it.
-    await udp.start(settings.listen_address, settings.port, place.udp if place else None)
+    await udp.start(settings.listen_address, settings.port, place.sockets["udp"] if place else None)
     server = TlsListener(
         loop,
         settings.listen_address,
@@ -101,7 +101,7 @@ async def serve(
         proxy_source=proxy_source,
         proxy_refused=proxy_refused,
         max_pending=settings.max_connections,
-        sock=place.tcp if place else None,
+        sock=place.sockets["tcp"] if place else None,
     )
 
     stop = asyncio.Event()
