@@ -177,12 +177,18 @@ options:
     default: 5000
   workers:
     description:
-      - Worker processes of the security gateway (C(Workers) in C(SecurityGateway.conf)), all serving
-        O(pcoip_port); each client address is served by one of them (its TCP and UDP together).
-        MaxConnections and the once-only use of a grant hold across them, and a worker that ends is
-        started again (counted in C(gatehouse_sg_worker_restarts_total)).
+      - Worker processes of the connection manager (C(Workers) in C(config.properties)) and of the security
+        gateway (C(Workers) in C(SecurityGateway.conf)), each service's all serving its ports.
+      - The security gateway serves each client address by one worker (its TCP and UDP together); MaxConnections
+        and the once-only use of a grant hold across its workers.
+      - The connection manager spreads new connections over its workers; a client session lives in the worker that
+        answered its hello and is served through any of them. O(max_clients), O(max_concurrent_establishments)
+        and the connection cap hold across its workers; the unauthenticated-session caps and the per-address
+        connection cap are each worker's.
+      - A worker that ends is started again (counted in C(gatehouse_sg_worker_restarts_total) and
+        C(gatehouse_cm_worker_restarts_total)); the sessions it held end with it.
       - V(0) runs one per CPU available to the container; V(1) runs one process, as before.
-      - Each worker holds about 10 MiB of its own besides its sessions' memory, all within the SG
+      - Each worker holds about 10 MiB (SG) or 40 MiB (CM) of its own besides its sessions' memory, all within the
         container's memory limit (O(container_limits)); raise it on hosts with many CPUs, or set a count.
       - A forwarding security gateway (O(forward_to)) runs one process; leave V(0) or V(1) there.
     type: int

@@ -152,6 +152,28 @@ class ServiceProcess:
             self.proc.kill()
             self.proc.wait(5)
 
+    def worker_pids(self) -> dict[int, int]:
+        """Workers > 1: worker index -> pid of the worker running now (from the supervisor's log)."""
+        pids: dict[int, int] = {}
+        for line in self.logs().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("msg") == "worker started":
+                pids[int(entry["worker"])] = int(entry["pid"])
+        return pids
+
+
+def alive(pid: int) -> bool:
+    """Process ``pid`` runs (exists and is no zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
+    return " Z " not in stat
+
 
 # ---------------------------------------------------------------- the services as deployed
 

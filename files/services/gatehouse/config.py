@@ -18,6 +18,9 @@ _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 
 
+MAX_WORKERS = 64  # Workers: at most this many processes per service
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the key."""
 
@@ -160,3 +163,14 @@ class Config:
         if level not in {"debug", "info", "warn", "warning", "error"}:
             raise ConfigError(f"LogLevel must be debug, info, warn or error, got {level!r}")
         return level
+
+    def workers(self) -> int:
+        """``Workers``: the service's worker processes (gatehouse/workers.py); 0, the default, is
+        one per CPU this process may run on (its affinity, which a container's cpuset limits)."""
+        workers = self.int("Workers", 0, minimum=0, maximum=MAX_WORKERS)
+        return workers or available_cpus()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity), at most MAX_WORKERS."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))

@@ -40,8 +40,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gatehouse.shared import LocalSlots, Slots
+
 log = logging.getLogger("gatehouse.web")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A worker's own listening sockets, by the (host, port) of their site.
+Listeners = dict[tuple[str, int], list[socket.socket]]
 REGISTRY_KEY = web.AppKey("metrics_registry", CollectorRegistry)
 # The deadline middleware waits for bodies up to this size without consuming them: aiohttp's read
 # buffer holds that much before it stops reading (every service's body cap is 64 KiB).
@@ -215,12 +219,15 @@ class ConnectionLimiter:
 
     Invariant: ``open == sum(per_source.values()) + exempt`` and a slot is taken at accept and
     given back exactly once, at close, whatever stage (TLS handshake, request, idle) the
-    connection reached.
+    connection reached. With ``slots`` (a counter the workers of a service share,
+    gatehouse.shared) MaxConnections holds across the workers; ``open`` and the per-source caps
+    stay this process's.
     """
 
-    def __init__(self, limits: HttpLimits, name: str = "public") -> None:
+    def __init__(self, limits: HttpLimits, name: str = "public", slots: Slots | None = None) -> None:
         self.limits = limits
         self.name = name
+        self.slots: Slots = slots if slots is not None else LocalSlots()
         self.open = 0
         self.per_source: dict[str, int] = {}
         self.refused = {"max_connections": 0, "max_connections_per_source": 0}
@@ -228,11 +235,12 @@ class ConnectionLimiter:
 
     def admit(self, source: str) -> bool:
         """Take a slot for a connection from ``source``; False (and counted) when a cap is reached."""
-        if self.open >= self.limits.max_connections:
+        if not self.slots.take(self.limits.max_connections):
             self.refused["max_connections"] += 1
             return False
         exempt = in_networks(source, self.limits.trusted_proxies)
         if not exempt and self.per_source.get(source, 0) >= self.limits.max_connections_per_source:
+            self.slots.give()
             self.refused["max_connections_per_source"] += 1
             return False
         self.open += 1
@@ -242,6 +250,7 @@ class ConnectionLimiter:
 
     def release(self, source: str) -> None:
         self.open -= 1
+        self.slots.give()
         count = self.per_source.pop(source, 0)  # exempt sources are not in the map
         if count > 1:
             self.per_source[source] = count - 1
@@ -482,19 +491,26 @@ async def _body_deadline(request: web.Request, handler: Any) -> web.StreamRespon
 
 
 class _GuardedSite(web.TCPSite):
-    __slots__ = ("_limiter",)
+    __slots__ = ("_limiter", "_sockets")
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, limiter: ConnectionLimiter, **kw: Any
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        limiter: ConnectionLimiter,
+        sockets: list[socket.socket] | None = None,
+        **kw: Any,
     ) -> None:
         super().__init__(runner, host, port, **kw)
         self._limiter = limiter
+        self._sockets = sockets  # made already (a worker's own of its SO_REUSEPORT group)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        sockets = _listen(self._host, self._port, self._backlog)
+        sockets = self._sockets or _listen(self._host, self._port, self._backlog)
         self._server = _GuardedServer(sockets, self._limiter, server, self._ssl_context)  # type: ignore[assignment]
         self._bound_port = sockets[0].getsockname()[1]
 
@@ -530,11 +546,13 @@ async def _start_runner(
     limits: HttpLimits | None,
     shutdown_timeout: float,
     name: str,
+    listeners: Listeners | None = None,
+    slots: Slots | None = None,
 ) -> tuple[web.AppRunner, ConnectionLimiter | None]:
     kwargs: dict[str, Any] = {}
     limiter = None
     if limits is not None:
-        limiter = ConnectionLimiter(limits, name)
+        limiter = ConnectionLimiter(limits, name, slots)
         kwargs["keepalive_timeout"] = limits.keepalive_timeout
         app.middlewares.insert(0, _body_deadline)
     runner = web.AppRunner(
@@ -546,7 +564,14 @@ async def _start_runner(
         if limiter is not None:
             # Thousands of clients can arrive at once (a HALB failover): a short accept queue resets them.
             site = _GuardedSite(
-                runner, host, port, limiter, ssl_context=ctx, backlog=4096, reuse_address=True
+                runner,
+                host,
+                port,
+                limiter,
+                (listeners or {}).get((host, port)),
+                ssl_context=ctx,
+                backlog=4096,
+                reuse_address=True,
             )
         else:
             site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=4096, reuse_address=True)
@@ -562,6 +587,9 @@ async def run_sites(
     started: Callable[[], None] | None = None,
     limits: HttpLimits | None = None,
     admin: web.Application | None = None,
+    listeners: Listeners | None = None,
+    slots: Slots | None = None,
+    admin_path: str = "",
 ) -> None:
     """Serve ``app`` on each (host, port, ssl) until SIGTERM/SIGINT, then stop accepting and drain.
 
@@ -569,10 +597,24 @@ async def run_sites(
     ``admin`` (see :func:`management_app`) and ``limits.admin_port`` the management listener runs
     too, with its own connection budget, and the connection metrics are added to its registry.
     Without ``limits`` the behaviour is the historical one (no caps).
+
+    As a worker of a supervisor (gatehouse.workers): ``listeners`` are its own sockets by (host,
+    port), ``slots`` the MaxConnections counter of all workers, and ``admin`` is served on the
+    Unix socket ``admin_path`` (the supervisor serves AdminPort).
     """
-    runner, limiter = await _start_runner(app, sites, limits, shutdown_timeout, "public")
+    runner, limiter = await _start_runner(app, sites, limits, shutdown_timeout, "public", listeners, slots)
     runners = [runner]
-    if admin is not None and limits is not None and limits.admin_port:
+    if admin is not None and admin_path:
+        admin_runner = web.AppRunner(
+            admin, access_log=None, shutdown_timeout=shutdown_timeout, handle_signals=False
+        )
+        await admin_runner.setup()
+        await web.UnixSite(admin_runner, admin_path).start()
+        runners.append(admin_runner)
+        registry = admin.get(REGISTRY_KEY)
+        if registry is not None and limiter is not None:
+            registry.register(_LimiterCollector([limiter]))
+    elif admin is not None and limits is not None and limits.admin_port:
         # Its own small budget: a flood of the public port cannot take the management port's slots.
         admin_limits = dataclasses.replace(
             limits, max_connections=64, max_connections_per_source=64, trusted_proxies=()

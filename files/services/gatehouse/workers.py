@@ -400,6 +400,8 @@ class WorkersCollector(Collector):
                     continue
                 summed.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
                 for sample in fam.samples:
+                    if sample.name.endswith("_created"):
+                        continue  # a process's start time: no sum of them means anything
                     key = (sample.name, tuple(sorted(sample.labels.items())))
                     totals[fam.name][key] = totals[fam.name].get(key, 0.0) + sample.value
                     if fam.name in service.per_worker and not sample.labels:

@@ -134,6 +134,7 @@ CM_OPTION_KEYS = {
     "log_level": "LogLevel",
     "site": "Site",
     "site_gateways": "SiteGateways",
+    "workers": "Workers",
 }
 # The SG options of a double-hop DMZ and their SecurityGateway.conf keys (the SG's settings fields
 # have the options' names). Written only when set, so that other deployments keep their files.
@@ -142,12 +143,12 @@ SG_OPTION_KEYS = {
     "proxy_protocol_sources": "ProxyProtocolSources",
     "workers": "Workers",
 }
-MAX_WORKERS = 64  # gatehouse/sg/settings.py
+MAX_WORKERS = 64  # gatehouse/config.py
 # broker_url is required with state=present unless forward_to makes the host a forwarder (validate).
 REQUIRED_IF = list(dep.COMMON_REQUIRED_IF)
 # Paired options written only when set: a single-site node keeps the files (and so the containers'
 # spec hashes) of the releases before multi-site.
-CM_KEYS_WHEN_SET = ("site", "site_gateways")
+CM_KEYS_WHEN_SET = ("site", "site_gateways", "workers")
 REQUIRED_TOGETHER = [*dep.COMMON_REQUIRED_TOGETHER, ("identity_cert", "identity_key")]
 
 
@@ -733,7 +734,7 @@ def config_properties(params: dict, values: dict) -> bytes:
             ("AdminPort", CM_ADMIN_PORT),
             option("log_level"),
         ]
-        + [option(name) for name in CM_KEYS_WHEN_SET if values.get(name)],
+        + [option(name) for name in CM_KEYS_WHEN_SET if option(name)[1]],
     )
 
 

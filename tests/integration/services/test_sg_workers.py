@@ -9,7 +9,6 @@ reaches the other worker), a killed worker replaced while the other worker's ses
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from pki import TestPKI as PKI
-from services import ServiceProcess
+from services import ServiceProcess, alive
 from sg_helpers import (
     client_ctx,
     closed_by_peer,
@@ -52,28 +51,6 @@ def sources(worker: int, count: int, start: int = 1) -> list[str]:
 def per_worker(sg: Gateway, name: str) -> dict[str, float]:
     m = sg.metrics()
     return {str(w): m.get(f'{name}{{worker="{w}"}}', -1.0) for w in range(WORKERS)}
-
-
-def worker_pids(sg: Gateway) -> dict[int, int]:
-    """Worker index -> pid of the worker running now (from the supervisor's log)."""
-    pids: dict[int, int] = {}
-    for line in sg.proc.logs().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("msg") == "worker started":
-            pids[int(entry["worker"])] = int(entry["pid"])
-    return pids
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
-    return " Z " not in stat
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +166,7 @@ def test_a_killed_worker_is_replaced_and_sigterm_drains_both(
     agent = start_agent(pki, tmp_path, processes)
     sg = start_sg(pki, tmp_path, processes, Workers=WORKERS)
     c0, c1 = sources(0, 1)[0], sources(1, 1)[0]
-    pids = worker_pids(sg)
+    pids = sg.proc.worker_pids()
     assert sorted(pids) == [0, 1]
 
     # A session with TCP and UDP on worker 1: its client's datagrams reach the same worker.
@@ -210,7 +187,7 @@ def test_a_killed_worker_is_replaced_and_sigterm_drains_both(
             lambda: sg.metrics().get('gatehouse_sg_worker_restarts_total{worker="0"}') == 1, "the restart"
         )
         wait_for(lambda: sg.metrics()["gatehouse_sg_workers_running"] == WORKERS, "both running")
-        new_pids = worker_pids(sg)
+        new_pids = sg.proc.worker_pids()
         assert new_pids[0] != pids[0] and new_pids[1] == pids[1]
         assert sg.metrics()['gatehouse_sg_worker_restarts_total{worker="1"}'] == 0
 
@@ -229,7 +206,7 @@ def test_a_killed_worker_is_replaced_and_sigterm_drains_both(
         assert closed_by_peer(sock0) and closed_by_peer(sock1)
         sock0.close()
         sock1.close()
-    for pid in worker_pids(sg).values():
+    for pid in sg.proc.worker_pids().values():
         assert not alive(pid)
     logs = sg.proc.logs()
     assert logs.count('"msg": "stopped"') == WORKERS + 1  # each worker, then the supervisor
@@ -244,7 +221,7 @@ def test_a_worker_that_misses_a_scrape_keeps_its_counters_in_the_sum(
     sock, _grant = session(sg, agent, c1)
     with sock:
         assert per_worker(sg, "gatehouse_sg_worker_sessions_accepted_total") == {"0": 0, "1": 1}
-        pid = worker_pids(sg)[1]
+        pid = sg.proc.worker_pids()[1]
         os.kill(pid, signal.SIGSTOP)  # it cannot answer the supervisor's scrape
         try:
             m = sg.metrics()

@@ -34,6 +34,7 @@ OTHER_VALUE = {
     "log_level": "debug",
     "site": "site2",
     "site_gateways": {"site2": "203.0.113.20:4172"},
+    "workers": 3,
 }
 # Names that the concepts above had before; none may come back.
 RETIRED = ("external_ipv4", "external_ipv6", "external_v4", "external_v6", "external_ips", "gateway_port")
@@ -53,6 +54,8 @@ def settings_of(p: dict) -> CmSettings:
 
 
 def other(name: str, value: object) -> object:
+    if name == "workers":
+        return OTHER_VALUE[name]  # not 1: 0 is the CPUs, which may be one
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):

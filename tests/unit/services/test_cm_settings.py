@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 import pytest
 
+from gatehouse import protocol as p
+from gatehouse.cm.invitations import InvitationBook, owner_of_code
+from gatehouse.cm.sessions import SessionTable, owner_of_cookie
 from gatehouse.cm.settings import CmSettings, broker_endpoint, split_external_pcoip_ip
-from gatehouse.config import Config, ConfigError
+from gatehouse.config import MAX_WORKERS, Config, ConfigError
 from gatehouse.grant import generate_secret
 
 
@@ -116,3 +120,30 @@ def test_external_ips_hold_at_most_one_per_family() -> None:
         split_external_pcoip_ip(["203.0.113.1", "203.0.113.2"])
     with pytest.raises(ConfigError, match="not an IP"):
         split_external_pcoip_ip(["gw.example.com"])
+
+
+def test_workers_default_to_the_cpus_and_are_bounded() -> None:
+    base = {"BrokerUrl": "https://broker:8443", "SecurityGatewayEnabled": "false"}
+    assert load(base).workers == min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+    assert load({**base, "Workers": "3"}).workers == 3
+    for bad in ("-1", str(MAX_WORKERS + 1), "two"):
+        with pytest.raises(ConfigError, match="Workers"):
+            load({**base, "Workers": bad})
+
+
+def test_cookies_and_codes_name_their_worker() -> None:
+    table = SessionTable(10, 60.0, tag=".1")
+    session = table.create("192.0.2.1")
+    assert owner_of_cookie(session.cookie) == 1
+    cookie = table.authenticated(session)
+    assert cookie is not None and owner_of_cookie(cookie) == 1
+    assert owner_of_cookie(SessionTable(10, 60.0).create("192.0.2.1").cookie) is None  # one process
+    for forged in ("", "abc", "abc.", "abc.x", "abc.123", "abc.-1"):
+        assert owner_of_cookie(forged) is None, forged
+    book = InvitationBook(60.0, 5, tag="-1")
+    code = book.create(session, p.AgentInfo("192.0.2.9"), "agent-session")
+    assert owner_of_code(code) == 1
+    # The tag keeps the code within the wire's rule for codes.
+    wire = p.parse(p.render("pcoip-client", p.RedeemInvitation(code)), "pcoip-client")
+    assert isinstance(wire, p.RedeemInvitation) and wire.invitation_code == code
+    assert owner_of_code(InvitationBook(60.0, 5).create(session, p.AgentInfo("192.0.2.9"), "s")) is None

@@ -6,14 +6,25 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import ssl
 import sys
 
-from gatehouse import logs, tls, web
+from gatehouse import logs, tls, web, workers
 from gatehouse.cm.server import ConnectionManager
 from gatehouse.cm.settings import CmSettings
 from gatehouse.config import Config, ConfigError
+from gatehouse.shared import SharedCounters, WorkerSlots
 from gatehouse.tenants import ServerNames, TenantsError
+from gatehouse.workers import WorkerPlace
+
+SKF_NET_OFF = -0x100000
+SHUTDOWN_GRACE = 10.0  # web.run_sites' drain of the requests in flight
+# Per-worker series (label ``worker``) of these worker families, on the supervisor's /metrics.
+PER_WORKER = {
+    "gatehouse_cm_sessions_active": "gatehouse_cm_worker_sessions_active",
+    "gatehouse_cm_pre_auth_sessions": "gatehouse_cm_worker_pre_auth_sessions",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,7 +43,19 @@ def check_ca(key: str, path: str) -> None:
         raise ConfigError(f"{key}: cannot load CA bundle {path}: {exc}") from None
 
 
-async def serve(settings: CmSettings) -> None:
+def listen_hosts(settings: CmSettings) -> list[str]:
+    hosts = [settings.listen_address]
+    if settings.enable_ipv6 and settings.listen_address == "0.0.0.0":
+        hosts.append("::")  # asyncio binds IPv6 sockets v6-only, so both families need a site
+    return hosts
+
+
+def listen_ports(settings: CmSettings) -> list[int]:
+    return [settings.listen_port] + ([settings.redirect_port] if settings.redirect_port else [])
+
+
+async def serve(settings: CmSettings, place: WorkerPlace | None = None) -> None:
+    """The CM; ``place``: as worker ``place.index`` of a supervisor (None: on its own)."""
     nofile = web.raise_nofile_limit()
     ssl_context = tls.server_context(settings.ssl_cert, settings.ssl_key, "cm")
     # The tenant of a request is chosen by the name the client asked for in TLS (and in Host); a
@@ -40,14 +63,12 @@ async def serve(settings: CmSettings) -> None:
     names = ServerNames("cm")
     names.use(names.contexts_for(settings.tenants))
     ssl_context.sni_callback = names
-    cm = ConnectionManager(settings, names)
+    cm = ConnectionManager(settings, names, place)
     if settings.tenants_file:
         # Tenants are added and removed by rewriting TenantsFile and sending SIGHUP: no restart.
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, cm.reload_tenants)
     cm.metrics.registry.register(tls.CertificateExpiry.of_files(settings.ssl_cert, settings.identity_cert))
-    hosts = [settings.listen_address]
-    if settings.enable_ipv6 and settings.listen_address == "0.0.0.0":
-        hosts.append("::")  # asyncio binds IPv6 sockets v6-only, so both families need a site
+    hosts = listen_hosts(settings)
     sites: list[tuple[str, int, ssl.SSLContext | None]] = [
         (host, settings.listen_port, ssl_context) for host in hosts
     ]
@@ -65,14 +86,25 @@ async def serve(settings: CmSettings) -> None:
             )
     if not settings.identity_cert:
         log.warning("no IdentityCert: the CM presents no cm certificate to the broker and the agents")
+    admin = web.management_app(cm.metrics.registry, cm.healthy)
+    listeners = None
+    if place is not None:
+        cm.add_peer_routes(admin)
+        listeners = {
+            (h, port): [place.sockets[f"{h}:{port}"]] for h in hosts for port in listen_ports(settings)
+        }
     await web.run_sites(
         cm.make_app(),
         sites,
         limits=settings.http,
-        admin=web.management_app(cm.metrics.registry, cm.healthy),
+        admin=admin,
+        listeners=listeners,
+        slots=WorkerSlots(place.shared, "connections", place.index) if place is not None else None,
+        admin_path=place.admin_path if place is not None else "",
         started=lambda: log.info(
             "connection manager listening",
             extra={
+                "worker": place.index if place is not None else 0,
                 "port": settings.listen_port,
                 "redirect_port": settings.redirect_port,
                 "admin_port": settings.http.admin_port,
@@ -82,6 +114,62 @@ async def serve(settings: CmSettings) -> None:
                 "nofile": nofile,
             },
         ),
+    )
+
+
+def supervise(settings: CmSettings) -> None:
+    """Workers > 1: one socket per worker and listening address (SO_REUSEPORT, the worker picked
+    by the client's source port, so a client's new connections spread over the workers), the
+    counters MaxConnections, MaxClients and MaxConcurrentEstablishments of all workers, and the
+    supervisor (gatehouse.workers) on AdminPort."""
+    count = settings.workers
+    program = source_port_program(count)
+    hosts = listen_hosts(settings)
+
+    def v6only(sock: socket.socket) -> None:
+        if sock.family == socket.AF_INET6 and len(hosts) > 1:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # 0.0.0.0 has its own group
+
+    groups = {
+        f"{h}:{port}": workers.reuseport_sockets(h, port, socket.SOCK_STREAM, count, program, prepare=v6only)
+        for h in hosts
+        for port in listen_ports(settings)
+    }
+    service = workers.Service(
+        name="cm",
+        admin_address=settings.http.admin_address,
+        admin_port=settings.http.admin_port,
+        cert_files=(settings.ssl_cert, settings.identity_cert),
+        listening=",".join(groups),
+        grace=SHUTDOWN_GRACE,
+        not_summed=frozenset({"gatehouse_tls_certificate_expiry_timestamp_seconds"}),
+        per_worker=PER_WORKER,
+    )
+    shared = SharedCounters("cm", count, ("connections", "clients", "establishing"))
+    workers.supervise(service, groups, shared, lambda place: serve(settings, place))
+
+
+def source_port_program(count: int) -> bytes:
+    """Classic BPF for a TCP SO_REUSEPORT group: the worker of a connection is its source port
+    modulo ``count``. The kernel runs it with the data past the TCP header, so the port is read
+    relative to the network header (SKF_NET_OFF): after the IPv4 header (its length from IHL) or
+    the 40 bytes of the IPv6 one."""
+    net = SKF_NET_OFF
+    ld_b, ld_h, ldx_msh, ld_h_ind = 0x30, 0x28, 0xB1, 0x48
+    rsh_k, mod_k, jeq_k, ja, ret_a = 0x74, 0x94, 0x15, 0x05, 0x16
+    insn = workers.insn
+    return b"".join(
+        [
+            insn(ld_b, net),  # 0: first byte of the IP header
+            insn(rsh_k, 4),  # 1: its version
+            insn(jeq_k, 6, jt=3),  # 2: IPv6: to 6
+            insn(ldx_msh, net),  # 3: X = the IPv4 header's length
+            insn(ld_h_ind, net),  # 4: the TCP source port after it
+            insn(ja, 1),  # 5: to 7
+            insn(ld_h, net + 40),  # 6: the TCP source port after the IPv6 header
+            insn(mod_k, count),  # 7
+            insn(ret_a),  # 8
+        ]
     )
 
 
@@ -110,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, tls.CertificateError) as exc:
         print(f"gatehouse-cm: {exc}", file=sys.stderr)
         return 2
-    web.install_uvloop()
     try:
+        if settings.workers > 1:
+            supervise(settings)
+            return 0
+        web.install_uvloop()
         asyncio.run(serve(settings))
     except OSError as exc:
         print(f"gatehouse-cm: cannot listen: {exc}", file=sys.stderr)

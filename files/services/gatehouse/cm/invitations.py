@@ -10,6 +10,8 @@ Invariants:
   that session is alive and still on that agent session.
 - It is accepted once: :meth:`InvitationBook.redeem` marks it used before it returns, with no
   ``await`` in between, so two redemptions of one code (on one event loop) cannot both pass.
+- With Workers > 1 a code ends in ``tag`` ("-<worker>"), the worker whose book holds it: a
+  collaborator on another worker redeems it there (:func:`owner_of_code`).
 - It lives ``ttl`` seconds. Used and expired entries are kept ``max(ttl, MIN_RETAIN)`` after their
   expiry, so a late redemption learns "used" or "expired" rather than "unknown"; then they are
   forgotten.
@@ -29,6 +31,7 @@ from gatehouse import protocol as p
 from gatehouse.cm.sessions import Session
 
 CODE_BYTES = 24
+CODE_CHARS = 32  # secrets.token_urlsafe(CODE_BYTES)
 MIN_RETAIN = 60.0
 RETAINED_PER_OUTSTANDING = 4
 
@@ -56,8 +59,9 @@ def digest(code: str) -> bytes:
 
 
 class InvitationBook:
-    def __init__(self, ttl: float, max_per_session: int) -> None:
+    def __init__(self, ttl: float, max_per_session: int, tag: str = "") -> None:
         self.ttl = ttl
+        self.tag = tag
         self.max_per_session = max_per_session
         self.retain = max(ttl, MIN_RETAIN)
         self._by_digest: dict[bytes, Invitation] = {}  # insertion order = age
@@ -107,7 +111,7 @@ class InvitationBook:
         spent = [d for d in mine if d not in live]
         while spent and len(mine) >= RETAINED_PER_OUTSTANDING * self.max_per_session:
             self._forget(spent.pop(0))
-        code = secrets.token_urlsafe(CODE_BYTES)
+        code = secrets.token_urlsafe(CODE_BYTES) + self.tag
         key = digest(code)
         self._by_digest[key] = Invitation(owner, agent, agent_session_id, now + self.ttl)
         self._by_owner.setdefault(owner, {})[key] = None
@@ -129,6 +133,14 @@ class InvitationBook:
         # Consumed before any check that might await: a second redemption sees "used".
         invitation.used = True
         return invitation
+
+
+def owner_of_code(code: str) -> int | None:
+    """The worker index a code names (its "-<worker>" tag), or None (no tag)."""
+    tag = code[CODE_CHARS:]
+    if len(tag) < 2 or len(tag) > 3 or tag[0] != "-" or not tag[1:].isdigit():
+        return None
+    return int(tag[1:])
 
 
 def owner_refusal(invitation: Invitation, owner_live: bool) -> InvitationRefused | None:

@@ -76,6 +76,13 @@ class CmMetrics:
             ["upstream", "kind"],
             registry=self.registry,
         )
+        self.forwarded = Counter(
+            "gatehouse_cm_forwarded_requests",
+            "Requests of another worker's session passed to that worker (Workers > 1), by outcome "
+            "(answered; gone: the worker had ended; timeout)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.busy = Counter(
             "gatehouse_cm_busy_refusals",
             "Requests refused with FAILED_SERVER_BUSY by limit",

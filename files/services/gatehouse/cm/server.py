@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -24,8 +25,9 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 from gatehouse import protocol as p
 from gatehouse import tls
 from gatehouse.cm import agent as agent_call
-from gatehouse.cm.invitations import InvitationBook, InvitationRefused, owner_refusal
+from gatehouse.cm.invitations import InvitationBook, InvitationRefused, owner_of_code, owner_refusal
 from gatehouse.cm.metrics import CmMetrics
+from gatehouse.cm.peers import PATH_FORWARD, PATH_REDEEM, Call, Peers, Redeemed, redeemed_json, refused_json
 from gatehouse.cm.sessions import (
     EstablishmentLimiter,
     Session,
@@ -33,6 +35,7 @@ from gatehouse.cm.sessions import (
     SessionTable,
     State,
     check_transition,
+    owner_of_cookie,
 )
 from gatehouse.cm.settings import CmSettings, read_tenants
 from gatehouse.cm.target import NoSiteGateway, build_target, gateway_name, site_gateway
@@ -40,9 +43,11 @@ from gatehouse.cm.upstream import Upstream, UpstreamError
 from gatehouse.config import ConfigError
 from gatehouse.grant import GrantSealer
 from gatehouse.logs import SessionLogger
+from gatehouse.shared import WorkerSlots
 from gatehouse.sites import Gateway
 from gatehouse.tenants import SNI_ATTRIBUTE, ServerNames, Tenant, Tenants, TenantsError, normal_host
-from gatehouse.web import add_health, client_ip
+from gatehouse.web import Network, add_health, client_ip
+from gatehouse.workers import WorkerPlace
 
 log = logging.getLogger("gatehouse.cm")
 ENVELOPE = "pcoip-client"
@@ -74,12 +79,32 @@ def same_broker(old: Tenant, new: Tenant) -> bool:
     )
 
 
+def peer_timeout(settings: CmSettings) -> float:
+    """The longest a session's worker may take over a forwarded request: an allocate-resource
+    calls the broker, the agent and the broker again."""
+    return 2 * settings.broker_timeout + settings.agent_timeout + 5.0
+
+
 def request_host(request: web.Request) -> str:
     """The Host header's name, without the port, as tenants compare it."""
     host = request.headers.get("Host", "")
     if host.startswith("["):
         return normal_host(host[1 : host.find("]")] if "]" in host else host[1:])
     return normal_host(host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
+
+
+def call_of(request: web.Request, trusted: Sequence[Network]) -> Call:
+    """What the CM needs of a request that arrived on its own listener."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    return Call(
+        ip=client_ip(request, trusted),
+        cookie=request.cookies.get(COOKIE),
+        log_id=request.headers.get(LOG_ID_HEADER, "")[:128],
+        host=request_host(request),
+        sni=getattr(ssl_object, SNI_ATTRIBUTE, None) or "",
+        # The connection object identifies the TLS connection (see SessionTable.find).
+        connection=request.transport,
+    )
 
 
 class Busy(Exception):
@@ -113,10 +138,24 @@ class Outcome:
 
 
 class ConnectionManager:
-    def __init__(self, settings: CmSettings, server_names: ServerNames | None = None) -> None:
+    def __init__(
+        self,
+        settings: CmSettings,
+        server_names: ServerNames | None = None,
+        place: WorkerPlace | None = None,
+    ) -> None:
+        """``place``: as worker ``place.index`` of a supervisor (None: on its own). A worker's
+        sessions and invitations carry its index, MaxClients and MaxConcurrentEstablishments are
+        counted across the workers, and requests of another worker's sessions go there (peers.py)."""
         self.settings = settings
         # The TLS server name callback of the client-facing context (tenants' own certificates).
         self.server_names = server_names
+        self.peers: Peers | None = None
+        client_slots = establishing = None
+        if place is not None:
+            self.peers = Peers(place.peers, place.index, peer_timeout(settings))
+            client_slots = WorkerSlots(place.shared, "clients", place.index)
+            establishing = WorkerSlots(place.shared, "establishing", place.index)
         self.table = SessionTable(
             settings.max_clients,
             settings.idle_timeout,
@@ -125,8 +164,10 @@ class ConnectionManager:
             max_pre_auth_per_source=settings.max_pre_auth_sessions_per_source,
             max_lifetime=settings.session_max_lifetime,
             exempt=settings.trusted_proxies,
+            slots=client_slots,
+            tag=f".{place.index}" if place is not None else "",
         )
-        self.limiter = EstablishmentLimiter(settings.max_concurrent_establishments)
+        self.limiter = EstablishmentLimiter(settings.max_concurrent_establishments, establishing)
         secret = settings.grant_secret
         self.sealer = GrantSealer(secret, settings.site) if secret else None
         # One key per other site's gateways (docs/multisite.md); the settings require the secret.
@@ -136,7 +177,11 @@ class ConnectionManager:
         self.tenants: Tenants = settings.tenants
         self.tenant_sealers: dict[str, GrantSealer] = {}
         self._set_tenants(settings.tenants)
-        self.invitations = InvitationBook(settings.invitation_ttl, settings.max_invitations_per_session)
+        self.invitations = InvitationBook(
+            settings.invitation_ttl,
+            settings.max_invitations_per_session,
+            tag=f"-{place.index}" if place is not None else "",
+        )
         self.gateway_sni = gateway_name(settings.host_address, settings.ssl_cert)
         self.hostname = next(iter(settings.host_address), "") or socket.gethostname()
         # Unknown until the first poll when an SG health URL is set; no URL: nothing to follow.
@@ -220,7 +265,7 @@ class ConnectionManager:
         )
         return True
 
-    def tenant_of(self, request: web.Request) -> Tenant | None:
+    def tenant_of(self, call: Call) -> Tenant | None:
         """The request's tenant (None without tenants); raises Misdirected.
 
         The TLS server name (SNI) and the Host header must both be host names of one tenant: a
@@ -228,8 +273,7 @@ class ConnectionManager:
         """
         if not self.settings.tenants_file:
             return None
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        sni = getattr(ssl_object, SNI_ATTRIBUTE, None)
+        sni = call.sni
         if not sni:
             raise Misdirected(
                 "this connection manager serves tenants: connect with a tenant's host name (TLS SNI)"
@@ -237,8 +281,7 @@ class ConnectionManager:
         tenant = self.tenants.by_host(sni)
         if tenant is None:
             raise Misdirected(f"unknown host name {normal_host(sni)[:253]!r}: no tenant is served under it")
-        host = request_host(request)
-        if self.tenants.by_host(host) != tenant:
+        if self.tenants.by_host(call.host) != tenant:
             raise Misdirected("the Host header and the TLS server name (SNI) name different tenants")
         return tenant
 
@@ -284,6 +327,13 @@ class ConnectionManager:
             await asyncio.wait(self._background, timeout=min(self.settings.broker_timeout, 5.0))
         if self.upstream:
             await self.upstream.close()
+        if self.peers is not None:
+            await self.peers.close()
+
+    def add_peer_routes(self, admin: web.Application) -> None:
+        """The calls of this CM's other workers (on this worker's Unix socket, see peers.py)."""
+        admin.router.add_post(PATH_FORWARD, self.handle_forwarded)
+        admin.router.add_post(PATH_REDEEM, self.handle_peer_redeem)
 
     @web.middleware
     async def _https_only(
@@ -386,24 +436,56 @@ class ConnectionManager:
 
     async def handle_xml(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        ip = client_ip(request, self.settings.trusted_proxies)
+        call = call_of(request, self.settings.trusted_proxies)
         if request.method != "POST":
             return await self._send(
                 request,
                 Outcome(p.ErrorResp(p.E_MALFORMED, f"use POST on {p.PATH_BROKER}"), 405),
-                ip,
+                call.ip,
                 "invalid",
                 started,
             )
         try:
             body = await read_body(request)
+        except p.ProtocolError as exc:
+            outcome = Outcome(p.ErrorResp(exc.result_id, exc.message), 413)
+            return await self._send(request, outcome, call.ip, "invalid", started, close=True)
+        owner = owner_of_cookie(call.cookie)
+        if self.peers is not None and self.peers.other(owner):
+            assert owner is not None
+            try:
+                answer = await self.peers.forward(owner, call, body)
+            except TimeoutError:
+                self.metrics.forwarded.labels("timeout").inc()
+                outcome = Outcome(
+                    p.ErrorResp(p.E_INTERNAL, "the session's worker did not answer in time"), 503
+                )
+                return await self._send(request, outcome, call.ip, "forwarded", started)
+            if answer is not None:
+                self.metrics.forwarded.labels("answered").inc()
+                return await answer.send(request)
+            # That worker has ended, and its sessions with it: answered here, as without a session.
+            self.metrics.forwarded.labels("gone").inc()
+            call = dataclasses.replace(call, cookie=None)
+        return await self._answer(request, call, body, started)
+
+    async def handle_forwarded(self, request: web.Request) -> web.StreamResponse:
+        """A request another worker received for a session of this one (peers.py)."""
+        return await self._answer(
+            request, Call.from_headers(request.headers), await request.read(), time.monotonic()
+        )
+
+    async def _answer(
+        self, request: web.Request, call: Call, body: bytes, started: float
+    ) -> web.StreamResponse:
+        ip = call.ip
+        try:
             message = p.parse(body, ENVELOPE)
         except p.ProtocolError as exc:
-            status = 413 if exc.result_id == p.E_TOO_LARGE else 400
-            outcome = Outcome(p.ErrorResp(exc.result_id, exc.message), status)
-            return await self._send(request, outcome, ip, "invalid", started, close=status == 413)
+            outcome = Outcome(p.ErrorResp(exc.result_id, exc.message), 400)
+            return await self._send(request, outcome, ip, "invalid", started)
         try:
-            outcome = await self.dispatch(request, message, ip)
+            outcome = await self.dispatch(call, message)
         except p.ProtocolError as exc:
             outcome = Outcome(p.ErrorResp(exc.result_id, exc.message), 200)
         except Busy as exc:
@@ -465,19 +547,17 @@ class ConnectionManager:
 
     # ------------------------------------------------------------ protocol
 
-    async def dispatch(self, request: web.Request, message: p.Message, ip: str) -> Outcome:
-        log_id = request.headers.get(LOG_ID_HEADER, "")[:128]
-        tenant = self.tenant_of(request)
-        # The connection object identifies the TLS connection (see SessionTable.find).
-        connection = request.transport
-        session = self.table.find(request.cookies.get(COOKIE), log_id, ip, connection=connection)
+    async def dispatch(self, call: Call, message: p.Message) -> Outcome:
+        ip, log_id, connection = call.ip, call.log_id, call.connection
+        tenant = self.tenant_of(call)
+        session = self.table.find(call.cookie, log_id, ip, connection=connection)
         if session is not None and session.tenant_name != (tenant.name if tenant is not None else ""):
             # Another tenant's cookie (or log id): refused, and that session is left as it was.
             raise Misdirected("this session belongs to another host name; send <hello> on this one")
         if session is not None:
             session.touch()
         if isinstance(message, p.Hello):
-            return await self.hello(message, session, ip, log_id, tenant, request_host(request))
+            return await self.hello(message, session, ip, log_id, tenant, call.host)
         if isinstance(message, p.Bye):
             return self.bye(session)
         try:
@@ -807,19 +887,18 @@ class ConnectionManager:
         previous = session.state
         try:
             try:
-                invitation = self.invitations.redeem(message.invitation_code)
-                if invitation.owner.tenant_name != session.tenant_name:
-                    # Another tenant's code is no code here (and gives away nothing about it).
-                    raise InvitationRefused("unknown", p.JOIN_UNKNOWN, "no such invitation")
-                refusal = owner_refusal(invitation, self.table.alive(invitation.owner))
-                if refusal is not None:
-                    raise refusal
+                code = message.invitation_code
+                owner_worker = owner_of_code(code)
+                if self.peers is not None and self.peers.other(owner_worker):
+                    assert owner_worker is not None
+                    invitation = await self.peers.redeem(owner_worker, code, session.tenant_name)
+                else:
+                    invitation = self.take_invitation(code, session.tenant_name)
             except InvitationRefused as exc:
                 return self._refuse_invitation(session, exc)
-            owner = invitation.owner
             session.state = State.ALLOCATING
             details: dict[str, object] = {
-                "owner_session_id": owner.session_id,
+                "owner_session_id": invitation.owner_session_id,
                 "agent": invitation.agent.ip_address,
             }
             try:
@@ -851,13 +930,33 @@ class ConnectionManager:
         session.state = State.ALLOCATED
         session.agent = invitation.agent
         session.agent_session_id = invitation.agent_session_id
-        session.joined = owner.session_id
+        session.joined = invitation.owner_session_id
         self.metrics.invitations_redeemed.inc()
-        SessionLogger(log, owner.session_id).info(
+        SessionLogger(log, invitation.owner_session_id).info(
             "collaborator joined", extra={"collaborator_session_id": session.session_id}
         )
         details["target"] = f"{target.ip_address}:{target.port}"
         return Outcome(p.RedeemInvitationResp(p.JOIN_OK, "", target), session=session, details=details)
+
+    def take_invitation(self, code: str, tenant_name: str) -> Redeemed:
+        """Invitation ``code`` of this worker's book, consumed; raises InvitationRefused."""
+        invitation = self.invitations.redeem(code)
+        if invitation.owner.tenant_name != tenant_name:
+            # Another tenant's code is no code here (and gives away nothing about it).
+            raise InvitationRefused("unknown", p.JOIN_UNKNOWN, "no such invitation")
+        refusal = owner_refusal(invitation, self.table.alive(invitation.owner))
+        if refusal is not None:
+            raise refusal
+        return Redeemed(invitation.agent, invitation.agent_session_id, invitation.owner.session_id)
+
+    async def handle_peer_redeem(self, request: web.Request) -> web.Response:
+        """Another worker's collaborator redeems a code of this worker's book (peers.py)."""
+        asked = await request.json()
+        try:
+            text = redeemed_json(self.take_invitation(str(asked["code"]), str(asked["tenant"])))
+        except InvitationRefused as exc:
+            text = refused_json(exc)
+        return web.Response(text=text, content_type="application/json")
 
     def _refuse_invitation(
         self, session: Session, exc: InvitationRefused, details: dict[str, object] | None = None

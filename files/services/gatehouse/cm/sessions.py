@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gatehouse import protocol as p
+from gatehouse.shared import LocalSlots, Slots
 from gatehouse.tenants import Tenant
 from gatehouse.web import Network, in_networks
 
@@ -164,6 +165,10 @@ class SessionTable:
       authentication) and forgotten after ``idle_timeout`` without a request or
       ``max_lifetime`` after creation, whichever comes first. Anonymous traffic never counts
       against them.
+    - With Workers > 1, ``max_clients`` counts the authenticated sessions of every worker (``slots``,
+      a shared counter: a slot is taken at authentication and given back when the session goes),
+      and every cookie ends in ``tag`` (".<worker>"), which names the worker that holds the
+      session (see :func:`owner_of_cookie`). The unauthenticated pool's caps are each worker's.
     - A session is found by its cookie. ``Client-Log-Id`` is a fallback for clients that keep no
       cookies; it is not a secret, so it finds a session only from the address that opened it,
       only while the client has never shown the cookie, and, once the session is authenticated,
@@ -180,8 +185,12 @@ class SessionTable:
         max_pre_auth_per_source: int = 16,
         max_lifetime: float = 36000.0,
         exempt: Sequence[Network] = (),
+        slots: Slots | None = None,
+        tag: str = "",
     ) -> None:
         self.max_clients = max_clients
+        self.slots: Slots = slots if slots is not None else LocalSlots()
+        self.tag = tag
         self.idle_timeout = idle_timeout
         self.pre_auth_timeout = pre_auth_timeout
         self.max_pre_auth = max_pre_auth
@@ -220,15 +229,21 @@ class SessionTable:
             return now - session.created > self.pre_auth_timeout
         return now - session.last_seen > self.idle_timeout or now - session.created > self.max_lifetime
 
+    def _full(self) -> SessionsFull:
+        return SessionsFull("max_clients", f"{self.max_clients} client sessions are active")
+
+    def _sweep_when_full(self, now: float) -> None:
+        # Look for expired sessions at most once a second: a crowd of refused clients must not
+        # each pay for a scan of the whole table.
+        if now >= self._next_full_sweep:
+            self._next_full_sweep = now + 1.0
+            self._evicted.extend(self.expire(now))
+
     def _room_for_user(self, now: float) -> None:
-        if self.authenticated_count >= self.max_clients:
-            # When full, look for expired sessions at most once a second: a crowd of refused
-            # clients must not each pay for a scan of the whole table.
-            if now >= self._next_full_sweep:
-                self._next_full_sweep = now + 1.0
-                self._evicted.extend(self.expire(now))
-            if self.authenticated_count >= self.max_clients:
-                raise SessionsFull("max_clients", f"{self.max_clients} client sessions are active")
+        if self.slots.total() >= self.max_clients:
+            self._sweep_when_full(now)
+            if self.slots.total() >= self.max_clients:
+                raise self._full()
 
     def create(self, client_ip: str, log_id: str = "", now: float | None = None) -> Session:
         """A new unauthenticated session (see the class invariants for the caps)."""
@@ -248,7 +263,7 @@ class SessionTable:
             self._evict_one(now)
         session = Session(
             session_id=str(uuid.uuid4()),
-            cookie=secrets.token_urlsafe(32),
+            cookie=secrets.token_urlsafe(32) + self.tag,
             client_ip=client_ip,
             log_id=log_id,
             created=now,
@@ -293,11 +308,14 @@ class SessionTable:
             return None
         if session.authenticated:
             return session.cookie
-        self._room_for_user(time.monotonic())
+        if not self.slots.take(self.max_clients):
+            self._sweep_when_full(time.monotonic())
+            if not self.slots.take(self.max_clients):
+                raise self._full()
         self._drop_pre(session)
         session.state = State.AUTHENTICATED
         del self._by_cookie[session.cookie]
-        session.cookie = secrets.token_urlsafe(32)
+        session.cookie = secrets.token_urlsafe(32) + self.tag
         self._by_cookie[session.cookie] = session
         session.bound_connection = connection
         return session.cookie
@@ -349,6 +367,8 @@ class SessionTable:
         if session.log_id and self._by_log_id.get(session.log_id) is session:
             del self._by_log_id[session.log_id]
         if removed:
+            if session.authenticated:
+                self.slots.give()
             self._drop_pre(session)
         session.bound_connection = None
         session.forget_password()
@@ -364,17 +384,31 @@ class SessionTable:
 
 
 class EstablishmentLimiter:
-    """At most ``limit`` allocate-resource calls in flight; the next is refused at once, not queued."""
+    """At most ``limit`` allocate-resource calls in flight (in all workers, with shared ``slots``);
+    the next is refused at once, not queued. ``in_flight`` is this process's."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, slots: Slots | None = None) -> None:
         self.limit = limit
+        self.slots: Slots = slots if slots is not None else LocalSlots()
         self.in_flight = 0
 
     def try_acquire(self) -> bool:
-        if self.in_flight >= self.limit:
+        if not self.slots.take(self.limit):
             return False
         self.in_flight += 1
         return True
 
     def release(self) -> None:
-        self.in_flight = max(0, self.in_flight - 1)
+        if self.in_flight > 0:
+            self.in_flight -= 1
+            self.slots.give()
+
+
+def owner_of_cookie(cookie: str | None) -> int | None:
+    """The worker index a cookie names (its ".<worker>" tag), or None (no cookie, or no tag)."""
+    if not cookie:
+        return None
+    _token, dot, index = cookie.rpartition(".")
+    if not dot or not index.isdigit() or len(index) > 2:
+        return None
+    return int(index)

@@ -77,6 +77,9 @@ class CmSettings:
     host_address: tuple[str, ...] = ()
     license_server_url: str = ""
     log_level: str = "info"
+    # CM processes serving the ports (gatehouse/workers.py); 1 = one process, no supervisor.
+    # Workers=0 in the file (the default) means the CPUs this process may run on.
+    workers: int = 1
     grant_secret: bytes = field(default=b"", repr=False)
     # Multi-site (docs/multisite.md): this CM's site ("" = none) and the gateway of each other site,
     # where the clients of that site's desktops are sent (sorted by site; this CM's own site may be
@@ -172,6 +175,7 @@ class CmSettings:
             host_address=tuple(cfg.list("HostAddress")),
             license_server_url=cfg.str("LicenseServerUrl"),
             log_level=cfg.log_level(),
+            workers=cfg.workers(),
             grant_secret=secret,
             site=site,
             site_gateways=tuple(sorted(site_gateways.items())),

@@ -10,10 +10,9 @@ peers whose connections and datagrams must start with a PROXY v2 header naming t
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass, field
 
-from gatehouse.config import Config, ConfigError, env_name
+from gatehouse.config import MAX_WORKERS, Config, ConfigError, env_name
 from gatehouse.grant import decode_secret
 from gatehouse.sites import check_site
 from gatehouse.tenants import Tenants, TenantsError, load_tenants
@@ -25,7 +24,6 @@ REFUSAL_LOG_RATE = 10  # log lines per second and refusal reason; the counters k
 FORWARD_CONNECT_TIMEOUT = 3.0  # forwarder: TCP connect to one inner SG before trying the next
 FORWARD_RETRY_AFTER = 10.0  # forwarder: an inner SG that refused a connect is tried last this long
 UDP_FLOW_IDLE = 120.0  # forwarder: a client's UDP flow without datagrams either way is closed
-MAX_WORKERS = 64
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -139,11 +137,12 @@ class SgSettings:
                 "TenantsFile: a forwarder checks no grant; give the tenants to the inner gateways"
             )
         tenants = read_tenants(tenants_file) if tenants_file else Tenants()
-        workers = cfg.int("Workers", 0, minimum=0, maximum=MAX_WORKERS)
-        if workers > 1 and forward_to:
-            raise ConfigError("Workers: a forwarder runs as one process; set Workers=1 or leave it out")
-        if workers == 0:
-            workers = 1 if forward_to else available_cpus()
+        if forward_to:
+            if cfg.int("Workers", 0, minimum=0, maximum=MAX_WORKERS) > 1:
+                raise ConfigError("Workers: a forwarder runs as one process; set Workers=1 or leave it out")
+            workers = 1
+        else:
+            workers = cfg.workers()
         return cls(
             listen_address=cfg.str("ListenAddress", "0.0.0.0"),
             port=cfg.int("Port", 4172, minimum=1, maximum=65535),
@@ -167,11 +166,6 @@ class SgSettings:
             tenants=tenants,
             workers=workers,
         )
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity, which a container's cpuset limits)."""
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
 def read_tenants(path: str) -> Tenants:
