@@ -7,6 +7,9 @@ own CPU time: on a 2-core machine they compete with the CM. References, same run
 generators: the keep-alive and establishment loads against the stand-in itself speaking the
 client envelope (a server that only parses and renders the XML), and the handshake rate against
 HAProxy (halb image, host network, one thread) terminating TLS with the same certificate.
+
+Each figure is measured with the CM at its default, one worker per CPU (``cm``), and again with
+``Workers=1`` (``cm-1``) in the same rounds, so the table shows what the workers bring.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from bench.common import (
     load_average,
     wait_port,
 )
+from gatehouse.config import available_cpus
 
 GENERATORS = 2
 ARRIVALS_PER_SECOND = 50  # keep-alive clients connect and log in at this rate, then all stay
@@ -124,7 +128,9 @@ def _summary(r: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "latencies"}
 
 
-def _stack(bench: Bench) -> tuple[ServiceProcess, str, str, subprocess.Popen[str]]:
+def _stack(bench: Bench) -> tuple[dict[str, str], str, subprocess.Popen[str]]:
+    """The stand-in, and a CM with one worker per CPU (``cm``) and one with one (``cm-1``): their
+    URLs by name, the stand-in's own URL (the reference) and its process."""
     broker_port, agent_port = free_port(), free_port()
     standin = subprocess.Popen(
         [
@@ -147,46 +153,45 @@ def _stack(bench: Bench) -> tuple[ServiceProcess, str, str, subprocess.Popen[str
     assert standin.stdout is not None
     if standin.stdout.readline().strip() != "ready":
         raise RuntimeError("bench.standin did not start")
-    port = free_port()
-    cm = ServiceProcess(
-        "cm",
-        bench.work / "cm",
-        {
-            "ListenAddress": "127.0.0.1",
-            "ListenPort": port,
-            "RedirectPort": 0,
-            "SslCert": bench.cert.cert,
-            "SslKey": bench.cert.key,
-            "BrokerUrl": f"https://127.0.0.1:{broker_port}",
-            "BrokerCaCert": bench.pki.ca,
-            "AgentTlsVerify": False,
-            "SecurityGatewayEnabled": True,
-            "ExternalPcoipIp": "127.0.0.1",
-            "MaxClients": 10000,
-            "MaxConcurrentEstablishments": 1000,
-            # Every benchmark client comes from 127.0.0.1: the per-source and pre-authentication
-            # caps would measure the throttles, not the CM.
-            "MaxConnections": 20000,
-            "MaxConnectionsPerSource": 20000,
-            "MaxPreAuthSessions": 10000,
-            "MaxPreAuthSessionsPerSource": 10000,
-            "AdminPort": 0,
-            "BrokerTimeout": 30,
-            "AgentTimeout": 30,
-            "HostAddress": "localhost",
-            "LogLevel": "warn",
-        },
-        config_name="config.properties",
-        env_file={"GATEHOUSE_GRANTSECRET": bench.secret},
-        health_url=f"https://127.0.0.1:{port}/health",
-    ).start()
-    bench.procs.append(cm)
-    return (
-        cm,
-        f"https://127.0.0.1:{port}/pcoip-broker/xml",
-        f"https://127.0.0.1:{broker_port}/pcoip-broker/xml",
-        standin,
-    )
+    urls = {}
+    for name, workers in (("cm", available_cpus()), ("cm-1", 1)):
+        port = free_port()
+        cm = ServiceProcess(
+            "cm",
+            bench.work / name,
+            {
+                "ListenAddress": "127.0.0.1",
+                "ListenPort": port,
+                "RedirectPort": 0,
+                "SslCert": bench.cert.cert,
+                "SslKey": bench.cert.key,
+                "BrokerUrl": f"https://127.0.0.1:{broker_port}",
+                "BrokerCaCert": bench.pki.ca,
+                "AgentTlsVerify": False,
+                "SecurityGatewayEnabled": True,
+                "ExternalPcoipIp": "127.0.0.1",
+                "MaxClients": 10000,
+                "MaxConcurrentEstablishments": 1000,
+                # Every benchmark client comes from 127.0.0.1: the per-source and pre-authentication
+                # caps would measure the throttles, not the CM.
+                "MaxConnections": 20000,
+                "MaxConnectionsPerSource": 20000,
+                "MaxPreAuthSessions": 10000,
+                "MaxPreAuthSessionsPerSource": 10000,
+                "AdminPort": free_port(),
+                "BrokerTimeout": 30,
+                "AgentTimeout": 30,
+                "HostAddress": "localhost",
+                "LogLevel": "warn",
+                "Workers": workers,
+            },
+            config_name="config.properties",
+            env_file={"GATEHOUSE_GRANTSECRET": bench.secret},
+            health_url=f"https://127.0.0.1:{port}/health",
+        ).start()
+        bench.procs.append(cm)
+        urls[name] = f"https://127.0.0.1:{port}/pcoip-broker/xml"
+    return urls, f"https://127.0.0.1:{broker_port}/pcoip-broker/xml", standin
 
 
 def _stop(standin: subprocess.Popen[str]) -> None:
@@ -197,7 +202,7 @@ def _stop(standin: subprocess.Popen[str]) -> None:
 def run_keepalive(bench: Bench) -> list[Figure]:
     clients = 1000 if bench.quick else 4000
     rounds = 3
-    _cm, cm_url, ref_url, standin = _stack(bench)
+    cms, ref_url, standin = _stack(bench)
     try:
         job = {
             "mode": "keepalive",
@@ -211,14 +216,23 @@ def run_keepalive(bench: Bench) -> list[Figure]:
                 "reference": lambda: generate(
                     {**job, "url": ref_url, "envelope": "pcoip-client"}, clients, 600
                 ),
-                "cm": lambda: generate({**job, "url": cm_url, "envelope": "pcoip-client"}, clients, 600),
+                **{
+                    name: (
+                        lambda url=url: generate(
+                            {**job, "url": url, "envelope": "pcoip-client"}, clients, 600
+                        )
+                    )
+                    for name, url in cms.items()
+                },
             },
         )
-        got, ref = both["cm"], both["reference"]
+        got, ref, one = both["cm"], both["reference"], both["cm-1"]
     finally:
         _stop(standin)
     details = {
         "cm": _summary(got),
+        "cm_1_worker": _summary(one),
+        "workers": available_cpus(),
         "reference": _summary(ref),
         "clients": clients,
         "requests_per_client": rounds,
@@ -246,12 +260,27 @@ def run_keepalive(bench: Bench) -> list[Figure]:
             "bare aiohttp stand-in",
             "ratio <= 3",
         ).judge(),
+        *one_worker(name, "errors", "errors", float(one["errors"]), float(got["errors"])),
+        *one_worker(name, "p99 get-resource-list", "ms", one["p99"], got["p99"]),
+    ]
+
+
+def one_worker(name: str, what: str, unit: str, value: float, with_workers: float) -> list[Figure]:
+    """The figure of the CM with Workers=1, against the same CM with one worker per CPU."""
+    return [
+        Figure(
+            f"{name}: {what}, Workers=1" if what else f"{name}, Workers=1",
+            unit,
+            value,
+            with_workers,
+            f"Workers={available_cpus()} (the default), same run",
+        )
     ]
 
 
 def run_establish(bench: Bench) -> list[Figure]:
     clients = 100 if bench.quick else 400
-    _cm, cm_url, ref_url, standin = _stack(bench)
+    cms, ref_url, standin = _stack(bench)
     try:
         job = {"mode": "establish"}
         both = alternate(
@@ -260,14 +289,23 @@ def run_establish(bench: Bench) -> list[Figure]:
                 "reference": lambda: generate(
                     {**job, "url": ref_url, "envelope": "pcoip-client"}, clients, 600
                 ),
-                "cm": lambda: generate({**job, "url": cm_url, "envelope": "pcoip-client"}, clients, 600),
+                **{
+                    name: (
+                        lambda url=url: generate(
+                            {**job, "url": url, "envelope": "pcoip-client"}, clients, 600
+                        )
+                    )
+                    for name, url in cms.items()
+                },
             },
         )
-        got, ref = both["cm"], both["reference"]
+        got, ref, one = both["cm"], both["reference"], both["cm-1"]
     finally:
         _stop(standin)
     details = {
         "cm": _summary(got),
+        "cm_1_worker": _summary(one),
+        "workers": available_cpus(),
         "reference": _summary(ref),
         "clients": clients,
         "measured": "new TLS connection, hello → authenticate → get-resource-list → allocate-resource answered",
@@ -287,32 +325,35 @@ def run_establish(bench: Bench) -> list[Figure]:
         Figure(
             f"{name}: p99", "ms", got["p99"], ref["p99"], "bare aiohttp stand-in", "ratio <= 1.25"
         ).judge(),
+        *one_worker(name, "errors", "errors", float(one["errors"]), float(got["errors"])),
+        *one_worker(name, "p99", "ms", one["p99"], got["p99"]),
     ]
 
 
 def run_handshakes(bench: Bench) -> list[Figure]:
     seconds = 2.0 if bench.quick else 4.0
     concurrency = 16
-    _cm, cm_url, _ref_url, standin = _stack(bench)
+    cms, _ref_url, standin = _stack(bench)
     _stop(standin)
-    cm_port = int(cm_url.split(":")[2].split("/")[0])
+    ports = {name: int(url.split(":")[2].split("/")[0]) for name, url in cms.items()}
     hp_port = free_port()
     config = HAPROXY_GLOBAL.replace("global\n", "global\n    nbthread 1\n") + (
         f"frontend tls\n    mode http\n    bind 127.0.0.1:{hp_port} ssl crt /cfg/srv.pem\n"
         "    http-request return status 200\n"
     )
-    rates: dict[str, list[float]] = {"cm": [], "haproxy": []}
-    cpu: dict[str, list[float]] = {"cm": [], "haproxy": []}
+    rates: dict[str, list[float]] = {"cm": [], "cm-1": [], "haproxy": []}
+    cpu: dict[str, list[float]] = {"cm": [], "cm-1": [], "haproxy": []}
     with bench.haproxy(config, {"srv.pem": haproxy_pem(bench.cert)}) as container:
         wait_port(hp_port, container)
         for r in range(2 if bench.quick else 4):
-            turn = (("cm", cm_port), ("haproxy", hp_port))
+            turn = (("cm", ports["cm"]), ("haproxy", hp_port), ("cm-1", ports["cm-1"]))
             for what, port in turn if r % 2 == 0 else turn[::-1]:
                 job = {"mode": "handshake", "host": "127.0.0.1", "port": port, "seconds": seconds}
                 r = generate(job, concurrency, seconds + 120)
                 rates[what].append(len(r["latencies"]) / r["seconds"])
                 cpu[what].append(r["generator_cpu_s"])
     value, ref = statistics.median(rates["cm"]), statistics.median(rates["haproxy"])
+    one = statistics.median(rates["cm-1"])
     return [
         Figure(
             "CM full TLS handshakes per second (RSA 2048, TLS 1.3)",
@@ -323,11 +364,14 @@ def run_handshakes(bench: Bench) -> list[Figure]:
             "ratio >= 1.6",
             details={
                 "load_average": load_average(),
+                "workers": available_cpus(),
                 "cm_runs": [round(x) for x in rates["cm"]],
+                "cm_1_worker_runs": [round(x) for x in rates["cm-1"]],
                 "haproxy_runs": [round(x) for x in rates["haproxy"]],
                 "generator_cpu_s": cpu,
                 "seconds_per_run": seconds,
                 "concurrency": concurrency,
             },
-        ).judge()
+        ).judge(),
+        *one_worker("CM full TLS handshakes per second", "", "hs/s", one, value),
     ]

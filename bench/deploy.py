@@ -4,7 +4,7 @@ Reuses the demo's entry point, ``hack/demo.sh up`` (host containers on the gh-de
 then ``ansible-playbook -i inventories/demo playbooks/site.yml``, then one client session through
 the VIP), twice, and ``hack/demo.sh down`` at the end. The playbook's own time comes from
 ansible.posix's timer callback in the demo's site.log; the wall time of the whole ``up`` is kept
-too. Figures: the second run's time against the first (the reference), and the tasks the second
+too, and each run's slowest tasks (ansible.posix's profile_tasks) go into results.json. Figures: the second run's time against the first (the reference), and the tasks the second
 run changed (goal 0). Refuses to run when a demo is already up (it would be taken down).
 """
 
@@ -21,10 +21,16 @@ from bench.common import ROOT, Bench, Figure, not_measured
 DEMO = ROOT / "hack" / "demo.sh"
 LOG = ROOT / ".gatehouse-demo" / "site.log"
 RUN_TIMEOUT = 900
+PROFILE_TASKS = 15  # the slowest tasks of each run, from ansible.posix.profile_tasks, into results.json
+_PROFILE_LINE = re.compile(r"^(.+?) -+ (\d+\.\d+)s$")
 
 
 def _up(bench: Bench, n: int) -> dict:
-    env = dict(os.environ, ANSIBLE_CALLBACKS_ENABLED="ansible.posix.timer")
+    env = dict(
+        os.environ,
+        ANSIBLE_CALLBACKS_ENABLED="ansible.posix.timer,ansible.posix.profile_tasks",
+        PROFILE_TASKS_TASK_OUTPUT_LIMIT=str(PROFILE_TASKS),
+    )
     started = time.monotonic()
     proc = subprocess.run(
         ["bash", str(DEMO), "up"], env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
@@ -43,7 +49,18 @@ def _up(bench: Bench, n: int) -> dict:
         playbook = float(((d * 24 + h) * 60 + m) * 60 + s)
     changed = sum(int(x) for x in re.findall(r"changed=(\d+)", log.split("PLAY RECAP", 1)[-1]))
     failed = sum(int(x) for x in re.findall(r"failed=(\d+)", log.split("PLAY RECAP", 1)[-1]))
-    return {"wall_s": round(wall, 1), "playbook_s": playbook, "changed": changed, "failed": failed}
+    profile = []
+    for line in log.split("TASKS RECAP", 1)[-1].splitlines():
+        found = _PROFILE_LINE.match(line.strip())
+        if found:
+            profile.append({"task": found.group(1).strip(), "s": float(found.group(2))})
+    return {
+        "wall_s": round(wall, 1),
+        "playbook_s": playbook,
+        "changed": changed,
+        "failed": failed,
+        "slowest_tasks": profile[:PROFILE_TASKS],
+    }
 
 
 def run(bench: Bench) -> list[Figure]:

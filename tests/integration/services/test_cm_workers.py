@@ -215,12 +215,12 @@ async def test_a_cookie_is_served_by_every_worker(stack: Stack) -> None:
     assert owner(cookie1) == 1
     assert await cm.resources(0, cookie1) == ["desk-a"]
     # bye through the other worker ends the session in its own.
-    _status, reply, _ = await cm.ask(1, p.Bye(), cookie)
+    _status, reply, _cookie = await cm.ask(1, p.Bye(), cookie)
     assert isinstance(reply, p.ByeResp)
-    _status, reply, _ = await cm.ask(0, p.GetResourceList(), cookie)
+    _status, reply, _cookie = await cm.ask(0, p.GetResourceList(), cookie)
     assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_USER_AUTH
     # A cookie naming no worker of this CM finds no session (and is not forwarded).
-    _status, reply, _ = await cm.ask(0, p.GetResourceList(), cookie1.rpartition(".")[0] + ".7")
+    _status, reply, _cookie = await cm.ask(0, p.GetResourceList(), cookie1.rpartition(".")[0] + ".7")
     assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_USER_AUTH
 
 
@@ -235,13 +235,13 @@ async def test_max_clients_is_one_limit_across_workers(stack: Stack) -> None:
     assert cm.metrics()["gatehouse_cm_sessions_active"] == 3
     # The fourth is refused on either worker, though neither holds three.
     for worker in (0, 1):
-        status, reply, _ = await cm.ask(worker, p.Hello(client_info=p.ClientInfo(product_name="t")))
+        status, reply, _cookie = await cm.ask(worker, p.Hello(client_info=p.ClientInfo(product_name="t")))
         assert status == 503 and isinstance(reply, p.ErrorResp) and reply.result_id == p.E_BUSY, reply
     # One leaves (on worker 1): the next login on worker 0 gets its place, and no more.
-    _status, reply, _ = await cm.ask(0, p.Bye(), cookies[1])
+    _status, reply, _cookie = await cm.ask(0, p.Bye(), cookies[1])
     assert isinstance(reply, p.ByeResp)
     cookies[1] = await cm.login("carol", 0, 0)
-    status, reply, _ = await cm.ask(1, p.Hello(client_info=p.ClientInfo(product_name="t")))
+    status, reply, _cookie = await cm.ask(1, p.Hello(client_info=p.ClientInfo(product_name="t")))
     assert status == 503, reply
     assert cm.metrics()['gatehouse_cm_busy_refusals_total{limit="max_clients"}'] == 3
 
@@ -256,23 +256,23 @@ async def test_max_concurrent_establishments_is_one_limit_across_workers(stack: 
     slow = asyncio.create_task(cm.ask(0, p.AllocateResource(slow_id), bob))
     await wait_until(lambda: cm.metrics()["gatehouse_cm_establishments_in_flight"] == 1)
     # ...so alice's on worker 1 is refused at once,
-    status, reply, _ = await cm.ask(1, p.AllocateResource(desk_a), alice)
+    status, reply, _cookie = await cm.ask(1, p.AllocateResource(desk_a), alice)
     assert status == 503 and isinstance(reply, p.ErrorResp) and reply.result_id == p.E_BUSY, reply
-    _status, reply, _ = await slow
+    _status, reply, _cookie = await slow
     assert isinstance(reply, p.AllocateResourceResp) and "Timeout" in reply.result_str, reply
     # ...and gets the slot once bob's has ended.
-    _status, reply, _ = await cm.ask(1, p.AllocateResource(desk_a), alice)
+    _status, reply, _cookie = await cm.ask(1, p.AllocateResource(desk_a), alice)
     assert isinstance(reply, p.AllocateResourceResp) and reply.result_id == p.ALLOC_OK, reply
 
 
 async def list_ids(cm: Cm, worker: int, cookie: str) -> list[tuple[str, str]]:
-    _status, reply, _ = await cm.ask(worker, p.GetResourceList(), cookie)
+    _status, reply, _cookie = await cm.ask(worker, p.GetResourceList(), cookie)
     assert isinstance(reply, p.GetResourceListResp), reply
     return [(r.name, r.resource_id) for r in reply.resources]
 
 
 async def wait_until(check: Callable[[], bool]) -> None:
-    for _ in range(200):
+    for _attempt in range(200):
         if check():
             return
         await asyncio.sleep(0.05)
@@ -329,7 +329,7 @@ async def test_a_killed_worker_is_replaced_and_sigterm_drains_both(stack: Stack)
     assert await cm.resources(1, on0) == ["desk-a"]
     # Worker 1's session died with it (its client logs in again), and gave back its MaxClients place.
     for worker in (0, 1):
-        _status, reply, _ = await cm.ask(worker, p.GetResourceList(), on1)
+        _status, reply, _cookie = await cm.ask(worker, p.GetResourceList(), on1)
         assert isinstance(reply, p.ErrorResp) and reply.result_id == p.E_USER_AUTH, reply
     assert cm.metrics()["gatehouse_cm_sessions_active"] == 1
     assert owner(await cm.login("carol", 1, 0)) == 1
