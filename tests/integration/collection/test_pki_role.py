@@ -22,11 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collection_helpers import run_playbook
 
 OWNER = str(os.getuid())
+ISSUE = "gatehouse.access.pki : Issue this node's certificates from the deployment CA (keys made on the node, signed on the controller)"
 GROUP = str(os.getgid())
 
 
-def play(tmp_path: Path, certificates: list[dict], **extra) -> dict:
-    """Run the ca and main entry points; returns {task name: [results]} and the stats."""
+def play(tmp_path: Path, certificates: list[dict], *options: str, **extra) -> dict:
+    """Run the ca and main entry points (``options``: more ansible-playbook options); returns
+    {task name: [results]} and the stats."""
     variables = {
         "pki_ca_dir": str(tmp_path / "controller" / "ca"),
         "pki_dir": str(tmp_path / "node" / "pki"),
@@ -57,7 +59,7 @@ def play(tmp_path: Path, certificates: list[dict], **extra) -> dict:
             ]
         )
     )
-    run = run_playbook(str(playbook))
+    run = run_playbook(*options, str(playbook))
     report = run.report
     assert run.returncode == 0, run.stdout[-4000:]
     tasks = {}
@@ -159,3 +161,22 @@ def test_names_are_told_apart_into_dns_names_and_addresses(tmp_path: Path) -> No
     assert common_name == "cm1.example.test"
     with pytest.raises(AssertionError, match="at least one DNS name or IP address"):
         play(tmp_path, [{"name": "empty", "role": "cm", "names": []}])
+
+
+def test_check_mode_reports_and_writes_nothing_on_the_node(tmp_path: Path) -> None:
+    play(tmp_path, [])  # the CA exists, as after the ca entry point
+    run = play(tmp_path, [BROKER], "--check", "--diff")
+    node = tmp_path / "node" / "pki"
+    assert run["stats"]["changed"] > 0
+    assert not (node / "broker.key").exists() and not (node / "broker.pem").exists()
+    (result,) = run["tasks"][ISSUE]
+    assert result["issued"] == ["broker"] and result["keys_created"] == ["broker"]
+    assert "PRIVATE KEY" not in run["stdout"]
+    # After a real run a check run changes nothing, and a changed address shows in the diff.
+    play(tmp_path, [BROKER])
+    assert play(tmp_path, [BROKER], "--check")["stats"]["changed"] == 0
+    moved = play(tmp_path, [dict(BROKER, ips=["192.0.2.11"])], "--check", "--diff")
+    (result,) = moved["tasks"][ISSUE]
+    assert result["issued"] == ["broker"] and "IP:192.0.2.11" in result["diff"][0]["after"]
+    assert "IP:192.0.2.10" in result["diff"][0]["before"]
+    assert sans(load(node / "broker.pem"))["ip"] == ["192.0.2.10", "127.0.0.1"]  # untouched
