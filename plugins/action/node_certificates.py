@@ -12,6 +12,7 @@ The CA's key is read on the controller and never sent anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 
@@ -25,6 +26,7 @@ from ansible_collections.gatehouse.access.plugins.module_utils._crypto.node_pki 
     ROLES,
     issue,
     keeps,
+    told_apart,
 )
 
 try:
@@ -43,7 +45,7 @@ def check_entries(entries: object) -> None:
             isinstance(entry, dict)
             and re.match(NAME_PATTERN, str(entry.get("name", "")))
             and entry.get("role") in ROLES
-            and len(list(entry.get("dns") or []) + list(entry.get("ips") or [])) > 0
+            and any(entry.get(key) for key in ("names", "dns", "ips"))
         )
         if not ok:
             name = entry.get("name", "?") if isinstance(entry, dict) else "?"
@@ -96,7 +98,9 @@ class ActionModule(ActionBase):
         except (ValueError, TypeError) as exc:
             raise AnsibleActionFail("the deployment CA in %s cannot be read: %s" % (ca_dir, exc)) from None
 
+        params["certificates"] = [told_apart(entry) for entry in params["certificates"]]
         node_args = {key: value for key, value in args.items() if key in ARGUMENT_SPEC}
+        node_args["certificates"] = params["certificates"]
         node_args["ca_certificate"] = ca_pem.decode("ascii") if ca_pem is not None else None
         node_args.pop("issued", None)
         first = self._execute_module(module_name=MODULE, module_args=node_args, task_vars=task_vars)
@@ -121,7 +125,17 @@ class ActionModule(ActionBase):
             )
             if second.get("failed"):
                 return second
-        result.update(changed=changed, issued=to_issue, keys_created=first.get("keys_created", []))
+        fingerprints = {
+            name: hashlib.sha256(pem.encode("ascii")).hexdigest()
+            for name, pem in {**current, **issued}.items()
+            if name not in to_issue or name in issued
+        }
+        result.update(
+            changed=changed,
+            issued=to_issue,
+            keys_created=first.get("keys_created", []),
+            fingerprints=fingerprints,
+        )
         if self._task.diff and to_issue:
             result["diff"] = [
                 {

@@ -68,6 +68,11 @@ options:
         type: str
         required: true
         choices: [broker, cm, sg, agent, halb, database]
+      names:
+        description: DNS names and IP addresses, told apart (added to O(certificates[].dns) and O(certificates[].ips)).
+        type: list
+        elements: str
+        default: []
       dns:
         description: DNS names; the first is the common name.
         type: list
@@ -129,6 +134,13 @@ issued:
   type: list
   elements: str
   sample: [broker]
+fingerprints:
+  description:
+    - The SHA-256 of each certificate on the node after the task, by entry name (absent for one that check mode
+      would issue). A service that reads the certificate can be restarted when it changes.
+  returned: always
+  type: dict
+  sample: {broker: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08}
 keys_created:
   description: The entries whose private key was made on the node (or, in check mode, would be).
   returned: always
@@ -156,6 +168,7 @@ from ansible_collections.gatehouse.access.plugins.module_utils._crypto.node_pki 
     NAME_PATTERN,
     entry_paths,
     request_for,
+    told_apart,
 )
 
 DIR_MODE = 0o755
@@ -197,6 +210,7 @@ def main() -> None:
     requests: dict[str, str] = {}
     current: dict[str, str] = {}
     created: list[str] = []
+    params["certificates"] = [told_apart(entry) for entry in params["certificates"]]
     for entry in params["certificates"]:
         name = entry["name"]
         if not re.match(NAME_PATTERN, name):

@@ -56,6 +56,7 @@ ARGUMENT_SPEC = {
         "options": {
             "name": {"type": "str", "required": True},
             "role": {"type": "str", "required": True, "choices": list(ROLES)},
+            "names": {"type": "list", "elements": "str", "default": []},
             "dns": {"type": "list", "elements": "str", "default": []},
             "ips": {"type": "list", "elements": "str", "default": []},
             "cert_path": {"type": "path"},
@@ -69,6 +70,19 @@ ARGUMENT_SPEC = {
     "ca_certificate": {"type": "str"},
     "issued": {"type": "dict"},
 }
+
+
+def told_apart(entry: dict) -> dict:
+    """``entry`` with its ``names`` told apart into ``dns`` and ``ips`` (each in the order given)."""
+    dns, ips = list(entry.get("dns") or []), list(entry.get("ips") or [])
+    for name in entry.get("names") or []:
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            dns.append(name)
+        else:
+            ips.append(name)
+    return dict(entry, names=[], dns=dns, ips=ips)
 
 
 def entry_paths(directory: str, entry: dict) -> tuple[str, str]:
