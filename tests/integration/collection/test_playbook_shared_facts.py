@@ -5,6 +5,10 @@ come from the inventory where it gives them (a value on the cluster's first node
 password generated once into gatehouse_secrets_dir on the controller (mode 0600) and read from
 there on every later run. A password the inventory gives leaves no file behind: its lookup is
 never run. Every host of the play gets the same values, and none of them reaches ansible's output.
+
+The database cluster's URL (gatehouse__database_url, a loop over the hosts of the group databases)
+is worked out by one task of the first play, on one host, for every host: site.yml in check mode
+with the tag firewall (and no firewall managed) runs that play alone.
 """
 
 from __future__ import annotations
@@ -126,3 +130,44 @@ def test_the_inventory_wins_and_the_rest_is_generated_once(tmp_path: Path) -> No
         for h in HOSTS
     ), facts
     no_secret(run, again.values())
+
+
+def test_the_database_url_is_worked_out_once(tmp_path: Path) -> None:
+    """Addresses of each kind, a node that is no Patroni node, the first node's role and database."""
+    inventory = {
+        "all": {
+            "vars": {
+                "ansible_connection": "local",
+                "ansible_python_interpreter": sys.executable,
+                "gatehouse_secrets_dir": str(tmp_path / "secrets"),
+            },
+            "children": {
+                "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.0.10"}}},
+                "databases": {
+                    "hosts": {
+                        "db1": {
+                            "gatehouse_address": "fd00::61",
+                            "database_broker_role": "brk",
+                            "database_broker_database": "gh",
+                        },
+                        "db2": {"ansible_host": "10.0.0.62"},
+                        "db3": {},
+                        "db4": {"gatehouse_address": "10.0.0.64", "database_patroni": False},
+                    }
+                },
+            },
+        }
+    }
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    site = str(REPO_ROOT / "playbooks" / "site.yml")
+    run = run_playbook("-i", str(tmp_path / "hosts.yml"), site, "--check", "--tags", "firewall")
+    assert run.returncode == 0, run.stdout[-4000:]
+    [task] = [
+        t
+        for t in run.report["plays"][0]["tasks"]
+        if t["task"]["name"].startswith("Work out the database cluster's URL")
+    ]
+    [result] = task["hosts"].values()  # run once, a fact of every host of the play
+    assert result["ansible_facts"] == {
+        "gatehouse__database_url": "postgresql://brk@[fd00::61]:5432,10.0.0.62:5432,db3:5432/gh?target_session_attrs=read-write"
+    }
