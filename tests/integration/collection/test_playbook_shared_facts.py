@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import stat
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collection_helpers import REPO_ROOT, PlaybookRun, run_playbook
+from collection_helpers import REPO_ROOT, PlaybookRun, no_secret, run_playbook
 
 HOSTS = ("b1", "db1", "db2")
 FACTS = ("gatehouse_admin_token", "database_superuser_password", "database_replication_password",
@@ -78,11 +77,6 @@ def secrets(tmp_path: Path, given: dict[str, str]) -> tuple[dict[str, dict[str, 
     run = run_playbook("-i", str(tmp_path / "hosts.yml"), str(tmp_path / "play.yml"))
     assert run.returncode == 0, run.stdout[-4000:]
     return {h: json.loads((tmp_path / f"facts-{h}.json").read_text()) for h in HOSTS}, run
-
-
-def no_secret(run: PlaybookRun, secrets: Iterable[str]) -> None:
-    for secret in secrets:
-        assert secret not in run.stdout and secret not in run.stderr
 
 
 def generated(tmp_path: Path) -> dict[str, str]:
