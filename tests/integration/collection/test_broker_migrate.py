@@ -16,6 +16,11 @@ without broker_database_url and with gatehouse_migrate_replace, moves it aside, 
 PostgreSQL rows (throttle rows included) to a new file that holds exactly them, after a pg_dump
 backup, deploys the broker on it through the role and checks it. No password reaches ansible's output.
 
+The guard of playbooks/tasks/broker-settings.yml, in check mode on this host without a cluster or a
+running broker: with a database cluster in the inventory, site.yml refuses a broker whose settings
+name its SQLite file, before the broker is deployed; broker-migrate.yml (gatehouse__migrating)
+passes the guard and takes the cluster's URL to the copy.
+
 GATEHOUSE_TEST_BROKER_IMAGE_TAG picks the broker image's tag (default: the collection's version).
 """
 
@@ -304,3 +309,73 @@ def test_sqlite_to_postgresql_and_back(site: Site) -> None:
     properties = (site.data_dir / "data" / "broker.properties").read_text()
     assert "Database=/data/broker.db" in properties and "postgresql" not in properties
     assert site.broker_running() and alice_desktop(site) == desktop
+
+
+def test_the_cluster_takes_an_sqlite_broker_only_through_broker_migrate(pki: TestPKI, tmp_path: Path) -> None:
+    # A broker that ran on SQLite: its settings as the broker module writes them.
+    data = tmp_path / "node" / "broker" / "data"
+    data.mkdir(parents=True)
+    (data / "broker.properties").write_text("Database=/data/broker.db\nListenPort=8443\n")
+    # An operator certificate: check mode makes no key for one from the deployment CA.
+    certs = pki.issue("guard-broker", ["localhost", "127.0.0.1"], role="broker")
+    broker = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "gatehouse_address": "127.0.0.1",
+        "gatehouse_data_root": str(tmp_path / "node"),
+        "broker_ssl_cert": str(certs.cert),
+        "broker_ssl_key": str(certs.key),
+    }
+    cluster = {f"db{n}": {"gatehouse_address": f"10.0.0.6{n}"} for n in (1, 2, 3)}  # never reached
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(
+        json.dumps(
+            {
+                "all": {
+                    "vars": {
+                        "gatehouse_secrets_dir": str(tmp_path / "secrets"),
+                        # Of no other deployment on this engine.
+                        "gatehouse_name_prefix": f"ghm-{uuid.uuid4().hex[:8]}",
+                    },
+                    "children": {"brokers": {"hosts": {"b1": broker}}, "databases": {"hosts": cluster}},
+                }
+            }
+        )
+    )
+    guard = "Refuse to put a broker that runs on SQLite onto the cluster without its rows"
+
+    def tasks(run: PlaybookRun) -> dict[str, dict[str, Any]]:
+        generated = [f.read_text().strip() for f in (tmp_path / "secrets").glob("*") if f.is_file()]
+        collection_helpers.no_secret(run, generated)
+        return {
+            t["task"]["name"]: t["hosts"]["b1"]
+            for p in run.report["plays"]
+            for t in p["tasks"]
+            if "b1" in t["hosts"]
+        }
+
+    site = run_playbook(
+        "-i", str(inventory), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--limit", "b1"
+    )
+    assert site.returncode != 0
+    ran = tasks(site)
+    assert ran[guard].get("failed"), ran[guard]
+    assert (
+        "keeps its data in SQLite" in ran[guard]["msg"]
+        and "playbooks/broker-migrate.yml" in ran[guard]["msg"]
+    )
+    # Stopped there: the broker is neither pointed at the cluster nor deployed.
+    assert list(ran)[-1] == guard, list(ran)
+
+    migrate = run_playbook(
+        "-i", str(inventory), str(REPO_ROOT / "playbooks" / "broker-migrate.yml"), "--check", "--limit", "b1",
+        "-e", "gatehouse_migrate_backup=false",
+    )  # fmt: skip
+    ran = tasks(migrate)
+    assert not ran[guard].get("failed") and not ran[guard].get("skipped"), ran[guard]
+    # The copy is asked for with the cluster's URL (and fails here, where check mode put no CA on the node).
+    copy = next(r for name, r in ran.items() if name.startswith("Stop the broker, copy"))
+    assert copy["invocation"]["module_args"]["to"] == "postgresql", copy
+    assert copy["invocation"]["module_args"]["database_url"] == (
+        "postgresql://gatehouse@10.0.0.61:5432,10.0.0.62:5432,10.0.0.63:5432/gatehouse?target_session_attrs=read-write"
+    )
