@@ -13,7 +13,6 @@ database under the scrypt check of each password, which dominates both.
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import sys
 from typing import Any
@@ -40,61 +39,29 @@ def run(bench: Bench) -> list[Figure]:
 
 
 def _measure(bench: Bench) -> list[Figure]:
-    import identity_helpers
     import postgres_server
-    from services import cm_config, start_broker, start_cm
 
     per_round = 24 if bench.quick else 80
     with postgres_server.running() as server:
-        password_file = bench.work / "database.password"
-        password_file.write_text(server.password + "\n")
-        password_file.chmod(0o600)
         engines = {
-            "sqlite": {},
-            "postgresql": {"Database": server.url(), "DatabasePasswordFile": password_file},
+            "sqlite": bench.start_broker_behind_cm("sqlite", USERS),
+            "postgresql": bench.start_broker_behind_cm(
+                "postgresql", USERS, database_url=server.url(), database_password=server.password
+            ),
         }
-        urls: dict[str, str] = {}
         pids: dict[str, dict[str, int]] = {}
-        users: dict[str, list[list[str]]] = {}
-        for engine, database in engines.items():
-            broker = start_broker(
-                bench.pki,
-                bench.work / f"broker-{engine}",
-                f"bench-{engine}",
-                identity_helpers.ADMIN_TOKEN,
-                Domains="LAB",
-                LogLevel="warn",
-                **identity_helpers.NO_THROTTLE,
-                **database,
-            )
-            bench.procs.append(broker)
-            passwords = {user: f"{user}-{secrets.token_urlsafe(12)}" for user in USERS}
-            for user, password in passwords.items():
-                identity_helpers.admin(broker, bench.pki, "PUT", f"/users/LAB/{user}", {"password": password})
-            config = cm_config(
-                bench.pki,
-                bench.cert,
-                f"https://127.0.0.1:{broker.config['ListenPort']}",
-                MaxPreAuthSessionsPerSource=1000,  # every client comes from 127.0.0.1
-                MaxConnectionsPerSource=1000,
-                BrokerTimeout=30,
-                LogLevel="warn",
-            )
-            cm = start_cm(bench.work / f"cm-{engine}", config, bench.secret)
-            bench.procs.append(cm)
-            assert broker.proc is not None and cm.proc is not None
-            urls[engine] = f"https://127.0.0.1:{config['ListenPort']}/pcoip-broker/xml"
-            pids[engine] = {"broker": broker.proc.pid, "cm": cm.proc.pid}
-            users[engine] = [[u, pw, "LAB"] for u, pw in passwords.items()]
+        for engine, target in engines.items():
+            assert target.broker.proc is not None and target.cm.proc is not None
+            pids[engine] = {"broker": target.broker.proc.pid, "cm": target.cm.proc.pid}
         postgres_pid = int(server.container.attrs["State"]["Pid"])
 
         def logins(engine: str, n: int) -> dict[str, Any]:
             job = {
                 "mode": "logins",
-                "url": urls[engine],
+                "url": engines[engine].url,
                 "envelope": "pcoip-client",
                 "clients": CONCURRENCY,
-                "logins": [users[engine][i % len(USERS)] for i in range(n)],
+                "logins": [engines[engine].users[i % len(USERS)] for i in range(n)],
             }
             meters = dict(pids[engine], **({"postgres": postgres_pid} if engine == "postgresql" else {}))
             before = {name: tree_cpu_seconds(pid) for name, pid in meters.items()}

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ sys.path[:0] = [
 ]
 
 from pki import CertFiles, TestPKI  # noqa: E402
-from services import ServiceProcess, free_port, write_kv  # noqa: E402
+from services import ServiceProcess, cm_config, free_port, start_broker, start_cm, write_kv  # noqa: E402
 
 from gatehouse import tls  # noqa: E402
 from gatehouse.grant import generate_secret  # noqa: E402
@@ -134,6 +135,16 @@ def sg_config(
     return config
 
 
+@dataclass
+class BrokerBehindCm:
+    """A broker process with local users behind a direct-mode CM (Bench.start_broker_behind_cm)."""
+
+    broker: ServiceProcess
+    cm: ServiceProcess
+    url: str  # the CM's broker protocol, where bench.cmload's clients log in (envelope pcoip-client)
+    users: list[list[str]]  # [user, password, domain] of each user, as bench.cmload takes them
+
+
 class Bench:
     """A scratch directory, a PKI and the processes and containers of one benchmark."""
 
@@ -173,6 +184,54 @@ class Bench:
         ).start()
         self.procs.append(proc)
         return proc, ctl, session
+
+    def start_broker_behind_cm(
+        self,
+        name: str,
+        users: Sequence[str],
+        domain: str = "LAB",
+        database_url: str = "",
+        database_password: str = "",
+    ) -> BrokerBehindCm:
+        """A broker process (bench-<name>; on SQLite, or on ``database_url`` with ``database_password``;
+        no login throttle) with ``users`` of ``domain`` made through its admin API, each with a new
+        password, behind a direct-mode CM that takes every client from 127.0.0.1."""
+        import identity_helpers  # the identity tests' broker settings (its module needs the Docker SDK)
+
+        database: dict[str, object] = {}
+        if database_url:
+            password_file = self.work / f"database-{name}.password"
+            password_file.write_text(database_password + "\n")
+            password_file.chmod(0o600)
+            database = {"Database": database_url, "DatabasePasswordFile": password_file}
+        broker = start_broker(
+            self.pki,
+            self.work / f"broker-{name}",
+            f"bench-{name}",
+            identity_helpers.ADMIN_TOKEN,
+            Domains=domain,
+            LogLevel="warn",
+            **identity_helpers.NO_THROTTLE,
+            **database,
+        )
+        self.procs.append(broker)
+        made = []
+        for user in users:
+            password = f"{user}-{secrets.token_urlsafe(12)}"
+            identity_helpers.admin(broker, self.pki, "PUT", f"/users/{domain}/{user}", {"password": password})
+            made.append([user, password, domain])
+        config = cm_config(
+            self.pki,
+            self.cert,
+            f"https://127.0.0.1:{broker.config['ListenPort']}",
+            MaxPreAuthSessionsPerSource=1000,  # every client comes from 127.0.0.1
+            MaxConnectionsPerSource=1000,
+            BrokerTimeout=30,
+            LogLevel="warn",
+        )
+        cm = start_cm(self.work / f"cm-{name}", config, self.secret)
+        self.procs.append(cm)
+        return BrokerBehindCm(broker, cm, f"https://127.0.0.1:{config['ListenPort']}/pcoip-broker/xml", made)
 
     def start_sg(self, **overrides: object) -> tuple[ServiceProcess, int]:
         port, admin = free_port(), free_port()

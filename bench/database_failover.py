@@ -163,9 +163,6 @@ def _trial(cluster: Any, loops: LoginLoops) -> dict[str, Any]:
 
 
 def _measure(bench: Bench, dbc: Any) -> list[Figure]:
-    import identity_helpers
-    from services import cm_config, start_broker, start_cm
-
     n = 2 if bench.quick else TRIALS
     prefix = f"{PREFIX}db-{uuid.uuid4().hex[:8]}"
     with dbc.hosts(bench.pki, bench.work / "database", prefix) as cluster:
@@ -174,37 +171,10 @@ def _measure(bench: Bench, dbc: Any) -> list[Figure]:
         cluster.wait_healthy(180)
         deployed = time.monotonic() - started
         timings = _find(results[0], "timings") or {}
-        password_file = bench.work / "database.password"
-        password_file.write_text(dbc.BROKER_PW + "\n")
-        password_file.chmod(0o600)
-        broker = start_broker(
-            bench.pki,
-            bench.work / "broker",
-            "bench-db-failover",
-            identity_helpers.ADMIN_TOKEN,
-            Domains=USER[1],
-            LogLevel="warn",
-            Database=cluster.url(),
-            DatabasePasswordFile=password_file,
-            **identity_helpers.NO_THROTTLE,
+        target = bench.start_broker_behind_cm(
+            "db-failover", [USER[0]], USER[1], database_url=cluster.url(), database_password=dbc.BROKER_PW
         )
-        bench.procs.append(broker)
-        password = f"pw-{uuid.uuid4().hex}"
-        identity_helpers.admin(
-            broker, bench.pki, "PUT", f"/users/{USER[1]}/{USER[0]}", {"password": password}
-        )
-        config = cm_config(
-            bench.pki,
-            bench.cert,
-            f"https://127.0.0.1:{broker.config['ListenPort']}",
-            MaxPreAuthSessionsPerSource=1000,  # every client comes from 127.0.0.1
-            MaxConnectionsPerSource=1000,
-            BrokerTimeout=30,
-            LogLevel="warn",
-        )
-        cm = start_cm(bench.work / "cm", config, bench.secret)
-        bench.procs.append(cm)
-        loops = LoginLoops(f"https://127.0.0.1:{config['ListenPort']}/pcoip-broker/xml", password)
+        loops = LoginLoops(target.url, target.users[0][1])
         loops.start()
         try:
             trials = [_trial(cluster, loops) for _ in range(n)]

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,24 @@ def run_adhoc(
             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         ) from None
     return AnsibleRun(result, proc.stdout, proc.stderr, proc.returncode, list(result.get("warnings", [])))
+
+
+def no_secret(run: Any, secrets: Iterable[str], *, result_only: bool = False) -> Any:
+    """Fail the test when one of ``secrets`` is in the output of ``run`` (an AnsibleRun, a PlaybookRun or a
+    finished process: its stdout and stderr) or, with ``result_only``, in the module's result; ``run``."""
+    for secret in secrets:
+        if result_only:
+            assert secret not in str(run.result), "a secret is in the module's result"
+        else:
+            assert secret not in run.stdout and secret not in run.stderr, "a secret is in ansible's output"
+    return run
+
+
+def ok(run: AnsibleRun, secrets: Iterable[str] = ()) -> dict[str, Any]:
+    """The result of a task that must succeed, with none of ``secrets`` in its output."""
+    assert not run.failed, run.result.get("msg", run.stdout[-3000:])
+    no_secret(run, secrets)
+    return run.result
 
 
 def run_module(name: str, args: dict[str, Any], **kwargs: Any) -> AnsibleRun:

@@ -33,9 +33,11 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import collection_helpers
 import docker
 import psycopg
 import pytest
@@ -48,6 +50,8 @@ SUPERUSER_PW = "Su-" + uuid.uuid4().hex
 REPLICATION_PW = "Rep-" + uuid.uuid4().hex
 BROKER_PW = "Brk-" + uuid.uuid4().hex
 SECRETS = (SUPERUSER_PW, REPLICATION_PW, BROKER_PW)
+# Every run of the cluster's modules the tests and the bench check: none of SECRETS in its output.
+ok = partial(collection_helpers.ok, secrets=SECRETS)
 NAMES = ("db1", "db2", "db3")
 POOL = os.environ.get("GATEHOUSE_TEST_DATABASE_POOL", "10.231.1.0/24")
 # The start of every Docker object's name (a cluster adds a random suffix).
@@ -175,17 +179,6 @@ class Cluster:
                 last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 time.sleep(0.2)
         pytest.fail(f"no write succeeded within {limit + 5} s of the kill: {last_error}")
-
-
-def no_secret(run: AnsibleRun) -> None:
-    for secret in SECRETS:
-        assert secret not in run.stdout and secret not in run.stderr
-
-
-def ok(run: AnsibleRun) -> dict[str, Any]:
-    assert not run.failed, run.result.get("msg", run.stdout[-3000:])
-    no_secret(run)
-    return run.result
 
 
 def holder(cli: Any, name: str, network: str, address: str) -> Any:

@@ -395,55 +395,38 @@ def container_specs(params: dict, image: str, host_label: str) -> dict:
     names = container_names(params["name_prefix"])
     config = {"source": os.path.join(data_dir, engine.DATA), "target": CONFIG_DIR, "read_only": True}
     certs = {"source": os.path.join(data_dir, engine.CERTS), "target": TLS_DIR, "read_only": True}
-
-    def labels(service: str) -> dict:
-        return {
-            ctr.LABEL_ROLE: "database-" + service,
-            ctr.LABEL_HOST: host_label,
-            ctr.LABEL_MANAGED: MANAGED_BY,
-        }
-
-    specs = {
-        ETCD: {
-            "service": ETCD,
-            "name": names[ETCD],
-            "image": image,
-            "command": ["etcd"],
-            "labels": labels(ETCD),
-            "mounts": [
-                config,
-                certs,
-                {"source": os.path.join(data_dir, ETCD_DATA), "target": ETCD_DIR, "read_only": False},
-            ],
-            "network_mode": mode,
-            "network": None,
-            "ports": published(mode, (CLIENT_PORT, PEER_PORT), params.get("publish_address")),
-            "restart_policy": "unless-stopped",
-            "container_limits": params.get("container_limits"),
-            "stop_timeout": 15,
-        }
+    # What the etcd member's and the Patroni node's containers share.
+    base = {
+        "image": image,
+        "network_mode": mode,
+        "network": None,
+        "restart_policy": "unless-stopped",
+        "container_limits": params.get("container_limits"),
     }
+
+    def spec(service: str, ports: tuple, mounts: list, stop_timeout: int) -> dict:
+        return dict(
+            base,
+            service=service,
+            name=names[service],
+            command=[service],  # the image's entry point runs etcd or patroni by that name
+            labels={
+                ctr.LABEL_ROLE: "database-" + service,
+                ctr.LABEL_HOST: host_label,
+                ctr.LABEL_MANAGED: MANAGED_BY,
+            },
+            mounts=[config, certs, *mounts],
+            ports=published(mode, ports, params.get("publish_address")),
+            stop_timeout=stop_timeout,
+        )
+
+    etcd_data = {"source": os.path.join(data_dir, ETCD_DATA), "target": ETCD_DIR, "read_only": False}
+    specs = {ETCD: spec(ETCD, (CLIENT_PORT, PEER_PORT), [etcd_data], 15)}
     if params["patroni"]:
-        specs[PATRONI] = {
-            "service": PATRONI,
-            "name": names[PATRONI],
-            "image": image,
-            "command": ["patroni"],
-            "labels": labels(PATRONI),
-            "mounts": [
-                config,
-                certs,
-                {"source": os.path.join(data_dir, SECRETS), "target": SECRETS_DIR, "read_only": True},
-                {"source": os.path.join(data_dir, PG_DATA), "target": PG_DIR, "read_only": False},
-            ],
-            "network_mode": mode,
-            "network": None,
-            "ports": published(mode, (PG_PORT, API_PORT), params.get("publish_address")),
-            "restart_policy": "unless-stopped",
-            "container_limits": params.get("container_limits"),
-            # Patroni stops PostgreSQL (fast shutdown, a checkpoint) and releases its leader key.
-            "stop_timeout": 60,
-        }
+        secrets = {"source": os.path.join(data_dir, SECRETS), "target": SECRETS_DIR, "read_only": True}
+        pg_data = {"source": os.path.join(data_dir, PG_DATA), "target": PG_DIR, "read_only": False}
+        # Patroni stops PostgreSQL (fast shutdown, a checkpoint) and releases its leader key.
+        specs[PATRONI] = spec(PATRONI, (PG_PORT, API_PORT), [secrets, pg_data], 60)
     return specs
 
 

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import collection_helpers
 from broker_helpers import Admin, BrokerClient, Http
-from collection_helpers import AnsibleRun, run_module, run_playbook
+from collection_helpers import run_module, run_playbook
 from deploy_helpers import cleanup, docker_client, require_service_images, unique_prefix
 from pki import TestPKI as CertAuthority
 from services import free_port
@@ -52,8 +54,12 @@ ALICE_PW = "Alice-" + uuid.uuid4().hex
 CAROL_PW = "Carol-" + uuid.uuid4().hex
 DAVE_PW = "Dave-" + uuid.uuid4().hex
 REPO = Path(__file__).resolve().parents[3]
-# The TOTP keys the broker module generated for the deployments: never in ansible's output.
-KEYS: list[str] = []
+# With the TOTP keys the broker module generates for the deployments, appended as they are made.
+SECRETS = [ADMIN, ALICE_PW, CAROL_PW, DAVE_PW]
+
+# Every ansible run the tests check: none of SECRETS in its output.
+no_secret = partial(collection_helpers.no_secret, secrets=SECRETS)
+ok = partial(collection_helpers.ok, secrets=SECRETS)
 
 
 @dataclass
@@ -102,17 +108,6 @@ class Deployment:
         }
 
 
-def ok(run: AnsibleRun) -> dict[str, Any]:
-    assert not run.failed, run.result.get("msg", run.stdout[-3000:])
-    no_secret(run)
-    return run.result
-
-
-def no_secret(run: Any) -> None:
-    for secret in (ADMIN, ALICE_PW, CAROL_PW, DAVE_PW, *KEYS):
-        assert secret not in run.stdout and secret not in run.stderr
-
-
 def deploy(pki: CertAuthority, tmp: Path, prefix: str) -> Deployment:
     certs = pki.issue(f"{prefix}-broker", ["localhost", "127.0.0.1"], role="broker")
     cm = pki.issue(f"{prefix}-cm", ["localhost"], role="cm")
@@ -129,7 +124,7 @@ def deploy(pki: CertAuthority, tmp: Path, prefix: str) -> Deployment:
         "second_factor": {"method": "totp", "domains": ["CORP"]},
     }
     ok(run_module("broker", args))
-    KEYS.append((tmp / prefix / "secrets" / "totp.key").read_text().strip())
+    SECRETS.append((tmp / prefix / "secrets" / "totp.key").read_text().strip())
     context = ssl.create_default_context(cafile=str(pki.ca))
     context.load_cert_chain(str(cm.cert), str(cm.key))
     deployed = Deployment(prefix, tmp / prefix, port, context, Path(pki.ca))
@@ -368,7 +363,7 @@ def fresh(env, pki: CertAuthority) -> Deployment:
     _cli, prefix, tmp = env
     broker = deploy(pki, tmp, f"{prefix}-b")
     assert broker.login("alice", ALICE_PW) == p.AUTH_FAILED
-    assert KEYS[-1] != KEYS[0]  # a key of its own
+    assert SECRETS.count(broker.totp_key.read_text().strip()) == 1  # a key of its own
     return broker
 
 
@@ -517,7 +512,7 @@ def test_a_database_the_broker_cannot_start_on_is_rolled_back(env, fresh: Deploy
     and key come back."""
     cli, _prefix, tmp = env
     other_key = base64.b64encode(os.urandom(32)) + b"\n"
-    KEYS.append(other_key.decode().strip())
+    SECRETS.append(other_key.decode().strip())
     db = forged_backup(tmp / "mislabelled", SCHEMA_VERSION + 1, SCHEMA_VERSION, key=other_key)
     users = fresh.admin().call("GET", "/users")
     key = fresh.totp_key.read_bytes()

@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collection_helpers import AnsibleRun, run_module
+from collection_helpers import no_secret, run_module
 from deploy_helpers import cleanup, docker_client, objects_named, require_service_images, unique_prefix
 from services import free_port
 from tls_material import Chain, pem, write
@@ -77,13 +77,6 @@ def directory(ca: Path | None = None, **extra) -> dict:
     return entry
 
 
-def no_secret(run: AnsibleRun, *extra: str) -> AnsibleRun:
-    for secret in (*SECRETS, *extra):
-        assert secret not in run.stdout, "a secret leaked into the output"
-        assert secret not in run.stderr, "a secret leaked into the output"
-    return run
-
-
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -117,7 +110,7 @@ def test_bad_identity_options_change_nothing(env) -> None:
         ({"directories": [directory(ca=tmp_path / "missing.pem")]}, "does not exist"),
     ]
     for options, needle in cases:
-        run = no_secret(run_module("broker", base_args(prefix, tmp_path, **options)))
+        run = no_secret(run_module("broker", base_args(prefix, tmp_path, **options)), SECRETS)
         assert run.failed, options
         assert needle in run.result["msg"], run.result["msg"]
         assert not data_dir.exists(), options
@@ -138,7 +131,7 @@ def test_check_mode_and_diff_show_no_secret(env) -> None:
             "radius_secret": RADIUS_SECRET,
         },
     )
-    run = no_secret(run_module("broker", args, check=True, diff=True))
+    run = no_secret(run_module("broker", args, check=True, diff=True), SECRETS)
     assert run.changed and not run.failed, run.result
     assert not (tmp_path / "broker").exists() and objects_named(cli, prefix) == []
     props = run.result["config"]["broker_properties"]
@@ -161,9 +154,9 @@ def test_totp_key_generated_once_secret_files_and_idempotency(env) -> None:
     require_service_images(cli, "broker")
     data_dir = tmp_path / "broker"
     args = base_args(prefix, tmp_path, second_factor={"method": "totp", "totp_issuer": "Gatehouse Test"})
-    check = no_secret(run_module("broker", args, check=True, diff=True))
+    check = no_secret(run_module("broker", args, check=True, diff=True), SECRETS)
     assert check.changed and not data_dir.exists()
-    real = no_secret(run_module("broker", args, diff=True))
+    real = no_secret(run_module("broker", args, diff=True), SECRETS)
     assert real.changed and not real.failed, real.result
     key_file = data_dir / "secrets" / "totp.key"
     key = key_file.read_text().strip()
@@ -178,12 +171,12 @@ def test_totp_key_generated_once_secret_files_and_idempotency(env) -> None:
     assert "identity_check" not in real.result  # TOTP alone has nothing to check against
     # Generated once: the same options again change nothing and keep the key.
     assert not run_module("broker", args, check=True).changed
-    again = no_secret(run_module("broker", args, diff=True), key)
+    again = no_secret(run_module("broker", args, diff=True), (*SECRETS, key))
     assert not again.changed, again.result
     assert key_file.read_text().strip() == key
 
     # Second factor off: the container no longer mounts secrets/, the key stays (it decrypts the database).
-    plain = no_secret(run_module("broker", base_args(prefix, tmp_path)), key)
+    plain = no_secret(run_module("broker", base_args(prefix, tmp_path)), (*SECRETS, key))
     assert plain.changed and not plain.failed, plain.result
     assert "SecondFactor" not in plain.result["config"]["broker_properties"]
     assert key_file.read_text().strip() == key
@@ -191,10 +184,10 @@ def test_totp_key_generated_once_secret_files_and_idempotency(env) -> None:
     assert "/secrets" not in {m["Destination"] for m in container.attrs["Mounts"]}
 
     absent = {"state": "absent", "data_dir": str(data_dir), "name_prefix": prefix}
-    gone = no_secret(run_module("broker", absent), key)
+    gone = no_secret(run_module("broker", absent), (*SECRETS, key))
     assert gone.changed and key_file.exists()
     assert any("TOTP secrets" in w for w in gone.warnings), gone.warnings
-    purged = no_secret(run_module("broker", dict(absent, purge=True)), key)
+    purged = no_secret(run_module("broker", dict(absent, purge=True)), (*SECRETS, key))
     assert purged.changed and not data_dir.exists(), purged.result
 
 
@@ -202,10 +195,10 @@ def test_given_totp_key_is_written_not_returned(env) -> None:
     cli, prefix, tmp_path = env
     require_service_images(cli, "broker")
     args = base_args(prefix, tmp_path, second_factor={"method": "totp", "totp_key": TOTP_KEY})
-    run = no_secret(run_module("broker", args, diff=True))
+    run = no_secret(run_module("broker", args, diff=True), SECRETS)
     assert run.changed and not run.failed, run.result
     assert (tmp_path / "broker" / "secrets" / "totp.key").read_text() == TOTP_KEY + "\n"
-    assert not no_secret(run_module("broker", args)).changed
+    assert not no_secret(run_module("broker", args), SECRETS).changed
 
 
 def test_failed_identity_check_keeps_the_running_broker(env) -> None:
@@ -223,7 +216,7 @@ def test_failed_identity_check_keeps_the_running_broker(env) -> None:
     props = (data_dir / "data" / "broker.properties").read_bytes()
     compose = (data_dir / "docker-compose.yaml").read_bytes()
 
-    failed = no_secret(run_module("broker", base_args(prefix, tmp_path, directories=[directory()])))
+    failed = no_secret(run_module("broker", base_args(prefix, tmp_path, directories=[directory()])), SECRETS)
     assert failed.failed and not failed.changed, failed.result
     assert "identity check of the new configuration" in failed.result["msg"]
     assert "left unchanged" in failed.result["msg"]
@@ -243,7 +236,8 @@ def test_failed_identity_check_keeps_the_running_broker(env) -> None:
         run_module(
             "broker",
             base_args(prefix + "x", tmp_path, data_dir=str(fresh), directories=[directory()]),
-        )
+        ),
+        SECRETS,
     )
     assert first.failed and "nothing was deployed" in first.result["msg"] and not fresh.exists()
     assert objects_named(cli, prefix + "x") == []
@@ -288,14 +282,15 @@ def test_identity_check_against_the_test_directory_and_radius(env, identity) -> 
     # Wrong service account password: refused before anything exists.
     wrong = no_secret(
         run_module("broker", args(directories=[dict(good_directory, bind_password="not-" + BIND_PW)])),
-        *secrets,
+        (*SECRETS, *secrets),
     )
     assert wrong.failed, wrong.result
     assert f"invalid credentials for {ldap.bind_dn}" in wrong.result["msg"]
     assert not data_dir.exists() and objects_named(cli, prefix) == []
 
     good = no_secret(
-        run_module("broker", args(directories=[good_directory], second_factor=good_radius)), *secrets
+        run_module("broker", args(directories=[good_directory], second_factor=good_radius)),
+        (*SECRETS, *secrets),
     )
     assert good.changed and not good.failed, good.result
     assert good.result["identity_check"]["exit_code"] == 0
@@ -305,14 +300,16 @@ def test_identity_check_against_the_test_directory_and_radius(env, identity) -> 
     assert (data_dir / "secrets" / "ldap-CORP.password").read_text() == ldap.bind_password + "\n"
     container = cli.containers.get(f"{prefix}-broker")
     again = no_secret(
-        run_module("broker", args(directories=[good_directory], second_factor=good_radius)), *secrets
+        run_module("broker", args(directories=[good_directory], second_factor=good_radius)),
+        (*SECRETS, *secrets),
     )
     assert not again.changed and "identity_check" not in again.result, again.result
 
     # Wrong shared secret: the RADIUS server does not answer; the running broker stays.
     bad_radius = dict(good_radius, radius_secret="wrong-" + RADIUS_SECRET, radius_timeout=1, radius_retries=0)
     refused = no_secret(
-        run_module("broker", args(directories=[good_directory], second_factor=bad_radius)), *secrets
+        run_module("broker", args(directories=[good_directory], second_factor=bad_radius)),
+        (*SECRETS, *secrets),
     )
     assert refused.failed and not refused.changed, refused.result
     assert radius_address(identity) in refused.result["msg"]
@@ -321,7 +318,7 @@ def test_identity_check_against_the_test_directory_and_radius(env, identity) -> 
     assert stages(data_dir) == []
 
     # The directory removed again: its password and CA files go once the new container runs.
-    removed = no_secret(run_module("broker", args(second_factor=good_radius)), *secrets)
+    removed = no_secret(run_module("broker", args(second_factor=good_radius)), (*SECRETS, *secrets))
     assert removed.changed and not removed.failed, removed.result
     assert not (data_dir / "secrets" / "ldap-CORP.password").exists()
     assert not (data_dir / "certs" / "ldap-CORP.pem").exists()

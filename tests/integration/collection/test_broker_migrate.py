@@ -16,6 +16,11 @@ without broker_database_url and with gatehouse_migrate_replace, moves it aside, 
 PostgreSQL rows (throttle rows included) to a new file that holds exactly them, after a pg_dump
 backup, deploys the broker on it through the role and checks it. No password reaches ansible's output.
 
+The guard of playbooks/tasks/broker-settings.yml, in check mode on this host without a cluster or a
+running broker: with a database cluster in the inventory, site.yml refuses a broker whose settings
+name its SQLite file, before the broker is deployed; broker-migrate.yml (gatehouse__migrating)
+passes the guard and takes the cluster's URL to the copy.
+
 GATEHOUSE_TEST_BROKER_IMAGE_TAG picks the broker image's tag (default: the collection's version).
 """
 
@@ -23,14 +28,13 @@ from __future__ import annotations
 
 import json
 import os
-import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +44,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker_helpers import Admin, BrokerClient, Http
+import collection_helpers
 from collection_helpers import (
     REPO_ROOT,
-    AnsibleRun,
     PlaybookRun,
     ansible_env,
     collection_tree,
@@ -53,7 +56,7 @@ from collection_helpers import (
 )
 from deploy_helpers import cleanup, docker_client, require_service_images
 from pki import TestPKI
-from postgres_server import start_broker_host
+from postgres_server import BrokerHost
 
 from gatehouse import protocol as p
 from gatehouse.broker import migrate
@@ -66,89 +69,41 @@ ADMIN = "adm-mig-" + uuid.uuid4().hex
 DB_PASSWORD = "Db-" + uuid.uuid4().hex
 ALICE_PW = "Alice-" + uuid.uuid4().hex
 DAVE_PW = "Dave-" + uuid.uuid4().hex
-SECRETS = [ADMIN, DB_PASSWORD, ALICE_PW, DAVE_PW]
+SECRETS = [ADMIN, DB_PASSWORD, ALICE_PW, DAVE_PW]  # and the TOTP key and secret, once made
+SECOND_FACTOR = {"method": "totp", "domains": ["CORP"]}
+
+# Every ansible run the tests check: none of SECRETS in its output.
+no_secret = partial(collection_helpers.no_secret, secrets=SECRETS)
+ok = partial(collection_helpers.ok, secrets=SECRETS)
 
 
-@dataclass
-class Site:
-    cli: Any
-    prefix: str
-    tmp: Path
-    pki: TestPKI
-    postgres: Any
-    pg_port: int  # the server's 5432 on the host's loopback: the test reads the rows there
-    port: int  # the broker's 8443 on the host's loopback
-    cm: ssl.SSLContext
-
-    @property
-    def data_dir(self) -> Path:
-        return self.tmp / "broker"
+class Site(BrokerHost):
+    """The PostgreSQL server and broker host of postgres_server.py, with this module's broker (TOTP
+    for CORP, IMAGE_TAG) on SQLite or on the server."""
 
     @property
     def sqlite(self) -> Path:
         return self.data_dir / "data" / "broker.db"
 
     @property
-    def url(self) -> str:
-        return f"postgresql://broker@{self.postgres.name}:5432/broker?target_session_attrs=read-write"
-
-    @property
     def local_url(self) -> str:
+        """The server as the test reads its rows (its 5432 on the host's loopback)."""
         return f"postgresql://broker@127.0.0.1:{self.pg_port}/broker"
-
-    def broker_args(self, postgresql: bool) -> dict[str, Any]:
-        certs = self.pki.issue(f"{self.prefix}-broker", ["localhost", "127.0.0.1"], role="broker")
-        args = {
-            "admin_token": ADMIN,
-            "client_ca_cert": str(self.pki.ca),
-            "domains": ["CORP", "LAB"],
-            "ssl_cert": str(certs.cert),
-            "ssl_key": str(certs.key),
-            "data_dir": str(self.data_dir),
-            "name_prefix": self.prefix,
-            "network_mode": f"container:{self.prefix}-host",
-            "image_tag": IMAGE_TAG,
-            "second_factor": {"method": "totp", "domains": ["CORP"]},
-        }
-        if postgresql:
-            args.update(
-                database_url=self.url, database_password=DB_PASSWORD, database_ca_cert=str(self.pki.ca)
-            )
-        return args
 
     def migrate_args(self, **extra: Any) -> dict[str, Any]:
         return {
             "name_prefix": self.prefix,
             "database_url": self.url,
-            "database_password": DB_PASSWORD,
+            "database_password": self.password,
             "database_ca_cert": str(self.pki.ca),
             **extra,
         }
 
-    def connection(self, **extra: Any) -> dict[str, Any]:
-        return {
-            "broker_url": f"https://localhost:{self.port}",
-            "admin_token": ADMIN,
-            "ca_cert": str(self.pki.ca),
-            **extra,
-        }
-
-    def client(self) -> BrokerClient:
-        return BrokerClient(Http(self.port, self.cm))
-
     def deploy(self, postgresql: bool) -> None:
-        ok(run_module("broker", self.broker_args(postgresql)))
+        args = self.broker_args(postgresql, image_tag=IMAGE_TAG, second_factor=SECOND_FACTOR)
+        ok(run_module("broker", args))
         SECRETS.append((self.data_dir / "secrets" / "totp.key").read_text().strip())
-        admin = Admin(Http(self.port, ssl.create_default_context(cafile=str(self.pki.ca))), ADMIN)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if admin.call("GET", "/domains")[0] == 200:
-                    return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the broker does not answer"
-            time.sleep(0.3)
+        self.wait_broker()
 
     def playbook(self, *args: str) -> PlaybookRun:
         """playbooks/broker-migrate.yml on an inventory of this host that keeps the broker on SQLite."""
@@ -161,9 +116,9 @@ class Site:
             "ansible_python_interpreter": sys.executable,
             "gatehouse_data_root": str(self.tmp),
             "gatehouse_name_prefix": self.prefix,
-            "gatehouse_network_mode": f"container:{self.prefix}-host",
+            "gatehouse_network_mode": f"container:{self.holder.name}",
             "gatehouse_version": IMAGE_TAG,
-            "gatehouse_admin_token": ADMIN,
+            "gatehouse_admin_token": self.admin_token,
             "gatehouse_secrets_dir": str(self.tmp / "secrets"),
             "gatehouse_backup_dir": str(self.tmp / "backups"),
             "gatehouse_ca_dir": str(ca_dir),
@@ -172,7 +127,7 @@ class Site:
             "broker_ssl_cert": str(certs.cert),
             "broker_ssl_key": str(certs.key),
             "broker_domains": ["CORP", "LAB"],
-            "broker_second_factor": {"method": "totp", "domains": ["CORP"]},
+            "broker_second_factor": SECOND_FACTOR,
         }
         inventory = self.tmp / "inventory.json"
         inventory.write_text(json.dumps({"all": {"children": {"brokers": {"hosts": {"localhost": host}}}}}))
@@ -180,17 +135,6 @@ class Site:
 
     def broker_running(self) -> bool:
         return bool(self.cli.containers.get(f"{self.prefix}-broker").attrs["State"]["Running"])
-
-
-def no_secret(run: Any) -> None:
-    for secret in SECRETS:
-        assert secret not in run.stdout and secret not in run.stderr
-
-
-def ok(run: AnsibleRun) -> dict[str, Any]:
-    assert not run.failed, run.result.get("msg", run.stdout[-3000:])
-    no_secret(run)
-    return run.result
 
 
 def run_tasks(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -238,11 +182,7 @@ def site(pki: TestPKI, tmp_path: Path) -> Iterator[Site]:
     prefix = f"ghm-{uuid.uuid4().hex[:8]}"  # ghm: gatehouse migrate
     try:
         pool = os.environ.get("GATEHOUSE_TEST_BROKER_MIGRATE_POOL", "10.231.2.0/24")
-        host = start_broker_host(cli, pki, tmp_path, prefix, DB_PASSWORD, pool)
-        cm = pki.issue(f"{prefix}-cm", ["localhost"], role="cm")
-        context = ssl.create_default_context(cafile=str(pki.ca))
-        context.load_cert_chain(str(cm.cert), str(cm.key))
-        yield Site(cli, prefix, tmp_path, pki, host.postgres, host.pg_port, host.port, context)
+        yield Site.start(cli, pki, tmp_path, prefix, admin_token=ADMIN, password=DB_PASSWORD, pool=pool)
     finally:
         cleanup(cli, prefix)
 
@@ -308,10 +248,7 @@ def test_sqlite_to_postgresql_and_back(site: Site) -> None:
     assert result["tables"]["assignments"]["source"] == 1 and result["tables"]["totp"]["source"] == 1
     assert "users: 2" in result["diff"]["after"]
     assert site.broker_running()
-    assert site.postgres.exec_run(
-        ["psql", "-h", "/var/lib/postgresql", "-U", "postgres", "-d", "broker", "-At", "-c",
-         "SELECT to_regclass('users') IS NULL"]
-    ).output.decode().strip() == "t"  # fmt: skip
+    assert site.psql("SELECT to_regclass('users') IS NULL") == "t"
 
     moved = ok(run_module("broker_migrate", site.migrate_args(), diff=True))
     assert moved["changed"] and moved["status"] == "copied" and moved["broker_stopped"], moved
@@ -372,3 +309,73 @@ def test_sqlite_to_postgresql_and_back(site: Site) -> None:
     properties = (site.data_dir / "data" / "broker.properties").read_text()
     assert "Database=/data/broker.db" in properties and "postgresql" not in properties
     assert site.broker_running() and alice_desktop(site) == desktop
+
+
+def test_the_cluster_takes_an_sqlite_broker_only_through_broker_migrate(pki: TestPKI, tmp_path: Path) -> None:
+    # A broker that ran on SQLite: its settings as the broker module writes them.
+    data = tmp_path / "node" / "broker" / "data"
+    data.mkdir(parents=True)
+    (data / "broker.properties").write_text("Database=/data/broker.db\nListenPort=8443\n")
+    # An operator certificate: check mode makes no key for one from the deployment CA.
+    certs = pki.issue("guard-broker", ["localhost", "127.0.0.1"], role="broker")
+    broker = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "gatehouse_address": "127.0.0.1",
+        "gatehouse_data_root": str(tmp_path / "node"),
+        "broker_ssl_cert": str(certs.cert),
+        "broker_ssl_key": str(certs.key),
+    }
+    cluster = {f"db{n}": {"gatehouse_address": f"10.0.0.6{n}"} for n in (1, 2, 3)}  # never reached
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(
+        json.dumps(
+            {
+                "all": {
+                    "vars": {
+                        "gatehouse_secrets_dir": str(tmp_path / "secrets"),
+                        # Of no other deployment on this engine.
+                        "gatehouse_name_prefix": f"ghm-{uuid.uuid4().hex[:8]}",
+                    },
+                    "children": {"brokers": {"hosts": {"b1": broker}}, "databases": {"hosts": cluster}},
+                }
+            }
+        )
+    )
+    guard = "Refuse to put a broker that runs on SQLite onto the cluster without its rows"
+
+    def tasks(run: PlaybookRun) -> dict[str, dict[str, Any]]:
+        generated = [f.read_text().strip() for f in (tmp_path / "secrets").glob("*") if f.is_file()]
+        collection_helpers.no_secret(run, generated)
+        return {
+            t["task"]["name"]: t["hosts"]["b1"]
+            for p in run.report["plays"]
+            for t in p["tasks"]
+            if "b1" in t["hosts"]
+        }
+
+    site = run_playbook(
+        "-i", str(inventory), str(REPO_ROOT / "playbooks" / "site.yml"), "--check", "--limit", "b1"
+    )
+    assert site.returncode != 0
+    ran = tasks(site)
+    assert ran[guard].get("failed"), ran[guard]
+    assert (
+        "keeps its data in SQLite" in ran[guard]["msg"]
+        and "playbooks/broker-migrate.yml" in ran[guard]["msg"]
+    )
+    # Stopped there: the broker is neither pointed at the cluster nor deployed.
+    assert list(ran)[-1] == guard, list(ran)
+
+    migrate = run_playbook(
+        "-i", str(inventory), str(REPO_ROOT / "playbooks" / "broker-migrate.yml"), "--check", "--limit", "b1",
+        "-e", "gatehouse_migrate_backup=false",
+    )  # fmt: skip
+    ran = tasks(migrate)
+    assert not ran[guard].get("failed") and not ran[guard].get("skipped"), ran[guard]
+    # The copy is asked for with the cluster's URL (and fails here, where check mode put no CA on the node).
+    copy = next(r for name, r in ran.items() if name.startswith("Stop the broker, copy"))
+    assert copy["invocation"]["module_args"]["to"] == "postgresql", copy
+    assert copy["invocation"]["module_args"]["database_url"] == (
+        "postgresql://gatehouse@10.0.0.61:5432,10.0.0.62:5432,10.0.0.63:5432/gatehouse?target_session_attrs=read-write"
+    )

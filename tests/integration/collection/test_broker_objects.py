@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker_helpers import ADMIN_TOKEN, OTHER_TOKEN, Broker, module_connection, running_broker
-from collection_helpers import AnsibleRun, ansible_env, collection_tree, run_module, tool
+from collection_helpers import AnsibleRun, ansible_env, collection_tree, no_secret, ok, run_module, tool
 from pki import TestPKI as CertAuthority
 from services import free_port
 
@@ -41,16 +41,7 @@ def broker(pki: CertAuthority, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def run(module: str, args: dict[str, Any], **kwargs: Any) -> AnsibleRun:
-    result = run_module(module, args, diff=True, **kwargs)
-    for secret in SECRETS:
-        assert secret not in result.stdout, f"a secret leaked into the output of {module}"
-        assert secret not in result.stderr, f"a secret leaked into the output of {module}"
-    return result
-
-
-def ok(result: AnsibleRun) -> dict[str, Any]:
-    assert not result.failed, result.result.get("msg", result.stdout[-3000:])
-    return result.result
+    return no_secret(run_module(module, args, diff=True, **kwargs), SECRETS)
 
 
 def run_tasks(module: str, args: dict[str, Any], check_modes: list[bool]) -> list[dict[str, Any]]:
@@ -74,8 +65,7 @@ def run_tasks(module: str, args: dict[str, Any], check_modes: list[bool]) -> lis
         )
     finally:
         Path(handle.name).unlink()
-    for secret in SECRETS:
-        assert secret not in proc.stdout and secret not in proc.stderr, f"a secret leaked from {module}"
+    no_secret(proc, SECRETS)
     try:
         report = json.loads(proc.stdout)
         results = [task["hosts"]["localhost"] for task in report["plays"][0]["tasks"]]

@@ -20,26 +20,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import ssl
 import stat
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker_helpers import Admin, BrokerClient, Http
-from collection_helpers import AnsibleRun, run_module
+import collection_helpers
+from collection_helpers import run_module
 from deploy_helpers import cleanup, docker_client, require_service_images, unique_prefix
 from pki import TestPKI
-from postgres_server import start_broker_host
+from postgres_server import BrokerHost
 
 from gatehouse import protocol as p
 from gatehouse.broker.db import SCHEMA_VERSION
@@ -51,106 +48,26 @@ DB_PASSWORD = "Db-" + uuid.uuid4().hex
 ALICE_PW = "Alice-" + uuid.uuid4().hex
 SECRETS = (ADMIN, DB_PASSWORD, ALICE_PW)
 
-
-@dataclass
-class Site:
-    cli: Any
-    prefix: str
-    tmp: Path
-    pki: TestPKI
-    postgres: Any  # the database server's container
-    holder: Any  # the container whose network namespace the broker joins
-    port: int  # the broker's 8443 on the host's loopback
-    cm: ssl.SSLContext
-
-    @property
-    def data_dir(self) -> Path:
-        return self.tmp / "broker"
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://broker@{self.postgres.name}:5432/broker?target_session_attrs=read-write"
-
-    def args(self, **extra: Any) -> dict[str, Any]:
-        certs = self.pki.issue(f"{self.prefix}-broker", ["localhost", "127.0.0.1"], role="broker")
-        return {
-            "admin_token": ADMIN,
-            "client_ca_cert": str(self.pki.ca),
-            "domains": ["CORP", "LAB"],
-            "ssl_cert": str(certs.cert),
-            "ssl_key": str(certs.key),
-            "data_dir": str(self.data_dir),
-            "name_prefix": self.prefix,
-            "network_mode": f"container:{self.holder.name}",
-            "host_label": "broker-pg",
-            "database_url": self.url,
-            "database_password": DB_PASSWORD,
-            "database_ca_cert": str(self.pki.ca),
-            **extra,
-        }
-
-    def admin(self) -> Admin:
-        return Admin(Http(self.port, ssl.create_default_context(cafile=str(self.pki.ca))), ADMIN)
-
-    def connection(self, **extra: Any) -> dict[str, Any]:
-        return {
-            "broker_url": f"https://localhost:{self.port}",
-            "admin_token": ADMIN,
-            "ca_cert": str(self.pki.ca),
-            **extra,
-        }
-
-    def psql(self, sql: str) -> str:
-        code, out = self.postgres.exec_run(
-            ["psql", "-h", "/var/lib/postgresql", "-U", "postgres", "-d", "broker", "-v", "ON_ERROR_STOP=1",
-             "-At", "-c", sql],
-        )  # fmt: skip
-        text = out.decode(errors="replace").strip()
-        assert code == 0, f"psql failed: {text}"
-        return text
-
-    def wait_broker(self) -> None:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if self.admin().call("GET", "/domains")[0] == 200:
-                    return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the broker does not answer"
-            time.sleep(0.5)
-
-
-def no_secret(run: AnsibleRun) -> None:
-    for secret in SECRETS:
-        assert secret not in run.stdout and secret not in run.stderr
-
-
-def ok(run: AnsibleRun) -> dict[str, Any]:
-    assert not run.failed, run.result.get("msg", run.stdout[-3000:])
-    no_secret(run)
-    return run.result
+# Every ansible run the tests check: none of SECRETS in its output.
+no_secret = partial(collection_helpers.no_secret, secrets=SECRETS)
+ok = partial(collection_helpers.ok, secrets=SECRETS)
 
 
 @pytest.fixture
-def site(pki: TestPKI, tmp_path: Path) -> Iterator[Site]:
+def site(pki: TestPKI, tmp_path: Path) -> Iterator[BrokerHost]:
     cli = docker_client()
     require_service_images(cli, "broker")
     prefix = unique_prefix("brokerpg")
     try:
         pool = os.environ.get("GATEHOUSE_TEST_BROKER_PG_POOL", "10.231.4.0/24")
-        host = start_broker_host(cli, pki, tmp_path, prefix, DB_PASSWORD, pool)
-        cm = pki.issue(f"{prefix}-cm", ["localhost"], role="cm")
-        context = ssl.create_default_context(cafile=str(pki.ca))
-        context.load_cert_chain(str(cm.cert), str(cm.key))
-        yield Site(cli, prefix, tmp_path, pki, host.postgres, host.holder, host.port, context)
+        yield BrokerHost.start(cli, pki, tmp_path, prefix, admin_token=ADMIN, password=DB_PASSWORD, pool=pool)
     finally:
         cleanup(cli, prefix)
 
 
-def test_broker_on_postgresql(site: Site) -> None:
+def test_broker_on_postgresql(site: BrokerHost) -> None:
     cli, data_dir = site.cli, site.data_dir
-    args = site.args()
+    args = site.broker_args(host_label="broker-pg")
 
     # A bad URL is refused before anything exists, and its password is not shown.
     with_password = site.url.replace("broker@", f"broker:{DB_PASSWORD}@")
@@ -192,8 +109,8 @@ def test_broker_on_postgresql(site: Site) -> None:
 
     site.wait_broker()
     ok(run_module("broker_user", site.connection(name="alice", domain="LAB", password=ALICE_PW)))
-    assert BrokerClient(Http(site.port, site.cm)).login("alice", ALICE_PW, "LAB") == p.AUTH_OK
-    assert BrokerClient(Http(site.port, site.cm)).login("alice", "wrong-" + ALICE_PW, "LAB") != p.AUTH_OK
+    assert site.client().login("alice", ALICE_PW, "LAB") == p.AUTH_OK
+    assert site.client().login("alice", "wrong-" + ALICE_PW, "LAB") != p.AUTH_OK
     # The state is in PostgreSQL, and the broker reaches it over verified TLS.
     assert site.psql("SELECT name FROM users") == "alice"
     assert (
@@ -278,7 +195,7 @@ def test_broker_on_postgresql(site: Site) -> None:
     assert restored["previous"] == str(data_dir / "data" / "broker.before-restore.dump")
     assert Path(restored["previous"]).read_bytes()[:5] == b"PGDMP"
     assert site.psql("SELECT name FROM users ORDER BY name") == "alice"
-    assert BrokerClient(Http(site.port, site.cm)).login("alice", ALICE_PW, "LAB") == p.AUTH_OK
+    assert site.client().login("alice", ALICE_PW, "LAB") == p.AUTH_OK
     # The one-off containers are gone, and no password reached a log of the broker.
     assert [
         c.name for c in cli.containers.list(all=True) if c.name.startswith(f"{site.prefix}-broker-")

@@ -36,7 +36,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collection_helpers import PlaybookRun, run_module, run_playbook
+from collection_helpers import PlaybookRun, no_secret, run_module, run_playbook
 from database_cluster import (
     BROKER_PW,
     NAMES,
@@ -191,7 +191,7 @@ def test_database_cluster_failover(cluster: Cluster) -> None:
 
     # The role on the group databases (members from the inventory) asks for the same: no change.
     play = run_role(cluster, cluster.nodes[0].data_dir.parent)
-    assert not any(s in play.stdout or s in play.stderr for s in SECRETS)
+    no_secret(play, SECRETS)
     assert play.returncode == 0, play.stdout[-3000:]
     stats = play.report["stats"]
     assert set(stats) == set(NAMES)
