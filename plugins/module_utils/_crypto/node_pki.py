@@ -27,13 +27,15 @@ import secrets
 from ansible_collections.gatehouse.access.plugins.module_utils._crypto.certificate import (
     is_issued_by,
     same_public_key,
+    service_extended_key_usage,
+    service_key_usage,
     utcnow,
 )
 
 try:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 except ImportError:  # reported by the callers (certificate.HAS_CRYPTOGRAPHY)
     pass
 
@@ -106,24 +108,8 @@ def request_for(entry: dict, key) -> bytes:
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .add_extension(x509.SubjectAlternativeName(alt_names(entry)), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
+        .add_extension(service_key_usage(), critical=False)
+        .add_extension(service_extended_key_usage(), critical=False)
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM)

@@ -29,30 +29,42 @@ FACTS = ("gatehouse_admin_token", "database_superuser_password", "database_repli
          "database_broker_password")  # fmt: skip
 
 
-def secrets(tmp_path: Path, given: dict[str, str]) -> tuple[dict[str, dict[str, str]], PlaybookRun]:
-    """The tasks on brokers b1 and databases db1, db2 with ``given`` as variables of the databases
-    group (the admin token of all): each host's facts, and the run."""
-    admin = (
-        {"gatehouse_admin_token": given["gatehouse_admin_token"]} if "gatehouse_admin_token" in given else {}
-    )
+def write_inventory(tmp_path: Path, children: dict, **variables: object) -> str:
+    """An inventory of local hosts (``children``: the groups) with the controller's secrets
+    directory in ``tmp_path``; its path."""
     inventory = {
         "all": {
             "vars": {
                 "ansible_connection": "local",
                 "ansible_python_interpreter": sys.executable,
                 "gatehouse_secrets_dir": str(tmp_path / "secrets"),
-                **admin,
+                **variables,
             },
-            "children": {
-                "brokers": {"hosts": {"b1": {}}},
-                "databases": {
-                    "hosts": {"db1": {}, "db2": {}},
-                    "vars": {k: v for k, v in given.items() if k != "gatehouse_admin_token"},
-                },
-            },
+            "children": children,
         }
     }
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    path = tmp_path / "hosts.yml"
+    path.write_text(yaml.safe_dump(inventory))
+    return str(path)
+
+
+def secrets(tmp_path: Path, given: dict[str, str]) -> tuple[dict[str, dict[str, str]], PlaybookRun]:
+    """The tasks on brokers b1 and databases db1, db2 with ``given`` as variables of the databases
+    group (the admin token of all): each host's facts, and the run."""
+    admin = (
+        {"gatehouse_admin_token": given["gatehouse_admin_token"]} if "gatehouse_admin_token" in given else {}
+    )
+    hosts = write_inventory(
+        tmp_path,
+        {
+            "brokers": {"hosts": {"b1": {}}},
+            "databases": {
+                "hosts": {"db1": {}, "db2": {}},
+                "vars": {k: v for k, v in given.items() if k != "gatehouse_admin_token"},
+            },
+        },
+        **admin,
+    )
     facts = "{{ {" + ", ".join(f"'{name}': {name}" for name in FACTS) + "} | to_json }}"
     play = [
         {
@@ -74,7 +86,7 @@ def secrets(tmp_path: Path, given: dict[str, str]) -> tuple[dict[str, dict[str, 
         }
     ]
     (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
-    run = run_playbook("-i", str(tmp_path / "hosts.yml"), str(tmp_path / "play.yml"))
+    run = run_playbook("-i", hosts, str(tmp_path / "play.yml"))
     assert run.returncode == 0, run.stdout[-4000:]
     return {h: json.loads((tmp_path / f"facts-{h}.json").read_text()) for h in HOSTS}, run
 
@@ -128,33 +140,26 @@ def test_the_inventory_wins_and_the_rest_is_generated_once(tmp_path: Path) -> No
 
 def test_the_database_url_is_worked_out_once(tmp_path: Path) -> None:
     """Addresses of each kind, a node that is no Patroni node, the first node's role and database."""
-    inventory = {
-        "all": {
-            "vars": {
-                "ansible_connection": "local",
-                "ansible_python_interpreter": sys.executable,
-                "gatehouse_secrets_dir": str(tmp_path / "secrets"),
+    hosts = write_inventory(
+        tmp_path,
+        {
+            "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.0.10"}}},
+            "databases": {
+                "hosts": {
+                    "db1": {
+                        "gatehouse_address": "fd00::61",
+                        "database_broker_role": "brk",
+                        "database_broker_database": "gh",
+                    },
+                    "db2": {"ansible_host": "10.0.0.62"},
+                    "db3": {},
+                    "db4": {"gatehouse_address": "10.0.0.64", "database_patroni": False},
+                }
             },
-            "children": {
-                "brokers": {"hosts": {"b1": {"gatehouse_address": "10.0.0.10"}}},
-                "databases": {
-                    "hosts": {
-                        "db1": {
-                            "gatehouse_address": "fd00::61",
-                            "database_broker_role": "brk",
-                            "database_broker_database": "gh",
-                        },
-                        "db2": {"ansible_host": "10.0.0.62"},
-                        "db3": {},
-                        "db4": {"gatehouse_address": "10.0.0.64", "database_patroni": False},
-                    }
-                },
-            },
-        }
-    }
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+        },
+    )
     site = str(REPO_ROOT / "playbooks" / "site.yml")
-    run = run_playbook("-i", str(tmp_path / "hosts.yml"), site, "--check", "--tags", "firewall")
+    run = run_playbook("-i", hosts, site, "--check", "--tags", "firewall")
     assert run.returncode == 0, run.stdout[-4000:]
     [task] = [
         t

@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import ssl
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from services import (
     start_broker,
     start_cm,
 )
-from sg_helpers import wait_for
+from sg_helpers import metrics, wait_for
 
 from gatehouse import protocol as p
 from gatehouse import tls
@@ -87,15 +86,7 @@ class Cm:
             return 0
 
     def metrics(self) -> dict[str, float]:
-        port = self.proc.config["AdminPort"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _sep, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
+        return metrics(int(self.proc.config["AdminPort"]))
 
     async def ask(self, worker: int, message: p.Message, cookie: str = "") -> tuple[int, p.Message, str]:
         """``message`` on a new connection that worker ``worker`` accepts: (status, answer, the
