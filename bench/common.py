@@ -75,7 +75,8 @@ class Figure:
 
 
 def not_measured(name: str, reason: str) -> Figure:
-    return Figure(name, "", None, note=f"not measured: {reason}")
+    # One line: the reason goes into a Markdown table row.
+    return Figure(name, "", None, note="not measured: " + " ".join(reason.split()))
 
 
 def raise_nofile() -> int:

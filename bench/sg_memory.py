@@ -119,10 +119,12 @@ async def _measure(bench: Bench, n: int, payload: int) -> Figure:
         sg_m = await _per_session(bench, sg_pid, n, ctl, sg_port, agent_port, sealer, payload)
     load["between"] = load_average()
     hp_port = free_port()
-    config = HAPROXY_GLOBAL.replace("maxconn 8000", f"maxconn {2 * n + 1000}") + (
+    # A relayed session is one connection against maxconn; HAProxy sizes its descriptors to about
+    # twice maxconn, which must stay within the container's open-files limit (as the SG's).
+    config = HAPROXY_GLOBAL.replace("maxconn 8000", f"maxconn {n + 1000}") + (
         f"frontend relay\n    bind 127.0.0.1:{hp_port} ssl crt /cfg/srv.pem\n"
         f"    default_backend agent\nbackend agent\n"
-        f"    server agent 127.0.0.1:{agent_port} ssl verify none maxconn {2 * n}\n"
+        f"    server agent 127.0.0.1:{agent_port} ssl verify none maxconn {n + 1000}\n"
     )
     with bench.haproxy(config, {"srv.pem": haproxy_pem(bench.cert)}) as container:
         wait_port(hp_port, container)
