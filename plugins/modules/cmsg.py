@@ -188,8 +188,9 @@ options:
       - A worker that ends is started again (counted in C(gatehouse_sg_worker_restarts_total) and
         C(gatehouse_cm_worker_restarts_total)); the sessions it held end with it.
       - V(0) runs one per CPU available to the container; V(1) runs one process, as before.
-      - Each worker holds about 10 MiB (SG) or 40 MiB (CM) of its own besides its sessions' memory, all within the
-        container's memory limit (O(container_limits)); raise it on hosts with many CPUs, or set a count.
+      - Each worker holds about 10 MiB (SG) or 50 MiB (CM, resident, part of it shared) besides its sessions' memory,
+        all within the container's memory limit (O(container_limits)); raise it on hosts with many CPUs, or set a
+        count.
       - A forwarding security gateway (O(forward_to)) runs one process; leave V(0) or V(1) there.
     type: int
     default: 0
