@@ -67,6 +67,19 @@ def summary(pem: str | None) -> str:
     return "%s; valid until %s\n" % (names, cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
+def ca_signing_key(ca_dir: str):
+    """The CA's key, read only when a certificate is to be signed (copying the CA needs ca.pem alone)."""
+    try:
+        with open(os.path.join(ca_dir, "ca.key"), "rb") as handle:
+            return serialization.load_pem_private_key(handle.read(), password=None)
+    except FileNotFoundError:
+        raise AnsibleActionFail(
+            "There is no CA key (ca.key) in %s on the controller: it is needed to issue certificates" % ca_dir
+        ) from None
+    except (ValueError, TypeError) as exc:
+        raise AnsibleActionFail("the deployment CA's key in %s cannot be read: %s" % (ca_dir, exc)) from None
+
+
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
     _requires_connection = True
@@ -81,13 +94,11 @@ class ActionModule(ActionBase):
         params = validated.validated_parameters
         check = bool(self._task.check_mode)
         ca_dir = params["ca_dir"]
-        ca_cert = ca_key = None
+        ca_cert = None
         ca_pem = None
         try:
             with open(os.path.join(ca_dir, "ca.pem"), "rb") as handle:
                 ca_pem = handle.read()
-            with open(os.path.join(ca_dir, "ca.key"), "rb") as handle:
-                ca_key = serialization.load_pem_private_key(handle.read(), password=None)
             ca_cert = x509.load_pem_x509_certificate(ca_pem)
         except FileNotFoundError:
             if not check:
@@ -95,7 +106,7 @@ class ActionModule(ActionBase):
                     "There is no deployment CA in %s on the controller: run the role's ca entry point "
                     "(tasks_from: ca) first, or put your own CA there as ca.pem and ca.key" % ca_dir
                 ) from None
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:
             raise AnsibleActionFail("the deployment CA in %s cannot be read: %s" % (ca_dir, exc)) from None
 
         params["certificates"] = [told_apart(entry) for entry in params["certificates"]]
@@ -117,7 +128,7 @@ class ActionModule(ActionBase):
             elif ca_cert is None or not keeps(current.get(name), csr, ca_cert, params["renew_days"]):
                 to_issue.append(name)
                 if ca_cert is not None:
-                    issued[name] = issue(csr, ca_cert, ca_key, params["cert_days"])
+                    issued[name] = issue(csr, ca_cert, ca_signing_key(ca_dir), params["cert_days"])
         changed = bool(first.get("changed")) or bool(to_issue)
         if issued and not check:
             second = self._execute_module(

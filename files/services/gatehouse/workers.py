@@ -158,7 +158,9 @@ class Service:
 
     ``name`` prefixes its families (``gatehouse_<name>_workers``...); ``not_summed`` are worker
     families that are the same in every worker (the supervisor gives ``constants()`` instead);
-    ``per_worker`` maps worker families to the per-worker series made of them.
+    ``lowest`` are 0/1 states that hold for the service only while they hold in every worker
+    (their minimum, not their sum); ``per_worker`` maps worker families to the per-worker series
+    made of them.
     """
 
     name: str
@@ -168,6 +170,7 @@ class Service:
     listening: str
     grace: float
     not_summed: frozenset[str] = frozenset()
+    lowest: frozenset[str] = frozenset()
     per_worker: Mapping[str, str] = field(default_factory=dict)
     constants: Callable[[], Iterable[Metric]] = tuple
 
@@ -381,8 +384,9 @@ class Supervisor:
 
 
 class WorkersCollector(Collector):
-    """The workers' metrics summed (``texts``: each worker's /metrics, scraped just before), the
-    service's constants, per-worker series labelled ``worker``, and the workers and their restarts."""
+    """The workers' metrics summed (``texts``: each worker's /metrics, scraped just before; the
+    ``lowest`` families their minimum), the service's constants, per-worker series labelled
+    ``worker``, and the workers and their restarts."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
@@ -403,7 +407,13 @@ class WorkersCollector(Collector):
                     if sample.name.endswith("_created"):
                         continue  # a process's start time: no sum of them means anything
                     key = (sample.name, tuple(sorted(sample.labels.items())))
-                    totals[fam.name][key] = totals[fam.name].get(key, 0.0) + sample.value
+                    before = totals[fam.name].get(key)
+                    if before is None:
+                        totals[fam.name][key] = sample.value
+                    elif fam.name in service.lowest:
+                        totals[fam.name][key] = min(before, sample.value)
+                    else:
+                        totals[fam.name][key] = before + sample.value
                     if fam.name in service.per_worker and not sample.labels:
                         per_worker[fam.name].append((str(index), sample.value))
         for name, metric in summed.items():

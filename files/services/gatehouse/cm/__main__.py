@@ -143,6 +143,8 @@ def supervise(settings: CmSettings) -> None:
         listening=",".join(groups),
         grace=SHUTDOWN_GRACE,
         not_summed=frozenset({"gatehouse_tls_certificate_expiry_timestamp_seconds"}),
+        # Each worker follows the SG's /health itself: the SG is up for the CM while every worker sees it.
+        lowest=frozenset({"gatehouse_cm_security_gateway_up"}),
         per_worker=PER_WORKER,
     )
     shared = SharedCounters("cm", count, ("connections", "clients", "establishing"))
