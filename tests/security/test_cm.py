@@ -104,6 +104,13 @@ async def extra_cm(
     port, admin_port = free_port(), free_port()
     config.update(ListenPort=port, RedirectPort=free_port(), AdminPort=admin_port, **overrides)
     proc = await asyncio.to_thread(start_cm, workdir, config, hardened.SECRET)
+    # With workers the supervisor opens AdminPort once every worker serves its metrics.
+    for _attempt in range(300):
+        try:
+            await slowhttp.scrape(f"http://127.0.0.1:{admin_port}")
+            break
+        except (OSError, aiohttp.ClientError):
+            await asyncio.sleep(0.1)
     try:
         yield proc, f"https://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
     finally:
