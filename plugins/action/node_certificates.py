@@ -19,6 +19,7 @@ import re
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
+from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfile import read_bytes
 from ansible_collections.gatehouse.access.plugins.module_utils._crypto import certificate as crypto
 from ansible_collections.gatehouse.access.plugins.module_utils._crypto.node_pki import (
     ARGUMENT_SPEC,
@@ -31,7 +32,6 @@ from ansible_collections.gatehouse.access.plugins.module_utils._crypto.node_pki 
 
 try:
     from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
 except ImportError:  # reported below through crypto.HAS_CRYPTOGRAPHY
     pass
 
@@ -60,24 +60,24 @@ def summary(pem: str | None) -> str:
     if not pem:
         return "(none)\n"
     try:
-        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+        facts = crypto.certificate_facts(x509.load_pem_x509_certificate(pem.encode("ascii")))
     except ValueError:
         return "(unreadable)\n"
-    names = ", ".join(crypto.general_names(cert.extensions))
-    return "%s; valid until %s\n" % (names, cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return "%s; valid until %s\n" % (", ".join(facts["subject_alt_names"]), facts["not_after"])
 
 
 def ca_signing_key(ca_dir: str):
     """The CA's key, read only when a certificate is to be signed (copying the CA needs ca.pem alone)."""
-    try:
-        with open(os.path.join(ca_dir, "ca.key"), "rb") as handle:
-            return serialization.load_pem_private_key(handle.read(), password=None)
-    except FileNotFoundError:
+    path = os.path.join(ca_dir, "ca.key")
+    data = read_bytes(path)
+    if data is None:
         raise AnsibleActionFail(
             "There is no CA key (ca.key) in %s on the controller: it is needed to issue certificates" % ca_dir
-        ) from None
-    except (ValueError, TypeError) as exc:
-        raise AnsibleActionFail("the deployment CA's key in %s cannot be read: %s" % (ca_dir, exc)) from None
+        )
+    try:
+        return crypto.load_private_key(data, path)[0]
+    except crypto.CertificateError as exc:
+        raise AnsibleActionFail("the deployment CA's key cannot be used: %s" % exc) from None
 
 
 class ActionModule(ActionBase):
@@ -120,6 +120,7 @@ class ActionModule(ActionBase):
         requests, current = first.get("requests", {}), first.get("current", {})
         issued: dict[str, str] = {}
         to_issue: list[str] = []
+        ca_key = None
         for entry in params["certificates"]:
             name = entry["name"]
             csr = requests.get(name)
@@ -128,7 +129,8 @@ class ActionModule(ActionBase):
             elif ca_cert is None or not keeps(current.get(name), csr, ca_cert, params["renew_days"]):
                 to_issue.append(name)
                 if ca_cert is not None:
-                    issued[name] = issue(csr, ca_cert, ca_signing_key(ca_dir), params["cert_days"])
+                    ca_key = ca_key or ca_signing_key(ca_dir)
+                    issued[name] = issue(csr, ca_cert, ca_key, params["cert_days"])
         changed = bool(first.get("changed")) or bool(to_issue)
         if issued and not check:
             second = self._execute_module(

@@ -150,25 +150,21 @@ keys_created:
 """
 
 import grp  # noqa: E402
-import os  # noqa: E402
 import pwd  # noqa: E402
-import re  # noqa: E402
-import stat  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
 
-from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfile import (  # noqa: E402
-    read_bytes,
-    write_atomic,
+from ansible_collections.gatehouse.access.plugins.module_utils._common.atomicfile import read_bytes  # noqa: E402
+from ansible_collections.gatehouse.access.plugins.module_utils._common.files import (  # noqa: E402
+    PlannedDir,
+    PlannedFile,
 )
 from ansible_collections.gatehouse.access.plugins.module_utils._crypto import certificate as crypto  # noqa: E402
 from ansible_collections.gatehouse.access.plugins.module_utils._crypto.node_pki import (  # noqa: E402
     ARGUMENT_SPEC,
     KEY_BITS,
-    NAME_PATTERN,
     entry_paths,
     request_for,
-    told_apart,
 )
 
 DIR_MODE = 0o755
@@ -178,87 +174,78 @@ def _id(value: str, lookup) -> int:
     return int(value) if value.isdigit() else lookup(value)
 
 
-def _owned(path: str, mode: int, uid: int, gid: int) -> bool:
-    info = os.stat(path)
-    return stat.S_IMODE(info.st_mode) == mode and info.st_uid == uid and info.st_gid == gid
+def _key(module: AnsibleModule, key_path: str, data: bytes):
+    """The node's existing key at ``key_path``: an RSA key the services accept, or the module fails."""
+    try:
+        key, _fmt = crypto.load_private_key(data, key_path)
+    except crypto.CertificateError as exc:
+        module.fail_json(msg="%s; move it away to have a new key made" % exc)
+    kind, bits = crypto.key_kind(key.public_key())
+    if kind != "RSA" or bits < crypto.MIN_RSA_BITS:
+        module.fail_json(
+            msg="%s holds a %s %d-bit key; an RSA key of at least %d bits is needed (move it away to have "
+            "a new one made)" % (key_path, kind, bits, crypto.MIN_RSA_BITS)
+        )
+    return key
 
 
 def main() -> None:
+    """The node's part. The action plugin has checked the entries and told their names apart. Without
+    ``issued``: the directory, the CA copy and the keys, a request per entry and the current
+    certificates. With ``issued``: the directory, the CA copy and those certificates, nothing else."""
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     if not crypto.HAS_CRYPTOGRAPHY:
         module.fail_json(msg=missing_required_lib("cryptography"), exception=crypto.CRYPTOGRAPHY_IMPORT_ERROR)
     params = module.params
-    check = module.check_mode
     try:
         uid = _id(params["owner"], lambda name: pwd.getpwnam(name).pw_uid)
         gid = _id(params["group"], lambda name: grp.getgrnam(name).gr_gid)
     except KeyError as exc:
         module.fail_json(msg="unknown owner or group %s on the node" % exc)
     directory = params["directory"]
-    changed = False
-    if not os.path.isdir(directory):
-        changed = True
-        if not check:
-            os.makedirs(directory, DIR_MODE)
-    ca_pem = params["ca_certificate"]
-    if ca_pem is not None:
-        ca_path = os.path.join(directory, "ca.pem")
-        if read_bytes(ca_path) != ca_pem.encode("ascii"):
-            changed = True
-            if not check:
-                write_atomic(ca_path, ca_pem.encode("ascii"), crypto.PUBLIC_MODE)
+    planned: list[PlannedDir | PlannedFile] = [PlannedDir(directory, DIR_MODE)]
+    if params["ca_certificate"] is not None:
+        planned.append(
+            PlannedFile(directory + "/ca.pem", params["ca_certificate"].encode("ascii"), crypto.PUBLIC_MODE)
+        )
     requests: dict[str, str] = {}
     current: dict[str, str] = {}
     created: list[str] = []
-    params["certificates"] = [told_apart(entry) for entry in params["certificates"]]
+    issued = params["issued"] or {}
     for entry in params["certificates"]:
         name = entry["name"]
-        if not re.match(NAME_PATTERN, name):
-            module.fail_json(msg="certificate name %r: letters, digits, '.', '_' and '-' only" % name)
         cert_path, key_path = entry_paths(directory, entry)
+        if issued:
+            if name in issued:
+                planned.append(
+                    PlannedFile(cert_path, issued[name].encode("ascii"), crypto.PUBLIC_MODE, uid, gid)
+                )
+            continue
         data = read_bytes(key_path)
         if data is None:
             created.append(name)
-            changed = True
-            if check:
+            if module.check_mode:
                 continue  # no key, no request: the action reports the certificate as to be issued
             key = crypto.generate_key(KEY_BITS)
-            write_atomic(key_path, crypto.private_key_pem(key), crypto.KEY_MODE, uid, gid)
+            data = crypto.private_key_pem(key)
         else:
-            try:
-                key, _fmt = crypto.load_private_key(data, key_path)
-            except crypto.CertificateError as exc:
-                module.fail_json(msg="%s; move it away to have a new key made" % exc)
-            kind, bits = crypto.key_kind(key.public_key())
-            if kind != "RSA" or bits < crypto.MIN_RSA_BITS:
-                module.fail_json(
-                    msg="%s holds a %s %d-bit key; an RSA key of at least %d bits is needed (move it away to have "
-                    "a new one made)" % (key_path, kind, bits, crypto.MIN_RSA_BITS)
-                )
-            if not _owned(key_path, crypto.KEY_MODE, uid, gid):
-                changed = True
-                if not check:
-                    os.chown(key_path, uid, gid)
-                    os.chmod(key_path, crypto.KEY_MODE)
+            key = _key(module, key_path, data)
+        planned.append(PlannedFile(key_path, data, crypto.KEY_MODE, uid, gid, hidden=True))
         requests[name] = request_for(entry, key).decode("ascii")
         existing = read_bytes(cert_path)
         if existing is not None:
             current[name] = existing.decode("ascii", "replace")
-            if not _owned(cert_path, crypto.PUBLIC_MODE, uid, gid):
-                changed = True
-                if not check:
-                    os.chown(cert_path, uid, gid)
-                    os.chmod(cert_path, crypto.PUBLIC_MODE)
-    for name, pem in sorted((params["issued"] or {}).items()):
-        entry = next((e for e in params["certificates"] if e["name"] == name), None)
-        if entry is None:
-            module.fail_json(msg="issued: %s is not one of the certificates" % name)
-        cert_path, _key_path = entry_paths(directory, entry)
-        if read_bytes(cert_path) != pem.encode("ascii"):
-            changed = True
-            if not check:
-                write_atomic(cert_path, pem.encode("ascii"), crypto.PUBLIC_MODE, uid, gid)
-    module.exit_json(changed=changed, requests=requests, current=current, keys_created=created, issued=[])
+            planned.append(PlannedFile(cert_path, existing, crypto.PUBLIC_MODE, uid, gid))
+    unknown = sorted(set(issued) - {entry["name"] for entry in params["certificates"]})
+    if unknown:
+        module.fail_json(msg="issued: %s is not one of the certificates" % ", ".join(unknown))
+    changes = [item for item in planned if item.changed]
+    if not module.check_mode:
+        for item in changes:
+            item.apply()
+    module.exit_json(
+        changed=bool(created or changes), requests=requests, current=current, keys_created=created, issued=[]
+    )
 
 
 if __name__ == "__main__":
