@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from gatehouse import protocol as p
-from gatehouse.cm.sessions import Session
+from gatehouse.cm.sessions import Session, worker_of
 
 CODE_BYTES = 24
 CODE_CHARS = 32  # secrets.token_urlsafe(CODE_BYTES)
@@ -136,11 +136,8 @@ class InvitationBook:
 
 
 def owner_of_code(code: str) -> int | None:
-    """The worker index a code names (its "-<worker>" tag), or None (no tag)."""
-    tag = code[CODE_CHARS:]
-    if len(tag) < 2 or len(tag) > 3 or tag[0] != "-" or not tag[1:].isdigit():
-        return None
-    return int(tag[1:])
+    """The worker index a code names (its "-<worker>" tag), or None."""
+    return worker_of(code, CODE_CHARS, "-")
 
 
 def owner_refusal(invitation: Invitation, owner_live: bool) -> InvitationRefused | None:

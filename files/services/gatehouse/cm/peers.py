@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 from aiohttp import web
@@ -41,6 +41,10 @@ _HEADERS = {
 }
 # Of the owner's answer, these go back to the client.
 _PASSED_ON = ("Content-Type", "Cache-Control", "Set-Cookie")
+
+
+class WorkerLate(Exception):
+    """The other worker runs but did not answer within the deadline (stalled or overloaded)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ class Peers:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._http: dict[int, aiohttp.ClientSession] = {}
 
-    def other(self, index: int | None) -> bool:
+    def other(self, index: int | None) -> TypeGuard[int]:
         """``index`` names another worker of this CM."""
         return index is not None and index != self.me and 0 <= index < len(self.paths)
 
@@ -118,7 +122,8 @@ class Peers:
         return http
 
     async def forward(self, index: int, call: Call, body: bytes) -> Forwarded | None:
-        """Worker ``index``'s answer to the client's request, or None when it cannot be reached."""
+        """Worker ``index``'s answer to the client's request, or None when it cannot be reached
+        (it has ended); raises WorkerLate."""
         try:
             async with self._client(index).post(
                 f"http://worker{PATH_FORWARD}", data=body, headers=call.headers()
@@ -129,16 +134,20 @@ class Peers:
                     for value in resp.headers.getall(name, []):
                         headers.add(name, value)
                 return Forwarded(resp.status, headers, answer)
+        except TimeoutError:  # caught first: aiohttp's timeouts are connection errors too
+            raise WorkerLate() from None
         except (OSError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
-            return None  # TimeoutError goes to the caller: the worker runs but did not answer
+            return None
 
     async def redeem(self, index: int, code: str, tenant: str) -> Redeemed:
-        """Take invitation ``code`` from worker ``index``'s book; raises InvitationRefused."""
+        """Take invitation ``code`` from worker ``index``'s book; raises InvitationRefused or WorkerLate."""
         try:
             async with self._client(index).post(
                 f"http://worker{PATH_REDEEM}", json={"code": code, "tenant": tenant}
             ) as resp:
                 answer = await resp.json()
+        except TimeoutError:  # caught first: aiohttp's timeouts are connection errors too
+            raise WorkerLate() from None
         except (OSError, aiohttp.ClientConnectionError):
             # The owner's worker has ended, and its sessions: there is nothing left to join.
             raise InvitationRefused("ended", p.JOIN_ENDED, "the owner's session has ended") from None
@@ -156,13 +165,7 @@ class Peers:
 
 
 def redeemed_json(redeemed: Redeemed) -> str:
-    return json.dumps(
-        {
-            "agent": dataclasses.asdict(redeemed.agent),
-            "agent_session_id": redeemed.agent_session_id,
-            "owner_session_id": redeemed.owner_session_id,
-        }
-    )
+    return json.dumps(dataclasses.asdict(redeemed))
 
 
 def refused_json(exc: InvitationRefused) -> str:

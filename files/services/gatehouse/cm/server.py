@@ -27,7 +27,16 @@ from gatehouse import tls
 from gatehouse.cm import agent as agent_call
 from gatehouse.cm.invitations import InvitationBook, InvitationRefused, owner_of_code, owner_refusal
 from gatehouse.cm.metrics import CmMetrics
-from gatehouse.cm.peers import PATH_FORWARD, PATH_REDEEM, Call, Peers, Redeemed, redeemed_json, refused_json
+from gatehouse.cm.peers import (
+    PATH_FORWARD,
+    PATH_REDEEM,
+    Call,
+    Peers,
+    Redeemed,
+    WorkerLate,
+    redeemed_json,
+    refused_json,
+)
 from gatehouse.cm.sessions import (
     EstablishmentLimiter,
     Session,
@@ -452,15 +461,10 @@ class ConnectionManager:
             return await self._send(request, outcome, call.ip, "invalid", started, close=True)
         owner = owner_of_cookie(call.cookie)
         if self.peers is not None and self.peers.other(owner):
-            assert owner is not None
             try:
                 answer = await self.peers.forward(owner, call, body)
-            except TimeoutError:
-                self.metrics.forwarded.labels("timeout").inc()
-                outcome = Outcome(
-                    p.ErrorResp(p.E_INTERNAL, "the session's worker did not answer in time"), 503
-                )
-                return await self._send(request, outcome, call.ip, "forwarded", started)
+            except WorkerLate:
+                return await self._send(request, self._worker_late(), call.ip, "forwarded", started)
             if answer is not None:
                 self.metrics.forwarded.labels("answered").inc()
                 return await answer.send(request)
@@ -468,6 +472,12 @@ class ConnectionManager:
             self.metrics.forwarded.labels("gone").inc()
             call = dataclasses.replace(call, cookie=None)
         return await self._answer(request, call, body, started)
+
+    def _worker_late(self) -> Outcome:
+        """The answer when another worker, which holds what a request needs, passed the deadline
+        of peers.Peers (it runs, but is stalled or overloaded)."""
+        self.metrics.forwarded.labels("timeout").inc()
+        return Outcome(p.ErrorResp(p.E_INTERNAL, "the session's worker did not answer in time"), 503)
 
     async def handle_forwarded(self, request: web.Request) -> web.StreamResponse:
         """A request another worker received for a session of this one (peers.py)."""
@@ -491,6 +501,8 @@ class ConnectionManager:
         except Busy as exc:
             self.metrics.busy.labels(exc.limit).inc()
             outcome = Outcome(p.ErrorResp(p.E_BUSY, str(exc)), 503)
+        except WorkerLate:  # another worker's invitation book did not answer
+            outcome = self._worker_late()
         except Misdirected as exc:
             outcome = Outcome(p.ErrorResp(p.E_MALFORMED, str(exc)), 421, details={"refused": "tenant"})
         except UpstreamError as exc:
@@ -890,7 +902,6 @@ class ConnectionManager:
                 code = message.invitation_code
                 owner_worker = owner_of_code(code)
                 if self.peers is not None and self.peers.other(owner_worker):
-                    assert owner_worker is not None
                     invitation = await self.peers.redeem(owner_worker, code, session.tenant_name)
                 else:
                     invitation = self.take_invitation(code, session.tenant_name)

@@ -21,6 +21,9 @@ from gatehouse.shared import LocalSlots, Slots
 from gatehouse.tenants import Tenant
 from gatehouse.web import Network, in_networks
 
+COOKIE_BYTES = 32
+COOKIE_CHARS = 43  # secrets.token_urlsafe(COOKIE_BYTES)
+
 
 class State(enum.Enum):
     HELLO = (
@@ -229,6 +232,9 @@ class SessionTable:
             return now - session.created > self.pre_auth_timeout
         return now - session.last_seen > self.idle_timeout or now - session.created > self.max_lifetime
 
+    def _new_cookie(self) -> str:
+        return secrets.token_urlsafe(COOKIE_BYTES) + self.tag
+
     def _full(self) -> SessionsFull:
         return SessionsFull("max_clients", f"{self.max_clients} client sessions are active")
 
@@ -263,7 +269,7 @@ class SessionTable:
             self._evict_one(now)
         session = Session(
             session_id=str(uuid.uuid4()),
-            cookie=secrets.token_urlsafe(32) + self.tag,
+            cookie=self._new_cookie(),
             client_ip=client_ip,
             log_id=log_id,
             created=now,
@@ -315,7 +321,7 @@ class SessionTable:
         self._drop_pre(session)
         session.state = State.AUTHENTICATED
         del self._by_cookie[session.cookie]
-        session.cookie = secrets.token_urlsafe(32) + self.tag
+        session.cookie = self._new_cookie()
         self._by_cookie[session.cookie] = session
         session.bound_connection = connection
         return session.cookie
@@ -404,11 +410,16 @@ class EstablishmentLimiter:
             self.slots.give()
 
 
+def worker_of(value: str | None, token_chars: int, sep: str) -> int | None:
+    """The worker index that ``value`` (a random token of ``token_chars`` characters, then
+    ``sep`` and the index) names, or None: no value, an untagged one (one process), or any other
+    shape. A tag is what a client sends back; the caller checks that the index is one of its own."""
+    if not value or len(value) <= token_chars + 1 or value[token_chars] != sep:
+        return None
+    index = value[token_chars + 1 :]
+    return int(index) if len(index) <= 2 and index.isdigit() else None
+
+
 def owner_of_cookie(cookie: str | None) -> int | None:
-    """The worker index a cookie names (its ".<worker>" tag), or None (no cookie, or no tag)."""
-    if not cookie:
-        return None
-    _token, dot, index = cookie.rpartition(".")
-    if not dot or not index.isdigit() or len(index) > 2:
-        return None
-    return int(index)
+    """The worker index a cookie names (its ".<worker>" tag), or None."""
+    return worker_of(cookie, COOKIE_CHARS, ".")
