@@ -179,6 +179,41 @@ async def test_a_session_through_the_published_ports(deployment: Deployment) -> 
     assert logged(deployment, "sg", "client", started) == {deployment.gateway}
 
 
+async def test_a_session_is_served_by_every_cm_worker_through_the_published_port(
+    deployment: Deployment,
+) -> None:
+    """The CM's default, one worker per CPU, behind docker-proxy: each new connection through the
+    published port reaches a worker by its source port, and the session's cookie is answered on
+    every one of them (forwarded to the worker that holds it)."""
+    _status, text = await asyncio.to_thread(management, 9180, "/metrics")
+    workers = metric(text, "gatehouse_cm_workers")
+    answered = 'gatehouse_cm_forwarded_requests_total{outcome="answered"}'
+    before = metric(text, answered)
+    url = deployment.cm_url + p.PATH_BROKER
+
+    async def ask(message: p.Message, cookie: str = "") -> tuple[p.Message, str]:
+        # A connection of its own for each request: a new source port, so any worker.
+        connector = aiohttp.TCPConnector(ssl=deployment.client_ctx, force_close=True)
+        headers = {"Content-Type": p.CONTENT_TYPE, **({"Cookie": f"JSESSIONID={cookie}"} if cookie else {})}
+        async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as http:
+            async with http.post(url, data=p.render("pcoip-client", message), headers=headers) as resp:
+                morsel = resp.cookies.get("JSESSIONID")
+                return p.parse(await resp.read(), "pcoip-client"), morsel.value if morsel else cookie
+
+    _reply, cookie = await ask(p.Hello(client_info=p.ClientInfo(product_name="bridge")))
+    reply, cookie = await ask(p.Authenticate(USER, USER_PW, "CORP"), cookie)
+    assert isinstance(reply, p.AuthenticateResp) and reply.result_id == p.AUTH_OK, reply
+    for _round in range(16):
+        reply, _cookie = await ask(p.GetResourceList(), cookie)
+        assert isinstance(reply, p.GetResourceListResp) and reply.result_id == p.LIST_OK, reply
+    await ask(p.Bye(), cookie)
+    _status, text = await asyncio.to_thread(management, 9180, "/metrics")
+    assert workers == metric(text, "gatehouse_cm_workers") == float(len(os.sched_getaffinity(0)))
+    if workers > 1:
+        # 18 connections, each to a worker by its source port: some reached the other worker.
+        assert metric(text, answered) > before
+
+
 def test_the_containers_are_hardened(deployment: Deployment) -> None:
     for role in ("cm", "sg"):
         host_config = deployment.container(role).attrs["HostConfig"]

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,6 +302,47 @@ async def test_an_invitation_is_redeemed_on_another_worker_once(stack: Stack) ->
     m = cm.metrics()
     assert m["gatehouse_cm_invitations_redeemed_total"] == 1
     assert m['gatehouse_cm_invitations_refused_total{reason="used"}'] == 1
+
+
+async def test_forged_worker_tags_cost_their_sender_one_hop_and_find_nothing(stack: Stack) -> None:
+    """A client may name any worker in a cookie: 60 guessed cookies of worker 1's shape, sent to
+    worker 0 at once, are each forwarded once and answered as without a session, while a real
+    session is served on both workers."""
+    cm = stack.start_cm("cm-forged")
+    cookie = await cm.login("alice", hello_on=1, auth_on=1)
+    forged = [secrets.token_urlsafe(32) + ".1" for _guess in range(60)]
+    replies = await asyncio.gather(*(cm.ask(0, p.GetResourceList(), guess) for guess in forged))
+    assert {(status, getattr(reply, "result_id", "")) for status, reply, _cookie in replies} == {
+        (200, p.E_USER_AUTH)
+    }
+    assert cm.metrics()['gatehouse_cm_forwarded_requests_total{outcome="answered"}'] == 60
+    assert await cm.resources(0, cookie) == ["desk-a"]
+    assert await cm.resources(1, cookie) == ["desk-a"]
+
+
+async def test_a_stalled_worker_cannot_hold_the_other_workers_clients(stack: Stack) -> None:
+    """The deadline of a forward: with worker 1 stopped (SIGSTOP), a request for its session that
+    reaches worker 0 is answered 503 once the forward's deadline (2 x BrokerTimeout + AgentTimeout
+    + 5 s) has passed, and worker 0 serves its own clients meanwhile."""
+    cm = stack.start_cm("cm-stall", BrokerTimeout=3, AgentTimeout=2)
+    on1 = await cm.login("carol", 1, 1)
+    worker1 = cm.proc.worker_pids()[1]
+    os.kill(worker1, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        stalled = asyncio.create_task(cm.ask(0, p.GetResourceList(), on1))
+        on0 = await cm.login("alice", 0, 0)
+        assert await cm.resources(0, on0) == ["desk-a"]
+        assert not stalled.done(), "the forward to the stopped worker was answered before its deadline"
+        status, reply, _cookie = await stalled
+        waited = time.monotonic() - started
+        assert status == 503 and isinstance(reply, p.ErrorResp) and reply.result_id == p.E_INTERNAL, reply
+        assert 13.0 <= waited < 25.0, waited
+    finally:
+        os.kill(worker1, signal.SIGCONT)
+    # Running again, worker 1 serves its session through worker 0 as before.
+    assert await cm.resources(0, on1) == ["desk-a"]
+    assert cm.metrics()['gatehouse_cm_forwarded_requests_total{outcome="timeout"}'] == 1
 
 
 # ---------------------------------------------------------------- processes
