@@ -176,13 +176,19 @@ class BrokerHost:
     def psql(self, sql: str) -> str:
         """Run ``sql`` as the superuser in the database :data:`USER` over the server's socket; its
         output (unaligned)."""
-        code, out = self.postgres.exec_run(
-            ["psql", "-h", "/var/lib/postgresql", "-U", "postgres", "-d", USER, "-v", "ON_ERROR_STOP=1",
-             "-At", "-c", sql],
-        )  # fmt: skip
-        text = out.decode(errors="replace").strip()
-        assert code == 0, f"psql failed: {text}"
-        return text
+        return psql(self.postgres, sql, USER)
+
+
+def psql(container: Any, sql: str, dbname: str) -> str:
+    """Run ``sql`` as the superuser in ``dbname`` over the socket of the server in ``container``;
+    its output (unaligned)."""
+    code, out = container.exec_run(
+        ["psql", "-h", "/var/lib/postgresql", "-U", "postgres", "-d", dbname, "-v", "ON_ERROR_STOP=1",
+         "-At", "-c", sql],
+    )  # fmt: skip
+    text = out.decode(errors="replace").strip()
+    assert code == 0, f"psql failed: {text}"
+    return text
 
 
 @dataclass
@@ -201,13 +207,7 @@ class PostgresServer:
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         """Run ``sql`` as the superuser over the container's socket; its output (unaligned)."""
-        code, out = self.container.exec_run(
-            ["psql", "-h", "/var/lib/postgresql", "-U", "postgres", "-d", dbname, "-v", "ON_ERROR_STOP=1",
-             "-At", "-c", sql],
-        )  # fmt: skip
-        text = out.decode(errors="replace").strip()
-        assert code == 0, f"psql failed: {text}"
-        return text
+        return psql(self.container, sql, dbname)
 
     def create_database(self, name: str = "") -> str:
         """A new empty database owned by :data:`USER` (named ``name``, or a new name); its name."""
