@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 AGENT_FAILURES = ("error", "timeout", "invalid", "unverified")
 # Why a create-invitation or redeem-invitation was refused (docs/protocol.md, "Collaboration").
 INVITATION_REFUSALS = ("disabled", "limit", "unknown", "used", "expired", "ended", "agent")
+FORWARD_OUTCOMES = ("answered", "gone", "timeout")
 
 
 class _Evictions(Collector):
@@ -112,6 +113,8 @@ class CmMetrics:
         )
         for reason in INVITATION_REFUSALS:
             self.invitations_refused.labels(reason)
+        for outcome in FORWARD_OUTCOMES:
+            self.forwarded.labels(outcome)
         self.invitation_attempts_exceeded = Counter(
             "gatehouse_cm_invitation_attempts_exceeded",
             "Sessions ended after MaxInvitationAttempts unknown invitation codes",
