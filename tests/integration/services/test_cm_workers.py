@@ -1,7 +1,7 @@
 """The CM with Workers=2 as real processes (a supervisor and two forked workers) on loopback.
 
-The kernel hands a new connection to the worker its source port names (port modulo the workers,
-gatehouse.cm.__main__.source_port_program), so each request here opens a connection from a port
+The kernel hands a new connection to the worker its source port names (the port's bits folded,
+modulo the workers: gatehouse.cm.__main__.worker_for_port), so each request here opens a connection from a port
 chosen for the worker it must reach. A session lives in the worker that answered its hello (its
 cookie ends in ".<worker>"); what must hold across workers: its cookie works on every worker,
 MaxClients and MaxConcurrentEstablishments are each one limit for all workers, an invitation is
@@ -41,6 +41,7 @@ from sg_helpers import metrics, wait_for
 from gatehouse import protocol as p
 from gatehouse import tls
 from gatehouse.client.flow import Holding, run_session
+from gatehouse.cm.__main__ import worker_for_port
 from gatehouse.grant import generate_secret
 
 WORKERS = 2
@@ -134,7 +135,7 @@ def port_for(worker: int) -> int:
     the port of a closed connection waits in TIME_WAIT)."""
     while True:
         port = free_port()
-        if port % WORKERS == worker and port not in _USED_PORTS:
+        if worker_for_port(port, WORKERS) == worker and port not in _USED_PORTS:
             _USED_PORTS.add(port)
             return port
 

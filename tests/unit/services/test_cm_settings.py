@@ -1,13 +1,16 @@
-"""CM configuration: required keys, the broker URL, external addresses and the grant secret."""
+"""CM configuration: required keys, the broker URL, external addresses and the grant secret; the
+worker tags and the steering function of Workers > 1."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+from collections import Counter
 
 import pytest
 
 from gatehouse import protocol as p
+from gatehouse.cm.__main__ import worker_for_port
 from gatehouse.cm.invitations import InvitationBook, owner_of_code
 from gatehouse.cm.sessions import SessionTable, owner_of_cookie
 from gatehouse.cm.settings import CmSettings, broker_endpoint, split_external_pcoip_ip
@@ -147,3 +150,13 @@ def test_cookies_and_codes_name_their_worker() -> None:
     wire = p.parse(p.render("pcoip-client", p.RedeemInvitation(code)), "pcoip-client")
     assert isinstance(wire, p.RedeemInvitation) and wire.invitation_code == code
     assert owner_of_code(InvitationBook(60.0, 5).create(session, p.AgentInfo("192.0.2.9"), "s")) is None
+
+
+def test_the_workers_share_the_ports_linux_gives_connect() -> None:
+    """Linux hands out even ephemeral ports to connect(): the steering folds the port's bits, so
+    a HALB's or docker-proxy's connections still spread over every worker."""
+    for workers in (2, 3, 4):
+        counts = Counter(worker_for_port(port, workers) for port in range(32768, 61000, 2))
+        assert set(counts) == set(range(workers))
+        assert max(counts.values()) < 1.2 * min(counts.values()), counts
+

@@ -151,15 +151,28 @@ def supervise(settings: CmSettings) -> None:
     workers.supervise(service, groups, shared, lambda place: serve(settings, place))
 
 
+def worker_for_port(port: int, count: int) -> int:
+    """The worker of a connection from TCP source ``port`` (what source_port_program computes).
+
+    The port's bits are folded before the modulo: Linux hands out even ephemeral ports to
+    connect() (odd ones are kept for bind()), so a HALB's, docker-proxy's or most clients'
+    connections would all land on one worker of two by the port's parity alone."""
+    port ^= port >> 8
+    port ^= port >> 4
+    port ^= port >> 1
+    return port % count
+
+
 def source_port_program(count: int) -> bytes:
-    """Classic BPF for a TCP SO_REUSEPORT group: the worker of a connection is its source port
-    modulo ``count``. The kernel runs it with the data past the TCP header, so the port is read
+    """Classic BPF for a TCP SO_REUSEPORT group: the worker of a connection, worker_for_port of its
+    source port. The kernel runs it with the data past the TCP header, so the port is read
     relative to the network header (SKF_NET_OFF): after the IPv4 header (its length from IHL) or
     the 40 bytes of the IPv6 one."""
     net = SKF_NET_OFF
     ld_b, ld_h, ldx_msh, ld_h_ind = 0x30, 0x28, 0xB1, 0x48
-    rsh_k, mod_k, jeq_k, ja, ret_a = 0x74, 0x94, 0x15, 0x05, 0x16
+    rsh_k, xor_x, mod_k, jeq_k, ja, tax, ret_a = 0x74, 0xAC, 0x94, 0x15, 0x05, 0x07, 0x16
     insn = workers.insn
+    fold = [part for shift in (8, 4, 1) for part in (insn(tax), insn(rsh_k, shift), insn(xor_x))]
     return b"".join(
         [
             insn(ld_b, net),  # 0: first byte of the IP header
@@ -169,8 +182,9 @@ def source_port_program(count: int) -> bytes:
             insn(ld_h_ind, net),  # 4: the TCP source port after it
             insn(ja, 1),  # 5: to 7
             insn(ld_h, net + 40),  # 6: the TCP source port after the IPv6 header
-            insn(mod_k, count),  # 7
-            insn(ret_a),  # 8
+            *fold,  # 7-15: A ^= A >> 8, A ^= A >> 4, A ^= A >> 1 (X holds the value before each shift)
+            insn(mod_k, count),
+            insn(ret_a),
         ]
     )
 
