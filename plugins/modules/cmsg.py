@@ -182,9 +182,9 @@ options:
       - The security gateway serves each client address by one worker (its TCP and UDP together); MaxConnections
         and the once-only use of a grant hold across its workers.
       - The connection manager spreads new connections over its workers; a client session lives in the worker that
-        answered its hello and is served through any of them. O(max_clients), O(max_concurrent_establishments)
-        and the connection cap hold across its workers; the unauthenticated-session caps and the per-address
-        connection cap are each worker's.
+        answered its hello and is served through any of them. O(max_clients), O(max_concurrent_establishments),
+        the connection caps and the per-address unauthenticated-session cap hold across its workers; each worker holds its share of
+        the unauthenticated sessions (C(MaxPreAuthSessions) / workers) and evicts from it.
       - A worker that ends is started again (counted in C(gatehouse_sg_worker_restarts_total) and
         C(gatehouse_cm_worker_restarts_total)); the sessions it held end with it.
       - V(0) runs one per CPU available to the container; V(1) runs one process, as before.

@@ -147,11 +147,12 @@ async def test_anonymous_hellos_cannot_exhaust_the_session_table(st: hardened.St
 
             await asyncio.gather(*(one() for _n in range(per_source)))
 
-    # Wave 1: three addresses, 30 hellos each, run into their per-source cap (16).
-    await asyncio.gather(*(flood(f"127.0.0.{i}") for i in range(10, 13)))
-    assert results == {"OK": 48, p.E_BUSY: 42}, results
-    # Wave 2: five more addresses overflow the pool (64): the busiest sources' oldest go first.
-    attack = asyncio.gather(*(flood(f"127.0.0.{i}") for i in range(13, 18)))
+    # Wave 1: two addresses, 30 hellos each, run into their per-source cap (16), which holds
+    # across the CM's workers (32 sessions cannot overflow even one worker's share of the pool).
+    await asyncio.gather(*(flood(f"127.0.0.{i}") for i in range(10, 12)))
+    assert results == {"OK": 32, p.E_BUSY: 28}, results
+    # Wave 2: six more addresses overflow the pool (64): the busiest sources' oldest go first.
+    attack = asyncio.gather(*(flood(f"127.0.0.{i}") for i in range(12, 18)))
     await asyncio.sleep(0.2)
     await session_ok(st)  # during the flood
     await attack
@@ -159,7 +160,7 @@ async def test_anonymous_hellos_cannot_exhaust_the_session_table(st: hardened.St
     m = await metrics(st)
     # Every source hit its own cap; the pool never grew past MaxPreAuthSessions, and the oldest
     # anonymous sessions were evicted (their broker sessions closed) to make room.
-    assert results["OK"] >= 48 + 5 * 16, results
+    assert results["OK"] >= 32 + 6 * 16, results
     assert m["gatehouse_cm_pre_auth_sessions"] <= MAX_PRE_AUTH
     assert m["gatehouse_cm_pre_auth_evictions_total"] > 0
     assert m['gatehouse_cm_busy_refusals_total{limit="max_pre_auth_sessions_per_source"}'] > 0
@@ -181,12 +182,16 @@ async def test_slow_and_idle_connections_are_cut_and_capped(st: hardened.Stack) 
             held += await asyncio.gather(
                 *(slowhttp.open_slow("127.0.0.1", port, ctx, source, mode, p.PATH_BROKER) for _n in range(25))
             )  # 300 in all
-    # The per-source cap: 64 from one address are held, the rest are closed at once.
+    # The per-source cap: 64 from one address are held, the rest are closed at once. It holds
+    # across the CM's workers, and which 64 hold a place is the order the workers accept them in.
     opened_80 = [await slowhttp.try_open("127.0.0.1", port, "127.0.0.40") for _n in range(80)]
-    capped = [c for c in opened_80[:64] if c is not None]
-    assert len(capped) == 64
-    over = [c[0] for c in opened_80[64:] if c is not None]
-    assert all(await asyncio.gather(*(slowhttp.closed_within(r, 1.0) for r in over)))
+
+    async def cut(conn: slowhttp.Conn | None) -> bool:
+        return conn is None or await slowhttp.closed_within(conn[0], 1.0)
+
+    cuts = await asyncio.gather(*(cut(c) for c in opened_80))
+    capped = [c for c, was_cut in zip(opened_80, cuts, strict=True) if c is not None and not was_cut]
+    assert len(capped) == 64, cuts
 
     await session_ok(st)  # during: 364 hostile connections are open or being cut
 
@@ -234,6 +239,12 @@ async def test_the_global_connection_cap_holds_and_frees_its_slots(
             for i in range(MAX_CONNECTIONS)
         ]
         assert all(c is not None for c in held)
+        # The kernel completes a handshake before a worker accepts it; with two workers each
+        # accepts its own queue, so a newcomer is only "over" once every held one holds a slot.
+        for _attempt in range(50):
+            if slowhttp.open_connections(await slowhttp.scrape(admin)) == MAX_CONNECTIONS:
+                break
+            await asyncio.sleep(0.1)
         # Every slot is taken: a newcomer from any other address is reset at accept...
         over = [await slowhttp.try_open("127.0.0.1", port, f"127.0.0.{64 + i}") for i in range(10)]
         assert all(await asyncio.gather(*(slowhttp.closed_within(c[0], 1.0) for c in over if c is not None)))

@@ -40,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gatehouse.shared import LocalSlots, Slots
+from gatehouse.shared import LocalSlots, LocalSourceSlots, Slots, SourceSlots
 
 log = logging.getLogger("gatehouse.web")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -217,43 +217,47 @@ def in_networks(addr: str, nets: Sequence[Network]) -> bool:
 class ConnectionLimiter:
     """Counts the open connections of one server (all its sites) and enforces the caps.
 
-    Invariant: ``open == sum(per_source.values()) + exempt`` and a slot is taken at accept and
-    given back exactly once, at close, whatever stage (TLS handshake, request, idle) the
-    connection reached. With ``slots`` (a counter the workers of a service share,
-    gatehouse.shared) MaxConnections holds across the workers; ``open`` and the per-source caps
-    stay this process's.
+    Invariant: a slot of ``slots`` (and, unless exempt, one of its source in ``sources``) is taken
+    at accept and given back exactly once, at close, whatever stage (TLS handshake, request,
+    idle) the connection reached. With the shared counters of a service's workers
+    (gatehouse.shared) both caps hold across the workers; ``open`` is this process's.
     """
 
-    def __init__(self, limits: HttpLimits, name: str = "public", slots: Slots | None = None) -> None:
+    def __init__(
+        self,
+        limits: HttpLimits,
+        name: str = "public",
+        slots: Slots | None = None,
+        sources: SourceSlots | None = None,
+    ) -> None:
         self.limits = limits
         self.name = name
         self.slots: Slots = slots if slots is not None else LocalSlots()
+        self.sources: SourceSlots = sources if sources is not None else LocalSourceSlots()
         self.open = 0
-        self.per_source: dict[str, int] = {}
         self.refused = {"max_connections": 0, "max_connections_per_source": 0}
         self.timed_out = 0
+
+    def _exempt(self, source: str) -> bool:
+        return in_networks(source, self.limits.trusted_proxies)
 
     def admit(self, source: str) -> bool:
         """Take a slot for a connection from ``source``; False (and counted) when a cap is reached."""
         if not self.slots.take(self.limits.max_connections):
             self.refused["max_connections"] += 1
             return False
-        exempt = in_networks(source, self.limits.trusted_proxies)
-        if not exempt and self.per_source.get(source, 0) >= self.limits.max_connections_per_source:
+        if not self._exempt(source) and not self.sources.take(source, self.limits.max_connections_per_source):
             self.slots.give()
             self.refused["max_connections_per_source"] += 1
             return False
         self.open += 1
-        if not exempt:
-            self.per_source[source] = self.per_source.get(source, 0) + 1
         return True
 
     def release(self, source: str) -> None:
         self.open -= 1
         self.slots.give()
-        count = self.per_source.pop(source, 0)  # exempt sources are not in the map
-        if count > 1:
-            self.per_source[source] = count - 1
+        if not self._exempt(source):
+            self.sources.give(source)
 
 
 class _LimiterCollector(Collector):
@@ -548,11 +552,12 @@ async def _start_runner(
     name: str,
     listeners: Listeners | None = None,
     slots: Slots | None = None,
+    sources: SourceSlots | None = None,
 ) -> tuple[web.AppRunner, ConnectionLimiter | None]:
     kwargs: dict[str, Any] = {}
     limiter = None
     if limits is not None:
-        limiter = ConnectionLimiter(limits, name, slots)
+        limiter = ConnectionLimiter(limits, name, slots, sources)
         kwargs["keepalive_timeout"] = limits.keepalive_timeout
         app.middlewares.insert(0, _body_deadline)
     runner = web.AppRunner(
@@ -589,6 +594,7 @@ async def run_sites(
     admin: web.Application | None = None,
     listeners: Listeners | None = None,
     slots: Slots | None = None,
+    sources: SourceSlots | None = None,
     admin_path: str = "",
 ) -> None:
     """Serve ``app`` on each (host, port, ssl) until SIGTERM/SIGINT, then stop accepting and drain.
@@ -599,10 +605,13 @@ async def run_sites(
     Without ``limits`` the behaviour is the historical one (no caps).
 
     As a worker of a supervisor (gatehouse.workers): ``listeners`` are its own sockets by (host,
-    port), ``slots`` the MaxConnections counter of all workers, and ``admin`` is served on the
+    port), ``slots`` and ``sources`` the MaxConnections and MaxConnectionsPerSource counts of all
+    workers, and ``admin`` is served on the
     Unix socket ``admin_path`` (the supervisor serves AdminPort).
     """
-    runner, limiter = await _start_runner(app, sites, limits, shutdown_timeout, "public", listeners, slots)
+    runner, limiter = await _start_runner(
+        app, sites, limits, shutdown_timeout, "public", listeners, slots, sources
+    )
     runners = [runner]
     if admin is not None and admin_path:
         admin_runner = web.AppRunner(

@@ -1,5 +1,5 @@
 """CM configuration: required keys, the broker URL, external addresses and the grant secret; the
-worker tags and the steering function of Workers > 1."""
+worker tags, the steering function and the shared per-source counts of Workers > 1."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from gatehouse.cm.sessions import SessionTable, owner_of_cookie
 from gatehouse.cm.settings import CmSettings, broker_endpoint, split_external_pcoip_ip
 from gatehouse.config import MAX_WORKERS, Config, ConfigError
 from gatehouse.grant import generate_secret
+from gatehouse.shared import SharedCounters, WorkerSourceSlots
 
 
 def load(values: dict[str, str], environ: dict[str, str] | None = None) -> CmSettings:
@@ -160,3 +161,29 @@ def test_the_workers_share_the_ports_linux_gives_connect() -> None:
         assert set(counts) == set(range(workers))
         assert max(counts.values()) < 1.2 * min(counts.values()), counts
 
+
+def test_a_per_source_cap_holds_across_workers_and_frees_with_a_dead_worker() -> None:
+    """The shared source tables the CM's workers keep MaxConnectionsPerSource and
+    MaxPreAuthSessionsPerSource in (gatehouse.shared)."""
+    shared = SharedCounters("test", 2, ("connections",), sources=(("per-source", 256),))
+    try:
+        w0, w1 = (WorkerSourceSlots(shared, "per-source", worker) for worker in (0, 1))
+        assert [w0.take("192.0.2.1", 3), w1.take("192.0.2.1", 3), w1.take("192.0.2.1", 3)] == [True] * 3
+        assert not w0.take("192.0.2.1", 3) and not w1.take("192.0.2.1", 3)  # the sum is the cap
+        assert w0.take("192.0.2.2", 3)  # another source has its own
+        w0.give("192.0.2.1")
+        assert w1.take("192.0.2.1", 3) and not w0.take("192.0.2.1", 3)
+        shared.reset_worker(1)  # worker 1 died: its three of 192.0.2.1 went with it
+        assert [w0.take("192.0.2.1", 3) for _n in range(4)] == [True, True, True, False]
+    finally:
+        shared.close()
+    # A table whose every entry is taken refuses a new source rather than count it nowhere.
+    full = SharedCounters("test", 1, (), sources=(("per-source", 4),))
+    try:
+        one = WorkerSourceSlots(full, "per-source", 0)
+        assert all(one.take(f"192.0.2.{n}", 1) for n in range(4))
+        assert not one.take("192.0.2.99", 1)
+        one.give("192.0.2.0")
+        assert one.take("192.0.2.99", 1)
+    finally:
+        full.close()

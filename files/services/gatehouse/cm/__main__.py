@@ -14,7 +14,7 @@ from gatehouse import logs, tls, web, workers
 from gatehouse.cm.server import ConnectionManager
 from gatehouse.cm.settings import CmSettings
 from gatehouse.config import Config, ConfigError
-from gatehouse.shared import SharedCounters, WorkerSlots
+from gatehouse.shared import SharedCounters, WorkerSlots, WorkerSourceSlots
 from gatehouse.tenants import ServerNames, TenantsError
 from gatehouse.workers import WorkerPlace
 
@@ -100,6 +100,7 @@ async def serve(settings: CmSettings, place: WorkerPlace | None = None) -> None:
         admin=admin,
         listeners=listeners,
         slots=WorkerSlots(place.shared, "connections", place.index) if place is not None else None,
+        sources=WorkerSourceSlots(place.shared, "connections", place.index) if place is not None else None,
         admin_path=place.admin_path if place is not None else "",
         started=lambda: log.info(
             "connection manager listening",
@@ -147,7 +148,13 @@ def supervise(settings: CmSettings) -> None:
         lowest=frozenset({"gatehouse_cm_security_gateway_up"}),
         per_worker=PER_WORKER,
     )
-    shared = SharedCounters("cm", count, ("connections", "clients", "establishing"))
+    # Per source: connections (MaxConnectionsPerSource) and unauthenticated sessions
+    # (MaxPreAuthSessionsPerSource), each table four times the most it can hold.
+    sources = (
+        ("connections", 4 * settings.http.max_connections),
+        ("pre_auth", 4 * settings.max_pre_auth_sessions),
+    )
+    shared = SharedCounters("cm", count, ("connections", "clients", "establishing"), sources=sources)
     workers.supervise(service, groups, shared, lambda place: serve(settings, place))
 
 

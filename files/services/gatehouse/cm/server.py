@@ -52,7 +52,7 @@ from gatehouse.cm.upstream import Upstream, UpstreamError
 from gatehouse.config import ConfigError
 from gatehouse.grant import GrantSealer
 from gatehouse.logs import SessionLogger
-from gatehouse.shared import WorkerSlots
+from gatehouse.shared import WorkerSlots, WorkerSourceSlots
 from gatehouse.sites import Gateway
 from gatehouse.tenants import SNI_ATTRIBUTE, ServerNames, Tenant, Tenants, TenantsError, normal_host
 from gatehouse.web import Network, add_health, client_ip
@@ -154,26 +154,33 @@ class ConnectionManager:
         place: WorkerPlace | None = None,
     ) -> None:
         """``place``: as worker ``place.index`` of a supervisor (None: on its own). A worker's
-        sessions and invitations carry its index, MaxClients and MaxConcurrentEstablishments are
-        counted across the workers, and requests of another worker's sessions go there (peers.py)."""
+        sessions and invitations carry its index, MaxClients, MaxConcurrentEstablishments and
+        MaxPreAuthSessionsPerSource are counted across the workers, its pool of unauthenticated
+        sessions is its share of MaxPreAuthSessions, and requests of another worker's sessions go there (peers.py)."""
         self.settings = settings
         # The TLS server name callback of the client-facing context (tenants' own certificates).
         self.server_names = server_names
         self.peers: Peers | None = None
-        client_slots = establishing = None
+        client_slots = establishing = pre_auth_sources = None
+        max_pre_auth = settings.max_pre_auth_sessions
         if place is not None:
+            # Each worker evicts from its own pool, so MaxPreAuthSessions is shared out among them
+            # (an attacker who fills one worker's share is evicted there, not on the others).
+            max_pre_auth = max(1, max_pre_auth // place.count)
             self.peers = Peers(place.peers, place.index, peer_timeout(settings))
             client_slots = WorkerSlots(place.shared, "clients", place.index)
             establishing = WorkerSlots(place.shared, "establishing", place.index)
+            pre_auth_sources = WorkerSourceSlots(place.shared, "pre_auth", place.index)
         self.table = SessionTable(
             settings.max_clients,
             settings.idle_timeout,
             pre_auth_timeout=settings.pre_auth_timeout,
-            max_pre_auth=settings.max_pre_auth_sessions,
+            max_pre_auth=max_pre_auth,
             max_pre_auth_per_source=settings.max_pre_auth_sessions_per_source,
             max_lifetime=settings.session_max_lifetime,
             exempt=settings.trusted_proxies,
             slots=client_slots,
+            sources=pre_auth_sources,
             tag=f".{place.index}" if place is not None else "",
         )
         self.limiter = EstablishmentLimiter(settings.max_concurrent_establishments, establishing)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gatehouse import protocol as p
-from gatehouse.shared import LocalSlots, Slots
+from gatehouse.shared import LocalSlots, LocalSourceSlots, Slots, SourceSlots
 from gatehouse.tenants import Tenant
 from gatehouse.web import Network, in_networks
 
@@ -171,7 +171,9 @@ class SessionTable:
     - With Workers > 1, ``max_clients`` counts the authenticated sessions of every worker (``slots``,
       a shared counter: a slot is taken at authentication and given back when the session goes),
       and every cookie ends in ``tag`` (".<worker>"), which names the worker that holds the
-      session (see :func:`owner_of_cookie`). The unauthenticated pool's caps are each worker's.
+      session (see :func:`owner_of_cookie`); ``max_pre_auth_per_source`` counts every worker's
+      sessions too (``sources``). The unauthenticated pool (``max_pre_auth``, the worker's share
+      of MaxPreAuthSessions) and its evictions are each worker's.
     - A session is found by its cookie. ``Client-Log-Id`` is a fallback for clients that keep no
       cookies; it is not a secret, so it finds a session only from the address that opened it,
       only while the client has never shown the cookie, and, once the session is authenticated,
@@ -189,10 +191,13 @@ class SessionTable:
         max_lifetime: float = 36000.0,
         exempt: Sequence[Network] = (),
         slots: Slots | None = None,
+        sources: SourceSlots | None = None,
         tag: str = "",
     ) -> None:
         self.max_clients = max_clients
         self.slots: Slots = slots if slots is not None else LocalSlots()
+        # The unauthenticated sessions per client address (max_pre_auth_per_source).
+        self.sources: SourceSlots = sources if sources is not None else LocalSourceSlots()
         self.tag = tag
         self.idle_timeout = idle_timeout
         self.pre_auth_timeout = pre_auth_timeout
@@ -255,12 +260,11 @@ class SessionTable:
         """A new unauthenticated session (see the class invariants for the caps)."""
         now = time.monotonic() if now is None else now
         self._room_for_user(now)
-        mine = self._pre_by_source.get(client_ip)
-        if mine and not in_networks(client_ip, self.exempt):
-            for old in [s for s in mine if self._expired(s, now)]:
+        if not in_networks(client_ip, self.exempt):
+            for old in [s for s in self._pre_by_source.get(client_ip, {}) if self._expired(s, now)]:
                 self._evicted.append(old)
                 self.remove(old)
-            if len(mine) >= self.max_pre_auth_per_source:
+            if not self.sources.take(client_ip, self.max_pre_auth_per_source):
                 raise SessionsFull(
                     "max_pre_auth_sessions_per_source",
                     f"{self.max_pre_auth_per_source} unauthenticated sessions from this address",
@@ -362,6 +366,8 @@ class SessionTable:
     def _drop_pre(self, session: Session) -> None:
         if session in self._pre:
             del self._pre[session]
+            if not in_networks(session.client_ip, self.exempt):
+                self.sources.give(session.client_ip)
             mine = self._pre_by_source.get(session.client_ip)
             if mine is not None:
                 mine.pop(session, None)
