@@ -19,6 +19,8 @@ _FALSE = {"false", "no", "0", "off"}
 
 
 MAX_WORKERS = 64  # Workers: at most this many processes per service
+# WorkerHangTimeout: below this a busy worker (a burst of TLS handshakes) could be taken for a hung one.
+MIN_HANG_TIMEOUT = 3.0
 
 
 class ConfigError(ValueError):
@@ -169,6 +171,16 @@ class Config:
         one per CPU this process may run on (its affinity, which a container's cpuset limits)."""
         workers = self.int("Workers", 0, minimum=0, maximum=MAX_WORKERS)
         return workers or available_cpus()
+
+    def worker_hang_timeout(self) -> float:
+        """``WorkerHangTimeout``: seconds a worker may leave the supervisor's probes unanswered
+        before it is killed and started again (gatehouse/workers.py); 0 turns the watchdog off."""
+        timeout = self.float("WorkerHangTimeout", 30.0, maximum=3600.0)
+        if 0 < timeout < MIN_HANG_TIMEOUT:
+            raise ConfigError(
+                f"WorkerHangTimeout must be 0 (off) or at least {MIN_HANG_TIMEOUT:g}, got {timeout:g}"
+            )
+        return timeout
 
 
 def available_cpus() -> int:

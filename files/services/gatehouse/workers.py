@@ -6,7 +6,10 @@ program that picks the worker of each new connection (the SG: from the client's 
 from its source port). The supervisor keeps its copies of every socket while it runs, so a worker
 that dies leaves its sockets in their groups at their index: the kernel queues its clients'
 connections until the replacement (forked with the same sockets) takes over, and no other
-worker's clients are touched. What must be global lives in a
+worker's clients are touched. A worker that lives but does not serve (its event loop stuck, or
+the process stopped) would leave its share queued for ever: the supervisor probes every worker's
+``/health`` and kills one that answers nothing for ``Service.hang_timeout``, which then restarts
+as one that died. What must be global lives in a
 :class:`~gatehouse.shared.SharedCounters` region made before the first fork; a dead worker's cells
 are set back to 0 before its replacement starts.
 
@@ -133,6 +136,8 @@ class _Slot:
     pid: int = 0
     started: float = 0.0
     restarts: int = 0
+    hangs: int = 0  # of the restarts, those the watchdog caused
+    answered: float = 0.0  # when the worker last answered a probe or scrape (or was started)
     restart: asyncio.TimerHandle | None = field(default=None, repr=False)
     # This process's last /metrics: a scrape it misses (busy, slow) repeats it rather than
     # dropping its counters from the sum, which Prometheus would take for a reset.
@@ -169,6 +174,7 @@ class Service:
     cert_files: tuple[str, ...]
     listening: str
     grace: float
+    hang_timeout: float = 0.0  # the watchdog's deadline (WorkerHangTimeout); 0: no watchdog
     not_summed: frozenset[str] = frozenset()
     lowest: frozenset[str] = frozenset()
     per_worker: Mapping[str, str] = field(default_factory=dict)
@@ -224,7 +230,7 @@ class Supervisor:
                 logging.shutdown()
                 os._exit(code)
         slot.pid = pid
-        slot.started = time.monotonic()
+        slot.started = slot.answered = time.monotonic()
         log.info("worker started", extra={"worker": slot.place.index, "pid": pid})
 
     def _worker_main(self, place: WorkerPlace) -> int:
@@ -288,22 +294,56 @@ class Supervisor:
 
     # ------------------------------------------------------------ metrics
 
+    async def _ask(self, slot: _Slot, path: str, within: float) -> str | None:
+        """GET ``path`` of a worker over its Unix socket: the answer (and the worker marked as
+        answering), or None when it gives none ``within`` seconds."""
+        try:
+            connector = aiohttp.UnixConnector(path=slot.place.admin_path)
+            deadline = aiohttp.ClientTimeout(total=within)
+            async with aiohttp.ClientSession(connector=connector, timeout=deadline) as http:
+                async with http.get(f"http://worker{path}") as resp:
+                    text = await resp.text()
+        except (OSError, aiohttp.ClientError, TimeoutError):
+            return None
+        slot.answered = time.monotonic()
+        return text
+
     async def _scrape(self) -> dict[int, str]:
         """Each running worker's /metrics, or the last it gave when it does not answer in time."""
 
         async def one(slot: _Slot) -> None:
-            try:
-                connector = aiohttp.UnixConnector(path=slot.place.admin_path)
-                timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
-                async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-                    async with http.get("http://worker/metrics") as resp:
-                        slot.metrics = await resp.text()
-            except (OSError, aiohttp.ClientError, TimeoutError):
-                pass
+            text = await self._ask(slot, "/metrics", SCRAPE_TIMEOUT)
+            if text is not None:
+                slot.metrics = text
 
         running = [s for s in self.slots if s.pid]
         await asyncio.gather(*(one(s) for s in running))
         return {s.place.index: s.metrics for s in running if s.metrics is not None}
+
+    async def _watch(self) -> None:
+        """The watchdog: probe every worker's /health each third of hang_timeout, and kill one
+        that has answered nothing for hang_timeout (_reap forks it again, as any that ends)."""
+        timeout = self.service.hang_timeout
+        interval = timeout / 3
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            running = [s for s in self.slots if s.pid]
+            await asyncio.gather(*(self._ask(s, "/health", interval) for s in running))
+            now = time.monotonic()
+            for slot in running:
+                silent = now - slot.answered
+                if self.stopping or not slot.pid or silent < timeout:
+                    continue
+                log.error(
+                    "worker answers no probe; killing it",
+                    extra={"worker": slot.place.index, "pid": slot.pid, "seconds": round(silent, 1)},
+                )
+                slot.hangs += 1
+                slot.answered = now  # killed once: _reap restarts it
+                try:
+                    os.kill(slot.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     async def _wait_ready(self) -> None:
         """Until every worker has answered a scrape: /health and /metrics then speak for all."""
@@ -343,6 +383,7 @@ class Supervisor:
             return await handler(request)
 
         app.middlewares.append(scrape_first)
+        watchdog = asyncio.create_task(self._watch()) if service.hang_timeout > 0 else None
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         family = socket.AF_INET6 if ":" in service.admin_address else socket.AF_INET
@@ -361,6 +402,8 @@ class Supervisor:
         await stop.wait()
 
         self.stopping = True
+        if watchdog is not None:
+            watchdog.cancel()  # draining workers may answer slowly; the grace period bounds them
         log.info("stopping: draining %d workers", self.count)
         for slot in self.slots:
             if slot.restart is not None:
@@ -439,9 +482,16 @@ class WorkersCollector(Collector):
             "Worker processes that ended and were started again",
             labels=["worker"],
         )
+        hangs = CounterMetricFamily(
+            f"{prefix}_worker_hangs",
+            "Worker processes killed for answering no probe for WorkerHangTimeout (counted in the restarts too)",
+            labels=["worker"],
+        )
         for slot in sup.slots:
             restarts.add_metric([str(slot.place.index)], slot.restarts)
+            hangs.add_metric([str(slot.place.index)], slot.hangs)
         yield restarts
+        yield hangs
 
 
 def supervise(

@@ -349,6 +349,31 @@ async def test_a_stalled_worker_cannot_hold_the_other_workers_clients(stack: Sta
 # ---------------------------------------------------------------- processes
 
 
+async def test_a_hung_worker_is_killed_and_the_clients_queued_for_it_are_served(stack: Stack) -> None:
+    """The watchdog: worker 1, stopped (SIGSTOP), answers none of the supervisor's probes; after
+    WorkerHangTimeout it is killed and forked again, and a client whose connection the kernel
+    queued for it meanwhile is served by the new worker. Worker 0's clients are served throughout."""
+    cm = stack.start_cm("cm-hang", WorkerHangTimeout=3)
+    on0 = await cm.login("alice", 0, 0)
+    hung = cm.proc.worker_pids()[1]
+    os.kill(hung, signal.SIGSTOP)
+    started = time.monotonic()
+    queued = asyncio.create_task(cm.login("carol", 1, 1))
+    assert await cm.resources(0, on0) == ["desk-a"]
+    cookie = await asyncio.wait_for(queued, 30)
+    waited = time.monotonic() - started
+    assert 3.0 <= waited < 15.0, waited
+    assert owner(cookie) == 1 and await cm.resources(0, cookie) == ["desk-a"]
+    m = cm.metrics()
+    assert m['gatehouse_cm_worker_hangs_total{worker="1"}'] == 1
+    assert m['gatehouse_cm_worker_restarts_total{worker="1"}'] == 1
+    assert m['gatehouse_cm_worker_hangs_total{worker="0"}'] == 0
+    assert cm.proc.worker_pids()[1] != hung and not alive(hung)
+    killed = [e for e in cm.log_lines() if e.get("msg") == "worker answers no probe; killing it"]
+    assert [e["worker"] for e in killed] == [1]
+    assert await cm.resources(1, on0) == ["desk-a"]
+
+
 async def test_a_killed_worker_is_replaced_and_sigterm_drains_both(stack: Stack) -> None:
     cm = stack.start_cm("cm-kill")
     pids = cm.proc.worker_pids()

@@ -135,6 +135,16 @@ def test_workers_default_to_the_cpus_and_are_bounded() -> None:
             load({**base, "Workers": bad})
 
 
+def test_the_worker_hang_timeout_is_off_or_a_few_seconds_at_least() -> None:
+    base = {"BrokerUrl": "https://broker:8443", "SecurityGatewayEnabled": "false"}
+    assert load(base).worker_hang_timeout == 30.0
+    assert load({**base, "WorkerHangTimeout": "0"}).worker_hang_timeout == 0.0
+    assert load({**base, "WorkerHangTimeout": "4.5"}).worker_hang_timeout == 4.5
+    for bad in ("2", "-1", "3601", "nan", "soon"):
+        with pytest.raises(ConfigError, match="WorkerHangTimeout"):
+            load({**base, "WorkerHangTimeout": bad})
+
+
 def test_cookies_and_codes_name_their_worker() -> None:
     table = SessionTable(10, 60.0, tag=".1")
     session = table.create("192.0.2.1")

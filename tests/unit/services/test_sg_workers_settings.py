@@ -45,6 +45,13 @@ def test_workers_out_of_range_are_refused(value: str) -> None:
         settings(Workers=value)
 
 
+def test_the_worker_hang_timeout_is_the_same_key_as_the_cms() -> None:
+    assert settings().worker_hang_timeout == 30.0
+    assert settings(WorkerHangTimeout="0").worker_hang_timeout == 0.0
+    with pytest.raises(ConfigError, match="WorkerHangTimeout must be 0 .off. or at least 3"):
+        settings(WorkerHangTimeout="1")
+
+
 def test_a_forwarder_runs_one_process() -> None:
     forwarder = {"ForwardTo": "10.20.0.5:4172"}
     assert SgSettings.from_config(Config(forwarder, {})).workers == 1

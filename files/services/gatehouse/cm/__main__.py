@@ -143,6 +143,7 @@ def supervise(settings: CmSettings) -> None:
         cert_files=(settings.ssl_cert, settings.identity_cert),
         listening=",".join(groups),
         grace=SHUTDOWN_GRACE,
+        hang_timeout=settings.worker_hang_timeout,
         not_summed=frozenset({"gatehouse_tls_certificate_expiry_timestamp_seconds"}),
         # Each worker follows the SG's /health itself: the SG is up for the CM while every worker sees it.
         lowest=frozenset({"gatehouse_cm_security_gateway_up"}),

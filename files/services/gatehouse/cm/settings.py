@@ -80,6 +80,8 @@ class CmSettings:
     # CM processes serving the ports (gatehouse/workers.py); 1 = one process, no supervisor.
     # Workers=0 in the file (the default) means the CPUs this process may run on.
     workers: int = 1
+    # A worker whose event loop answers no probe for this long is killed and forked again (0: never).
+    worker_hang_timeout: float = 30.0
     grant_secret: bytes = field(default=b"", repr=False)
     # Multi-site (docs/multisite.md): this CM's site ("" = none) and the gateway of each other site,
     # where the clients of that site's desktops are sent (sorted by site; this CM's own site may be
@@ -176,6 +178,7 @@ class CmSettings:
             license_server_url=cfg.str("LicenseServerUrl"),
             log_level=cfg.log_level(),
             workers=cfg.workers(),
+            worker_hang_timeout=cfg.worker_hang_timeout(),
             grant_secret=secret,
             site=site,
             site_gateways=tuple(sorted(site_gateways.items())),

@@ -74,6 +74,8 @@ class SgSettings:
     # Gateway processes serving Port (workers.py); 1 = one process, no supervisor. Workers=0 in
     # the file (the default) means the CPUs this process may run on. A forwarder runs one.
     workers: int = 1
+    # A worker whose event loop answers no probe for this long is killed and forked again (0: never).
+    worker_hang_timeout: float = 30.0
 
     @property
     def forwarding(self) -> bool:
@@ -165,6 +167,7 @@ class SgSettings:
             tenants_file=tenants_file,
             tenants=tenants,
             workers=workers,
+            worker_hang_timeout=cfg.worker_hang_timeout(),
         )
 
 

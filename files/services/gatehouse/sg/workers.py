@@ -116,6 +116,7 @@ def supervise(settings: SgSettings, run_worker: Callable[[WorkerPlace], Coroutin
         cert_files=(settings.ssl_cert,),
         listening=f"{host}:{port}",
         grace=SHUTDOWN_GRACE,
+        hang_timeout=settings.worker_hang_timeout,
         not_summed=_NOT_SUMMED,
         per_worker=_PER_WORKER,
         constants=constants,
