@@ -48,7 +48,7 @@ def test_workers_out_of_range_are_refused(value: str) -> None:
 def test_the_worker_hang_timeout_is_the_same_key_as_the_cms() -> None:
     assert settings().worker_hang_timeout == 30.0
     assert settings(WorkerHangTimeout="0").worker_hang_timeout == 0.0
-    with pytest.raises(ConfigError, match="WorkerHangTimeout must be 0 .off. or at least 3"):
+    with pytest.raises(ConfigError, match=r"WorkerHangTimeout must be 0 \(off\) or at least 3"):
         settings(WorkerHangTimeout="1")
 
 
