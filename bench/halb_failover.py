@@ -6,9 +6,9 @@ the halb module on a private Docker network, VRRP v3 unicast, priorities 150/100
 backends). A trial: the primary holds the VIP; ``docker kill`` it; probe the VIP every 20 ms
 (new TLS connection, ``GET /health``, 0.3 s timeout, each probe on its own thread) until a
 backend answers; the time from the kill to that answer is the failover time. The primary is then started again and takes the VIP
-back (preemption) before the next trial. Measured with advert_int 0.1 s (the setting the goal
-asks for), the project's default (0.25 s) and, as the reference, keepalived's default (1 s) on
-the same pair. For each setting, before its trials: the CPU time of both nodes' keepalived
+back (preemption) before the next trial. Measured with the project's default advert_int (0.1 s,
+judged against the goal), 0.25 s and, as the reference, keepalived's default (1 s) on the same
+pair. For each setting, before its trials: the CPU time of both nodes' keepalived
 processes over CPU_SECONDS of quiet, and over LOAD_SECONDS with every core of the machine busy
 (two spinning processes per CPU at normal priority), how often the backup took the VIP from a
 live primary (its "Entering MASTER STATE" log lines) — a false failover.
@@ -27,9 +27,9 @@ from bench.common import Bench, Figure, not_measured
 TRIALS = 10
 CPU_SECONDS = 20.0
 LOAD_SECONDS = 60.0
-SETTINGS = (0.1, 0.25, 1.0)  # the goal's, the project's default, keepalived's default (the reference)
-GOAL_ADVERT = 0.1
-DEFAULT_ADVERT = 0.25
+DEFAULT_ADVERT = 0.1  # the halb module's (module_utils/_halb/render.py ADVERT_INT)
+LONGER_ADVERT = 0.25
+SETTINGS = (DEFAULT_ADVERT, LONGER_ADVERT, 1.0)  # 1 s: keepalived's default, the reference
 
 
 def _served_at(pair, limit: float = 30.0) -> float:
@@ -160,7 +160,7 @@ def run(bench: Bench) -> list[Figure]:
         pair.stop()
     reference = measured[1.0]
     figures = []
-    for advert, goal in ((GOAL_ADVERT, "value <= 0.5"), (DEFAULT_ADVERT, "")):
+    for advert, goal in ((DEFAULT_ADVERT, "value <= 0.5"), (LONGER_ADVERT, "")):
         got = measured[advert]
         figures.append(
             Figure(

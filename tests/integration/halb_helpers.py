@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 HALB_IMAGE = os.environ.get("GATEHOUSE_HALB_IMAGE", "gatehouse/halb:0.1.0")
 BASE_IMAGE = os.environ.get("GATEHOUSE_BASE_IMAGE", "gatehouse/base:0.1.0")
 # Another interval can be measured with GATEHOUSE_HALB_ADVERT_INT=1 (keepalived's default).
-ADVERT_INT = float(os.environ.get("GATEHOUSE_HALB_ADVERT_INT", "0.25"))
+ADVERT_INT = float(os.environ.get("GATEHOUSE_HALB_ADVERT_INT", "0.1"))
 
 
 def docker_client():

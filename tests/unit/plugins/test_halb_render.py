@@ -198,7 +198,7 @@ def test_keepalived_vrrp3_unicast_track_script_and_backup_start():
         "virtual_router_id 51",
         "priority 150",
         "version 3",
-        "advert_int 0.25",
+        "advert_int 0.1",
         "unicast_peer {\n        10.199.7.12\n    }",
         "virtual_ipaddress {\n        10.199.7.100/24 dev eth0\n    }",
         "track_script {\n        gatehouse_haproxy\n    }",
@@ -324,8 +324,8 @@ def test_the_track_url_script_exits_0_only_for_a_200_answer():
 
 def test_failover_estimate_follows_rfc5798():
     config = halb.normalize(base_params())
-    # 3 * 0.25 + (256 - 150) * 0.25 / 256
-    assert halb.failover_estimate(config) == pytest.approx(0.75 + 106 * 0.25 / 256, abs=0.001)
+    # 3 * 0.1 + (256 - 150) * 0.1 / 256
+    assert halb.failover_estimate(config) == pytest.approx(0.3 + 106 * 0.1 / 256, abs=0.001)
     params = base_params()
     params["vrrp"].update(advert_int=1, priority=100)
     assert halb.failover_estimate(halb.normalize(params)) == pytest.approx(3.609, abs=0.001)
