@@ -7,7 +7,8 @@ Python sender cannot offer 80,000 datagrams/s on a 2-core machine. The offered r
 (x1.25 from 10,000/s) until the loss reaches 0.5 % or the sender's achieved rate stops growing
 (the machine has no CPU left to offer more); the figure is the highest achieved rate that passed. The reference is the same search with the same sender
 straight to the counter (no relay): what the machine itself manages, so a reference close to
-the SG's figure means the measurement, not the SG, was the limit.
+the SG's figure means the measurement, not the SG, was the limit. Goal: the SG at half the
+reference or more.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from gatehouse.grant import GrantSealer, decode_secret
 
 SIZE = 1200
 MAX_LOSS = 0.005
-GOAL = 80_000
+# Issue 14: half of what the same sender gets straight to the counter (an absolute rate swings 3x
+# between machines of this kind).
+GOAL_RATIO = 0.5
 SOURCE = Path(__file__).with_name("udpblast.c")
 
 
@@ -134,7 +137,7 @@ def run(bench: Bench) -> list[Figure]:
                 float(relayed["best"]),
                 float(reference["best"]),
                 "same sender straight to the counter",
-                f"value >= {GOAL}",
+                f"ratio >= {GOAL_RATIO}",
                 note=f"SG search stopped by {relayed['stopped_by']}; reference by {reference['stopped_by']}",
                 details={
                     "sg": relayed["steps"],
