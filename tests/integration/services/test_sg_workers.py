@@ -212,6 +212,32 @@ def test_a_killed_worker_is_replaced_and_sigterm_drains_both(
     assert logs.count('"msg": "stopped"') == WORKERS + 1  # each worker, then the supervisor
 
 
+def test_a_hung_worker_is_killed_and_replaced(
+    pki: PKI, tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    """The watchdog (WorkerHangTimeout): worker 1, stopped, answers no probe and is killed and
+    forked again; its sources are then served by the new worker 1, and worker 0's session relays on."""
+    agent = start_agent(pki, tmp_path, processes)
+    sg = start_sg(pki, tmp_path, processes, Workers=WORKERS, WorkerHangTimeout=3)
+    c0, c1 = sources(0, 1)[0], sources(1, 1)[0]
+    sock0, _grant0 = session(sg, agent, c0)
+    with sock0:
+        hung = sg.proc.worker_pids()[1]
+        os.kill(hung, signal.SIGSTOP)
+        wait_for(lambda: sg.metrics().get('gatehouse_sg_worker_hangs_total{worker="1"}') == 1, "the kill", 20)
+        wait_for(lambda: sg.metrics()["gatehouse_sg_workers_running"] == WORKERS, "both running")
+        assert sg.proc.worker_pids()[1] != hung and not alive(hung)
+        m = sg.metrics()
+        assert m['gatehouse_sg_worker_restarts_total{worker="1"}'] == 1
+        assert m['gatehouse_sg_worker_hangs_total{worker="0"}'] == 0
+        assert echo_both_ways(sock0, b"worker 0 went on") == b"worker 0 went on"
+        sock1, _grant1 = session(sg, agent, c1)
+        with sock1:
+            assert echo_both_ways(sock1, b"new worker 1") == b"new worker 1"
+            assert per_worker(sg, "gatehouse_sg_worker_sessions_active") == {"0": 1, "1": 1}
+    assert "worker answers no probe; killing it" in sg.proc.logs()
+
+
 def test_a_worker_that_misses_a_scrape_keeps_its_counters_in_the_sum(
     pki: PKI, tmp_path: Path, processes: list[ServiceProcess]
 ) -> None:
