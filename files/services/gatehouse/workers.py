@@ -19,7 +19,8 @@ labelled ``worker`` and the restarts; ``/health`` answers 200 while a worker run
 once every worker has answered a scrape (or after READY_TIMEOUT), so the first scrape speaks for
 all of them; a worker that misses a later scrape counts with its last answer. SIGTERM: the
 supervisor closes its copies of the listeners and passes SIGTERM to every worker, which drains as
-a single process does; SIGHUP is passed on (TenantsFile reload).
+a single process does; SIGHUP is passed on (TenantsFile reload). A supervisor that ends without
+that (SIGKILL) takes its workers with it: each gets SIGTERM from the kernel (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from gatehouse.web import add_health_and_metrics, install_uvloop
 log = logging.getLogger("gatehouse.workers")
 
 SO_ATTACH_REUSEPORT_CBPF = 51
+PR_SET_PDEATHSIG = 1
 RESTART_DELAY = 1.0  # a worker that lived shorter than this is restarted after this long
 SCRAPE_TIMEOUT = 3.0
 READY_TIMEOUT = 30.0  # the admin port opens once every worker serves its metrics (or after this)
@@ -113,6 +115,17 @@ def reuseport_sockets(
 
 
 # ---------------------------------------------------------------- one worker
+
+
+def _end_with_parent(supervisor: int) -> None:
+    """SIGTERM this worker when its supervisor ends, however it ends (SIGKILL, the OOM killer):
+    an orphan would serve on without limits shared with a new supervisor's workers, in the same
+    SO_REUSEPORT groups, and without metrics. On SIGTERM the worker drains as usual."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.error("cannot tie the worker to its supervisor: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != supervisor:  # it ended before the tie was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
@@ -207,6 +220,7 @@ class Supervisor:
             for i in range(self.count)
         ]
         self.stopping = False
+        self.pid = os.getpid()
         self.admin_sock: socket.socket | None = None
         self.all_gone = asyncio.Event()
 
@@ -237,6 +251,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
+        _end_with_parent(self.pid)
         if self.admin_sock is not None:
             self.admin_sock.close()  # the supervisor's; this process only holds its fd
         mine = {id(sock) for sock in place.sockets.values()}

@@ -238,6 +238,29 @@ def test_a_hung_worker_is_killed_and_replaced(
     assert "worker answers no probe; killing it" in sg.proc.logs()
 
 
+def test_a_killed_supervisor_takes_its_workers_with_it(
+    pki: PKI, tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    """SIGKILL of the supervisor (as the OOM killer ends it): the kernel sends its workers SIGTERM
+    (PR_SET_PDEATHSIG), they drain and end, so no orphan goes on serving the port, and an SG
+    started again serves it alone."""
+    agent = start_agent(pki, tmp_path, processes)
+    sg = start_sg(pki, tmp_path, processes, Workers=WORKERS)
+    sock, _grant = session(sg, agent, sources(1, 1)[0])
+    with sock:
+        workers = list(sg.proc.worker_pids().values())
+        sg.proc.kill()
+        wait_for(lambda: not any(alive(pid) for pid in workers), "the workers to end", 15)
+        assert closed_by_peer(sock)
+    assert sg.proc.logs().count('"msg": "stopped"') == WORKERS  # each worker drained
+    sg.proc.start()
+    wait_for(lambda: sg.metrics()["gatehouse_sg_workers_running"] == WORKERS, "both running")
+    again, _grant = session(sg, agent, sources(1, 1)[0])
+    with again:
+        assert echo_both_ways(again, b"a new supervisor") == b"a new supervisor"
+        assert sg.metrics()["gatehouse_sg_connections_open"] == 1
+
+
 def test_a_worker_that_misses_a_scrape_keeps_its_counters_in_the_sum(
     pki: PKI, tmp_path: Path, processes: list[ServiceProcess]
 ) -> None:
