@@ -29,7 +29,8 @@ CPU_SECONDS = 20.0
 LOAD_SECONDS = 60.0
 DEFAULT_ADVERT = 0.1  # the halb module's (module_utils/_halb/render.py ADVERT_INT)
 LONGER_ADVERT = 0.25
-SETTINGS = (DEFAULT_ADVERT, LONGER_ADVERT, 1.0)  # 1 s: keepalived's default, the reference
+KEEPALIVED_ADVERT = 1.0  # keepalived's own default: the reference
+SETTINGS = (DEFAULT_ADVERT, LONGER_ADVERT, KEEPALIVED_ADVERT)
 
 
 def _served_at(pair, limit: float = 30.0) -> float:
@@ -106,13 +107,17 @@ def _false_failovers(pair, seconds: float) -> tuple[int, int]:
     return logs.count("Entering MASTER STATE"), both
 
 
+def _load_seconds(quick: bool) -> float:
+    return LOAD_SECONDS / 4 if quick else LOAD_SECONDS
+
+
 def _measure(pair, n: int, quick: bool) -> dict[str, object]:
     """One setting (pair.advert_int, deployed and settled): CPU, false failovers, then the trials."""
     quiet = CPU_SECONDS / 4 if quick else CPU_SECONDS
     before = _keepalived_cpu(pair)
     time.sleep(quiet)
     cpu = (_keepalived_cpu(pair) - before) / quiet
-    masters, both = _false_failovers(pair, LOAD_SECONDS / 4 if quick else LOAD_SECONDS)
+    masters, both = _false_failovers(pair, _load_seconds(quick))
     pair.wait_master("halb1")
     times = _trials(pair, n)
     return {
@@ -158,7 +163,7 @@ def run(bench: Bench) -> list[Figure]:
             measured[advert] = _measure(pair, n, bench.quick)
     finally:
         pair.stop()
-    reference = measured[1.0]
+    reference = measured[KEEPALIVED_ADVERT]
     figures = []
     for advert, goal in ((DEFAULT_ADVERT, "value <= 0.5"), (LONGER_ADVERT, "")):
         got = measured[advert]
@@ -175,7 +180,7 @@ def run(bench: Bench) -> list[Figure]:
         )
         figures.append(
             Figure(
-                f"HALB false failovers with every core busy for {LOAD_SECONDS:.0f} s (advert_int {advert} s)",
+                f"HALB false failovers with every core busy for {_load_seconds(bench.quick):.0f} s (advert_int {advert} s)",
                 "failovers",
                 got["false_failovers"],
                 reference["false_failovers"],
