@@ -30,8 +30,9 @@ help: ## Show the targets
 
 venv: $(VENV_STAMP) ## Create/refresh the pinned virtualenv (.venv, or VENV=...)
 
-# Re-run only when the pins or the services' dependencies change.
-$(VENV_STAMP): requirements.txt files/services/pyproject.toml
+# Re-run only when the pins, the services' dependencies or their C extension (built in place by
+# the editable install) change.
+$(VENV_STAMP): requirements.txt files/services/pyproject.toml files/services/gatehouse/sg/_mmsg.c
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation -e files/services

@@ -84,14 +84,15 @@ PY
         --wheel-dir "$deps" --requirement "$deps/requirements.txt"
     echo "$deps_hash" >"$deps/.sha256"
 fi
-src_hash=$(cd "$services" && find . \( -name __pycache__ -o -name '*.egg-info' -o -name build \) -prune \
+# An in-tree build of the C extension (make venv's editable install) is no source: skipped.
+src_hash=$(cd "$services" && find . \( -name __pycache__ -o -name '*.egg-info' -o -name build -o -name '*.so' \) -prune \
     -o -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
 if [[ $(cat "$app/.sha256" 2>/dev/null) != "$src_hash" ]] || ! compgen -G "$app/gatehouse-*.whl" >/dev/null; then
     log "building the gatehouse wheel"
     # Build from a clean copy: an in-tree build directory could carry deleted modules along.
     src=$REPO_ROOT/build/src/services
     rm -rf "$src" "$app" && mkdir -p "$src" "$app"
-    tar -C "$services" --exclude=__pycache__ --exclude='*.egg-info' --exclude=./build -cf - . | tar -C "$src" -xf -
+    tar -C "$services" --exclude=__pycache__ --exclude='*.egg-info' --exclude='*.so' --exclude=./build -cf - . | tar -C "$src" -xf -
     SOURCE_DATE_EPOCH=315532800 "$python" -m pip wheel --quiet --disable-pip-version-check \
         --no-deps --no-build-isolation --wheel-dir "$app" "$src"
     echo "$src_hash" >"$app/.sha256"

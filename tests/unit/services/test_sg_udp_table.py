@@ -227,16 +227,16 @@ async def test_agent_side_sockets_are_opened_at_the_first_bind_and_counted_once_
     a = relay.open("a", "127.0.0.1", "g1.tag-a", "127.0.0.1", agent)
     b = relay.open("b", "127.0.0.1", "g1.tag-b", "127.0.0.1", agent)
     assert relay.pool.in_use() == 0 and a.sock is None and b.sock is None  # no bind, no socket
-    relay.from_client(bind(a, 1), ("127.0.0.1", 1111))
+    relay.from_clients([(bind(a, 1), ("127.0.0.1", 1111))])
     assert a.sock is not None and relay.pool.in_use() == 1
     assert client_side.sent == [(linechan.bind_ack(a.key, a.key_id, 1), ("127.0.0.1", 1111))]
     for _n in range(3):  # b's binds (a client retrying): dropped unanswered, counted once per session
-        relay.from_client(bind(b, 1), ("127.0.0.1", 2222))
+        relay.from_clients([(bind(b, 1), ("127.0.0.1", 2222))])
     assert b.sock is None and b.client_addr is None and len(client_side.sent) == 1
     assert stats.udp_ports_exhausted == 1 and stats.udp_dropped["agent-ports-exhausted"] == 3
     relay.remove(a)
     assert relay.pool.in_use() == 0
-    relay.from_client(bind(b, 1), ("127.0.0.1", 2222))  # a's port is free again
+    relay.from_clients([(bind(b, 1), ("127.0.0.1", 2222))])  # a's port is free again
     assert b.sock is not None and b.client_addr == ("127.0.0.1", 2222) and relay.pool.in_use() == 1
     relay.remove(b)
     assert relay.pool.in_use() == 0 and b.sock is None

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from gatehouse.sg import proxyproto
+from gatehouse.sg import _mmsg, proxyproto
 from gatehouse.sg.settings import (
     FORWARD_CONNECT_TIMEOUT,
     FORWARD_RETRY_AFTER,
@@ -44,7 +44,7 @@ from gatehouse.sg.settings import (
     SgSettings,
 )
 from gatehouse.sg.stats import Refusals, Stats
-from gatehouse.sg.udp import MAX_DATAGRAM, SOCKET_BUFFER, _dual_stack_socket, _set_buffers
+from gatehouse.sg.udp import MAX_DATAGRAM, SOCKET_BUFFER, _bound_socket, _dual_stack_socket, _set_buffers
 from gatehouse.web import norm_ip, source_key
 
 log = logging.getLogger("gatehouse.sg.forward")
@@ -52,7 +52,6 @@ log = logging.getLogger("gatehouse.sg.forward")
 Target = tuple[str, int]
 MAX_EARLY_DATA = 64 * 1024  # client bytes held while the inner SG is being connected
 _TLS_HANDSHAKE = 0x16
-_READS_PER_WAKE = 64
 _SWEEP_EVERY = 10.0
 
 
@@ -409,6 +408,9 @@ class Flow:
     header: bytes = field(repr=False)
     sock: socket.socket = field(repr=False)
     last: float = 0.0
+    # Runs of equal-sized datagrams go as one UDP_SEGMENT send until a path refuses it (udp.py).
+    segment_inner: bool = True
+    segment_client: bool = True
 
 
 class UdpForwarder:
@@ -421,7 +423,7 @@ class UdpForwarder:
         self.flows: dict[tuple[Any, ...], Flow] = {}
         self.by_ip: dict[str, set[Flow]] = {}
         self.per_source: dict[str, int] = {}
-        self.client_side: asyncio.DatagramTransport | None = None
+        self.client_side: socket.socket | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.local: tuple[Any, ...] = ("", 0)  # the client-side socket's address (the header's destination)
         self._sweeper: asyncio.TimerHandle | None = None
@@ -431,14 +433,12 @@ class UdpForwarder:
 
     async def start(self, listen: str, port: int) -> None:
         self.loop = asyncio.get_running_loop()
-        where: dict[str, Any] = (
-            {"sock": _dual_stack_socket(listen, port)} if ":" in listen else {"local_addr": (listen, port)}
-        )
-        self.client_side, _protocol = await self.loop.create_datagram_endpoint(
-            lambda: _ClientDatagrams(self), **where
-        )
-        _set_buffers(self.client_side.get_extra_info("socket"), SOCKET_BUFFER)
-        self.local = self.client_side.get_extra_info("sockname")
+        sock = _dual_stack_socket(listen, port) if ":" in listen else _bound_socket(listen, port)
+        sock.setblocking(False)
+        _set_buffers(sock, SOCKET_BUFFER)
+        self.client_side = sock
+        self.local = sock.getsockname()
+        self.loop.add_reader(sock.fileno(), self._client_ready, sock.fileno())
         self._sweeper = self.loop.call_later(_SWEEP_EVERY, self._sweep)
 
     def close(self) -> None:
@@ -446,29 +446,51 @@ class UdpForwarder:
             self._sweeper.cancel()
         for flow in list(self.flows.values()):
             self._close(flow)
-        if self.client_side:
-            self.client_side.close()
+        sock, self.client_side = self.client_side, None
+        if sock is not None:
+            assert self.loop is not None
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
 
-    def from_client(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        assert self.loop is not None
-        flow = self.flows.get(addr)
-        if flow is None:
-            flow = self._open(addr)
-            if flow is None:
-                return
-        if len(flow.header) + len(data) > MAX_DATAGRAM - 28:  # IPv4 + UDP headers
-            self.stats.udp_dropped["oversized"] += 1
-            return
-        flow.last = self.loop.time()
+    def _client_ready(self, fd: int) -> None:
         try:
-            flow.sock.send(flow.header + data)
-        except BlockingIOError:
-            self.stats.udp_dropped["inner-busy"] += 1
+            batch = _mmsg.recv(fd, _mmsg.BATCH)  # one batch per wake: the inner sides get their turn
+        except OSError as exc:
+            log.debug("client-side udp error: %s", exc)
             return
-        except OSError:
-            self.stats.udp_dropped["inner-unreachable"] += 1
-            return
-        self.stats.udp_relayed["to_agent"] += 1
+        self.from_clients(batch)
+
+    def from_clients(self, batch: list[tuple[bytes, tuple[Any, ...]]]) -> None:
+        """Client datagrams in the order received: each flow's go to its inner SG in that order,
+        each behind the flow's PROXY v2 header, with one system call per flow (sendmmsg)."""
+        assert self.loop is not None
+        now = self.loop.time()
+        out: dict[Flow, list[bytes]] = {}
+        for data, addr in batch:
+            flow = self.flows.get(addr)
+            if flow is None:
+                flow = self._open(addr)
+                if flow is None:
+                    continue
+            if len(flow.header) + len(data) > MAX_DATAGRAM - 28:  # IPv4 + UDP headers
+                self.stats.udp_dropped["oversized"] += 1
+                continue
+            flow.last = now
+            queued = out.get(flow)
+            if queued is None:
+                out[flow] = [flow.header + data]
+            else:
+                queued.append(flow.header + data)
+        dropped = self.stats.udp_dropped
+        for flow, datagrams in out.items():
+            sent, busy, failed, refused = _mmsg.send(flow.sock.fileno(), datagrams, None, flow.segment_inner)
+            if refused:
+                flow.segment_inner = False
+            self.stats.udp_relayed["to_agent"] += sent
+            if busy:
+                dropped["inner-busy"] += busy
+            if failed:
+                dropped["inner-unreachable"] += failed
 
     def _open(self, addr: tuple[Any, ...]) -> Flow | None:
         ip = norm_ip(addr[0])
@@ -505,17 +527,25 @@ class UdpForwarder:
 
     def _from_inner(self, flow: Flow) -> None:
         client_side = self.client_side
-        assert client_side is not None and self.loop is not None
-        for _read in range(_READS_PER_WAKE):
-            try:
-                data = flow.sock.recv(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue
-            flow.last = self.loop.time()
-            client_side.sendto(data, flow.client_addr)
-            self.stats.udp_relayed["to_client"] += 1
+        assert self.loop is not None
+        if client_side is None:
+            return
+        try:
+            batch = _mmsg.recv(flow.sock.fileno(), _mmsg.BATCH)  # one batch per wake: fairness between flows
+        except OSError:  # an ICMP error of an earlier send; the next wake reads on
+            return
+        if not batch:
+            return
+        flow.last = self.loop.time()
+        datagrams = [data for data, _inner in batch]
+        sent, busy, failed, refused = _mmsg.send(
+            client_side.fileno(), datagrams, flow.client_addr, flow.segment_client
+        )
+        if refused:
+            flow.segment_client = False
+        self.stats.udp_relayed["to_client"] += sent
+        if busy or failed:  # the client-side socket's buffer is full (or the route is gone)
+            self.stats.udp_dropped["client-busy"] += busy + failed
 
     def close_ip(self, ip: str) -> None:
         """The last TCP connection of ``ip`` closed: so do its flows."""
@@ -545,11 +575,3 @@ class UdpForwarder:
         for flow in [f for f in self.flows.values() if f.last < idle_since]:
             self._close(flow)
         self._sweeper = self.loop.call_later(_SWEEP_EVERY, self._sweep)
-
-
-class _ClientDatagrams(asyncio.DatagramProtocol):
-    def __init__(self, relay: UdpForwarder) -> None:
-        self.datagram_received = relay.from_client  # type: ignore[method-assign]
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("client-side udp error: %s", exc)

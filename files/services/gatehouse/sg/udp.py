@@ -21,10 +21,9 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from gatehouse import linechan
-from gatehouse.sg import proxyproto
+from gatehouse.sg import _mmsg, proxyproto
 from gatehouse.sg.stats import Stats
 from gatehouse.sg.udp_table import Addr, UdpSession, UdpTable, forwarded_key
 
@@ -34,7 +33,6 @@ log = logging.getLogger("gatehouse.sg.udp")
 SOCKET_BUFFER = 4 * 1024 * 1024
 SESSION_BUFFER = 1024 * 1024  # per-session agent-side socket: one session's burst
 MAX_DATAGRAM = 65535
-_READS_PER_WAKE = 64  # fairness between busy sessions
 _BIND_ATTEMPTS = 64  # ports tried per session before giving up (others may hold some of the range)
 _TRUST_CACHE = 4096  # source addresses whose ProxyProtocolSources membership is remembered
 
@@ -97,27 +95,25 @@ class UdpRelay:
         self.pool = PortPool(ports, pool_start)
         self.proxy_source = proxy_source  # None: no ProxyProtocolSources
         self._trusted: dict[str, bool] = {}
-        self.client_side: asyncio.DatagramTransport | None = None
+        self.client_side: socket.socket | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, listen: str, port: int, sock: socket.socket | None = None) -> None:
         """Serve the client side on ``listen``:``port``, or on ``sock`` (bound for this worker)."""
         self.loop = asyncio.get_running_loop()
-        where: dict[str, Any]
-        if sock is not None:
-            where = {"sock": sock}
-        elif ":" in listen:
-            where = {"sock": _dual_stack_socket(listen, port)}
-        else:
-            where = {"local_addr": (listen, port)}
-        self.client_side, _protocol = await self.loop.create_datagram_endpoint(
-            lambda: _ClientDatagrams(self), **where
-        )
-        _set_buffers(self.client_side.get_extra_info("socket"), SOCKET_BUFFER)
+        if sock is None:
+            sock = _dual_stack_socket(listen, port) if ":" in listen else _bound_socket(listen, port)
+        sock.setblocking(False)
+        _set_buffers(sock, SOCKET_BUFFER)
+        self.client_side = sock
+        self.loop.add_reader(sock.fileno(), self._client_ready, sock.fileno())
 
     def close(self) -> None:
-        if self.client_side:
-            self.client_side.close()
+        sock, self.client_side = self.client_side, None
+        if sock is not None:
+            assert self.loop is not None
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
 
     # ------------------------------------------------------------ sessions
 
@@ -174,24 +170,47 @@ class UdpRelay:
 
     # ------------------------------------------------------------ datagrams
 
-    def from_client(self, data: bytes, addr: Addr) -> None:
-        session = self.table.by_client.get(addr)
-        # The common case: one lookup. A bind datagram from a bound address is a resent bind.
-        if session is not None and (len(data) != linechan.BIND_LEN or data[:4] != linechan.BIND_MAGIC):
-            try:
-                session.sock.send(data)
-            except BlockingIOError:
-                self.stats.udp_dropped["agent-busy"] += 1
-                return
-            except OSError:  # e.g. ECONNREFUSED: an earlier datagram met an ICMP port unreachable
-                self.stats.udp_dropped["agent-unreachable"] += 1
-                return
-            self.stats.udp_relayed["to_agent"] += 1
+    def _client_ready(self, fd: int) -> None:
+        try:
+            batch = _mmsg.recv(fd, _mmsg.BATCH)  # one batch per wake: the agent sides get their turn
+        except OSError as exc:
+            log.debug("client-side udp error: %s", exc)
             return
-        if self.proxy_source is not None and self._is_forwarder(addr[0]):
-            self._forwarded(data, addr)
-            return
-        self._bind(data, addr)
+        self.from_clients(batch)
+
+    def from_clients(self, batch: list[tuple[bytes, Addr]]) -> None:
+        """Datagrams from the client side, in the order received: each session's are sent on to its
+        agent in that order, with one system call per session (sendmmsg)."""
+        by_client = self.table.by_client
+        out: dict[UdpSession, list[bytes]] = {}
+        for data, addr in batch:
+            session = by_client.get(addr)
+            # The common case: one lookup. A bind datagram from a bound address is a resent bind.
+            if session is None or (len(data) == linechan.BIND_LEN and data[:4] == linechan.BIND_MAGIC):
+                if self.proxy_source is None or not self._is_forwarder(addr[0]):
+                    self._bind(data, addr)
+                    continue
+                routed = self._forwarded(data, addr)
+                if routed is None:
+                    continue
+                session, data = routed
+            queued = out.get(session)
+            if queued is None:
+                out[session] = [data]
+            else:
+                queued.append(data)
+        dropped = self.stats.udp_dropped
+        for session, datagrams in out.items():
+            sent, busy, failed, refused = _mmsg.send(
+                session.sock.fileno(), datagrams, None, session.segment_agent
+            )
+            if refused:
+                session.segment_agent = _no_segmentation(session.session_id, "agent")
+            self.stats.udp_relayed["to_agent"] += sent
+            if busy:
+                dropped["agent-busy"] += busy
+            if failed:  # e.g. ECONNREFUSED: an earlier datagram met an ICMP port unreachable
+                dropped["agent-unreachable"] += failed
 
     def _is_forwarder(self, ip: str) -> bool:
         trusted = self._trusted.get(ip)
@@ -202,34 +221,29 @@ class UdpRelay:
             trusted = self._trusted[ip] = self.proxy_source(ip)
         return trusted
 
-    def _forwarded(self, data: bytes, addr: Addr) -> None:
+    def _forwarded(self, data: bytes, addr: Addr) -> tuple[UdpSession, bytes] | None:
         """A datagram through a forwarder: its PROXY v2 header names the client (never bound as a
-        plain address, so ``from_client``'s first lookup always misses for a forwarder)."""
+        plain address, so the first lookup of ``from_clients`` always misses for a forwarder).
+        Returns the session and payload to relay, or None (a bind, or dropped)."""
         try:
             client, length = proxyproto.parse(data, proxyproto.DGRAM)
         except proxyproto.ProxyError as exc:
             self.stats.udp_dropped[exc.reason] += 1
-            return
+            return None
         payload = data[length:]
         session = self.table.by_client.get(forwarded_key(addr, client))
         if session is not None and (len(payload) != linechan.BIND_LEN or payload[:4] != linechan.BIND_MAGIC):
-            try:
-                session.sock.send(payload)
-            except BlockingIOError:
-                self.stats.udp_dropped["agent-busy"] += 1
-                return
-            except OSError:
-                self.stats.udp_dropped["agent-unreachable"] += 1
-                return
-            self.stats.udp_relayed["to_agent"] += 1
-            return
+            return session, payload
         self._bind(payload, addr, client)
+        return None
 
     def _bind(self, data: bytes, addr: Addr, client: Addr | None = None) -> None:
+        """A datagram from an unbound address, or a bind: acknowledged when it binds, else dropped
+        and counted. Never relayed."""
         session, reason = self.table.bind(data, addr, self._open_socket, client)
         if session is None:
             self.stats.udp_dropped[reason] += 1
-            return
+            return None
         self.stats.udp_binds += 1
         log.debug(
             "udp address bound",
@@ -240,31 +254,49 @@ class UdpRelay:
             },
         )
         assert self.client_side is not None
-        self.client_side.sendto(linechan.bind_ack(session.key, session.key_id, session.counter), addr)
+        try:
+            self.client_side.sendto(linechan.bind_ack(session.key, session.key_id, session.counter), addr)
+        except OSError as exc:  # the client's retry is answered (the same bind again changes nothing)
+            log.debug("cannot acknowledge a udp bind: %s", exc)
 
     def _from_agent(self, session: UdpSession) -> None:
         # The socket exists only once the session has bound a client address (_open_socket).
-        sock, addr, client_side = session.sock, session.reply_addr, self.client_side
-        if sock is None:
+        sock, client_side = session.sock, self.client_side
+        if sock is None or client_side is None:
             return
-        assert client_side is not None
-        for _read in range(_READS_PER_WAKE):
-            try:
-                data = sock.recv(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # ICMP errors of earlier sends surface here; keep reading
-                continue
-            client_side.sendto(data, addr)
-            self.stats.udp_relayed["to_client"] += 1
+        try:
+            batch = _mmsg.recv(sock.fileno(), _mmsg.BATCH)  # one batch per wake: fairness between sessions
+        except OSError:  # ICMP errors of earlier sends surface here; the next wake reads on
+            return
+        if not batch:
+            return
+        datagrams = [data for data, _agent in batch]
+        sent, busy, failed, refused = _mmsg.send(
+            client_side.fileno(), datagrams, session.reply_addr, session.segment_client
+        )
+        if refused:
+            session.segment_client = _no_segmentation(session.session_id, "client")
+        self.stats.udp_relayed["to_client"] += sent
+        if busy or failed:  # the client-side socket's buffer is full (or the route is gone)
+            self.stats.udp_dropped["client-busy"] += busy + failed
 
 
-class _ClientDatagrams(asyncio.DatagramProtocol):
-    def __init__(self, relay: UdpRelay) -> None:
-        self.datagram_received = relay.from_client  # type: ignore[method-assign]  # one call less per datagram
+def _no_segmentation(session_id: str, side: str) -> bool:
+    """A path that refused UDP segmentation (GSO) keeps sending datagram by datagram: False."""
+    log.debug(
+        "udp segmentation refused towards the %s; sending one by one", side, extra={"session_id": session_id}
+    )
+    return False
 
-    def error_received(self, exc: Exception) -> None:
-        log.debug("client-side udp error: %s", exc)
+
+def _bound_socket(listen: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((listen, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _dual_stack_socket(listen: str, port: int) -> socket.socket:

@@ -41,6 +41,9 @@ class UdpSession:
     port: int = 0  # agent-side source port (udp.py)
     sock: Any = field(default=None, repr=False)  # agent-side socket, from the first bind (udp.py)
     no_port: bool = False  # a bind found no agent-side port free (counted and logged once)
+    # Runs of equal-sized datagrams go as one UDP_SEGMENT send until a path refuses it (udp.py).
+    segment_agent: bool = True
+    segment_client: bool = True
 
 
 class UdpTable:
