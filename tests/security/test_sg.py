@@ -33,6 +33,7 @@ from sg_helpers import CLIENT, client_ctx, read_line, wait_for
 
 from gatehouse import linechan, protocol
 from gatehouse.grant import GrantSealer, decode_secret
+from gatehouse.sg import _mmsg
 
 REQUEST_TIMEOUT = 2.0  # the SG's RequestTimeout here: handshake + CONNECT line
 PER_SOURCE = 8  # the SG's MaxConnectionsPerSource here
@@ -193,6 +194,38 @@ async def test_rebinding_needs_a_higher_counter(st: hardened.Stack) -> None:
             assert received(second) == [b"new address"]
 
     await during(st, attack)
+    hardened.assert_session_ok(await st.session())
+    after(st)
+
+
+async def test_a_udp_flood_leaves_other_sessions_relaying(st: hardened.Stack) -> None:
+    """One client floods, as fast as one core sends, through its own bound session (to its agent,
+    which echoes it all back) and from an unbound address; the SG reads one batch per socket per
+    wake of its loop, so the flood takes turns with everyone else and a legitimate session's TCP
+    and UDP still complete beside it."""
+    payload = [b"x" * 1200] * 32
+    before = metrics(st)
+
+    def attack() -> int:
+        grant = grant_for(st, "desk-a")
+        chan, answer = open_channel(st, grant)
+        with chan, udp_socket() as bound, udp_socket() as unbound:
+            assert answer == linechan.OK
+            bind(st, bound, grant)
+            sg = ("127.0.0.1", st.sg_port)
+            sent = 0
+            until = time.monotonic() + 3.0
+            while time.monotonic() < until:
+                sent += _mmsg.send(bound.fileno(), payload, sg)[0]
+                sent += _mmsg.send(unbound.fileno(), payload, sg)[0]
+            return sent
+
+    sent = await during(st, attack)
+    m = metrics(st)
+    relayed = 'gatehouse_sg_udp_datagrams_relayed_total{direction="to_agent"}'
+    assert sent > 20_000  # the flood really ran
+    assert m[relayed] - before.get(relayed, 0.0) > 5_000  # ... and really reached the agent
+    assert dropped(m, "unbound") - dropped(before, "unbound") > 5_000
     hardened.assert_session_ok(await st.session())
     after(st)
 

@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import secrets
+import socket
 import ssl
 import subprocess
 import sys
@@ -66,9 +67,9 @@ from deploy_helpers import (
 from services import ServiceProcess, free_port
 from stack import assert_session_ok
 
+from gatehouse import linechan, tls
 from gatehouse import protocol as p
-from gatehouse import tls
-from gatehouse.client.flow import SessionReport, Step, run_session
+from gatehouse.client.flow import Holding, SessionReport, Step, run_session
 
 pytestmark = [pytest.mark.docker, pytest.mark.images]
 
@@ -177,6 +178,38 @@ async def test_a_session_through_the_published_ports(deployment: Deployment) -> 
     # Through docker-proxy both services see the bridge gateway as the client (module docstring).
     assert logged(deployment, "cm", "client_ip", started) == {deployment.gateway}
     assert logged(deployment, "sg", "client", started) == {deployment.gateway}
+
+
+async def test_a_udp_burst_goes_both_ways_whole_through_the_published_port(deployment: Deployment) -> None:
+    """64 equal-sized datagrams at once: the SG sends them on as segmented runs (UDP GSO) to the
+    agent, and the echoes back through Docker's NAT of the published udp port; every one comes
+    back unchanged and in order."""
+    burst = [n.to_bytes(4, "big") + os.urandom(1196) for n in range(64)]
+    echoed: list[bytes] = []
+
+    def exchange(holding: Holding) -> None:
+        channel = holding.channel
+        key, key_id = linechan.udp_bind_key(channel.target.connect_tag)
+        channel.udp_binds += 1
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            udp.bind((channel.writer.get_extra_info("sockname")[0], 0))
+            udp.settimeout(5)
+            udp.connect(channel.address)
+            udp.send(linechan.bind_datagram(key, key_id, channel.udp_binds))
+            assert udp.recv(2048) == linechan.bind_ack(key, key_id, channel.udp_binds)
+            for datagram in burst:
+                udp.send(datagram)
+            echoed.extend(udp.recv(2048) for _n in burst)
+
+    async def hold(holding: Holding) -> None:
+        await asyncio.to_thread(exchange, holding)
+
+    report = await run_session(
+        deployment.cm_url, USER, USER_PW, domain="CORP", ssl_context=deployment.client_ctx, hold=hold
+    )
+    assert_session_ok(report)
+    assert echoed == burst
 
 
 async def test_a_session_is_served_by_every_cm_worker_through_the_published_port(

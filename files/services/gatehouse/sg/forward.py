@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from gatehouse.sg import _mmsg, proxyproto
+from gatehouse.sg import proxyproto
 from gatehouse.sg.settings import (
     FORWARD_CONNECT_TIMEOUT,
     FORWARD_RETRY_AFTER,
@@ -44,7 +44,7 @@ from gatehouse.sg.settings import (
     SgSettings,
 )
 from gatehouse.sg.stats import Refusals, Stats
-from gatehouse.sg.udp import MAX_DATAGRAM, SOCKET_BUFFER, _bound_socket, _dual_stack_socket, _set_buffers
+from gatehouse.sg.udp import MAX_DATAGRAM, close_client_side, relay_back, send_on, serve_client_side
 from gatehouse.web import norm_ip, source_key
 
 log = logging.getLogger("gatehouse.sg.forward")
@@ -409,8 +409,8 @@ class Flow:
     sock: socket.socket = field(repr=False)
     last: float = 0.0
     # Runs of equal-sized datagrams go as one UDP_SEGMENT send until a path refuses it (udp.py).
-    segment_inner: bool = True
-    segment_client: bool = True
+    segment_out: bool = True  # towards the inner SG
+    segment_back: bool = True  # towards the client
 
 
 class UdpForwarder:
@@ -433,12 +433,8 @@ class UdpForwarder:
 
     async def start(self, listen: str, port: int) -> None:
         self.loop = asyncio.get_running_loop()
-        sock = _dual_stack_socket(listen, port) if ":" in listen else _bound_socket(listen, port)
-        sock.setblocking(False)
-        _set_buffers(sock, SOCKET_BUFFER)
-        self.client_side = sock
-        self.local = sock.getsockname()
-        self.loop.add_reader(sock.fileno(), self._client_ready, sock.fileno())
+        self.client_side = serve_client_side(self.loop, listen, port, None, self.from_clients)
+        self.local = self.client_side.getsockname()
         self._sweeper = self.loop.call_later(_SWEEP_EVERY, self._sweep)
 
     def close(self) -> None:
@@ -449,16 +445,7 @@ class UdpForwarder:
         sock, self.client_side = self.client_side, None
         if sock is not None:
             assert self.loop is not None
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
-
-    def _client_ready(self, fd: int) -> None:
-        try:
-            batch = _mmsg.recv(fd, _mmsg.BATCH)  # one batch per wake: the inner sides get their turn
-        except OSError as exc:
-            log.debug("client-side udp error: %s", exc)
-            return
-        self.from_clients(batch)
+            close_client_side(self.loop, sock)
 
     def from_clients(self, batch: list[tuple[bytes, tuple[Any, ...]]]) -> None:
         """Client datagrams in the order received: each flow's go to its inner SG in that order,
@@ -481,16 +468,8 @@ class UdpForwarder:
                 out[flow] = [flow.header + data]
             else:
                 queued.append(flow.header + data)
-        dropped = self.stats.udp_dropped
         for flow, datagrams in out.items():
-            sent, busy, failed, refused = _mmsg.send(flow.sock.fileno(), datagrams, None, flow.segment_inner)
-            if refused:
-                flow.segment_inner = False
-            self.stats.udp_relayed["to_agent"] += sent
-            if busy:
-                dropped["inner-busy"] += busy
-            if failed:
-                dropped["inner-unreachable"] += failed
+            flow.segment_out = send_on(flow.sock, datagrams, flow.segment_out, self.stats, "inner")
 
     def _open(self, addr: tuple[Any, ...]) -> Flow | None:
         ip = norm_ip(addr[0])
@@ -526,26 +505,14 @@ class UdpForwarder:
         return flow
 
     def _from_inner(self, flow: Flow) -> None:
-        client_side = self.client_side
-        assert self.loop is not None
-        if client_side is None:
+        if self.client_side is None:
             return
-        try:
-            batch = _mmsg.recv(flow.sock.fileno(), _mmsg.BATCH)  # one batch per wake: fairness between flows
-        except OSError:  # an ICMP error of an earlier send; the next wake reads on
-            return
-        if not batch:
-            return
-        flow.last = self.loop.time()
-        datagrams = [data for data, _inner in batch]
-        sent, busy, failed, refused = _mmsg.send(
-            client_side.fileno(), datagrams, flow.client_addr, flow.segment_client
+        read, flow.segment_back = relay_back(
+            flow.sock, self.client_side, flow.client_addr, flow.segment_back, self.stats
         )
-        if refused:
-            flow.segment_client = False
-        self.stats.udp_relayed["to_client"] += sent
-        if busy or failed:  # the client-side socket's buffer is full (or the route is gone)
-            self.stats.udp_dropped["client-busy"] += busy + failed
+        if read:
+            assert self.loop is not None
+            flow.last = self.loop.time()
 
     def close_ip(self, ip: str) -> None:
         """The last TCP connection of ``ip`` closed: so do its flows."""

@@ -101,19 +101,13 @@ class UdpRelay:
     async def start(self, listen: str, port: int, sock: socket.socket | None = None) -> None:
         """Serve the client side on ``listen``:``port``, or on ``sock`` (bound for this worker)."""
         self.loop = asyncio.get_running_loop()
-        if sock is None:
-            sock = _dual_stack_socket(listen, port) if ":" in listen else _bound_socket(listen, port)
-        sock.setblocking(False)
-        _set_buffers(sock, SOCKET_BUFFER)
-        self.client_side = sock
-        self.loop.add_reader(sock.fileno(), self._client_ready, sock.fileno())
+        self.client_side = serve_client_side(self.loop, listen, port, sock, self.from_clients)
 
     def close(self) -> None:
         sock, self.client_side = self.client_side, None
         if sock is not None:
             assert self.loop is not None
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
+            close_client_side(self.loop, sock)
 
     # ------------------------------------------------------------ sessions
 
@@ -170,14 +164,6 @@ class UdpRelay:
 
     # ------------------------------------------------------------ datagrams
 
-    def _client_ready(self, fd: int) -> None:
-        try:
-            batch = _mmsg.recv(fd, _mmsg.BATCH)  # one batch per wake: the agent sides get their turn
-        except OSError as exc:
-            log.debug("client-side udp error: %s", exc)
-            return
-        self.from_clients(batch)
-
     def from_clients(self, batch: list[tuple[bytes, Addr]]) -> None:
         """Datagrams from the client side, in the order received: each session's are sent on to its
         agent in that order, with one system call per session (sendmmsg)."""
@@ -199,18 +185,8 @@ class UdpRelay:
                 out[session] = [data]
             else:
                 queued.append(data)
-        dropped = self.stats.udp_dropped
         for session, datagrams in out.items():
-            sent, busy, failed, refused = _mmsg.send(
-                session.sock.fileno(), datagrams, None, session.segment_agent
-            )
-            if refused:
-                session.segment_agent = _no_segmentation(session.session_id, "agent")
-            self.stats.udp_relayed["to_agent"] += sent
-            if busy:
-                dropped["agent-busy"] += busy
-            if failed:  # e.g. ECONNREFUSED: an earlier datagram met an ICMP port unreachable
-                dropped["agent-unreachable"] += failed
+            session.segment_out = send_on(session.sock, datagrams, session.segment_out, self.stats, "agent")
 
     def _is_forwarder(self, ip: str) -> bool:
         trusted = self._trusted.get(ip)
@@ -243,7 +219,7 @@ class UdpRelay:
         session, reason = self.table.bind(data, addr, self._open_socket, client)
         if session is None:
             self.stats.udp_dropped[reason] += 1
-            return None
+            return
         self.stats.udp_binds += 1
         log.debug(
             "udp address bound",
@@ -261,32 +237,85 @@ class UdpRelay:
 
     def _from_agent(self, session: UdpSession) -> None:
         # The socket exists only once the session has bound a client address (_open_socket).
-        sock, client_side = session.sock, self.client_side
-        if sock is None or client_side is None:
-            return
+        if session.sock is not None and self.client_side is not None:
+            _read, session.segment_back = relay_back(
+                session.sock, self.client_side, session.reply_addr, session.segment_back, self.stats
+            )
+
+
+# ---------------------------------------------------------------- shared with forward.py
+
+
+def serve_client_side(
+    loop: asyncio.AbstractEventLoop,
+    listen: str,
+    port: int,
+    sock: socket.socket | None,
+    on_batch: Callable[[list[tuple[bytes, Addr]]], None],
+) -> socket.socket:
+    """The client-side socket (``sock``, or one bound to ``listen``:``port``), each wake's batch of
+    datagrams handed to ``on_batch``: one batch per wake, so the agent sides get their turn."""
+    if sock is None:
+        sock = _dual_stack_socket(listen, port) if ":" in listen else _bound_socket(listen, port)
+    sock.setblocking(False)
+    _set_buffers(sock, SOCKET_BUFFER)
+    fd = sock.fileno()
+
+    def ready() -> None:
         try:
-            batch = _mmsg.recv(sock.fileno(), _mmsg.BATCH)  # one batch per wake: fairness between sessions
-        except OSError:  # ICMP errors of earlier sends surface here; the next wake reads on
+            batch = _mmsg.recv(fd, _mmsg.BATCH)
+        except OSError as exc:
+            log.debug("client-side udp error: %s", exc)
             return
-        if not batch:
-            return
-        datagrams = [data for data, _agent in batch]
-        sent, busy, failed, refused = _mmsg.send(
-            client_side.fileno(), datagrams, session.reply_addr, session.segment_client
-        )
-        if refused:
-            session.segment_client = _no_segmentation(session.session_id, "client")
-        self.stats.udp_relayed["to_client"] += sent
-        if busy or failed:  # the client-side socket's buffer is full (or the route is gone)
-            self.stats.udp_dropped["client-busy"] += busy + failed
+        on_batch(batch)
+
+    loop.add_reader(fd, ready)
+    return sock
 
 
-def _no_segmentation(session_id: str, side: str) -> bool:
-    """A path that refused UDP segmentation (GSO) keeps sending datagram by datagram: False."""
-    log.debug(
-        "udp segmentation refused towards the %s; sending one by one", side, extra={"session_id": session_id}
+def close_client_side(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    loop.remove_reader(sock.fileno())
+    sock.close()
+
+
+def send_on(sock: socket.socket, datagrams: list[bytes], segment: bool, stats: Stats, peer: str) -> bool:
+    """One session's (or flow's) datagrams of a batch to its connected ``peer`` side ("agent", or
+    "inner" on a forwarder), in order, counted. Returns whether runs may still be segmented (GSO)
+    on that path: a path that refused it gets datagrams one by one from then on."""
+    sent, busy, failed, refused = _mmsg.send(sock.fileno(), datagrams, None, segment)
+    stats.udp_relayed["to_agent"] += sent
+    if busy:
+        stats.udp_dropped[f"{peer}-busy"] += busy
+    if failed:  # e.g. ECONNREFUSED: an earlier datagram met an ICMP port unreachable
+        stats.udp_dropped[f"{peer}-unreachable"] += failed
+    return _segment_still(segment, refused, peer)
+
+
+def relay_back(
+    source: socket.socket, client_side: socket.socket, addr: Addr, segment: bool, stats: Stats
+) -> tuple[int, bool]:
+    """One batch read from a session's (or flow's) connected socket, sent to ``addr`` through the
+    client side. Returns how many were read, and whether runs may still be segmented to ``addr``."""
+    try:
+        batch = _mmsg.recv(source.fileno(), _mmsg.BATCH)  # one batch per wake: fairness between sessions
+    except OSError:  # ICMP errors of earlier sends surface here; the next wake reads on
+        return 0, segment
+    if not batch:
+        return 0, segment
+    sent, busy, failed, refused = _mmsg.send(
+        client_side.fileno(), [data for data, _peer in batch], addr, segment
     )
-    return False
+    stats.udp_relayed["to_client"] += sent
+    if busy or failed:  # the client-side socket's buffer is full (or the route is gone)
+        stats.udp_dropped["client-busy"] += busy + failed
+    return len(batch), _segment_still(segment, refused, "client")
+
+
+def _segment_still(segment: bool, refused: int, towards: str) -> bool:
+    if segment and refused:
+        log.debug("udp segmentation refused towards the %s; sending one by one", towards)
+        return False
+    return segment
 
 
 def _bound_socket(listen: str, port: int) -> socket.socket:

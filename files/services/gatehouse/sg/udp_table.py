@@ -42,8 +42,8 @@ class UdpSession:
     sock: Any = field(default=None, repr=False)  # agent-side socket, from the first bind (udp.py)
     no_port: bool = False  # a bind found no agent-side port free (counted and logged once)
     # Runs of equal-sized datagrams go as one UDP_SEGMENT send until a path refuses it (udp.py).
-    segment_agent: bool = True
-    segment_client: bool = True
+    segment_out: bool = True  # towards the agent
+    segment_back: bool = True  # towards the client
 
 
 class UdpTable:
