@@ -4,8 +4,9 @@ Reuses the demo's entry point, ``hack/demo.sh up`` (host containers on the gh-de
 then ``ansible-playbook -i inventories/demo playbooks/site.yml``, then one client session through
 the VIP), twice, and ``hack/demo.sh down`` at the end. The playbook's own time comes from
 ansible.posix's timer callback in the demo's site.log; the wall time of the whole ``up`` is kept
-too, and each run's slowest tasks (ansible.posix's profile_tasks) go into results.json. Figures: the second run's time against the first (the reference), and the tasks the second
-run changed (goal 0). Refuses to run when a demo is already up (it would be taken down).
+too, and each run's slowest tasks (ansible.posix's profile_tasks) and the seconds of each play go
+into results.json. Figures: the second run's time against the first (the reference), and the tasks
+the second run changed (goal 0). Refuses to run when a demo is already up (it would be taken down).
 """
 
 from __future__ import annotations
@@ -23,6 +24,29 @@ LOG = ROOT / ".gatehouse-demo" / "site.log"
 RUN_TIMEOUT = 900
 PROFILE_TASKS = 15  # the slowest tasks of each run, from ansible.posix.profile_tasks, into results.json
 _PROFILE_LINE = re.compile(r"^(.+?) -+ (\d+\.\d+)s$")
+# Under each task header profile_tasks prints the time the task before took: "(0:00:01.234)".
+_ELAPSED = re.compile(r"\((\d+):(\d+):(\d+\.\d+)\)\s+\d+:\d+:\d+\.\d+ \*+\s*$")
+
+
+def play_seconds(log: str) -> dict[str, float]:
+    """Seconds of each play of a site.log written with profile_tasks, in the order the plays ran."""
+    plays: dict[str, float] = {}
+    play, running, pending = "", None, None
+    for line in log.splitlines():
+        if line.startswith("PLAY ["):
+            play = line[len("PLAY [") :].split("]", 1)[0]
+            plays.setdefault(play, 0.0)
+        elif line.startswith(("TASK [", "RUNNING HANDLER [")):
+            pending = play
+        elif line.startswith("PLAY RECAP"):
+            pending = ""
+        elapsed = _ELAPSED.search(line)
+        if elapsed:
+            if running:
+                hours, minutes, seconds = elapsed.groups()
+                plays[running] += int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            running, pending = pending, None
+    return {name: round(seconds, 2) for name, seconds in plays.items()}
 
 
 def _up(bench: Bench, n: int) -> dict:
@@ -60,6 +84,7 @@ def _up(bench: Bench, n: int) -> dict:
         "changed": changed,
         "failed": failed,
         "slowest_tasks": profile[:PROFILE_TASKS],
+        "plays_s": play_seconds(log),
     }
 
 

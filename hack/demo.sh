@@ -89,7 +89,9 @@ deploy() {
     ln -sfn ../../../.. "$REPO_ROOT/build/collections/ansible_collections/gatehouse/access"
     mkdir -p "$demo_dir/secrets" && chmod 0700 "$demo_dir" "$demo_dir/secrets"
     log "deploying with playbooks/site.yml (log: .gatehouse-demo/site.log)"
+    # Pipelining, and a fork per host so that no task waits for a second round of hosts.
     if ! ANSIBLE_COLLECTIONS_PATH=$REPO_ROOT/build/collections ANSIBLE_PIPELINING=true \
+        ANSIBLE_FORKS=${ANSIBLE_FORKS:-${#hosts[@]}} \
         ANSIBLE_FORCE_COLOR=false ANSIBLE_NOCOLOR=true \
         "$venv/ansible-playbook" -i "$inventory" "$REPO_ROOT/playbooks/site.yml" \
         -e "gatehouse_demo_dir=$demo_dir" -e "gatehouse_demo_net=$net_prefix" \

@@ -76,7 +76,7 @@ def secret_files(data_root: str, groups: list[str], agents: list[str]) -> list[s
         files += [f"{data_root}/cmsg/certs/identity-key.pem", f"{data_root}/pki/cm.key"]
     for name in agents:
         # Agents have no token file: they authenticate with their certificate from the deployment CA.
-        files += [f"{data_root}/agent/{name}/certs/key.pem"]
+        files += [f"{data_root}/agent/pki/{name}.key"]
     return files
 
 

@@ -137,3 +137,28 @@ def _counters(counts: dict[str, int], side: str):
         counts[side + "_received"] += n
 
     return sent, received
+
+
+def test_the_deploy_bench_sums_profile_tasks_times_per_play():
+    from bench.deploy import play_seconds
+
+    stamp = "Friday 27 November 2026  15:58:31 +0000 ({}) 0:00:01.000 ******* "
+    log = "\n".join(
+        [
+            "PLAY [Shared] ****",
+            "TASK [a] ****",
+            stamp.format("0:00:00.400"),  # before the first task: counted nowhere
+            "TASK [b] ****",
+            stamp.format("0:00:01.500"),  # a
+            "PLAY [Broker] ****",
+            "TASK [c] ****",
+            stamp.format("0:00:00.250"),  # b
+            "RUNNING HANDLER [d] ****",
+            stamp.format("0:01:02.000"),  # c
+            "PLAY RECAP ****",
+            stamp.format("0:00:00.125"),  # d
+            "TASKS RECAP ****",
+            "a ------ 1.50s",
+        ]
+    )
+    assert play_seconds(log) == {"Shared": 1.75, "Broker": 62.12}

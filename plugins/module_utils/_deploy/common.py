@@ -111,26 +111,36 @@ def check_common(params: dict, errors: list[str], tls_required: bool = True) -> 
     if params["ca_cert"] and not params["ssl_cert"]:
         errors.append("ca_cert is the CA chain of ssl_cert; it cannot be used without ssl_cert")
     check_container_options(params, "broker", errors)
-    if not re.match(r"^[a-z0-9][a-z0-9_.-]{0,40}$", params["name_prefix"]):
-        errors.append(
-            "name_prefix must be lower-case letters, digits, '.', '_' or '-' (at most 41 characters)"
-        )
-    if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", params["image_tag"]):
-        errors.append("image_tag %r is not a valid Docker tag" % params["image_tag"])
-    if params["registry"] and params["image_source"] != "registry":
-        errors.append("registry is only used with image_source=registry")
+    check_image(params, errors)
     if params["bundle_path"] and params["image_source"] == "registry":
         errors.append("bundle_path (dark-site bundle) and image_source=registry exclude each other")
     if params["bundle_path"] and params["state"] == "present" and not os.path.exists(params["bundle_path"]):
         errors.append("bundle_path %s does not exist on the target" % params["bundle_path"])
-    if params["wait_timeout"] < 0:
-        errors.append("wait_timeout must be 0 (do not wait) or a number of seconds")
+    check_place(params, "cmsg", errors)
+
+
+def check_place(params: dict, example: str, errors: list[str]) -> None:
+    """data_dir (absolute, two levels deep: like /opt/gatehouse/<example>) and name_prefix."""
     data_dir = os.path.normpath(params["data_dir"])
     if not os.path.isabs(data_dir) or data_dir.count("/") < 2:
         errors.append(
-            "data_dir must be an absolute path at least two levels deep (like /opt/gatehouse/cmsg), got %s"
-            % params["data_dir"]
+            "data_dir must be an absolute path at least two levels deep (like /opt/gatehouse/%s), got %s"
+            % (example, params["data_dir"])
         )
+    if not re.match(r"^[a-z0-9][a-z0-9_.-]{0,40}$", params["name_prefix"]):
+        errors.append(
+            "name_prefix must be lower-case letters, digits, '.', '_' or '-' (at most 41 characters)"
+        )
+
+
+def check_image(params: dict, errors: list[str]) -> None:
+    """image_tag, registry (only with image_source=registry) and wait_timeout."""
+    if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", params["image_tag"]):
+        errors.append("image_tag %r is not a valid Docker tag" % params["image_tag"])
+    if params["registry"] and params["image_source"] != "registry":
+        errors.append("registry is only used with image_source=registry")
+    if params["wait_timeout"] < 0:
+        errors.append("wait_timeout must be 0 (do not wait) or a number of seconds")
 
 
 def port_option(value: int, name: str, errors: list[str], allow_zero: bool = False) -> None:

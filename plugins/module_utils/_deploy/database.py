@@ -128,16 +128,7 @@ def _check_address(value: str, label: str, errors: list[str]) -> None:
 def validate(params: dict) -> None:
     """Check every option; raises dep.ValidationError listing all problems."""
     errors: list[str] = []
-    data_dir = os.path.normpath(params["data_dir"])
-    if not os.path.isabs(data_dir) or data_dir.count("/") < 2:
-        errors.append(
-            "data_dir must be an absolute path at least two levels deep (like /opt/gatehouse/database), got %s"
-            % params["data_dir"]
-        )
-    if not re.match(r"^[a-z0-9][a-z0-9_.-]{0,40}$", params["name_prefix"]):
-        errors.append(
-            "name_prefix must be lower-case letters, digits, '.', '_' or '-' (at most 41 characters)"
-        )
+    dep.check_place(params, "database", errors)
     if not _NAME_RE.match(params["name"]):
         errors.append("name %r must be lower-case letters, digits and '-' (at most 63)" % params["name"])
     if params["state"] == "absent":
@@ -222,12 +213,7 @@ def validate(params: dict) -> None:
                 ctr.hardening(service, params["container_limits"])
             except ctr.ContainerError as exc:
                 errors.append(str(exc))
-    if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", params["image_tag"]):
-        errors.append("image_tag %r is not a valid Docker tag" % params["image_tag"])
-    if params["registry"] and params["image_source"] != "registry":
-        errors.append("registry is only used with image_source=registry")
-    if params["wait_timeout"] < 0:
-        errors.append("wait_timeout must be 0 (do not wait) or a number of seconds")
+    dep.check_image(params, errors)
     if errors:
         raise dep.ValidationError(errors)
 
@@ -503,12 +489,7 @@ def port_free(port: int, address: str = "0.0.0.0") -> bool:
 
 
 def run(module) -> dict:
-    params = module.params
-    validate(params)
-    cli = ctr.client(params["docker_host"])
-    if params["state"] == "absent":
-        return uninstall(cli, params, module.check_mode)
-    return install(module, cli, params)
+    return engine.run_by_state(module, validate, install, uninstall)
 
 
 def uninstall(cli, params: dict, check_mode: bool) -> dict:

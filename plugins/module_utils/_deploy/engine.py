@@ -83,6 +83,17 @@ def check_network_target(cli, params: dict, errors: list[str]) -> None:
             )
 
 
+def run_by_state(module, validate: Callable, install: Callable, uninstall: Callable) -> dict:
+    """The run() of a module with the usual shape: ``validate(params)`` raises on bad options, then
+    ``uninstall(cli, params, check_mode)`` for state=absent, else ``install(module, cli, params)``."""
+    params = module.params
+    validate(params)
+    cli = ctr.client(params["docker_host"])
+    if params["state"] == "absent":
+        return uninstall(cli, params, module.check_mode)
+    return install(module, cli, params)
+
+
 def resolve_images(cli, params: dict, services: list[str], check_mode: bool, errors: list[str]):
     """(references, ids, loaded) of the images of ``services``: local, from the registry or the bundle.
 

@@ -114,16 +114,7 @@ def parse_target(value: str) -> tuple[str, int]:
 def validate(params: dict) -> None:
     """Check every option; raises dep.ValidationError listing all problems."""
     errors: list[str] = []
-    data_dir = os.path.normpath(params["data_dir"])
-    if not os.path.isabs(data_dir) or data_dir.count("/") < 2:
-        errors.append(
-            "data_dir must be an absolute path at least two levels deep (like /opt/gatehouse/monitoring), got %s"
-            % params["data_dir"]
-        )
-    if not re.match(r"^[a-z0-9][a-z0-9_.-]{0,40}$", params["name_prefix"]):
-        errors.append(
-            "name_prefix must be lower-case letters, digits, '.', '_' or '-' (at most 41 characters)"
-        )
+    dep.check_place(params, "monitoring", errors)
     if params["state"] == "absent":
         if errors:
             raise dep.ValidationError(errors)
@@ -161,12 +152,7 @@ def validate(params: dict) -> None:
     if params["alert_rules"] is not None and "groups:" not in params["alert_rules"]:
         errors.append("alert_rules is not a Prometheus rules file (it has no groups:)")
     dep.check_container_options(params, SERVICE, errors)
-    if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", params["image_tag"]):
-        errors.append("image_tag %r is not a valid Docker tag" % params["image_tag"])
-    if params["registry"] and params["image_source"] != "registry":
-        errors.append("registry is only used with image_source=registry")
-    if params["wait_timeout"] < 0:
-        errors.append("wait_timeout must be 0 (do not wait) or a number of seconds")
+    dep.check_image(params, errors)
     if errors:
         raise dep.ValidationError(errors)
 
@@ -324,12 +310,7 @@ def promtool_check(cli, spec: dict, files: list[PlannedFile], data_dir: str) -> 
 
 
 def run(module) -> dict:
-    params = module.params
-    validate(params)
-    cli = ctr.client(params["docker_host"])
-    if params["state"] == "absent":
-        return uninstall(cli, params, module.check_mode)
-    return install(module, cli, params)
+    return engine.run_by_state(module, validate, install, uninstall)
 
 
 def uninstall(cli, params: dict, check_mode: bool) -> dict:

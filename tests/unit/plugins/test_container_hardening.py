@@ -228,22 +228,6 @@ def test_halb_plan_adopts_only_halb_containers_of_gatehouse(labels, outcome):
             ctr.remove_container(cli, "gatehouse-halb", True, role="halb")
 
 
-def test_agent_role_restates_the_agent_hardening_unchanged():
-    """The agent role runs its containers with community.docker, not the modules: same values."""
-    defaults = yaml.safe_load((REPO / "roles" / "agent" / "defaults" / "main.yml").read_text())
-    effective = ctr.hardening("agent")
-    assert defaults["agent_container_memory"] == effective["mem_limit"]
-    assert defaults["agent_container_pids"] == effective["pids_limit"]
-    assert defaults["agent_container_nofile"] == effective["nofile"]
-    tasks = yaml.safe_load((REPO / "roles" / "agent" / "tasks" / "main.yml").read_text())
-    run = next(
-        t["community.docker.docker_container"] for t in tasks if t["name"] == "Run the agent containers"
-    )
-    assert run["cap_drop"] == effective["cap_drop"] and not run.get("capabilities")
-    assert run["security_opts"] == ["no-new-privileges"] and run["read_only"] is effective["read_only"]
-    assert run["tmpfs"] == [f"{path}:{options}" for path, options in effective["tmpfs"].items()]
-
-
 def _doc(module: Path) -> dict:
     tree = ast.parse(module.read_text())
     for node in tree.body:

@@ -24,12 +24,6 @@ def test_argument_specs_match_defaults(role: str) -> None:
         assert spec.get("description"), name
 
 
-@pytest.mark.parametrize("role", ["agent"])
-def test_templates_start_with_ansible_managed(role: str) -> None:
-    for template in (ROLES / role / "templates").glob("*.j2"):
-        assert template.read_text().startswith("{{ ansible_managed | comment }}"), template
-
-
 @pytest.mark.parametrize("role", ["pki"])
 def test_other_entry_points_document_defaults(role: str) -> None:
     defaults = yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()) or {}
