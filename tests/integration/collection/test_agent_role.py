@@ -212,3 +212,26 @@ def test_bad_options_fail_before_anything_exists(env) -> None:
     )
     assert missing.failed and any("agent desk9:" in e and "missing" in e for e in missing.result["errors"])
     assert not data_dir.exists() and objects_named(cli, prefix) == []
+
+
+def test_in_the_default_bridge_mode_the_agent_serves_through_its_published_ports(env) -> None:
+    """network_mode bridge (the role's default): the control port reaches the agent through Docker's
+    published port, with its own certificate; the session port is published for TCP and UDP."""
+    cli, prefix, tmp_path = env
+    control, session = free_port(), free_port()
+    instances = [{"name": "desk1", "control_port": control, "session_port": session}]
+    run = play(tmp_path, prefix, instances, agent_network_mode="bridge")
+    assert run["rc"] == 0, run["out"][-4000:]
+    ca = tmp_path / "controller" / "ca" / "ca.pem"
+    cert = wait_served(control, ca)
+    assert cert.public_bytes(Encoding.PEM) == (tmp_path / "node" / "agent" / "pki" / "desk1.pem").read_bytes()
+    container = cli.containers.get(f"{prefix}-agent-desk1")
+    assert container.attrs["HostConfig"]["NetworkMode"] == "bridge"
+    bindings = container.attrs["HostConfig"]["PortBindings"]
+    for port in (f"{control}/tcp", f"{session}/tcp", f"{session}/udp"):
+        assert [b["HostPort"] for b in bindings[port]] == [port.partition("/")[0]], bindings
+    properties = (tmp_path / "node" / "agent" / "desk1" / "data" / "agent.properties").read_text()
+    # The host's address is the one the broker and the CMs reach a bridged agent at.
+    assert "AdvertiseAddress=127.0.0.1\n" in properties
+    again = play(tmp_path, prefix, instances, agent_network_mode="bridge")
+    assert again["rc"] == 0 and again["stats"]["changed"] == 0, again["out"][-4000:]
