@@ -47,7 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from gatehouse import tls
+from gatehouse import heap, tls
 from gatehouse.shared import SharedCounters
 from gatehouse.web import add_health_and_metrics, install_uvloop
 
@@ -262,6 +262,7 @@ class Supervisor:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_WorkerField(place.index))
         install_uvloop()
+        heap.settle()
         asyncio.run(self.run_worker(place))
         return 0
 

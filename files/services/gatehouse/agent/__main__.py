@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from gatehouse import logs, tls
+from gatehouse import heap, logs, tls
 from gatehouse.agent.server import serve
 from gatehouse.agent.settings import AgentSettings
 from gatehouse.config import Config, ConfigError
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.client_tls_verify:
         log.warning("ClientTlsVerify is false: launch-session is accepted from any caller, not only a CM")
     install_uvloop()
+    heap.settle()
     try:
         asyncio.run(serve(settings, control_ctx, session_ctx))
     except OSError as exc:

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import sys
 
-from gatehouse import logs, tls, web
+from gatehouse import heap, logs, tls, web
 from gatehouse.broker import directory, factors
 from gatehouse.broker.app import serve, server_context
 from gatehouse.broker.db import Database
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra={"domain": directory_settings.domain, "server": server.url},
             )
     web.install_uvloop()
+    heap.settle()
     try:
         asyncio.run(serve(settings, db))
     except OSError as exc:

@@ -10,7 +10,7 @@ import socket
 import ssl
 import sys
 
-from gatehouse import logs, tls, web, workers
+from gatehouse import heap, logs, tls, web, workers
 from gatehouse.cm.server import ConnectionManager
 from gatehouse.cm.settings import CmSettings
 from gatehouse.config import Config, ConfigError
@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             supervise(settings)
             return 0
         web.install_uvloop()
+        heap.settle()
         asyncio.run(serve(settings))
     except OSError as exc:
         print(f"gatehouse-cm: cannot listen: {exc}", file=sys.stderr)

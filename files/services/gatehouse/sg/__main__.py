@@ -7,7 +7,7 @@ import asyncio
 import sys
 from functools import partial
 
-from gatehouse import logs, tls
+from gatehouse import heap, logs, tls
 from gatehouse.config import Config, ConfigError
 from gatehouse.sg.server import agent_context, serve, serve_forwarder
 from gatehouse.sg.settings import SgSettings
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             supervise(settings, lambda place: supervised(place=place))
             return 0
         install_uvloop()
+        heap.settle()
         asyncio.run(run)
     except OSError as exc:
         log.error("cannot start: %s", exc)
